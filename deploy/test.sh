@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Sets the machine up if needed, then runs every test: unit tests, integration tests that start
+# the real server on ephemeral ports, and the tritonclient compatibility test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+deploy/setup.sh
+LINESCAN_REQUIRE_PYTHON_CLIENT=1 cargo test --release --locked "$@"

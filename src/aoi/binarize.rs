@@ -1,0 +1,76 @@
+//! Otsu's threshold with a plateau rule, so binarised inputs (whose histograms have a wide empty
+//! gap) get a threshold in the middle of the gap, insensitive to ±1 differences between JPEG
+//! decoders. Specified in models/train/aoi/PIPELINE.md; this is the bit-exact port.
+
+/// Threshold t in [0, 254] (foreground = pixel > t), or `fallback` for a constant image.
+pub fn otsu_threshold(gray: &[u8], fallback: u8) -> u8 {
+    let mut histogram = [0i128; 256];
+    for pixel in gray {
+        histogram[*pixel as usize] += 1;
+    }
+    let total: i128 = gray.len() as i128;
+    let sum_all: i128 = histogram
+        .iter()
+        .enumerate()
+        .map(|(v, h)| v as i128 * h)
+        .sum();
+    let (mut count, mut sum) = (0i128, 0i128);
+    let mut best: Option<f64> = None;
+    let (mut first, mut last) = (0usize, 0usize);
+    for t in 0..255usize {
+        count += histogram[t];
+        sum += histogram[t] * t as i128;
+        if count <= 0 || count >= total {
+            continue;
+        }
+        let d = (total * sum - sum_all * count) as f64;
+        let v = (d * d) / ((count * (total - count)) as f64);
+        match best {
+            Some(b) if v < b => {}
+            Some(b) if v == b => last = t,
+            _ => {
+                best = Some(v);
+                first = t;
+                last = t;
+            }
+        }
+    }
+    match best {
+        Some(_) => ((first + last) / 2) as u8,
+        None => fallback,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn binarised_image_gets_the_middle_of_the_gap() {
+        let mut image = vec![3u8; 600];
+        image.extend(vec![250u8; 400]);
+        // Every t in 3..=249 separates the two levels equally well: the middle is 126.
+        assert_eq!(otsu_threshold(&image, 127), 126);
+    }
+
+    #[test]
+    fn constant_image_uses_the_fallback() {
+        assert_eq!(otsu_threshold(&[80u8; 100], 127), 127);
+    }
+
+    #[test]
+    fn grey_bimodal_image_splits_between_modes() {
+        let mut rng = fastrand::Rng::with_seed(1);
+        let image: Vec<u8> = (0..10_000)
+            .map(|i| {
+                if i % 2 == 0 {
+                    60 + rng.u8(0..20)
+                } else {
+                    180 + rng.u8(0..20)
+                }
+            })
+            .collect();
+        let t = otsu_threshold(&image, 127);
+        assert!((80..180).contains(&t), "{t}");
+    }
+}

@@ -1,0 +1,79 @@
+//! Candidate defects from the test/template difference: open (drop edge noise), dilate (join
+//! fragments), 8-connected components, minimum area, a stable order and a safety cap.
+
+use crate::aoi::bitimage::BitImage;
+use crate::aoi::components::{Component, components};
+use crate::aoi::params::PipelineParams;
+
+/// Candidate boxes (exclusive right/bottom) sorted by (y1, x1, y2, x2, area descending).
+pub fn candidates(difference: &BitImage, params: &PipelineParams) -> Vec<Component> {
+    let opened = difference.open_square(params.open_size);
+    let merged = if params.merge_size > 1 {
+        opened.dilate_square(params.merge_size)
+    } else {
+        opened.clone()
+    };
+    let mut found: Vec<Component> = components(&merged, &opened)
+        .into_iter()
+        .filter(|c| c.area >= params.min_area)
+        .collect();
+    found.sort_by_key(|c| (c.y1, c.x1, c.y2, c.x2, std::cmp::Reverse(c.area)));
+    if found.len() > params.max_candidates {
+        let mut by_area: Vec<usize> = (0..found.len()).collect();
+        by_area.sort_by_key(|i| (std::cmp::Reverse(found[*i].area), *i));
+        let mut keep: Vec<usize> = by_area[..params.max_candidates].to_vec();
+        keep.sort_unstable();
+        found = keep.into_iter().map(|i| found[i]).collect();
+    }
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blobs_survive_and_edge_noise_does_not() {
+        let mut difference = BitImage::new(64, 64);
+        // A 6x6 defect and a nearby 3x3 fragment that the 5x5 dilation joins to it.
+        for y in 10..16 {
+            for x in 10..16 {
+                difference.set(x, y);
+            }
+        }
+        for y in 17..20 {
+            for x in 17..20 {
+                difference.set(x, y);
+            }
+        }
+        // One-pixel-wide edge noise: removed by the 2x2 opening.
+        for y in 30..60 {
+            difference.set(40, y);
+        }
+        let params = PipelineParams::default();
+        let found = candidates(&difference, &params);
+        assert_eq!(found.len(), 1, "{found:?}");
+        let c = found[0];
+        assert_eq!((c.area, c.x1, c.y1, c.x2, c.y2), (45, 8, 8, 22, 22));
+    }
+
+    #[test]
+    fn cap_keeps_the_largest_in_raster_order() {
+        let mut difference = BitImage::new(200, 20);
+        for (i, size) in [2usize, 5, 3, 4].iter().enumerate() {
+            for y in 2..2 + size {
+                for x in i * 40..i * 40 + size {
+                    difference.set(x, y);
+                }
+            }
+        }
+        let params = PipelineParams {
+            max_candidates: 2,
+            min_area: 1,
+            ..PipelineParams::default()
+        };
+        let found = candidates(&difference, &params);
+        let areas: Vec<u64> = found.iter().map(|c| c.area).collect();
+        assert_eq!(areas, vec![25, 16]);
+    }
+}

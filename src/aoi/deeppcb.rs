@@ -1,0 +1,194 @@
+//! DeepPCB files: list lines `groupX/X/ID.jpg groupX/X_not/ID.txt`, annotation lines
+//! `x1 y1 x2 y2 type` (or comma separated), detection lines `x1,y1,x2,y2,confidence,type`.
+
+use std::path::{Path, PathBuf};
+
+use crate::aoi::detections::{DEFECT_CLASSES, Detection};
+
+/// One pair of the list with its paths resolved under the data root.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PairEntry {
+    pub id: String,
+    pub test: PathBuf,
+    pub template: PathBuf,
+    pub annotation: PathBuf,
+}
+
+/// A box with its DeepPCB class (1..=6) and, for detections, a confidence.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LabeledBox {
+    pub bbox: [f64; 4],
+    pub class_index: usize,
+    pub confidence: f64,
+}
+
+pub fn read_list(list: &Path, root: &Path) -> anyhow::Result<Vec<PairEntry>> {
+    let text = std::fs::read_to_string(list)
+        .map_err(|e| anyhow::anyhow!("cannot read list {}: {e}", list.display()))?;
+    let mut entries = Vec::new();
+    for (number, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        let mut fields = line.split_whitespace();
+        let (Some(image), Some(annotation), None) = (fields.next(), fields.next(), fields.next())
+        else {
+            anyhow::bail!(
+                "{}:{}: expected `groupX/X/ID.jpg groupX/X_not/ID.txt`, got {line:?}",
+                list.display(),
+                number + 1
+            );
+        };
+        let image = Path::new(image);
+        let stem = image.file_stem().and_then(|s| s.to_str()).ok_or_else(|| {
+            anyhow::anyhow!("{}:{}: no image id in {line:?}", list.display(), number + 1)
+        })?;
+        let extension = image.extension().and_then(|e| e.to_str()).unwrap_or("jpg");
+        let folder = root.join(image.parent().unwrap_or(Path::new("")));
+        entries.push(PairEntry {
+            id: stem.to_string(),
+            test: folder.join(format!("{stem}_test.{extension}")),
+            template: folder.join(format!("{stem}_temp.{extension}")),
+            annotation: root.join(annotation),
+        });
+    }
+    Ok(entries)
+}
+
+/// Ground truth: `x1 y1 x2 y2 type`, whitespace or comma separated.
+pub fn read_annotations(path: &Path) -> anyhow::Result<Vec<LabeledBox>> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("cannot read annotation {}: {e}", path.display()))?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(number, line)| {
+            let values = parse_numbers(line)
+                .filter(|v| v.len() == 5)
+                .ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "{}:{}: expected `x1 y1 x2 y2 type`, got {line:?}",
+                        path.display(),
+                        number + 1
+                    )
+                })?;
+            Ok(LabeledBox {
+                bbox: [values[0], values[1], values[2], values[3]],
+                class_index: class_index(values[4], path, number)?,
+                confidence: 1.0,
+            })
+        })
+        .collect()
+}
+
+/// Detections: `x1,y1,x2,y2,confidence,type` with type a class name or number.
+pub fn read_detections(path: &Path) -> anyhow::Result<Vec<LabeledBox>> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("cannot read detections {}: {e}", path.display()))?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(number, line)| {
+            let fields: Vec<&str> = line.split(',').map(str::trim).collect();
+            let bad = || {
+                anyhow::anyhow!(
+                    "{}:{}: expected `x1,y1,x2,y2,confidence,type`, got {line:?}",
+                    path.display(),
+                    number + 1
+                )
+            };
+            if fields.len() != 6 {
+                return Err(bad());
+            }
+            let numbers: Vec<f64> = fields[..5]
+                .iter()
+                .map(|f| f.parse::<f64>())
+                .collect::<Result<_, _>>()
+                .map_err(|_| bad())?;
+            let class_index = match DEFECT_CLASSES.iter().position(|c| *c == fields[5]) {
+                Some(i) => i + 1,
+                None => class_index(fields[5].parse::<f64>().map_err(|_| bad())?, path, number)?,
+            };
+            Ok(LabeledBox {
+                bbox: [numbers[0], numbers[1], numbers[2], numbers[3]],
+                class_index,
+                confidence: numbers[4],
+            })
+        })
+        .collect()
+}
+
+pub fn format_detections(detections: &[Detection]) -> String {
+    detections
+        .iter()
+        .map(|d| {
+            format!(
+                "{},{},{},{},{:.6},{}\n",
+                d.bbox[0], d.bbox[1], d.bbox[2], d.bbox[3], d.confidence, d.class_name
+            )
+        })
+        .collect()
+}
+
+fn parse_numbers(line: &str) -> Option<Vec<f64>> {
+    line.split(|c: char| c == ',' || c.is_whitespace())
+        .filter(|f| !f.is_empty())
+        .map(|f| f.parse::<f64>().ok())
+        .collect()
+}
+
+fn class_index(value: f64, path: &Path, line: usize) -> anyhow::Result<usize> {
+    let index = value as usize;
+    if value.fract() != 0.0 || !(1..=6).contains(&index) {
+        anyhow::bail!("{}:{}: type {value} is not 1..6", path.display(), line + 1);
+    }
+    Ok(index)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn list_resolves_pair_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        let list = dir.path().join("list.txt");
+        std::fs::write(&list, "group1/1/1000.jpg group1/1_not/1000.txt\n\n").unwrap();
+        let entries = read_list(&list, Path::new("/data")).unwrap();
+        assert_eq!(
+            entries,
+            vec![PairEntry {
+                id: "1000".into(),
+                test: "/data/group1/1/1000_test.jpg".into(),
+                template: "/data/group1/1/1000_temp.jpg".into(),
+                annotation: "/data/group1/1_not/1000.txt".into(),
+            }]
+        );
+        std::fs::write(&list, "only-one-field\n").unwrap();
+        assert!(
+            read_list(&list, Path::new("/d"))
+                .unwrap_err()
+                .to_string()
+                .contains("list.txt:1")
+        );
+    }
+
+    #[test]
+    fn annotations_and_detections_parse_both_separators() {
+        let dir = tempfile::tempdir().unwrap();
+        let ann = dir.path().join("a.txt");
+        std::fs::write(&ann, "1 2 30 40 3\n5,6,70,80,6\n").unwrap();
+        let boxes = read_annotations(&ann).unwrap();
+        assert_eq!(boxes[1].bbox, [5.0, 6.0, 70.0, 80.0]);
+        assert_eq!(boxes[0].class_index, 3);
+        std::fs::write(&ann, "1 2 30 40 9\n").unwrap();
+        assert!(read_annotations(&ann).is_err());
+
+        let det = dir.path().join("d.txt");
+        std::fs::write(&det, "1,2,3,4,0.9,short\n5,6,7,8,0.5,6\n").unwrap();
+        let found = read_detections(&det).unwrap();
+        assert_eq!((found[0].class_index, found[1].class_index), (2, 6));
+        assert_eq!(found[0].confidence, 0.9);
+    }
+}

@@ -1,0 +1,170 @@
+//! From classifier outputs to defects: class and confidence per candidate, box decoded from the
+//! regressed offsets, greedy class-agnostic NMS.
+
+use serde::Serialize;
+
+use crate::aoi::components::Component;
+use crate::aoi::crops::crop_origin;
+use crate::aoi::params::PipelineParams;
+
+/// The six DeepPCB classes, by model class index 1..=6 (0 is background).
+pub const DEFECT_CLASSES: [&str; 6] = ["open", "short", "mousebite", "spur", "copper", "pin-hole"];
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Detection {
+    /// `[x1, y1, x2, y2]`, integer pixels, right/bottom exclusive.
+    #[serde(rename = "box")]
+    pub bbox: [i64; 4],
+    #[serde(rename = "class")]
+    pub class_name: &'static str,
+    /// 1..=6 in DeepPCB numbering.
+    #[serde(skip)]
+    pub class_index: usize,
+    pub confidence: f32,
+    #[serde(skip)]
+    candidate: usize,
+}
+
+/// `offsets` are (x1, y1, x2, y2) as fractions of the crop window from its top-left corner.
+pub fn decode_box(
+    offsets: &[f32],
+    origin: (isize, isize),
+    width: usize,
+    height: usize,
+    params: &PipelineParams,
+) -> [i64; 4] {
+    let window = params.crop_window as f64;
+    let at = |base: isize, offset: f32| (base as f64 + window * offset as f64 + 0.5).floor() as i64;
+    let (w, h) = (width as i64, height as i64);
+    let x1 = at(origin.0, offsets[0]).clamp(0, w - 1);
+    let y1 = at(origin.1, offsets[1]).clamp(0, h - 1);
+    let x2 = at(origin.0, offsets[2]).clamp(x1 + 1, w);
+    let y2 = at(origin.1, offsets[3]).clamp(y1 + 1, h);
+    [x1, y1, x2, y2]
+}
+
+/// One detection per candidate whose best defect class reaches `min_score`, then NMS.
+/// `probabilities` is `[n, 7]`, `offsets` is `[n, 4]`.
+pub fn decode_detections(
+    candidates: &[Component],
+    probabilities: &[f32],
+    offsets: &[f32],
+    width: usize,
+    height: usize,
+    params: &PipelineParams,
+    min_score: f32,
+) -> Vec<Detection> {
+    let classes = DEFECT_CLASSES.len() + 1;
+    let mut detections = Vec::new();
+    for (k, candidate) in candidates.iter().enumerate() {
+        let row = &probabilities[k * classes..(k + 1) * classes];
+        let mut class_index = 1;
+        for c in 2..classes {
+            if row[c] > row[class_index] {
+                class_index = c;
+            }
+        }
+        let confidence = row[class_index];
+        if confidence < min_score {
+            continue;
+        }
+        let origin = crop_origin(candidate, params);
+        detections.push(Detection {
+            bbox: decode_box(&offsets[k * 4..k * 4 + 4], origin, width, height, params),
+            class_name: DEFECT_CLASSES[class_index - 1],
+            class_index,
+            confidence,
+            candidate: k,
+        });
+    }
+    nms(detections, params.nms_iou)
+}
+
+/// Intersection and union areas of two integer boxes.
+pub fn intersection_union(a: &[i64; 4], b: &[i64; 4]) -> (i64, i64) {
+    let ix = a[2].min(b[2]) - a[0].max(b[0]);
+    let iy = a[3].min(b[3]) - a[1].max(b[1]);
+    if ix <= 0 || iy <= 0 {
+        return (0, 1);
+    }
+    let inter = ix * iy;
+    let union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter;
+    (inter, union)
+}
+
+/// Greedy NMS by confidence (ties: earlier candidate first); suppress when inter > iou × union.
+fn nms(mut detections: Vec<Detection>, iou: f64) -> Vec<Detection> {
+    detections.sort_by(|a, b| {
+        b.confidence
+            .total_cmp(&a.confidence)
+            .then(a.candidate.cmp(&b.candidate))
+    });
+    let mut kept: Vec<Detection> = Vec::with_capacity(detections.len());
+    for detection in detections {
+        let suppressed = kept.iter().any(|k| {
+            let (inter, union) = intersection_union(&detection.bbox, &k.bbox);
+            inter as f64 > iou * union as f64
+        });
+        if !suppressed {
+            kept.push(detection);
+        }
+    }
+    kept
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn candidate(x: usize, y: usize) -> Component {
+        Component {
+            x1: x,
+            y1: y,
+            x2: x + 10,
+            y2: y + 10,
+            area: 50,
+        }
+    }
+
+    #[test]
+    fn boxes_decode_from_window_fractions_and_clamp() {
+        let params = PipelineParams::default();
+        assert_eq!(
+            decode_box(&[0.25, 0.5, 0.5, 0.75], (100, 200), 640, 640, &params),
+            [132, 264, 164, 296]
+        );
+        assert_eq!(
+            decode_box(&[-1.0, -1.0, -1.0, 9.0], (0, 0), 640, 640, &params),
+            [0, 0, 1, 640]
+        );
+    }
+
+    #[test]
+    fn classes_threshold_and_nms() {
+        let params = PipelineParams::default();
+        let candidates = [
+            candidate(100, 100),
+            candidate(102, 100),
+            candidate(300, 300),
+        ];
+        #[rustfmt::skip]
+        let probabilities = [
+            0.1, 0.0, 0.8, 0.1, 0.0, 0.0, 0.0,   // short 0.8
+            0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.9,   // pin-hole 0.9, overlaps the first
+            0.7, 0.3, 0.0, 0.0, 0.0, 0.0, 0.0,   // best defect 0.3 < 0.5: dropped
+        ];
+        let offsets = [0.4f32, 0.4, 0.6, 0.6].repeat(3);
+        let found = decode_detections(
+            &candidates,
+            &probabilities,
+            &offsets,
+            640,
+            640,
+            &params,
+            0.5,
+        );
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].class_name, "pin-hole");
+        assert_eq!(found[0].class_index, 6);
+    }
+}

@@ -1,0 +1,145 @@
+//! Board images in: PNG, JPEG, BMP or TIFF, checked against a pixel limit from the header before
+//! anything is decoded (decompression bombs), then turned into 8-bit grey the way the training
+//! pipeline did (ITU-R 601-2 luma in 16.16 fixed point; 16-bit samples shifted right by 8).
+
+use std::io::Cursor;
+
+use image::{DynamicImage, ImageFormat, ImageReader, Limits};
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ImageError {
+    #[error("not an image in a supported format (PNG, JPEG, BMP, TIFF){0}")]
+    Unsupported(String),
+    #[error("image of {width}x{height} = {pixels} pixels exceeds the limit of {limit} pixels")]
+    TooLarge {
+        width: u32,
+        height: u32,
+        pixels: u64,
+        limit: u64,
+    },
+    #[error("corrupt or truncated {format} image: {reason}")]
+    Corrupt { format: String, reason: String },
+}
+
+/// An 8-bit grey image.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GrayImage {
+    pub width: usize,
+    pub height: usize,
+    pub pixels: Vec<u8>,
+}
+
+const ACCEPTED: [ImageFormat; 4] = [
+    ImageFormat::Png,
+    ImageFormat::Jpeg,
+    ImageFormat::Bmp,
+    ImageFormat::Tiff,
+];
+
+pub fn decode_gray(bytes: &[u8], max_pixels: u64) -> Result<GrayImage, ImageError> {
+    let reader = ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| ImageError::Unsupported(format!(": {e}")))?;
+    let format = match reader.format() {
+        Some(format) if ACCEPTED.contains(&format) => format,
+        Some(other) => return Err(ImageError::Unsupported(format!(", got {other:?}"))),
+        None => return Err(ImageError::Unsupported(String::new())),
+    };
+    let format_name = format!("{format:?}").to_uppercase();
+    let corrupt = |reason: String| ImageError::Corrupt {
+        format: format_name.clone(),
+        reason,
+    };
+    // Dimensions come from the header alone; nothing is decoded before the limit check.
+    let (width, height) = ImageReader::with_format(Cursor::new(bytes), format)
+        .into_dimensions()
+        .map_err(|e| corrupt(e.to_string()))?;
+    let pixels = width as u64 * height as u64;
+    if pixels > max_pixels {
+        return Err(ImageError::TooLarge {
+            width,
+            height,
+            pixels,
+            limit: max_pixels,
+        });
+    }
+    let mut reader = reader;
+    let mut limits = Limits::default();
+    // Room for the largest pixel type (RGBA, 16 bits per channel) of an allowed image.
+    limits.max_alloc = Some(pixels.saturating_mul(8).max(1 << 20));
+    reader.limits(limits);
+    let image = reader.decode().map_err(|e| corrupt(e.to_string()))?;
+    Ok(to_gray(image))
+}
+
+fn to_gray(image: DynamicImage) -> GrayImage {
+    let (width, height) = (image.width() as usize, image.height() as usize);
+    let pixels = match image {
+        DynamicImage::ImageLuma8(gray) => gray.into_raw(),
+        DynamicImage::ImageLuma16(gray) => gray.into_raw().iter().map(|v| (v >> 8) as u8).collect(),
+        DynamicImage::ImageLumaA8(gray) => gray.into_raw().chunks_exact(2).map(|p| p[0]).collect(),
+        other => other
+            .to_rgb8()
+            .into_raw()
+            .chunks_exact(3)
+            .map(|p| luma(p[0], p[1], p[2]))
+            .collect(),
+    };
+    GrayImage {
+        width,
+        height,
+        pixels,
+    }
+}
+
+/// ITU-R 601-2 luma, 16.16 fixed point, as Pillow's "L" conversion.
+fn luma(r: u8, g: u8, b: u8) -> u8 {
+    ((r as u32 * 19595 + g as u32 * 38470 + b as u32 * 7471 + 0x8000) >> 16) as u8
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn png(width: u32, height: u32) -> Vec<u8> {
+        let image =
+            image::GrayImage::from_fn(width, height, |x, y| image::Luma([((x + y) % 256) as u8]));
+        let mut bytes = Vec::new();
+        image
+            .write_to(&mut Cursor::new(&mut bytes), ImageFormat::Png)
+            .unwrap();
+        bytes
+    }
+
+    #[test]
+    fn decodes_gray_png() {
+        let image = decode_gray(&png(5, 3), 1000).unwrap();
+        assert_eq!((image.width, image.height), (5, 3));
+        assert_eq!(image.pixels[6], 2);
+    }
+
+    #[test]
+    fn refuses_what_is_not_an_image_or_too_large_or_truncated() {
+        assert!(matches!(
+            decode_gray(b"hello world", 1000),
+            Err(ImageError::Unsupported(_))
+        ));
+        assert!(matches!(
+            decode_gray(&png(100, 100), 9999),
+            Err(ImageError::TooLarge { pixels: 10000, .. })
+        ));
+        let bytes = png(64, 64);
+        assert!(matches!(
+            decode_gray(&bytes[..bytes.len() / 2], 1 << 20),
+            Err(ImageError::Corrupt { .. })
+        ));
+    }
+
+    #[test]
+    fn colour_converts_like_pillow() {
+        assert_eq!(luma(255, 255, 255), 255);
+        assert_eq!(luma(255, 0, 0), 76);
+        assert_eq!(luma(0, 255, 0), 150);
+        assert_eq!(luma(0, 0, 255), 29);
+    }
+}

@@ -1,0 +1,51 @@
+//! Automated optical inspection of PCBs: each test image is compared with the golden template of
+//! its board; candidate differences are classified by a small CNN into the DeepPCB defect classes.
+//! Stages are separate functions (bit-exact ports of models/train/aoi/pipeline.py) so each can be
+//! benchmarked and, later, replaced by a GPU kernel.
+
+pub mod align;
+pub mod binarize;
+pub mod bitimage;
+pub mod candidates;
+pub mod components;
+pub mod crops;
+pub mod deeppcb;
+pub mod detections;
+pub mod evaluation;
+pub mod image_io;
+pub mod params;
+pub mod pipeline;
+pub mod templates;
+
+use std::path::Path;
+use std::sync::Arc;
+
+pub use pipeline::{AoiError, Inspection, Inspector};
+pub use templates::TemplateStore;
+
+/// What the server's AOI routes need: the inspector and the boards' templates.
+pub struct AoiService {
+    pub inspector: Arc<Inspector>,
+    pub templates: TemplateStore,
+}
+
+impl AoiService {
+    pub fn open(inspector: Inspector, template_dir: &Path) -> anyhow::Result<AoiService> {
+        let templates = TemplateStore::open(template_dir, &inspector)?;
+        Ok(AoiService {
+            inspector: Arc::new(inspector),
+            templates,
+        })
+    }
+
+    /// PASS unless a defect reaches the board's reject threshold (default: the model's
+    /// operating threshold).
+    pub fn verdict(&self, inspection: &Inspection, reject_threshold: Option<f32>) -> &'static str {
+        let threshold = reject_threshold.unwrap_or(self.inspector.params.score_threshold);
+        if inspection.defects.iter().any(|d| d.confidence >= threshold) {
+            "REJECT"
+        } else {
+            "PASS"
+        }
+    }
+}

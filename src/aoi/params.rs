@@ -1,0 +1,91 @@
+//! Parameters of the non-learned stages, read from the defect model's `[preprocessing]` table so
+//! the server always runs the pipeline the model was trained with.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PipelineParams {
+    /// Threshold used when an image has a single grey level.
+    pub otsu_fallback_threshold: u8,
+    /// Template shift search range in pixels, both axes.
+    pub align_radius: usize,
+    /// XOR counted on every `align_step`-th row and column.
+    pub align_step: usize,
+    /// Opening of the difference with an `open_size` square (drops edge noise).
+    pub open_size: usize,
+    /// Dilation with a `merge_size` square (joins fragments of one defect).
+    pub merge_size: usize,
+    /// Smallest candidate, in opened difference pixels.
+    pub min_area: u64,
+    /// Safety cap on candidates per board (largest first).
+    pub max_candidates: usize,
+    /// Crop window side in full-resolution pixels.
+    pub crop_window: usize,
+    /// Block size averaged into one crop pixel.
+    pub crop_scale: usize,
+    /// Crop side fed to the classifier (`crop_window / crop_scale`).
+    pub crop_size: usize,
+    /// Crop channels, in order: "test", "template", "xor".
+    pub channels: Vec<String>,
+    /// Detections below this confidence are dropped.
+    pub score_threshold: f32,
+    /// Class-agnostic NMS: suppress when IoU > this.
+    pub nms_iou: f64,
+}
+
+impl Default for PipelineParams {
+    fn default() -> Self {
+        PipelineParams {
+            otsu_fallback_threshold: 127,
+            align_radius: 12,
+            align_step: 1,
+            open_size: 2,
+            merge_size: 5,
+            min_area: 6,
+            max_candidates: 512,
+            crop_window: 128,
+            crop_scale: 2,
+            crop_size: 64,
+            channels: vec!["test".into(), "template".into(), "xor".into()],
+            score_threshold: 0.5,
+            nms_iou: 0.4,
+        }
+    }
+}
+
+impl PipelineParams {
+    pub fn from_table(table: Option<&toml::Table>) -> Result<PipelineParams, String> {
+        let params: PipelineParams = match table {
+            Some(table) => table
+                .clone()
+                .try_into()
+                .map_err(|e| format!("[preprocessing]: {e}"))?,
+            None => PipelineParams::default(),
+        };
+        params.validate()?;
+        Ok(params)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.crop_window != self.crop_scale * self.crop_size {
+            return Err(format!(
+                "[preprocessing]: crop_window {} must equal crop_scale {} x crop_size {}",
+                self.crop_window, self.crop_scale, self.crop_size
+            ));
+        }
+        if let Some(bad) = self
+            .channels
+            .iter()
+            .find(|c| !["test", "template", "xor"].contains(&c.as_str()))
+        {
+            return Err(format!(
+                "[preprocessing]: channel \"{bad}\" is unknown (allowed: test, template, xor)"
+            ));
+        }
+        if self.channels.is_empty() || self.merge_size == 0 || self.align_step == 0 {
+            return Err("[preprocessing]: channels, merge_size and align_step must be set".into());
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,314 @@
+//! The inspection of one board: decode → binarise → align → difference → candidates → crops
+//! (CPU, timed per stage) → classifier through the model's batcher, so crops of many boards share
+//! a batch → detections and verdict.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::aoi::align::{Shift, estimate_shift};
+use crate::aoi::binarize::otsu_threshold;
+use crate::aoi::bitimage::BitImage;
+use crate::aoi::candidates::candidates;
+use crate::aoi::components::Component;
+use crate::aoi::crops::make_crops;
+use crate::aoi::detections::{Detection, decode_detections};
+use crate::aoi::image_io::{GrayImage, ImageError, decode_gray};
+use crate::aoi::params::PipelineParams;
+use crate::engine::{InferError, ModelRegistry, ServedModel};
+use crate::metrics::Metrics;
+use crate::tensor::Tensor;
+
+/// The bundled defect classifier.
+pub const DEFECT_MODEL: &str = "aoi_defect";
+
+#[derive(Debug, thiserror::Error)]
+pub enum AoiError {
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    #[error(
+        "test image is {test_width}x{test_height} but the template of this board is {template_width}x{template_height}"
+    )]
+    SizeMismatch {
+        test_width: usize,
+        test_height: usize,
+        template_width: usize,
+        template_height: usize,
+    },
+    #[error(transparent)]
+    Infer(#[from] InferError),
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// A template binarised once at registration, reused for every test image of its board.
+#[derive(Debug, Clone)]
+pub struct PreparedTemplate {
+    pub width: usize,
+    pub height: usize,
+    pub threshold: u8,
+    pub bits: BitImage,
+}
+
+impl PreparedTemplate {
+    pub fn new(gray: &GrayImage, params: &PipelineParams) -> PreparedTemplate {
+        let threshold = otsu_threshold(&gray.pixels, params.otsu_fallback_threshold);
+        PreparedTemplate {
+            width: gray.width,
+            height: gray.height,
+            threshold,
+            bits: BitImage::from_threshold(&gray.pixels, gray.width, gray.height, threshold),
+        }
+    }
+}
+
+/// Milliseconds per stage of one inspection.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct StageTimings {
+    pub decode: f64,
+    pub binarize: f64,
+    pub align: f64,
+    pub candidates: f64,
+    pub crops: f64,
+    pub classify: f64,
+    pub detections: f64,
+    pub total: f64,
+}
+
+impl StageTimings {
+    pub const STAGES: [&'static str; 7] = [
+        "decode",
+        "binarize",
+        "align",
+        "candidates",
+        "crops",
+        "classify",
+        "detections",
+    ];
+
+    pub fn values(&self) -> [f64; 7] {
+        [
+            self.decode,
+            self.binarize,
+            self.align,
+            self.candidates,
+            self.crops,
+            self.classify,
+            self.detections,
+        ]
+    }
+}
+
+fn ms(duration: Duration) -> f64 {
+    duration.as_secs_f64() * 1000.0
+}
+
+/// Everything the CPU stages produce for one board.
+#[derive(Debug)]
+pub struct PreparedBoard {
+    pub width: usize,
+    pub height: usize,
+    pub test_threshold: u8,
+    pub shift: Shift,
+    pub candidates: Vec<Component>,
+    /// `[n, C, S, S]` classifier input.
+    pub crops: Vec<f32>,
+    pub timings: StageTimings,
+}
+
+/// Stages 2–5 on a decoded test image.
+pub fn prepare_board(
+    test: &GrayImage,
+    template: &PreparedTemplate,
+    params: &PipelineParams,
+) -> Result<PreparedBoard, AoiError> {
+    if (test.width, test.height) != (template.width, template.height) {
+        return Err(AoiError::SizeMismatch {
+            test_width: test.width,
+            test_height: test.height,
+            template_width: template.width,
+            template_height: template.height,
+        });
+    }
+    let mut timings = StageTimings::default();
+    let t = Instant::now();
+    let test_threshold = otsu_threshold(&test.pixels, params.otsu_fallback_threshold);
+    let test_bits = BitImage::from_threshold(&test.pixels, test.width, test.height, test_threshold);
+    timings.binarize = ms(t.elapsed());
+
+    let t = Instant::now();
+    let shift = estimate_shift(
+        &test_bits,
+        &template.bits,
+        params.align_radius,
+        params.align_step,
+    );
+    let aligned = template.bits.shifted(shift.dx, shift.dy);
+    timings.align = ms(t.elapsed());
+
+    let t = Instant::now();
+    let valid = BitImage::valid_after_shift(test.width, test.height, shift.dx, shift.dy);
+    let difference = test_bits.xor(&aligned).and(&valid);
+    let found = candidates(&difference, params);
+    timings.candidates = ms(t.elapsed());
+
+    let t = Instant::now();
+    let channels: Vec<&BitImage> = params
+        .channels
+        .iter()
+        .map(|c| match c.as_str() {
+            "test" => &test_bits,
+            "template" => &aligned,
+            _ => &difference,
+        })
+        .collect();
+    let mut crops = Vec::new();
+    make_crops(&channels, &found, params, &mut crops);
+    timings.crops = ms(t.elapsed());
+    Ok(PreparedBoard {
+        width: test.width,
+        height: test.height,
+        test_threshold,
+        shift,
+        candidates: found,
+        crops,
+        timings,
+    })
+}
+
+/// The result of inspecting one board.
+#[derive(Debug, Clone, Serialize)]
+pub struct Inspection {
+    pub defects: Vec<Detection>,
+    #[serde(skip)]
+    pub candidates: usize,
+    pub timings_ms: StageTimings,
+}
+
+/// Runs inspections: CPU stages here, the classifier through the batcher.
+pub struct Inspector {
+    model: Arc<ServedModel>,
+    pub params: PipelineParams,
+    metrics: Arc<Metrics>,
+    pub max_image_pixels: u64,
+}
+
+impl Inspector {
+    pub fn new(
+        registry: &ModelRegistry,
+        metrics: Arc<Metrics>,
+        max_image_pixels: u64,
+    ) -> Result<Inspector, AoiError> {
+        let model = registry.get(DEFECT_MODEL, None).ok_or_else(|| {
+            AoiError::Setup(format!(
+                "model {DEFECT_MODEL} is not in the model repository; AOI needs it"
+            ))
+        })?;
+        let params = PipelineParams::from_table(model.spec.config.preprocessing.as_ref())
+            .map_err(|e| AoiError::Setup(format!("{DEFECT_MODEL}/config.toml: {e}")))?;
+        Ok(Inspector {
+            model,
+            params,
+            metrics,
+            max_image_pixels,
+        })
+    }
+
+    pub fn decode(&self, bytes: &[u8]) -> Result<GrayImage, AoiError> {
+        Ok(decode_gray(bytes, self.max_image_pixels)?)
+    }
+
+    pub fn prepare_template(&self, gray: &GrayImage) -> PreparedTemplate {
+        PreparedTemplate::new(gray, &self.params)
+    }
+
+    /// Decoding and the CPU stages, timed; meant for a blocking thread.
+    pub fn prepare(
+        &self,
+        test_bytes: &[u8],
+        template: &PreparedTemplate,
+    ) -> Result<PreparedBoard, AoiError> {
+        let t = Instant::now();
+        let test = self.decode(test_bytes)?;
+        let decode = ms(t.elapsed());
+        let mut board = prepare_board(&test, template, &self.params)?;
+        board.timings.decode = decode;
+        Ok(board)
+    }
+
+    /// The classifier over a board's crops (in chunks of the model's max batch), then detections
+    /// at or above `min_score`.
+    pub async fn finish(
+        &self,
+        board: PreparedBoard,
+        min_score: f32,
+    ) -> Result<Inspection, AoiError> {
+        let t = Instant::now();
+        let (probabilities, offsets) = self.classify(&board).await?;
+        let mut timings = board.timings.clone();
+        timings.classify = ms(t.elapsed());
+        let t = Instant::now();
+        let defects = decode_detections(
+            &board.candidates,
+            &probabilities,
+            &offsets,
+            board.width,
+            board.height,
+            &self.params,
+            min_score,
+        );
+        timings.detections = ms(t.elapsed());
+        timings.total = timings.values().iter().sum();
+        for (stage, value) in StageTimings::STAGES.iter().zip(timings.values()) {
+            self.metrics
+                .stage_duration
+                .with_label_values(&["aoi", stage, "cpu"])
+                .observe(value / 1000.0);
+        }
+        Ok(Inspection {
+            defects,
+            candidates: board.candidates.len(),
+            timings_ms: timings,
+        })
+    }
+
+    async fn classify(&self, board: &PreparedBoard) -> Result<(Vec<f32>, Vec<f32>), AoiError> {
+        let count = board.candidates.len();
+        if count == 0 {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        let config = &self.model.spec.config;
+        let per_crop = board.crops.len() / count;
+        let chunk_rows = config.max_batch_size.max(1);
+        let deadline =
+            Instant::now() + Duration::from_millis(config.dynamic_batching.default_timeout_ms);
+        let item_shape: Vec<usize> = config.inputs[0].shape.iter().map(|d| *d as usize).collect();
+        let calls = board.crops.chunks(chunk_rows * per_crop).map(|chunk| {
+            let rows = chunk.len() / per_crop;
+            let mut shape = vec![rows];
+            shape.extend(&item_shape);
+            self.model
+                .batcher
+                .infer(vec![Tensor::from_f32(shape, chunk)], rows, deadline)
+        });
+        let mut probabilities = Vec::with_capacity(count * 7);
+        let mut offsets = Vec::with_capacity(count * 4);
+        for response in futures_util::future::join_all(calls).await {
+            let response = response?;
+            let output = |name: &str| {
+                config
+                    .outputs
+                    .iter()
+                    .position(|o| o.name == name)
+                    .and_then(|i| response.outputs[i].to_f32_vec())
+                    .ok_or_else(|| {
+                        AoiError::Setup(format!("{DEFECT_MODEL} has no FP32 output {name}"))
+                    })
+            };
+            probabilities.extend(output("class_probs")?);
+            offsets.extend(output("boxes")?);
+        }
+        Ok((probabilities, offsets))
+    }
+}

@@ -1,0 +1,211 @@
+//! Workload: Open Inference Protocol infer requests with random inputs shaped from the model's
+//! metadata, as JSON tensors or Triton binary tensors. Works against any KServe v2 server.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::bench::load::{Outcome, Workload};
+use crate::server::v2::codec::HEADER_LENGTH;
+use crate::tensor::DataType;
+
+/// Distinct request bodies rotated through, so no cache can answer from the previous one.
+const BODY_VARIANTS: usize = 8;
+
+#[derive(Deserialize)]
+struct Metadata {
+    inputs: Vec<TensorMetadata>,
+}
+
+#[derive(Deserialize)]
+struct TensorMetadata {
+    name: String,
+    datatype: String,
+    shape: Vec<i64>,
+}
+
+pub struct InferWorkload {
+    url: String,
+    model: String,
+    batch: usize,
+    bodies: Vec<(Bytes, Option<usize>)>,
+}
+
+impl InferWorkload {
+    /// Reads the model's metadata and prepares the request bodies.
+    pub async fn prepare(
+        base_url: &str,
+        model: &str,
+        version: Option<&str>,
+        batch: usize,
+        binary: bool,
+    ) -> anyhow::Result<InferWorkload> {
+        let path = match version {
+            Some(v) => format!("{base_url}/v2/models/{model}/versions/{v}"),
+            None => format!("{base_url}/v2/models/{model}"),
+        };
+        let response = reqwest::get(&path)
+            .await
+            .with_context(|| format!("cannot reach {path}"))?;
+        anyhow::ensure!(
+            response.status().is_success(),
+            "{path} answered {}: {}",
+            response.status(),
+            response.text().await.unwrap_or_default()
+        );
+        let metadata: Metadata = response.json().await.context("model metadata")?;
+        let bodies = (0..BODY_VARIANTS as u64)
+            .map(|seed| build_body(&metadata, batch, binary, seed))
+            .collect::<anyhow::Result<_>>()?;
+        Ok(InferWorkload {
+            url: format!("{path}/infer"),
+            model: model.into(),
+            batch,
+            bodies,
+        })
+    }
+}
+
+fn build_body(
+    metadata: &Metadata,
+    batch: usize,
+    binary: bool,
+    seed: u64,
+) -> anyhow::Result<(Bytes, Option<usize>)> {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut inputs = Vec::new();
+    let mut blobs: Vec<u8> = Vec::new();
+    for input in &metadata.inputs {
+        let dtype = DataType::parse(&input.datatype)
+            .with_context(|| format!("input {} has unsupported datatype", input.name))?;
+        let shape: Vec<usize> = input
+            .shape
+            .iter()
+            .enumerate()
+            .map(|(i, d)| {
+                if i == 0 && *d == -1 {
+                    batch
+                } else {
+                    (*d).max(1) as usize
+                }
+            })
+            .collect();
+        let count: usize = shape.iter().product();
+        let values: Vec<f64> = (0..count)
+            .map(|_| match dtype {
+                DataType::Fp32 | DataType::Fp64 => rng.f64(),
+                DataType::Bool => rng.bool() as u8 as f64,
+                _ => rng.u8(0..10) as f64,
+            })
+            .collect();
+        if binary {
+            let start = blobs.len();
+            for v in &values {
+                match dtype {
+                    DataType::Fp32 => blobs.extend_from_slice(&(*v as f32).to_le_bytes()),
+                    DataType::Fp64 => blobs.extend_from_slice(&v.to_le_bytes()),
+                    DataType::Int64 => blobs.extend_from_slice(&(*v as i64).to_le_bytes()),
+                    DataType::Int32 => blobs.extend_from_slice(&(*v as i32).to_le_bytes()),
+                    _ => blobs.push(*v as u8),
+                }
+            }
+            anyhow::ensure!(
+                blobs.len() - start == count * dtype.size(),
+                "binary bench inputs support FP32, FP64, INT32, INT64 and 1-byte types"
+            );
+            inputs.push(
+                json!({"name": input.name, "datatype": input.datatype, "shape": shape,
+                "parameters": {"binary_data_size": blobs.len() - start}}),
+            );
+        } else {
+            let data: Vec<serde_json::Value> = values
+                .iter()
+                .map(|v| match dtype {
+                    DataType::Fp32 | DataType::Fp64 => json!(v),
+                    DataType::Bool => json!(*v != 0.0),
+                    _ => json!(*v as i64),
+                })
+                .collect();
+            inputs.push(json!({"name": input.name, "datatype": input.datatype, "shape": shape, "data": data}));
+        }
+    }
+    let header = serde_json::to_vec(&json!({
+        "inputs": inputs,
+        "parameters": {"binary_data_output": binary},
+    }))?;
+    if binary {
+        let length = header.len();
+        let mut body = header;
+        body.extend_from_slice(&blobs);
+        Ok((Bytes::from(body), Some(length)))
+    } else {
+        Ok((Bytes::from(header), None))
+    }
+}
+
+fn header_micros(response: &reqwest::Response, name: &str) -> Option<Duration> {
+    response
+        .headers()
+        .get(name)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+        .map(Duration::from_micros)
+}
+
+impl Workload for InferWorkload {
+    fn send<'a>(&'a self, client: &'a reqwest::Client, sequence: u64) -> BoxFuture<'a, Outcome> {
+        Box::pin(async move {
+            let (body, header_length) = &self.bodies[sequence as usize % self.bodies.len()];
+            let mut request = client.post(&self.url).body(body.clone());
+            request = match header_length {
+                Some(length) => request
+                    .header(HEADER_LENGTH, length.to_string())
+                    .header("Content-Type", "application/octet-stream"),
+                None => request.header("Content-Type", "application/json"),
+            };
+            let response = match request.send().await {
+                Ok(response) => response,
+                Err(_) => {
+                    return Outcome {
+                        failure: Some("connection".into()),
+                        ..Outcome::default()
+                    };
+                }
+            };
+            let status = response.status();
+            let mut stages = Vec::new();
+            if let Some(queue) = header_micros(&response, "X-Linescan-Queue-Us") {
+                stages.push(("queue", queue));
+            }
+            if let Some(compute) = header_micros(&response, "X-Linescan-Compute-Us") {
+                stages.push(("compute", compute));
+            }
+            let batch_rows = response
+                .headers()
+                .get("X-Linescan-Batch-Rows")
+                .and_then(|v| v.to_str().ok()?.parse().ok());
+            // The body is read in full so the timing covers the whole response.
+            let body = response.bytes().await;
+            Outcome {
+                failure: (!status.is_success() || body.is_err())
+                    .then(|| status.as_u16().to_string()),
+                stages,
+                batch_rows,
+            }
+        })
+    }
+
+    fn rows(&self) -> usize {
+        self.batch
+    }
+
+    fn describe(&self) -> (String, String) {
+        (self.url.clone(), self.model.clone())
+    }
+}

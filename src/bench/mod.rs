@@ -1,0 +1,149 @@
+//! `linescan bench`: load generation against a running server and in-process baselines.
+
+pub mod infer;
+pub mod inprocess;
+pub mod load;
+pub mod report;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// Send Open Inference Protocol infer requests to a server (linescan or any KServe v2 server).
+    Infer(InferArgs),
+    /// Run a model in-process with ONNX Runtime at a fixed batch size (the baseline for `infer`).
+    Inprocess(InProcessArgs),
+}
+
+#[derive(Args)]
+pub struct LoadArgs {
+    /// Concurrent clients (closed loop), or the cap on requests in flight (open loop).
+    #[arg(long, default_value_t = 8)]
+    pub concurrency: usize,
+    /// Open loop: start this many requests per second whatever the answers.
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// Seconds to measure.
+    #[arg(long, default_value_t = 10.0)]
+    pub duration: f64,
+    /// Seconds to run before measuring.
+    #[arg(long, default_value_t = 2.0)]
+    pub warmup: f64,
+    /// Write the report as JSON here.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+    /// Client threads of the load generator.
+    #[arg(long, default_value_t = 1)]
+    pub client_threads: usize,
+}
+
+#[derive(Args)]
+pub struct InferArgs {
+    /// Server base URL.
+    #[arg(long, env = "LINESCAN_URL", default_value = "http://127.0.0.1:8000")]
+    pub url: String,
+    /// Model to call.
+    #[arg(long)]
+    pub model: String,
+    /// Model version (default: the server's latest).
+    #[arg(long)]
+    pub model_version: Option<String>,
+    /// Rows per request.
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// Send and receive tensors with the binary extension instead of JSON arrays.
+    #[arg(long)]
+    pub binary: bool,
+    #[command(flatten)]
+    pub load: LoadArgs,
+}
+
+#[derive(Args)]
+pub struct InProcessArgs {
+    #[arg(long, env = "LINESCAN_MODEL_REPOSITORY", default_value = "models")]
+    pub model_repository: PathBuf,
+    #[arg(long)]
+    pub model: String,
+    /// Rows per run.
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    /// Sessions run in parallel, one thread each.
+    #[arg(long, default_value_t = 1)]
+    pub sessions: usize,
+    /// Intra-op threads per session.
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+    #[arg(long, default_value_t = 10.0)]
+    pub duration: f64,
+    #[arg(long, default_value_t = 1.0)]
+    pub warmup: f64,
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+}
+
+impl LoadArgs {
+    pub fn plan(&self) -> load::LoadPlan {
+        load::LoadPlan {
+            concurrency: self.concurrency,
+            rate: self.rate,
+            duration: Duration::from_secs_f64(self.duration),
+            warmup: Duration::from_secs_f64(self.warmup),
+        }
+    }
+
+    /// Runs a workload on a runtime of its own and prints (and optionally saves) the report.
+    pub fn execute<F>(&self, prepare: F) -> anyhow::Result<()>
+    where
+        F: AsyncFnOnce() -> anyhow::Result<Arc<dyn load::Workload>>,
+    {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(self.client_threads.max(1))
+            .enable_all()
+            .build()?;
+        let report = runtime.block_on(async {
+            let workload = prepare().await?;
+            load::run(workload, &self.plan()).await
+        })?;
+        report.print();
+        if let Some(path) = &self.report {
+            report.write_json(path)?;
+        }
+        Ok(())
+    }
+}
+
+pub fn run(command: BenchCommand) -> anyhow::Result<()> {
+    match command {
+        BenchCommand::Infer(args) => args.load.execute(async || {
+            let workload = infer::InferWorkload::prepare(
+                &args.url,
+                &args.model,
+                args.model_version.as_deref(),
+                args.batch,
+                args.binary,
+            )
+            .await?;
+            Ok(Arc::new(workload) as Arc<dyn load::Workload>)
+        }),
+        BenchCommand::Inprocess(args) => {
+            let report = inprocess::run(&inprocess::InProcessPlan {
+                repository: &args.model_repository,
+                model: &args.model,
+                batch: args.batch,
+                sessions: args.sessions,
+                threads: args.threads,
+                duration: Duration::from_secs_f64(args.duration),
+                warmup: Duration::from_secs_f64(args.warmup),
+            })?;
+            report.print();
+            if let Some(path) = &args.report {
+                report.write_json(path)?;
+            }
+            Ok(())
+        }
+    }
+}

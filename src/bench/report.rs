@@ -1,0 +1,141 @@
+//! Latency recording and the printed/JSON report of a benchmark run.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+/// Microsecond histogram, 1 µs to 60 s at 3 significant digits.
+pub fn new_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds")
+}
+
+pub fn record(histogram: &mut Histogram<u64>, value: Duration) {
+    histogram.saturating_record(value.as_micros().max(1) as u64);
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Percentiles {
+    pub count: u64,
+    pub mean_ms: f64,
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+impl Percentiles {
+    pub fn of(histogram: &Histogram<u64>) -> Percentiles {
+        let ms = |us: u64| us as f64 / 1000.0;
+        Percentiles {
+            count: histogram.len(),
+            mean_ms: histogram.mean() / 1000.0,
+            p50_ms: ms(histogram.value_at_quantile(0.50)),
+            p90_ms: ms(histogram.value_at_quantile(0.90)),
+            p99_ms: ms(histogram.value_at_quantile(0.99)),
+            max_ms: ms(histogram.max()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub mode: String,
+    pub target: String,
+    pub model: String,
+    pub concurrency: usize,
+    pub target_rate: Option<f64>,
+    pub batch: usize,
+    pub duration_s: f64,
+    pub requests_ok: u64,
+    pub requests_failed: u64,
+    /// Failed requests by HTTP status (or "connection").
+    pub failures: BTreeMap<String, u64>,
+    pub requests_per_s: f64,
+    /// Rows per second (requests × batch).
+    pub inferences_per_s: f64,
+    pub latency: Percentiles,
+    /// Per-stage latencies reported by the server (queue, compute), when it reports them.
+    pub stages: BTreeMap<String, Percentiles>,
+    pub mean_batch_rows: Option<f64>,
+    pub machine: String,
+}
+
+impl Report {
+    pub fn print(&self) {
+        println!(
+            "{} {} model={} batch={} concurrency={}{}",
+            self.mode,
+            self.target,
+            self.model,
+            self.batch,
+            self.concurrency,
+            self.target_rate
+                .map(|r| format!(" target_rate={r}/s"))
+                .unwrap_or_default()
+        );
+        println!(
+            "  {:.1} s: {} ok, {} failed {:?}",
+            self.duration_s, self.requests_ok, self.requests_failed, self.failures
+        );
+        println!(
+            "  throughput: {:.1} requests/s, {:.1} inferences/s",
+            self.requests_per_s, self.inferences_per_s
+        );
+        print_percentiles("latency", &self.latency);
+        for (stage, percentiles) in &self.stages {
+            print_percentiles(stage, percentiles);
+        }
+        if let Some(rows) = self.mean_batch_rows {
+            println!("  mean rows per executed batch: {rows:.1}");
+        }
+        println!("  machine: {}", self.machine);
+    }
+
+    pub fn write_json(&self, path: &std::path::Path) -> anyhow::Result<()> {
+        std::fs::write(path, serde_json::to_vec_pretty(self)?)?;
+        println!("  report written to {}", path.display());
+        Ok(())
+    }
+}
+
+fn print_percentiles(name: &str, p: &Percentiles) {
+    println!(
+        "  {name:<10} p50 {:.3} ms  p90 {:.3} ms  p99 {:.3} ms  max {:.3} ms  (n={})",
+        p.p50_ms, p.p90_ms, p.p99_ms, p.max_ms, p.count
+    );
+}
+
+/// CPU model and core count, for quoting figures with their machine.
+pub fn machine_description() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    format!("{cpu}, {cores} cores")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_from_recorded_latencies() {
+        let mut histogram = new_histogram();
+        for ms in 1..=100 {
+            record(&mut histogram, Duration::from_millis(ms));
+        }
+        let p = Percentiles::of(&histogram);
+        assert_eq!(p.count, 100);
+        assert!((p.p50_ms - 50.0).abs() < 0.1, "{p:?}");
+        assert!((p.p99_ms - 99.0).abs() < 0.1, "{p:?}");
+        assert!((p.max_ms - 100.0).abs() < 0.1, "{p:?}");
+    }
+}

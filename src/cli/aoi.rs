@@ -1,0 +1,248 @@
+//! `linescan aoi detect` and `linescan aoi eval`: the DeepPCB-format contract evaluators script
+//! against.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use futures_util::StreamExt;
+use hdrhistogram::Histogram;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::aoi::deeppcb::{self, PairEntry};
+use crate::aoi::evaluation::{self, ImageResult};
+use crate::aoi::pipeline::{DEFECT_MODEL, Inspection, Inspector, StageTimings};
+use crate::bench::report::{self, Percentiles};
+use crate::config::ModelArgs;
+use crate::engine::ModelRegistry;
+use crate::metrics::Metrics;
+use crate::runtime::ModelRepository;
+
+#[derive(Subcommand)]
+pub enum AoiCommand {
+    /// Inspect DeepPCB-format pairs and write one detection file per pair.
+    Detect(DetectArgs),
+    /// Score detection files against the annotations (DeepPCB protocol: IoU > 0.33, same class).
+    Eval(EvalArgs),
+}
+
+#[derive(Args)]
+pub struct DetectArgs {
+    /// List file with lines `groupX/X/ID.jpg groupX/X_not/ID.txt`.
+    #[arg(long)]
+    pub list: PathBuf,
+    /// Data root: images are ROOT/groupX/X/ID_test.jpg and ROOT/groupX/X/ID_temp.jpg.
+    #[arg(long)]
+    pub root: PathBuf,
+    /// Output folder: DIR/ID.txt with lines `x1,y1,x2,y2,confidence,type`.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Lowest confidence written (low keeps the ranking that AP needs).
+    #[arg(long, default_value_t = 0.01)]
+    pub min_score: f32,
+    /// Pairs in flight (their crops share classifier batches).
+    #[arg(long, default_value_t = 16)]
+    pub concurrency: usize,
+    /// Largest image accepted, in pixels.
+    #[arg(long, default_value_t = 50_000_000)]
+    pub max_image_pixels: u64,
+    #[command(flatten)]
+    pub models: ModelArgs,
+}
+
+#[derive(Args)]
+pub struct EvalArgs {
+    #[arg(long)]
+    pub list: PathBuf,
+    #[arg(long)]
+    pub root: PathBuf,
+    /// Folder of detection files written by `aoi detect`.
+    #[arg(long)]
+    pub det: PathBuf,
+    /// Operating threshold for precision, recall and F-score (default: the model's).
+    #[arg(long)]
+    pub score_threshold: Option<f64>,
+    /// Also write the figures as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    #[arg(long, env = "LINESCAN_MODEL_REPOSITORY", default_value = "models")]
+    pub model_repository: PathBuf,
+}
+
+pub fn run(command: AoiCommand) -> anyhow::Result<()> {
+    match command {
+        AoiCommand::Detect(args) => detect(&args),
+        AoiCommand::Eval(args) => eval(&args),
+    }
+}
+
+/// Loads only the defect model (the CLI needs nothing else).
+pub fn load_inspector(
+    models: &ModelArgs,
+    max_image_pixels: u64,
+) -> anyhow::Result<(Arc<ModelRegistry>, Arc<Inspector>)> {
+    let mut repository = ModelRepository::scan(&models.model_repository)?;
+    repository
+        .versions
+        .retain(|v| v.config.name == DEFECT_MODEL);
+    anyhow::ensure!(
+        !repository.versions.is_empty(),
+        "model {DEFECT_MODEL} is not in {}",
+        models.model_repository.display()
+    );
+    let metrics = Arc::new(Metrics::new());
+    let registry = Arc::new(ModelRegistry::load(
+        &repository,
+        &models.load_options(),
+        &metrics,
+    )?);
+    let inspector = Arc::new(Inspector::new(&registry, metrics, max_image_pixels)?);
+    Ok((registry, inspector))
+}
+
+/// Decodes both images and runs the whole pipeline on one pair; the template stage is timed
+/// apart because a line registers templates once.
+async fn inspect_pair(
+    inspector: Arc<Inspector>,
+    pair: PairEntry,
+    min_score: f32,
+) -> anyhow::Result<(PairEntry, Inspection, f64)> {
+    let prepared_by = inspector.clone();
+    let blocking_pair = pair.clone();
+    let (board, template_ms) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let read = |path: &PathBuf| {
+            std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
+        };
+        let template_bytes = read(&blocking_pair.template)?;
+        let test_bytes = read(&blocking_pair.test)?;
+        let t = Instant::now();
+        let template_gray = prepared_by
+            .decode(&template_bytes)
+            .with_context(|| blocking_pair.template.display().to_string())?;
+        let template = prepared_by.prepare_template(&template_gray);
+        let template_ms = t.elapsed().as_secs_f64() * 1000.0;
+        let board = prepared_by
+            .prepare(&test_bytes, &template)
+            .with_context(|| blocking_pair.test.display().to_string())?;
+        Ok((board, template_ms))
+    })
+    .await??;
+    let inspection = inspector.finish(board, min_score).await?;
+    Ok((pair, inspection, template_ms))
+}
+
+fn detect(args: &DetectArgs) -> anyhow::Result<()> {
+    let pairs = deeppcb::read_list(&args.list, &args.root)?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("cannot create {}", args.out.display()))?;
+    let (registry, inspector) = load_inspector(&args.models, args.max_image_pixels)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let progress = ProgressBar::new(pairs.len() as u64);
+    progress.set_style(
+        ProgressStyle::with_template("{bar:40} {pos}/{len} pairs {per_sec} eta {eta}")
+            .expect("valid template"),
+    );
+    let mut stages: Vec<Histogram<u64>> = (0..StageTimings::STAGES.len() + 2)
+        .map(|_| report::new_histogram())
+        .collect();
+    let started = Instant::now();
+    let count = pairs.len();
+    runtime.block_on(async {
+        let mut results = futures_util::stream::iter(pairs)
+            .map(|pair| inspect_pair(inspector.clone(), pair, args.min_score))
+            .buffer_unordered(args.concurrency.max(1));
+        while let Some(result) = results.next().await {
+            let (pair, inspection, template_ms) = result?;
+            let path = args.out.join(format!("{}.txt", pair.id));
+            std::fs::write(&path, deeppcb::format_detections(&inspection.defects))
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            let timings = &inspection.timings_ms;
+            for (histogram, value) in stages.iter_mut().zip(
+                [template_ms]
+                    .into_iter()
+                    .chain(timings.values())
+                    .chain([timings.total]),
+            ) {
+                report::record(
+                    histogram,
+                    std::time::Duration::from_secs_f64(value / 1000.0),
+                );
+            }
+            progress.inc(1);
+        }
+        anyhow::Ok(())
+    })?;
+    progress.finish_and_clear();
+    let seconds = started.elapsed().as_secs_f64();
+    println!(
+        "{count} pairs in {seconds:.2} s: {:.1} pairs/s (both images decoded per pair), detections in {}",
+        count as f64 / seconds,
+        args.out.display()
+    );
+    println!("per-stage latency (ms):");
+    let names = ["template"]
+        .into_iter()
+        .chain(StageTimings::STAGES)
+        .chain(["total (excl. template)"]);
+    for (name, histogram) in names.zip(&stages) {
+        let p = Percentiles::of(histogram);
+        println!(
+            "  {name:<24} mean {:>7.3}  p50 {:>7.3}  p99 {:>7.3}",
+            p.mean_ms, p.p50_ms, p.p99_ms
+        );
+    }
+    registry.shutdown();
+    Ok(())
+}
+
+fn eval(args: &EvalArgs) -> anyhow::Result<()> {
+    let pairs = deeppcb::read_list(&args.list, &args.root)?;
+    let mut results = Vec::with_capacity(pairs.len());
+    for pair in &pairs {
+        results.push(ImageResult {
+            truth: deeppcb::read_annotations(&pair.annotation)?,
+            detections: deeppcb::read_detections(&args.det.join(format!("{}.txt", pair.id)))?,
+        });
+    }
+    let threshold = match args.score_threshold {
+        Some(t) => t,
+        None => model_score_threshold(&args.model_repository).unwrap_or(0.5),
+    };
+    let e = evaluation::evaluate(&results, threshold);
+    println!(
+        "{} images, {} ground-truth defects",
+        e.images, e.ground_truth
+    );
+    println!("AP (all detections ranked by confidence): {:.4}", e.ap);
+    for (class, ap) in &e.per_class_ap {
+        println!("  AP {class:<10} {ap:.4}");
+    }
+    println!("mean AP: {:.4}", e.mean_ap);
+    println!(
+        "at confidence >= {:.3}: precision {:.4}  recall {:.4}  F-score {:.4}  (TP {}, FP {}, FN {})",
+        e.score_threshold,
+        e.precision,
+        e.recall,
+        e.f_score,
+        e.true_positives,
+        e.false_positives,
+        e.false_negatives
+    );
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_vec_pretty(&e)?)?;
+    }
+    Ok(())
+}
+
+fn model_score_threshold(repository: &std::path::Path) -> Option<f64> {
+    let config =
+        crate::runtime::ModelConfig::load(&repository.join(DEFECT_MODEL).join("config.toml"))
+            .ok()?;
+    let params =
+        crate::aoi::params::PipelineParams::from_table(config.preprocessing.as_ref()).ok()?;
+    Some(params.score_threshold as f64)
+}

@@ -1,0 +1,4 @@
+//! Command implementations that are not the server itself.
+
+pub mod aoi;
+pub mod models;

@@ -1,0 +1,137 @@
+//! Server settings: every flag doubles as an environment variable; defaults serve the bundled
+//! models on localhost.
+
+use std::path::PathBuf;
+
+use clap::{Args, ValueEnum};
+use serde::Serialize;
+
+use crate::runtime::providers::ProviderKind;
+
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "LINESCAN_HOST", default_value = "127.0.0.1")]
+    pub host: String,
+
+    /// Port to listen on (0 picks a free one and prints it).
+    #[arg(long, env = "LINESCAN_PORT", default_value_t = 8000)]
+    pub port: u16,
+
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub models: ModelArgs,
+
+    /// Where templates and job state are kept (created if missing).
+    #[arg(long, env = "LINESCAN_DATA_DIR", default_value = "data")]
+    pub data_dir: PathBuf,
+
+    /// Largest image accepted, in pixels (checked from the header before decoding; larger: 413).
+    #[arg(long, env = "LINESCAN_MAX_IMAGE_PIXELS", default_value_t = 50_000_000)]
+    pub max_image_pixels: u64,
+
+    /// Largest request body accepted, in bytes (larger ones get 413).
+    #[arg(long, env = "LINESCAN_MAX_BODY_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+
+    /// HTTP worker threads (default: one per CPU core).
+    #[arg(long, env = "LINESCAN_HTTP_WORKERS")]
+    pub http_workers: Option<usize>,
+
+    /// Seconds in-flight requests get to finish after SIGTERM/Ctrl-C.
+    #[arg(long, env = "LINESCAN_SHUTDOWN_TIMEOUT", default_value_t = 30)]
+    pub shutdown_timeout: u64,
+
+    /// Require `Authorization: Bearer <key>` on every route but health and metrics.
+    #[arg(long, env = "LINESCAN_API_KEY", hide_env_values = true)]
+    #[serde(serialize_with = "redact")]
+    pub api_key: Option<String>,
+}
+
+/// Where models come from and how their sessions run; shared by every command that loads models.
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct ModelArgs {
+    /// Model repository: <model>/config.toml and <model>/<version>/model.onnx.
+    #[arg(long, env = "LINESCAN_MODEL_REPOSITORY", default_value = "models")]
+    pub model_repository: PathBuf,
+
+    /// Execution providers for every model, replacing config.toml (comma separated, in order).
+    #[arg(long, env = "LINESCAN_PROVIDERS", value_delimiter = ',')]
+    pub providers: Option<Vec<ProviderArg>>,
+
+    /// Sessions per model version, replacing config.toml.
+    #[arg(long, env = "LINESCAN_INSTANCES")]
+    pub instances: Option<usize>,
+
+    /// ONNX Runtime intra-op threads per session, replacing config.toml.
+    #[arg(long, env = "LINESCAN_THREADS")]
+    pub threads: Option<usize>,
+}
+
+impl ModelArgs {
+    pub fn load_options(&self) -> crate::engine::registry::LoadOptions {
+        crate::engine::registry::LoadOptions {
+            providers: self
+                .providers
+                .as_ref()
+                .map(|p| p.iter().map(|a| a.kind()).collect()),
+            instances: self.instances,
+            threads: self.threads,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProviderArg {
+    Auto,
+    Tensorrt,
+    Cuda,
+    Cpu,
+}
+
+impl ProviderArg {
+    pub fn kind(self) -> ProviderKind {
+        match self {
+            ProviderArg::Auto => ProviderKind::Auto,
+            ProviderArg::Tensorrt => ProviderKind::TensorRt,
+            ProviderArg::Cuda => ProviderKind::Cuda,
+            ProviderArg::Cpu => ProviderKind::Cpu,
+        }
+    }
+}
+
+fn redact<S: serde::Serializer>(value: &Option<String>, serializer: S) -> Result<S::Ok, S::Error> {
+    match value {
+        Some(_) => serializer.serialize_str("<redacted>"),
+        None => serializer.serialize_none(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    #[test]
+    fn defaults_and_redaction() {
+        let cli = Cli::parse_from(["linescan", "--api-key", "s3cret", "--providers", "cuda,cpu"]);
+        assert_eq!(cli.serve.host, "127.0.0.1");
+        assert_eq!(cli.serve.port, 8000);
+        assert_eq!(cli.serve.models.model_repository, PathBuf::from("models"));
+        let printed = serde_json::to_string(&cli.serve).unwrap();
+        assert!(!printed.contains("s3cret"), "{printed}");
+        assert!(printed.contains("<redacted>"));
+        let options = cli.serve.models.load_options();
+        assert_eq!(
+            options.providers,
+            Some(vec![ProviderKind::Cuda, ProviderKind::Cpu])
+        );
+    }
+}

@@ -1,0 +1,7 @@
+//! Serving engine: the dynamic batcher per model version and the registry of loaded models.
+
+pub mod batcher;
+pub mod registry;
+
+pub use batcher::{Batcher, InferError, InferResponse};
+pub use registry::{ModelRegistry, ServedModel};

@@ -1,0 +1,132 @@
+//! Loaded models: sessions created, warmed up and handed to their batchers.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::engine::Batcher;
+use crate::metrics::Metrics;
+use crate::runtime::providers::{ProviderKind, ProviderPlan};
+use crate::runtime::{ModelRepository, ModelSession, ModelVersionSpec, RuntimeError};
+
+/// One model version ready to serve.
+pub struct ServedModel {
+    pub spec: ModelVersionSpec,
+    pub batcher: Batcher,
+    pub providers: Vec<ProviderKind>,
+}
+
+impl ServedModel {
+    pub fn name(&self) -> &str {
+        &self.spec.config.name
+    }
+
+    pub fn provider_names(&self) -> String {
+        self.providers
+            .iter()
+            .map(|p| p.name())
+            .collect::<Vec<_>>()
+            .join("+")
+    }
+}
+
+/// Loading options that come from the command line rather than config.toml.
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    /// Replaces every model's execution provider preference.
+    pub providers: Option<Vec<ProviderKind>>,
+    /// Replaces every model's instance count.
+    pub instances: Option<usize>,
+    /// Replaces every model's intra-op threads per session.
+    pub threads: Option<usize>,
+}
+
+#[derive(Default)]
+pub struct ModelRegistry {
+    models: BTreeMap<String, BTreeMap<u64, Arc<ServedModel>>>,
+}
+
+impl ModelRegistry {
+    /// Creates every session of every selected version, warms it up and starts its batcher.
+    pub fn load(
+        repository: &ModelRepository,
+        options: &LoadOptions,
+        metrics: &Arc<Metrics>,
+    ) -> Result<ModelRegistry, RuntimeError> {
+        let mut models: BTreeMap<String, BTreeMap<u64, Arc<ServedModel>>> = BTreeMap::new();
+        for spec in &repository.versions {
+            let served = Arc::new(Self::load_version(spec, options, metrics)?);
+            models
+                .entry(spec.config.name.clone())
+                .or_default()
+                .insert(spec.version, served);
+        }
+        Ok(ModelRegistry { models })
+    }
+
+    fn load_version(
+        spec: &ModelVersionSpec,
+        options: &LoadOptions,
+        metrics: &Arc<Metrics>,
+    ) -> Result<ServedModel, RuntimeError> {
+        let started = Instant::now();
+        let config = &spec.config;
+        let plan = ProviderPlan::new(
+            &config.runtime.execution_providers,
+            options.providers.as_deref(),
+        );
+        let instances = options.instances.unwrap_or(config.instance_group.count);
+        let threads = options.threads.unwrap_or(config.instance_group.threads);
+        let mut sessions = Vec::with_capacity(instances);
+        for _ in 0..instances {
+            let mut session = ModelSession::load(spec, &plan, threads)?;
+            session.warm_up()?;
+            sessions.push(session);
+        }
+        let providers = sessions[0].providers().to_vec();
+        let provider_label = providers
+            .iter()
+            .map(|p| p.name())
+            .collect::<Vec<_>>()
+            .join("+");
+        tracing::info!(
+            model = %config.name,
+            version = spec.version,
+            providers = %provider_label,
+            instances,
+            threads,
+            max_batch_size = config.max_batch_size,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "model loaded and warmed up"
+        );
+        metrics
+            .model_info
+            .with_label_values(&[&config.name, &spec.version.to_string(), &provider_label])
+            .set(1);
+        Ok(ServedModel {
+            spec: spec.clone(),
+            batcher: Batcher::start(config.clone(), spec.version, sessions, metrics.clone()),
+            providers,
+        })
+    }
+
+    /// A specific version, or the latest loaded one.
+    pub fn get(&self, name: &str, version: Option<u64>) -> Option<Arc<ServedModel>> {
+        let versions = self.models.get(name)?;
+        match version {
+            Some(v) => versions.get(&v).cloned(),
+            None => versions.values().next_back().cloned(),
+        }
+    }
+
+    pub fn models(&self) -> impl Iterator<Item = &Arc<ServedModel>> {
+        self.models.values().flat_map(|v| v.values())
+    }
+
+    /// Drains every queue and stops the workers.
+    pub fn shutdown(&self) {
+        for model in self.models() {
+            model.batcher.shutdown();
+        }
+    }
+}

@@ -1,0 +1,14 @@
+//! linescan: an inspection server for factories.
+//!
+//! Layers, with dependencies pointing down: `server` (HTTP) → `engine` (dynamic batching) →
+//! `runtime` (ONNX Runtime sessions, model repository) → `tensor`.
+
+pub mod aoi;
+pub mod bench;
+pub mod cli;
+pub mod config;
+pub mod engine;
+pub mod metrics;
+pub mod runtime;
+pub mod server;
+pub mod tensor;

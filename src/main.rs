@@ -1,0 +1,90 @@
+//! The `linescan` command line.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use linescan::config::{ModelArgs, ServeArgs};
+
+#[derive(Parser)]
+#[command(
+    name = "linescan",
+    version,
+    about = "Inspection server for factories: PCB AOI, fleet sensor scoring and ONNX model serving with dynamic batching"
+)]
+struct Cli {
+    /// Log format.
+    #[arg(
+        long,
+        env = "LINESCAN_LOG_FORMAT",
+        value_enum,
+        default_value = "text",
+        global = true
+    )]
+    log_format: LogFormat,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the model repository over HTTP (Open Inference Protocol, /metrics).
+    Serve(ServeArgs),
+    /// Inspect the model repository.
+    #[command(subcommand)]
+    Models(ModelsCommand),
+    /// PCB inspection on DeepPCB-format folders: detect and evaluate.
+    #[command(subcommand)]
+    Aoi(linescan::cli::aoi::AoiCommand),
+    /// Benchmarks: load generator against a server, and in-process baselines.
+    #[command(subcommand)]
+    Bench(linescan::bench::BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum ModelsCommand {
+    /// List models, versions, inputs and outputs as configured.
+    List(ModelArgs),
+    /// Load every model (sessions, providers, warm-up) and report what would serve.
+    Check(ModelArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let outcome = match cli.command {
+        Command::Serve(args) => {
+            actix_web::rt::System::new().block_on(linescan::server::serve(args))
+        }
+        Command::Models(ModelsCommand::List(args)) => linescan::cli::models::list(&args),
+        Command::Models(ModelsCommand::Check(args)) => linescan::cli::models::check(&args),
+        Command::Aoi(command) => linescan::cli::aoi::run(command),
+        Command::Bench(command) => linescan::bench::run(command),
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("LINESCAN_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,ort=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

@@ -1,0 +1,137 @@
+//! Finds and loads the ONNX Runtime shared library (`ort` is built with `load-dynamic`).
+//! Looked for, in order: `ORT_DYLIB_PATH` / `LINESCAN_ORT_LIB`, the project's `.venv`,
+//! a `lib/` folder beside the executable, then the `onnxruntime` package of `python3`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use ort::environment::Environment;
+
+use crate::runtime::RuntimeError;
+
+pub const REQUIRED_VERSION: &str = "1.31.1";
+const ENV_VARS: [&str; 2] = ["LINESCAN_ORT_LIB", "ORT_DYLIB_PATH"];
+
+static ENVIRONMENT: OnceLock<Result<Environment, String>> = OnceLock::new();
+
+/// The process-wide ONNX Runtime environment, loading the library on first use.
+pub fn environment() -> Result<Environment, RuntimeError> {
+    ENVIRONMENT
+        .get_or_init(|| {
+            let path = locate().map_err(|e| e.to_string())?;
+            tracing::info!(library = %path.display(), "loading ONNX Runtime");
+            let builder = ort::init_from(&path)
+                .map_err(|e| format!("cannot load {}: {e}", path.display()))?;
+            builder
+                .with_name("linescan")
+                .build()
+                .map_err(|e| format!("cannot create the environment: {e}"))
+        })
+        .clone()
+        .map_err(RuntimeError::Library)
+}
+
+/// The library path, or an error that lists where we looked and what to install.
+pub fn locate() -> Result<PathBuf, RuntimeError> {
+    let mut looked = Vec::new();
+    for var in ENV_VARS {
+        if let Some(value) = std::env::var_os(var).filter(|v| !v.is_empty()) {
+            let path = PathBuf::from(value);
+            if path.is_file() {
+                return Ok(path);
+            }
+            return Err(RuntimeError::Library(format!(
+                "{var}={} does not name a file",
+                path.display()
+            )));
+        }
+        looked.push(format!("${var} (unset)"));
+    }
+    let mut folders: Vec<PathBuf> = Vec::new();
+    for venv in [Path::new(".venv"), Path::new("../.venv")] {
+        folders.extend(site_packages_capi(venv));
+    }
+    if let Some(exe_dir) = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+    {
+        folders.push(exe_dir.join("lib"));
+        // target/release/linescan → the repository's .venv
+        if let Some(repo) = exe_dir.parent().and_then(Path::parent) {
+            folders.extend(site_packages_capi(&repo.join(".venv")));
+        }
+    }
+    folders.extend(python_package_capi());
+    for folder in &folders {
+        if let Some(lib) = library_in(folder) {
+            return Ok(lib);
+        }
+        looked.push(folder.display().to_string());
+    }
+    Err(RuntimeError::Library(format!(
+        "libonnxruntime.so not found; install it with `pip install onnxruntime=={REQUIRED_VERSION}` \
+         (into ./.venv or the python3 on PATH) or set ORT_DYLIB_PATH to the library file. Looked in: {}",
+        looked.join(", ")
+    )))
+}
+
+fn site_packages_capi(venv: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(venv.join("lib")) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .map(|e| e.path().join("site-packages/onnxruntime/capi"))
+        .filter(|p| p.is_dir())
+        .collect()
+}
+
+fn python_package_capi() -> Option<PathBuf> {
+    let output = Command::new("python3")
+        .args([
+            "-c",
+            "import onnxruntime, os; print(os.path.dirname(onnxruntime.__file__))",
+        ])
+        .output()
+        .ok()?;
+    if !output.status.success() {
+        return None;
+    }
+    let dir = String::from_utf8(output.stdout).ok()?;
+    Some(PathBuf::from(dir.trim()).join("capi"))
+}
+
+/// `libonnxruntime.so.<version>` preferred over the unversioned name.
+fn library_in(folder: &Path) -> Option<PathBuf> {
+    let mut candidates: Vec<PathBuf> = std::fs::read_dir(folder)
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("libonnxruntime.so"))
+        })
+        .collect();
+    candidates.sort();
+    candidates.pop()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_versioned_library_in_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(library_in(dir.path()), None);
+        std::fs::write(dir.path().join("libonnxruntime.so"), b"").unwrap();
+        std::fs::write(dir.path().join("libonnxruntime.so.1.31.1"), b"").unwrap();
+        std::fs::write(dir.path().join("libonnxruntime_providers_shared.so"), b"").unwrap();
+        assert_eq!(
+            library_in(dir.path()).unwrap().file_name().unwrap(),
+            "libonnxruntime.so.1.31.1"
+        );
+    }
+}

@@ -1,0 +1,314 @@
+//! `<model>/config.toml`: what a model takes and returns, how it is batched and where it runs.
+//! Parsed strictly (unknown keys are errors) so a typo fails at start instead of being ignored.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::runtime::RuntimeError;
+use crate::tensor::DataType;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    pub name: String,
+    #[serde(default = "default_platform")]
+    pub platform: String,
+    /// Largest batch the batcher forms; 0 disables batching (shapes are then taken whole).
+    #[serde(default)]
+    pub max_batch_size: usize,
+    /// File beside config.toml with one label per line, indexed by class.
+    #[serde(default)]
+    pub labels: Option<String>,
+    #[serde(default)]
+    pub version_policy: VersionPolicy,
+    #[serde(rename = "input")]
+    pub inputs: Vec<TensorSpec>,
+    #[serde(rename = "output")]
+    pub outputs: Vec<TensorSpec>,
+    #[serde(default)]
+    pub dynamic_batching: DynamicBatching,
+    #[serde(default)]
+    pub instance_group: InstanceGroup,
+    #[serde(default)]
+    pub runtime: RuntimeOptions,
+    /// Free-form parameters of the pipeline that feeds this model (read by the domain modules).
+    #[serde(default)]
+    pub preprocessing: Option<toml::Table>,
+    /// Figures the model reached on held-out data (documentation; served in the metadata).
+    #[serde(default)]
+    pub metrics: Option<toml::Table>,
+    #[serde(default)]
+    pub calibration: Option<toml::Table>,
+}
+
+fn default_platform() -> String {
+    "onnxruntime".into()
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TensorSpec {
+    pub name: String,
+    pub datatype: DataType,
+    /// Dimensions without the batch dimension when `max_batch_size > 0`; -1 = any size.
+    pub shape: Vec<i64>,
+}
+
+impl TensorSpec {
+    /// The dimensions the model sees, batch dimension included (as -1) when batching.
+    pub fn full_shape(&self, batching: bool) -> Vec<i64> {
+        let mut dims = Vec::with_capacity(self.shape.len() + 1);
+        if batching {
+            dims.push(-1);
+        }
+        dims.extend_from_slice(&self.shape);
+        dims
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum VersionPolicy {
+    /// "latest" (the default) or "all".
+    Named(NamedPolicy),
+    /// Only these versions.
+    Specific(Vec<u64>),
+}
+
+impl Default for VersionPolicy {
+    fn default() -> Self {
+        VersionPolicy::Named(NamedPolicy::Latest)
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "lowercase")]
+pub enum NamedPolicy {
+    Latest,
+    All,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DynamicBatching {
+    /// How long the first request of a batch waits for company.
+    pub max_queue_delay_us: u64,
+    /// Requests waiting per model version; beyond it requests get 503 + Retry-After.
+    pub max_queue_size: usize,
+    /// Deadline of a request that does not set its own `timeout` parameter.
+    pub default_timeout_ms: u64,
+}
+
+impl Default for DynamicBatching {
+    fn default() -> Self {
+        DynamicBatching {
+            max_queue_delay_us: 1000,
+            max_queue_size: 1024,
+            default_timeout_ms: 30_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InstanceGroup {
+    /// Sessions (each owned by one worker thread) per model version.
+    pub count: usize,
+    /// Intra-op threads per session.
+    pub threads: usize,
+}
+
+impl Default for InstanceGroup {
+    fn default() -> Self {
+        InstanceGroup {
+            count: 1,
+            threads: 1,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimeOptions {
+    /// In order of preference: "tensorrt", "cuda", "cpu", or ["auto"].
+    pub execution_providers: Vec<String>,
+    pub tensorrt_fp16: bool,
+    /// Where TensorRT keeps built engines (relative to the model directory when not absolute).
+    pub tensorrt_engine_cache: Option<PathBuf>,
+    pub cuda_device: i32,
+}
+
+impl Default for RuntimeOptions {
+    fn default() -> Self {
+        RuntimeOptions {
+            execution_providers: vec!["auto".into()],
+            tensorrt_fp16: true,
+            tensorrt_engine_cache: None,
+            cuda_device: 0,
+        }
+    }
+}
+
+/// Upper bound on the batch the server accepts so a config cannot make warm-up or buffers unbounded.
+pub const MAX_BATCH_LIMIT: usize = 65_536;
+
+impl ModelConfig {
+    pub fn load(path: &Path) -> Result<ModelConfig, RuntimeError> {
+        let text = std::fs::read_to_string(path).map_err(|e| RuntimeError::Config {
+            path: path.to_path_buf(),
+            problem: format!("cannot read: {e}"),
+        })?;
+        let config: ModelConfig = toml::from_str(&text).map_err(|e| RuntimeError::Config {
+            path: path.to_path_buf(),
+            problem: e.to_string(),
+        })?;
+        config.validate().map_err(|problem| RuntimeError::Config {
+            path: path.to_path_buf(),
+            problem,
+        })?;
+        Ok(config)
+    }
+
+    pub fn batching(&self) -> bool {
+        self.max_batch_size > 0
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.platform != "onnxruntime" {
+            return Err(format!(
+                "platform \"{}\" is not supported (allowed: \"onnxruntime\")",
+                self.platform
+            ));
+        }
+        if self.max_batch_size > MAX_BATCH_LIMIT {
+            return Err(format!(
+                "max_batch_size {} is above the limit of {MAX_BATCH_LIMIT}",
+                self.max_batch_size
+            ));
+        }
+        if self.inputs.is_empty() || self.outputs.is_empty() {
+            return Err("a model needs at least one [[input]] and one [[output]]".into());
+        }
+        for spec in self.inputs.iter().chain(&self.outputs) {
+            if spec.name.is_empty() {
+                return Err("tensor names must not be empty".into());
+            }
+            if let Some(bad) = spec.shape.iter().find(|d| **d < -1 || **d == 0) {
+                return Err(format!(
+                    "tensor \"{}\": dimension {bad} is invalid (use a positive size or -1 for any)",
+                    spec.name
+                ));
+            }
+            if !self.batching() && spec.shape.is_empty() {
+                return Err(format!(
+                    "tensor \"{}\": an empty shape needs max_batch_size > 0",
+                    spec.name
+                ));
+            }
+        }
+        let mut names: Vec<&str> = self
+            .inputs
+            .iter()
+            .chain(&self.outputs)
+            .map(|s| s.name.as_str())
+            .collect();
+        names.sort_unstable();
+        if let Some(pair) = names.windows(2).find(|w| w[0] == w[1]) {
+            return Err(format!("tensor name \"{}\" is used twice", pair[0]));
+        }
+        if self.dynamic_batching.max_queue_size == 0 {
+            return Err("dynamic_batching.max_queue_size must be at least 1".into());
+        }
+        if self.instance_group.count == 0 || self.instance_group.threads == 0 {
+            return Err(
+                "instance_group.count and instance_group.threads must be at least 1".into(),
+            );
+        }
+        if self.runtime.execution_providers.is_empty() {
+            return Err("runtime.execution_providers must name at least one provider".into());
+        }
+        for provider in &self.runtime.execution_providers {
+            crate::runtime::providers::ProviderKind::parse(provider)?;
+        }
+        if let VersionPolicy::Specific(versions) = &self.version_policy
+            && versions.is_empty()
+        {
+            return Err("version_policy lists no versions".into());
+        }
+        Ok(())
+    }
+}
+
+/// Reads a labels file: one label per line, blank lines kept out.
+pub fn read_labels(path: &Path) -> Result<Vec<String>, RuntimeError> {
+    let text = std::fs::read_to_string(path).map_err(|e| RuntimeError::Config {
+        path: path.to_path_buf(),
+        problem: format!("cannot read labels: {e}"),
+    })?;
+    Ok(text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(String::from)
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        name = "m"
+        max_batch_size = 8
+        [[input]]
+        name = "x"
+        datatype = "FP32"
+        shape = [3, -1]
+        [[output]]
+        name = "y"
+        datatype = "FP32"
+        shape = [2]
+    "#;
+
+    fn parse(text: &str) -> Result<ModelConfig, String> {
+        let config: ModelConfig = toml::from_str(text).map_err(|e| e.to_string())?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let config = parse(MINIMAL).unwrap();
+        assert_eq!(
+            config.version_policy,
+            VersionPolicy::Named(NamedPolicy::Latest)
+        );
+        assert_eq!(config.dynamic_batching.max_queue_size, 1024);
+        assert_eq!(config.runtime.execution_providers, vec!["auto"]);
+        assert_eq!(config.inputs[0].full_shape(true), vec![-1, 3, -1]);
+    }
+
+    #[test]
+    fn version_policies_parse() {
+        let all = parse(&format!("version_policy = \"all\"\n{MINIMAL}")).unwrap();
+        assert_eq!(all.version_policy, VersionPolicy::Named(NamedPolicy::All));
+        let some = parse(&format!("version_policy = [1, 3]\n{MINIMAL}")).unwrap();
+        assert_eq!(some.version_policy, VersionPolicy::Specific(vec![1, 3]));
+    }
+
+    #[test]
+    fn invalid_configs_say_what_is_wrong() {
+        let bad_dim = MINIMAL.replace("[3, -1]", "[3, 0]");
+        assert!(parse(&bad_dim).unwrap_err().contains("dimension 0"));
+        let typo = MINIMAL.replace("max_batch_size", "max_batch");
+        assert!(parse(&typo).unwrap_err().contains("max_batch"));
+        let dtype = MINIMAL.replace("\"FP32\"\nshape = [3", "\"FLOAT\"\nshape = [3");
+        let dtype = dtype.replacen("FP32", "FLOAT", 1);
+        assert!(parse(&dtype).is_err());
+        let dup = MINIMAL.replace("name = \"y\"", "name = \"x\"");
+        assert!(parse(&dup).unwrap_err().contains("used twice"));
+        let provider = format!("{MINIMAL}\n[runtime]\nexecution_providers = [\"tpu\"]");
+        assert!(parse(&provider).unwrap_err().contains("tpu"));
+    }
+}

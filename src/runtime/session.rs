@@ -1,0 +1,349 @@
+//! One ONNX Runtime session of one model version, owned by one batcher worker.
+
+use std::borrow::Cow;
+
+use bytes::Bytes;
+use ort::session::{Session, SessionInputValue, builder::GraphOptimizationLevel};
+use ort::value::{TensorElementType, TensorRef, ValueType};
+
+use crate::runtime::providers::{self, ProviderKind, ProviderPlan, ProviderSettings};
+use crate::runtime::{ModelVersionSpec, RuntimeError, library};
+use crate::tensor::{DataType, Tensor};
+
+/// A batched input handed to [`ModelSession::run`]: bytes of `shape` in the config's datatype.
+pub struct BatchInput<'a> {
+    pub dtype: DataType,
+    pub shape: &'a [usize],
+    pub data: &'a [u8],
+}
+
+pub struct ModelSession {
+    session: Session,
+    spec: ModelVersionSpec,
+    providers: Vec<ProviderKind>,
+}
+
+impl ModelSession {
+    /// Creates the session with the planned providers and checks the graph against the config.
+    pub fn load(
+        spec: &ModelVersionSpec,
+        plan: &ProviderPlan,
+        threads: usize,
+    ) -> Result<ModelSession, RuntimeError> {
+        let environment = library::environment()?;
+        let settings = ProviderSettings {
+            config: &spec.config,
+            engine_cache: spec.engine_cache_dir(),
+            max_batch: spec.config.max_batch_size.max(1),
+        };
+        let mut last_error = None;
+        for attempt in plan.attempts() {
+            let built = Self::build(spec, &environment, &attempt, &settings, threads);
+            match (built, plan) {
+                (Ok(session), _) => {
+                    let session = ModelSession {
+                        session,
+                        spec: spec.clone(),
+                        providers: attempt,
+                    };
+                    session.check_signature()?;
+                    return Ok(session);
+                }
+                (Err(error), ProviderPlan::Auto) => {
+                    tracing::warn!(model = %spec.config.name, providers = ?attempt, %error,
+                        "provider unavailable, trying the next");
+                    last_error = Some(error);
+                }
+                (Err(error), ProviderPlan::Strict(_)) => return Err(error),
+            }
+        }
+        Err(last_error.unwrap_or_else(|| spec.error("no execution provider could be loaded")))
+    }
+
+    fn build(
+        spec: &ModelVersionSpec,
+        environment: &ort::environment::Environment,
+        providers: &[ProviderKind],
+        settings: &ProviderSettings<'_>,
+        threads: usize,
+    ) -> Result<Session, RuntimeError> {
+        let mut dispatches = Vec::new();
+        for kind in providers {
+            dispatches.extend(providers::dispatch(*kind, settings)?);
+        }
+        let ort_error = |e: ort::Error| spec.error(e.to_string());
+        let builder = Session::builder(environment)
+            .map_err(ort_error)?
+            .with_optimization_level(GraphOptimizationLevel::Level3)
+            .map_err(|e| spec.error(e.to_string()))?
+            .with_intra_threads(threads)
+            .map_err(|e| spec.error(e.to_string()))?
+            // Spinning threads would burn the cores the HTTP side and other models need.
+            .with_intra_op_spinning(false)
+            .map_err(|e| spec.error(e.to_string()))?
+            .with_execution_providers(dispatches)
+            .map_err(|e| RuntimeError::Provider {
+                provider: providers
+                    .iter()
+                    .map(|k| k.name())
+                    .collect::<Vec<_>>()
+                    .join("+"),
+                problem: e.to_string(),
+            })?;
+        let mut builder = builder;
+        builder
+            .commit_from_file(&spec.model_path)
+            .map_err(|e| spec.error(format!("{}: {e}", spec.model_path.display())))
+    }
+
+    pub fn providers(&self) -> &[ProviderKind] {
+        &self.providers
+    }
+
+    /// Every configured tensor must exist in the graph with the same type and a compatible shape,
+    /// and the graph must not need inputs the config does not declare.
+    fn check_signature(&self) -> Result<(), RuntimeError> {
+        let config = &self.spec.config;
+        let batching = config.batching();
+        for graph_input in self.session.inputs() {
+            if !config.inputs.iter().any(|i| i.name == graph_input.name()) {
+                return Err(self.spec.error(format!(
+                    "the graph needs input \"{}\" that config.toml does not declare",
+                    graph_input.name()
+                )));
+            }
+        }
+        let graph_tensors = self
+            .session
+            .inputs()
+            .iter()
+            .chain(self.session.outputs())
+            .map(|o| (o.name().to_string(), o.dtype().clone()))
+            .collect::<Vec<_>>();
+        for spec in config.inputs.iter().chain(&config.outputs) {
+            let Some((_, value_type)) = graph_tensors.iter().find(|(n, _)| *n == spec.name) else {
+                return Err(self.spec.error(format!(
+                    "config.toml declares \"{}\" but the graph has no such input or output",
+                    spec.name
+                )));
+            };
+            let ValueType::Tensor { ty, shape, .. } = value_type else {
+                return Err(self
+                    .spec
+                    .error(format!("\"{}\" is not a tensor", spec.name)));
+            };
+            if element_type(spec.datatype) != *ty {
+                return Err(self.spec.error(format!(
+                    "\"{}\" is {} in config.toml but {ty:?} in the graph",
+                    spec.name, spec.datatype
+                )));
+            }
+            let declared = spec.full_shape(batching);
+            let compatible = declared.len() == shape.len()
+                && declared
+                    .iter()
+                    .zip(shape.iter())
+                    .all(|(d, g)| *g < 0 || *d == *g || (*d == -1 && *g > 0 && !batching));
+            if !compatible {
+                return Err(self.spec.error(format!(
+                    "\"{}\" has shape {:?} in the graph, config.toml declares {:?}{}",
+                    spec.name,
+                    shape.iter().collect::<Vec<_>>(),
+                    declared,
+                    if batching {
+                        " (batch dimension first, -1)"
+                    } else {
+                        ""
+                    }
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs every batch size the batcher can form once with zeros, so allocations, kernels and
+    /// TensorRT engines are ready before the first request.
+    pub fn warm_up(&mut self) -> Result<(), RuntimeError> {
+        let config = self.spec.config.clone();
+        for batch in warmup_batch_sizes(config.max_batch_size) {
+            let shapes: Vec<Vec<usize>> = config
+                .inputs
+                .iter()
+                .map(|input| {
+                    let mut dims = Vec::new();
+                    if config.batching() {
+                        dims.push(batch);
+                    }
+                    dims.extend(input.shape.iter().map(|d| (*d).max(1) as usize));
+                    dims
+                })
+                .collect();
+            let buffers: Vec<Vec<u64>> = config
+                .inputs
+                .iter()
+                .zip(&shapes)
+                .map(|(input, shape)| {
+                    vec![0u64; Tensor::byte_len(input.datatype, shape).div_ceil(8)]
+                })
+                .collect();
+            let inputs: Vec<BatchInput<'_>> = config
+                .inputs
+                .iter()
+                .zip(&shapes)
+                .zip(&buffers)
+                .map(|((input, shape), buffer)| BatchInput {
+                    dtype: input.datatype,
+                    shape,
+                    data: &bytemuck::cast_slice(buffer)[..Tensor::byte_len(input.datatype, shape)],
+                })
+                .collect();
+            self.run(&inputs).map_err(|e| {
+                self.spec
+                    .error(format!("warm-up at batch size {batch} failed: {e}"))
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Runs one batch; returns the configured outputs in config order.
+    pub fn run(&mut self, inputs: &[BatchInput<'_>]) -> Result<Vec<Tensor>, RuntimeError> {
+        let config = &self.spec.config;
+        let mut values: Vec<(Cow<'_, str>, SessionInputValue<'_>)> =
+            Vec::with_capacity(inputs.len());
+        let mut bools: Vec<Vec<bool>> = Vec::new();
+        for input in inputs.iter().filter(|i| i.dtype == DataType::Bool) {
+            bools.push(input.data.iter().map(|b| *b != 0).collect());
+        }
+        let mut bools = bools.iter();
+        for (spec, input) in config.inputs.iter().zip(inputs) {
+            let value = match input.dtype {
+                DataType::Bool => tensor_ref(input.shape, bools.next().expect("bool buffer"))?,
+                DataType::Uint8 => tensor_ref(input.shape, input.data)?,
+                DataType::Uint16 => tensor_ref::<u16>(input.shape, cast(input.data)?)?,
+                DataType::Uint32 => tensor_ref::<u32>(input.shape, cast(input.data)?)?,
+                DataType::Uint64 => tensor_ref::<u64>(input.shape, cast(input.data)?)?,
+                DataType::Int8 => tensor_ref::<i8>(input.shape, cast(input.data)?)?,
+                DataType::Int16 => tensor_ref::<i16>(input.shape, cast(input.data)?)?,
+                DataType::Int32 => tensor_ref::<i32>(input.shape, cast(input.data)?)?,
+                DataType::Int64 => tensor_ref::<i64>(input.shape, cast(input.data)?)?,
+                DataType::Fp32 => tensor_ref::<f32>(input.shape, cast(input.data)?)?,
+                DataType::Fp64 => tensor_ref::<f64>(input.shape, cast(input.data)?)?,
+            };
+            values.push((Cow::Borrowed(spec.name.as_str()), value));
+        }
+        let outputs = self
+            .session
+            .run(values)
+            .map_err(|e| RuntimeError::Inference(e.to_string()))?;
+        config
+            .outputs
+            .iter()
+            .map(|spec| {
+                let value = outputs.get(&spec.name).ok_or_else(|| {
+                    RuntimeError::Inference(format!("the graph produced no \"{}\"", spec.name))
+                })?;
+                let extract_error = |e: ort::Error| RuntimeError::Inference(e.to_string());
+                let (shape, data) = match spec.datatype {
+                    DataType::Bool => {
+                        let (shape, v) =
+                            value.try_extract_tensor::<bool>().map_err(extract_error)?;
+                        (
+                            shape.clone(),
+                            Bytes::from(v.iter().map(|b| *b as u8).collect::<Vec<u8>>()),
+                        )
+                    }
+                    DataType::Uint8 => owned::<u8>(value)?,
+                    DataType::Uint16 => owned::<u16>(value)?,
+                    DataType::Uint32 => owned::<u32>(value)?,
+                    DataType::Uint64 => owned::<u64>(value)?,
+                    DataType::Int8 => owned::<i8>(value)?,
+                    DataType::Int16 => owned::<i16>(value)?,
+                    DataType::Int32 => owned::<i32>(value)?,
+                    DataType::Int64 => owned::<i64>(value)?,
+                    DataType::Fp32 => owned::<f32>(value)?,
+                    DataType::Fp64 => owned::<f64>(value)?,
+                };
+                Ok(Tensor {
+                    dtype: spec.datatype,
+                    shape: shape.iter().map(|d| *d as usize).collect(),
+                    data,
+                })
+            })
+            .collect()
+    }
+}
+
+fn tensor_ref<'a, T>(shape: &[usize], data: &'a [T]) -> Result<SessionInputValue<'a>, RuntimeError>
+where
+    T: ort::value::PrimitiveTensorElementType + std::fmt::Debug + Clone + 'static,
+{
+    TensorRef::from_array_view((shape.to_vec(), data))
+        .map(SessionInputValue::from)
+        .map_err(|e| RuntimeError::Inference(e.to_string()))
+}
+
+fn cast<T: bytemuck::Pod>(data: &[u8]) -> Result<&[T], RuntimeError> {
+    bytemuck::try_cast_slice(data)
+        .map_err(|e| RuntimeError::Inference(format!("input buffer misaligned: {e}")))
+}
+
+fn owned<T>(value: &ort::value::DynValue) -> Result<(ort::value::Shape, Bytes), RuntimeError>
+where
+    T: ort::value::PrimitiveTensorElementType + bytemuck::Pod,
+{
+    let (shape, data) = value
+        .try_extract_tensor::<T>()
+        .map_err(|e| RuntimeError::Inference(e.to_string()))?;
+    Ok((
+        shape.clone(),
+        Bytes::copy_from_slice(bytemuck::cast_slice(data)),
+    ))
+}
+
+pub fn element_type(dtype: DataType) -> TensorElementType {
+    match dtype {
+        DataType::Bool => TensorElementType::Bool,
+        DataType::Uint8 => TensorElementType::Uint8,
+        DataType::Uint16 => TensorElementType::Uint16,
+        DataType::Uint32 => TensorElementType::Uint32,
+        DataType::Uint64 => TensorElementType::Uint64,
+        DataType::Int8 => TensorElementType::Int8,
+        DataType::Int16 => TensorElementType::Int16,
+        DataType::Int32 => TensorElementType::Int32,
+        DataType::Int64 => TensorElementType::Int64,
+        DataType::Fp32 => TensorElementType::Float32,
+        DataType::Fp64 => TensorElementType::Float64,
+    }
+}
+
+/// Every batch size up to 64; beyond that powers of two and the maximum (what the batcher tends
+/// to form under load), so warm-up stays short for very large limits.
+pub fn warmup_batch_sizes(max_batch_size: usize) -> Vec<usize> {
+    if max_batch_size == 0 {
+        return vec![1];
+    }
+    if max_batch_size <= 64 {
+        return (1..=max_batch_size).collect();
+    }
+    let mut sizes: Vec<usize> = (0..)
+        .map(|p| 1usize << p)
+        .take_while(|s| *s < max_batch_size)
+        .collect();
+    sizes.push(max_batch_size);
+    sizes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn warmup_covers_small_limits_fully_and_large_ones_by_powers() {
+        assert_eq!(warmup_batch_sizes(3), vec![1, 2, 3]);
+        assert_eq!(warmup_batch_sizes(0), vec![1]);
+        let large = warmup_batch_sizes(1000);
+        assert_eq!(large.first(), Some(&1));
+        assert_eq!(large.last(), Some(&1000));
+        assert!(large.contains(&512));
+    }
+}

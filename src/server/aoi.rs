@@ -1,0 +1,299 @@
+//! AOI routes: golden templates per board and inspection of test images against them.
+
+use std::sync::Arc;
+
+use actix_multipart::Multipart;
+use actix_web::{HttpRequest, HttpResponse, web};
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::aoi::image_io::ImageError;
+use crate::aoi::templates::validate_board_name;
+use crate::aoi::{AoiError, AoiService};
+use crate::server::body::{media_type, read_limited};
+use crate::server::error::ApiError;
+use crate::server::state::AppState;
+
+/// Images one batch request may carry.
+const MAX_BATCH_IMAGES: usize = 64;
+
+pub fn routes(config: &mut web::ServiceConfig) {
+    config
+        .route("/v1/templates", web::get().to(list_templates))
+        .route("/v1/templates/{board}", web::put().to(put_template))
+        .route("/v1/templates/{board}", web::get().to(get_template))
+        .route("/v1/templates/{board}", web::delete().to(delete_template))
+        .route("/v1/templates/{board}/image", web::get().to(template_image))
+        .route("/v1/inspect/{board}", web::post().to(inspect))
+        .route("/v1/inspect/{board}/batch", web::post().to(inspect_batch));
+}
+
+impl From<AoiError> for ApiError {
+    fn from(error: AoiError) -> Self {
+        match error {
+            AoiError::Image(ImageError::Unsupported(_)) => {
+                ApiError::UnsupportedMediaType(error.to_string())
+            }
+            AoiError::Image(ImageError::TooLarge { .. }) => {
+                ApiError::PayloadTooLarge(error.to_string())
+            }
+            AoiError::Image(ImageError::Corrupt { .. }) | AoiError::SizeMismatch { .. } => {
+                ApiError::Unprocessable(error.to_string())
+            }
+            AoiError::Infer(infer) => infer.into(),
+            AoiError::Setup(message) => ApiError::Internal(message),
+        }
+    }
+}
+
+fn service(state: &AppState) -> Result<&Arc<AoiService>, ApiError> {
+    state.registry()?;
+    state.aoi().ok_or_else(|| {
+        ApiError::NotFound(
+            "AOI is not enabled: the model repository has no aoi_defect model".into(),
+        )
+    })
+}
+
+fn board_name(path: &web::Path<String>) -> Result<String, ApiError> {
+    validate_board_name(path.as_str()).map_err(ApiError::Unprocessable)?;
+    Ok(path.to_string())
+}
+
+fn unknown_board(board: &str) -> ApiError {
+    ApiError::NotFound(format!(
+        "board {board} has no template; register one with PUT /v1/templates/{board}"
+    ))
+}
+
+/// The images of a request: the raw body, or every file part of a multipart form.
+async fn read_images(
+    request: &HttpRequest,
+    payload: web::Payload,
+    limit: usize,
+) -> Result<Vec<(Option<String>, Bytes)>, ApiError> {
+    if media_type(request).as_deref() != Some("multipart/form-data") {
+        let body = read_limited(request, payload, limit).await?;
+        if body.is_empty() {
+            return Err(ApiError::UnsupportedMediaType(
+                "the body is empty: send the image as the body or as multipart/form-data".into(),
+            ));
+        }
+        return Ok(vec![(None, body)]);
+    }
+    let mut form = Multipart::new(request.headers(), payload.into_inner());
+    let mut images = Vec::new();
+    let mut total = 0usize;
+    while let Some(field) = form.next().await {
+        let mut field =
+            field.map_err(|e| ApiError::BadRequest(format!("malformed multipart body: {e}")))?;
+        let name = field
+            .content_disposition()
+            .and_then(|d| d.get_filename().or(d.get_name()).map(String::from));
+        let mut bytes = BytesMut::new();
+        while let Some(chunk) = field.next().await {
+            let chunk = chunk
+                .map_err(|e| ApiError::BadRequest(format!("malformed multipart body: {e}")))?;
+            total += chunk.len();
+            if total > limit {
+                return Err(ApiError::PayloadTooLarge(format!(
+                    "request body exceeds the limit of {limit} bytes (--max-body-bytes)"
+                )));
+            }
+            bytes.extend_from_slice(&chunk);
+        }
+        images.push((name, bytes.freeze()));
+        if images.len() > MAX_BATCH_IMAGES {
+            return Err(ApiError::PayloadTooLarge(format!(
+                "at most {MAX_BATCH_IMAGES} images per request"
+            )));
+        }
+    }
+    if images.is_empty() {
+        return Err(ApiError::UnsupportedMediaType(
+            "the multipart form holds no file".into(),
+        ));
+    }
+    Ok(images)
+}
+
+async fn list_templates(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    Ok(HttpResponse::Ok().json(json!({ "templates": service(&state)?.templates.list() })))
+}
+
+#[derive(Deserialize)]
+struct PutQuery {
+    reject_threshold: Option<f32>,
+}
+
+async fn put_template(
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+    query: web::Query<PutQuery>,
+    request: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let service = service(&state)?.clone();
+    let board = board_name(&path)?;
+    if let Some(t) = query.reject_threshold.filter(|t| !(0.0..=1.0).contains(t)) {
+        return Err(ApiError::Unprocessable(format!(
+            "reject_threshold {t} must be within 0..1"
+        )));
+    }
+    let mut images = read_images(&request, payload, state.max_body_bytes).await?;
+    if images.len() != 1 {
+        return Err(ApiError::Unprocessable(format!(
+            "a template is one image, got {}",
+            images.len()
+        )));
+    }
+    let (_, bytes) = images.remove(0);
+    let threshold = query.reject_threshold;
+    let (replaced, info) = web::block(move || {
+        service
+            .templates
+            .put(&board, &bytes, threshold, &service.inspector)
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))??;
+    let mut response = if replaced {
+        HttpResponse::Ok()
+    } else {
+        HttpResponse::Created()
+    };
+    Ok(response.json(info))
+}
+
+async fn get_template(
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let board = board_name(&path)?;
+    let found = service(&state)?
+        .templates
+        .get(&board)
+        .ok_or_else(|| unknown_board(&board))?;
+    Ok(HttpResponse::Ok().json(&found.info))
+}
+
+async fn template_image(
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let board = board_name(&path)?;
+    let service = service(&state)?;
+    service
+        .templates
+        .get(&board)
+        .ok_or_else(|| unknown_board(&board))?;
+    let bytes = std::fs::read(service.templates.image_path(&board))
+        .map_err(|e| ApiError::Internal(format!("template image of {board}: {e}")))?;
+    let kind = image::guess_format(&bytes)
+        .map(|f| f.to_mime_type())
+        .unwrap_or("application/octet-stream");
+    Ok(HttpResponse::Ok().content_type(kind).body(bytes))
+}
+
+async fn delete_template(
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let board = board_name(&path)?;
+    let existed = service(&state)?
+        .templates
+        .delete(&board)
+        .map_err(|e| ApiError::Internal(format!("cannot delete template {board}: {e}")))?;
+    if existed {
+        Ok(HttpResponse::NoContent().finish())
+    } else {
+        Err(unknown_board(&board))
+    }
+}
+
+/// Inspects one image of a board; the JSON of one result.
+async fn inspect_one(
+    service: &Arc<AoiService>,
+    board: &str,
+    bytes: Bytes,
+) -> Result<serde_json::Value, ApiError> {
+    let found = service
+        .templates
+        .get(board)
+        .ok_or_else(|| unknown_board(board))?;
+    let inspector = service.inspector.clone();
+    let template = found.template.clone();
+    let prepared = web::block(move || inspector.prepare(&bytes, &template))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))??;
+    let inspection = service
+        .inspector
+        .finish(prepared, service.inspector.params.score_threshold)
+        .await?;
+    Ok(json!({
+        "board": board,
+        "verdict": service.verdict(&inspection, found.info.reject_threshold),
+        "defects": inspection.defects,
+        "timings_ms": inspection.timings_ms,
+    }))
+}
+
+async fn inspect(
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+    request: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let service = service(&state)?.clone();
+    let board = board_name(&path)?;
+    service
+        .templates
+        .get(&board)
+        .ok_or_else(|| unknown_board(&board))?;
+    let mut images = read_images(&request, payload, state.max_body_bytes).await?;
+    if images.len() != 1 {
+        return Err(ApiError::Unprocessable(format!(
+            "POST /v1/inspect/{board} takes one image (got {}); use /v1/inspect/{board}/batch",
+            images.len()
+        )));
+    }
+    let (_, bytes) = images.remove(0);
+    Ok(HttpResponse::Ok().json(inspect_one(&service, &board, bytes).await?))
+}
+
+/// Several images of one board in one request; each gets its result or its own error.
+async fn inspect_batch(
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+    request: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let service = service(&state)?.clone();
+    let board = board_name(&path)?;
+    service
+        .templates
+        .get(&board)
+        .ok_or_else(|| unknown_board(&board))?;
+    let images = read_images(&request, payload, state.max_body_bytes).await?;
+    let results = futures_util::future::join_all(images.into_iter().enumerate().map(
+        |(index, (name, bytes))| {
+            let service = service.clone();
+            let board = board.clone();
+            async move {
+                let mut result = match inspect_one(&service, &board, bytes).await {
+                    Ok(result) => result,
+                    Err(error) => {
+                        use actix_web::ResponseError;
+                        json!({"board": board, "status": error.status_code().as_u16(), "error": error.to_string()})
+                    }
+                };
+                result["index"] = json!(index);
+                result["name"] = json!(name);
+                result
+            }
+        },
+    ))
+    .await;
+    Ok(HttpResponse::Ok().json(json!({ "board": board, "results": results })))
+}

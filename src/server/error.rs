@@ -1,0 +1,94 @@
+//! The one error type of the HTTP boundary: every failure becomes a status and `{"error": msg}`.
+
+use actix_web::http::StatusCode;
+use actix_web::{HttpResponse, ResponseError};
+
+use crate::engine::InferError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    PayloadTooLarge(String),
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    #[error("{0}")]
+    Unprocessable(String),
+    /// 503 with `Retry-After` seconds.
+    #[error("{message}")]
+    Unavailable { message: String, retry_after: u32 },
+    #[error("{0}")]
+    Timeout(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn not_ready() -> ApiError {
+        ApiError::Unavailable {
+            message: "models are still loading; see /v2/health/ready".into(),
+            retry_after: 1,
+        }
+    }
+}
+
+impl From<InferError> for ApiError {
+    fn from(error: InferError) -> Self {
+        match error {
+            InferError::QueueFull(_) => ApiError::Unavailable {
+                message: error.to_string(),
+                retry_after: 1,
+            },
+            InferError::ShuttingDown => ApiError::Unavailable {
+                message: error.to_string(),
+                retry_after: 5,
+            },
+            InferError::Timeout => ApiError::Timeout(error.to_string()),
+            InferError::Invalid(message) => ApiError::Unprocessable(message),
+            InferError::Inference(message) => ApiError::Internal(message),
+        }
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let mut response = HttpResponse::build(self.status_code());
+        if let ApiError::Unavailable { retry_after, .. } = self {
+            response.insert_header(("Retry-After", retry_after.to_string()));
+        }
+        response.json(serde_json::json!({ "error": self.to_string() }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queue_full_is_503_with_retry_after() {
+        let error = ApiError::from(InferError::QueueFull("m".into()));
+        let response = error.error_response();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers().get("Retry-After").unwrap(), "1");
+        assert_eq!(
+            ApiError::from(InferError::Timeout).status_code(),
+            StatusCode::GATEWAY_TIMEOUT
+        );
+    }
+}

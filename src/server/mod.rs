@@ -1,0 +1,164 @@
+//! The HTTP server: binds first (so liveness answers during loading), loads and warms every model
+//! on a background thread (readiness turns true when done), and on SIGTERM/Ctrl-C stops accepting,
+//! finishes in-flight requests and drains the batcher queues before exiting.
+
+pub mod aoi;
+pub mod body;
+pub mod error;
+pub mod state;
+pub mod v2;
+
+use std::sync::{Arc, Mutex};
+
+use actix_web::dev::{Service, ServiceResponse};
+use actix_web::{App, HttpResponse, HttpServer, web};
+use anyhow::Context;
+use futures_util::future::{Either, ready};
+
+use crate::config::ServeArgs;
+use crate::engine::ModelRegistry;
+use crate::metrics::Metrics;
+use crate::runtime::{ModelRepository, library};
+use crate::server::error::ApiError;
+use crate::server::state::AppState;
+
+/// Paths that stay open without the API key (probes and scrapers).
+const OPEN_PATHS: &[&str] = &["/v2/health/live", "/v2/health/ready", "/metrics"];
+
+pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    tracing::info!(
+        config = %serde_json::to_string(&args).unwrap_or_default(),
+        "starting linescan {}",
+        env!("CARGO_PKG_VERSION")
+    );
+    // Fail before binding on what can be checked at once: configs, files, the runtime library.
+    let repository = ModelRepository::scan(&args.models.model_repository)?;
+    library::environment()?;
+
+    let metrics = Arc::new(Metrics::new());
+    let state = web::Data::new(AppState::new(metrics.clone(), args.max_body_bytes));
+    let api_key = args.api_key.clone().map(|k| format!("Bearer {k}"));
+    let app_state = state.clone();
+    let mut server = HttpServer::new(move || {
+        let api_key = api_key.clone();
+        App::new()
+            .app_data(app_state.clone())
+            .wrap_fn(move |request, service| {
+                let authorised = match &api_key {
+                    None => true,
+                    Some(expected) => {
+                        OPEN_PATHS.contains(&request.path())
+                            || request
+                                .headers()
+                                .get("Authorization")
+                                .is_some_and(|v| v.as_bytes() == expected.as_bytes())
+                    }
+                };
+                if authorised {
+                    Either::Left(service.call(request))
+                } else {
+                    let response = HttpResponse::Unauthorized().json(serde_json::json!({
+                        "error": "missing or wrong API key (send Authorization: Bearer <key>)"
+                    }));
+                    Either::Right(ready(Ok(ServiceResponse::new(
+                        request.into_parts().0,
+                        response,
+                    ))))
+                }
+            })
+            .configure(v2::routes)
+            .configure(aoi::routes)
+            .route("/metrics", web::get().to(render_metrics))
+            .default_service(web::to(no_route))
+    })
+    .shutdown_timeout(args.shutdown_timeout);
+    if let Some(workers) = args.http_workers {
+        server = server.workers(workers);
+    }
+    let server = server
+        .bind((args.host.as_str(), args.port))
+        .with_context(|| format!("cannot listen on {}:{}", args.host, args.port))?;
+    for address in server.addrs() {
+        // Printed on stdout so scripts and tests can find an ephemeral port.
+        println!("linescan listening on http://{address}");
+    }
+    let server = server.run();
+    let handle = server.handle();
+
+    let load_error: Arc<Mutex<Option<anyhow::Error>>> = Arc::default();
+    let loader_error = load_error.clone();
+    let loader_state = state.clone();
+    let options = args.models.load_options();
+    let services = ServiceOptions {
+        data_dir: args.data_dir.clone(),
+        max_image_pixels: args.max_image_pixels,
+    };
+    std::thread::Builder::new()
+        .name("model-loader".into())
+        .spawn(move || {
+            match load_services(&repository, &options, &services, &metrics, &loader_state) {
+                Ok(()) => tracing::info!("all models loaded and warmed up: ready"),
+                Err(error) => {
+                    tracing::error!(%error, "loading failed; stopping");
+                    *loader_error.lock().expect("load error lock") = Some(error);
+                    // The stop command is sent at once; its completion future is not needed here.
+                    drop(handle.stop(false));
+                }
+            }
+        })
+        .context("cannot start the model loader thread")?;
+
+    server.await.context("HTTP server failed")?;
+    if let Some(error) = load_error.lock().expect("load error lock").take() {
+        return Err(error);
+    }
+    if let Ok(registry) = state.registry() {
+        tracing::info!("HTTP stopped; draining batcher queues");
+        registry.shutdown();
+    }
+    tracing::info!("shut down cleanly");
+    Ok(())
+}
+
+/// Domain settings the loader needs once the models are in.
+struct ServiceOptions {
+    data_dir: std::path::PathBuf,
+    max_image_pixels: u64,
+}
+
+/// Loads and warms every model, opens the domain services over them, then marks the server ready.
+fn load_services(
+    repository: &ModelRepository,
+    options: &crate::engine::registry::LoadOptions,
+    services: &ServiceOptions,
+    metrics: &Arc<Metrics>,
+    state: &AppState,
+) -> anyhow::Result<()> {
+    let registry = Arc::new(ModelRegistry::load(repository, options, metrics)?);
+    if registry
+        .get(crate::aoi::pipeline::DEFECT_MODEL, None)
+        .is_some()
+    {
+        let inspector =
+            crate::aoi::Inspector::new(&registry, metrics.clone(), services.max_image_pixels)?;
+        let service =
+            crate::aoi::AoiService::open(inspector, &services.data_dir.join("templates"))?;
+        state.set_aoi(Arc::new(service));
+    }
+    state.set_registry(registry);
+    Ok(())
+}
+
+async fn render_metrics(state: web::Data<AppState>) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4")
+        .body(state.metrics.render())
+}
+
+async fn no_route(request: actix_web::HttpRequest) -> Result<HttpResponse, ApiError> {
+    Err(ApiError::NotFound(format!(
+        "no route for {} {} (see README: /v2 for inference, /metrics, /v1 for inspection and jobs)",
+        request.method(),
+        request.path()
+    )))
+}

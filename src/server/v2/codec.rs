@@ -1,0 +1,610 @@
+//! Decoding and encoding of Open Inference Protocol (KServe v2) infer bodies, including Triton's
+//! binary tensor data extension: a JSON header of `Inference-Header-Content-Length` bytes followed
+//! by the raw tensors of every input that declares `binary_data_size`.
+
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use serde::ser::{SerializeSeq, Serializer};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::runtime::model_config::{ModelConfig, TensorSpec};
+use crate::server::error::ApiError;
+use crate::tensor::{DataType, Tensor};
+
+pub const HEADER_LENGTH: &str = "Inference-Header-Content-Length";
+
+#[derive(Debug, Deserialize)]
+struct InferRequestJson {
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    parameters: Map<String, Value>,
+    inputs: Vec<InputJson>,
+    #[serde(default)]
+    outputs: Vec<OutputJson>,
+}
+
+#[derive(Debug, Deserialize)]
+struct InputJson {
+    name: String,
+    shape: Vec<i64>,
+    datatype: String,
+    #[serde(default)]
+    parameters: Map<String, Value>,
+    #[serde(default)]
+    data: Option<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+struct OutputJson {
+    name: String,
+    #[serde(default)]
+    parameters: Map<String, Value>,
+}
+
+/// A validated request: inputs in config order, ready for the batcher.
+#[derive(Debug)]
+pub struct DecodedRequest {
+    pub id: Option<String>,
+    pub inputs: Vec<Tensor>,
+    pub rows: usize,
+    /// Indexes into the config's outputs, each with whether it goes back as binary.
+    pub outputs: Vec<(usize, bool)>,
+    pub timeout: Option<Duration>,
+}
+
+pub fn decode(
+    body: Bytes,
+    header_length: Option<usize>,
+    config: &ModelConfig,
+) -> Result<DecodedRequest, ApiError> {
+    let (json, mut binary) = match header_length {
+        Some(n) if n > body.len() => {
+            return Err(ApiError::BadRequest(format!(
+                "{HEADER_LENGTH} is {n} but the body has only {} bytes",
+                body.len()
+            )));
+        }
+        Some(n) => (body.slice(..n), body.slice(n..)),
+        None => (body, Bytes::new()),
+    };
+    let request: InferRequestJson = serde_json::from_slice(&json)
+        .map_err(|e| ApiError::BadRequest(format!("malformed inference request JSON: {e}")))?;
+
+    let mut slots: Vec<Option<Tensor>> = vec![None; config.inputs.len()];
+    for input in request.inputs {
+        let index = config
+            .inputs
+            .iter()
+            .position(|s| s.name == input.name)
+            .ok_or_else(|| {
+                ApiError::Unprocessable(format!(
+                    "unknown input \"{}\"; model {} takes: {}",
+                    input.name,
+                    config.name,
+                    names(&config.inputs)
+                ))
+            })?;
+        if slots[index].is_some() {
+            return Err(ApiError::Unprocessable(format!(
+                "input \"{}\" is given twice",
+                input.name
+            )));
+        }
+        slots[index] = Some(decode_input(
+            input,
+            &config.inputs[index],
+            config,
+            &mut binary,
+        )?);
+    }
+    if !binary.is_empty() {
+        return Err(ApiError::BadRequest(format!(
+            "{} bytes of binary data follow the JSON header but no input claims them \
+             (set parameters.binary_data_size on the inputs)",
+            binary.len()
+        )));
+    }
+    let missing: Vec<&str> = config
+        .inputs
+        .iter()
+        .zip(&slots)
+        .filter(|(_, slot)| slot.is_none())
+        .map(|(spec, _)| spec.name.as_str())
+        .collect();
+    if !missing.is_empty() {
+        return Err(ApiError::Unprocessable(format!(
+            "missing input(s): {}",
+            missing.join(", ")
+        )));
+    }
+    let inputs: Vec<Tensor> = slots.into_iter().map(Option::unwrap).collect();
+    let rows = if config.batching() {
+        inputs[0].rows()
+    } else {
+        1
+    };
+    if let Some(other) = inputs
+        .iter()
+        .find(|t| config.batching() && t.rows() != rows)
+    {
+        return Err(ApiError::Unprocessable(format!(
+            "inputs disagree on the batch size: {rows} and {}",
+            other.rows()
+        )));
+    }
+
+    let binary_default = flag(&request.parameters, "binary_data_output")?.unwrap_or(false);
+    let outputs = if request.outputs.is_empty() {
+        (0..config.outputs.len())
+            .map(|i| (i, binary_default))
+            .collect()
+    } else {
+        request
+            .outputs
+            .iter()
+            .map(|wanted| {
+                let index = config
+                    .outputs
+                    .iter()
+                    .position(|s| s.name == wanted.name)
+                    .ok_or_else(|| {
+                        ApiError::Unprocessable(format!(
+                            "unknown output \"{}\"; model {} returns: {}",
+                            wanted.name,
+                            config.name,
+                            names(&config.outputs)
+                        ))
+                    })?;
+                let binary = flag(&wanted.parameters, "binary_data")?.unwrap_or(binary_default);
+                Ok((index, binary))
+            })
+            .collect::<Result<_, ApiError>>()?
+    };
+    let timeout = match request.parameters.get("timeout") {
+        None => None,
+        Some(v) => Some(Duration::from_micros(v.as_u64().ok_or_else(|| {
+            ApiError::Unprocessable(format!(
+                "parameters.timeout must be a whole number of microseconds, got {v}"
+            ))
+        })?)),
+    };
+    Ok(DecodedRequest {
+        id: request.id,
+        inputs,
+        rows,
+        outputs,
+        timeout,
+    })
+}
+
+fn names(specs: &[TensorSpec]) -> String {
+    specs
+        .iter()
+        .map(|s| format!("{} {} {:?}", s.name, s.datatype, s.shape))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn flag(parameters: &Map<String, Value>, key: &str) -> Result<Option<bool>, ApiError> {
+    match parameters.get(key) {
+        None => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(*b)),
+        Some(other) => Err(ApiError::Unprocessable(format!(
+            "parameter {key} must be true or false, got {other}"
+        ))),
+    }
+}
+
+fn decode_input(
+    input: InputJson,
+    spec: &TensorSpec,
+    config: &ModelConfig,
+    binary: &mut Bytes,
+) -> Result<Tensor, ApiError> {
+    let name = &input.name;
+    let dtype = DataType::parse(&input.datatype).ok_or_else(|| {
+        ApiError::Unprocessable(format!(
+            "input \"{name}\": datatype \"{}\" is not supported (supported: {})",
+            input.datatype,
+            DataType::supported_names()
+        ))
+    })?;
+    if dtype != spec.datatype {
+        return Err(ApiError::Unprocessable(format!(
+            "input \"{name}\": datatype {dtype} given, model {} expects {}",
+            config.name, spec.datatype
+        )));
+    }
+    let shape = check_shape(name, &input.shape, spec, config)?;
+    let byte_len = shape
+        .iter()
+        .try_fold(dtype.size(), |acc, d| acc.checked_mul(*d))
+        .ok_or_else(|| ApiError::Unprocessable(format!("input \"{name}\": shape is too large")))?;
+    let binary_size = match input.parameters.get("binary_data_size") {
+        None => None,
+        Some(v) => Some(v.as_u64().ok_or_else(|| {
+            ApiError::Unprocessable(format!(
+                "input \"{name}\": binary_data_size must be a byte count, got {v}"
+            ))
+        })? as usize),
+    };
+    let data = match (binary_size, input.data) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::BadRequest(format!(
+                "input \"{name}\" has both \"data\" and binary_data_size"
+            )));
+        }
+        (None, None) => {
+            return Err(ApiError::Unprocessable(format!(
+                "input \"{name}\" has no data (give \"data\" or binary_data_size)"
+            )));
+        }
+        (Some(size), None) => {
+            if size != byte_len {
+                return Err(ApiError::Unprocessable(format!(
+                    "input \"{name}\": binary_data_size is {size} bytes, shape {:?} of {dtype} needs {byte_len}",
+                    input.shape
+                )));
+            }
+            if size > binary.len() {
+                return Err(ApiError::BadRequest(format!(
+                    "input \"{name}\": binary_data_size is {size} bytes but only {} remain in the body",
+                    binary.len()
+                )));
+            }
+            binary.split_to(size)
+        }
+        (None, Some(value)) => {
+            Bytes::from(json_to_bytes(&value, dtype, byte_len / dtype.size(), name)?)
+        }
+    };
+    Ok(Tensor { dtype, shape, data })
+}
+
+fn check_shape(
+    name: &str,
+    given: &[i64],
+    spec: &TensorSpec,
+    config: &ModelConfig,
+) -> Result<Vec<usize>, ApiError> {
+    let expected = spec.full_shape(config.batching());
+    let mismatch = || {
+        ApiError::Unprocessable(format!(
+            "input \"{name}\": shape {given:?} does not match the model's {expected:?}{}",
+            if config.batching() {
+                format!(
+                    " (first dimension is the batch, 1..={})",
+                    config.max_batch_size
+                )
+            } else {
+                String::new()
+            }
+        ))
+    };
+    if given.len() != expected.len() || given.iter().any(|d| *d < 1) {
+        return Err(mismatch());
+    }
+    if !given.iter().zip(&expected).all(|(g, e)| *e == -1 || g == e) {
+        return Err(mismatch());
+    }
+    if config.batching() && given[0] as usize > config.max_batch_size {
+        return Err(ApiError::Unprocessable(format!(
+            "input \"{name}\": batch size {} exceeds max_batch_size {} of model {}",
+            given[0], config.max_batch_size, config.name
+        )));
+    }
+    Ok(given.iter().map(|d| *d as usize).collect())
+}
+
+fn flatten<'a>(value: &'a Value, out: &mut Vec<&'a Value>) {
+    match value {
+        Value::Array(items) => items.iter().for_each(|item| flatten(item, out)),
+        other => out.push(other),
+    }
+}
+
+fn json_to_bytes(
+    value: &Value,
+    dtype: DataType,
+    count: usize,
+    name: &str,
+) -> Result<Vec<u8>, ApiError> {
+    let mut elements = Vec::with_capacity(count);
+    flatten(value, &mut elements);
+    if elements.len() != count {
+        return Err(ApiError::Unprocessable(format!(
+            "input \"{name}\": {} values given, its shape holds {count}",
+            elements.len()
+        )));
+    }
+    let mut out = Vec::with_capacity(count * dtype.size());
+    let bad = |v: &Value| {
+        ApiError::Unprocessable(format!(
+            "input \"{name}\": {v} is not a valid {dtype} value"
+        ))
+    };
+    macro_rules! integers {
+        ($t:ty) => {
+            for v in &elements {
+                let x = v
+                    .as_i64()
+                    .and_then(|i| <$t>::try_from(i).ok())
+                    .or_else(|| v.as_u64().and_then(|u| <$t>::try_from(u).ok()))
+                    .ok_or_else(|| bad(v))?;
+                out.extend_from_slice(&x.to_le_bytes());
+            }
+        };
+    }
+    match dtype {
+        DataType::Bool => {
+            for v in &elements {
+                out.push(v.as_bool().ok_or_else(|| bad(v))? as u8);
+            }
+        }
+        DataType::Uint8 => integers!(u8),
+        DataType::Uint16 => integers!(u16),
+        DataType::Uint32 => integers!(u32),
+        DataType::Uint64 => integers!(u64),
+        DataType::Int8 => integers!(i8),
+        DataType::Int16 => integers!(i16),
+        DataType::Int32 => integers!(i32),
+        DataType::Int64 => integers!(i64),
+        DataType::Fp32 => {
+            for v in &elements {
+                let x = v.as_f64().ok_or_else(|| bad(v))? as f32;
+                out.extend_from_slice(&x.to_le_bytes());
+            }
+        }
+        DataType::Fp64 => {
+            for v in &elements {
+                out.extend_from_slice(&v.as_f64().ok_or_else(|| bad(v))?.to_le_bytes());
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Serialises a tensor's payload as a flat JSON array without an intermediate `Value`.
+struct JsonData<'a>(&'a Tensor);
+
+impl Serialize for JsonData<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let tensor = self.0;
+        let size = tensor.dtype.size();
+        let mut seq = serializer.serialize_seq(Some(tensor.data.len() / size))?;
+        macro_rules! each {
+            ($t:ty, $n:literal) => {
+                for chunk in tensor.data.chunks_exact($n) {
+                    seq.serialize_element(&<$t>::from_le_bytes(chunk.try_into().unwrap()))?;
+                }
+            };
+        }
+        match tensor.dtype {
+            DataType::Bool => {
+                for b in tensor.data.iter() {
+                    seq.serialize_element(&(*b != 0))?;
+                }
+            }
+            DataType::Uint8 => each!(u8, 1),
+            DataType::Uint16 => each!(u16, 2),
+            DataType::Uint32 => each!(u32, 4),
+            DataType::Uint64 => each!(u64, 8),
+            DataType::Int8 => each!(i8, 1),
+            DataType::Int16 => each!(i16, 2),
+            DataType::Int32 => each!(i32, 4),
+            DataType::Int64 => each!(i64, 8),
+            DataType::Fp32 => each!(f32, 4),
+            DataType::Fp64 => each!(f64, 8),
+        }
+        seq.end()
+    }
+}
+
+#[derive(Serialize)]
+struct OutputJsonOut<'a> {
+    name: &'a str,
+    datatype: &'static str,
+    shape: &'a [usize],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parameters: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data: Option<JsonData<'a>>,
+}
+
+#[derive(Serialize)]
+struct InferResponseJson<'a> {
+    model_name: &'a str,
+    model_version: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<&'a str>,
+    outputs: Vec<OutputJsonOut<'a>>,
+}
+
+/// An encoded response body, with the JSON header length when binary outputs follow it.
+pub struct EncodedResponse {
+    pub body: Bytes,
+    pub header_length: Option<usize>,
+}
+
+/// `outputs` pairs each returned tensor with its spec and whether it goes back as binary.
+pub fn encode(
+    model: &str,
+    version: u64,
+    id: Option<&str>,
+    outputs: &[(&TensorSpec, &Tensor, bool)],
+) -> EncodedResponse {
+    let json = InferResponseJson {
+        model_name: model,
+        model_version: version.to_string(),
+        id,
+        outputs: outputs
+            .iter()
+            .map(|(spec, tensor, binary)| OutputJsonOut {
+                name: &spec.name,
+                datatype: tensor.dtype.name(),
+                shape: &tensor.shape,
+                parameters: binary
+                    .then(|| serde_json::json!({ "binary_data_size": tensor.data.len() })),
+                data: (!binary).then_some(JsonData(tensor)),
+            })
+            .collect(),
+    };
+    let header = serde_json::to_vec(&json).expect("response JSON serialises");
+    let binary_len: usize = outputs
+        .iter()
+        .filter(|(_, _, binary)| *binary)
+        .map(|(_, t, _)| t.data.len())
+        .sum();
+    if binary_len == 0 && outputs.iter().all(|(_, _, binary)| !binary) {
+        return EncodedResponse {
+            body: Bytes::from(header),
+            header_length: None,
+        };
+    }
+    let mut body = BytesMut::with_capacity(header.len() + binary_len);
+    body.put_slice(&header);
+    for (_, tensor, _) in outputs.iter().filter(|(_, _, binary)| *binary) {
+        body.put_slice(&tensor.data);
+    }
+    EncodedResponse {
+        body: body.freeze(),
+        header_length: Some(header.len()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> ModelConfig {
+        toml::from_str(
+            r#"
+            name = "m"
+            max_batch_size = 4
+            [[input]]
+            name = "x"
+            datatype = "FP32"
+            shape = [2]
+            [[input]]
+            name = "k"
+            datatype = "INT8"
+            shape = [-1]
+            [[output]]
+            name = "y"
+            datatype = "FP32"
+            shape = [2]
+            "#,
+        )
+        .unwrap()
+    }
+
+    fn json(body: &str) -> Result<DecodedRequest, ApiError> {
+        decode(Bytes::from(body.to_string()), None, &config())
+    }
+
+    #[test]
+    fn decodes_json_inputs_in_config_order() {
+        let decoded = json(
+            r#"{"id":"7","inputs":[
+                {"name":"k","shape":[2,3],"datatype":"INT8","data":[[1,2,3],[-4,5,6]]},
+                {"name":"x","shape":[2,2],"datatype":"FP32","data":[1,2.5,3,4]}],
+               "parameters":{"timeout":1500}}"#,
+        )
+        .unwrap();
+        assert_eq!(decoded.rows, 2);
+        assert_eq!(
+            decoded.inputs[0].to_f32_vec().unwrap(),
+            vec![1.0, 2.5, 3.0, 4.0]
+        );
+        assert_eq!(&decoded.inputs[1].data[..], &[1, 2, 3, 252, 5, 6]);
+        assert_eq!(decoded.outputs, vec![(0, false)]);
+        assert_eq!(decoded.timeout, Some(Duration::from_micros(1500)));
+    }
+
+    #[test]
+    fn decodes_binary_inputs_after_the_header() {
+        let header = r#"{"inputs":[
+            {"name":"x","shape":[1,2],"datatype":"FP32","parameters":{"binary_data_size":8}},
+            {"name":"k","shape":[1,1],"datatype":"INT8","parameters":{"binary_data_size":1}}],
+            "outputs":[{"name":"y","parameters":{"binary_data":true}}]}"#;
+        let mut body = header.as_bytes().to_vec();
+        body.extend_from_slice(bytemuck::cast_slice(&[0.5f32, -1.0]));
+        body.push(9);
+        let decoded = decode(Bytes::from(body), Some(header.len()), &config()).unwrap();
+        assert_eq!(decoded.inputs[0].to_f32_vec().unwrap(), vec![0.5, -1.0]);
+        assert_eq!(&decoded.inputs[1].data[..], &[9]);
+        assert_eq!(decoded.outputs, vec![(0, true)]);
+    }
+
+    #[test]
+    fn rejections_name_the_problem() {
+        let cases = [
+            (r#"{"inputs": ["#, "malformed"),
+            (
+                r#"{"inputs":[{"name":"z","shape":[1,2],"datatype":"FP32","data":[1,2]}]}"#,
+                "unknown input \"z\"",
+            ),
+            (
+                r#"{"inputs":[{"name":"x","shape":[1,2],"datatype":"FP16","data":[1,2]}]}"#,
+                "not supported",
+            ),
+            (
+                r#"{"inputs":[{"name":"x","shape":[1,2],"datatype":"INT32","data":[1,2]}]}"#,
+                "expects FP32",
+            ),
+            (
+                r#"{"inputs":[{"name":"x","shape":[1,3],"datatype":"FP32","data":[1,2,3]}]}"#,
+                "does not match",
+            ),
+            (
+                r#"{"inputs":[{"name":"x","shape":[9,2],"datatype":"FP32","data":[]}]}"#,
+                "exceeds max_batch_size",
+            ),
+            (
+                r#"{"inputs":[{"name":"x","shape":[1,2],"datatype":"FP32","data":[1]}]}"#,
+                "1 values given",
+            ),
+            (
+                r#"{"inputs":[{"name":"x","shape":[1,2],"datatype":"FP32","data":[1,"a"]}]}"#,
+                "not a valid FP32",
+            ),
+            (
+                r#"{"inputs":[{"name":"x","shape":[1,2],"datatype":"FP32","data":[1,2]}]}"#,
+                "missing input(s): k",
+            ),
+            (
+                r#"{"inputs":[{"name":"k","shape":[1,1],"datatype":"INT8","data":[300]}]}"#,
+                "not a valid INT8",
+            ),
+        ];
+        for (body, expected) in cases {
+            let error = json(body).unwrap_err().to_string();
+            assert!(error.contains(expected), "{body}: {error}");
+        }
+        let error = decode(Bytes::from_static(b"{}"), Some(10), &config()).unwrap_err();
+        assert!(matches!(error, ApiError::BadRequest(_)));
+    }
+
+    #[test]
+    fn encodes_json_and_binary_outputs() {
+        let spec = &config().outputs[0];
+        let tensor = Tensor::from_f32(vec![1, 2], &[1.5, -2.0]);
+        let text = encode("m", 1, Some("a"), &[(spec, &tensor, false)]);
+        assert_eq!(text.header_length, None);
+        let value: Value = serde_json::from_slice(&text.body).unwrap();
+        assert_eq!(value["outputs"][0]["data"], serde_json::json!([1.5, -2.0]));
+        assert_eq!(value["model_version"], "1");
+
+        let binary = encode("m", 1, None, &[(spec, &tensor, true)]);
+        let n = binary.header_length.unwrap();
+        let header: Value = serde_json::from_slice(&binary.body[..n]).unwrap();
+        assert_eq!(header["outputs"][0]["parameters"]["binary_data_size"], 8);
+        assert_eq!(
+            &binary.body[n..],
+            bytemuck::cast_slice::<f32, u8>(&[1.5, -2.0])
+        );
+    }
+}

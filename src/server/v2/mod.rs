@@ -1,0 +1,229 @@
+//! Open Inference Protocol (KServe v2) routes, as spoken by NVIDIA Triton, so `tritonclient`,
+//! `perf_analyzer` and KServe tooling work unchanged.
+
+pub mod codec;
+
+use std::time::{Duration, Instant};
+
+use actix_web::{HttpRequest, HttpResponse, web};
+use serde_json::json;
+
+use crate::engine::ServedModel;
+use crate::server::body::{media_type, read_limited};
+use crate::server::error::ApiError;
+use crate::server::state::AppState;
+
+/// Media types accepted on infer: JSON, the binary extension, and what curl sends by default.
+const INFER_MEDIA_TYPES: &[&str] = &[
+    "application/json",
+    "application/octet-stream",
+    "application/x-www-form-urlencoded",
+    "text/plain",
+];
+
+pub fn routes(config: &mut web::ServiceConfig) {
+    config
+        .route("/v2", web::get().to(server_metadata))
+        .route("/v2/health/live", web::get().to(live))
+        .route("/v2/health/ready", web::get().to(ready))
+        .route("/v2/repository/index", web::post().to(repository_index))
+        .route("/v2/models/{model}", web::get().to(model_metadata))
+        .route("/v2/models/{model}/ready", web::get().to(model_ready))
+        .route("/v2/models/{model}/config", web::get().to(model_config))
+        .route("/v2/models/{model}/infer", web::post().to(infer))
+        .route(
+            "/v2/models/{model}/versions/{version}",
+            web::get().to(model_metadata),
+        )
+        .route(
+            "/v2/models/{model}/versions/{version}/ready",
+            web::get().to(model_ready),
+        )
+        .route(
+            "/v2/models/{model}/versions/{version}/config",
+            web::get().to(model_config),
+        )
+        .route(
+            "/v2/models/{model}/versions/{version}/infer",
+            web::post().to(infer),
+        );
+}
+
+#[derive(serde::Deserialize)]
+struct ModelPath {
+    model: String,
+    version: Option<String>,
+}
+
+impl ModelPath {
+    fn resolve(&self, state: &AppState) -> Result<std::sync::Arc<ServedModel>, ApiError> {
+        state.model(&self.model, self.version.as_deref())
+    }
+}
+
+async fn server_metadata() -> HttpResponse {
+    HttpResponse::Ok().json(json!({
+        "name": "linescan",
+        "version": env!("CARGO_PKG_VERSION"),
+        "extensions": ["binary_tensor_data", "model_configuration", "model_repository"],
+    }))
+}
+
+async fn live() -> HttpResponse {
+    HttpResponse::Ok().json(json!({ "live": true }))
+}
+
+async fn ready(state: web::Data<AppState>) -> HttpResponse {
+    if state.ready() {
+        HttpResponse::Ok().json(json!({ "ready": true }))
+    } else {
+        HttpResponse::ServiceUnavailable()
+            .insert_header(("Retry-After", "1"))
+            .json(json!({ "ready": false, "error": "models are still loading" }))
+    }
+}
+
+async fn repository_index(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let index: Vec<_> = state
+        .registry()?
+        .models()
+        .map(|m| json!({ "name": m.name(), "version": m.spec.version.to_string(), "state": "READY" }))
+        .collect();
+    Ok(HttpResponse::Ok().json(index))
+}
+
+async fn model_metadata(
+    state: web::Data<AppState>,
+    path: web::Path<ModelPath>,
+) -> Result<HttpResponse, ApiError> {
+    let model = path.resolve(&state)?;
+    let config = &model.spec.config;
+    let versions: Vec<String> = state
+        .registry()?
+        .models()
+        .filter(|m| m.name() == model.name())
+        .map(|m| m.spec.version.to_string())
+        .collect();
+    let tensors = |specs: &[crate::runtime::model_config::TensorSpec]| {
+        specs
+            .iter()
+            .map(|s| json!({ "name": s.name, "datatype": s.datatype, "shape": s.full_shape(config.batching()) }))
+            .collect::<Vec<_>>()
+    };
+    Ok(HttpResponse::Ok().json(json!({
+        "name": config.name,
+        "versions": versions,
+        "platform": config.platform,
+        "inputs": tensors(&config.inputs),
+        "outputs": tensors(&config.outputs),
+    })))
+}
+
+async fn model_ready(
+    state: web::Data<AppState>,
+    path: web::Path<ModelPath>,
+) -> Result<HttpResponse, ApiError> {
+    let model = path.resolve(&state)?;
+    Ok(HttpResponse::Ok().json(json!({ "name": model.name(), "ready": true })))
+}
+
+async fn model_config(
+    state: web::Data<AppState>,
+    path: web::Path<ModelPath>,
+) -> Result<HttpResponse, ApiError> {
+    let model = path.resolve(&state)?;
+    let mut config =
+        serde_json::to_value(&*model.spec.config).map_err(|e| ApiError::Internal(e.to_string()))?;
+    config["execution_providers_loaded"] = json!(model.provider_names());
+    if let Some(labels) = &model.spec.labels {
+        config["label_names"] = json!(labels.as_slice());
+    }
+    Ok(HttpResponse::Ok().json(config))
+}
+
+async fn infer(
+    state: web::Data<AppState>,
+    path: web::Path<ModelPath>,
+    request: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let started = Instant::now();
+    let model = path.resolve(&state)?;
+    let config = &model.spec.config;
+    let version = model.spec.version.to_string();
+    let labels = [config.name.as_str(), version.as_str()];
+    let invalid = |error: ApiError| {
+        state.metrics.failure(
+            labels[0],
+            labels[1],
+            crate::metrics::FailureReason::InvalidInput,
+        );
+        error
+    };
+    if let Some(media) = media_type(&request).filter(|m| !INFER_MEDIA_TYPES.contains(&m.as_str())) {
+        return Err(invalid(ApiError::UnsupportedMediaType(format!(
+            "Content-Type {media} is not accepted on infer (use one of: {})",
+            INFER_MEDIA_TYPES.join(", ")
+        ))));
+    }
+    let header_length = match request.headers().get(codec::HEADER_LENGTH) {
+        None => None,
+        Some(value) => Some(
+            value
+                .to_str()
+                .ok()
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .ok_or_else(|| {
+                    invalid(ApiError::BadRequest(format!(
+                        "{} must be a byte count",
+                        codec::HEADER_LENGTH
+                    )))
+                })?,
+        ),
+    };
+    let body = read_limited(&request, payload, state.max_body_bytes)
+        .await
+        .map_err(invalid)?;
+    let decoded = codec::decode(body, header_length, config).map_err(invalid)?;
+    let timeout = decoded.timeout.unwrap_or(Duration::from_millis(
+        config.dynamic_batching.default_timeout_ms,
+    ));
+    let response = model
+        .batcher
+        .infer(decoded.inputs, decoded.rows, Instant::now() + timeout)
+        .await?;
+    let outputs: Vec<_> = decoded
+        .outputs
+        .iter()
+        .map(|(index, binary)| (&config.outputs[*index], &response.outputs[*index], *binary))
+        .collect();
+    let encoded = codec::encode(
+        &config.name,
+        model.spec.version,
+        decoded.id.as_deref(),
+        &outputs,
+    );
+    let mut reply = HttpResponse::Ok();
+    reply
+        .insert_header((
+            "X-Linescan-Queue-Us",
+            response.queue_time.as_micros().to_string(),
+        ))
+        .insert_header((
+            "X-Linescan-Compute-Us",
+            response.compute_time.as_micros().to_string(),
+        ))
+        .insert_header(("X-Linescan-Batch-Rows", response.batch_rows.to_string()));
+    match encoded.header_length {
+        Some(length) => reply
+            .insert_header((codec::HEADER_LENGTH, length.to_string()))
+            .content_type("application/octet-stream"),
+        None => reply.content_type("application/json"),
+    };
+    state
+        .metrics
+        .request_duration
+        .with_label_values(&labels)
+        .observe(started.elapsed().as_secs_f64());
+    Ok(reply.body(encoded.body))
+}

@@ -1,0 +1,228 @@
+//! Shared harness of the integration tests: a real `linescan serve` process on an ephemeral port,
+//! over a temporary model repository made from the bundled models.
+
+#![allow(dead_code)] // each test binary uses a different part of the harness
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_linescan");
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A temporary model repository holding copies of bundled models, configs edited per test.
+pub struct Repository {
+    pub dir: tempfile::TempDir,
+}
+
+impl Repository {
+    pub fn with_models(models: &[&str]) -> Repository {
+        let dir = tempfile::tempdir().expect("temp dir");
+        for model in models {
+            copy_dir(
+                &repo_root().join("models").join(model),
+                &dir.path().join(model),
+            );
+        }
+        Repository { dir }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Rewrites a key of the model's config.toml (first occurrence of `key = ...`).
+    pub fn set(&self, model: &str, key: &str, value: &str) -> &Repository {
+        let path = self.path().join(model).join("config.toml");
+        let text = std::fs::read_to_string(&path).expect("config");
+        let mut replaced = false;
+        let lines: Vec<String> = text
+            .lines()
+            .map(|line| {
+                let is_key = line.split('=').next().map(str::trim) == Some(key);
+                if is_key && !replaced {
+                    replaced = true;
+                    format!("{key} = {value}")
+                } else {
+                    line.to_string()
+                }
+            })
+            .collect();
+        assert!(replaced, "{key} not found in {}", path.display());
+        std::fs::write(&path, lines.join("\n") + "\n").expect("write config");
+        self
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("create dir");
+    for entry in std::fs::read_dir(from).expect("read model dir").flatten() {
+        let target = to.join(entry.file_name());
+        if entry.path().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).expect("copy file");
+        }
+    }
+}
+
+pub struct Server {
+    child: Child,
+    pub url: String,
+}
+
+impl Server {
+    /// Starts the server and waits until it is ready.
+    pub fn start(repository: &Path, extra: &[&str]) -> Server {
+        let server = Self::spawn(repository, extra);
+        server.wait_ready();
+        server
+    }
+
+    /// Starts the server and returns once it listens (not necessarily ready).
+    pub fn spawn(repository: &Path, extra: &[&str]) -> Server {
+        let mut child = Command::new(BIN)
+            .args(["serve", "--port", "0", "--model-repository"])
+            .arg(repository)
+            .args(extra)
+            .current_dir(repo_root())
+            .env("LINESCAN_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start linescan");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("read address");
+        let url = line
+            .trim()
+            .strip_prefix("linescan listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line: {line:?}"))
+            .to_string();
+        Server { child, url }
+    }
+
+    pub fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while Instant::now() < deadline {
+            if status_of(&self.url, "/v2/health/ready") == Some(200) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("server at {} not ready after 120 s", self.url);
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+
+    pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "server did not exit within {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The status of a GET, over a plain socket so polling needs no async runtime.
+pub fn status_of(base_url: &str, path: &str) -> Option<u16> {
+    use std::io::{Read, Write};
+    let address = base_url.strip_prefix("http://")?;
+    let mut stream = std::net::TcpStream::connect(address).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut head = [0u8; 12];
+    stream.read_exact(&mut head).ok()?;
+    std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
+}
+
+/// Runs `linescan` with arguments to completion.
+pub fn run_cli(args: &[&str]) -> std::process::Output {
+    Command::new(BIN)
+        .args(args)
+        .current_dir(repo_root())
+        .env("LINESCAN_LOG", "warn")
+        .output()
+        .expect("run linescan")
+}
+
+/// Random inputs for every model input at a batch size, as a v2 JSON request.
+pub fn json_request(metadata: &Value, batch: usize, seed: u64) -> Value {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let inputs: Vec<Value> = metadata["inputs"]
+        .as_array()
+        .expect("inputs")
+        .iter()
+        .map(|input| {
+            let shape = concrete_shape(&input["shape"], batch);
+            let count: usize = shape.iter().product();
+            let data: Vec<f32> = (0..count).map(|_| rng.f32()).collect();
+            json!({"name": input["name"], "datatype": input["datatype"], "shape": shape, "data": data})
+        })
+        .collect();
+    json!({ "inputs": inputs })
+}
+
+pub fn concrete_shape(shape: &Value, batch: usize) -> Vec<usize> {
+    shape
+        .as_array()
+        .expect("shape")
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            let d = d.as_i64().expect("dim");
+            if i == 0 && d == -1 {
+                batch
+            } else {
+                d.max(1) as usize
+            }
+        })
+        .collect()
+}
+
+/// Sum of a metric's samples whose labels contain every `label="value"` given.
+pub fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            l.split(['{', ' ']).next() == Some(name) && labels.iter().all(|label| l.contains(label))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}

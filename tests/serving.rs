@@ -1,0 +1,473 @@
+//! The serving core over real HTTP: Open Inference Protocol health, metadata and infer (JSON and
+//! binary), dynamic batching, overload (503), deadlines (504), bad input (4xx), graceful shutdown.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Repository, Server, json_request, metric};
+use serde_json::{Value, json};
+
+/// The bundled model the serving tests run (the AOI defect classifier).
+const MODEL: &str = "aoi_defect";
+
+async fn get_json(url: &str) -> (u16, Value) {
+    let response = reqwest::get(url).await.expect("GET");
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+async fn post_json(url: &str, body: &Value) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(url)
+        .json(body)
+        .send()
+        .await
+        .expect("POST")
+}
+
+async fn metadata(server: &Server) -> Value {
+    let (status, metadata) = get_json(&format!("{}/v2/models/{MODEL}", server.url)).await;
+    assert_eq!(status, 200, "{metadata}");
+    metadata
+}
+
+async fn metrics_text(server: &Server) -> String {
+    reqwest::get(format!("{}/metrics", server.url))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text")
+}
+
+fn infer_url(server: &Server) -> String {
+    format!("{}/v2/models/{MODEL}/infer", server.url)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn health_metadata_and_json_inference() {
+    let repository = Repository::with_models(&[MODEL]);
+    let server = Server::start(repository.path(), &[]);
+
+    assert_eq!(
+        get_json(&format!("{}/v2/health/live", server.url)).await.0,
+        200
+    );
+    assert_eq!(
+        get_json(&format!("{}/v2/health/ready", server.url)).await.0,
+        200
+    );
+    let (status, server_meta) = get_json(&format!("{}/v2", server.url)).await;
+    assert_eq!(status, 200);
+    assert_eq!(server_meta["name"], "linescan");
+    assert!(
+        server_meta["extensions"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("binary_tensor_data"))
+    );
+
+    let metadata = metadata(&server).await;
+    assert_eq!(metadata["name"], MODEL);
+    assert_eq!(
+        metadata["inputs"][0]["shape"][0], -1,
+        "batch dimension first"
+    );
+    let (status, _) = get_json(&format!(
+        "{}/v2/models/{MODEL}/versions/1/ready",
+        server.url
+    ))
+    .await;
+    assert_eq!(status, 200);
+    let (status, config) = get_json(&format!("{}/v2/models/{MODEL}/config", server.url)).await;
+    assert_eq!(status, 200);
+    assert!(config["max_batch_size"].as_u64().unwrap() >= 1);
+
+    let response = post_json(&infer_url(&server), &json_request(&metadata, 3, 1)).await;
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["model_name"], MODEL);
+    for (output, spec) in body["outputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(metadata["outputs"].as_array().unwrap())
+    {
+        assert_eq!(output["name"], spec["name"]);
+        assert_eq!(output["shape"][0], 3);
+        let expected: usize = common::concrete_shape(&spec["shape"], 3).iter().product();
+        assert_eq!(output["data"].as_array().unwrap().len(), expected);
+    }
+    // Class probabilities come out of a softmax: every row sums to one.
+    let probs: Vec<f64> = body["outputs"][0]["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    let classes = probs.len() / 3;
+    for row in probs.chunks(classes) {
+        assert!((row.iter().sum::<f64>() - 1.0).abs() < 1e-4, "{row:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn binary_tensors_give_the_same_answer_as_json() {
+    let repository = Repository::with_models(&[MODEL]);
+    let server = Server::start(repository.path(), &[]);
+    let metadata = metadata(&server).await;
+    let request = json_request(&metadata, 2, 7);
+    let json_body: Value = post_json(&infer_url(&server), &request)
+        .await
+        .json()
+        .await
+        .unwrap();
+
+    // Same inputs as binary blobs after the JSON header, outputs requested as binary.
+    let mut inputs = Vec::new();
+    let mut blobs = Vec::new();
+    for input in request["inputs"].as_array().unwrap() {
+        let values: Vec<f32> = input["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap() as f32)
+            .collect();
+        inputs.push(
+            json!({"name": input["name"], "datatype": "FP32", "shape": input["shape"],
+            "parameters": {"binary_data_size": values.len() * 4}}),
+        );
+        blobs.extend_from_slice(bytemuck::cast_slice(&values));
+    }
+    let header =
+        serde_json::to_vec(&json!({"inputs": inputs, "parameters": {"binary_data_output": true}}))
+            .unwrap();
+    let mut body = header.clone();
+    body.extend_from_slice(&blobs);
+    let response = reqwest::Client::new()
+        .post(infer_url(&server))
+        .header("Inference-Header-Content-Length", header.len().to_string())
+        .header("Content-Type", "application/octet-stream")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let header_length: usize = response.headers()["Inference-Header-Content-Length"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let bytes = response.bytes().await.unwrap();
+    let binary_header: Value = serde_json::from_slice(&bytes[..header_length]).unwrap();
+    let mut offset = header_length;
+    for (binary_output, json_output) in binary_header["outputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(json_body["outputs"].as_array().unwrap())
+    {
+        let size = binary_output["parameters"]["binary_data_size"]
+            .as_u64()
+            .unwrap() as usize;
+        let values: Vec<f32> = bytemuck::pod_collect_to_vec(&bytes[offset..offset + size]);
+        offset += size;
+        let expected: Vec<f32> = json_output["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap() as f32)
+            .collect();
+        assert_eq!(values, expected, "output {}", binary_output["name"]);
+    }
+    assert_eq!(offset, bytes.len());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_requests_form_batches_larger_than_one() {
+    let repository = Repository::with_models(&[MODEL]);
+    repository.set(MODEL, "max_queue_delay_us", "50000");
+    let server = Server::start(repository.path(), &[]);
+    let metadata = metadata(&server).await;
+    let requests = (0..16).map(|i| {
+        let body = json_request(&metadata, 1, i);
+        let url = infer_url(&server);
+        tokio::spawn(async move { post_json(&url, &body).await.status().as_u16() })
+    });
+    for request in requests.collect::<Vec<_>>() {
+        assert_eq!(request.await.unwrap(), 200);
+    }
+    let text = metrics_text(&server).await;
+    let model = format!("model=\"{MODEL}\"");
+    let inferences = metric(&text, "linescan_inference_count_total", &[&model]);
+    let executions = metric(&text, "linescan_inference_exec_count_total", &[&model]);
+    let rows = metric(&text, "linescan_batch_size_sum", &[&model]);
+    let batches = metric(&text, "linescan_batch_size_count", &[&model]);
+    assert_eq!(inferences, 16.0, "{text}");
+    assert!(
+        executions < 16.0,
+        "16 requests ran in {executions} executions"
+    );
+    assert!(rows / batches > 1.0, "mean batch {}", rows / batches);
+    assert_eq!(
+        metric(&text, "linescan_inference_request_success_total", &[&model]),
+        16.0
+    );
+    assert!(text.contains("linescan_queue_duration_seconds_bucket"));
+    assert!(text.contains("linescan_compute_duration_seconds_bucket"));
+    assert!(text.contains("linescan_request_duration_seconds_bucket"));
+    assert!(text.contains("linescan_queue_depth"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_queue_answers_503_with_retry_after() {
+    let repository = Repository::with_models(&[MODEL]);
+    repository.set(MODEL, "max_queue_size", "1");
+    let server = Server::start(repository.path(), &["--instances", "1", "--threads", "1"]);
+    let metadata = metadata(&server).await;
+    let max_batch = {
+        let (_, config) = get_json(&format!("{}/v2/models/{MODEL}/config", server.url)).await;
+        config["max_batch_size"].as_u64().unwrap() as usize
+    };
+    // Large requests keep the single worker busy while many more arrive.
+    let body = json_request(&metadata, max_batch, 3);
+    let requests: Vec<_> = (0..48)
+        .map(|_| {
+            let body = body.clone();
+            let url = infer_url(&server);
+            tokio::spawn(async move {
+                let response = post_json(&url, &body).await;
+                let status = response.status().as_u16();
+                let retry_after = response
+                    .headers()
+                    .get("Retry-After")
+                    .map(|v| v.to_str().unwrap().to_string());
+                let body: Value = response.json().await.unwrap_or(Value::Null);
+                (status, retry_after, body)
+            })
+        })
+        .collect();
+    let mut ok = 0;
+    let mut refused = 0;
+    for request in requests {
+        let (status, retry_after, body) = request.await.unwrap();
+        match status {
+            200 => ok += 1,
+            503 => {
+                refused += 1;
+                assert_eq!(retry_after.as_deref(), Some("1"));
+                assert!(body["error"].as_str().unwrap().contains("queue"), "{body}");
+            }
+            other => panic!("unexpected status {other}: {body}"),
+        }
+    }
+    assert!(ok >= 1 && refused >= 1, "{ok} ok, {refused} refused");
+    let text = metrics_text(&server).await;
+    assert_eq!(
+        metric(
+            &text,
+            "linescan_inference_request_failure_total",
+            &["reason=\"queue_full\""]
+        ),
+        refused as f64
+    );
+    assert_eq!(
+        common::status_of(&server.url, "/v2/health/ready"),
+        Some(200)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_passed_deadline_answers_504() {
+    let repository = Repository::with_models(&[MODEL]);
+    let server = Server::start(repository.path(), &[]);
+    let metadata = metadata(&server).await;
+    let mut body = json_request(&metadata, 1, 5);
+    body["parameters"] = json!({"timeout": 1});
+    let response = post_json(&infer_url(&server), &body).await;
+    assert_eq!(response.status(), 504);
+    let error: Value = response.json().await.unwrap();
+    assert!(
+        error["error"].as_str().unwrap().contains("deadline"),
+        "{error}"
+    );
+    let text = metrics_text(&server).await;
+    assert_eq!(
+        metric(
+            &text,
+            "linescan_inference_request_failure_total",
+            &["reason=\"timeout\""]
+        ),
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_requests_get_the_right_4xx_and_the_server_stays_healthy() {
+    let repository = Repository::with_models(&[MODEL]);
+    let server = Server::start(repository.path(), &["--max-body-bytes", "200000"]);
+    let metadata = metadata(&server).await;
+    let client = reqwest::Client::new();
+    let url = infer_url(&server);
+    let good = json_request(&metadata, 1, 9);
+    let input = &metadata["inputs"][0];
+
+    let mut wrong_shape = good.clone();
+    wrong_shape["inputs"][0]["shape"] = json!([1, 1]);
+    let mut wrong_dtype = good.clone();
+    wrong_dtype["inputs"][0]["datatype"] = json!("INT32");
+    let mut unknown_output = good.clone();
+    unknown_output["outputs"] = json!([{"name": "nope"}]);
+    let mut too_many = good.clone();
+    too_many["inputs"][0]["data"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!(1.0));
+
+    let cases: Vec<(reqwest::RequestBuilder, u16, String)> = vec![
+        (
+            client
+                .post(&url)
+                .body("{\"inputs\": [")
+                .header("Content-Type", "application/json"),
+            400,
+            "malformed".into(),
+        ),
+        (client.post(&url).json(&wrong_shape), 422, "shape".into()),
+        (
+            client.post(&url).json(&wrong_dtype),
+            422,
+            "datatype INT32".into(),
+        ),
+        (
+            client.post(&url).json(&unknown_output),
+            422,
+            "unknown output".into(),
+        ),
+        (
+            client.post(&url).json(&too_many),
+            422,
+            "values given".into(),
+        ),
+        (
+            client.post(&url).json(&json!({"inputs": []})),
+            422,
+            format!("missing input(s): {}", input["name"].as_str().unwrap()),
+        ),
+        (
+            client
+                .post(format!("{}/v2/models/nope/infer", server.url))
+                .json(&good),
+            404,
+            "nope".into(),
+        ),
+        (
+            client
+                .post(format!("{}/v2/models/{MODEL}/versions/9/infer", server.url))
+                .json(&good),
+            404,
+            "version 9".into(),
+        ),
+        (
+            client
+                .post(&url)
+                .body(vec![b' '; 300_000])
+                .header("Content-Type", "application/json"),
+            413,
+            "exceeds the limit".into(),
+        ),
+        (
+            client
+                .post(&url)
+                .body("x")
+                .header("Content-Type", "image/png"),
+            415,
+            "image/png".into(),
+        ),
+        (
+            client.get(format!("{}/v3/unknown", server.url)),
+            404,
+            "no route".into(),
+        ),
+    ];
+    for (request, status, message) in cases {
+        let response = request.send().await.unwrap();
+        assert_eq!(
+            response.status().as_u16(),
+            status,
+            "expected {status} for {message}"
+        );
+        let body: Value = response.json().await.unwrap();
+        let error = body["error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no error field: {body}"));
+        assert!(
+            error.contains(&message),
+            "{status}: {error:?} lacks {message:?}"
+        );
+    }
+    // Still healthy and serving.
+    assert_eq!(
+        common::status_of(&server.url, "/v2/health/ready"),
+        Some(200)
+    );
+    assert_eq!(post_json(&url, &good).await.status(), 200);
+    let text = metrics_text(&server).await;
+    assert!(
+        metric(
+            &text,
+            "linescan_inference_request_failure_total",
+            &["reason=\"invalid_input\""]
+        ) >= 6.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_finishes_in_flight_requests_then_exits() {
+    let repository = Repository::with_models(&[MODEL]);
+    // Requests wait up to 400 ms for company, so they are still in flight when SIGTERM lands.
+    repository.set(MODEL, "max_queue_delay_us", "400000");
+    let mut server = Server::start(repository.path(), &["--instances", "1"]);
+    let metadata = metadata(&server).await;
+    let requests: Vec<_> = (0..4)
+        .map(|i| {
+            let body = json_request(&metadata, 1, i);
+            let url = infer_url(&server);
+            tokio::spawn(async move { post_json(&url, &body).await.status().as_u16() })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    server.terminate();
+    for request in requests {
+        assert_eq!(
+            request.await.unwrap(),
+            200,
+            "in-flight request lost at shutdown"
+        );
+    }
+    let status = server.wait_exit(Duration::from_secs(20));
+    assert!(status.success(), "exit status {status:?}");
+    assert_eq!(
+        common::status_of(&server.url, "/v2/health/live"),
+        None,
+        "still accepting"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn api_key_guards_everything_but_probes_and_metrics() {
+    let repository = Repository::with_models(&[MODEL]);
+    let server = Server::start(repository.path(), &["--api-key", "k3y"]);
+    let client = reqwest::Client::new();
+    let model_url = format!("{}/v2/models/{MODEL}", server.url);
+    assert_eq!(client.get(&model_url).send().await.unwrap().status(), 401);
+    let authorised = client
+        .get(&model_url)
+        .bearer_auth("k3y")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(authorised.status(), 200);
+    assert_eq!(common::status_of(&server.url, "/metrics"), Some(200));
+}

@@ -1,0 +1,96 @@
+//! Start-up checks: a broken repository stops the server with a message naming the file and the
+//! problem; `models list|check` describe what would serve.
+
+mod common;
+
+use common::{Repository, run_cli};
+
+const MODEL: &str = "aoi_defect";
+
+fn serve_error(repository: &Repository) -> String {
+    let output = run_cli(&[
+        "serve",
+        "--port",
+        "0",
+        "--model-repository",
+        repository.path().to_str().unwrap(),
+    ]);
+    assert!(
+        !output.status.success(),
+        "server started on a broken repository"
+    );
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[test]
+fn invalid_config_names_file_and_problem() {
+    let repository = Repository::with_models(&[MODEL]);
+    repository.set(MODEL, "max_batch_size", "\"lots\"");
+    let error = serve_error(&repository);
+    assert!(error.contains("config.toml"), "{error}");
+    assert!(error.contains("max_batch_size"), "{error}");
+}
+
+#[test]
+fn config_that_disagrees_with_the_graph_fails_at_start() {
+    let repository = Repository::with_models(&[MODEL]);
+    repository.set(MODEL, "datatype", "\"INT64\"");
+    let error = serve_error(&repository);
+    assert!(error.contains(MODEL), "{error}");
+    assert!(error.contains("INT64"), "{error}");
+}
+
+#[test]
+fn unloadable_provider_is_an_error_not_a_silent_cpu_fallback() {
+    let repository = Repository::with_models(&[MODEL]);
+    let output = run_cli(&[
+        "models",
+        "check",
+        "--providers",
+        "cuda",
+        "--model-repository",
+        repository.path().to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    if output.status.success() {
+        // A CUDA-capable ONNX Runtime on a GPU machine: then it must report cuda.
+        assert!(String::from_utf8_lossy(&output.stdout).contains("provider=cuda"));
+    } else {
+        assert!(stderr.contains("cuda"), "{stderr}");
+    }
+}
+
+#[test]
+fn missing_model_file_and_empty_repository_are_reported() {
+    let repository = Repository::with_models(&[MODEL]);
+    std::fs::remove_file(repository.path().join(MODEL).join("1").join("model.onnx")).unwrap();
+    assert!(serve_error(&repository).contains("no versions"));
+    let empty = tempfile::tempdir().unwrap();
+    let output = run_cli(&[
+        "models",
+        "list",
+        "--model-repository",
+        empty.path().to_str().unwrap(),
+    ]);
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("no models"));
+}
+
+#[test]
+fn models_list_and_check_describe_the_bundled_repository() {
+    let list = run_cli(&["models", "list"]);
+    assert!(
+        list.status.success(),
+        "{}",
+        String::from_utf8_lossy(&list.stderr)
+    );
+    let text = String::from_utf8_lossy(&list.stdout);
+    assert!(text.contains(MODEL), "{text}");
+    let check = run_cli(&["models", "check", "--providers", "cpu"]);
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    assert!(String::from_utf8_lossy(&check.stdout).contains(&format!("ok  {MODEL}")));
+}
