@@ -22,8 +22,7 @@ fn random_inputs(registry: &ModelRegistry, rows: usize, seed: u64) -> Vec<Tensor
         .inputs
         .iter()
         .map(|input| {
-            let mut shape = vec![rows];
-            shape.extend(input.shape.iter().map(|d| (*d).max(1) as usize));
+            let shape = input.concrete_shape(true, rows);
             let values: Vec<f32> = (0..shape.iter().product()).map(|_| rng.f32()).collect();
             Tensor::from_f32(shape, &values)
         })

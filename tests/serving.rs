@@ -5,17 +5,11 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Repository, Server, json_request, metric};
+use common::{Repository, Server, get_json, json_request, metric};
 use serde_json::{Value, json};
 
 /// The bundled model the serving tests run (the AOI defect classifier).
 const MODEL: &str = "aoi_defect";
-
-async fn get_json(url: &str) -> (u16, Value) {
-    let response = reqwest::get(url).await.expect("GET");
-    let status = response.status().as_u16();
-    (status, response.json().await.unwrap_or(Value::Null))
-}
 
 async fn post_json(url: &str, body: &Value) -> reqwest::Response {
     reqwest::Client::new()
@@ -230,14 +224,19 @@ async fn a_full_queue_answers_503_with_retry_after() {
         let (_, config) = get_json(&format!("{}/v2/models/{MODEL}/config", server.url)).await;
         config["max_batch_size"].as_u64().unwrap() as usize
     };
-    // Large requests keep the single worker busy while many more arrive.
-    let body = json_request(&metadata, max_batch, 3);
+    // Large binary requests (cheap to send, slow to run) keep the single worker busy while many
+    // more arrive.
+    let (body, header_length) = common::binary_request(&metadata, max_batch, 3);
+    let client = reqwest::Client::new();
     let requests: Vec<_> = (0..48)
         .map(|_| {
-            let body = body.clone();
-            let url = infer_url(&server);
+            let request = client
+                .post(infer_url(&server))
+                .header("Inference-Header-Content-Length", header_length.to_string())
+                .header("Content-Type", "application/octet-stream")
+                .body(body.clone());
             tokio::spawn(async move {
-                let response = post_json(&url, &body).await;
+                let response = request.send().await.expect("POST");
                 let status = response.status().as_u16();
                 let retry_after = response
                     .headers()
@@ -306,7 +305,7 @@ async fn a_passed_deadline_answers_504() {
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_requests_get_the_right_4xx_and_the_server_stays_healthy() {
     let repository = Repository::with_models(&[MODEL]);
-    let server = Server::start(repository.path(), &["--max-body-bytes", "200000"]);
+    let server = Server::start(repository.path(), &["--max-body-bytes", "2000000"]);
     let metadata = metadata(&server).await;
     let client = reqwest::Client::new();
     let url = infer_url(&server);
@@ -372,7 +371,7 @@ async fn bad_requests_get_the_right_4xx_and_the_server_stays_healthy() {
         (
             client
                 .post(&url)
-                .body(vec![b' '; 300_000])
+                .body(vec![b' '; 3_000_000])
                 .header("Content-Type", "application/json"),
             413,
             "exceeds the limit".into(),
@@ -393,12 +392,10 @@ async fn bad_requests_get_the_right_4xx_and_the_server_stays_healthy() {
     ];
     for (request, status, message) in cases {
         let response = request.send().await.unwrap();
-        assert_eq!(
-            response.status().as_u16(),
-            status,
-            "expected {status} for {message}"
-        );
-        let body: Value = response.json().await.unwrap();
+        let got = response.status().as_u16();
+        let text = response.text().await.unwrap_or_default();
+        assert_eq!(got, status, "expected {status} for {message}: {text:?}");
+        let body: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
         let error = body["error"]
             .as_str()
             .unwrap_or_else(|| panic!("no error field: {body}"));

@@ -94,3 +94,17 @@ fn models_list_and_check_describe_the_bundled_repository() {
     );
     assert!(String::from_utf8_lossy(&check.stdout).contains(&format!("ok  {MODEL}")));
 }
+
+#[test]
+fn defect_model_that_does_not_fit_the_pipeline_fails_at_start() {
+    let repository = Repository::with_models(&[MODEL]);
+    // Crops of a different size than the graph takes: [preprocessing] disagrees with the input.
+    repository
+        .set(MODEL, "crop_size", "32")
+        .set(MODEL, "crop_window", "64");
+    let error = serve_error(&repository);
+    assert!(
+        error.contains("crop_size") && error.contains("[3, 32, 32]"),
+        "{error}"
+    );
+}

@@ -4,10 +4,12 @@
 
 /// Threshold t in [0, 254] (foreground = pixel > t), or `fallback` for a constant image.
 pub fn otsu_threshold(gray: &[u8], fallback: u8) -> u8 {
-    let mut histogram = [0i128; 256];
+    let mut counts = [0u64; 256];
     for pixel in gray {
-        histogram[*pixel as usize] += 1;
+        counts[*pixel as usize] += 1;
     }
+    // Exact integer sums; i128 keeps N * s(t) exact for any allowed image size.
+    let histogram = counts.map(|c| c as i128);
     let total: i128 = gray.len() as i128;
     let sum_all: i128 = histogram
         .iter()
@@ -17,9 +19,9 @@ pub fn otsu_threshold(gray: &[u8], fallback: u8) -> u8 {
     let (mut count, mut sum) = (0i128, 0i128);
     let mut best: Option<f64> = None;
     let (mut first, mut last) = (0usize, 0usize);
-    for t in 0..255usize {
-        count += histogram[t];
-        sum += histogram[t] * t as i128;
+    for (t, h) in histogram.iter().enumerate().take(255) {
+        count += h;
+        sum += h * t as i128;
         if count <= 0 || count >= total {
             continue;
         }

@@ -25,9 +25,8 @@ impl BitImage {
         assert_eq!(gray.len(), width * height, "gray buffer size");
         let mut image = BitImage::new(width, height);
         for (y, row) in gray.chunks_exact(width).enumerate() {
-            let words = image.row_mut(y);
-            for (x, pixel) in row.iter().enumerate() {
-                words[x / 64] |= ((*pixel > threshold) as u64) << (x % 64);
+            for (word, pixels) in image.row_mut(y).iter_mut().zip(row.chunks(64)) {
+                *word = pack_above(pixels, threshold);
             }
         }
         image
@@ -92,10 +91,25 @@ impl BitImage {
             dy.max(0) as usize,
             (height as isize + dy.min(0)).max(0) as usize,
         );
-        for y in y0..y1 {
-            for x in x0..x1 {
-                valid.set(x, y);
+        if x0 >= x1 {
+            return valid;
+        }
+        let mut row = vec![0u64; valid.words_per_row];
+        for (i, word) in row.iter_mut().enumerate() {
+            let (lo, hi) = (i * 64, i * 64 + 64);
+            let (from, to) = (x0.max(lo), x1.min(hi));
+            if from < to {
+                let bits = to - from;
+                let mask = if bits == 64 {
+                    u64::MAX
+                } else {
+                    (1u64 << bits) - 1
+                };
+                *word = mask << (from - lo);
             }
+        }
+        for y in y0..y1 {
+            valid.row_mut(y).copy_from_slice(&row);
         }
         valid
     }
@@ -193,6 +207,33 @@ impl BitImage {
         }
         result
     }
+}
+
+/// Bit i set where `pixels[i] > threshold` (at most 64 pixels).
+fn pack_above(pixels: &[u8], threshold: u8) -> u64 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if pixels.len() == 64 {
+            // SSE2 is part of x86_64: 16 unsigned compares and one movemask per 16 pixels.
+            use std::arch::x86_64::*;
+            let mut word = 0u64;
+            // SAFETY: SSE2 is always available on x86_64; loads are unaligned and in bounds.
+            unsafe {
+                let bias = _mm_set1_epi8(i8::MIN);
+                let limit = _mm_xor_si128(_mm_set1_epi8(threshold as i8), bias);
+                for k in 0..4 {
+                    let chunk = _mm_loadu_si128(pixels.as_ptr().add(16 * k) as *const __m128i);
+                    let above = _mm_cmpgt_epi8(_mm_xor_si128(chunk, bias), limit);
+                    word |= (_mm_movemask_epi8(above) as u16 as u64) << (16 * k);
+                }
+            }
+            return word;
+        }
+    }
+    pixels
+        .iter()
+        .enumerate()
+        .fold(0u64, |w, (i, p)| w | (((*p > threshold) as u64) << i))
 }
 
 fn last_word_mask(width: usize) -> u64 {
@@ -295,6 +336,22 @@ mod tests {
     fn threshold_packs_pixels_above() {
         let image = BitImage::from_threshold(&[0, 200, 128, 127, 255, 10], 3, 2, 127);
         assert_eq!(to_rows(&image), vec![".##", ".#."]);
+    }
+
+    #[test]
+    fn packed_threshold_matches_the_scalar_rule() {
+        let mut rng = fastrand::Rng::with_seed(5);
+        let gray: Vec<u8> = (0..130 * 3).map(|_| rng.u8(..)).collect();
+        for threshold in [0u8, 1, 127, 128, 200, 254, 255] {
+            let image = BitImage::from_threshold(&gray, 130, 3, threshold);
+            for (i, pixel) in gray.iter().enumerate() {
+                assert_eq!(
+                    image.get(i % 130, i / 130),
+                    *pixel > threshold,
+                    "t {threshold} i {i}"
+                );
+            }
+        }
     }
 
     #[test]

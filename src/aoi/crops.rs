@@ -22,30 +22,72 @@ pub fn make_crops(
     out: &mut Vec<f32>,
 ) {
     let size = params.crop_size;
-    let scale = params.crop_scale as isize;
-    let norm = (params.crop_scale * params.crop_scale) as f32;
-    let (width, height) = (channels[0].width() as isize, channels[0].height() as isize);
+    let scale = params.crop_scale;
+    let norm = (scale * scale) as f32;
+    let height = channels[0].height() as isize;
+    let window_words = params.crop_window.div_ceil(64);
+    let mut window_row = vec![0u64; window_words];
+    let mut sums = vec![0u32; size];
     out.reserve(candidates.len() * channels.len() * size * size);
     for candidate in candidates {
         let (x0, y0) = crop_origin(candidate, params);
         for image in channels {
-            for i in 0..size as isize {
-                for j in 0..size as isize {
-                    let mut sum = 0u32;
-                    for by in 0..scale {
-                        let y = y0 + scale * i + by;
-                        if y < 0 || y >= height {
-                            continue;
-                        }
-                        for bx in 0..scale {
-                            let x = x0 + scale * j + bx;
-                            if x >= 0 && x < width && image.get(x as usize, y as usize) {
-                                sum += 1;
-                            }
-                        }
+            for i in 0..size {
+                sums.fill(0);
+                for by in 0..scale as isize {
+                    let y = y0 + (scale * i) as isize + by;
+                    if y < 0 || y >= height {
+                        continue;
                     }
-                    out.push(sum as f32 / norm);
+                    let row = image.row(y as usize);
+                    for (k, word) in window_row.iter_mut().enumerate() {
+                        *word = bits_at(row, x0 + 64 * k as isize);
+                    }
+                    add_block_counts(&window_row, scale, &mut sums);
                 }
+                out.extend(sums.iter().map(|s| *s as f32 / norm));
+            }
+        }
+    }
+}
+
+/// 64 pixels of a packed row starting at `start` (which may lie outside), zero outside the row.
+fn bits_at(row: &[u64], start: isize) -> u64 {
+    let word = start.div_euclid(64);
+    let offset = start.rem_euclid(64) as u32;
+    let at = |i: isize| {
+        if i < 0 {
+            0
+        } else {
+            row.get(i as usize).copied().unwrap_or(0)
+        }
+    };
+    let (lo, hi) = (at(word), at(word + 1));
+    if offset == 0 {
+        lo
+    } else {
+        (lo >> offset) | (hi << (64 - offset))
+    }
+}
+
+/// Adds the set pixels of each `scale`-wide block of one window row to `sums`.
+fn add_block_counts(window_row: &[u64], scale: usize, sums: &mut [u32]) {
+    if 64 % scale == 0 {
+        let mask = if scale == 64 {
+            u64::MAX
+        } else {
+            (1u64 << scale) - 1
+        };
+        let per_word = 64 / scale;
+        for (word, block_sums) in window_row.iter().zip(sums.chunks_mut(per_word)) {
+            for (f, sum) in block_sums.iter_mut().enumerate() {
+                *sum += ((word >> (f * scale)) & mask).count_ones();
+            }
+        }
+    } else {
+        for (j, sum) in sums.iter_mut().enumerate() {
+            for x in j * scale..(j + 1) * scale {
+                *sum += ((window_row[x / 64] >> (x % 64)) & 1) as u32;
             }
         }
     }
@@ -54,6 +96,25 @@ pub fn make_crops(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn word_reads_match_pixel_reads_anywhere() {
+        let mut rng = fastrand::Rng::with_seed(11);
+        let mut image = BitImage::new(200, 3);
+        for x in 0..200 {
+            if rng.bool() {
+                image.set(x, 1);
+            }
+        }
+        for start in [-130isize, -64, -5, 0, 3, 63, 64, 150, 199, 250] {
+            let word = bits_at(image.row(1), start);
+            for bit in 0..64isize {
+                let x = start + bit;
+                let expected = (0..200).contains(&x) && image.get(x as usize, 1);
+                assert_eq!((word >> bit) & 1 == 1, expected, "start {start} bit {bit}");
+            }
+        }
+    }
 
     #[test]
     fn window_is_centred_averaged_and_zero_padded() {

@@ -15,6 +15,7 @@ pub mod evaluation;
 pub mod image_io;
 pub mod params;
 pub mod pipeline;
+pub mod synthetic;
 pub mod templates;
 
 use std::path::Path;

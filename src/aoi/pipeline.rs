@@ -18,7 +18,7 @@ use crate::aoi::image_io::{GrayImage, ImageError, decode_gray};
 use crate::aoi::params::PipelineParams;
 use crate::engine::{InferError, ModelRegistry, ServedModel};
 use crate::metrics::Metrics;
-use crate::tensor::Tensor;
+use crate::tensor::{DataType, Tensor};
 
 /// The bundled defect classifier.
 pub const DEFECT_MODEL: &str = "aoi_defect";
@@ -64,7 +64,7 @@ impl PreparedTemplate {
 }
 
 /// Milliseconds per stage of one inspection.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
 pub struct StageTimings {
     pub decode: f64,
     pub binarize: f64,
@@ -177,6 +177,40 @@ pub fn prepare_board(
     })
 }
 
+/// The classifier must take the crops the pipeline makes and return what detections need.
+fn check_signature(
+    config: &crate::runtime::ModelConfig,
+    params: &PipelineParams,
+) -> Result<(), AoiError> {
+    let expected_input = vec![
+        params.channels.len() as i64,
+        params.crop_size as i64,
+        params.crop_size as i64,
+    ];
+    let problem = match (config.inputs.as_slice(), config.batching()) {
+        ([input], true) if input.shape == expected_input && input.datatype == DataType::Fp32 => {
+            [("class_probs", 7i64), ("boxes", 4)]
+                .iter()
+                .find(|(name, width)| {
+                    !config.outputs.iter().any(|o| {
+                        o.name == *name && o.shape == [*width] && o.datatype == DataType::Fp32
+                    })
+                })
+                .map(|(name, width)| format!("needs an FP32 output \"{name}\" of shape [{width}]"))
+        }
+        _ => Some(format!(
+            "needs one FP32 input of shape {expected_input:?} (channels x crop_size x crop_size \
+             from [preprocessing]) and max_batch_size > 0"
+        )),
+    };
+    match problem {
+        Some(problem) => Err(AoiError::Setup(format!(
+            "{DEFECT_MODEL}/config.toml: the model {problem}"
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// The result of inspecting one board.
 #[derive(Debug, Clone, Serialize)]
 pub struct Inspection {
@@ -207,6 +241,7 @@ impl Inspector {
         })?;
         let params = PipelineParams::from_table(model.spec.config.preprocessing.as_ref())
             .map_err(|e| AoiError::Setup(format!("{DEFECT_MODEL}/config.toml: {e}")))?;
+        check_signature(&model.spec.config, &params)?;
         Ok(Inspector {
             model,
             params,
@@ -283,11 +318,9 @@ impl Inspector {
         let chunk_rows = config.max_batch_size.max(1);
         let deadline =
             Instant::now() + Duration::from_millis(config.dynamic_batching.default_timeout_ms);
-        let item_shape: Vec<usize> = config.inputs[0].shape.iter().map(|d| *d as usize).collect();
         let calls = board.crops.chunks(chunk_rows * per_crop).map(|chunk| {
             let rows = chunk.len() / per_crop;
-            let mut shape = vec![rows];
-            shape.extend(&item_shape);
+            let shape = config.inputs[0].concrete_shape(true, rows);
             self.model
                 .batcher
                 .infer(vec![Tensor::from_f32(shape, chunk)], rows, deadline)

@@ -43,14 +43,7 @@ pub fn run(plan: &InProcessPlan<'_>) -> anyhow::Result<Report> {
     let shapes: Vec<Vec<usize>> = config
         .inputs
         .iter()
-        .map(|input| {
-            let mut shape = Vec::new();
-            if config.batching() {
-                shape.push(plan.batch);
-            }
-            shape.extend(input.shape.iter().map(|d| (*d).max(1) as usize));
-            shape
-        })
+        .map(|input| input.concrete_shape(config.batching(), plan.batch))
         .collect();
     let mut rng = fastrand::Rng::with_seed(7);
     let buffers: Vec<Vec<u8>> = config

@@ -1,5 +1,6 @@
 //! `linescan bench`: load generation against a running server and in-process baselines.
 
+pub mod aoi;
 pub mod infer;
 pub mod inprocess;
 pub mod load;
@@ -17,6 +18,32 @@ pub enum BenchCommand {
     Infer(InferArgs),
     /// Run a model in-process with ONNX Runtime at a fixed batch size (the baseline for `infer`).
     Inprocess(InProcessArgs),
+    /// Stream board images through AOI inspection, over HTTP (templates registered first) or
+    /// in-process; real DeepPCB-format pairs with --list/--root, synthetic boards without.
+    Aoi(AoiArgs),
+}
+
+#[derive(Args)]
+pub struct AoiArgs {
+    /// Server base URL; without --in-process the boards go over HTTP.
+    #[arg(long, env = "LINESCAN_URL", default_value = "http://127.0.0.1:8000")]
+    pub url: String,
+    /// Run the pipeline in this process instead (loads the aoi_defect model).
+    #[arg(long)]
+    pub in_process: bool,
+    /// DeepPCB-format list (`groupX/X/ID.jpg groupX/X_not/ID.txt` lines).
+    #[arg(long)]
+    pub list: Option<PathBuf>,
+    /// Data root of the list.
+    #[arg(long)]
+    pub root: Option<PathBuf>,
+    /// Boards used (read into memory before measuring).
+    #[arg(long, default_value_t = 200)]
+    pub boards: usize,
+    #[command(flatten)]
+    pub models: crate::config::ModelArgs,
+    #[command(flatten)]
+    pub load: LoadArgs,
 }
 
 #[derive(Args)]
@@ -129,6 +156,28 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
             .await?;
             Ok(Arc::new(workload) as Arc<dyn load::Workload>)
         }),
+        BenchCommand::Aoi(args) => {
+            let boards = aoi::load_boards(args.list.as_deref(), args.root.as_deref(), args.boards)?;
+            if args.in_process {
+                let (registry, inspector) =
+                    crate::cli::aoi::load_inspector(&args.models, u64::MAX)?;
+                let outcome = args.load.execute(async || {
+                    Ok(
+                        Arc::new(aoi::InProcessAoiWorkload::prepare(inspector, boards)?)
+                            as Arc<dyn load::Workload>,
+                    )
+                });
+                registry.shutdown();
+                outcome
+            } else {
+                args.load.execute(async || {
+                    Ok(
+                        Arc::new(aoi::HttpAoiWorkload::prepare(&args.url, boards).await?)
+                            as Arc<dyn load::Workload>,
+                    )
+                })
+            }
+        }
         BenchCommand::Inprocess(args) => {
             let report = inprocess::run(&inprocess::InProcessPlan {
                 repository: &args.model_repository,

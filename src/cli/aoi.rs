@@ -151,6 +151,7 @@ fn detect(args: &DetectArgs) -> anyhow::Result<()> {
         .collect();
     let started = Instant::now();
     let count = pairs.len();
+    let mut candidates = 0usize;
     runtime.block_on(async {
         let mut results = futures_util::stream::iter(pairs)
             .map(|pair| inspect_pair(inspector.clone(), pair, args.min_score))
@@ -160,6 +161,7 @@ fn detect(args: &DetectArgs) -> anyhow::Result<()> {
             let path = args.out.join(format!("{}.txt", pair.id));
             std::fs::write(&path, deeppcb::format_detections(&inspection.defects))
                 .with_context(|| format!("cannot write {}", path.display()))?;
+            candidates += inspection.candidates;
             let timings = &inspection.timings_ms;
             for (histogram, value) in stages.iter_mut().zip(
                 [template_ms]
@@ -182,6 +184,10 @@ fn detect(args: &DetectArgs) -> anyhow::Result<()> {
         "{count} pairs in {seconds:.2} s: {:.1} pairs/s (both images decoded per pair), detections in {}",
         count as f64 / seconds,
         args.out.display()
+    );
+    println!(
+        "{:.1} candidates per pair classified",
+        candidates as f64 / count.max(1) as f64
     );
     println!("per-stage latency (ms):");
     let names = ["template"]

@@ -56,6 +56,17 @@ pub struct TensorSpec {
 }
 
 impl TensorSpec {
+    /// A concrete shape for `rows` batch rows (ignored without batching); variable dimensions
+    /// become 1.
+    pub fn concrete_shape(&self, batching: bool, rows: usize) -> Vec<usize> {
+        let mut dims = Vec::with_capacity(self.shape.len() + 1);
+        if batching {
+            dims.push(rows);
+        }
+        dims.extend(self.shape.iter().map(|d| (*d).max(1) as usize));
+        dims
+    }
+
     /// The dimensions the model sees, batch dimension included (as -1) when batching.
     pub fn full_shape(&self, batching: bool) -> Vec<i64> {
         let mut dims = Vec::with_capacity(self.shape.len() + 1);

@@ -169,14 +169,7 @@ impl ModelSession {
             let shapes: Vec<Vec<usize>> = config
                 .inputs
                 .iter()
-                .map(|input| {
-                    let mut dims = Vec::new();
-                    if config.batching() {
-                        dims.push(batch);
-                    }
-                    dims.extend(input.shape.iter().map(|d| (*d).max(1) as usize));
-                    dims
-                })
+                .map(|input| input.concrete_shape(config.batching(), batch))
                 .collect();
             let buffers: Vec<Vec<u64>> = config
                 .inputs

@@ -135,6 +135,7 @@ async fn put_template(
     request: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
+    let mut images = read_images(&request, payload, state.max_body_bytes).await?;
     let service = service(&state)?.clone();
     let board = board_name(&path)?;
     if let Some(t) = query.reject_threshold.filter(|t| !(0.0..=1.0).contains(t)) {
@@ -142,7 +143,6 @@ async fn put_template(
             "reject_threshold {t} must be within 0..1"
         )));
     }
-    let mut images = read_images(&request, payload, state.max_body_bytes).await?;
     if images.len() != 1 {
         return Err(ApiError::Unprocessable(format!(
             "a template is one image, got {}",
@@ -239,19 +239,30 @@ async fn inspect_one(
     }))
 }
 
+/// The service, the board (which must have a template) and the images of an inspect request.
+async fn inspect_request(
+    state: &AppState,
+    path: &web::Path<String>,
+    request: &HttpRequest,
+    payload: web::Payload,
+) -> Result<(Arc<AoiService>, String, Vec<(Option<String>, Bytes)>), ApiError> {
+    let service = service(state)?.clone();
+    let board = board_name(path)?;
+    service
+        .templates
+        .get(&board)
+        .ok_or_else(|| unknown_board(&board))?;
+    let images = read_images(request, payload, state.max_body_bytes).await?;
+    Ok((service, board, images))
+}
+
 async fn inspect(
     state: web::Data<AppState>,
     path: web::Path<String>,
     request: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let service = service(&state)?.clone();
-    let board = board_name(&path)?;
-    service
-        .templates
-        .get(&board)
-        .ok_or_else(|| unknown_board(&board))?;
-    let mut images = read_images(&request, payload, state.max_body_bytes).await?;
+    let (service, board, mut images) = inspect_request(&state, &path, &request, payload).await?;
     if images.len() != 1 {
         return Err(ApiError::Unprocessable(format!(
             "POST /v1/inspect/{board} takes one image (got {}); use /v1/inspect/{board}/batch",
@@ -269,13 +280,7 @@ async fn inspect_batch(
     request: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let service = service(&state)?.clone();
-    let board = board_name(&path)?;
-    service
-        .templates
-        .get(&board)
-        .ok_or_else(|| unknown_board(&board))?;
-    let images = read_images(&request, payload, state.max_body_bytes).await?;
+    let (service, board, images) = inspect_request(&state, &path, &request, payload).await?;
     let results = futures_util::future::join_all(images.into_iter().enumerate().map(
         |(index, (name, bytes))| {
             let service = service.clone();

@@ -7,6 +7,10 @@ use futures_util::StreamExt;
 
 use crate::server::error::ApiError;
 
+/// Oversized bodies up to this many bytes are read and dropped before the 413, so the client,
+/// which may still be sending, receives the answer instead of a reset connection.
+const DRAIN_LIMIT: usize = 256 * 1024 * 1024;
+
 pub async fn read_limited(
     request: &HttpRequest,
     mut payload: web::Payload,
@@ -24,17 +28,34 @@ pub async fn read_limited(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok());
     if let Some(size) = declared.filter(|size| *size > limit) {
+        drain(&mut payload, size).await;
         return Err(too_large(size));
     }
     let mut body = BytesMut::with_capacity(declared.unwrap_or(8192).min(limit));
     while let Some(chunk) = payload.next().await {
         let chunk = chunk.map_err(|e| ApiError::BadRequest(format!("reading the body: {e}")))?;
         if body.len() + chunk.len() > limit {
-            return Err(too_large(body.len() + chunk.len()));
+            let size = body.len() + chunk.len();
+            drain(&mut payload, size).await;
+            return Err(too_large(size));
         }
         body.extend_from_slice(&chunk);
     }
     Ok(body.freeze())
+}
+
+/// Reads and drops the rest of a body when it is small enough to be worth it.
+async fn drain(payload: &mut web::Payload, declared: usize) {
+    if declared > DRAIN_LIMIT {
+        return;
+    }
+    let mut read = 0usize;
+    while let Some(Ok(chunk)) = payload.next().await {
+        read += chunk.len();
+        if read > DRAIN_LIMIT {
+            return;
+        }
+    }
 }
 
 /// The media type without parameters, lower-cased; None when the header is absent.

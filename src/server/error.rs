@@ -69,8 +69,16 @@ impl ResponseError for ApiError {
 
     fn error_response(&self) -> HttpResponse {
         let mut response = HttpResponse::build(self.status_code());
-        if let ApiError::Unavailable { retry_after, .. } = self {
-            response.insert_header(("Retry-After", retry_after.to_string()));
+        match self {
+            ApiError::Unavailable { retry_after, .. } => {
+                response.insert_header(("Retry-After", retry_after.to_string()));
+            }
+            // These are answered without reading the body; what is left of it on the connection
+            // would otherwise be taken for the next request.
+            ApiError::PayloadTooLarge(_) | ApiError::UnsupportedMediaType(_) => {
+                response.force_close();
+            }
+            _ => {}
         }
         response.json(serde_json::json!({ "error": self.to_string() }))
     }

@@ -16,6 +16,14 @@ pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// Where test models come from: the bundled `models/`, or `LINESCAN_TEST_MODELS` to run the
+/// suite against another repository.
+pub fn models_root() -> PathBuf {
+    std::env::var_os("LINESCAN_TEST_MODELS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("models"))
+}
+
 /// A temporary model repository holding copies of bundled models, configs edited per test.
 pub struct Repository {
     pub dir: tempfile::TempDir,
@@ -25,10 +33,7 @@ impl Repository {
     pub fn with_models(models: &[&str]) -> Repository {
         let dir = tempfile::tempdir().expect("temp dir");
         for model in models {
-            copy_dir(
-                &repo_root().join("models").join(model),
-                &dir.path().join(model),
-            );
+            copy_dir(&models_root().join(model), &dir.path().join(model));
         }
         Repository { dir }
     }
@@ -62,7 +67,9 @@ impl Repository {
 
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).expect("create dir");
-    for entry in std::fs::read_dir(from).expect("read model dir").flatten() {
+    let entries =
+        std::fs::read_dir(from).unwrap_or_else(|e| panic!("cannot read {}: {e}", from.display()));
+    for entry in entries.flatten() {
         let target = to.join(entry.file_name());
         if entry.path().is_dir() {
             copy_dir(&entry.path(), &target);
@@ -172,6 +179,13 @@ pub fn status_of(base_url: &str, path: &str) -> Option<u16> {
     std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
 }
 
+/// GET a URL; its status and JSON body (Null when not JSON).
+pub async fn get_json(url: &str) -> (u16, Value) {
+    let response = reqwest::get(url).await.expect("GET");
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
 /// Runs `linescan` with arguments to completion.
 pub fn run_cli(args: &[&str]) -> std::process::Output {
     Command::new(BIN)
@@ -197,6 +211,30 @@ pub fn json_request(metadata: &Value, batch: usize, seed: u64) -> Value {
         })
         .collect();
     json!({ "inputs": inputs })
+}
+
+/// The same random inputs as Triton binary tensors: (body, JSON header length).
+pub fn binary_request(metadata: &Value, batch: usize, seed: u64) -> (Vec<u8>, usize) {
+    let request = json_request(metadata, batch, seed);
+    let mut inputs = Vec::new();
+    let mut blobs: Vec<u8> = Vec::new();
+    for input in request["inputs"].as_array().expect("inputs") {
+        let values: Vec<f32> = input["data"]
+            .as_array()
+            .expect("data")
+            .iter()
+            .map(|v| v.as_f64().expect("number") as f32)
+            .collect();
+        inputs.push(
+            json!({"name": input["name"], "datatype": "FP32", "shape": input["shape"],
+            "parameters": {"binary_data_size": values.len() * 4}}),
+        );
+        blobs.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+    }
+    let mut body = serde_json::to_vec(&json!({ "inputs": inputs })).expect("header");
+    let header_length = body.len();
+    body.extend_from_slice(&blobs);
+    (body, header_length)
 }
 
 pub fn concrete_shape(shape: &Value, batch: usize) -> Vec<usize> {

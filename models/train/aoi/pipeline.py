@@ -42,6 +42,7 @@ class Params:
     crop_window: int = 128               # window side in full-resolution pixels
     crop_scale: int = 2                  # mean over scale x scale blocks -> crop_size
     crop_size: int = 64
+    fine_window: int = 64                # second, full-resolution window (0 = none), same centre
     channels: tuple = ("test", "template", "xor")
     # stage 7
     score_threshold: float = 0.5         # operating threshold on the detection confidence
@@ -309,11 +310,29 @@ def channel_images(A, Bs, D, p: Params = DEFAULT):
     return [m[c] for c in p.channels]
 
 
+def n_input_channels(p: Params = DEFAULT) -> int:
+    return len(p.channels) * (2 if p.fine_window else 1)
+
+
 def make_crops(chans, boxes, p: Params = DEFAULT) -> np.ndarray:
-    """[n, C, S, S] float32 crops.  Window = [wx0, wx0+W) x [wy0, wy0+W) full-res pixels,
-    pixels outside the image = 0; crop[c, i, j] = (sum of the s x s block
-    rows wy0+s*i .. +s-1, cols wx0+s*j .. +s-1) / (s*s)  (exact in float32)."""
-    Wn, s, S = p.crop_window, p.crop_scale, p.crop_size
+    """[n, C', S, S] float32 crops, C' = n_input_channels(p).
+
+    Coarse part (channels 0..C-1): window [wx0, wx0+W) x [wy0, wy0+W) full-res pixels
+    (W = crop_window, (wx0, wy0) = crop_origin), pixels outside the image = 0;
+    crop[c, i, j] = (sum of the s x s block rows wy0+s*i .. +s-1, cols wx0+s*j .. +s-1) / (s*s)
+    (exact in float32).
+    Fine part (channels C..2C-1, only if fine_window): the fine_window x fine_window
+    full-resolution pixels with top-left (cx - fine_window//2, cy - fine_window//2),
+    copied 1:1 (fine_window must equal crop_size)."""
+    coarse = _crops_one(chans, boxes, p.crop_window, p.crop_scale, p.crop_size, p)
+    if not p.fine_window:
+        return coarse
+    assert p.fine_window == p.crop_size
+    fine = _crops_one(chans, boxes, p.fine_window, 1, p.crop_size, p)
+    return np.concatenate([coarse, fine], axis=1)
+
+
+def _crops_one(chans, boxes, Wn, s, S, p):
     assert Wn == s * S
     H, W = chans[0].shape
     n = len(boxes)
@@ -324,7 +343,9 @@ def make_crops(chans, boxes, p: Params = DEFAULT) -> np.ndarray:
         stack[c, pad:pad + H, pad:pad + W] = X
     out = np.zeros((n, C, S, S), dtype=np.float32)
     for k in range(n):
-        wx0, wy0 = crop_origin(boxes[k], p)
+        cx = (int(boxes[k][0]) + int(boxes[k][2])) // 2
+        cy = (int(boxes[k][1]) + int(boxes[k][3])) // 2
+        wx0, wy0 = cx - Wn // 2, cy - Wn // 2
         win = stack[:, pad + wy0:pad + wy0 + Wn, pad + wx0:pad + wx0 + Wn].astype(np.int32)
         blk = win.reshape(C, S, s, S, s).sum(axis=(2, 4))
         out[k] = blk.astype(np.float32) / np.float32(s * s)

@@ -29,7 +29,42 @@ sys.path.insert(0, HERE)
 import pipeline as P  # noqa: E402
 import evaluate as E  # noqa: E402
 
-VARIANTS = ("none", "shift", "grey", "both")
+VARIANTS = ("none", "both", "scale", "morph")
+
+
+def augment_pair(test, temp, gts, v, rng):
+    """Training-time variants of a pair (gray images) and its annotations.
+    none: as is; shift/grey/both: evaluate.perturb_pair; scale: bilinear rescale of both
+    images by s in [0.7, 1.4] (annotations scaled), then grey+shift with p=0.5;
+    morph: identical 3x3 grey erosion or dilation of both images (trace/gap width change),
+    then grey+shift with p=0.5."""
+    if v == "none":
+        return test, temp, gts
+    if v in ("shift", "grey", "both"):
+        t, m = E.perturb_pair(test, temp, rng, shift=v in ("shift", "both"), grey=v in ("grey", "both"))
+        return t, m, gts
+    if v == "scale":
+        from PIL import Image
+        s = float(np.exp(rng.uniform(np.log(0.7), np.log(1.4))))
+        H, W = test.shape
+        nh, nw = max(32, int(round(H * s))), max(32, int(round(W * s)))
+        test = np.asarray(Image.fromarray(test).resize((nw, nh), Image.BILINEAR))
+        temp = np.asarray(Image.fromarray(temp).resize((nw, nh), Image.BILINEAR))
+        g = gts.copy()
+        if len(g):
+            g[:, [0, 2]] = np.rint(g[:, [0, 2]] * (nw / W)).astype(np.int64)
+            g[:, [1, 3]] = np.rint(g[:, [1, 3]] * (nh / H)).astype(np.int64)
+        gts = g
+    elif v == "morph":
+        from scipy import ndimage as ndi
+        f = ndi.grey_erosion if rng.random() < 0.5 else ndi.grey_dilation
+        test = f(test, size=(3, 3))
+        temp = f(temp, size=(3, 3))
+    else:
+        raise ValueError(v)
+    if rng.random() < 0.5:
+        test, temp = E.perturb_pair(test, temp, rng, shift=True, grey=True)
+    return test, temp, gts
 
 
 # --------------------------------------------------------------------------- labelling
@@ -84,10 +119,14 @@ def box_targets(boxes_xyxy, origins, p=P.DEFAULT):
                      (b[:, 2] - o[:, 0]) / w, (b[:, 3] - o[:, 1]) / w], 1).astype(np.float32)
 
 
+U8_SCALE = 4  # crops are stored as uint8 round(value * 4); exact for block means of 2x2
+
+
 def crops_u8(chans, boxes, p=P.DEFAULT):
-    """Same crops as pipeline.make_crops but stored as uint8 block sums (0..s*s)."""
+    """Same crops as pipeline.make_crops, stored as uint8 round(value * U8_SCALE)."""
+    assert p.crop_scale * p.crop_scale == U8_SCALE
     c = P.make_crops(chans, boxes, p)
-    return np.rint(c * (p.crop_scale * p.crop_scale)).astype(np.uint8)
+    return np.rint(c * U8_SCALE).astype(np.uint8)
 
 
 def samples_for_pair(test, temp, gts, rng, p, n_jitter):
@@ -133,7 +172,7 @@ def samples_for_pair(test, temp, gts, rng, p, n_jitter):
         Y.append(np.array(jl, np.int64))
         T.append(np.array(jt, np.float32))
         src.append(np.ones(len(jb), np.int8))
-    X = np.concatenate(X) if X else np.zeros((0, len(p.channels), p.crop_size, p.crop_size), np.uint8)
+    X = np.concatenate(X) if X else np.zeros((0, P.n_input_channels(p), p.crop_size, p.crop_size), np.uint8)
     return X, np.concatenate(Y), np.concatenate(T), np.concatenate(src), len(cands)
 
 
@@ -145,19 +184,15 @@ def _worker(args):
     out = []
     for vi, v in enumerate(variants):
         rng = np.random.default_rng([seed, idx, vi])
-        if v == "none":
-            test, temp = test0, temp0
-        else:
-            test, temp = E.perturb_pair(test0, temp0, rng, shift=v in ("shift", "both"),
-                                        grey=v in ("grey", "both"))
-        X, Y, T, S, nc = samples_for_pair(test, temp, gts, rng, p, n_jitter)
+        test, temp, g = augment_pair(test0, temp0, gts, v, rng)
+        X, Y, T, S, nc = samples_for_pair(test, temp, g, rng, p, n_jitter)
         out.append((X, Y, T, S + 2 * vi, nc))
     return out
 
 
 def build_dataset(root, items, variants, seed, p, n_jitter, workers, cache_dir):
     key = hashlib.sha1(json.dumps([sorted(i[0] for i in items), list(variants), seed,
-                                   p.to_dict(), n_jitter, 3]).encode()).hexdigest()[:16]
+                                   p.to_dict(), n_jitter, 4]).encode()).hexdigest()[:16]
     path = os.path.join(cache_dir, f"aoi_ds_{key}.npz")
     if os.path.exists(path):
         d = np.load(path)
@@ -190,34 +225,43 @@ def build_dataset(root, items, variants, seed, p, n_jitter, workers, cache_dir):
 
 
 # --------------------------------------------------------------------------- model
-def build_model(cin=3, width=(16, 32, 32, 64, 64, 64), fc=128):
+def build_model(p=P.DEFAULT, width=(16, 24, 24, 48, 64), strides=(2, 2, 1, 2, 2), fc=128):
+    """Two trunks (coarse 128->64 window, fine 64 full-res window), 64x64 -> 4x4 each,
+    features concatenated -> FC -> (7 logits, 4 box offsets)."""
     import torch
     import torch.nn as nn
 
-    strides = (2, 2, 1, 2, 1, 2)
+    C = len(p.channels)
+    two = bool(p.fine_window)
+
+    def trunk():
+        layers = []
+        c = C
+        for o, s_ in zip(width, strides):
+            layers += [nn.Conv2d(c, o, 3, s_, 1, bias=False), nn.BatchNorm2d(o), nn.ReLU(inplace=True)]
+            c = o
+        return nn.Sequential(*layers), c
 
     class AOINet(nn.Module):
         def __init__(self):
             super().__init__()
-            layers = []
-            c = cin
-            for o, s in zip(width, strides):
-                layers += [nn.Conv2d(c, o, 3, s, 1, bias=False), nn.BatchNorm2d(o), nn.ReLU(inplace=True)]
-                c = o
-            self.features = nn.Sequential(*layers)   # 64 -> 4x4
-            self.fc = nn.Sequential(nn.Flatten(), nn.Dropout(0.1), nn.Linear(c * 16, fc), nn.ReLU(inplace=True))
+            self.coarse, c = trunk()
+            feat = c * 16
+            if two:
+                self.fine, c2 = trunk()
+                feat += c2 * 16
+            self.fc = nn.Sequential(nn.Dropout(0.1), nn.Linear(feat, fc), nn.ReLU(inplace=True))
             self.cls = nn.Linear(fc, 7)
             self.box = nn.Linear(fc, 4)
 
         def forward(self, x):
-            h = self.fc(self.features(x))
+            h = torch.flatten(self.coarse(x[:, :C]), 1)
+            if two:
+                h = torch.cat([h, torch.flatten(self.fine(x[:, C:]), 1)], 1)
+            h = self.fc(h)
             return self.cls(h), self.box(h)
 
     return AOINet()
-
-
-class Exported(object):
-    pass
 
 
 def export_onnx(model, path, p=P.DEFAULT):
@@ -234,7 +278,7 @@ def export_onnx(model, path, p=P.DEFAULT):
             return torch.softmax(logits, dim=1), box
 
     w = Wrap(model).eval()
-    x = torch.zeros(2, len(p.channels), p.crop_size, p.crop_size)
+    x = torch.zeros(2, P.n_input_channels(p), p.crop_size, p.crop_size)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     torch.onnx.export(w, x, tmp, input_names=["crops"], output_names=["class_probs", "boxes"],
@@ -276,16 +320,18 @@ def train(X, Y, T, args, p, log):
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
-    model = build_model(cin=len(p.channels))
+    model = build_model(p)
     nparam = sum(q.numel() for q in model.parameters())
     log(f"model params {nparam}")
     n = len(X)
     Xt = torch.from_numpy(X)
     Yt = torch.from_numpy(Y.astype(np.int64))
     Tt = torch.from_numpy(T)
-    scale = 1.0 / (p.crop_scale * p.crop_scale)
+    scale = 1.0 / U8_SCALE
     bs = args.batch
-    steps_per_epoch = n // bs
+    is_bg = torch.from_numpy(Y == 0)
+    n_ep = int((~is_bg).sum()) + int(round(float(is_bg.sum()) * args.bg_frac))
+    steps_per_epoch = n_ep // bs
     total = steps_per_epoch * args.epochs
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=total, pct_start=0.15)
@@ -298,10 +344,13 @@ def train(X, Y, T, args, p, log):
     t0 = time.time()
     for ep in range(args.epochs):
         model.train()
-        perm = torch.randperm(n, generator=g)
+        # every positive + a random bg_frac of the background crops each epoch
+        keep = (~is_bg) | (torch.rand(n, generator=g) < args.bg_frac)
+        sel = torch.nonzero(keep)[:, 0]
+        perm = sel[torch.randperm(len(sel), generator=g)]
         tl = tc = tb = 0.0
         correct = 0
-        for b in range(steps_per_epoch):
+        for b in range(min(steps_per_epoch, len(perm) // bs)):
             idx = perm[b * bs:(b + 1) * bs]
             x = Xt[idx].float() * scale
             y = Yt[idx]
@@ -322,7 +371,7 @@ def train(X, Y, T, args, p, log):
             opt.step()
             sched.step()
             step += 1
-            tl += float(loss); tc += float(lc); tb += float(lb)
+            tl += float(loss.detach()); tc += float(lc.detach()); tb += float(lb.detach())
             correct += int((logits.argmax(1) == y).sum())
         log(f"epoch {ep + 1}/{args.epochs} loss {tl / steps_per_epoch:.4f} cls {tc / steps_per_epoch:.4f} "
             f"box {tb / steps_per_epoch:.5f} acc {correct / (steps_per_epoch * bs):.4f} "
@@ -342,6 +391,7 @@ def main():
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--jitter", type=int, default=1, help="GT-centred jittered crops per GT per variant")
     ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--bg-frac", type=float, default=0.5, help="fraction of background crops per epoch")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--box-weight", type=float, default=5.0)

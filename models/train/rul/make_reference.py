@@ -21,7 +21,7 @@ import data as D  # noqa: E402
 import export_util as X  # noqa: E402
 
 # (unit, cut cycle): the unit is observed for cycles 1..cut; the window is cycles cut-29..cut.
-CASES = [(7, 100), (1, 112), (69, 350)]     # true RUL 159 (healthy), 80, 12 (near failure)
+CASES = [(7, 100), (1, 132), (69, 350)]     # true RUL 159 (healthy), 60, 12 (near failure)
 PADDED_CASE = (24, 12)         # observed for only 12 cycles -> 18 front rows repeat cycle 1
 
 
@@ -57,7 +57,12 @@ def main():
         rul, std = rul_s.run(["rul", "rul_std"], {"window": x})
         (err,) = an_s.run(["score"], {"window": x})
         e = float(err[0, 0])
-        s01 = float(np.clip(0.5 * np.log(e / cal["p50"]) / np.log(cal["p99"] / cal["p50"]), 0.0, 1.0))
+        le = np.log(e)
+        if le < np.log(cal["p99"]):
+            s01 = 0.5 * (le - np.log(cal["p50"])) / (np.log(cal["p99"]) - np.log(cal["p50"]))
+        else:
+            s01 = 0.5 + 0.5 * (le - np.log(cal["p99"])) / (np.log(cal["fail_p50"]) - np.log(cal["p99"]))
+        s01 = float(np.clip(s01, 0.0, 1.0))
         first = max(1, cut - D.WINDOW + 1)
         cases.append({
             "unit": uid,
@@ -76,7 +81,7 @@ def main():
             "scaled_window_sum": round(float(x.astype(np.float64).sum()), 4),
             "rul": round(float(rul[0, 0]), 4),
             "rul_std": round(float(std[0, 0]), 4),
-            "anomaly_raw": round(e, 6),
+            "anomaly_raw": float(f"{e:.6e}"),
             "anomaly_score": round(s01, 4),
         })
     out = {
@@ -85,8 +90,9 @@ def main():
                        "then cast to f32. Expected agreement: 1e-3 on rul/rul_std, 1e-5 relative on anomaly_raw, "
                        "1e-4 on scaled rows and anomaly_score.",
         "channels": D.CHANNELS,
-        "anomaly_score_formula": "clamp(0.5 * ln(raw / p50) / ln(p99 / p50), 0, 1)",
-        "calibration": {"p50": cal["p50"], "p99": cal["p99"]},
+        "anomaly_score_formula": "raw < p99: 0.5*ln(raw/p50)/ln(p99/p50); else 0.5 + 0.5*ln(raw/p99)/ln(fail_p50/p99); "
+                                 "clamped to [0, 1]",
+        "calibration": {"p50": cal["p50"], "p99": cal["p99"], "fail_p50": cal["fail_p50"]},
         "cases": cases,
     }
     with open(args.out, "w") as f:

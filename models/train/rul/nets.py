@@ -114,3 +114,47 @@ class AEScore(nn.Module):
     def forward(self, window):
         r = self.ae(window)
         return ((r - window) ** 2).mean(dim=(1, 2)).unsqueeze(1)
+
+
+class FusedPoolCNN(nn.Module):
+    """The same function as Ensemble([PoolCNN, ...]) with the members fused into wide layers
+    (one conv, one grouped conv, two block-diagonal dense layers), so onnxruntime runs a few
+    large kernels instead of many small ones. Built from trained members; exact up to float
+    summation order."""
+
+    def __init__(self, members, cap: float = RUL_CAP):
+        super().__init__()
+        m0 = members[0]
+        M = len(members)
+        c1, c2 = m0.conv[0], m0.conv[2]
+        W = c1.out_channels
+        H = m0.head[0].out_features
+        self.M, self.W, self.last, self.cap = M, W, m0.last, cap
+        self.conv1 = nn.Conv1d(c1.in_channels, M * W, c1.kernel_size[0], padding=c1.padding[0])
+        self.conv2 = nn.Conv1d(M * W, M * W, c2.kernel_size[0], padding=c2.padding[0], groups=M)
+        self.fc1 = nn.Linear(2 * M * W, M * H)
+        self.fc2 = nn.Linear(M * H, M)
+        with torch.no_grad():
+            self.conv1.weight.copy_(torch.cat([m.conv[0].weight for m in members]))
+            self.conv1.bias.copy_(torch.cat([m.conv[0].bias for m in members]))
+            self.conv2.weight.copy_(torch.cat([m.conv[2].weight for m in members]))
+            self.conv2.bias.copy_(torch.cat([m.conv[2].bias for m in members]))
+            self.fc1.weight.zero_()
+            self.fc2.weight.zero_()
+            for i, m in enumerate(members):
+                w1 = m.head[0].weight                      # [H, 2W]: [mean features | last features]
+                rows = slice(i * H, (i + 1) * H)
+                self.fc1.weight[rows, i * W:(i + 1) * W] = w1[:, :W]
+                self.fc1.weight[rows, M * W + i * W:M * W + (i + 1) * W] = w1[:, W:]
+                self.fc1.bias[rows] = m.head[0].bias
+                self.fc2.weight[i, i * H:(i + 1) * H] = m.head[3].weight[0]
+                self.fc2.bias[i] = m.head[3].bias[0]
+
+    def forward(self, window):
+        h = torch.relu(self.conv2(torch.relu(self.conv1(window.transpose(1, 2)))))   # [B, M*W, T]
+        f = torch.cat([h.mean(dim=2), h[:, :, -self.last:].mean(dim=2)], dim=1)       # [B, 2*M*W]
+        p = self.fc2(torch.relu(self.fc1(f))) * self.cap                               # [B, M]
+        p = torch.clamp(p, 0.0, self.cap)
+        mean = p.mean(dim=1, keepdim=True)
+        std = torch.sqrt(((p - mean) ** 2).mean(dim=1, keepdim=True))
+        return mean, std

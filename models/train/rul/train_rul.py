@@ -1,10 +1,13 @@
 """Train, cross-validate and export the FD001 RUL ensemble.
 
-  python train_rul.py cv     [--data PATH] [--arch cnn] [--members 5] [--epochs 40] ...
-  python train_rul.py final  [--data PATH] [--out ../../rul_fd001] ...   # train on all 100 units, export ONNX
+  python train_rul.py cv     [--data PATH] [--out cv_rul.json] [--arch pcnn --members 4 --epochs 30 --noise 0.1]
+  python train_rul.py final  [--data PATH] [--cv-json cv_rul.json] [same recipe flags]
+                             # train on all 100 units, export models/rul_fd001/{1/model.onnx,config.toml}
+
+The defaults are the shipped recipe (4 x PoolCNN, 30 epochs, input noise 0.1).
 
 CV: 5 folds over unit ids (data.folds, seed data.FOLD_SEED). For each fold an ensemble of --members
-nets (seeds 0..M-1) is trained on the 80 training units' windows (scaler fitted on those units only)
+nets (seeds 1000*fold + 0..M-1) is trained on the 80 training units' windows (scaler fitted on those units only)
 and evaluated on the 20 held-out units, each truncated at 10 random cut points
 (data.truncation_points, seed data.TRUNC_SEED).
 """
@@ -139,6 +142,28 @@ def short_unit_eval(ens, units, scaler, ends=(10, 15, 20, 25, 29)):
     return out
 
 
+SIGMA_EDGES = [0, 15, 30, 45, 60, 75, 90, 105, 115, 125.01]
+
+
+def residual_sigma(pred, true_capped):
+    """Out-of-fold RMS error by predicted-RUL bin: knots (mean prediction in the bin) and sigma.
+    The server interpolates sigma(rul) linearly between knots (constant outside) and can report
+    a calibrated predictive std sqrt(rul_std^2 + sigma(rul)^2)."""
+    knots, sig, n = [], [], []
+    for a, b in zip(SIGMA_EDGES[:-1], SIGMA_EDGES[1:]):
+        m = (pred >= a) & (pred < b)
+        if m.sum() < 10:
+            continue
+        knots.append(round(float(pred[m].mean()), 2))
+        sig.append(round(float(np.sqrt(np.mean((pred[m] - true_capped[m]) ** 2))), 2))
+        n.append(int(m.sum()))
+    return {"knots": knots, "sigma": sig, "count": n}
+
+
+def interp_sigma(rs, pred):
+    return np.interp(pred, rs["knots"], rs["sigma"])
+
+
 def summarize(per_fold, key):
     v = np.array([f[key] for f in per_fold])
     return {"mean": float(v.mean()), "std": float(v.std(ddof=0)), "per_fold": [round(float(a), 3) for a in v]}
@@ -152,12 +177,13 @@ def cmd_cv(args):
     t0 = time.time()
     folds_to_run = range(D.N_FOLDS) if args.folds is None else [int(f) for f in args.folds.split(",")]
     all_pred, all_true, all_std = [], [], []
+    oof = []
     for k in folds_to_run:
         test_u = [units[i] for i in fl[k]]
         train_u = [units[i] for i in units if i not in fl[k]]
         scaler = D.Scaler.fit(train_u)
         x, y, _ = D.train_windows(train_u, scaler, pad_aug_min=args.pad_aug, max_rul=args.max_rul)
-        xe, ye, _ = D.truncated_eval_set(test_u, scaler)
+        xe, ye, meta = D.truncated_eval_set(test_u, scaler)
         members = fit_ensemble(x, y, args, seed_base=1000 * k, log=log)
         for m in members:
             pm, _ = predict(nets.Ensemble([m]), xe)
@@ -168,6 +194,8 @@ def cmd_cv(args):
         fm["mean_std"] = float(sd.mean())
         per_fold.append(fm)
         all_pred.append(p); all_true.append(ye); all_std.append(sd)
+        oof += [[int(a), int(c), int(t), round(float(pp), 3), round(float(ss), 3)]
+                for (a, c), t, pp, ss in zip(meta, ye, p, sd)]
         short.append(short_unit_eval(ens, test_u, scaler))
         log(f"fold {k}: n_train_windows {len(x)}  " + "  ".join(f"{a} {b:.3f}" for a, b in fm.items() if a != "n")
             + f"  members {np.round(member_fold[-args.members:], 2).tolist()}  ({time.time() - t0:.0f}s)")
@@ -200,6 +228,9 @@ def cmd_cv(args):
                               "mean_std": float(S.mean()),
                               "frac_err_within_1std": float(np.mean(np.abs(P - T) <= S)),
                               "frac_err_within_2std": float(np.mean(np.abs(P - T) <= 2 * S))}
+    res["residual_sigma"] = residual_sigma(P, T)
+    res["oof"] = {"columns": ["unit", "cut_cycle", "true_rul", "pred_rul", "pred_rul_std"], "rows": oof}
+    print(json.dumps(res["residual_sigma"]))
     print(json.dumps({k2: res[k2] for k2 in ("rmse_capped", "rmse_uncapped", "nasa_capped", "nasa_uncapped",
                                              "single_member_rmse_capped", "std_calibration")}, indent=1))
     print(json.dumps(res["short_units_padded"], indent=1))
@@ -221,9 +252,13 @@ def cmd_final(args):
     ens = nets.Ensemble(members).eval()
     out_dir = args.out
     onnx_path = os.path.join(out_dir, "1", "model.onnx")
-    X.export(ens, onnx_path, ["rul", "rul_std"])
-    check = X.verify(ens, onnx_path, ["rul", "rul_std"])
+    # PoolCNN members are fused into wide layers for onnxruntime (same function; parity checked
+    # against the unfused torch ensemble below).
+    graph = nets.FusedPoolCNN(members).eval() if args.arch == "pcnn" else ens
+    X.export(graph, onnx_path, ["rul", "rul_std"])
+    check = X.verify(ens, onnx_path, ["rul", "rul_std"], real=x)
     timing = X.timing(onnx_path)
+    check["fused"] = graph is not ens
     print("verify", check, "\ntiming us/window", timing)
     cv = json.load(open(args.cv_json)) if args.cv_json else None
     X.write_rul_config(os.path.join(out_dir, "config.toml"), scaler, args, cv, check, timing,
@@ -240,10 +275,10 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("mode", choices=["cv", "final"])
     ap.add_argument("--data", default=D.DEFAULT_DATA)
-    ap.add_argument("--arch", default="cnn")
+    ap.add_argument("--arch", default="pcnn", choices=sorted(nets.ARCHS))
     ap.add_argument("--arch-kw", default="{}")
-    ap.add_argument("--members", type=int, default=5)
-    ap.add_argument("--epochs", type=int, default=40)
+    ap.add_argument("--members", type=int, default=4)
+    ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--teacher", default=None, help="distil from an ensemble of this arch")
     ap.add_argument("--teacher-kw", default="{}")
@@ -253,7 +288,7 @@ def main():
     ap.add_argument("--distill-copies", type=int, default=2)
     ap.add_argument("--distill-noise", type=float, default=0.1)
     ap.add_argument("--max-rul", type=float, default=None)
-    ap.add_argument("--noise", type=float, default=0.0)
+    ap.add_argument("--noise", type=float, default=0.1, help="std of Gaussian input noise in training")
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--pad-aug", type=int, default=None)
     ap.add_argument("--folds", default=None, help="comma-separated subset of folds (exploration)")

@@ -148,6 +148,15 @@ async fn infer(
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let started = Instant::now();
+    // The body is read before anything that can fail, so an early error never leaves part of
+    // it on a kept-alive connection (413 and 415 close the connection instead).
+    if let Some(media) = media_type(&request).filter(|m| !INFER_MEDIA_TYPES.contains(&m.as_str())) {
+        return Err(ApiError::UnsupportedMediaType(format!(
+            "Content-Type {media} is not accepted on infer (use one of: {})",
+            INFER_MEDIA_TYPES.join(", ")
+        )));
+    }
+    let body = read_limited(&request, payload, state.max_body_bytes).await?;
     let model = path.resolve(&state)?;
     let config = &model.spec.config;
     let version = model.spec.version.to_string();
@@ -160,12 +169,6 @@ async fn infer(
         );
         error
     };
-    if let Some(media) = media_type(&request).filter(|m| !INFER_MEDIA_TYPES.contains(&m.as_str())) {
-        return Err(invalid(ApiError::UnsupportedMediaType(format!(
-            "Content-Type {media} is not accepted on infer (use one of: {})",
-            INFER_MEDIA_TYPES.join(", ")
-        ))));
-    }
     let header_length = match request.headers().get(codec::HEADER_LENGTH) {
         None => None,
         Some(value) => Some(
@@ -181,9 +184,6 @@ async fn infer(
                 })?,
         ),
     };
-    let body = read_limited(&request, payload, state.max_body_bytes)
-        .await
-        .map_err(invalid)?;
     let decoded = codec::decode(body, header_length, config).map_err(invalid)?;
     let timeout = decoded.timeout.unwrap_or(Duration::from_millis(
         config.dynamic_batching.default_timeout_ms,

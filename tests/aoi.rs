@@ -1,0 +1,351 @@
+//! AOI over real HTTP with synthetic boards drawn in code: template lifecycle, inspection of clean
+//! and defective boards (also misregistered and grey), batch and multipart forms, per-board reject
+//! thresholds, persistence across restarts, and every error path.
+
+mod common;
+
+use common::{Repository, Server};
+use linescan::aoi::synthetic::{self, DefectKind, SyntheticBoard};
+use reqwest::multipart::{Form, Part};
+use serde_json::Value;
+
+const MODEL: &str = "aoi_defect";
+
+fn png(image: &linescan::aoi::image_io::GrayImage) -> Vec<u8> {
+    synthetic::encode(image, image::ImageFormat::Png)
+}
+
+fn start(extra: &[&str]) -> (Repository, tempfile::TempDir, Server) {
+    let repository = Repository::with_models(&[MODEL]);
+    let data = tempfile::tempdir().unwrap();
+    let mut args = vec!["--data-dir", data.path().to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let server = Server::start(repository.path(), &args);
+    (repository, data, server)
+}
+
+async fn put_template(server: &Server, board: &str, body: Vec<u8>, query: &str) -> (u16, Value) {
+    let response = reqwest::Client::new()
+        .put(format!("{}/v1/templates/{board}{query}", server.url))
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    (
+        response.status().as_u16(),
+        response.json().await.unwrap_or(Value::Null),
+    )
+}
+
+async fn inspect(server: &Server, board: &str, body: Vec<u8>) -> (u16, Value) {
+    let response = reqwest::Client::new()
+        .post(format!("{}/v1/inspect/{board}", server.url))
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    (
+        response.status().as_u16(),
+        response.json().await.unwrap_or(Value::Null),
+    )
+}
+
+fn overlaps(a: &[i64; 4], b: &Value) -> bool {
+    let b: Vec<i64> = b
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_i64().unwrap())
+        .collect();
+    a[0] < b[2] && b[0] < a[2] && a[1] < b[3] && b[1] < a[3]
+}
+
+/// Every drawn defect is covered by a reported defect box.
+fn assert_finds_every_defect(board: &SyntheticBoard, result: &Value) {
+    let defects = result["defects"].as_array().unwrap();
+    for (kind, drawn) in &board.defects {
+        assert!(
+            defects.iter().any(|d| overlaps(drawn, &d["box"])),
+            "{kind:?} at {drawn:?} not found in {result}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn template_lifecycle_and_inspection_verdicts() {
+    let (_repository, _data, server) = start(&[]);
+    let clean = synthetic::board(&[], (0, 0));
+    let (status, info) = put_template(&server, "board-a", png(&clean.template), "").await;
+    assert_eq!(status, 201, "{info}");
+    assert_eq!(
+        (info["width"].as_u64(), info["height"].as_u64()),
+        (Some(640), Some(640))
+    );
+    let (status, _) = put_template(&server, "board-a", png(&clean.template), "").await;
+    assert_eq!(status, 200, "replacing answers 200");
+
+    let (status, info) = common::get_json(&format!("{}/v1/templates/board-a", server.url)).await;
+    assert_eq!((status, info["board"].as_str()), (200, Some("board-a")));
+    let image = reqwest::get(format!("{}/v1/templates/board-a/image", server.url))
+        .await
+        .unwrap();
+    assert_eq!(image.headers()["content-type"], "image/png");
+    assert_eq!(image.bytes().await.unwrap().to_vec(), png(&clean.template));
+    let (_, list) = common::get_json(&format!("{}/v1/templates", server.url)).await;
+    assert_eq!(list["templates"].as_array().unwrap().len(), 1);
+
+    // A clean board passes with no defects.
+    let (status, result) = inspect(&server, "board-a", png(&clean.test)).await;
+    assert_eq!(status, 200, "{result}");
+    assert_eq!(result["verdict"], "PASS", "{result}");
+    assert_eq!(result["defects"].as_array().unwrap().len(), 0);
+    for stage in [
+        "decode",
+        "binarize",
+        "align",
+        "candidates",
+        "crops",
+        "classify",
+        "detections",
+        "total",
+    ] {
+        assert!(
+            result["timings_ms"][stage].as_f64().is_some(),
+            "{stage} missing: {result}"
+        );
+    }
+
+    // A board with all six defects is rejected and each defect is boxed, with a class and a confidence.
+    let defective = synthetic::board(&DefectKind::ALL, (0, 0));
+    let (status, result) = inspect(
+        &server,
+        "board-a",
+        synthetic::encode(&defective.test, image::ImageFormat::Jpeg),
+    )
+    .await;
+    assert_eq!(status, 200, "{result}");
+    assert_eq!(result["verdict"], "REJECT");
+    assert_finds_every_defect(&defective, &result);
+    for defect in result["defects"].as_array().unwrap() {
+        let class = defect["class"].as_str().unwrap();
+        assert!(
+            DefectKind::ALL.iter().any(|k| k.class_name() == class),
+            "{class}"
+        );
+        let confidence = defect["confidence"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&confidence));
+    }
+
+    let response = reqwest::Client::new()
+        .delete(format!("{}/v1/templates/board-a", server.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 204);
+    let (status, error) = inspect(&server, "board-a", png(&clean.test)).await;
+    assert_eq!(status, 404, "{error}");
+    assert!(error["error"].as_str().unwrap().contains("board-a"));
+
+    let metrics = reqwest::get(format!("{}/metrics", server.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("linescan_stage_duration_seconds_bucket{backend=\"cpu\",pipeline=\"aoi\",stage=\"align\""), "{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn misregistered_and_grey_boards_are_still_inspected() {
+    let (_repository, _data, server) = start(&[]);
+    let clean = synthetic::board(&[], (0, 0));
+    put_template(&server, "b", png(&clean.template), "").await;
+
+    let shifted = synthetic::board(&DefectKind::ALL, (3, -2));
+    let (_, result) = inspect(&server, "b", png(&shifted.test)).await;
+    assert_eq!(result["verdict"], "REJECT", "{result}");
+    assert_finds_every_defect(&shifted, &result);
+    let (_, result) = inspect(&server, "b", png(&synthetic::board(&[], (2, 2)).test)).await;
+    assert_eq!(result["verdict"], "PASS", "a shifted clean board: {result}");
+
+    let grey = synthetic::board(&DefectKind::ALL, (0, 0));
+    let (_, result) = inspect(&server, "b", png(&synthetic::grey(&grey.test, 1))).await;
+    assert_eq!(result["verdict"], "REJECT", "{result}");
+    assert_finds_every_defect(&grey, &result);
+    let (_, result) = inspect(&server, "b", png(&synthetic::grey(&clean.test, 2))).await;
+    assert_eq!(result["verdict"], "PASS", "a grey clean board: {result}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn batch_and_multipart_forms() {
+    let (_repository, _data, server) = start(&[]);
+    let clean = synthetic::board(&[], (0, 0));
+    let defective = synthetic::board(&[DefectKind::Short, DefectKind::Open], (0, 0));
+    // Template registered through a multipart form.
+    let form = Form::new().part(
+        "template",
+        Part::bytes(png(&clean.template)).file_name("golden.png"),
+    );
+    let response = reqwest::Client::new()
+        .put(format!("{}/v1/templates/m", server.url))
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+
+    let form = Form::new().part(
+        "image",
+        Part::bytes(png(&defective.test)).file_name("t.png"),
+    );
+    let response = reqwest::Client::new()
+        .post(format!("{}/v1/inspect/m", server.url))
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    let result: Value = response.json().await.unwrap();
+    assert_eq!(result["verdict"], "REJECT", "{result}");
+
+    let form = Form::new()
+        .part("a", Part::bytes(png(&clean.test)).file_name("clean.png"))
+        .part("b", Part::bytes(png(&defective.test)).file_name("bad.png"))
+        .part(
+            "c",
+            Part::bytes(b"not an image".to_vec()).file_name("junk.bin"),
+        );
+    let response = reqwest::Client::new()
+        .post(format!("{}/v1/inspect/m/batch", server.url))
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    let results = body["results"].as_array().unwrap();
+    assert_eq!(results.len(), 3);
+    assert_eq!(
+        (results[0]["name"].as_str(), results[0]["verdict"].as_str()),
+        (Some("clean.png"), Some("PASS"))
+    );
+    assert_eq!(results[1]["verdict"], "REJECT");
+    assert_eq!(results[2]["status"], 415, "{}", results[2]);
+    assert!(
+        results[2]["error"]
+            .as_str()
+            .unwrap()
+            .contains("not an image")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reject_threshold_is_per_board() {
+    let (_repository, _data, server) = start(&[]);
+    let clean = synthetic::board(&[], (0, 0));
+    let defective = synthetic::board(&DefectKind::ALL, (0, 0));
+    put_template(&server, "strict", png(&clean.template), "").await;
+    let (status, info) = put_template(
+        &server,
+        "lenient",
+        png(&clean.template),
+        "?reject_threshold=1",
+    )
+    .await;
+    assert_eq!(status, 201, "{info}");
+    assert_eq!(info["reject_threshold"], 1.0);
+    let (_, strict) = inspect(&server, "strict", png(&defective.test)).await;
+    let (_, lenient) = inspect(&server, "lenient", png(&defective.test)).await;
+    assert_eq!(strict["verdict"], "REJECT");
+    // The same defects are reported; only those at confidence 1.0 could reject the lenient board.
+    assert_eq!(strict["defects"], lenient["defects"]);
+    let certain = lenient["defects"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|d| d["confidence"].as_f64() == Some(1.0));
+    assert_eq!(lenient["verdict"], if certain { "REJECT" } else { "PASS" });
+    let (status, error) =
+        put_template(&server, "x", png(&clean.template), "?reject_threshold=2").await;
+    assert_eq!(status, 422, "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_error_path_answers_with_the_right_status() {
+    let (_repository, _data, server) = start(&["--max-image-pixels", "500000"]);
+    let clean = synthetic::board(&[], (0, 0));
+    put_template(&server, "e", png(&clean.template), "").await;
+    let big = linescan::aoi::image_io::GrayImage {
+        width: 800,
+        height: 800,
+        pixels: vec![255; 640_000],
+    };
+    let small = linescan::aoi::image_io::GrayImage {
+        width: 320,
+        height: 320,
+        pixels: vec![255; 102_400],
+    };
+    let truncated = {
+        let bytes = png(&clean.test);
+        bytes[..bytes.len() / 3].to_vec()
+    };
+    let cases: Vec<(&str, Vec<u8>, u16, &str)> = vec![
+        ("unknown-board", png(&clean.test), 404, "no template"),
+        (
+            "e",
+            b"plain text, not an image".to_vec(),
+            415,
+            "not an image",
+        ),
+        ("e", Vec::new(), 415, "empty"),
+        ("e", truncated, 422, "corrupt"),
+        ("e", png(&small), 422, "320x320"),
+        ("e", png(&big), 413, "exceeds the limit"),
+        ("bad%20name", png(&clean.test), 422, "invalid"),
+    ];
+    for (board, body, status, message) in cases {
+        let (got, error) = inspect(&server, board, body).await;
+        assert_eq!(got, status, "{board} {message}: {error}");
+        assert!(
+            error["error"].as_str().unwrap().contains(message),
+            "{error} lacks {message:?}"
+        );
+    }
+    let (status, error) = put_template(&server, "e2", b"GIF89a".to_vec(), "").await;
+    assert_eq!(status, 415, "{error}");
+    assert_eq!(
+        common::status_of(&server.url, "/v2/health/ready"),
+        Some(200)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn templates_survive_a_restart() {
+    let repository = Repository::with_models(&[MODEL]);
+    let data = tempfile::tempdir().unwrap();
+    let args = ["--data-dir", data.path().to_str().unwrap()];
+    let clean = synthetic::board(&[], (0, 0));
+    let defective = synthetic::board(&[DefectKind::Copper], (0, 0));
+    {
+        let server = Server::start(repository.path(), &args);
+        assert_eq!(
+            put_template(
+                &server,
+                "kept",
+                png(&clean.template),
+                "?reject_threshold=0.6"
+            )
+            .await
+            .0,
+            201
+        );
+    }
+    let server = Server::start(repository.path(), &args);
+    let (status, info) = common::get_json(&format!("{}/v1/templates/kept", server.url)).await;
+    assert_eq!(status, 200, "{info}");
+    assert!(
+        (info["reject_threshold"].as_f64().unwrap() - 0.6).abs() < 1e-6,
+        "{info}"
+    );
+    let (_, result) = inspect(&server, "kept", png(&defective.test)).await;
+    assert_eq!(result["verdict"], "REJECT", "{result}");
+}

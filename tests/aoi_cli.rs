@@ -1,0 +1,164 @@
+//! `linescan aoi detect` and `linescan aoi eval` on a DeepPCB-format folder of synthetic pairs
+//! written on the fly: the file contract evaluators script against.
+
+mod common;
+
+use std::path::Path;
+
+use common::{Repository, run_cli};
+use linescan::aoi::synthetic::{self, DefectKind};
+
+/// DeepPCB type numbers of the defect kinds.
+fn type_number(kind: DefectKind) -> usize {
+    DefectKind::ALL.iter().position(|k| *k == kind).unwrap() + 1
+}
+
+fn write_dataset(root: &Path) -> std::path::PathBuf {
+    let group = root.join("group1");
+    std::fs::create_dir_all(group.join("1")).unwrap();
+    std::fs::create_dir_all(group.join("1_not")).unwrap();
+    let mut list = String::new();
+    let layouts: [&[DefectKind]; 3] = [
+        &DefectKind::ALL,
+        &[],
+        &[DefectKind::Open, DefectKind::Copper],
+    ];
+    for (i, defects) in layouts.iter().enumerate() {
+        let id = format!("100{i}");
+        let board = synthetic::board(defects, (i as i64 - 1, 0));
+        std::fs::write(
+            group.join(format!("1/{id}_test.jpg")),
+            synthetic::encode(&board.test, image::ImageFormat::Jpeg),
+        )
+        .unwrap();
+        std::fs::write(
+            group.join(format!("1/{id}_temp.jpg")),
+            synthetic::encode(&board.template, image::ImageFormat::Jpeg),
+        )
+        .unwrap();
+        let annotations: String = board
+            .defects
+            .iter()
+            .map(|(kind, b)| {
+                format!(
+                    "{} {} {} {} {}\n",
+                    b[0],
+                    b[1],
+                    b[2],
+                    b[3],
+                    type_number(*kind)
+                )
+            })
+            .collect();
+        std::fs::write(group.join(format!("1_not/{id}.txt")), annotations).unwrap();
+        list.push_str(&format!("group1/1/{id}.jpg group1/1_not/{id}.txt\n"));
+    }
+    let path = root.join("list.txt");
+    std::fs::write(&path, list).unwrap();
+    path
+}
+
+#[test]
+fn detect_writes_deeppcb_files_and_eval_scores_them() {
+    let repository = Repository::with_models(&["aoi_defect"]);
+    let root = tempfile::tempdir().unwrap();
+    let list = write_dataset(root.path());
+    let out = root.path().join("det");
+    let models = repository.path().to_str().unwrap();
+    let detect = run_cli(&[
+        "aoi",
+        "detect",
+        "--list",
+        list.to_str().unwrap(),
+        "--root",
+        root.path().to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--model-repository",
+        models,
+    ]);
+    let stdout = String::from_utf8_lossy(&detect.stdout);
+    assert!(
+        detect.status.success(),
+        "{}\n{}",
+        stdout,
+        String::from_utf8_lossy(&detect.stderr)
+    );
+    assert!(
+        stdout.contains("3 pairs") && stdout.contains("pairs/s"),
+        "{stdout}"
+    );
+    for stage in ["template", "decode", "align", "classify"] {
+        assert!(stdout.contains(stage), "{stage} timing missing: {stdout}");
+    }
+    // One file per pair; each line `x1,y1,x2,y2,confidence,type` with integer box.
+    for id in ["1000", "1001", "1002"] {
+        let text = std::fs::read_to_string(out.join(format!("{id}.txt"))).unwrap();
+        for line in text.lines() {
+            let fields: Vec<&str> = line.split(',').collect();
+            assert_eq!(fields.len(), 6, "{line}");
+            for f in &fields[..4] {
+                f.parse::<i64>()
+                    .unwrap_or_else(|_| panic!("box field {f} in {line}"));
+            }
+            let confidence: f64 = fields[4].parse().unwrap();
+            assert!((0.0..=1.0).contains(&confidence));
+            assert!(
+                DefectKind::ALL.iter().any(|k| k.class_name() == fields[5]),
+                "{line}"
+            );
+        }
+    }
+    let eval = run_cli(&[
+        "aoi",
+        "eval",
+        "--list",
+        list.to_str().unwrap(),
+        "--root",
+        root.path().to_str().unwrap(),
+        "--det",
+        out.to_str().unwrap(),
+        "--model-repository",
+        models,
+    ]);
+    let report = String::from_utf8_lossy(&eval.stdout);
+    assert!(
+        eval.status.success(),
+        "{report}\n{}",
+        String::from_utf8_lossy(&eval.stderr)
+    );
+    for expected in [
+        "3 images, 8 ground-truth defects",
+        "AP (all detections ranked by confidence)",
+        "AP pin-hole",
+        "mean AP",
+        "F-score",
+    ] {
+        assert!(
+            report.contains(expected),
+            "{expected:?} missing in {report}"
+        );
+    }
+}
+
+#[test]
+fn detect_names_a_missing_image() {
+    let repository = Repository::with_models(&["aoi_defect"]);
+    let root = tempfile::tempdir().unwrap();
+    let list = write_dataset(root.path());
+    std::fs::remove_file(root.path().join("group1/1/1001_test.jpg")).unwrap();
+    let output = run_cli(&[
+        "aoi",
+        "detect",
+        "--list",
+        list.to_str().unwrap(),
+        "--root",
+        root.path().to_str().unwrap(),
+        "--out",
+        root.path().join("det").to_str().unwrap(),
+        "--model-repository",
+        repository.path().to_str().unwrap(),
+    ]);
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("1001_test.jpg"));
+}
