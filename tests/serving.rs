@@ -468,3 +468,52 @@ async fn api_key_guards_everything_but_probes_and_metrics() {
     assert_eq!(authorised.status(), 200);
     assert_eq!(common::status_of(&server.url, "/metrics"), Some(200));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn merged_requests_of_several_rows_get_their_own_rows_back() {
+    let repository = Repository::with_models(&[MODEL]);
+    repository.set(MODEL, "max_queue_delay_us", "100000");
+    let server = Server::start(repository.path(), &["--instances", "1"]);
+    let metadata = metadata(&server).await;
+    let requests: Vec<Value> = (1..=5)
+        .map(|rows| json_request(&metadata, rows, 100 + rows as u64))
+        .collect();
+    // Sent together: they wait for each other and run as one batch of 15 rows.
+    let merged: Vec<Value> = futures_util::future::join_all(requests.iter().map(|body| {
+        let url = infer_url(&server);
+        let body = body.clone();
+        async move {
+            let response = post_json(&url, &body).await;
+            assert_eq!(response.headers()["X-Linescan-Batch-Rows"], "15");
+            response.json::<Value>().await.unwrap()
+        }
+    }))
+    .await;
+    for (body, together) in requests.iter().zip(&merged) {
+        // Alone: each in a batch of its own.
+        let alone: Value = post_json(&infer_url(&server), body)
+            .await
+            .json()
+            .await
+            .unwrap();
+        for (a, b) in alone["outputs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(together["outputs"].as_array().unwrap())
+        {
+            assert_eq!(a["shape"], b["shape"]);
+            for (x, y) in a["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .zip(b["data"].as_array().unwrap())
+            {
+                assert!(
+                    (x.as_f64().unwrap() - y.as_f64().unwrap()).abs() < 1e-4,
+                    "{x} vs {y}"
+                );
+            }
+        }
+    }
+}

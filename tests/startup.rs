@@ -101,10 +101,11 @@ fn defect_model_that_does_not_fit_the_pipeline_fails_at_start() {
     // Crops of a different size than the graph takes: [preprocessing] disagrees with the input.
     repository
         .set(MODEL, "crop_size", "32")
-        .set(MODEL, "crop_window", "64");
+        .set(MODEL, "crop_window", "64")
+        .set(MODEL, "fine_window", "32");
     let error = serve_error(&repository);
     assert!(
-        error.contains("crop_size") && error.contains("[3, 32, 32]"),
+        error.contains("crop_size") && error.contains("[6, 32, 32]"),
         "{error}"
     );
 }

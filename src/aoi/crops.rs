@@ -6,15 +6,21 @@ use crate::aoi::bitimage::BitImage;
 use crate::aoi::components::Component;
 use crate::aoi::params::PipelineParams;
 
-/// Top-left corner of a candidate's crop window (may lie outside the image).
-pub fn crop_origin(candidate: &Component, params: &PipelineParams) -> (isize, isize) {
+/// Top-left corner of a candidate's `window`² window centred on it (may lie outside the image).
+pub fn window_origin(candidate: &Component, window: usize) -> (isize, isize) {
     let cx = ((candidate.x1 + candidate.x2) / 2) as isize;
     let cy = ((candidate.y1 + candidate.y2) / 2) as isize;
-    let half = (params.crop_window / 2) as isize;
+    let half = (window / 2) as isize;
     (cx - half, cy - half)
 }
 
-/// Appends `[C, S, S]` float crops of every candidate to `out` (NCHW, row-major).
+/// Top-left corner of a candidate's (coarse) crop window, the frame of the regressed box.
+pub fn crop_origin(candidate: &Component, params: &PipelineParams) -> (isize, isize) {
+    window_origin(candidate, params.crop_window)
+}
+
+/// Appends the `[C', S, S]` float crops of every candidate to `out` (NCHW, row-major): the coarse
+/// window's C channels, then, with a fine window, the same C channels at full resolution.
 pub fn make_crops(
     channels: &[&BitImage],
     candidates: &[Component],
@@ -22,31 +28,63 @@ pub fn make_crops(
     out: &mut Vec<f32>,
 ) {
     let size = params.crop_size;
-    let scale = params.crop_scale;
-    let norm = (scale * scale) as f32;
-    let height = channels[0].height() as isize;
-    let window_words = params.crop_window.div_ceil(64);
-    let mut window_row = vec![0u64; window_words];
-    let mut sums = vec![0u32; size];
-    out.reserve(candidates.len() * channels.len() * size * size);
+    let windows = params.input_channels() / channels.len();
+    out.reserve(candidates.len() * channels.len() * windows * size * size);
+    let mut scratch = WindowScratch::new(params.crop_window.max(params.fine_window), size);
     for candidate in candidates {
-        let (x0, y0) = crop_origin(candidate, params);
+        let coarse = window_origin(candidate, params.crop_window);
         for image in channels {
-            for i in 0..size {
-                sums.fill(0);
-                for by in 0..scale as isize {
-                    let y = y0 + (scale * i) as isize + by;
-                    if y < 0 || y >= height {
-                        continue;
-                    }
-                    let row = image.row(y as usize);
-                    for (k, word) in window_row.iter_mut().enumerate() {
-                        *word = bits_at(row, x0 + 64 * k as isize);
-                    }
-                    add_block_counts(&window_row, scale, &mut sums);
-                }
-                out.extend(sums.iter().map(|s| *s as f32 / norm));
+            scratch.average(image, coarse, params.crop_scale, out);
+        }
+        if params.fine_window > 0 {
+            let fine = window_origin(candidate, params.fine_window);
+            for image in channels {
+                scratch.average(image, fine, 1, out);
             }
+        }
+    }
+}
+
+/// Buffers for averaging one window, reused across candidates.
+struct WindowScratch {
+    window_row: Vec<u64>,
+    sums: Vec<u32>,
+}
+
+impl WindowScratch {
+    fn new(max_window: usize, size: usize) -> WindowScratch {
+        WindowScratch {
+            window_row: vec![0u64; max_window.div_ceil(64)],
+            sums: vec![0u32; size],
+        }
+    }
+
+    /// Appends `size`² averages of `scale`² blocks of the window at `origin` (outside = 0).
+    fn average(
+        &mut self,
+        image: &BitImage,
+        origin: (isize, isize),
+        scale: usize,
+        out: &mut Vec<f32>,
+    ) {
+        let size = self.sums.len();
+        let words = (size * scale).div_ceil(64);
+        let norm = (scale * scale) as f32;
+        let height = image.height() as isize;
+        for i in 0..size {
+            self.sums.fill(0);
+            for by in 0..scale as isize {
+                let y = origin.1 + (scale * i) as isize + by;
+                if y < 0 || y >= height {
+                    continue;
+                }
+                let row = image.row(y as usize);
+                for (k, word) in self.window_row[..words].iter_mut().enumerate() {
+                    *word = bits_at(row, origin.0 + 64 * k as isize);
+                }
+                add_block_counts(&self.window_row[..words], scale, &mut self.sums);
+            }
+            out.extend(self.sums.iter().map(|s| *s as f32 / norm));
         }
     }
 }
@@ -122,6 +160,7 @@ mod tests {
             crop_window: 4,
             crop_scale: 2,
             crop_size: 2,
+            fine_window: 0,
             ..PipelineParams::default()
         };
         let mut image = BitImage::new(4, 4);

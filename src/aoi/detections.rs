@@ -77,7 +77,11 @@ pub fn decode_detections(
             candidate: k,
         });
     }
-    nms(detections, params.nms_iou)
+    nms(detections, params.nms_iou, params.nms_iomin)
+}
+
+fn area(b: &[i64; 4]) -> i64 {
+    (b[2] - b[0]) * (b[3] - b[1])
 }
 
 /// Intersection and union areas of two integer boxes.
@@ -92,8 +96,10 @@ pub fn intersection_union(a: &[i64; 4], b: &[i64; 4]) -> (i64, i64) {
     (inter, union)
 }
 
-/// Greedy NMS by confidence (ties: earlier candidate first); suppress when inter > iou × union.
-fn nms(mut detections: Vec<Detection>, iou: f64) -> Vec<Detection> {
+/// Greedy NMS by confidence (ties: earlier candidate first). A detection is suppressed by a kept
+/// one when `inter > iou × union` (any classes), or, for the same class, when
+/// `inter > iomin × min(area, kept area)` (one defect boxed twice at different sizes).
+fn nms(mut detections: Vec<Detection>, iou: f64, iomin: f64) -> Vec<Detection> {
     detections.sort_by(|a, b| {
         b.confidence
             .total_cmp(&a.confidence)
@@ -103,7 +109,9 @@ fn nms(mut detections: Vec<Detection>, iou: f64) -> Vec<Detection> {
     for detection in detections {
         let suppressed = kept.iter().any(|k| {
             let (inter, union) = intersection_union(&detection.bbox, &k.bbox);
+            let smaller = area(&detection.bbox).min(area(&k.bbox));
             inter as f64 > iou * union as f64
+                || (detection.class_index == k.class_index && inter as f64 > iomin * smaller as f64)
         });
         if !suppressed {
             kept.push(detection);
@@ -137,6 +145,35 @@ mod tests {
             decode_box(&[-1.0, -1.0, -1.0, 9.0], (0, 0), 640, 640, &params),
             [0, 0, 1, 640]
         );
+    }
+
+    #[test]
+    fn same_class_boxes_nested_in_each_other_are_merged() {
+        let params = PipelineParams::default();
+        let detection =
+            |bbox: [i64; 4], class_index: usize, confidence: f32, candidate: usize| Detection {
+                bbox,
+                class_name: DEFECT_CLASSES[class_index - 1],
+                class_index,
+                confidence,
+                candidate,
+            };
+        // A small box inside a large one: IoU 0.25 (kept across classes), but within a class the
+        // intersection is all of the smaller box.
+        let big = detection([0, 0, 20, 20], 1, 0.9, 0);
+        let inner = [5, 5, 15, 15];
+        let kept = nms(
+            vec![big.clone(), detection(inner, 1, 0.8, 1)],
+            params.nms_iou,
+            params.nms_iomin,
+        );
+        assert_eq!(kept, vec![big.clone()]);
+        let kept = nms(
+            vec![big, detection(inner, 2, 0.8, 1)],
+            params.nms_iou,
+            params.nms_iomin,
+        );
+        assert_eq!(kept.len(), 2);
     }
 
     #[test]

@@ -26,12 +26,16 @@ pub struct PipelineParams {
     pub crop_scale: usize,
     /// Crop side fed to the classifier (`crop_window / crop_scale`).
     pub crop_size: usize,
+    /// Side of a second, full-resolution window with the same centre (0: none); equals crop_size.
+    pub fine_window: usize,
     /// Crop channels, in order: "test", "template", "xor".
     pub channels: Vec<String>,
     /// Detections below this confidence are dropped.
     pub score_threshold: f32,
-    /// Class-agnostic NMS: suppress when IoU > this.
+    /// NMS across classes: suppress when IoU > this.
     pub nms_iou: f64,
+    /// NMS within a class: suppress when the intersection exceeds this share of the smaller box.
+    pub nms_iomin: f64,
 }
 
 impl Default for PipelineParams {
@@ -47,14 +51,21 @@ impl Default for PipelineParams {
             crop_window: 128,
             crop_scale: 2,
             crop_size: 64,
+            fine_window: 64,
             channels: vec!["test".into(), "template".into(), "xor".into()],
             score_threshold: 0.5,
-            nms_iou: 0.4,
+            nms_iou: 0.3,
+            nms_iomin: 0.5,
         }
     }
 }
 
 impl PipelineParams {
+    /// Classifier input channels: the crop channels, twice with a fine window.
+    pub fn input_channels(&self) -> usize {
+        self.channels.len() * if self.fine_window > 0 { 2 } else { 1 }
+    }
+
     pub fn from_table(table: Option<&toml::Table>) -> Result<PipelineParams, String> {
         let params: PipelineParams = match table {
             Some(table) => table
@@ -72,6 +83,12 @@ impl PipelineParams {
             return Err(format!(
                 "[preprocessing]: crop_window {} must equal crop_scale {} x crop_size {}",
                 self.crop_window, self.crop_scale, self.crop_size
+            ));
+        }
+        if self.fine_window != 0 && self.fine_window != self.crop_size {
+            return Err(format!(
+                "[preprocessing]: fine_window {} must be 0 or equal crop_size {}",
+                self.fine_window, self.crop_size
             ));
         }
         if let Some(bad) = self

@@ -183,7 +183,7 @@ fn check_signature(
     params: &PipelineParams,
 ) -> Result<(), AoiError> {
     let expected_input = vec![
-        params.channels.len() as i64,
+        params.input_channels() as i64,
         params.crop_size as i64,
         params.crop_size as i64,
     ];
@@ -199,8 +199,8 @@ fn check_signature(
                 .map(|(name, width)| format!("needs an FP32 output \"{name}\" of shape [{width}]"))
         }
         _ => Some(format!(
-            "needs one FP32 input of shape {expected_input:?} (channels x crop_size x crop_size \
-             from [preprocessing]) and max_batch_size > 0"
+            "needs one FP32 input of shape {expected_input:?} (channels, doubled with a fine \
+             window, x crop_size x crop_size from [preprocessing]) and max_batch_size > 0"
         )),
     };
     match problem {

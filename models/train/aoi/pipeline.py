@@ -46,7 +46,8 @@ class Params:
     channels: tuple = ("test", "template", "xor")
     # stage 7
     score_threshold: float = 0.5         # operating threshold on the detection confidence
-    nms_iou: float = 0.4                 # class-agnostic greedy NMS, suppress if IoU > nms_iou
+    nms_iou: float = 0.3                 # greedy NMS, any class: suppress if IoU > nms_iou
+    nms_iomin: float = 0.5               # same class: suppress if inter > nms_iomin * min(areas)
 
     def to_dict(self):
         d = asdict(self)
@@ -441,20 +442,26 @@ def decode_detections(cands, probs, offs, W: int, H: int, p: Params = DEFAULT,
         box = decode_box(offs[k], wx0, wy0, W, H, p)
         dets.append({"box": list(box), "cls": cls, "label": LABELS[cls], "score": score,
                      "cand": k})
-    return nms(dets, p.nms_iou)
+    return nms(dets, p.nms_iou, p.nms_iomin)
 
 
-def nms(dets, thr: float):
-    """Greedy class-agnostic NMS.  Order: score descending, ties by candidate index
-    ascending.  A detection is suppressed when, for some already kept detection,
-    inter > thr * union (binary64, integer inter/union)."""
+def nms(dets, thr: float, thr_min: float = DEFAULT.nms_iomin):
+    """Greedy NMS.  Order: score descending, ties by candidate index ascending.  A detection
+    d is suppressed when, for some already kept detection k (integer inter/union/areas,
+    comparisons in binary64):
+        inter > thr * union                                  (any classes), or
+        d.cls == k.cls and inter > thr_min * min(area_d, area_k)."""
     order = sorted(dets, key=lambda d: (-d["score"], d["cand"]))
     kept = []
     for d in order:
         ok = True
+        ad = (d["box"][2] - d["box"][0]) * (d["box"][3] - d["box"][1])
         for k in kept:
             inter, union = box_iou_int(d["box"], k["box"])
-            if inter > thr * union:
+            if inter == 0:
+                continue
+            ak = (k["box"][2] - k["box"][0]) * (k["box"][3] - k["box"][1])
+            if inter > thr * union or (d["cls"] == k["cls"] and inter > thr_min * min(ad, ak)):
                 ok = False
                 break
         if ok:

@@ -191,8 +191,9 @@ def _worker(args):
 
 
 def build_dataset(root, items, variants, seed, p, n_jitter, workers, cache_dir):
+    stage15 = {k: v for k, v in p.to_dict().items() if k not in ("score_threshold", "nms_iou", "nms_iomin")}
     key = hashlib.sha1(json.dumps([sorted(i[0] for i in items), list(variants), seed,
-                                   p.to_dict(), n_jitter, 4]).encode()).hexdigest()[:16]
+                                   stage15, n_jitter, 4]).encode()).hexdigest()[:16]
     path = os.path.join(cache_dir, f"aoi_ds_{key}.npz")
     if os.path.exists(path):
         d = np.load(path)

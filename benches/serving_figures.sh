@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The serving core's figures on this machine, with the bundled aoi_defect classifier:
+#   1. in-process ONNX Runtime at batch B (2 sessions x 1 thread: both cores, no HTTP),
+#   2. the server at batch-forming concurrency (single-row binary requests, closed loop),
+#   3. the same over JSON, and the FastAPI + onnxruntime reference at equal concurrency,
+#   4. open loop at 50% and 90% of the server's closed-loop throughput (p50/p99).
+# JSON reports go to bench-results/. Usage: benches/serving_figures.sh [BATCH] [CONCURRENCY] [SECONDS]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BATCH=${1:-8}
+CONCURRENCY=${2:-16}
+SECONDS_=${3:-15}
+MODEL=aoi_defect
+BIN=target/release/linescan
+deploy/setup.sh >/dev/null
+mkdir -p bench-results
+LINESCAN_PORT=8090 $BIN serve --instances 2 --threads 1 >/dev/null 2>bench-results/server.log &
+SERVER=$!
+trap 'kill $SERVER 2>/dev/null || true' EXIT
+until curl -sf http://127.0.0.1:8090/v2/health/ready >/dev/null; do sleep 0.5; done
+json() { .venv/bin/python -c "import json,sys; print(json.load(open(sys.argv[1]))$2)" "$1"; }
+
+echo "== 1. in-process, batch $BATCH, 2 sessions x 1 thread"
+$BIN bench inprocess --model $MODEL --batch "$BATCH" --sessions 2 --threads 1 --duration "$SECONDS_" --report bench-results/inprocess.json
+echo "== 2. server, binary tensors, 1 row per request, concurrency $CONCURRENCY"
+$BIN bench infer --url http://127.0.0.1:8090 --model $MODEL --binary --concurrency "$CONCURRENCY" --duration "$SECONDS_" --report bench-results/server_binary.json
+echo "== 3. server, JSON tensors, concurrency $CONCURRENCY"
+$BIN bench infer --url http://127.0.0.1:8090 --model $MODEL --concurrency "$CONCURRENCY" --duration "$SECONDS_" --report bench-results/server_json.json
+MAX=$(json bench-results/server_binary.json "['requests_per_s']")
+for share in 50 90; do
+    RATE=$(.venv/bin/python -c "print(round($MAX * $share / 100, 1))")
+    echo "== 4. open loop at $share% of $MAX req/s = $RATE req/s"
+    $BIN bench infer --url http://127.0.0.1:8090 --model $MODEL --binary --rate "$RATE" --concurrency 512 --duration "$SECONDS_" --report "bench-results/open_$share.json"
+done
+kill $SERVER; wait $SERVER 2>/dev/null || true
+echo "== 5. FastAPI + onnxruntime reference vs linescan, JSON, concurrency $CONCURRENCY"
+benches/reference/compare.sh $MODEL "$CONCURRENCY" 1 "$SECONDS_"
+.venv/bin/python - <<'PY'
+import json
+r = lambda n: json.load(open(f"bench-results/{n}.json"))
+inproc, binary = r("inprocess"), r("server_binary")
+print(f"server/in-process throughput: {binary['inferences_per_s'] / inproc['inferences_per_s']:.1%} "
+      f"({binary['inferences_per_s']:.0f} vs {inproc['inferences_per_s']:.0f} inferences/s, "
+      f"mean batch {binary['mean_batch_rows']:.1f})")
+for share in (50, 90):
+    o = r(f"open_{share}")
+    print(f"open loop {share}%: {o['requests_per_s']:.0f} req/s  p50 {o['latency']['p50_ms']:.2f} ms  p99 {o['latency']['p99_ms']:.2f} ms")
+PY
