@@ -17,9 +17,9 @@ pub fn otsu_threshold(gray: &[u8], fallback: u8) -> u8 {
     let (mut count, mut sum) = (0i128, 0i128);
     let mut best: Option<f64> = None;
     let (mut first, mut last) = (0usize, 0usize);
-    for t in 0..255usize {
-        count += histogram[t];
-        sum += histogram[t] * t as i128;
+    for (t, h) in histogram.iter().enumerate().take(255) {
+        count += h;
+        sum += h * t as i128;
         if count <= 0 || count >= total {
             continue;
         }
