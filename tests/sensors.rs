@@ -132,6 +132,13 @@ async fn degrading_units_score_lower_rul_and_health_with_more_anomaly() {
             &["model=\"anomaly_fd001\""]
         ) >= 2.0
     );
+    assert!(
+        metric(
+            &metrics,
+            "linescan_stage_duration_seconds_count",
+            &["pipeline=\"sensors\"", "stage=\"prepare\""]
+        ) >= 1.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

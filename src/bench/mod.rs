@@ -4,6 +4,7 @@ pub mod infer;
 pub mod inprocess;
 pub mod load;
 pub mod report;
+pub mod rul;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -17,6 +18,23 @@ pub enum BenchCommand {
     Infer(InferArgs),
     /// Run a model in-process with ONNX Runtime at a fixed batch size (the baseline for `infer`).
     Inprocess(InProcessArgs),
+    /// Send live sensor windows (`POST /v1/rul/{model}`) to a server: latency of the sensor API.
+    Rul(RulArgs),
+}
+
+#[derive(Args)]
+pub struct RulArgs {
+    /// Server base URL.
+    #[arg(long, env = "LINESCAN_URL", default_value = "http://127.0.0.1:8000")]
+    pub url: String,
+    /// Sensor model to call.
+    #[arg(long, default_value = "rul_fd001")]
+    pub model: String,
+    /// Windows per request.
+    #[arg(long, default_value_t = 1)]
+    pub windows: usize,
+    #[command(flatten)]
+    pub load: LoadArgs,
 }
 
 #[derive(Args)]
@@ -127,6 +145,10 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
                 args.binary,
             )
             .await?;
+            Ok(Arc::new(workload) as Arc<dyn load::Workload>)
+        }),
+        BenchCommand::Rul(args) => args.load.execute(async || {
+            let workload = rul::RulWorkload::prepare(&args.url, &args.model, args.windows).await?;
             Ok(Arc::new(workload) as Arc<dyn load::Workload>)
         }),
         BenchCommand::Inprocess(args) => {

@@ -63,9 +63,9 @@ pub struct JobRunArgs {
     /// Archive rows read per chunk.
     #[arg(long, default_value_t = 16_384)]
     pub chunk_rows: usize,
-    /// Model batches in flight.
-    #[arg(long, default_value_t = 4)]
-    pub in_flight: usize,
+    /// Model batches in flight (default: two per session, plus two).
+    #[arg(long)]
+    pub in_flight: Option<usize>,
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
@@ -219,7 +219,13 @@ fn job_run(args: &JobRunArgs) -> anyhow::Result<()> {
         "{} is not a file",
         args.archive.display()
     );
-    let (registry, model) = load_sensor_model(&args.models, args.model.as_deref())?;
+    // Batch mode: one session per core for each model unless told otherwise (the RUL model is
+    // the expensive one, and one session runs on one core).
+    let mut models = args.models.clone();
+    let instances = *models
+        .instances
+        .get_or_insert_with(|| std::thread::available_parallelism().map_or(1, |n| n.get().min(8)));
+    let (registry, model) = load_sensor_model(&models, args.model.as_deref())?;
     let runtime = runtime()?;
     let source = args
         .archive
@@ -230,7 +236,7 @@ fn job_run(args: &JobRunArgs) -> anyhow::Result<()> {
     options.partition = args.partition;
     options.shard = args.shard;
     options.chunk_rows = args.chunk_rows;
-    options.in_flight = args.in_flight;
+    options.in_flight = args.in_flight.unwrap_or(2 * instances + 2);
     let h5 = match format {
         Format::H5 => args.out.clone(),
         _ => args.out.with_extension("scoring.h5"),

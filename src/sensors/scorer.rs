@@ -21,6 +21,11 @@ pub struct Scores {
     pub rul_std: Vec<f32>,
     /// Raw reconstruction error; None without an anomaly model.
     pub anomaly_raw: Option<Vec<f32>>,
+    /// The longer wait in a batcher queue and the longer model run of the two models.
+    pub queue_time: std::time::Duration,
+    pub compute_time: std::time::Duration,
+    /// Rows of the RUL model's batch this ran in.
+    pub batch_rows: usize,
 }
 
 /// What one window comes to.
@@ -185,7 +190,15 @@ impl SensorModel {
                 .filter(|v| v.len() == rows)
                 .ok_or_else(|| InferError::Inference(format!("output {name} has the wrong size")))
         };
+        let (mut queue_time, mut compute_time) = (rul.queue_time, rul.compute_time);
+        if let Some(response) = &anomaly {
+            queue_time = queue_time.max(response.queue_time);
+            compute_time = compute_time.max(response.compute_time);
+        }
         Ok(Scores {
+            queue_time,
+            compute_time,
+            batch_rows: rul.batch_rows,
             rul: column(&rul.outputs[self.rul_outputs[0]], "rul")?,
             rul_std: column(&rul.outputs[self.rul_outputs[1]], "rul_std")?,
             anomaly_raw: match anomaly {

@@ -97,6 +97,7 @@ fn describe(model: &SensorModel, settings: &AssessSettings) -> serde_json::Value
         "rul_cap": model.params.rul_cap,
         "max_windows_per_batch": model.batch_rows(),
         "anomaly_alarm_threshold": model.alarm_threshold(),
+        "rul_sigma_calibrated": model.rul_calibration.is_some(),
         "risk": {"critical": settings.critical, "warning": settings.warning},
         "health_anomaly_weight": settings.health_anomaly_weight,
     })
@@ -130,6 +131,15 @@ struct LiveQuery {
     warning: Option<f64>,
 }
 
+/// Serialized directly (not through `json!`) so f32 values print at f32 precision.
+#[derive(Serialize)]
+struct LiveResponse<'a> {
+    model: &'a str,
+    version: u64,
+    anomaly_model: Option<&'a str>,
+    results: Vec<LiveResult>,
+}
+
 #[derive(Serialize)]
 struct LiveResult {
     unit: serde_json::Value,
@@ -161,9 +171,19 @@ async fn score_live(
         )));
     }
     let body = read_limited(&request, payload, state.max_body_bytes).await?;
+    let started = std::time::Instant::now();
     let windows = live::parse_windows(&body)?;
     let (input, infos) = live::prepare(&windows, &model.params, &model.scaler)?;
     drop(windows);
+    let stage = |name: &str, seconds: f64| {
+        state
+            .metrics
+            .stage_duration
+            .with_label_values(&["sensors", name, "cpu"])
+            .observe(seconds)
+    };
+    stage("prepare", started.elapsed().as_secs_f64());
+    let scoring = std::time::Instant::now();
     let deadline = model.default_deadline();
     let window_len = model.params.window_len();
     let per_call = model.batch_rows();
@@ -182,6 +202,7 @@ async fn score_live(
             .into_iter()
             .collect::<Result<Vec<_>, _>>()?
     };
+    stage("score", scoring.elapsed().as_secs_f64());
     let alarm = model.alarm_threshold();
     let mut results = Vec::with_capacity(infos.len());
     let mut infos = infos.into_iter();
@@ -204,12 +225,33 @@ async fn score_live(
             });
         }
     }
-    Ok(HttpResponse::Ok().json(json!({
-        "model": model.name(),
-        "version": model.rul.spec.version,
-        "anomaly_model": model.anomaly.as_ref().map(|a| a.name()),
-        "results": results,
-    })))
+    let slowest = |f: fn(&crate::sensors::Scores) -> std::time::Duration| {
+        scores
+            .iter()
+            .map(f)
+            .max()
+            .unwrap_or_default()
+            .as_micros()
+            .to_string()
+    };
+    Ok(HttpResponse::Ok()
+        .insert_header(("X-Linescan-Queue-Us", slowest(|s| s.queue_time)))
+        .insert_header(("X-Linescan-Compute-Us", slowest(|s| s.compute_time)))
+        .insert_header((
+            "X-Linescan-Batch-Rows",
+            scores
+                .iter()
+                .map(|s| s.batch_rows)
+                .max()
+                .unwrap_or(0)
+                .to_string(),
+        ))
+        .json(LiveResponse {
+            model: model.name(),
+            version: model.rul.spec.version,
+            anomaly_model: model.anomaly.as_ref().map(|a| a.name()),
+            results,
+        }))
 }
 
 #[derive(Deserialize, Default)]
