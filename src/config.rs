@@ -42,6 +42,16 @@ pub struct ServeArgs {
     #[arg(long, env = "LINESCAN_SHUTDOWN_TIMEOUT", default_value_t = 30)]
     pub shutdown_timeout: u64,
 
+    /// Risk thresholds and health weighting of sensor predictions.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub assess: crate::sensors::AssessSettings,
+
+    /// Fleet jobs: workers, uploads, server-side paths.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub jobs: crate::jobs::JobArgs,
+
     /// Require `Authorization: Bearer <key>` on every route but health and metrics.
     #[arg(long, env = "LINESCAN_API_KEY", hide_env_values = true)]
     #[serde(serialize_with = "redact")]

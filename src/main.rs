@@ -43,6 +43,12 @@ enum Command {
     /// PCB inspection on DeepPCB-format folders: detect and evaluate.
     #[command(subcommand)]
     Aoi(linescan::cli::aoi::AoiCommand),
+    /// Fleet jobs offline: score an HDF5 archive (optionally one shard), merge shards.
+    #[command(subcommand)]
+    Job(linescan::cli::sensors::JobCommand),
+    /// Remaining useful life from C-MAPSS text files.
+    #[command(subcommand)]
+    Rul(linescan::cli::sensors::RulCommand),
     /// Benchmarks: load generator against a server, and in-process baselines.
     #[command(subcommand)]
     Bench(linescan::bench::BenchCommand),
@@ -66,6 +72,8 @@ fn main() -> ExitCode {
         Command::Models(ModelsCommand::List(args)) => linescan::cli::models::list(&args),
         Command::Models(ModelsCommand::Check(args)) => linescan::cli::models::check(&args),
         Command::Aoi(command) => linescan::cli::aoi::run(command),
+        Command::Job(command) => linescan::cli::sensors::run_job(command),
+        Command::Rul(command) => linescan::cli::sensors::run_rul(command),
         Command::Bench(command) => linescan::bench::run(command),
     };
     match outcome {

@@ -5,6 +5,7 @@ pub mod infer;
 pub mod inprocess;
 pub mod load;
 pub mod report;
+pub mod rul;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -21,6 +22,8 @@ pub enum BenchCommand {
     /// Stream board images through AOI inspection, over HTTP (templates registered first) or
     /// in-process; real DeepPCB-format pairs with --list/--root, synthetic boards without.
     Aoi(AoiArgs),
+    /// Send live sensor windows (`POST /v1/rul/{model}`) to a server: latency of the sensor API.
+    Rul(RulArgs),
 }
 
 #[derive(Args)]
@@ -42,6 +45,21 @@ pub struct AoiArgs {
     pub boards: usize,
     #[command(flatten)]
     pub models: crate::config::ModelArgs,
+    #[command(flatten)]
+    pub load: LoadArgs,
+}
+
+#[derive(Args)]
+pub struct RulArgs {
+    /// Server base URL.
+    #[arg(long, env = "LINESCAN_URL", default_value = "http://127.0.0.1:8000")]
+    pub url: String,
+    /// Sensor model to call.
+    #[arg(long, default_value = "rul_fd001")]
+    pub model: String,
+    /// Windows per request.
+    #[arg(long, default_value_t = 1)]
+    pub windows: usize,
     #[command(flatten)]
     pub load: LoadArgs,
 }
@@ -178,6 +196,10 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
                 })
             }
         }
+        BenchCommand::Rul(args) => args.load.execute(async || {
+            let workload = rul::RulWorkload::prepare(&args.url, &args.model, args.windows).await?;
+            Ok(Arc::new(workload) as Arc<dyn load::Workload>)
+        }),
         BenchCommand::Inprocess(args) => {
             let report = inprocess::run(&inprocess::InProcessPlan {
                 repository: &args.model_repository,

@@ -2,3 +2,4 @@
 
 pub mod aoi;
 pub mod models;
+pub mod sensors;

@@ -5,6 +5,7 @@
 pub mod aoi;
 pub mod body;
 pub mod error;
+pub mod sensors;
 pub mod state;
 pub mod v2;
 
@@ -68,6 +69,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             })
             .configure(v2::routes)
             .configure(aoi::routes)
+            .configure(sensors::routes)
             .route("/metrics", web::get().to(render_metrics))
             .default_service(web::to(no_route))
     })
@@ -92,6 +94,8 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let services = ServiceOptions {
         data_dir: args.data_dir.clone(),
         max_image_pixels: args.max_image_pixels,
+        assess: args.assess,
+        jobs: args.jobs.clone(),
     };
     std::thread::Builder::new()
         .name("model-loader".into())
@@ -112,6 +116,10 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(error) = load_error.lock().expect("load error lock").take() {
         return Err(error);
     }
+    if let Some(fleet) = state.fleet() {
+        tracing::info!("HTTP stopped; stopping job workers (running jobs stay queued)");
+        fleet.jobs.shutdown();
+    }
     if let Ok(registry) = state.registry() {
         tracing::info!("HTTP stopped; draining batcher queues");
         registry.shutdown();
@@ -124,6 +132,8 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 struct ServiceOptions {
     data_dir: std::path::PathBuf,
     max_image_pixels: u64,
+    assess: crate::sensors::AssessSettings,
+    jobs: crate::jobs::JobArgs,
 }
 
 /// Loads and warms every model, opens the domain services over them, then marks the server ready.
@@ -144,6 +154,19 @@ fn load_services(
         let service =
             crate::aoi::AoiService::open(inspector, &services.data_dir.join("templates"))?;
         state.set_aoi(Arc::new(service));
+    }
+    if let Some(sensors) = crate::sensors::SensorService::open(&registry, services.assess)? {
+        let sensors = Arc::new(sensors);
+        let jobs = crate::jobs::JobManager::open(
+            &services.data_dir.join("jobs"),
+            sensors.clone(),
+            services.jobs.clone(),
+        )?;
+        state.set_fleet(Arc::new(crate::jobs::Fleet {
+            sensors,
+            jobs,
+            args: services.jobs.clone(),
+        }));
     }
     state.set_registry(registry);
     Ok(())

@@ -4,12 +4,14 @@ use std::sync::{Arc, OnceLock};
 
 use crate::aoi::AoiService;
 use crate::engine::{ModelRegistry, ServedModel};
+use crate::jobs::Fleet;
 use crate::metrics::Metrics;
 use crate::server::error::ApiError;
 
 pub struct AppState {
     registry: OnceLock<Arc<ModelRegistry>>,
     aoi: OnceLock<Arc<AoiService>>,
+    fleet: OnceLock<Arc<Fleet>>,
     pub metrics: Arc<Metrics>,
     pub max_body_bytes: usize,
 }
@@ -19,6 +21,7 @@ impl AppState {
         AppState {
             registry: OnceLock::new(),
             aoi: OnceLock::new(),
+            fleet: OnceLock::new(),
             metrics,
             max_body_bytes,
         }
@@ -36,6 +39,16 @@ impl AppState {
 
     pub fn aoi(&self) -> Option<&Arc<AoiService>> {
         self.aoi.get()
+    }
+
+    /// Set before the registry, so a ready server has its sensor models and job queue (when the
+    /// repository has a `rul_*` model).
+    pub fn set_fleet(&self, fleet: Arc<Fleet>) {
+        let _ = self.fleet.set(fleet);
+    }
+
+    pub fn fleet(&self) -> Option<&Arc<Fleet>> {
+        self.fleet.get()
     }
 
     pub fn ready(&self) -> bool {

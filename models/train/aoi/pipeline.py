@@ -48,6 +48,7 @@ class Params:
     score_threshold: float = 0.5         # operating threshold on the detection confidence
     nms_iou: float = 0.3                 # greedy NMS, any class: suppress if IoU > nms_iou
     nms_iomin: float = 0.5               # same class: suppress if inter > nms_iomin * min(areas)
+    merge_same_class: bool = True        # after NMS: union-merge overlapping same-class detections
 
     def to_dict(self):
         d = asdict(self)
@@ -427,8 +428,10 @@ def decode_detections(cands, probs, offs, W: int, H: int, p: Params = DEFAULT,
                       min_score: float | None = None):
     """One detection per candidate: cls = argmax over classes 1..6 (first max wins),
     score = probs[cls] (float32 value); kept when score >= min_score (default
-    p.score_threshold) AND score > probs[0] is NOT required (the threshold is the only gate).
-    Then NMS.  Returns a list of dicts sorted by the NMS order."""
+    p.score_threshold).  Then nms(), then merge_same_class() on the detections with
+    score >= p.score_threshold.  Returns the merged detections (NMS order) followed by
+    the NMS survivors with min_score <= score < p.score_threshold (only present when
+    min_score < p.score_threshold, i.e. for AP ranking)."""
     if min_score is None:
         min_score = p.score_threshold
     dets = []
@@ -442,7 +445,38 @@ def decode_detections(cands, probs, offs, W: int, H: int, p: Params = DEFAULT,
         box = decode_box(offs[k], wx0, wy0, W, H, p)
         dets.append({"box": list(box), "cls": cls, "label": LABELS[cls], "score": score,
                      "cand": k})
-    return nms(dets, p.nms_iou, p.nms_iomin)
+    kept = nms(dets, p.nms_iou, p.nms_iomin)
+    high = [d for d in kept if d["score"] >= p.score_threshold]
+    low = [d for d in kept if d["score"] < p.score_threshold]
+    if p.merge_same_class:
+        high = merge_same_class(high)
+    return high + low
+
+
+def merge_same_class(dets):
+    """Merges fragments of one defect.  Input in NMS order.  One pass: walk the list; a
+    detection whose box overlaps (positive-area intersection) the box of an earlier
+    *output* detection of the same class is absorbed into the first such one (its box
+    becomes the union, class/score/cand stay those of the earlier one); otherwise it is
+    appended to the output.  Passes are repeated on the output until one makes no change."""
+    out = [dict(d, box=list(d["box"])) for d in dets]
+    changed = True
+    while changed:
+        changed = False
+        res = []
+        for d in out:
+            for r in res:
+                if r["cls"] != d["cls"]:
+                    continue
+                a, b = r["box"], d["box"]
+                if min(a[2], b[2]) - max(a[0], b[0]) > 0 and min(a[3], b[3]) - max(a[1], b[1]) > 0:
+                    r["box"] = [min(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), max(a[3], b[3])]
+                    changed = True
+                    break
+            else:
+                res.append(d)
+        out = res
+    return out
 
 
 def nms(dets, thr: float, thr_min: float = DEFAULT.nms_iomin):

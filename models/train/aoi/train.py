@@ -36,7 +36,8 @@ def augment_pair(test, temp, gts, v, rng):
     """Training-time variants of a pair (gray images) and its annotations.
     none: as is; shift/grey/both: evaluate.perturb_pair; scale: bilinear rescale of both
     images by s in [0.7, 1.4] (annotations scaled), then grey+shift with p=0.5;
-    morph: identical 3x3 grey erosion or dilation of both images (trace/gap width change),
+    morph: identical 3x3 or 5x5 grey erosion (p=0.6, dark copper grows, gaps narrow) or
+    dilation of both images (trace/gap width change),
     then grey+shift with p=0.5."""
     if v == "none":
         return test, temp, gts
@@ -57,9 +58,10 @@ def augment_pair(test, temp, gts, v, rng):
         gts = g
     elif v == "morph":
         from scipy import ndimage as ndi
-        f = ndi.grey_erosion if rng.random() < 0.5 else ndi.grey_dilation
-        test = f(test, size=(3, 3))
-        temp = f(temp, size=(3, 3))
+        f = ndi.grey_erosion if rng.random() < 0.6 else ndi.grey_dilation
+        k = 3 if rng.random() < 0.5 else 5
+        test = f(test, size=(k, k))
+        temp = f(temp, size=(k, k))
     else:
         raise ValueError(v)
     if rng.random() < 0.5:
@@ -148,10 +150,13 @@ def samples_for_pair(test, temp, gts, rng, p, n_jitter):
     Y = [labels]
     T = [tgt]
     src = [np.zeros(len(boxes), np.int8)]
-    # jittered GT-centred pseudo candidates
-    if n_jitter and len(gts):
+    # jittered GT-centred pseudo candidates, only for GTs whose defect is still visible
+    # (>= min_area opened XOR pixels inside the GT box) after the augmentation
+    O = P.open_square(pr.D, p.open_size)
+    vis = [g for g in gts if O[max(g[1], 0):max(g[3], 0), max(g[0], 0):max(g[2], 0)].sum() >= p.min_area]
+    if n_jitter and len(vis):
         jb, jl, jt = [], [], []
-        for g in gts:
+        for g in vis:
             w = g[2] - g[0]
             h = g[3] - g[1]
             for _ in range(n_jitter):
@@ -191,9 +196,9 @@ def _worker(args):
 
 
 def build_dataset(root, items, variants, seed, p, n_jitter, workers, cache_dir):
-    stage15 = {k: v for k, v in p.to_dict().items() if k not in ("score_threshold", "nms_iou", "nms_iomin")}
+    stage15 = {k: v for k, v in p.to_dict().items() if k not in ("score_threshold", "nms_iou", "nms_iomin", "merge_same_class")}
     key = hashlib.sha1(json.dumps([sorted(i[0] for i in items), list(variants), seed,
-                                   stage15, n_jitter, 4]).encode()).hexdigest()[:16]
+                                   stage15, n_jitter, 5]).encode()).hexdigest()[:16]
     path = os.path.join(cache_dir, f"aoi_ds_{key}.npz")
     if os.path.exists(path):
         d = np.load(path)

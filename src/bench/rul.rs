@@ -1,0 +1,145 @@
+//! Workload: live sensor windows (`POST /v1/rul/{model}`) built from synthetic degradation
+//! series, for single-request latency and throughput of the sensor API.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::bench::load::{Outcome, Workload};
+use crate::jobs::synthetic::{self, UnitPlan};
+
+/// Distinct request bodies rotated through.
+const BODY_VARIANTS: usize = 16;
+
+#[derive(Deserialize)]
+struct ModelInfo {
+    window: usize,
+    channels: Vec<String>,
+}
+
+pub struct RulWorkload {
+    url: String,
+    model: String,
+    windows: usize,
+    bodies: Vec<Bytes>,
+}
+
+impl RulWorkload {
+    /// Reads the model's window and channels and prepares request bodies of `windows` windows.
+    pub async fn prepare(
+        base_url: &str,
+        model: &str,
+        windows: usize,
+    ) -> anyhow::Result<RulWorkload> {
+        let url = format!("{base_url}/v1/rul/{model}");
+        let response = reqwest::get(&url)
+            .await
+            .with_context(|| format!("cannot reach {url}"))?;
+        anyhow::ensure!(
+            response.status().is_success(),
+            "{url} answered {}: {}",
+            response.status(),
+            response.text().await.unwrap_or_default()
+        );
+        let info: ModelInfo = response.json().await.context("sensor model info")?;
+        let cmapss = synthetic::cmapss_channels();
+        anyhow::ensure!(
+            info.channels.iter().all(|c| cmapss.contains(c)),
+            "bench rul makes C-MAPSS-like windows; model {model} reads other channels"
+        );
+        let plans: Vec<UnitPlan> = (0..BODY_VARIANTS * windows.max(1))
+            .map(|i| UnitPlan {
+                unit: i as i64,
+                observed: 40 + (i * 37) % 260,
+                life: 300,
+            })
+            .collect();
+        let table = synthetic::fleet(&plans, 7).select(&info.channels);
+        let width = info.channels.len();
+        let mut all_windows = Vec::new();
+        let mut start = 0;
+        for plan in &plans {
+            let end = start + plan.observed;
+            let rows: Vec<Vec<f64>> = (end - info.window..end)
+                .map(|r| table.values[r * width..(r + 1) * width].to_vec())
+                .collect();
+            all_windows.push(json!({"unit": plan.unit, "channels": info.channels, "values": rows}));
+            start = end;
+        }
+        let bodies = all_windows
+            .chunks(windows.max(1))
+            .map(|chunk| Bytes::from(serde_json::to_vec(&json!(chunk)).expect("JSON")))
+            .collect();
+        Ok(RulWorkload {
+            url,
+            model: model.to_string(),
+            windows: windows.max(1),
+            bodies,
+        })
+    }
+}
+
+fn header_micros(response: &reqwest::Response, name: &str) -> Option<Duration> {
+    response
+        .headers()
+        .get(name)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+        .map(Duration::from_micros)
+}
+
+impl Workload for RulWorkload {
+    fn send<'a>(&'a self, client: &'a reqwest::Client, sequence: u64) -> BoxFuture<'a, Outcome> {
+        Box::pin(async move {
+            let body = self.bodies[sequence as usize % self.bodies.len()].clone();
+            let response = match client
+                .post(&self.url)
+                .header("Content-Type", "application/json")
+                .body(body)
+                .send()
+                .await
+            {
+                Ok(response) => response,
+                Err(_) => {
+                    return Outcome {
+                        failure: Some("connection".into()),
+                        ..Outcome::default()
+                    };
+                }
+            };
+            let status = response.status();
+            let mut stages = Vec::new();
+            if let Some(queue) = header_micros(&response, "X-Linescan-Queue-Us") {
+                stages.push(("queue", queue));
+            }
+            if let Some(compute) = header_micros(&response, "X-Linescan-Compute-Us") {
+                stages.push(("compute", compute));
+            }
+            let batch_rows = response
+                .headers()
+                .get("X-Linescan-Batch-Rows")
+                .and_then(|v| v.to_str().ok()?.parse().ok());
+            let body = response.bytes().await;
+            Outcome {
+                failure: (!status.is_success() || body.is_err())
+                    .then(|| status.as_u16().to_string()),
+                stages,
+                batch_rows,
+            }
+        })
+    }
+
+    fn rows(&self) -> usize {
+        self.windows
+    }
+
+    fn describe(&self) -> (String, String) {
+        (self.url.clone(), self.model.clone())
+    }
+}

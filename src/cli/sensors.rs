@@ -1,0 +1,427 @@
+//! `linescan job run|merge` (fleet archives offline, the server's job code path) and
+//! `linescan rul cmapss` (the C-MAPSS text contract evaluators script against).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::config::ModelArgs;
+use crate::engine::ModelRegistry;
+use crate::jobs::archive::Partition;
+use crate::jobs::results::{self, Format, View};
+use crate::jobs::runner::{self, Control, Monitor, RunOptions, Shard};
+use crate::metrics::Metrics;
+use crate::runtime::ModelRepository;
+use crate::sensors::channels::ChannelMap;
+use crate::sensors::scorer::f32_bytes;
+use crate::sensors::window::single_window;
+use crate::sensors::{ANOMALY_PREFIX, AssessSettings, RUL_PREFIX, SensorModel};
+
+#[derive(Subcommand)]
+pub enum JobCommand {
+    /// Score an HDF5 archive (generic or N-CMAPSS layout) into RESULT.h5, .csv or .json.
+    Run(JobRunArgs),
+    /// Merge the results of every shard of an archive into the result of one run.
+    Merge(JobMergeArgs),
+    /// Write a synthetic generic archive (C-MAPSS-like degradation series, 24 f32 channels).
+    Synth(JobSynthArgs),
+}
+
+#[derive(Args)]
+pub struct JobSynthArgs {
+    /// The archive to write.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Rows (units of 128..362 cycles until the count is reached; the last may be cut short).
+    #[arg(long, default_value_t = 1_000_000)]
+    pub rows: usize,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+}
+
+#[derive(Args)]
+pub struct JobRunArgs {
+    /// The HDF5 archive.
+    pub archive: PathBuf,
+    /// Result file; its extension picks the format (.h5, .csv, .json).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Score only shard i of N (by unit range); `job merge` joins the shards.
+    #[arg(long)]
+    pub shard: Option<Shard>,
+    /// Sensor model (default: the repository's only rul_* model).
+    #[arg(long)]
+    pub model: Option<String>,
+    /// N-CMAPSS partitions to score.
+    #[arg(long, value_enum, default_value = "all")]
+    pub partition: Partition,
+    /// Archive rows read per chunk.
+    #[arg(long, default_value_t = 16_384)]
+    pub chunk_rows: usize,
+    /// Model batches in flight (default: two per session, plus two).
+    #[arg(long)]
+    pub in_flight: Option<usize>,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+    #[command(flatten)]
+    pub assess: AssessSettings,
+    #[command(flatten)]
+    pub models: ModelArgs,
+}
+
+#[derive(Args)]
+pub struct JobMergeArgs {
+    /// Shard results (HDF5), in any order.
+    #[arg(required = true)]
+    pub parts: Vec<PathBuf>,
+    /// Merged result; its extension picks the format (.h5, .csv, .json).
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+#[derive(Subcommand)]
+pub enum RulCommand {
+    /// Predict the RUL at the last cycle of every unit of a C-MAPSS text file → `unit,rul` CSV.
+    Cmapss(CmapssArgs),
+}
+
+#[derive(Args)]
+pub struct CmapssArgs {
+    /// C-MAPSS text file (train_FD001.txt layout: unit, cycle, 3 settings, 21 sensors).
+    #[arg(long)]
+    pub input: PathBuf,
+    /// CSV written with `unit,rul`, one line per unit, units in ascending order.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Sensor model (default: the repository's only rul_* model).
+    #[arg(long)]
+    pub model: Option<String>,
+    #[command(flatten)]
+    pub models: ModelArgs,
+}
+
+pub fn run_job(command: JobCommand) -> anyhow::Result<()> {
+    match command {
+        JobCommand::Run(args) => job_run(&args),
+        JobCommand::Merge(args) => job_merge(&args),
+        JobCommand::Synth(args) => {
+            let started = Instant::now();
+            let (rows, units) =
+                crate::jobs::synthetic::write_large_generic(&args.out, args.rows, args.seed)?;
+            println!(
+                "{rows} rows of {units} units x 24 channels written to {} in {:.2} s",
+                args.out.display(),
+                started.elapsed().as_secs_f64()
+            );
+            Ok(())
+        }
+    }
+}
+
+pub fn run_rul(command: RulCommand) -> anyhow::Result<()> {
+    match command {
+        RulCommand::Cmapss(args) => cmapss(&args),
+    }
+}
+
+/// Loads a RUL model and its anomaly twin (nothing else) and opens them for scoring.
+pub fn load_sensor_model(
+    models: &ModelArgs,
+    name: Option<&str>,
+) -> anyhow::Result<(Arc<ModelRegistry>, Arc<SensorModel>)> {
+    let mut repository = ModelRepository::scan(&models.model_repository)?;
+    let mut candidates: Vec<String> = repository
+        .versions
+        .iter()
+        .map(|v| v.config.name.clone())
+        .filter(|n| n.starts_with(RUL_PREFIX))
+        .collect();
+    candidates.dedup();
+    let name = match name {
+        Some(name) => name.to_string(),
+        None => match candidates.as_slice() {
+            [only] => only.clone(),
+            [] => anyhow::bail!("{} has no rul_* model", models.model_repository.display()),
+            many => anyhow::bail!("name the model with --model (one of {})", many.join(", ")),
+        },
+    };
+    anyhow::ensure!(
+        candidates.contains(&name),
+        "model {name} is not a rul_* model of {} (found: {})",
+        models.model_repository.display(),
+        candidates.join(", ")
+    );
+    let anomaly = format!(
+        "{ANOMALY_PREFIX}{}",
+        name.strip_prefix(RUL_PREFIX).unwrap_or(&name)
+    );
+    repository
+        .versions
+        .retain(|v| v.config.name == name || v.config.name == anomaly);
+    let metrics = Arc::new(Metrics::new());
+    let registry = Arc::new(ModelRegistry::load(
+        &repository,
+        &models.load_options(),
+        &metrics,
+    )?);
+    let model = Arc::new(SensorModel::open(&registry, &name)?);
+    Ok((registry, model))
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?)
+}
+
+struct BarMonitor(ProgressBar);
+
+impl Monitor for BarMonitor {
+    fn progress(&self, done: usize, total: usize) {
+        self.0.set_length(total as u64);
+        self.0.set_position(done as u64);
+    }
+    fn control(&self) -> Control {
+        Control::Go
+    }
+}
+
+fn output_format(out: &Path) -> anyhow::Result<Format> {
+    Format::from_path(out).with_context(|| {
+        format!(
+            "{}: the extension must be .h5, .csv or .json",
+            out.display()
+        )
+    })
+}
+
+/// Writes `h5` (a finished result) to `out` in the format of `out`'s extension.
+fn deliver(h5: &Path, out: &Path, format: Format) -> anyhow::Result<()> {
+    if format != Format::H5 {
+        results::export(h5, format, View::Rows, out)?;
+        std::fs::remove_file(h5)?;
+    }
+    Ok(())
+}
+
+fn job_run(args: &JobRunArgs) -> anyhow::Result<()> {
+    let format = output_format(&args.out)?;
+    args.assess.validate().map_err(anyhow::Error::msg)?;
+    anyhow::ensure!(
+        args.archive.is_file(),
+        "{} is not a file",
+        args.archive.display()
+    );
+    // Batch mode: one session per core for each model unless told otherwise (the RUL model is
+    // the expensive one, and one session runs on one core).
+    let mut models = args.models.clone();
+    let instances = *models
+        .instances
+        .get_or_insert_with(|| std::thread::available_parallelism().map_or(1, |n| n.get().min(8)));
+    let (registry, model) = load_sensor_model(&models, args.model.as_deref())?;
+    let runtime = runtime()?;
+    let source = args
+        .archive
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    let mut options = RunOptions::new(args.assess, source);
+    options.partition = args.partition;
+    options.shard = args.shard;
+    options.chunk_rows = args.chunk_rows;
+    options.in_flight = args.in_flight.unwrap_or(2 * instances + 2);
+    let h5 = match format {
+        Format::H5 => args.out.clone(),
+        _ => args.out.with_extension("scoring.h5"),
+    };
+    let bar = if args.quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(0)
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{bar:40} {pos}/{len} rows {per_sec} eta {eta}")
+            .expect("valid template"),
+    );
+    let monitor = BarMonitor(bar);
+    let summary = runner::run(
+        &args.archive,
+        &model,
+        &options,
+        &h5,
+        runtime.handle(),
+        &monitor,
+    )
+    .with_context(|| format!("scoring {}", args.archive.display()))?;
+    monitor.0.finish_and_clear();
+    deliver(&h5, &args.out, format)?;
+    println!(
+        "{} rows of {} units scored in {:.2} s ({:.0} rows/s) with {}{}{} → {}",
+        summary.rows,
+        summary.units,
+        summary.seconds,
+        summary.rows_per_second,
+        summary.meta.model,
+        summary
+            .meta
+            .anomaly_model
+            .as_ref()
+            .map(|a| format!(" + {a}"))
+            .unwrap_or_default(),
+        summary
+            .meta
+            .shard
+            .as_ref()
+            .map(|s| format!(
+                " (shard {}/{}: rows {}..{})",
+                s.index, s.count, s.rows_start, s.rows_end
+            ))
+            .unwrap_or_default(),
+        args.out.display()
+    );
+    registry.shutdown();
+    Ok(())
+}
+
+fn job_merge(args: &JobMergeArgs) -> anyhow::Result<()> {
+    let format = output_format(&args.out)?;
+    let h5 = match format {
+        Format::H5 => args.out.clone(),
+        _ => args.out.with_extension("merging.h5"),
+    };
+    let meta = results::merge(&args.parts, &h5)?;
+    deliver(&h5, &args.out, format)?;
+    println!(
+        "merged {} shards of {} ({} rows) → {}",
+        args.parts.len(),
+        meta.source,
+        meta.source_rows,
+        args.out.display()
+    );
+    Ok(())
+}
+
+/// Column names of C-MAPSS text files.
+pub fn cmapss_columns() -> Vec<String> {
+    let mut columns: Vec<String> = vec!["unit".into(), "cycle".into()];
+    columns.extend((1..=3).map(|i| format!("setting_{i}")));
+    columns.extend((1..=21).map(|i| format!("s_{i}")));
+    columns
+}
+
+/// A unit's rows of a C-MAPSS file: (cycle, all 26 values).
+type UnitRows = Vec<(f64, Vec<f64>)>;
+
+/// Reads a C-MAPSS text file into rows per unit (whitespace separated, 26 columns).
+pub fn read_cmapss(path: &Path) -> anyhow::Result<BTreeMap<i64, UnitRows>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let width = cmapss_columns().len();
+    let mut units: BTreeMap<i64, UnitRows> = BTreeMap::new();
+    for (index, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let values: Vec<f64> = line
+            .split_whitespace()
+            .map(|v| v.parse::<f64>())
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("{} line {}: not numbers", path.display(), index + 1))?;
+        anyhow::ensure!(
+            values.len() == width,
+            "{} line {} has {} columns; C-MAPSS files have {width} (unit, cycle, 3 settings, 21 sensors)",
+            path.display(),
+            index + 1,
+            values.len()
+        );
+        units
+            .entry(values[0] as i64)
+            .or_default()
+            .push((values[1], values));
+    }
+    anyhow::ensure!(!units.is_empty(), "{} holds no rows", path.display());
+    for rows in units.values_mut() {
+        rows.sort_by(|a, b| a.0.total_cmp(&b.0));
+    }
+    Ok(units)
+}
+
+fn cmapss(args: &CmapssArgs) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let units = read_cmapss(&args.input)?;
+    let (registry, model) = load_sensor_model(&args.models, args.model.as_deref())?;
+    let params = &model.params;
+    let map = ChannelMap::new(&params.channels, &cmapss_columns(), true).map_err(|p| {
+        anyhow::anyhow!(
+            "the model's {p} (C-MAPSS columns are unit, cycle, setting_1..3, s_1..s_21)"
+        )
+    })?;
+    let width = params.channels.len();
+    let mut windows = Vec::with_capacity(units.len() * params.window_len());
+    let mut padded_units = 0;
+    let mut scaled = Vec::new();
+    for (unit, rows) in &units {
+        let last = &rows[rows.len().saturating_sub(params.window)..];
+        let flat: Vec<f64> = last.iter().flat_map(|(_, v)| v.iter().copied()).collect();
+        scaled.clear();
+        model
+            .scaler
+            .scale_rows(&flat, &map, &mut scaled)
+            .map_err(|bad| {
+                anyhow::anyhow!(
+                    "unit {unit}: non-finite {} in {} at cycle {}",
+                    bad.value,
+                    params.channels[bad.channel],
+                    last[bad.row].0
+                )
+            })?;
+        if single_window(&scaled, params.window, width, &mut windows) > 0 {
+            padded_units += 1;
+        }
+    }
+    let runtime = runtime()?;
+    let batch = model.batch_rows();
+    let window_len = params.window_len();
+    let mut predictions = Vec::with_capacity(units.len());
+    runtime.block_on(async {
+        for chunk in windows.chunks(batch * window_len) {
+            let rows = chunk.len() / window_len;
+            let scores = model
+                .score(f32_bytes(chunk.to_vec()), rows, model.default_deadline())
+                .await?;
+            predictions.extend(scores.rul);
+        }
+        anyhow::Ok(())
+    })?;
+    let mut csv = String::from("unit,rul\n");
+    for (unit, rul) in units.keys().zip(&predictions) {
+        csv.push_str(&format!("{unit},{rul:.4}\n"));
+    }
+    std::fs::write(&args.out, csv)
+        .with_context(|| format!("cannot write {}", args.out.display()))?;
+    eprintln!(
+        "{} units scored with {} in {:.2} s{} → {}",
+        units.len(),
+        model.name(),
+        started.elapsed().as_secs_f64(),
+        if padded_units > 0 {
+            format!(
+                "; {padded_units} units had fewer than {} cycles and were padded ({})",
+                params.window,
+                params.padding.name()
+            )
+        } else {
+            String::new()
+        },
+        args.out.display()
+    );
+    registry.shutdown();
+    Ok(())
+}

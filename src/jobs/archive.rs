@@ -1,0 +1,700 @@
+//! HDF5 fleet archives, read in chunks through hyperslab selections (never loaded whole).
+//!
+//! Two layouts are recognised by their datasets:
+//!
+//! - **generic**: `unit` (int, n), `cycle` (int, n) and `features` (float32/64, n × c) whose
+//!   string attribute `channels` names the c columns (an array of strings, or one
+//!   comma-separated string; on `features` or on the file root).
+//! - **N-CMAPSS** (NASA's files): `A_dev` (n × 4: unit, cycle, Fc, hs; names in `A_var`) with
+//!   the feature blocks `W_dev`, `X_s_dev`, `X_v_dev`, `T_dev` (names in `W_var`, `X_s_var`,
+//!   `X_v_var`, `T_var`), `Y_dev`, and the `_test` twins. The partitions scored are chosen with
+//!   `partition` (dev, test or all: dev then test).
+//!
+//! Rows of a unit must be contiguous and in cycle order (cycles never go back); a model's
+//! channels are looked up by name among all the archive's columns and only the blocks that hold
+//! them are read.
+
+use std::collections::HashSet;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use hdf5::types::{FixedAscii, FixedUnicode, TypeDescriptor, VarLenAscii, VarLenUnicode};
+use serde::{Deserialize, Serialize};
+
+use crate::sensors::channels::ChannelMap;
+
+/// What is wrong with an archive, in words a user can act on.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{0}")]
+pub struct ArchiveError(pub String);
+
+fn invalid(message: impl Into<String>) -> ArchiveError {
+    ArchiveError(message.into())
+}
+
+/// Rows read per hyperslab when scanning ids.
+const SCAN_ROWS: usize = 65_536;
+
+const HDF5_SIGNATURE: &[u8; 8] = b"\x89HDF\r\n\x1a\n";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Partition {
+    /// N-CMAPSS: the `_dev` and then the `_test` datasets (generic archives have one).
+    #[default]
+    All,
+    Dev,
+    Test,
+}
+
+impl Partition {
+    pub fn name(self) -> &'static str {
+        match self {
+            Partition::All => "all",
+            Partition::Dev => "dev",
+            Partition::Test => "test",
+        }
+    }
+
+    fn suffixes(self) -> &'static [&'static str] {
+        match self {
+            Partition::All => &["dev", "test"],
+            Partition::Dev => &["dev"],
+            Partition::Test => &["test"],
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Layout {
+    Generic,
+    #[serde(rename = "n-cmapss")]
+    NCmapss,
+}
+
+impl Layout {
+    pub fn name(self) -> &'static str {
+        match self {
+            Layout::Generic => "generic",
+            Layout::NCmapss => "n-cmapss",
+        }
+    }
+}
+
+/// An integer column: a 1-D dataset, or one column of a 2-D one.
+struct IdColumn {
+    dataset: hdf5::Dataset,
+    column: Option<usize>,
+}
+
+impl IdColumn {
+    fn read(&self, start: usize, end: usize) -> Result<Vec<i64>, hdf5::Error> {
+        let values = match self.column {
+            None => self.dataset.read_slice_1d::<i64, _>(start..end)?,
+            Some(column) => self.dataset.read_slice_1d::<i64, _>((start..end, column))?,
+        };
+        Ok(values.into_raw_vec_and_offset().0)
+    }
+}
+
+/// A 2-D block of feature columns with their names.
+struct Block {
+    dataset: hdf5::Dataset,
+    names: Vec<String>,
+}
+
+/// One run of rows: the whole generic archive, or one N-CMAPSS partition.
+struct Part {
+    label: String,
+    /// First row of this part in archive row numbers.
+    offset: usize,
+    rows: usize,
+    unit: IdColumn,
+    cycle: IdColumn,
+    blocks: Vec<Block>,
+}
+
+pub struct Archive {
+    path: PathBuf,
+    layout: Layout,
+    parts: Vec<Part>,
+    rows: usize,
+    channels: Vec<String>,
+    // Keeps the file open as long as its datasets are used.
+    _file: hdf5::File,
+}
+
+/// A unit's rows: `[first_row, first_row + rows)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnitSpan {
+    pub unit: i64,
+    pub first_row: usize,
+    pub rows: usize,
+}
+
+impl UnitSpan {
+    pub fn end(&self) -> usize {
+        self.first_row + self.rows
+    }
+}
+
+fn hdf5_error(context: &str) -> impl Fn(hdf5::Error) -> ArchiveError + '_ {
+    move |e| invalid(format!("{context}: {e}"))
+}
+
+/// Whether the file carries the HDF5 signature (at 0 or a power of two from 512, for files with
+/// a user block).
+fn has_signature(path: &Path) -> std::io::Result<bool> {
+    let mut file = std::fs::File::open(path)?;
+    let size = file.metadata()?.len();
+    let mut offset = 0u64;
+    let mut buffer = [0u8; 8];
+    while offset + 8 <= size && offset <= 1 << 20 {
+        use std::io::Seek;
+        file.seek(std::io::SeekFrom::Start(offset))?;
+        file.read_exact(&mut buffer)?;
+        if &buffer == HDF5_SIGNATURE {
+            return Ok(true);
+        }
+        offset = if offset == 0 { 512 } else { offset * 2 };
+    }
+    Ok(false)
+}
+
+/// A list of names from a string attribute or dataset: an array of strings (fixed or variable
+/// length, ASCII or UTF-8) or one comma-separated string. Padding (NUL, spaces) is trimmed.
+pub fn read_names(container: &hdf5::Container) -> Result<Vec<String>, hdf5::Error> {
+    let descriptor = container.dtype()?.to_descriptor()?;
+    let raw: Vec<String> = match descriptor {
+        TypeDescriptor::VarLenUnicode => container
+            .read_raw::<VarLenUnicode>()?
+            .iter()
+            .map(|s| s.as_str().to_string())
+            .collect(),
+        TypeDescriptor::VarLenAscii => container
+            .read_raw::<VarLenAscii>()?
+            .iter()
+            .map(|s| s.as_str().to_string())
+            .collect(),
+        TypeDescriptor::FixedAscii(_) => container
+            .read_raw::<FixedAscii<256>>()?
+            .iter()
+            .map(|s| s.as_str().to_string())
+            .collect(),
+        TypeDescriptor::FixedUnicode(_) => container
+            .read_raw::<FixedUnicode<256>>()?
+            .iter()
+            .map(|s| s.as_str().to_string())
+            .collect(),
+        other => return Err(format!("holds {other}, not strings").into()),
+    };
+    let clean = |s: &str| {
+        s.trim_matches(|c: char| c == '\0' || c.is_whitespace())
+            .to_string()
+    };
+    if raw.len() == 1 && raw[0].contains(',') {
+        return Ok(raw[0].split(',').map(clean).collect());
+    }
+    Ok(raw.iter().map(|s| clean(s)).collect())
+}
+
+/// (bytes present, bytes expected) from HDF5's "truncated file: eof = N, ..., stored_eof = M".
+fn truncation(message: &str) -> Option<(u64, u64)> {
+    let rest = &message[message.find("truncated file")?..];
+    let number_after = |key: &str| -> Option<u64> {
+        let start = rest.find(key)? + key.len();
+        rest[start..]
+            .trim_start()
+            .split(|c: char| !c.is_ascii_digit())
+            .next()?
+            .parse()
+            .ok()
+    };
+    Some((number_after("eof =")?, number_after("stored_eof =")?))
+}
+
+fn shape_of(dataset: &hdf5::Dataset) -> Vec<usize> {
+    dataset.shape()
+}
+
+fn check_numeric(name: &str, dataset: &hdf5::Dataset) -> Result<(), ArchiveError> {
+    let descriptor = dataset
+        .dtype()
+        .and_then(|t| t.to_descriptor())
+        .map_err(hdf5_error(name))?;
+    match descriptor {
+        TypeDescriptor::Integer(_) | TypeDescriptor::Unsigned(_) | TypeDescriptor::Float(_) => {
+            Ok(())
+        }
+        other => Err(invalid(format!(
+            "dataset {name} holds {other}; numbers are expected"
+        ))),
+    }
+}
+
+impl Archive {
+    /// Opens and validates the archive: that it is HDF5, which layout it has, that the datasets
+    /// exist with consistent shapes and that the channels are named.
+    pub fn open(path: &Path, partition: Partition) -> Result<Archive, ArchiveError> {
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default();
+        Self::open_named(path, &name, partition)
+    }
+
+    /// [`Archive::open`], naming the archive `name` in messages (an upload's own name).
+    pub fn open_named(
+        path: &Path,
+        name: &str,
+        partition: Partition,
+    ) -> Result<Archive, ArchiveError> {
+        match has_signature(path) {
+            Ok(true) => {}
+            Ok(false) => {
+                return Err(invalid(format!(
+                    "{name} is not an HDF5 file (no HDF5 signature); send an HDF5 archive \
+                     (generic or N-CMAPSS layout, see README)"
+                )));
+            }
+            Err(e) => return Err(invalid(format!("cannot read {name}: {e}"))),
+        }
+        let file = hdf5::File::open(path).map_err(|e| {
+            let message = e.to_string();
+            match truncation(&message) {
+                Some((have, expected)) => invalid(format!(
+                    "{name} is truncated: it holds {have} bytes but its HDF5 header says \
+                     {expected} (an upload cut short?)"
+                )),
+                None => invalid(format!(
+                    "{name} cannot be opened as HDF5 (truncated or corrupt file?): {message}"
+                )),
+            }
+        })?;
+        let members: HashSet<String> = file
+            .member_names()
+            .map_err(hdf5_error("listing the archive"))?
+            .into_iter()
+            .collect();
+        let generic = ["unit", "cycle", "features"];
+        let ncmapss_markers = ["A_dev", "A_test", "W_dev", "X_s_dev", "W_test", "X_s_test"];
+        let (layout, parts) = if generic.iter().any(|d| members.contains(*d)) {
+            let missing: Vec<&str> = generic
+                .iter()
+                .copied()
+                .filter(|d| !members.contains(*d))
+                .collect();
+            if !missing.is_empty() {
+                return Err(invalid(format!(
+                    "generic layout: missing dataset(s) {} (needs unit, cycle, features)",
+                    missing.join(", ")
+                )));
+            }
+            (Layout::Generic, vec![Self::generic_part(&file)?])
+        } else if ncmapss_markers.iter().any(|d| members.contains(*d)) {
+            (
+                Layout::NCmapss,
+                Self::ncmapss_parts(&file, &members, partition)?,
+            )
+        } else {
+            let mut found: Vec<&String> = members.iter().collect();
+            found.sort();
+            return Err(invalid(format!(
+                "missing datasets: the archive has neither the generic layout (unit, cycle, \
+                 features) nor the N-CMAPSS layout (A_dev, W_dev, X_s_dev, ... or their _test \
+                 twins); it holds: {}",
+                if found.is_empty() {
+                    "nothing".to_string()
+                } else {
+                    found
+                        .iter()
+                        .map(|s| s.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                }
+            )));
+        };
+        let channels: Vec<String> = parts[0]
+            .blocks
+            .iter()
+            .flat_map(|b| b.names.iter().cloned())
+            .collect();
+        for part in &parts[1..] {
+            let other: Vec<String> = part
+                .blocks
+                .iter()
+                .flat_map(|b| b.names.iter().cloned())
+                .collect();
+            if other != channels {
+                return Err(invalid(format!(
+                    "partitions {} and {} name different channels",
+                    parts[0].label, part.label
+                )));
+            }
+        }
+        let rows = parts.iter().map(|p| p.rows).sum();
+        Ok(Archive {
+            path: path.to_path_buf(),
+            layout,
+            parts,
+            rows,
+            channels,
+            _file: file,
+        })
+    }
+
+    fn dataset(file: &hdf5::File, name: &str) -> Result<hdf5::Dataset, ArchiveError> {
+        file.dataset(name)
+            .map_err(|e| invalid(format!("dataset {name} cannot be opened: {e}")))
+    }
+
+    fn generic_part(file: &hdf5::File) -> Result<Part, ArchiveError> {
+        let unit = Self::dataset(file, "unit")?;
+        let cycle = Self::dataset(file, "cycle")?;
+        let features = Self::dataset(file, "features")?;
+        for (name, dataset) in [("unit", &unit), ("cycle", &cycle), ("features", &features)] {
+            check_numeric(name, dataset)?;
+        }
+        let (unit_shape, cycle_shape, feature_shape) =
+            (shape_of(&unit), shape_of(&cycle), shape_of(&features));
+        if unit_shape.len() != 1 || cycle_shape.len() != 1 {
+            return Err(invalid(format!(
+                "unit and cycle must be 1-D (unit has shape {unit_shape:?}, cycle {cycle_shape:?})"
+            )));
+        }
+        if feature_shape.len() != 2 {
+            return Err(invalid(format!(
+                "features must be 2-D (rows x channels), it has shape {feature_shape:?}"
+            )));
+        }
+        let rows = unit_shape[0];
+        for (name, n) in [("cycle", cycle_shape[0]), ("features", feature_shape[0])] {
+            if n != rows {
+                return Err(invalid(format!(
+                    "mismatched lengths: unit has {rows} rows but {name} has {n}"
+                )));
+            }
+        }
+        let names = match features.attr("channels") {
+            Ok(attribute) => read_names(&attribute),
+            Err(_) => match file.attr("channels") {
+                Ok(attribute) => read_names(&attribute),
+                Err(_) => {
+                    return Err(invalid(
+                        "missing attribute: features needs a string attribute \"channels\" \
+                         naming its columns",
+                    ));
+                }
+            },
+        }
+        .map_err(|e| invalid(format!("attribute channels: {e}")))?;
+        if names.len() != feature_shape[1] {
+            return Err(invalid(format!(
+                "attribute channels names {} columns but features has {}",
+                names.len(),
+                feature_shape[1]
+            )));
+        }
+        Ok(Part {
+            label: "archive".into(),
+            offset: 0,
+            rows,
+            unit: IdColumn {
+                dataset: unit,
+                column: None,
+            },
+            cycle: IdColumn {
+                dataset: cycle,
+                column: None,
+            },
+            blocks: vec![Block {
+                dataset: features,
+                names,
+            }],
+        })
+    }
+
+    fn ncmapss_parts(
+        file: &hdf5::File,
+        members: &HashSet<String>,
+        partition: Partition,
+    ) -> Result<Vec<Part>, ArchiveError> {
+        let mut parts = Vec::new();
+        let mut offset = 0;
+        for suffix in partition.suffixes() {
+            let auxiliary = format!("A_{suffix}");
+            let present: Vec<String> = ["W", "X_s", "X_v", "T", "Y", "A"]
+                .iter()
+                .map(|b| format!("{b}_{suffix}"))
+                .filter(|d| members.contains(d))
+                .collect();
+            if present.is_empty() && partition == Partition::All {
+                continue;
+            }
+            if !members.contains(&auxiliary) {
+                return Err(invalid(format!(
+                    "N-CMAPSS layout: missing dataset {auxiliary} (unit and cycle of every row)"
+                )));
+            }
+            let a = Self::dataset(file, &auxiliary)?;
+            let a_shape = shape_of(&a);
+            let a_names = if members.contains("A_var") {
+                read_names(&*Self::dataset(file, "A_var")?)
+                    .map_err(|e| invalid(format!("A_var: {e}")))?
+            } else {
+                vec!["unit".into(), "cycle".into(), "Fc".into(), "hs".into()]
+            };
+            let find = |column: &str| {
+                a_names
+                    .iter()
+                    .position(|n| n == column)
+                    .filter(|i| a_shape.len() == 2 && *i < a_shape[1])
+                    .ok_or_else(|| {
+                        invalid(format!(
+                            "{auxiliary} has no column \"{column}\" (A_var: {})",
+                            a_names.join(", ")
+                        ))
+                    })
+            };
+            let (unit_column, cycle_column) = (find("unit")?, find("cycle")?);
+            let rows = a_shape[0];
+            let mut blocks = Vec::new();
+            for block in ["W", "X_s", "X_v", "T", "Y"] {
+                let name = format!("{block}_{suffix}");
+                if !members.contains(&name) {
+                    continue;
+                }
+                let dataset = Self::dataset(file, &name)?;
+                check_numeric(&name, &dataset)?;
+                let shape = shape_of(&dataset);
+                if shape.first() != Some(&rows) {
+                    return Err(invalid(format!(
+                        "mismatched lengths: {auxiliary} has {rows} rows but {name} has {}",
+                        shape.first().copied().unwrap_or(0)
+                    )));
+                }
+                if block == "Y" {
+                    continue; // the target, not an input
+                }
+                if shape.len() != 2 {
+                    return Err(invalid(format!(
+                        "{name} must be 2-D (rows x columns), it has shape {shape:?}"
+                    )));
+                }
+                let var = format!("{block}_var");
+                if !members.contains(&var) {
+                    return Err(invalid(format!(
+                        "N-CMAPSS layout: missing dataset {var} (names of the {name} columns)"
+                    )));
+                }
+                let names = read_names(&*Self::dataset(file, &var)?)
+                    .map_err(|e| invalid(format!("{var}: {e}")))?;
+                if names.len() != shape[1] {
+                    return Err(invalid(format!(
+                        "{var} names {} columns but {name} has {}",
+                        names.len(),
+                        shape[1]
+                    )));
+                }
+                blocks.push(Block { dataset, names });
+            }
+            if blocks.is_empty() {
+                return Err(invalid(format!(
+                    "N-CMAPSS layout: partition {suffix} has no feature dataset (W_{suffix}, \
+                     X_s_{suffix}, X_v_{suffix} or T_{suffix})"
+                )));
+            }
+            parts.push(Part {
+                label: (*suffix).to_string(),
+                offset,
+                rows,
+                unit: IdColumn {
+                    dataset: a.clone(),
+                    column: Some(unit_column),
+                },
+                cycle: IdColumn {
+                    dataset: a,
+                    column: Some(cycle_column),
+                },
+                blocks,
+            });
+            offset += rows;
+        }
+        if parts.is_empty() {
+            return Err(invalid(format!(
+                "N-CMAPSS layout: no {} partition in the archive",
+                partition.name()
+            )));
+        }
+        Ok(parts)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn layout(&self) -> Layout {
+        self.layout
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Every column name the archive offers.
+    pub fn channels(&self) -> &[String] {
+        &self.channels
+    }
+
+    /// The parts overlapping `[start, end)` with the local row range of each.
+    fn pieces(&self, start: usize, end: usize) -> impl Iterator<Item = (&Part, usize, usize)> {
+        self.parts.iter().filter_map(move |part| {
+            let from = start.max(part.offset);
+            let to = end.min(part.offset + part.rows);
+            (from < to).then(|| (part, from - part.offset, to - part.offset))
+        })
+    }
+
+    /// Unit and cycle of rows `[start, end)`.
+    pub fn read_ids(&self, start: usize, end: usize) -> Result<(Vec<i64>, Vec<i64>), ArchiveError> {
+        let mut units = Vec::with_capacity(end - start);
+        let mut cycles = Vec::with_capacity(end - start);
+        for (part, from, to) in self.pieces(start, end) {
+            units.extend(
+                part.unit
+                    .read(from, to)
+                    .map_err(hdf5_error(&format!("reading unit ids of {}", part.label)))?,
+            );
+            cycles.extend(
+                part.cycle
+                    .read(from, to)
+                    .map_err(hdf5_error(&format!("reading cycles of {}", part.label)))?,
+            );
+        }
+        Ok((units, cycles))
+    }
+
+    /// Reads every unit and cycle once, in chunks: the units' row spans in archive order.
+    /// Rows of a unit must be contiguous with cycles that never go back. `keep_going` is asked
+    /// between chunks (cancellation).
+    pub fn scan_units(&self, keep_going: &dyn Fn() -> bool) -> Result<Vec<UnitSpan>, ArchiveError> {
+        let mut spans: Vec<UnitSpan> = Vec::new();
+        let mut seen: HashSet<i64> = HashSet::new();
+        let mut last_cycle = i64::MIN;
+        let mut start = 0;
+        while start < self.rows {
+            if !keep_going() {
+                return Err(invalid("cancelled"));
+            }
+            let end = (start + SCAN_ROWS).min(self.rows);
+            let (units, cycles) = self.read_ids(start, end)?;
+            for (i, (&unit, &cycle)) in units.iter().zip(&cycles).enumerate() {
+                let row = start + i;
+                match spans.last_mut() {
+                    Some(span) if span.unit == unit => {
+                        if cycle < last_cycle {
+                            return Err(invalid(format!(
+                                "cycles of unit {unit} go back at row {row} (cycle {cycle} after \
+                                 {last_cycle}); rows of a unit must be in cycle order"
+                            )));
+                        }
+                        span.rows += 1;
+                    }
+                    _ => {
+                        if !seen.insert(unit) {
+                            let earlier = spans.iter().find(|s| s.unit == unit).expect("seen");
+                            return Err(invalid(format!(
+                                "rows of unit {unit} are not contiguous: rows {}..{} and again \
+                                 from row {row}; sort the archive by unit, then cycle",
+                                earlier.first_row,
+                                earlier.end()
+                            )));
+                        }
+                        spans.push(UnitSpan {
+                            unit,
+                            first_row: row,
+                            rows: 1,
+                        });
+                    }
+                }
+                last_cycle = cycle;
+            }
+            start = end;
+        }
+        Ok(spans)
+    }
+
+    /// A reader of the model's channels, or the channels the archive lacks.
+    pub fn features(&self, model_channels: &[String]) -> Result<FeatureReader<'_>, ArchiveError> {
+        // Only the blocks that hold a model channel are read.
+        let needed: Vec<usize> = self.parts[0]
+            .blocks
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| b.names.iter().any(|n| model_channels.contains(n)))
+            .map(|(i, _)| i)
+            .collect();
+        let names: Vec<String> = needed
+            .iter()
+            .flat_map(|i| self.parts[0].blocks[*i].names.iter().cloned())
+            .collect();
+        let map = ChannelMap::new(model_channels, &names, true).map_err(|problems| {
+            let mut message = format!("the model's {problems}");
+            if !problems.missing.is_empty() {
+                message.push_str(&format!(" (the archive has: {})", self.channels.join(", ")));
+            }
+            invalid(message)
+        })?;
+        Ok(FeatureReader {
+            archive: self,
+            blocks: needed,
+            map,
+        })
+    }
+}
+
+/// Reads the columns that feed a model, rows at a time.
+pub struct FeatureReader<'a> {
+    archive: &'a Archive,
+    blocks: Vec<usize>,
+    pub map: ChannelMap,
+}
+
+impl FeatureReader<'_> {
+    /// Rows `[start, end)` of the needed blocks side by side (`map.source_width` values a row),
+    /// as f64, into `out` (cleared first).
+    pub fn read(&self, start: usize, end: usize, out: &mut Vec<f64>) -> Result<(), ArchiveError> {
+        out.clear();
+        let width = self.map.source_width;
+        out.reserve((end - start) * width);
+        for (part, from, to) in self.archive.pieces(start, end) {
+            let mut columns: Vec<(Vec<f64>, usize)> = Vec::with_capacity(self.blocks.len());
+            for &index in &self.blocks {
+                let block = &part.blocks[index];
+                let values = block
+                    .dataset
+                    .read_slice_2d::<f64, _>((from..to, ..))
+                    .map_err(hdf5_error(&format!(
+                        "reading rows {}..{} of {}",
+                        part.offset + from,
+                        part.offset + to,
+                        block.dataset.name()
+                    )))?
+                    .into_raw_vec_and_offset()
+                    .0;
+                columns.push((values, block.names.len()));
+            }
+            if columns.len() == 1 {
+                out.extend_from_slice(&columns[0].0);
+                continue;
+            }
+            for row in 0..to - from {
+                for (values, block_width) in &columns {
+                    out.extend_from_slice(&values[row * block_width..(row + 1) * block_width]);
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,365 @@
+//! The job queue and its bounded pool of worker threads.
+//!
+//! Submitted jobs are queued in memory and on disk; `--job-workers` threads take them in order
+//! and run them (`runner::run`), each job's windows going through the shared batchers. Progress
+//! and rows/s are kept in memory and written to `state.json` at most once a second; state
+//! changes are written at once. Cancellation is checked between chunks. A bad archive fails its
+//! own job only. On start, jobs found queued or running on disk are re-queued from the
+//! beginning; on shutdown, running jobs stop at the next chunk and are left queued.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+
+use crate::jobs::JobArgs;
+use crate::jobs::runner::{self, Control, Monitor, RunError, RunOptions};
+use crate::jobs::store::{JobRecord, JobState, JobStore, now_unix};
+use crate::sensors::SensorService;
+
+/// How often a running job's progress is written to disk.
+const SAVE_EVERY: Duration = Duration::from_secs(1);
+
+struct JobEntry {
+    record: Mutex<JobRecord>,
+    cancel: AtomicBool,
+}
+
+pub struct JobManager {
+    store: JobStore,
+    jobs: Mutex<HashMap<String, Arc<JobEntry>>>,
+    sender: Sender<String>,
+    stop: Arc<AtomicBool>,
+    workers: Mutex<Vec<JoinHandle<()>>>,
+    runtime: Mutex<Option<tokio::runtime::Runtime>>,
+    sensors: Arc<SensorService>,
+    args: JobArgs,
+}
+
+/// What cancelling found.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CancelOutcome {
+    /// The job was queued (now cancelled) or running (stops at its next chunk).
+    Cancelled(JobRecord),
+    /// Already finished; nothing changed.
+    Finished(JobRecord),
+}
+
+impl JobManager {
+    /// Opens the store, re-queues what was queued or running, and starts the workers.
+    pub fn open(
+        root: &Path,
+        sensors: Arc<SensorService>,
+        args: JobArgs,
+    ) -> anyhow::Result<Arc<JobManager>> {
+        let store = JobStore::open(root)
+            .map_err(|e| anyhow::anyhow!("cannot open the job store {}: {e}", root.display()))?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("job-io")
+            .enable_all()
+            .build()?;
+        let (sender, receiver) = crossbeam_channel::unbounded();
+        let manager = Arc::new(JobManager {
+            store,
+            jobs: Mutex::new(HashMap::new()),
+            sender,
+            stop: Arc::new(AtomicBool::new(false)),
+            workers: Mutex::new(Vec::new()),
+            runtime: Mutex::new(Some(runtime)),
+            sensors,
+            args,
+        });
+        let mut requeued = 0;
+        for mut record in manager.store.load_all() {
+            if !record.state.is_final() {
+                record.state = JobState::Queued;
+                record.progress = 0.0;
+                record.rows_done = 0;
+                record.rows_per_second = 0.0;
+                record.started_unix = None;
+                manager.store.clear_results(&record.id);
+                manager.store.save(&record)?;
+                let _ = manager.sender.send(record.id.clone());
+                requeued += 1;
+            }
+            manager.insert(record);
+        }
+        if requeued > 0 {
+            tracing::info!(
+                jobs = requeued,
+                "re-queued jobs found queued or running on disk"
+            );
+        }
+        let mut workers = manager.workers.lock().expect("workers lock");
+        for index in 0..manager.args.workers.max(1) {
+            let weak = Arc::downgrade(&manager);
+            let receiver = receiver.clone();
+            let stop = manager.stop.clone();
+            workers.push(
+                std::thread::Builder::new()
+                    .name(format!("job-worker-{index}"))
+                    .spawn(move || worker_loop(weak, receiver, stop))?,
+            );
+        }
+        drop(workers);
+        Ok(manager)
+    }
+
+    pub fn store(&self) -> &JobStore {
+        &self.store
+    }
+
+    pub fn sensors(&self) -> &Arc<SensorService> {
+        &self.sensors
+    }
+
+    fn insert(&self, record: JobRecord) {
+        let id = record.id.clone();
+        self.jobs.lock().expect("jobs lock").insert(
+            id,
+            Arc::new(JobEntry {
+                record: Mutex::new(record),
+                cancel: AtomicBool::new(false),
+            }),
+        );
+    }
+
+    fn entry(&self, id: &str) -> Option<Arc<JobEntry>> {
+        self.jobs.lock().expect("jobs lock").get(id).cloned()
+    }
+
+    /// Records and queues a job whose folder and input are ready.
+    pub fn submit(&self, record: JobRecord) -> anyhow::Result<JobRecord> {
+        self.store.save(&record)?;
+        self.insert(record.clone());
+        self.sender
+            .send(record.id.clone())
+            .map_err(|_| anyhow::anyhow!("the job queue is closed"))?;
+        Ok(record)
+    }
+
+    pub fn get(&self, id: &str) -> Option<JobRecord> {
+        self.entry(id)
+            .map(|e| e.record.lock().expect("record lock").clone())
+    }
+
+    /// Every job, oldest first.
+    pub fn list(&self) -> Vec<JobRecord> {
+        let mut records: Vec<JobRecord> = self
+            .jobs
+            .lock()
+            .expect("jobs lock")
+            .values()
+            .map(|e| e.record.lock().expect("record lock").clone())
+            .collect();
+        records.sort_by(|a, b| a.created_unix.total_cmp(&b.created_unix));
+        records
+    }
+
+    pub fn cancel(&self, id: &str) -> Option<CancelOutcome> {
+        let entry = self.entry(id)?;
+        entry.cancel.store(true, Ordering::Release);
+        let mut record = entry.record.lock().expect("record lock");
+        match record.state {
+            JobState::Queued => {
+                record.state = JobState::Cancelled;
+                record.finished_unix = Some(now_unix());
+                if let Err(error) = self.store.save(&record) {
+                    tracing::error!(job = %id, %error, "cannot save job state");
+                }
+                Some(CancelOutcome::Cancelled(record.clone()))
+            }
+            // The worker sees the flag at its next chunk.
+            JobState::Running => Some(CancelOutcome::Cancelled(record.clone())),
+            _ => Some(CancelOutcome::Finished(record.clone())),
+        }
+    }
+
+    /// Removes a finished job and its files.
+    pub fn purge(&self, id: &str) -> anyhow::Result<bool> {
+        let Some(entry) = self.entry(id) else {
+            return Ok(false);
+        };
+        let state = entry.record.lock().expect("record lock").state;
+        anyhow::ensure!(
+            state.is_final(),
+            "job {id} is {}; cancel it first",
+            state.name()
+        );
+        self.jobs.lock().expect("jobs lock").remove(id);
+        self.store.remove(id)?;
+        Ok(true)
+    }
+
+    /// Stops the workers: running jobs stop at their next chunk and stay queued on disk.
+    pub fn shutdown(&self) {
+        self.stop.store(true, Ordering::Release);
+        let workers = std::mem::take(&mut *self.workers.lock().expect("workers lock"));
+        for worker in workers {
+            let _ = worker.join();
+        }
+    }
+
+    fn runtime_handle(&self) -> Option<tokio::runtime::Handle> {
+        self.runtime
+            .lock()
+            .expect("runtime lock")
+            .as_ref()
+            .map(|r| r.handle().clone())
+    }
+
+    fn save_logged(&self, record: &JobRecord) {
+        if let Err(error) = self.store.save(record) {
+            tracing::error!(job = %record.id, %error, "cannot save job state");
+        }
+    }
+
+    fn run_job(&self, id: &str) {
+        let Some(entry) = self.entry(id) else {
+            return;
+        };
+        let (model_name, options, input) = {
+            let mut record = entry.record.lock().expect("record lock");
+            if record.state != JobState::Queued {
+                return; // cancelled while queued
+            }
+            record.state = JobState::Running;
+            record.started_unix = Some(now_unix());
+            record.attempts += 1;
+            record.error = None;
+            self.save_logged(&record);
+            let mut options = RunOptions::new(record.settings, record.input.name.clone());
+            options.partition = record.partition;
+            options.chunk_rows = self.args.chunk_rows;
+            options.throttle = Duration::from_millis(self.args.throttle_ms);
+            (record.model.clone(), options, record.input.path.clone())
+        };
+        tracing::info!(job = %id, model = %model_name, "job started");
+        let outcome = match (self.sensors.model(&model_name), self.runtime_handle()) {
+            (None, _) => Err(RunError::Output(anyhow::anyhow!(
+                "model {model_name} is not loaded (sensor models: {})",
+                self.sensors.names().join(", ")
+            ))),
+            (_, None) => Err(RunError::Interrupted),
+            (Some(model), Some(runtime)) => {
+                let monitor = JobMonitor {
+                    manager: self,
+                    entry: &entry,
+                    started: Instant::now(),
+                    last_save: Mutex::new(Instant::now()),
+                };
+                let result_path = self.store.result_path(id);
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    runner::run(&input, model, &options, &result_path, &runtime, &monitor)
+                }))
+                .unwrap_or_else(|_| {
+                    Err(RunError::Output(anyhow::anyhow!(
+                        "internal error while scoring (see the server log)"
+                    )))
+                })
+            }
+        };
+        let mut record = entry.record.lock().expect("record lock");
+        match outcome {
+            Ok(summary) => {
+                record.state = JobState::Done;
+                record.progress = 1.0;
+                record.rows_done = summary.rows as u64;
+                record.rows_total = summary.rows as u64;
+                record.units = Some(summary.units as u64);
+                record.rows_per_second = summary.rows_per_second;
+                record.finished_unix = Some(now_unix());
+                tracing::info!(job = %id, rows = summary.rows, seconds = summary.seconds, "job done");
+            }
+            Err(RunError::Cancelled) => {
+                record.state = JobState::Cancelled;
+                record.finished_unix = Some(now_unix());
+                self.store.clear_results(id);
+                tracing::info!(job = %id, "job cancelled");
+            }
+            Err(RunError::Interrupted) => {
+                record.state = JobState::Queued;
+                record.progress = 0.0;
+                record.rows_done = 0;
+                record.started_unix = None;
+                self.store.clear_results(id);
+                tracing::info!(job = %id, "job interrupted by shutdown; it will run again at the next start");
+            }
+            Err(error) => {
+                record.state = JobState::Failed;
+                record.error = Some(error.to_string());
+                record.finished_unix = Some(now_unix());
+                self.store.clear_results(id);
+                tracing::warn!(job = %id, %error, "job failed");
+            }
+        }
+        self.save_logged(&record);
+    }
+}
+
+impl Drop for JobManager {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(runtime) = self.runtime.lock().ok().and_then(|mut r| r.take()) {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+fn worker_loop(
+    manager: std::sync::Weak<JobManager>,
+    receiver: Receiver<String>,
+    stop: Arc<AtomicBool>,
+) {
+    while !stop.load(Ordering::Acquire) {
+        match receiver.recv_timeout(Duration::from_millis(100)) {
+            Ok(id) => match manager.upgrade() {
+                Some(manager) => manager.run_job(&id),
+                None => return,
+            },
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => continue,
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
+        }
+    }
+}
+
+struct JobMonitor<'a> {
+    manager: &'a JobManager,
+    entry: &'a JobEntry,
+    started: Instant,
+    last_save: Mutex<Instant>,
+}
+
+impl Monitor for JobMonitor<'_> {
+    fn progress(&self, done: usize, total: usize) {
+        let mut record = self.entry.record.lock().expect("record lock");
+        record.rows_done = done as u64;
+        record.rows_total = total as u64;
+        record.progress = if total == 0 {
+            0.0
+        } else {
+            done as f64 / total as f64
+        };
+        record.rows_per_second = done as f64 / self.started.elapsed().as_secs_f64().max(1e-9);
+        let mut last = self.last_save.lock().expect("save lock");
+        if last.elapsed() >= SAVE_EVERY {
+            *last = Instant::now();
+            self.manager.save_logged(&record);
+        }
+    }
+
+    fn control(&self) -> Control {
+        if self.manager.stop.load(Ordering::Acquire) {
+            Control::Interrupt
+        } else if self.entry.cancel.load(Ordering::Acquire) {
+            Control::Cancel
+        } else {
+            Control::Go
+        }
+    }
+}

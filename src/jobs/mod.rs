@@ -1,0 +1,76 @@
+//! Fleet batch jobs: HDF5 archives scored in chunks by a bounded pool of workers, with their
+//! state on disk so they survive restarts.
+//!
+//! `archive` (the two layouts, validation, chunked hyperslab reads), `runner` (one archive end
+//! to end, also used offline by `linescan job run`, sharding), `results` (HDF5 writer, CSV and
+//! JSON exports, shard merge), `store` (job folders and `state.json`), `manager` (queue, worker
+//! pool, progress, cancellation, restart).
+
+pub mod archive;
+pub mod manager;
+pub mod results;
+pub mod runner;
+pub mod store;
+pub mod synthetic;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::Args;
+use serde::Serialize;
+
+pub use manager::JobManager;
+
+use crate::sensors::SensorService;
+
+/// Job settings of the server; every flag is also an environment variable.
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct JobArgs {
+    /// Jobs scored at the same time (each streams its archive in chunks, so memory stays bounded).
+    #[arg(
+        long = "job-workers",
+        env = "LINESCAN_JOB_WORKERS",
+        default_value_t = 2
+    )]
+    pub workers: usize,
+    /// Accept `{"path": ...}` job submissions for files under this folder (off when unset).
+    #[arg(long = "jobs-allow-path", env = "LINESCAN_JOBS_ALLOW_PATH")]
+    pub allow_path: Option<PathBuf>,
+    /// Largest archive upload accepted, in bytes (larger: 413).
+    #[arg(long = "job-max-upload-bytes", env = "LINESCAN_JOB_MAX_UPLOAD_BYTES", default_value_t = 16 * 1024 * 1024 * 1024)]
+    pub max_upload_bytes: u64,
+    /// Archive rows read per chunk.
+    #[arg(
+        long = "job-chunk-rows",
+        env = "LINESCAN_JOB_CHUNK_ROWS",
+        default_value_t = 16_384
+    )]
+    pub chunk_rows: usize,
+    /// Pause after each chunk, in milliseconds (for tests and demos of progress and cancel).
+    #[arg(
+        long = "job-throttle-ms",
+        env = "LINESCAN_JOB_THROTTLE_MS",
+        default_value_t = 0,
+        hide = true
+    )]
+    pub throttle_ms: u64,
+}
+
+impl Default for JobArgs {
+    fn default() -> Self {
+        JobArgs {
+            workers: 2,
+            allow_path: None,
+            max_upload_bytes: 16 * 1024 * 1024 * 1024,
+            chunk_rows: 16_384,
+            throttle_ms: 0,
+        }
+    }
+}
+
+/// What the sensor and job routes need once the models are loaded.
+pub struct Fleet {
+    pub sensors: Arc<SensorService>,
+    pub jobs: Arc<JobManager>,
+    pub args: JobArgs,
+}

@@ -1,0 +1,636 @@
+//! Results of a scored archive: an HDF5 file written as rows arrive (extensible chunked
+//! datasets), and its CSV and JSON equivalents.
+//!
+//! HDF5 layout: one row per archive row (in archive order) with datasets `unit` (i64), `cycle`
+//! (i64), `rul`, `rul_std` (ensemble spread), `rul_sigma` (calibrated error bar; f32, cycles), `risk` (u8: 0 normal, 1 warning, 2 critical, names in
+//! the attribute `risk_levels`), `anomaly` (f32 0..1, NaN without an anomaly model), `health`
+//! (f32 0..100) and `padded` (u16: rows repeated at the front of the window, 0 for full
+//! windows); the group `units` holds the same columns at each unit's latest cycle, plus `rows`.
+//! Root attributes name the model and its version, the settings and the source; `linescan_meta`
+//! holds all of them as JSON.
+
+use std::io::Write;
+use std::path::Path;
+
+use hdf5::H5Type;
+use hdf5::types::VarLenUnicode;
+use serde::{Deserialize, Serialize};
+
+use crate::sensors::{AssessSettings, Risk};
+
+/// Rows written to HDF5 per flush.
+const FLUSH_ROWS: usize = 65_536;
+/// Dataset chunk of the rows table and of the (much shorter) units table.
+const ROW_CHUNK: usize = 16_384;
+const UNIT_CHUNK: usize = 1_024;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShardInfo {
+    pub index: usize,
+    pub count: usize,
+    /// Archive rows `[start, end)` this shard scored.
+    pub rows_start: usize,
+    pub rows_end: usize,
+}
+
+/// What a result was computed with; equal metadata (but the shard) is what lets shards merge.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResultMeta {
+    pub model: String,
+    pub model_version: u64,
+    pub anomaly_model: Option<String>,
+    pub anomaly_model_version: Option<u64>,
+    pub window: usize,
+    pub channels: Vec<String>,
+    pub padding: String,
+    /// Windows per model run; batches are aligned to archive rows so results do not depend on
+    /// where a run starts.
+    pub batch_rows: usize,
+    pub settings: AssessSettings,
+    pub source: String,
+    pub source_rows: usize,
+    pub layout: String,
+    pub partition: String,
+    pub shard: Option<ShardInfo>,
+}
+
+/// Result columns for a run of rows (or of units).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Columns {
+    pub unit: Vec<i64>,
+    pub cycle: Vec<i64>,
+    pub rul: Vec<f32>,
+    pub rul_std: Vec<f32>,
+    pub rul_sigma: Vec<f32>,
+    pub risk: Vec<u8>,
+    pub anomaly: Vec<f32>,
+    pub health: Vec<f32>,
+    /// Rows table: padded rows of the window. Units table: rows scored for the unit.
+    pub count: Vec<u64>,
+}
+
+impl Columns {
+    pub fn len(&self) -> usize {
+        self.unit.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.unit.is_empty()
+    }
+
+    pub fn clear(&mut self) {
+        self.unit.clear();
+        self.cycle.clear();
+        self.rul.clear();
+        self.rul_std.clear();
+        self.rul_sigma.clear();
+        self.risk.clear();
+        self.anomaly.clear();
+        self.health.clear();
+        self.count.clear();
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn push(
+        &mut self,
+        unit: i64,
+        cycle: i64,
+        rul: f32,
+        rul_std: f32,
+        rul_sigma: f32,
+        risk: Risk,
+        anomaly: Option<f32>,
+        health: f32,
+        count: u64,
+    ) {
+        self.unit.push(unit);
+        self.cycle.push(cycle);
+        self.rul.push(rul);
+        self.rul_std.push(rul_std);
+        self.rul_sigma.push(rul_sigma);
+        self.risk.push(risk.code());
+        self.anomaly.push(anomaly.unwrap_or(f32::NAN));
+        self.health.push(health);
+        self.count.push(count);
+    }
+
+    /// Row `i` copied from another table.
+    pub fn push_from(&mut self, other: &Columns, i: usize) {
+        self.unit.push(other.unit[i]);
+        self.cycle.push(other.cycle[i]);
+        self.rul.push(other.rul[i]);
+        self.rul_std.push(other.rul_std[i]);
+        self.rul_sigma.push(other.rul_sigma[i]);
+        self.risk.push(other.risk[i]);
+        self.anomaly.push(other.anomaly[i]);
+        self.health.push(other.health[i]);
+        self.count.push(other.count[i]);
+    }
+}
+
+fn h5(context: &str) -> impl Fn(hdf5::Error) -> anyhow::Error + '_ {
+    move |e| anyhow::anyhow!("{context}: {e}")
+}
+
+/// One table (rows or units) of extensible 1-D datasets.
+struct Table {
+    unit: hdf5::Dataset,
+    cycle: hdf5::Dataset,
+    rul: hdf5::Dataset,
+    rul_std: hdf5::Dataset,
+    rul_sigma: hdf5::Dataset,
+    risk: hdf5::Dataset,
+    anomaly: hdf5::Dataset,
+    health: hdf5::Dataset,
+    count: hdf5::Dataset,
+    len: usize,
+    pending: Columns,
+}
+
+fn extensible<T: H5Type>(
+    group: &hdf5::Group,
+    name: &str,
+    chunk: usize,
+) -> anyhow::Result<hdf5::Dataset> {
+    group
+        .new_dataset::<T>()
+        .chunk(chunk)
+        .shape(0..)
+        .create(name)
+        .map_err(h5(name))
+}
+
+fn append<T: H5Type>(dataset: &hdf5::Dataset, start: usize, values: &[T]) -> anyhow::Result<()> {
+    dataset
+        .resize(start + values.len())
+        .map_err(h5("resizing"))?;
+    dataset
+        .write_slice(values, start..start + values.len())
+        .map_err(h5("writing"))
+}
+
+impl Table {
+    fn create(group: &hdf5::Group, count_name: &str) -> anyhow::Result<Table> {
+        let rows = count_name == "padded";
+        let chunk = if rows { ROW_CHUNK } else { UNIT_CHUNK };
+        Ok(Table {
+            unit: extensible::<i64>(group, "unit", chunk)?,
+            cycle: extensible::<i64>(group, "cycle", chunk)?,
+            rul: extensible::<f32>(group, "rul", chunk)?,
+            rul_std: extensible::<f32>(group, "rul_std", chunk)?,
+            rul_sigma: extensible::<f32>(group, "rul_sigma", chunk)?,
+            risk: extensible::<u8>(group, "risk", chunk)?,
+            anomaly: extensible::<f32>(group, "anomaly", chunk)?,
+            health: extensible::<f32>(group, "health", chunk)?,
+            count: if rows {
+                extensible::<u16>(group, count_name, chunk)?
+            } else {
+                extensible::<u64>(group, count_name, chunk)?
+            },
+            len: 0,
+            pending: Columns::default(),
+        })
+    }
+
+    fn push_from(&mut self, other: &Columns, i: usize) -> anyhow::Result<()> {
+        self.pending.push_from(other, i);
+        if self.pending.len() >= FLUSH_ROWS {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> anyhow::Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let p = &self.pending;
+        let start = self.len;
+        append(&self.unit, start, &p.unit)?;
+        append(&self.cycle, start, &p.cycle)?;
+        append(&self.rul, start, &p.rul)?;
+        append(&self.rul_std, start, &p.rul_std)?;
+        append(&self.rul_sigma, start, &p.rul_sigma)?;
+        append(&self.risk, start, &p.risk)?;
+        append(&self.anomaly, start, &p.anomaly)?;
+        append(&self.health, start, &p.health)?;
+        if self.count.dtype().map(|t| t.size()).unwrap_or(8) == 2 {
+            let counts: Vec<u16> = p.count.iter().map(|c| *c as u16).collect();
+            append(&self.count, start, &counts)?;
+        } else {
+            append(&self.count, start, &p.count)?;
+        }
+        self.len += p.len();
+        self.pending.clear();
+        Ok(())
+    }
+}
+
+fn string_attr(location: &hdf5::Location, name: &str, value: &str) -> anyhow::Result<()> {
+    let value: VarLenUnicode = value
+        .parse()
+        .map_err(|e| anyhow::anyhow!("attribute {name}: {e}"))?;
+    location
+        .new_attr::<VarLenUnicode>()
+        .create(name)
+        .and_then(|a| a.write_scalar(&value))
+        .map_err(h5(name))
+}
+
+fn number_attr<T: H5Type>(location: &hdf5::Location, name: &str, value: T) -> anyhow::Result<()> {
+    location
+        .new_attr::<T>()
+        .create(name)
+        .and_then(|a| a.write_scalar(&value))
+        .map_err(h5(name))
+}
+
+/// Streams result rows into an HDF5 file (written to `<path>.partial`, renamed on finish).
+pub struct ResultWriter {
+    file: hdf5::File,
+    rows: Table,
+    units: Table,
+    partial: std::path::PathBuf,
+    path: std::path::PathBuf,
+}
+
+impl ResultWriter {
+    pub fn create(path: &Path, meta: &ResultMeta) -> anyhow::Result<ResultWriter> {
+        let partial = path.with_extension("h5.partial");
+        let file = hdf5::File::create(&partial)
+            .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", partial.display()))?;
+        write_meta(&file, meta)?;
+        let rows = Table::create(&file, "padded")?;
+        let units_group = file.create_group("units").map_err(h5("units"))?;
+        let units = Table::create(&units_group, "rows")?;
+        Ok(ResultWriter {
+            file,
+            rows,
+            units,
+            partial,
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn push_row(&mut self, rows: &Columns, i: usize) -> anyhow::Result<()> {
+        self.rows.push_from(rows, i)
+    }
+
+    pub fn push_unit(&mut self, units: &Columns, i: usize) -> anyhow::Result<()> {
+        self.units.push_from(units, i)
+    }
+
+    pub fn rows_written(&self) -> usize {
+        self.rows.len + self.rows.pending.len()
+    }
+
+    /// Flushes, closes and moves the file into place.
+    pub fn finish(mut self) -> anyhow::Result<()> {
+        self.rows.flush()?;
+        self.units.flush()?;
+        number_attr(&self.file, "rows", self.rows.len as u64)?;
+        number_attr(&self.file, "units", self.units.len as u64)?;
+        let ResultWriter {
+            file,
+            rows,
+            units,
+            partial,
+            path,
+        } = self;
+        drop(rows);
+        drop(units);
+        file.close().map_err(h5("closing the result"))?;
+        std::fs::rename(&partial, &path)
+            .map_err(|e| anyhow::anyhow!("cannot move the result to {}: {e}", path.display()))?;
+        Ok(())
+    }
+
+    /// Removes the unfinished file.
+    pub fn abandon(self) {
+        let partial = self.partial.clone();
+        drop(self);
+        let _ = std::fs::remove_file(partial);
+    }
+}
+
+fn write_meta(file: &hdf5::File, meta: &ResultMeta) -> anyhow::Result<()> {
+    string_attr(file, "linescan_meta", &serde_json::to_string(meta)?)?;
+    string_attr(file, "model", &meta.model)?;
+    number_attr(file, "model_version", meta.model_version)?;
+    string_attr(
+        file,
+        "anomaly_model",
+        meta.anomaly_model.as_deref().unwrap_or(""),
+    )?;
+    number_attr(
+        file,
+        "anomaly_model_version",
+        meta.anomaly_model_version.unwrap_or(0),
+    )?;
+    number_attr(file, "window", meta.window as u64)?;
+    string_attr(file, "padding", &meta.padding)?;
+    string_attr(file, "risk_levels", "normal,warning,critical")?;
+    number_attr(file, "risk_critical", meta.settings.critical)?;
+    number_attr(file, "risk_warning", meta.settings.warning)?;
+    number_attr(
+        file,
+        "health_anomaly_weight",
+        meta.settings.health_anomaly_weight,
+    )?;
+    string_attr(file, "source", &meta.source)?;
+    string_attr(file, "layout", &meta.layout)?;
+    if let Some(shard) = &meta.shard {
+        string_attr(file, "shard", &format!("{}/{}", shard.index, shard.count))?;
+    }
+    Ok(())
+}
+
+/// A finished result file, read back in chunks.
+pub struct ResultReader {
+    file: hdf5::File,
+    pub meta: ResultMeta,
+}
+
+/// Which table of a result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum View {
+    #[default]
+    Rows,
+    Units,
+}
+
+impl ResultReader {
+    pub fn open(path: &Path) -> anyhow::Result<ResultReader> {
+        let file = hdf5::File::open(path)
+            .map_err(|e| anyhow::anyhow!("cannot open result {}: {e}", path.display()))?;
+        let meta: VarLenUnicode = file
+            .attr("linescan_meta")
+            .and_then(|a| a.read_scalar())
+            .map_err(|e| anyhow::anyhow!("{} is not a linescan result: {e}", path.display()))?;
+        let meta = serde_json::from_str(meta.as_str())?;
+        Ok(ResultReader { file, meta })
+    }
+
+    fn group(&self, view: View) -> anyhow::Result<hdf5::Group> {
+        match view {
+            View::Rows => self.file.group("/").map_err(h5("root")),
+            View::Units => self.file.group("units").map_err(h5("units")),
+        }
+    }
+
+    pub fn len(&self, view: View) -> anyhow::Result<usize> {
+        let group = self.group(view)?;
+        Ok(group.dataset("unit").map_err(h5("unit"))?.shape()[0])
+    }
+
+    /// Rows `[start, end)` of a table.
+    pub fn read(&self, view: View, start: usize, end: usize) -> anyhow::Result<Columns> {
+        let group = self.group(view)?;
+        fn column<T: H5Type>(
+            group: &hdf5::Group,
+            name: &str,
+            start: usize,
+            end: usize,
+        ) -> anyhow::Result<Vec<T>> {
+            Ok(group
+                .dataset(name)
+                .and_then(|d| d.read_slice_1d::<T, _>(start..end))
+                .map_err(h5(name))?
+                .into_raw_vec_and_offset()
+                .0)
+        }
+        let count_name = match view {
+            View::Rows => "padded",
+            View::Units => "rows",
+        };
+        Ok(Columns {
+            unit: column(&group, "unit", start, end)?,
+            cycle: column(&group, "cycle", start, end)?,
+            rul: column(&group, "rul", start, end)?,
+            rul_std: column(&group, "rul_std", start, end)?,
+            rul_sigma: column(&group, "rul_sigma", start, end)?,
+            risk: column(&group, "risk", start, end)?,
+            anomaly: column(&group, "anomaly", start, end)?,
+            health: column(&group, "health", start, end)?,
+            count: column(&group, count_name, start, end)?,
+        })
+    }
+
+    /// Every chunk of a table in order.
+    pub fn for_each_chunk(
+        &self,
+        view: View,
+        mut visit: impl FnMut(&Columns) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
+        let len = self.len(view)?;
+        let mut start = 0;
+        while start < len {
+            let end = (start + FLUSH_ROWS).min(len);
+            visit(&self.read(view, start, end)?)?;
+            start = end;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    H5,
+    Csv,
+    Json,
+}
+
+impl Format {
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::H5 => "h5",
+            Format::Csv => "csv",
+            Format::Json => "json",
+        }
+    }
+
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Format::H5 => "application/x-hdf5",
+            Format::Csv => "text/csv",
+            Format::Json => "application/json",
+        }
+    }
+
+    /// From a file name's extension (.h5/.hdf5, .csv, .json).
+    pub fn from_path(path: &Path) -> Option<Format> {
+        match path.extension()?.to_str()?.to_ascii_lowercase().as_str() {
+            "h5" | "hdf5" | "he5" => Some(Format::H5),
+            "csv" => Some(Format::Csv),
+            "json" => Some(Format::Json),
+            _ => None,
+        }
+    }
+}
+
+fn risk_name(code: u8) -> &'static str {
+    Risk::from_code(code).map_or("unknown", Risk::name)
+}
+
+/// CSV of one table: `unit,cycle,rul,rul_std,risk,anomaly,health,padded` (or `rows` for units);
+/// anomaly is empty without an anomaly model.
+pub fn write_csv(reader: &ResultReader, view: View, out: &mut dyn Write) -> anyhow::Result<()> {
+    let count_name = match view {
+        View::Rows => "padded",
+        View::Units => "rows",
+    };
+    writeln!(
+        out,
+        "unit,cycle,rul,rul_std,rul_sigma,risk,anomaly,health,{count_name}"
+    )?;
+    reader.for_each_chunk(view, |c| {
+        for i in 0..c.len() {
+            let anomaly = if c.anomaly[i].is_nan() {
+                String::new()
+            } else {
+                c.anomaly[i].to_string()
+            };
+            writeln!(
+                out,
+                "{},{},{},{},{},{},{},{},{}",
+                c.unit[i],
+                c.cycle[i],
+                c.rul[i],
+                c.rul_std[i],
+                c.rul_sigma[i],
+                risk_name(c.risk[i]),
+                anomaly,
+                c.health[i],
+                c.count[i]
+            )?;
+        }
+        Ok(())
+    })
+}
+
+fn write_json_rows(reader: &ResultReader, view: View, out: &mut dyn Write) -> anyhow::Result<()> {
+    let count_name = match view {
+        View::Rows => "padded",
+        View::Units => "rows",
+    };
+    let mut first = true;
+    reader.for_each_chunk(view, |c| {
+        for i in 0..c.len() {
+            let anomaly = if c.anomaly[i].is_nan() {
+                "null".to_string()
+            } else {
+                c.anomaly[i].to_string()
+            };
+            write!(
+                out,
+                "{}{{\"unit\":{},\"cycle\":{},\"rul\":{},\"rul_std\":{},\"rul_sigma\":{},\"risk\":\"{}\",\"anomaly\":{},\"health\":{},\"{count_name}\":{}}}",
+                if first { "\n" } else { ",\n" },
+                c.unit[i],
+                c.cycle[i],
+                c.rul[i],
+                c.rul_std[i],
+                c.rul_sigma[i],
+                risk_name(c.risk[i]),
+                anomaly,
+                c.health[i],
+                c.count[i]
+            )?;
+            first = false;
+        }
+        Ok(())
+    })
+}
+
+/// JSON: `{"meta": {...}, "rows": [...], "units": [...]}`, written as it is read.
+pub fn write_json(reader: &ResultReader, out: &mut dyn Write) -> anyhow::Result<()> {
+    write!(
+        out,
+        "{{\"meta\":{},\"rows\":[",
+        serde_json::to_string(&reader.meta)?
+    )?;
+    write_json_rows(reader, View::Rows, out)?;
+    write!(out, "],\"units\":[")?;
+    write_json_rows(reader, View::Units, out)?;
+    writeln!(out, "]}}")?;
+    Ok(())
+}
+
+/// Converts a finished HDF5 result to `format` at `out` (written aside, then renamed).
+pub fn export(result: &Path, format: Format, view: View, out: &Path) -> anyhow::Result<()> {
+    if format == Format::H5 {
+        if result != out {
+            std::fs::copy(result, out)?;
+        }
+        return Ok(());
+    }
+    let reader = ResultReader::open(result)?;
+    // A name of its own, so two requests exporting at once do not write the same file.
+    let partial = out.with_extension(format!("partial-{:08x}", fastrand::u32(..)));
+    {
+        let file = std::fs::File::create(&partial)
+            .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", partial.display()))?;
+        let mut writer = std::io::BufWriter::with_capacity(1 << 20, file);
+        match format {
+            Format::Csv => write_csv(&reader, view, &mut writer)?,
+            Format::Json => write_json(&reader, &mut writer)?,
+            Format::H5 => unreachable!(),
+        }
+        writer.flush()?;
+    }
+    std::fs::rename(&partial, out)?;
+    Ok(())
+}
+
+/// Merges shard results (any order) into the result one run over the whole archive gives.
+pub fn merge(parts: &[std::path::PathBuf], out: &Path) -> anyhow::Result<ResultMeta> {
+    anyhow::ensure!(!parts.is_empty(), "nothing to merge");
+    let mut readers = parts
+        .iter()
+        .map(|p| ResultReader::open(p))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    for (reader, path) in readers.iter().zip(parts) {
+        anyhow::ensure!(
+            reader.meta.shard.is_some(),
+            "{} is not a shard (it was written without --shard)",
+            path.display()
+        );
+    }
+    readers.sort_by_key(|r| r.meta.shard.as_ref().map(|s| s.index));
+    let count = readers[0].meta.shard.as_ref().map_or(0, |s| s.count);
+    let indices: Vec<usize> = readers
+        .iter()
+        .filter_map(|r| r.meta.shard.as_ref().map(|s| s.index))
+        .collect();
+    anyhow::ensure!(
+        indices == (0..count).collect::<Vec<_>>()
+            && readers
+                .iter()
+                .all(|r| r.meta.shard.as_ref().map(|s| s.count) == Some(count)),
+        "shards do not cover 0..{count} exactly once (got {:?} of {count})",
+        indices
+    );
+    let mut meta = readers[0].meta.clone();
+    meta.shard = None;
+    for (reader, path) in readers.iter().zip(parts) {
+        let mut other = reader.meta.clone();
+        other.shard = None;
+        anyhow::ensure!(
+            other == meta,
+            "{} was computed differently (model, settings or source differ) from the other shards",
+            path.display()
+        );
+    }
+    let mut writer = ResultWriter::create(out, &meta)?;
+    for reader in &readers {
+        reader.for_each_chunk(View::Rows, |c| {
+            (0..c.len()).try_for_each(|i| writer.push_row(c, i))
+        })?;
+        reader.for_each_chunk(View::Units, |c| {
+            (0..c.len()).try_for_each(|i| writer.push_unit(c, i))
+        })?;
+    }
+    writer.finish()?;
+    Ok(meta)
+}

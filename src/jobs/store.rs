@@ -1,0 +1,221 @@
+//! Jobs on disk: `<data_dir>/jobs/<id>/` holds the uploaded archive (`input.h5`; server-side
+//! path jobs point at their file instead), `state.json` (written to a temporary file and renamed,
+//! so it is always whole) and the results (`result.h5`, and `result.csv` / `result.json` once
+//! asked for).
+
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::jobs::archive::Partition;
+use crate::sensors::AssessSettings;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    Queued,
+    Running,
+    Done,
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            JobState::Done | JobState::Failed | JobState::Cancelled
+        )
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::Done => "done",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// Where a job's archive is.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobInput {
+    /// "upload" (kept in the job folder) or "path" (a server-side file).
+    pub kind: String,
+    pub path: PathBuf,
+    /// The name results record as their source.
+    pub name: String,
+    pub bytes: u64,
+}
+
+/// Everything known about a job; `state.json` on disk.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobRecord {
+    pub id: String,
+    pub state: JobState,
+    pub model: String,
+    pub partition: Partition,
+    pub settings: AssessSettings,
+    pub input: JobInput,
+    pub created_unix: f64,
+    pub started_unix: Option<f64>,
+    pub finished_unix: Option<f64>,
+    /// 0..1 of the rows scored.
+    pub progress: f64,
+    pub rows_done: u64,
+    pub rows_total: u64,
+    pub rows_per_second: f64,
+    pub units: Option<u64>,
+    pub error: Option<String>,
+    /// Times the job was started (more than one after a restart).
+    pub attempts: u32,
+}
+
+pub fn now_unix() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+pub struct JobStore {
+    root: PathBuf,
+}
+
+impl JobStore {
+    pub fn open(root: &Path) -> std::io::Result<JobStore> {
+        std::fs::create_dir_all(root)?;
+        Ok(JobStore {
+            root: root.to_path_buf(),
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn dir(&self, id: &str) -> PathBuf {
+        self.root.join(id)
+    }
+
+    pub fn upload_path(&self, id: &str) -> PathBuf {
+        self.dir(id).join("input.h5")
+    }
+
+    pub fn result_path(&self, id: &str) -> PathBuf {
+        self.dir(id).join("result.h5")
+    }
+
+    /// A new, empty job folder with a fresh id.
+    pub fn create(&self) -> std::io::Result<String> {
+        loop {
+            let id = format!("{:016x}", fastrand::u64(..));
+            match std::fs::create_dir(self.dir(&id)) {
+                Ok(()) => return Ok(id),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Writes `state.json` atomically (temporary file, then rename).
+    pub fn save(&self, record: &JobRecord) -> std::io::Result<()> {
+        let dir = self.dir(&record.id);
+        let temporary = dir.join("state.json.tmp");
+        let text = serde_json::to_vec_pretty(record).map_err(std::io::Error::other)?;
+        std::fs::write(&temporary, text)?;
+        std::fs::rename(&temporary, dir.join("state.json"))
+    }
+
+    /// Every job with a readable state; folders without one (an upload cut short) are removed.
+    pub fn load_all(&self) -> Vec<JobRecord> {
+        let mut records = Vec::new();
+        let Ok(entries) = std::fs::read_dir(&self.root) else {
+            return records;
+        };
+        for entry in entries.flatten() {
+            let dir = entry.path();
+            if !dir.is_dir() {
+                continue;
+            }
+            match std::fs::read(dir.join("state.json")) {
+                Ok(bytes) => match serde_json::from_slice::<JobRecord>(&bytes) {
+                    Ok(record) => records.push(record),
+                    Err(error) => {
+                        tracing::warn!(dir = %dir.display(), %error, "unreadable job state; skipped")
+                    }
+                },
+                Err(_) => {
+                    tracing::warn!(dir = %dir.display(), "job folder without state (upload cut short); removed");
+                    let _ = std::fs::remove_dir_all(&dir);
+                }
+            }
+        }
+        records.sort_by(|a, b| a.created_unix.total_cmp(&b.created_unix));
+        records
+    }
+
+    /// Removes results (finished or partial) of a job.
+    pub fn clear_results(&self, id: &str) {
+        let Ok(entries) = std::fs::read_dir(self.dir(id)) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            if entry.file_name().to_string_lossy().starts_with("result") {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+
+    pub fn remove(&self, id: &str) -> std::io::Result<()> {
+        std::fs::remove_dir_all(self.dir(id))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn saves_atomically_and_loads_back_in_creation_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = JobStore::open(dir.path()).unwrap();
+        let mut ids = Vec::new();
+        for i in 0..3 {
+            let id = store.create().unwrap();
+            let record = JobRecord {
+                id: id.clone(),
+                state: JobState::Queued,
+                model: "rul_x".into(),
+                partition: Partition::All,
+                settings: AssessSettings::default(),
+                input: JobInput {
+                    kind: "upload".into(),
+                    path: store.upload_path(&id),
+                    name: "a.h5".into(),
+                    bytes: 1,
+                },
+                created_unix: 100.0 + i as f64,
+                started_unix: None,
+                finished_unix: None,
+                progress: 0.0,
+                rows_done: 0,
+                rows_total: 0,
+                rows_per_second: 0.0,
+                units: None,
+                error: None,
+                attempts: 0,
+            };
+            store.save(&record).unwrap();
+            ids.push(id);
+        }
+        let cut_short = store.create().unwrap();
+        let loaded = store.load_all();
+        assert_eq!(loaded.iter().map(|r| r.id.clone()).collect::<Vec<_>>(), ids);
+        assert!(!store.dir(&cut_short).exists());
+        assert!(!store.dir(&ids[0]).join("state.json.tmp").exists());
+    }
+}

@@ -1,0 +1,383 @@
+//! Live windows as JSON: `{"unit": "...", "channels": [names], "values": [[row], ...]}`, one
+//! object, an array of them, or `{"windows": [...]}`. `values` holds one row per cycle, oldest
+//! first, one value per entry of `channels`. Channels are matched by name in any order; missing,
+//! unknown or duplicated channels, rows of the wrong width, more rows than the window, no rows
+//! and NaN/Inf/null values are refused with a message that names them. Fewer rows than the
+//! window are padded by the model's policy (`repeat_first`) and reported as `padded`.
+
+use serde::de::{self, Deserializer, Visitor};
+use serde::{Deserialize, Serialize};
+
+use crate::sensors::SensorError;
+use crate::sensors::channels::ChannelMap;
+use crate::sensors::params::SensorParams;
+use crate::sensors::window::{Scaler, single_window};
+
+/// Windows refused in one message, at most.
+const MAX_REPORTED: usize = 10;
+
+/// A number that may arrive as NaN/Infinity (bare, as Python's json writes them, or quoted) or
+/// null, so such values can be refused by position instead of failing the whole parse.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Reading(pub f64);
+
+impl<'de> Deserialize<'de> for Reading {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ReadingVisitor;
+        impl Visitor<'_> for ReadingVisitor {
+            type Value = Reading;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a number")
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Reading, E> {
+                Ok(Reading(v))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Reading, E> {
+                Ok(Reading(v as f64))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Reading, E> {
+                Ok(Reading(v as f64))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Reading, E> {
+                Ok(Reading(f64::NAN))
+            }
+            fn visit_none<E: de::Error>(self) -> Result<Reading, E> {
+                Ok(Reading(f64::NAN))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Reading, E> {
+                match v.trim().to_ascii_lowercase().as_str() {
+                    "nan" => Ok(Reading(f64::NAN)),
+                    "inf" | "+inf" | "infinity" | "+infinity" => Ok(Reading(f64::INFINITY)),
+                    "-inf" | "-infinity" => Ok(Reading(f64::NEG_INFINITY)),
+                    other => other
+                        .parse::<f64>()
+                        .map(Reading)
+                        .map_err(|_| E::custom(format!("\"{v}\" is not a number"))),
+                }
+            }
+        }
+        deserializer.deserialize_any(ReadingVisitor)
+    }
+}
+
+/// One live window as sent.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LiveWindow {
+    /// Any JSON value naming the unit; echoed back.
+    #[serde(default)]
+    pub unit: serde_json::Value,
+    pub channels: Vec<String>,
+    pub values: Vec<Vec<Reading>>,
+}
+
+/// The body: one window, `{"windows": [...]}`, or an array.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ObjectBody {
+    #[serde(default)]
+    unit: serde_json::Value,
+    channels: Option<Vec<String>>,
+    values: Option<Vec<Vec<Reading>>>,
+    windows: Option<Vec<LiveWindow>>,
+}
+
+/// Parses a request body; Err is a message for 400 (not JSON at all) or 422 (JSON but not windows).
+pub fn parse_windows(body: &[u8]) -> Result<Vec<LiveWindow>, SensorError> {
+    match parse_strict(body) {
+        Ok(windows) => windows,
+        Err(error) => match relax_non_standard_numbers(body) {
+            Some(relaxed) => parse_strict(&relaxed).map_err(|_| syntax(error))?,
+            None => Err(syntax(error)),
+        },
+    }
+}
+
+fn syntax(error: serde_json::Error) -> SensorError {
+    if error.is_data() {
+        SensorError::Invalid(format!(
+            "the body is not a window or a list of windows: {error}"
+        ))
+    } else {
+        SensorError::Syntax(format!("the body is not valid JSON: {error}"))
+    }
+}
+
+/// Outer Err: JSON syntax; inner: JSON that is not windows.
+fn parse_strict(body: &[u8]) -> Result<Result<Vec<LiveWindow>, SensorError>, serde_json::Error> {
+    let first = body.iter().find(|b| !b.is_ascii_whitespace());
+    if first == Some(&b'[') {
+        return serde_json::from_slice::<Vec<LiveWindow>>(body).map(Ok);
+    }
+    let object: ObjectBody = serde_json::from_slice(body)?;
+    Ok(match (object.windows, object.channels, object.values) {
+        (Some(windows), None, None) => Ok(windows),
+        (None, Some(channels), Some(values)) => Ok(vec![LiveWindow {
+            unit: object.unit,
+            channels,
+            values,
+        }]),
+        _ => Err(SensorError::Invalid(
+            "send {\"unit\", \"channels\", \"values\"}, a list of them, or {\"windows\": [...]}"
+                .into(),
+        )),
+    })
+}
+
+/// Rewrites bare `NaN`, `Infinity` and `-Infinity` outside strings as quoted strings (Python's
+/// `json.dumps` writes them); None when there is none.
+fn relax_non_standard_numbers(body: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(body.len() + 64);
+    let mut in_string = false;
+    let mut escaped = false;
+    let mut changed = false;
+    let mut i = 0;
+    while i < body.len() {
+        let b = body[i];
+        if in_string {
+            out.push(b);
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            i += 1;
+            continue;
+        }
+        if b == b'"' {
+            in_string = true;
+            out.push(b);
+            i += 1;
+            continue;
+        }
+        let token = [&b"-Infinity"[..], b"Infinity", b"NaN"]
+            .into_iter()
+            .find(|t| body[i..].starts_with(t));
+        match token {
+            Some(token) => {
+                out.push(b'"');
+                out.extend_from_slice(token);
+                out.push(b'"');
+                i += token.len();
+                changed = true;
+            }
+            None => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    changed.then_some(out)
+}
+
+/// Where a window is refused: its index, its unit and what is wrong.
+fn describe(index: usize, window: &LiveWindow, problem: &str) -> String {
+    match &window.unit {
+        serde_json::Value::Null => format!("window {index}: {problem}"),
+        unit => format!("window {index} (unit {unit}): {problem}"),
+    }
+}
+
+fn show(value: f64) -> &'static str {
+    if value.is_nan() {
+        "NaN/null"
+    } else if value > 0.0 {
+        "Infinity"
+    } else {
+        "-Infinity"
+    }
+}
+
+/// Metadata of an accepted window.
+#[derive(Debug, Clone, Serialize)]
+pub struct WindowInfo {
+    pub unit: serde_json::Value,
+    pub rows: usize,
+    pub padded: usize,
+}
+
+/// Validates every window and builds the scaled model input: `windows.len() × window × channels`
+/// values in model order. Every refused window is named (up to ten in one message).
+pub fn prepare(
+    windows: &[LiveWindow],
+    params: &SensorParams,
+    scaler: &Scaler,
+) -> Result<(Vec<f32>, Vec<WindowInfo>), SensorError> {
+    if windows.is_empty() {
+        return Err(SensorError::Invalid("no windows to score".into()));
+    }
+    let width = params.channels.len();
+    let mut input = Vec::with_capacity(windows.len() * params.window_len());
+    let mut infos = Vec::with_capacity(windows.len());
+    let mut problems = Vec::new();
+    let mut scaled = Vec::with_capacity(params.window_len());
+    for (index, window) in windows.iter().enumerate() {
+        match check(window, params) {
+            Err(problem) => problems.push(describe(index, window, &problem)),
+            Ok(map) => {
+                let flat: Vec<f64> = window.values.iter().flatten().map(|r| r.0).collect();
+                scaled.clear();
+                // Values were checked finite above.
+                let _ = scaler.scale_rows(&flat, &map, &mut scaled);
+                let padded = single_window(&scaled, params.window, width, &mut input);
+                infos.push(WindowInfo {
+                    unit: window.unit.clone(),
+                    rows: window.values.len(),
+                    padded,
+                });
+            }
+        }
+    }
+    if !problems.is_empty() {
+        let total = problems.len();
+        problems.truncate(MAX_REPORTED);
+        let mut message = problems.join("; ");
+        if total > MAX_REPORTED {
+            message.push_str(&format!(" (and {} more windows)", total - MAX_REPORTED));
+        }
+        return Err(SensorError::Invalid(message));
+    }
+    Ok((input, infos))
+}
+
+/// Everything wrong with one window, or its channel map.
+fn check(window: &LiveWindow, params: &SensorParams) -> Result<ChannelMap, String> {
+    let map = ChannelMap::new(&params.channels, &window.channels, false).map_err(|problems| {
+        format!(
+            "{problems} (the model takes {})",
+            params.channels.join(", ")
+        )
+    })?;
+    let rows = window.values.len();
+    if rows == 0 || rows > params.window {
+        return Err(format!(
+            "has {rows} rows; the model takes windows of {} rows, one per cycle, oldest first \
+             (fewer are padded by repeating the first row)",
+            params.window
+        ));
+    }
+    let width = window.channels.len();
+    let mut problems = Vec::new();
+    for (row, values) in window.values.iter().enumerate() {
+        if values.len() != width {
+            problems.push(format!(
+                "row {row} has {} values for {width} channels",
+                values.len()
+            ));
+        }
+    }
+    if !problems.is_empty() {
+        problems.truncate(MAX_REPORTED);
+        return Err(problems.join(", "));
+    }
+    // Non-finite values, by channel.
+    for (column, name) in window.channels.iter().enumerate() {
+        let bad: Vec<String> = window
+            .values
+            .iter()
+            .enumerate()
+            .filter(|(_, values)| !values[column].0.is_finite())
+            .map(|(row, values)| format!("{} at row {row}", show(values[column].0)))
+            .collect();
+        if !bad.is_empty() {
+            problems.push(format!("channel {name}: {}", bad.join(", ")));
+        }
+    }
+    if !problems.is_empty() {
+        return Err(format!("non-finite values: {}", problems.join("; ")));
+    }
+    Ok(map)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sensors::params::Padding;
+
+    fn params() -> SensorParams {
+        SensorParams {
+            window: 3,
+            channels: vec!["a".into(), "b".into()],
+            scaling: "minmax".into(),
+            offset: vec![0.0, 0.0],
+            scale: vec![1.0, 10.0],
+            rul_cap: 125.0,
+            padding: Padding::RepeatFirst,
+        }
+    }
+
+    fn run(body: &str) -> Result<(Vec<f32>, Vec<WindowInfo>), String> {
+        let params = params();
+        let windows = parse_windows(body.as_bytes()).map_err(|e| e.to_string())?;
+        prepare(&windows, &params, &Scaler::new(&params)).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn accepts_one_many_and_wrapped_windows_in_any_channel_order() {
+        let (input, infos) =
+            run(r#"{"unit": "e1", "channels": ["b", "a"], "values": [[1, 2], [3, 4], [5, 6]]}"#)
+                .unwrap();
+        assert_eq!(input, vec![2.0, 10.0, 4.0, 30.0, 6.0, 50.0]);
+        assert_eq!(infos[0].padded, 0);
+        let (input, infos) = run(
+            r#"[{"unit": 1, "channels": ["a", "b"], "values": [[1, 2]]}, {"channels": ["a", "b"], "values": [[1, 1], [2, 2]]}]"#,
+        )
+        .unwrap();
+        assert_eq!(infos.len(), 2);
+        assert_eq!(infos[0].padded, 2);
+        assert_eq!(&input[..6], &[1.0, 20.0, 1.0, 20.0, 1.0, 20.0]);
+        let (_, infos) =
+            run(r#"{"windows": [{"channels": ["a", "b"], "values": [[1, 2]]}]}"#).unwrap();
+        assert_eq!(infos.len(), 1);
+    }
+
+    #[test]
+    fn names_what_is_wrong() {
+        let error =
+            run(r#"{"unit": "e1", "channels": ["a", "x"], "values": [[1, 2]]}"#).unwrap_err();
+        assert!(error.contains("unit \"e1\""), "{error}");
+        assert!(error.contains("missing channels: b"), "{error}");
+        assert!(error.contains("unknown channels: x"), "{error}");
+        let error = run(r#"{"channels": ["a", "b"], "values": [[1, 2], [1, 2], [1, 2], [1, 2]]}"#)
+            .unwrap_err();
+        assert!(error.contains("has 4 rows"), "{error}");
+        let error = run(r#"{"channels": ["a", "b"], "values": [[1, 2], [1]]}"#).unwrap_err();
+        assert!(
+            error.contains("row 1 has 1 values for 2 channels"),
+            "{error}"
+        );
+        let error =
+            run(r#"{"channels": ["a", "b"], "values": [[NaN, 2], [1, "inf"], [null, -Infinity]]}"#)
+                .unwrap_err();
+        assert!(
+            error.contains("channel a: NaN/null at row 0, NaN/null at row 2"),
+            "{error}"
+        );
+        assert!(
+            error.contains("channel b: Infinity at row 1, -Infinity at row 2"),
+            "{error}"
+        );
+        let error = run(r#"[{"channels": ["a", "b"], "values": []}]"#).unwrap_err();
+        assert!(error.contains("window 0: has 0 rows"), "{error}");
+    }
+
+    #[test]
+    fn syntax_errors_are_told_apart_from_wrong_content() {
+        assert!(matches!(
+            parse_windows(b"{not json"),
+            Err(SensorError::Syntax(_))
+        ));
+        assert!(matches!(
+            parse_windows(b"{\"channels\": [\"a\"]}"),
+            Err(SensorError::Invalid(_))
+        ));
+        assert!(matches!(
+            parse_windows(b"{\"nope\": 1}"),
+            Err(SensorError::Invalid(_))
+        ));
+        // "NaN" inside a string stays a string.
+        let relaxed = relax_non_standard_numbers(br#"{"unit": "NaN x", "v": NaN}"#).unwrap();
+        assert_eq!(relaxed, br#"{"unit": "NaN x", "v": "NaN"}"#);
+    }
+}

@@ -1,0 +1,713 @@
+//! Sensor routes: live RUL/anomaly/health scoring of windows, and fleet jobs over HDF5 archives.
+//!
+//! - `GET /v1/rul`, `GET /v1/rul/{model}`: sensor models and what they take.
+//! - `POST /v1/rul/{model}`: windows as JSON → RUL, uncertainty, risk, anomaly, health each.
+//! - `POST /v1/jobs`: an HDF5 archive as the body, as a multipart file, or `{"path": ...}` under
+//!   `--jobs-allow-path` → 202 `{"id"}`.
+//! - `GET /v1/jobs`, `GET /v1/jobs/{id}`: state, progress, rows/s, error.
+//! - `GET /v1/jobs/{id}/result?format=h5|csv|json[&view=rows|units]`.
+//! - `DELETE /v1/jobs/{id}[?purge=true]`: cancels (purge also removes a finished job's files).
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use actix_multipart::Multipart;
+use actix_web::{HttpRequest, HttpResponse, web};
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::jobs::Fleet;
+use crate::jobs::archive::Partition;
+use crate::jobs::manager::CancelOutcome;
+use crate::jobs::results::{self, Format, View};
+use crate::jobs::store::{JobInput, JobRecord, JobState, now_unix};
+use crate::sensors::scorer::f32_bytes;
+use crate::sensors::{AssessSettings, SensorError, SensorModel, live};
+use crate::server::body::{media_type, read_limited};
+use crate::server::error::ApiError;
+use crate::server::state::AppState;
+
+/// Largest `{"path": ...}` submission body.
+const PATH_BODY_LIMIT: usize = 64 * 1024;
+
+pub fn routes(config: &mut web::ServiceConfig) {
+    config
+        .route("/v1/rul", web::get().to(list_models))
+        .route("/v1/rul/{model}", web::get().to(model_info))
+        .route("/v1/rul/{model}", web::post().to(score_live))
+        .route("/v1/jobs", web::post().to(submit_job))
+        .route("/v1/jobs", web::get().to(list_jobs))
+        .route("/v1/jobs/{id}", web::get().to(get_job))
+        .route("/v1/jobs/{id}", web::delete().to(cancel_job))
+        .route("/v1/jobs/{id}/result", web::get().to(job_result));
+}
+
+impl From<SensorError> for ApiError {
+    fn from(error: SensorError) -> Self {
+        match error {
+            SensorError::Setup(message) => ApiError::Internal(message),
+            SensorError::Syntax(message) => ApiError::BadRequest(message),
+            SensorError::Invalid(message) => ApiError::Unprocessable(message),
+            SensorError::Infer(infer) => infer.into(),
+        }
+    }
+}
+
+fn fleet(state: &AppState) -> Result<&Arc<Fleet>, ApiError> {
+    state.registry()?;
+    state.fleet().ok_or_else(|| {
+        ApiError::NotFound(
+            "sensors are not enabled: the model repository has no rul_* model".into(),
+        )
+    })
+}
+
+fn sensor_model(fleet: &Fleet, name: &str) -> Result<Arc<SensorModel>, ApiError> {
+    fleet.sensors.model(name).cloned().ok_or_else(|| {
+        ApiError::NotFound(format!(
+            "no sensor model {name} (sensor models: {})",
+            fleet.sensors.names().join(", ")
+        ))
+    })
+}
+
+/// Server settings with the request's overrides, validated.
+fn settings(
+    fleet: &Fleet,
+    critical: Option<f64>,
+    warning: Option<f64>,
+) -> Result<AssessSettings, ApiError> {
+    let settings = fleet.sensors.settings.with(critical, warning);
+    settings.validate().map_err(ApiError::Unprocessable)?;
+    Ok(settings)
+}
+
+fn describe(model: &SensorModel, settings: &AssessSettings) -> serde_json::Value {
+    json!({
+        "model": model.name(),
+        "version": model.rul.spec.version,
+        "anomaly_model": model.anomaly.as_ref().map(|a| a.name()),
+        "anomaly_version": model.anomaly.as_ref().map(|a| a.spec.version),
+        "window": model.params.window,
+        "channels": model.params.channels,
+        "padding": model.params.padding.name(),
+        "rul_cap": model.params.rul_cap,
+        "max_windows_per_batch": model.batch_rows(),
+        "anomaly_alarm_threshold": model.alarm_threshold(),
+        "rul_sigma_calibrated": model.rul_calibration.is_some(),
+        "risk": {"critical": settings.critical, "warning": settings.warning},
+        "health_anomaly_weight": settings.health_anomaly_weight,
+    })
+}
+
+async fn list_models(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let fleet = fleet(&state)?;
+    let models: Vec<serde_json::Value> = fleet
+        .sensors
+        .names()
+        .iter()
+        .filter_map(|n| fleet.sensors.model(n))
+        .map(|m| describe(m, &fleet.sensors.settings))
+        .collect();
+    Ok(HttpResponse::Ok().json(json!({ "models": models })))
+}
+
+async fn model_info(
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let fleet = fleet(&state)?;
+    let model = sensor_model(fleet, &path)?;
+    Ok(HttpResponse::Ok().json(describe(&model, &fleet.sensors.settings)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LiveQuery {
+    critical: Option<f64>,
+    warning: Option<f64>,
+}
+
+/// Serialized directly (not through `json!`) so f32 values print at f32 precision.
+#[derive(Serialize)]
+struct LiveResponse<'a> {
+    model: &'a str,
+    version: u64,
+    anomaly_model: Option<&'a str>,
+    results: Vec<LiveResult>,
+}
+
+#[derive(Serialize)]
+struct LiveResult {
+    unit: serde_json::Value,
+    rul: f32,
+    rul_std: f32,
+    rul_sigma: f32,
+    risk: crate::sensors::Risk,
+    anomaly: Option<f32>,
+    anomaly_raw: Option<f32>,
+    anomaly_alarm: Option<bool>,
+    health: f32,
+    rows: usize,
+    padded: usize,
+}
+
+async fn score_live(
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+    query: web::Query<LiveQuery>,
+    request: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let fleet = fleet(&state)?;
+    let model = sensor_model(fleet, &path)?;
+    let settings = settings(fleet, query.critical, query.warning)?;
+    if let Some(kind) = media_type(&request).filter(|m| m != "application/json") {
+        return Err(ApiError::UnsupportedMediaType(format!(
+            "send windows as application/json, not {kind}"
+        )));
+    }
+    let body = read_limited(&request, payload, state.max_body_bytes).await?;
+    let started = std::time::Instant::now();
+    let windows = live::parse_windows(&body)?;
+    let (input, infos) = live::prepare(&windows, &model.params, &model.scaler)?;
+    drop(windows);
+    let stage = |name: &str, seconds: f64| {
+        state
+            .metrics
+            .stage_duration
+            .with_label_values(&["sensors", name, "cpu"])
+            .observe(seconds)
+    };
+    stage("prepare", started.elapsed().as_secs_f64());
+    let scoring = std::time::Instant::now();
+    let deadline = model.default_deadline();
+    let window_len = model.params.window_len();
+    let per_call = model.batch_rows();
+    let scores = if infos.len() <= per_call {
+        vec![model.score(f32_bytes(input), infos.len(), deadline).await?]
+    } else {
+        let calls = input.chunks(per_call * window_len).map(|chunk| {
+            model.score(
+                f32_bytes(chunk.to_vec()),
+                chunk.len() / window_len,
+                deadline,
+            )
+        });
+        futures_util::future::join_all(calls)
+            .await
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()?
+    };
+    stage("score", scoring.elapsed().as_secs_f64());
+    let alarm = model.alarm_threshold();
+    let mut results = Vec::with_capacity(infos.len());
+    let mut infos = infos.into_iter();
+    for batch in &scores {
+        for index in 0..batch.rul.len() {
+            let info = infos.next().expect("one info per window");
+            let a = model.assess(batch, index, &settings);
+            results.push(LiveResult {
+                unit: info.unit,
+                rul: a.rul,
+                rul_std: a.rul_std,
+                rul_sigma: a.rul_sigma,
+                risk: a.risk,
+                anomaly: a.anomaly,
+                anomaly_raw: a.anomaly_raw,
+                anomaly_alarm: a.anomaly.zip(alarm).map(|(s, t)| s as f64 >= t),
+                health: a.health,
+                rows: info.rows,
+                padded: info.padded,
+            });
+        }
+    }
+    let slowest = |f: fn(&crate::sensors::Scores) -> std::time::Duration| {
+        scores
+            .iter()
+            .map(f)
+            .max()
+            .unwrap_or_default()
+            .as_micros()
+            .to_string()
+    };
+    Ok(HttpResponse::Ok()
+        .insert_header(("X-Linescan-Queue-Us", slowest(|s| s.queue_time)))
+        .insert_header(("X-Linescan-Compute-Us", slowest(|s| s.compute_time)))
+        .insert_header((
+            "X-Linescan-Batch-Rows",
+            scores
+                .iter()
+                .map(|s| s.batch_rows)
+                .max()
+                .unwrap_or(0)
+                .to_string(),
+        ))
+        .json(LiveResponse {
+            model: model.name(),
+            version: model.rul.spec.version,
+            anomaly_model: model.anomaly.as_ref().map(|a| a.name()),
+            results,
+        }))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct SubmitOptions {
+    /// Server-side archive (JSON submissions only).
+    path: Option<String>,
+    model: Option<String>,
+    partition: Option<Partition>,
+    critical: Option<f64>,
+    warning: Option<f64>,
+    /// Name recorded as the result's source.
+    name: Option<String>,
+}
+
+/// The model a submission names, or the only one.
+fn job_model(fleet: &Fleet, name: Option<&str>) -> Result<String, ApiError> {
+    match name {
+        Some(name) => Ok(sensor_model(fleet, name)?.name().to_string()),
+        None => {
+            let names = fleet.sensors.names();
+            match names.as_slice() {
+                [only] => Ok(only.clone()),
+                _ => Err(ApiError::Unprocessable(format!(
+                    "name the model with ?model= (sensor models: {})",
+                    names.join(", ")
+                ))),
+            }
+        }
+    }
+}
+
+fn too_large(limit: u64) -> ApiError {
+    ApiError::PayloadTooLarge(format!(
+        "archive above the limit of {limit} bytes (--job-max-upload-bytes / \
+         LINESCAN_JOB_MAX_UPLOAD_BYTES); large archives can be submitted by path with \
+         --jobs-allow-path"
+    ))
+}
+
+/// Streams an upload to `path` under `limit` bytes; returns its size.
+async fn save_stream<S, E>(mut stream: S, path: &Path, limit: u64) -> Result<u64, ApiError>
+where
+    S: Stream<Item = Result<Bytes, E>> + Unpin,
+    E: std::fmt::Display,
+{
+    let internal = |e: std::io::Error| ApiError::Internal(format!("cannot store the upload: {e}"));
+    let file = std::fs::File::create(path).map_err(internal)?;
+    let mut writer = std::io::BufWriter::with_capacity(1 << 20, file);
+    let mut size = 0u64;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| ApiError::BadRequest(format!("reading the upload: {e}")))?;
+        size += chunk.len() as u64;
+        if size > limit {
+            return Err(too_large(limit));
+        }
+        writer.write_all(&chunk).map_err(internal)?;
+    }
+    writer.flush().map_err(internal)?;
+    Ok(size)
+}
+
+/// Resolves a server-side path under the allowed folder.
+fn allowed_path(fleet: &Fleet, requested: &str) -> Result<PathBuf, ApiError> {
+    let root = fleet.args.allow_path.as_ref().ok_or_else(|| {
+        ApiError::Unprocessable(
+            "server-side paths are disabled; start the server with --jobs-allow-path DIR, or \
+             send the archive as the body"
+                .into(),
+        )
+    })?;
+    let root = root
+        .canonicalize()
+        .map_err(|e| ApiError::Internal(format!("--jobs-allow-path {}: {e}", root.display())))?;
+    let requested_path = Path::new(requested);
+    let joined = if requested_path.is_absolute() {
+        requested_path.to_path_buf()
+    } else {
+        root.join(requested_path)
+    };
+    let resolved = joined
+        .canonicalize()
+        .map_err(|e| ApiError::Unprocessable(format!("path {requested} cannot be read: {e}")))?;
+    if !resolved.starts_with(&root) {
+        return Err(ApiError::Unprocessable(format!(
+            "path {requested} is outside the folder jobs may read ({})",
+            root.display()
+        )));
+    }
+    if !resolved.is_file() {
+        return Err(ApiError::Unprocessable(format!(
+            "path {requested} is not a file"
+        )));
+    }
+    Ok(resolved)
+}
+
+async fn submit_job(
+    state: web::Data<AppState>,
+    query: web::Query<SubmitOptions>,
+    request: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let fleet = fleet(&state)?.clone();
+    let media = media_type(&request);
+    let mut options = query.into_inner();
+    if options.path.is_some() {
+        return Err(ApiError::Unprocessable(
+            "send {\"path\": ...} as a JSON body, not in the query".into(),
+        ));
+    }
+    if media.as_deref() == Some("application/json") {
+        let body = read_limited(&request, payload, PATH_BODY_LIMIT).await?;
+        let from_body: SubmitOptions = serde_json::from_slice(&body).map_err(|e| {
+            ApiError::Unprocessable(format!(
+                "a JSON submission is {{\"path\": \"...\", \"model\"?, \"partition\"?, \
+                 \"critical\"?, \"warning\"?}}: {e}"
+            ))
+        })?;
+        options = SubmitOptions {
+            path: from_body.path,
+            model: from_body.model.or(options.model),
+            partition: from_body.partition.or(options.partition),
+            critical: from_body.critical.or(options.critical),
+            warning: from_body.warning.or(options.warning),
+            name: from_body.name.or(options.name),
+        };
+        let requested = options
+            .path
+            .clone()
+            .ok_or_else(|| ApiError::Unprocessable("a JSON submission needs \"path\"".into()))?;
+        let model = job_model(&fleet, options.model.as_deref())?;
+        let settings = settings(&fleet, options.critical, options.warning)?;
+        let resolved = allowed_path(&fleet, &requested)?;
+        let bytes = std::fs::metadata(&resolved).map(|m| m.len()).unwrap_or(0);
+        let id = fleet
+            .jobs
+            .store()
+            .create()
+            .map_err(|e| ApiError::Internal(format!("cannot create the job: {e}")))?;
+        let name = options.name.clone().unwrap_or_else(|| file_name(&resolved));
+        let input = JobInput {
+            kind: "path".into(),
+            path: resolved,
+            name,
+            bytes,
+        };
+        return accepted(&fleet, id, model, options.partition, settings, input);
+    }
+
+    let model = job_model(&fleet, options.model.as_deref())?;
+    let settings = settings(&fleet, options.critical, options.warning)?;
+    let limit = fleet.args.max_upload_bytes;
+    if let Some(size) = request
+        .headers()
+        .get(actix_web::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+        .filter(|size| *size > limit)
+    {
+        return Err(too_large(size.max(limit)));
+    }
+    let store = fleet.jobs.store();
+    let id = store
+        .create()
+        .map_err(|e| ApiError::Internal(format!("cannot create the job: {e}")))?;
+    let target = store.upload_path(&id);
+    let saved = if media.as_deref() == Some("multipart/form-data") {
+        save_multipart(&request, payload, &target, limit).await
+    } else {
+        save_stream(payload, &target, limit)
+            .await
+            .map(|size| (size, None))
+    };
+    let (bytes, filename) = match saved {
+        Ok(saved) => saved,
+        Err(error) => {
+            let _ = store.remove(&id);
+            return Err(error);
+        }
+    };
+    if bytes == 0 {
+        let _ = store.remove(&id);
+        return Err(ApiError::Unprocessable(
+            "the body is empty: send the HDF5 archive as the body, as a multipart file, or \
+             {\"path\": ...} as JSON"
+                .into(),
+        ));
+    }
+    let name = options
+        .name
+        .or(filename)
+        .unwrap_or_else(|| "upload.h5".into());
+    let input = JobInput {
+        kind: "upload".into(),
+        path: target,
+        name,
+        bytes,
+    };
+    accepted(&fleet, id, model, options.partition, settings, input)
+}
+
+/// The first file of a multipart form, streamed to `target`: its size and file name.
+async fn save_multipart(
+    request: &HttpRequest,
+    payload: web::Payload,
+    target: &Path,
+    limit: u64,
+) -> Result<(u64, Option<String>), ApiError> {
+    let mut form = Multipart::new(request.headers(), payload.into_inner());
+    while let Some(field) = form.next().await {
+        let field =
+            field.map_err(|e| ApiError::BadRequest(format!("malformed multipart body: {e}")))?;
+        let disposition = field.content_disposition().cloned();
+        let filename = disposition
+            .as_ref()
+            .and_then(|d| d.get_filename().map(String::from));
+        let name = disposition
+            .as_ref()
+            .and_then(|d| d.get_name().map(String::from));
+        let is_archive = filename.is_some() || matches!(name.as_deref(), Some("archive" | "file"));
+        if !is_archive {
+            continue;
+        }
+        let size = save_stream(field, target, limit).await?;
+        return Ok((size, filename));
+    }
+    Err(ApiError::Unprocessable(
+        "the multipart form holds no file (send the archive as a file field)".into(),
+    ))
+}
+
+fn file_name(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_else(|| "archive.h5".into())
+}
+
+fn accepted(
+    fleet: &Fleet,
+    id: String,
+    model: String,
+    partition: Option<Partition>,
+    settings: AssessSettings,
+    input: JobInput,
+) -> Result<HttpResponse, ApiError> {
+    let record = JobRecord {
+        id: id.clone(),
+        state: JobState::Queued,
+        model,
+        partition: partition.unwrap_or_default(),
+        settings,
+        input,
+        created_unix: now_unix(),
+        started_unix: None,
+        finished_unix: None,
+        progress: 0.0,
+        rows_done: 0,
+        rows_total: 0,
+        rows_per_second: 0.0,
+        units: None,
+        error: None,
+        attempts: 0,
+    };
+    let record = fleet.jobs.submit(record).map_err(|e| {
+        let _ = fleet.jobs.store().remove(&id);
+        ApiError::Internal(format!("cannot queue the job: {e:#}"))
+    })?;
+    Ok(HttpResponse::Accepted()
+        .insert_header(("Location", format!("/v1/jobs/{id}")))
+        .json(job_json(&record)))
+}
+
+fn job_json(record: &JobRecord) -> serde_json::Value {
+    json!({
+        "id": record.id,
+        "state": record.state,
+        "model": record.model,
+        "progress": record.progress,
+        "rows_done": record.rows_done,
+        "rows_total": record.rows_total,
+        "rows_per_second": record.rows_per_second,
+        "units": record.units,
+        "error": record.error,
+        "source": record.input.name,
+        "input_bytes": record.input.bytes,
+        "partition": record.partition,
+        "settings": record.settings,
+        "created_unix": record.created_unix,
+        "started_unix": record.started_unix,
+        "finished_unix": record.finished_unix,
+        "attempts": record.attempts,
+        "result": (record.state == JobState::Done).then(|| format!("/v1/jobs/{}/result", record.id)),
+    })
+}
+
+fn job_record(fleet: &Fleet, id: &str) -> Result<JobRecord, ApiError> {
+    fleet
+        .jobs
+        .get(id)
+        .ok_or_else(|| ApiError::NotFound(format!("no job {id}")))
+}
+
+async fn list_jobs(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let fleet = fleet(&state)?;
+    let jobs: Vec<serde_json::Value> = fleet.jobs.list().iter().map(job_json).collect();
+    Ok(HttpResponse::Ok().json(json!({ "jobs": jobs })))
+}
+
+async fn get_job(
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let fleet = fleet(&state)?;
+    Ok(HttpResponse::Ok().json(job_json(&job_record(fleet, &path)?)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CancelQuery {
+    #[serde(default)]
+    purge: bool,
+}
+
+async fn cancel_job(
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+    query: web::Query<CancelQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let fleet = fleet(&state)?;
+    let id = path.into_inner();
+    match fleet.jobs.cancel(&id) {
+        None => Err(ApiError::NotFound(format!("no job {id}"))),
+        Some(CancelOutcome::Finished(record)) if query.purge => {
+            fleet
+                .jobs
+                .purge(&id)
+                .map_err(|e| ApiError::Internal(format!("cannot remove job {id}: {e:#}")))?;
+            let mut body = job_json(&record);
+            body["purged"] = json!(true);
+            Ok(HttpResponse::Ok().json(body))
+        }
+        Some(CancelOutcome::Cancelled(record) | CancelOutcome::Finished(record)) => {
+            Ok(HttpResponse::Ok().json(job_json(&record)))
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ResultQuery {
+    format: Option<String>,
+    #[serde(default)]
+    view: View,
+}
+
+async fn job_result(
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+    query: web::Query<ResultQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let fleet = fleet(&state)?.clone();
+    let record = job_record(&fleet, &path)?;
+    match record.state {
+        JobState::Done => {}
+        JobState::Queued | JobState::Running => {
+            return Err(ApiError::Unavailable {
+                message: format!(
+                    "job {} is {} ({:.0}% done); its result is not ready yet",
+                    record.id,
+                    record.state.name(),
+                    record.progress * 100.0
+                ),
+                retry_after: 1,
+            });
+        }
+        JobState::Failed => {
+            return Err(ApiError::NotFound(format!(
+                "job {} failed, it has no result: {}",
+                record.id,
+                record.error.as_deref().unwrap_or("unknown error")
+            )));
+        }
+        JobState::Cancelled => {
+            return Err(ApiError::NotFound(format!(
+                "job {} was cancelled, it has no result",
+                record.id
+            )));
+        }
+    }
+    let format = match query
+        .format
+        .as_deref()
+        .map(str::to_ascii_lowercase)
+        .as_deref()
+    {
+        None | Some("h5" | "hdf5") => Format::H5,
+        Some("csv") => Format::Csv,
+        Some("json") => Format::Json,
+        Some(other) => {
+            return Err(ApiError::Unprocessable(format!(
+                "format {other} is not one of h5, csv, json"
+            )));
+        }
+    };
+    let store = fleet.jobs.store();
+    let h5 = store.result_path(&record.id);
+    let (file, suffix) = match (format, query.view) {
+        (Format::H5, _) => (h5.clone(), "h5"),
+        (Format::Json, _) => (store.dir(&record.id).join("result.json"), "json"),
+        (Format::Csv, View::Rows) => (store.dir(&record.id).join("result.csv"), "csv"),
+        (Format::Csv, View::Units) => (store.dir(&record.id).join("result.units.csv"), "units.csv"),
+    };
+    if !file.exists() {
+        let (source, target, view) = (h5.clone(), file.clone(), query.view);
+        web::block(move || results::export(&source, format, view, &target))
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))?
+            .map_err(|e| ApiError::Internal(format!("cannot export the result: {e:#}")))?;
+    }
+    stream_file(
+        &file,
+        format.content_type(),
+        &format!("{}.{suffix}", record.id),
+    )
+}
+
+/// A file as a streamed response (256 KiB reads on the blocking pool).
+fn stream_file(path: &Path, content_type: &str, filename: &str) -> Result<HttpResponse, ApiError> {
+    let file = std::fs::File::open(path)
+        .map_err(|e| ApiError::Internal(format!("cannot open {}: {e}", path.display())))?;
+    let length = file
+        .metadata()
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .len();
+    let stream = futures_util::stream::unfold(Some(file), |file| async move {
+        let mut file = file?;
+        let read = web::block(move || {
+            let mut buffer = vec![0u8; 256 * 1024];
+            let n = file.read(&mut buffer)?;
+            buffer.truncate(n);
+            Ok::<_, std::io::Error>((file, buffer))
+        })
+        .await;
+        match read {
+            Ok(Ok((_, buffer))) if buffer.is_empty() => None,
+            Ok(Ok((file, buffer))) => Some((Ok(Bytes::from(buffer)), Some(file))),
+            Ok(Err(e)) => Some((Err(actix_web::error::ErrorInternalServerError(e)), None)),
+            Err(e) => Some((Err(actix_web::error::ErrorInternalServerError(e)), None)),
+        }
+    });
+    Ok(HttpResponse::Ok()
+        .content_type(content_type)
+        .insert_header((
+            "Content-Disposition",
+            format!("attachment; filename=\"{filename}\""),
+        ))
+        .no_chunking(length)
+        .streaming(Box::pin(stream)))
+}

@@ -1,0 +1,841 @@
+//! Fleet jobs over real HTTP and offline: submission (body, multipart, server-side path),
+//! progress, results as HDF5/CSV/JSON, cancellation, restarts, bad archives, the N-CMAPSS layout,
+//! shards that merge to the one-run result, and `linescan rul cmapss`.
+
+mod common;
+mod fleet;
+
+use std::path::{Path, PathBuf};
+
+use common::{Repository, Server, run_cli};
+use fleet::*;
+use linescan::jobs::synthetic::{self, XS_VARS};
+use serde_json::Value;
+
+struct Setup {
+    repository: Repository,
+    data: tempfile::TempDir,
+    files: tempfile::TempDir,
+}
+
+fn setup() -> Setup {
+    Setup {
+        repository: Repository::with_models(&[RUL_MODEL, ANOMALY_MODEL]),
+        data: tempfile::tempdir().unwrap(),
+        files: tempfile::tempdir().unwrap(),
+    }
+}
+
+impl Setup {
+    fn server(&self, extra: &[&str]) -> Server {
+        let mut args = vec!["--data-dir", self.data.path().to_str().unwrap()];
+        args.extend_from_slice(extra);
+        Server::start(self.repository.path(), &args)
+    }
+
+    fn file(&self, name: &str) -> PathBuf {
+        self.files.path().join(name)
+    }
+
+    /// `linescan job run` on this repository; panics with its output on failure.
+    fn job_run(&self, archive: &Path, out: &Path, extra: &[&str]) -> String {
+        let mut args = vec![
+            "job",
+            "run",
+            archive.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--quiet",
+            "--model-repository",
+            self.repository.path().to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let output = run_cli(&args);
+        let stdout = String::from_utf8_lossy(&output.stdout).to_string();
+        assert!(
+            output.status.success(),
+            "job run failed: {stdout}{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        stdout
+    }
+}
+
+async fn get(url: String) -> reqwest::Response {
+    reqwest::get(url).await.expect("GET")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn job_lifecycle_with_results_in_every_format() {
+    let setup = setup();
+    let server = setup.server(&[]);
+    let table = small_fleet();
+    let archive = write_generic(setup.files.path(), "fleet.h5", &shuffled(&table));
+    let id = submit_file(&server.url, &archive).await;
+    let status = wait_job(&server.url, &id, is_final).await;
+    assert_eq!(status["state"], "done", "{status}");
+    assert_eq!(status["progress"], 1.0);
+    assert_eq!(status["rows_done"], table.rows() as u64);
+    assert_eq!(status["rows_total"], table.rows() as u64);
+    assert_eq!(status["units"], 5);
+    assert!(status["rows_per_second"].as_f64().unwrap() > 0.0);
+    assert_eq!(status["model"], RUL_MODEL);
+    assert!(status["error"].is_null());
+
+    // HDF5 (the default format).
+    let response = get(format!("{}/v1/jobs/{id}/result", server.url)).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-type"], "application/x-hdf5");
+    let h5 = setup.file("result.h5");
+    std::fs::write(&h5, response.bytes().await.unwrap()).unwrap();
+    let rows = read_result(&h5);
+    assert_eq!(rows.unit, table.unit);
+    assert_eq!(rows.cycle, table.cycle);
+    // Every row is scored, the short unit (12 cycles) and the first cycles of each unit padded.
+    let short: Vec<u16> = (0..table.rows())
+        .filter(|r| table.unit[*r] == 12)
+        .map(|r| rows.padded[r])
+        .collect();
+    assert_eq!(short, (18..=29).rev().collect::<Vec<u16>>());
+    assert!(rows.health.iter().all(|h| (0.0..=100.0).contains(h)));
+    assert!(rows.anomaly.iter().all(|a| (0.0..=1.0).contains(a)));
+    assert!(rows.risk.iter().all(|r| *r <= 2));
+    assert!(
+        rows.rul_sigma
+            .iter()
+            .zip(&rows.rul_std)
+            .all(|(s, d)| s >= d)
+    );
+    // Degradation shows: unit 14's RUL falls to its end, where it is at risk.
+    let unit14: Vec<usize> = (0..table.rows()).filter(|r| table.unit[*r] == 14).collect();
+    let last = *unit14.last().unwrap();
+    assert!(rows.rul[unit14[40]] > rows.rul[last] + 40.0);
+    assert_eq!(rows.risk[last], 2, "critical at failure");
+    let file = hdf5::File::open(&h5).unwrap();
+    let model: hdf5::types::VarLenUnicode = file.attr("model").unwrap().read_scalar().unwrap();
+    assert_eq!(model.as_str(), RUL_MODEL);
+    let version: u64 = file.attr("model_version").unwrap().read_scalar().unwrap();
+    assert_eq!(version, 1);
+    assert_eq!(
+        file.dataset("units/unit")
+            .unwrap()
+            .read_raw::<i64>()
+            .unwrap(),
+        vec![11, 12, 13, 14, 15]
+    );
+
+    // CSV rows and units, JSON.
+    let csv = get(format!("{}/v1/jobs/{id}/result?format=csv", server.url))
+        .await
+        .text()
+        .await
+        .unwrap();
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(
+        lines[0],
+        "unit,cycle,rul,rul_std,rul_sigma,risk,anomaly,health,padded"
+    );
+    assert_eq!(lines.len(), table.rows() + 1);
+    let fields: Vec<&str> = lines[last + 1].split(',').collect();
+    assert_eq!(fields[0], "14");
+    assert_eq!(fields[1], "300");
+    assert_eq!(fields[2].parse::<f32>().unwrap(), rows.rul[last]);
+    assert_eq!(fields[5], "critical");
+    let units_csv = get(format!(
+        "{}/v1/jobs/{id}/result?format=csv&view=units",
+        server.url
+    ))
+    .await
+    .text()
+    .await
+    .unwrap();
+    assert_eq!(units_csv.lines().count(), 6);
+    assert!(units_csv.lines().nth(4).unwrap().starts_with("14,300,"));
+    let json: Value = get(format!("{}/v1/jobs/{id}/result?format=json", server.url))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(json["meta"]["model"], RUL_MODEL);
+    assert_eq!(json["rows"].as_array().unwrap().len(), table.rows());
+    assert_eq!(
+        json["rows"][last]["rul"].as_f64().unwrap() as f32,
+        rows.rul[last]
+    );
+    assert_eq!(json["units"][3]["rows"], 300);
+    assert_eq!(
+        json["units"][3]["health"].as_f64().unwrap() as f32,
+        rows.health[last]
+    );
+    let bad = get(format!("{}/v1/jobs/{id}/result?format=xml", server.url)).await;
+    assert_eq!(bad.status(), 422);
+    assert_eq!(
+        get(format!("{}/v1/jobs/nope", server.url)).await.status(),
+        404
+    );
+
+    // The offline command runs the same code path: same numbers.
+    let offline = setup.file("offline.h5");
+    setup.job_run(&archive, &offline, &[]);
+    let offline_rows = read_result(&offline);
+    assert_eq!(offline_rows.rul, rows.rul);
+    assert_eq!(offline_rows.health, rows.health);
+
+    // Listing, then DELETE of a finished job leaves it alone unless purged.
+    let list: Value = get(format!("{}/v1/jobs", server.url))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list["jobs"][0]["id"], id.as_str());
+    let client = reqwest::Client::new();
+    let kept: Value = client
+        .delete(format!("{}/v1/jobs/{id}", server.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(kept["state"], "done");
+    let purged = client
+        .delete(format!("{}/v1/jobs/{id}?purge=true", server.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(purged.status(), 200);
+    assert_eq!(
+        get(format!("{}/v1/jobs/{id}", server.url)).await.status(),
+        404
+    );
+    assert!(!setup.data.path().join("jobs").join(&id).exists());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn multipart_and_server_side_path_submissions() {
+    let setup = setup();
+    let allowed = tempfile::tempdir().unwrap();
+    let table = small_fleet();
+    let inside = write_generic(allowed.path(), "inside.h5", &table);
+    let outside = write_generic(setup.files.path(), "outside.h5", &table);
+
+    // Paths are refused unless --jobs-allow-path is given.
+    let server = setup.server(&[]);
+    let client = reqwest::Client::new();
+    let refused = client
+        .post(format!("{}/v1/jobs", server.url))
+        .json(&serde_json::json!({"path": inside}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 422);
+    assert!(refused.text().await.unwrap().contains("--jobs-allow-path"));
+
+    // Multipart: the file part is the archive.
+    let boundary = "linescan-test-boundary";
+    let mut body = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"note\"\r\n\r\nhello\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"archive\"; filename=\"fleet-a.h5\"\r\nContent-Type: application/x-hdf5\r\n\r\n"
+    )
+    .into_bytes();
+    body.extend(std::fs::read(&inside).unwrap());
+    body.extend(format!("\r\n--{boundary}--\r\n").into_bytes());
+    let response = client
+        .post(format!("{}/v1/jobs?warning=100&critical=50", server.url))
+        .header(
+            "Content-Type",
+            format!("multipart/form-data; boundary={boundary}"),
+        )
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let id = response.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let status = wait_job(&server.url, &id, is_final).await;
+    assert_eq!(status["state"], "done", "{status}");
+    assert_eq!(status["source"], "fleet-a.h5");
+    assert_eq!(status["settings"]["warning"], 100.0);
+    drop(server);
+
+    let server = setup.server(&["--jobs-allow-path", allowed.path().to_str().unwrap()]);
+    for (path, fragment) in [
+        (outside.to_str().unwrap().to_string(), "outside the folder"),
+        ("../outside.h5".to_string(), "cannot be read"),
+        ("missing.h5".to_string(), "cannot be read"),
+    ] {
+        let response = client
+            .post(format!("{}/v1/jobs", server.url))
+            .json(&serde_json::json!({"path": path}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 422, "{path}");
+        let text = response.text().await.unwrap();
+        assert!(text.contains(fragment), "{path}: {text}");
+    }
+    let response = client
+        .post(format!("{}/v1/jobs", server.url))
+        .json(&serde_json::json!({"path": "inside.h5", "model": RUL_MODEL}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let id = response.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let status = wait_job(&server.url, &id, is_final).await;
+    assert_eq!(status["state"], "done", "{status}");
+    assert_eq!(status["rows_done"], table.rows() as u64);
+    // Unknown models and empty bodies are refused at submission.
+    let (code, body) =
+        submit_bytes(&server.url, std::fs::read(&inside).unwrap(), "?model=rul_x").await;
+    assert_eq!(code, 404, "{body}");
+    let (code, _) = submit_bytes(&server.url, Vec::new(), "").await;
+    assert_eq!(code, 422);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn progress_and_cancellation() {
+    let setup = setup();
+    // One worker, small chunks with a pause after each: the first job runs for seconds.
+    let server = setup.server(&[
+        "--job-workers",
+        "1",
+        "--job-chunk-rows",
+        "1000",
+        "--job-throttle-ms",
+        "150",
+    ]);
+    let table = fleet_of(60, 3);
+    let archive = write_generic(setup.files.path(), "big.h5", &table);
+    let running = submit_file(&server.url, &archive).await;
+    let queued = submit_file(&server.url, &archive).await;
+
+    // The queued job is cancelled at once.
+    let client = reqwest::Client::new();
+    let cancelled: Value = client
+        .delete(format!("{}/v1/jobs/{queued}", server.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(cancelled["state"], "cancelled");
+
+    // The running one reports progress, then stops at its next chunk.
+    let status = wait_job(&server.url, &running, |s| {
+        s["state"] == "running" && s["progress"].as_f64().unwrap() > 0.0
+    })
+    .await;
+    let progress = status["progress"].as_f64().unwrap();
+    assert!(progress > 0.0 && progress < 1.0, "{status}");
+    assert!(status["rows_per_second"].as_f64().unwrap() > 0.0);
+    let not_ready = get(format!("{}/v1/jobs/{running}/result", server.url)).await;
+    assert_eq!(not_ready.status(), 503);
+    assert!(not_ready.headers().contains_key("retry-after"));
+    let response = client
+        .delete(format!("{}/v1/jobs/{running}", server.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let status = wait_job(&server.url, &running, is_final).await;
+    assert_eq!(status["state"], "cancelled", "{status}");
+    let gone = get(format!("{}/v1/jobs/{running}/result", server.url)).await;
+    assert_eq!(gone.status(), 404);
+    assert!(
+        !setup
+            .data
+            .path()
+            .join("jobs")
+            .join(&running)
+            .join("result.h5")
+            .exists()
+    );
+    let status = wait_job(&server.url, &queued, is_final).await;
+    assert_eq!(status["state"], "cancelled");
+    assert_eq!(
+        status["attempts"], 0,
+        "a job cancelled while queued never runs"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn jobs_survive_restarts() {
+    let setup = setup();
+    let table = fleet_of(40, 5);
+    let archive = write_generic(setup.files.path(), "fleet.h5", &table);
+    let expected = setup.file("expected.h5");
+    setup.job_run(&archive, &expected, &[]);
+
+    // Killed mid-job: the next server re-queues it from the beginning.
+    let throttled = ["--job-chunk-rows", "500", "--job-throttle-ms", "100"];
+    let server = setup.server(&throttled);
+    let id = submit_file(&server.url, &archive).await;
+    wait_job(&server.url, &id, |s| {
+        s["state"] == "running" && s["rows_done"].as_u64().unwrap() > 0
+    })
+    .await;
+    drop(server); // SIGKILL
+    let state: Value = serde_json::from_slice(
+        &std::fs::read(setup.data.path().join("jobs").join(&id).join("state.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(state["state"], "running", "left as it was when killed");
+    let server = setup.server(&[]);
+    let status = wait_job(&server.url, &id, is_final).await;
+    assert_eq!(status["state"], "done", "{status}");
+    assert_eq!(status["attempts"], 2);
+    let result = setup.data.path().join("jobs").join(&id).join("result.h5");
+    assert_eq!(read_result(&result).rul, read_result(&expected).rul);
+
+    // A clean stop (SIGTERM) leaves a running job queued for the next start.
+    let mut server = setup.server(&throttled);
+    let id = submit_file(&server.url, &archive).await;
+    wait_job(&server.url, &id, |s| s["state"] == "running").await;
+    server.terminate();
+    assert!(
+        server
+            .wait_exit(std::time::Duration::from_secs(60))
+            .success()
+    );
+    let state: Value = serde_json::from_slice(
+        &std::fs::read(setup.data.path().join("jobs").join(&id).join("state.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(state["state"], "queued");
+    let server = setup.server(&[]);
+    let status = wait_job(&server.url, &id, is_final).await;
+    assert_eq!(status["state"], "done", "{status}");
+    // Finished jobs stay finished across restarts.
+    drop(server);
+    let server = setup.server(&[]);
+    let list: Value = get(format!("{}/v1/jobs", server.url))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        list["jobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|j| j["state"] == "done")
+    );
+}
+
+/// Archives that are wrong in every way the issue lists, each with what its failure must say.
+fn bad_archives(setup: &Setup) -> Vec<(&'static str, Vec<u8>, Vec<&'static str>)> {
+    let table = small_fleet();
+    let good = write_generic(setup.files.path(), "good.h5", &table);
+    let good_bytes = std::fs::read(&good).unwrap();
+    let mut cases = Vec::new();
+    cases.push((
+        "not hdf5",
+        b"unit,cycle,s_2\n1,1,642.1\n".to_vec(),
+        vec!["not an HDF5 file"],
+    ));
+    cases.push((
+        "truncated",
+        good_bytes[..good_bytes.len() / 2].to_vec(),
+        vec!["is truncated: it holds"],
+    ));
+    let write = |name: &str, build: &dyn Fn(&hdf5::File)| {
+        let path = setup.file(name);
+        let file = hdf5::File::create(&path).unwrap();
+        build(&file);
+        drop(file);
+        std::fs::read(path).unwrap()
+    };
+    let n = table.rows();
+    let features: Vec<f32> = table.values.iter().map(|v| *v as f32).collect();
+    let names: Vec<hdf5::types::VarLenUnicode> =
+        table.columns.iter().map(|c| c.parse().unwrap()).collect();
+    let put_features = |file: &hdf5::File, values: &[f32], names: &[hdf5::types::VarLenUnicode]| {
+        let width = names.len();
+        let ds = file
+            .new_dataset::<f32>()
+            .shape([values.len() / width, width])
+            .create("features")
+            .unwrap();
+        ds.write_raw(values).unwrap();
+        ds.new_attr::<hdf5::types::VarLenUnicode>()
+            .shape(names.len())
+            .create("channels")
+            .unwrap()
+            .write_raw(names)
+            .unwrap();
+    };
+    let put = |file: &hdf5::File, name: &str, values: &[i64]| {
+        file.new_dataset::<i64>()
+            .shape(values.len())
+            .create(name)
+            .unwrap()
+            .write_raw(values)
+            .unwrap();
+    };
+    cases.push((
+        "missing dataset",
+        write("missing.h5", &|f| {
+            put(f, "unit", &table.unit);
+            put_features(f, &features, &names);
+        }),
+        vec!["missing dataset(s) cycle"],
+    ));
+    cases.push((
+        "nothing known",
+        write("empty.h5", &|f| put(f, "temperature", &[1, 2, 3])),
+        vec!["neither the generic layout", "temperature"],
+    ));
+    cases.push((
+        "mismatched lengths",
+        write("mismatch.h5", &|f| {
+            put(f, "unit", &table.unit);
+            put(f, "cycle", &table.cycle[..n - 1]);
+            put_features(f, &features, &names);
+        }),
+        vec![&*Box::leak(
+            format!("unit has {n} rows but cycle has {}", n - 1).into_boxed_str(),
+        )],
+    ));
+    // Without s_3 and s_11 (columns 5 and 13 of the generic layout).
+    let keep: Vec<usize> = (0..24).filter(|c| *c != 5 && *c != 13).collect();
+    let narrow: Vec<f32> = features
+        .chunks_exact(24)
+        .flat_map(|row| keep.iter().map(|c| row[*c]).collect::<Vec<_>>())
+        .collect();
+    let narrow_names: Vec<_> = keep.iter().map(|c| names[*c].clone()).collect();
+    cases.push((
+        "missing channels",
+        write("channels.h5", &|f| {
+            put(f, "unit", &table.unit);
+            put(f, "cycle", &table.cycle);
+            put_features(f, &narrow, &narrow_names);
+        }),
+        vec!["missing channels: s_3, s_11"],
+    ));
+    // NaN in s_4 (column 6) at row 100 (unit 11, cycle 101).
+    let mut with_nan = features.clone();
+    with_nan[100 * 24 + 6] = f32::NAN;
+    cases.push((
+        "nan",
+        write("nan.h5", &|f| {
+            put(f, "unit", &table.unit);
+            put(f, "cycle", &table.cycle);
+            put_features(f, &with_nan, &names);
+        }),
+        vec!["NaN in channel s_4 at row 100 (unit 11, cycle 101)"],
+    ));
+    // A NaN in a column the model does not read is harmless: see the good job below.
+    let mut units = table.unit.clone();
+    units[5] = 14;
+    cases.push((
+        "units not contiguous",
+        write("contiguous.h5", &|f| {
+            put(f, "unit", &units);
+            put(f, "cycle", &table.cycle);
+            put_features(f, &features, &names);
+        }),
+        vec!["rows of unit 11 are not contiguous"],
+    ));
+    cases.push((
+        "no channel names",
+        write("names.h5", &|f| {
+            put(f, "unit", &table.unit);
+            put(f, "cycle", &table.cycle);
+            f.new_dataset::<f32>()
+                .shape([n, 24])
+                .create("features")
+                .unwrap()
+                .write_raw(&features)
+                .unwrap();
+        }),
+        vec!["string attribute \"channels\""],
+    ));
+    cases
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_archives_fail_their_own_job_only() {
+    let setup = setup();
+    let server = setup.server(&["--job-workers", "3"]);
+    let mut ids = Vec::new();
+    for (name, bytes, fragments) in bad_archives(&setup) {
+        let (status, body) = submit_bytes(
+            &server.url,
+            bytes,
+            &format!("?name={}", name.replace(' ', "-")),
+        )
+        .await;
+        assert_eq!(status, 202, "{name}: {body}");
+        ids.push((name, body["id"].as_str().unwrap().to_string(), fragments));
+    }
+    // A good archive whose unused setting column holds NaN, submitted among the bad ones.
+    let mut table = small_fleet();
+    table.values[10 * 24] = f64::NAN;
+    let good = write_generic(setup.files.path(), "good-nan-setting.h5", &table);
+    let good_id = submit_file(&server.url, &good).await;
+    for (name, id, fragments) in &ids {
+        let status = wait_job(&server.url, id, is_final).await;
+        assert_eq!(status["state"], "failed", "{name}: {status}");
+        let error = status["error"].as_str().unwrap();
+        for fragment in fragments {
+            assert!(
+                error.contains(fragment),
+                "{name}: {fragment:?} not in {error:?}"
+            );
+        }
+        let result = get(format!("{}/v1/jobs/{id}/result", server.url)).await;
+        assert_eq!(result.status(), 404);
+        assert!(result.text().await.unwrap().contains("failed"));
+    }
+    let status = wait_job(&server.url, &good_id, is_final).await;
+    assert_eq!(status["state"], "done", "{status}");
+
+    // The offline command reports the same problems.
+    for (name, bytes, fragments) in bad_archives(&setup).into_iter().take(3) {
+        let path = setup.file(&format!("{}.h5", name.replace(' ', "-")));
+        std::fs::write(&path, bytes).unwrap();
+        let out = setup.file("never.h5");
+        let output = run_cli(&[
+            "job",
+            "run",
+            path.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--model-repository",
+            setup.repository.path().to_str().unwrap(),
+        ]);
+        assert!(!output.status.success());
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(fragments[0]), "{name}: {stderr}");
+        assert!(!out.exists());
+    }
+}
+
+#[test]
+fn shards_merge_to_exactly_the_one_run_result() {
+    let setup = setup();
+    // Enough rows for several model batches, so shards start inside batches.
+    let table = fleet_of(30, 9);
+    assert!(table.rows() > 4000);
+    let archive = write_generic(setup.files.path(), "fleet.h5", &table);
+    let whole = setup.file("whole.h5");
+    setup.job_run(&archive, &whole, &[]);
+    for count in [2usize, 3, 7] {
+        let mut parts = Vec::new();
+        for index in 0..count {
+            let part = setup.file(&format!("part-{index}-of-{count}.h5"));
+            let shard = format!("{index}/{count}");
+            let printed =
+                setup.job_run(&archive, &part, &["--shard", &shard, "--chunk-rows", "777"]);
+            assert!(printed.contains(&format!("shard {shard}")), "{printed}");
+            parts.push(part);
+        }
+        parts.reverse(); // any order
+        let merged = setup.file(&format!("merged-{count}.h5"));
+        let mut args = vec!["job", "merge"];
+        args.extend(parts.iter().map(|p| p.to_str().unwrap()));
+        args.extend(["--out", merged.to_str().unwrap()]);
+        let output = run_cli(&args);
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert_eq!(
+            result_fingerprint(&merged, &[]),
+            result_fingerprint(&whole, &[]),
+            "{count} shards"
+        );
+        // Missing a shard is refused.
+        let output = run_cli(&[
+            "job",
+            "merge",
+            parts[0].to_str().unwrap(),
+            "--out",
+            setup.file("partial.h5").to_str().unwrap(),
+        ]);
+        assert!(!output.status.success());
+        assert!(String::from_utf8_lossy(&output.stderr).contains("exactly once"));
+    }
+    // CSV and JSON straight from the command.
+    let csv = setup.file("whole.csv");
+    setup.job_run(&archive, &csv, &[]);
+    assert_eq!(
+        std::fs::read_to_string(&csv).unwrap().lines().count(),
+        table.rows() + 1
+    );
+    let json = setup.file("whole.json");
+    setup.job_run(&archive, &json, &[]);
+    let parsed: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(parsed["rows"].as_array().unwrap().len(), table.rows());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ncmapss_archives_score_like_the_same_rows_in_the_generic_layout() {
+    let setup = setup();
+    // A model "trained on" N-CMAPSS channels: the RUL model with its 14 channels renamed to the
+    // X_s sensors (the numbers do not matter here, the column mapping does).
+    let renamed = Repository::with_models(&[RUL_MODEL]);
+    let names: Vec<String> = XS_VARS.iter().map(|n| format!("\"{n}\"")).collect();
+    renamed.set(RUL_MODEL, "channels", &format!("[{}]", names.join(", ")));
+    let dev = small_fleet();
+    let mut test = fleet_of(3, 8);
+    for unit in test.unit.iter_mut() {
+        *unit += 1000;
+    }
+    let model_order: Vec<String> = model_channels();
+    let as_xs = |t: &linescan::jobs::synthetic::Table| t.select(&model_order).renamed(&XS_VARS);
+    let archive = setup.file("N-CMAPSS_DS00.h5");
+    synthetic::write_ncmapss(&archive, &as_xs(&dev), Some(&as_xs(&test))).unwrap();
+    let mut both = as_xs(&dev);
+    let test_xs = as_xs(&test);
+    both.unit.extend(&test_xs.unit);
+    both.cycle.extend(&test_xs.cycle);
+    both.rul.extend(&test_xs.rul);
+    both.values.extend(&test_xs.values);
+    let generic = setup.file("generic.h5");
+    synthetic::write_generic(&generic, &shuffled(&both), false).unwrap();
+
+    let data = tempfile::tempdir().unwrap();
+    let server = Server::start(
+        renamed.path(),
+        &["--data-dir", data.path().to_str().unwrap()],
+    );
+    let id = submit_file(&server.url, &archive).await;
+    let status = wait_job(&server.url, &id, is_final).await;
+    assert_eq!(status["state"], "done", "{status}");
+    assert_eq!(status["rows_done"], both.rows() as u64);
+    let ncmapss_result = data.path().join("jobs").join(&id).join("result.h5");
+    let generic_result = setup.file("generic-result.h5");
+    let output = run_cli(&[
+        "job",
+        "run",
+        generic.to_str().unwrap(),
+        "--out",
+        generic_result.to_str().unwrap(),
+        "--model-repository",
+        renamed.path().to_str().unwrap(),
+    ]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let a = read_result(&ncmapss_result);
+    let b = read_result(&generic_result);
+    assert_eq!(a.unit, b.unit);
+    assert_eq!(a.cycle, b.cycle);
+    assert_eq!(a.rul, b.rul);
+    let file = hdf5::File::open(&ncmapss_result).unwrap();
+    let layout: hdf5::types::VarLenUnicode = file.attr("layout").unwrap().read_scalar().unwrap();
+    assert_eq!(layout.as_str(), "n-cmapss");
+    // Only the test partition.
+    let id = {
+        let (code, body) = submit_bytes(
+            &server.url,
+            std::fs::read(&archive).unwrap(),
+            "?partition=test",
+        )
+        .await;
+        assert_eq!(code, 202, "{body}");
+        body["id"].as_str().unwrap().to_string()
+    };
+    let status = wait_job(&server.url, &id, is_final).await;
+    assert_eq!(status["rows_done"], test.rows() as u64, "{status}");
+    drop(server);
+
+    // The FD001 model cannot read N-CMAPSS channels: the job says which are missing.
+    let server = setup.server(&[]);
+    let id = submit_file(&server.url, &archive).await;
+    let status = wait_job(&server.url, &id, is_final).await;
+    assert_eq!(status["state"], "failed");
+    let error = status["error"].as_str().unwrap();
+    assert!(error.contains("missing channels: s_2, s_3"), "{error}");
+    assert!(error.contains("T24"), "names what the archive has: {error}");
+}
+
+#[test]
+fn rul_cmapss_predicts_the_last_window_of_every_unit() {
+    let setup = setup();
+    let table = small_fleet();
+    // C-MAPSS text: unit, cycle, 3 settings, 21 sensors, space separated (units interleaved
+    // order is fine: rows are grouped by unit and sorted by cycle).
+    let mut text = String::new();
+    let mut order: Vec<usize> = (0..table.rows()).collect();
+    order.reverse();
+    for r in order {
+        text.push_str(&format!("{} {}", table.unit[r], table.cycle[r]));
+        for v in &table.values[r * 24..(r + 1) * 24] {
+            text.push_str(&format!(" {v:.6}"));
+        }
+        text.push_str(" \n");
+    }
+    let input = setup.file("test_FD00X.txt");
+    std::fs::write(&input, &text).unwrap();
+    let out = setup.file("pred.csv");
+    let output = run_cli(&[
+        "rul",
+        "cmapss",
+        "--input",
+        input.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--model-repository",
+        setup.repository.path().to_str().unwrap(),
+    ]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(String::from_utf8_lossy(&output.stderr).contains("1 units had fewer than 30 cycles"));
+    let csv = std::fs::read_to_string(&out).unwrap();
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(lines[0], "unit,rul");
+    assert_eq!(lines.len(), 6);
+    let units: Vec<&str> = lines[1..]
+        .iter()
+        .map(|l| l.split(',').next().unwrap())
+        .collect();
+    assert_eq!(units, ["11", "12", "13", "14", "15"]);
+    // The same as the job's per-unit result (the archive holds the same 6-decimal values).
+    let mut rounded = table.clone();
+    for v in rounded.values.iter_mut() {
+        *v = format!("{v:.6}").parse().unwrap();
+    }
+    let archive = setup.file("rounded.h5");
+    synthetic::write_generic(&archive, &rounded, false).unwrap();
+    let result = setup.file("rounded-result.h5");
+    setup.job_run(&archive, &result, &[]);
+    let file = hdf5::File::open(&result).unwrap();
+    let unit_rul = file
+        .dataset("units/rul")
+        .unwrap()
+        .read_raw::<f32>()
+        .unwrap();
+    for (line, rul) in lines[1..].iter().zip(unit_rul) {
+        let predicted: f32 = line.split(',').nth(1).unwrap().parse().unwrap();
+        assert!((predicted - rul).abs() < 1e-3, "{line} vs {rul}");
+    }
+    // A malformed file says where.
+    std::fs::write(&input, "1 1 0.5\n").unwrap();
+    let output = run_cli(&[
+        "rul",
+        "cmapss",
+        "--input",
+        input.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--model-repository",
+        setup.repository.path().to_str().unwrap(),
+    ]);
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("line 1 has 3 columns"));
+}

@@ -1,0 +1,302 @@
+//! Live sensor scoring over real HTTP: `POST /v1/rul/{model}` with windows of synthetic
+//! degradation series → RUL, uncertainty, risk, anomaly and health, and every refusal.
+
+mod common;
+mod fleet;
+
+use common::{Repository, Server, metric};
+use fleet::{ANOMALY_MODEL, RUL_MODEL, model_channels, small_fleet};
+use linescan::jobs::synthetic::Table;
+use serde_json::{Value, json};
+
+fn start() -> (Repository, tempfile::TempDir, Server) {
+    let repository = Repository::with_models(&[RUL_MODEL, ANOMALY_MODEL]);
+    let data = tempfile::tempdir().unwrap();
+    let server = Server::start(
+        repository.path(),
+        &["--data-dir", data.path().to_str().unwrap()],
+    );
+    (repository, data, server)
+}
+
+/// The window of `unit` ending at row `end` (exclusive) of the table: `rows` rows, the given
+/// channels in the given order.
+fn window(table: &Table, unit: i64, end_cycle: i64, rows: usize, channels: &[String]) -> Value {
+    let picked = table.select(channels);
+    let positions: Vec<usize> = (0..picked.rows())
+        .filter(|r| picked.unit[*r] == unit && picked.cycle[*r] <= end_cycle)
+        .collect();
+    let take = &positions[positions.len() - rows..];
+    let values: Vec<Vec<f64>> = take
+        .iter()
+        .map(|r| picked.values[r * channels.len()..(r + 1) * channels.len()].to_vec())
+        .collect();
+    json!({"unit": format!("engine-{unit}"), "channels": channels, "values": values})
+}
+
+async fn post(server: &Server, path: &str, body: impl Into<reqwest::Body>) -> (u16, Value) {
+    let response = reqwest::Client::new()
+        .post(format!("{}{path}", server.url))
+        .header("Content-Type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .expect("POST");
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+async fn score(server: &Server, body: &Value) -> Vec<Value> {
+    let (status, answer) = post(server, "/v1/rul/rul_fd001", body.to_string()).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["model"], RUL_MODEL);
+    assert_eq!(answer["anomaly_model"], ANOMALY_MODEL);
+    answer["results"].as_array().unwrap().clone()
+}
+
+fn f(value: &Value) -> f64 {
+    value
+        .as_f64()
+        .unwrap_or_else(|| panic!("not a number: {value}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn degrading_units_score_lower_rul_and_health_with_more_anomaly() {
+    let (_repository, _data, server) = start();
+    let table = small_fleet();
+    let channels = model_channels();
+    // Unit 14 runs 300 cycles to failure: early (healthy) and late (failing) windows.
+    let early = window(&table, 14, 60, 30, &channels);
+    let late = window(&table, 14, 298, 30, &channels);
+    let results = score(&server, &json!([early, late])).await;
+    assert_eq!(results.len(), 2);
+    let (healthy, failing) = (&results[0], &results[1]);
+    assert_eq!(healthy["unit"], "engine-14");
+    assert!(
+        f(&healthy["rul"]) > f(&failing["rul"]) + 40.0,
+        "{results:?}"
+    );
+    assert!(f(&failing["rul"]) <= 80.0, "{failing}");
+    assert_ne!(failing["risk"], "normal");
+    assert_eq!(healthy["risk"], "normal");
+    assert!(
+        f(&failing["anomaly"]) > f(&healthy["anomaly"]),
+        "{results:?}"
+    );
+    assert_eq!(failing["anomaly_alarm"], true);
+    assert!(f(&healthy["health"]) > f(&failing["health"]) + 30.0);
+    for result in &results {
+        let health = f(&result["health"]);
+        assert!((0.0..=100.0).contains(&health));
+        assert!(f(&result["rul_std"]) >= 0.0);
+        assert!(f(&result["rul_sigma"]) >= f(&result["rul_std"]));
+        assert!((0.0..=1.0).contains(&f(&result["anomaly"])));
+        assert_eq!(result["padded"], 0);
+        assert_eq!(result["rows"], 30);
+    }
+    // The model and its settings are described.
+    let info: Value = reqwest::get(format!("{}/v1/rul/rul_fd001", server.url))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(info["window"], 30);
+    assert_eq!(info["padding"], "repeat_first");
+    assert_eq!(info["risk"]["critical"], 30.0);
+    let list: Value = reqwest::get(format!("{}/v1/rul", server.url))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list["models"][0]["model"], RUL_MODEL);
+    // Scoring goes through the batchers (metrics per model).
+    let metrics = reqwest::get(format!("{}/metrics", server.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metric(
+            &metrics,
+            "linescan_inference_count_total",
+            &["model=\"rul_fd001\""]
+        ) >= 2.0
+    );
+    assert!(
+        metric(
+            &metrics,
+            "linescan_inference_count_total",
+            &["model=\"anomaly_fd001\""]
+        ) >= 2.0
+    );
+    assert!(
+        metric(
+            &metrics,
+            "linescan_stage_duration_seconds_count",
+            &["pipeline=\"sensors\"", "stage=\"prepare\""]
+        ) >= 1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn channels_match_by_name_and_short_units_are_padded_by_policy() {
+    let (_repository, _data, server) = start();
+    let table = small_fleet();
+    let channels = model_channels();
+    let mut reversed = channels.clone();
+    reversed.reverse();
+    let ordered = window(&table, 11, 150, 30, &channels);
+    let shuffled = window(&table, 11, 150, 30, &reversed);
+    let results = score(&server, &json!({"windows": [ordered, shuffled]})).await;
+    assert_eq!(results[0]["rul"], results[1]["rul"]);
+    assert_eq!(results[0]["anomaly_raw"], results[1]["anomaly_raw"]);
+
+    // Unit 12 has 12 cycles: the window is padded by repeating its first row, exactly as if
+    // those rows had been sent.
+    let short = window(&table, 12, 12, 12, &channels);
+    let values = short["values"].as_array().unwrap();
+    let mut explicit: Vec<Value> = vec![values[0].clone(); 18];
+    explicit.extend(values.iter().cloned());
+    let explicit = json!({"unit": "explicit", "channels": channels, "values": explicit});
+    let results = score(&server, &json!([short, explicit])).await;
+    assert_eq!(results[0]["padded"], 18);
+    assert_eq!(results[0]["rows"], 12);
+    assert_eq!(results[1]["padded"], 0);
+    assert_eq!(results[0]["rul"], results[1]["rul"]);
+    assert_eq!(results[0]["health"], results[1]["health"]);
+
+    // Thresholds are configurable per request.
+    let late = window(&table, 14, 250, 30, &channels);
+    let strict = post(
+        &server,
+        "/v1/rul/rul_fd001?critical=200&warning=300",
+        late.to_string(),
+    )
+    .await;
+    assert_eq!(strict.0, 200);
+    assert_eq!(strict.1["results"][0]["risk"], "critical");
+    let lenient = post(
+        &server,
+        "/v1/rul/rul_fd001?critical=0&warning=0",
+        late.to_string(),
+    )
+    .await;
+    assert_eq!(lenient.1["results"][0]["risk"], "normal");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_windows_are_refused_with_what_is_wrong() {
+    let (_repository, _data, server) = start();
+    let table = small_fleet();
+    let channels = model_channels();
+    let good = window(&table, 11, 100, 30, &channels);
+    let url = "/v1/rul/rul_fd001";
+
+    let expect = |status: u16, body: &Value, expected: u16, fragments: &[&str]| {
+        assert_eq!(status, expected, "{body}");
+        let message = body["error"].as_str().unwrap_or_default();
+        for fragment in fragments {
+            assert!(
+                message.contains(fragment),
+                "{fragment:?} not in {message:?}"
+            );
+        }
+    };
+
+    let mut missing = good.clone();
+    missing["channels"][3] = json!("s_99");
+    let (status, body) = post(&server, url, missing.to_string()).await;
+    expect(
+        status,
+        &body,
+        422,
+        &[
+            "engine-11",
+            "missing channels: s_7",
+            "unknown channels: s_99",
+        ],
+    );
+
+    let mut duplicated = good.clone();
+    duplicated["channels"][0] = json!("s_3");
+    let (status, body) = post(&server, url, duplicated.to_string()).await;
+    expect(
+        status,
+        &body,
+        422,
+        &["duplicated channels: s_3", "missing channels: s_2"],
+    );
+
+    // Python's json.dumps writes NaN and Infinity bare; null and "inf" are refused as well.
+    let mut text = good.to_string();
+    let values = &good["values"];
+    let first = values[4][2].to_string();
+    text = text.replacen(&format!("[{}", values[4][0]), "[NaN", 1);
+    text = text.replacen(&format!(",{first},"), ",Infinity,", 1);
+    let (status, body) = post(&server, url, text).await;
+    expect(
+        status,
+        &body,
+        422,
+        &["non-finite values", "channel s_2: NaN/null at row 4"],
+    );
+    let mut nulls = good.clone();
+    nulls["values"][7][13] = Value::Null;
+    nulls["values"][8][5] = json!("-inf");
+    let (status, body) = post(&server, url, nulls.to_string()).await;
+    expect(
+        status,
+        &body,
+        422,
+        &[
+            "channel s_9: -Infinity at row 8",
+            "channel s_21: NaN/null at row 7",
+        ],
+    );
+
+    let mut long = good.clone();
+    long["values"]
+        .as_array_mut()
+        .unwrap()
+        .push(good["values"][0].clone());
+    let (status, body) = post(&server, url, long.to_string()).await;
+    expect(status, &body, 422, &["has 31 rows", "windows of 30 rows"]);
+    let mut empty = good.clone();
+    empty["values"] = json!([]);
+    let (status, body) = post(&server, url, json!([good, empty]).to_string()).await;
+    expect(status, &body, 422, &["window 1", "has 0 rows"]);
+    let mut narrow = good.clone();
+    narrow["values"][2].as_array_mut().unwrap().pop();
+    let (status, body) = post(&server, url, narrow.to_string()).await;
+    expect(status, &body, 422, &["row 2 has 13 values for 14 channels"]);
+
+    let (status, body) = post(&server, url, "{\"channels\": [".to_string()).await;
+    expect(status, &body, 400, &["not valid JSON"]);
+    let (status, body) = post(&server, url, "{\"rows\": 3}".to_string()).await;
+    expect(status, &body, 422, &["not a window"]);
+    let (status, body) = post(&server, "/v1/rul/rul_nope", good.to_string()).await;
+    expect(
+        status,
+        &body,
+        404,
+        &["no sensor model rul_nope", "rul_fd001"],
+    );
+    let (status, body) = post(
+        &server,
+        "/v1/rul/rul_fd001?critical=90&warning=10",
+        good.to_string(),
+    )
+    .await;
+    expect(status, &body, 422, &["critical threshold"]);
+    let response = reqwest::Client::new()
+        .post(format!("{}{url}", server.url))
+        .header("Content-Type", "text/csv")
+        .body("a,b")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 415);
+}
