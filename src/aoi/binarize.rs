@@ -1,6 +1,6 @@
 //! Otsu's threshold with a plateau rule, so binarised inputs (whose histograms have a wide empty
 //! gap) get a threshold in the middle of the gap, insensitive to ±1 differences between JPEG
-//! decoders. Specified in models/train/aoi/PIPELINE.md; this is the bit-exact port.
+//! decoders. A bit-exact port of `otsu_threshold` in models/train/aoi/pipeline.py.
 
 /// Threshold t in [0, 254] (foreground = pixel > t), or `fallback` for a constant image.
 pub fn otsu_threshold(gray: &[u8], fallback: u8) -> u8 {
