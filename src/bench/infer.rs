@@ -1,15 +1,13 @@
 //! Workload: Open Inference Protocol infer requests with random inputs shaped from the model's
 //! metadata, as JSON tensors or Triton binary tensors. Works against any KServe v2 server.
 
-use std::time::Duration;
-
 use anyhow::Context;
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::bench::load::{Outcome, Workload};
+use crate::bench::load::{Outcome, Workload, send_timed};
 use crate::server::v2::codec::HEADER_LENGTH;
 use crate::tensor::DataType;
 
@@ -147,17 +145,6 @@ fn build_body(
     }
 }
 
-fn header_micros(response: &reqwest::Response, name: &str) -> Option<Duration> {
-    response
-        .headers()
-        .get(name)?
-        .to_str()
-        .ok()?
-        .parse()
-        .ok()
-        .map(Duration::from_micros)
-}
-
 impl Workload for InferWorkload {
     fn send<'a>(&'a self, client: &'a reqwest::Client, sequence: u64) -> BoxFuture<'a, Outcome> {
         Box::pin(async move {
@@ -169,35 +156,7 @@ impl Workload for InferWorkload {
                     .header("Content-Type", "application/octet-stream"),
                 None => request.header("Content-Type", "application/json"),
             };
-            let response = match request.send().await {
-                Ok(response) => response,
-                Err(_) => {
-                    return Outcome {
-                        failure: Some("connection".into()),
-                        ..Outcome::default()
-                    };
-                }
-            };
-            let status = response.status();
-            let mut stages = Vec::new();
-            if let Some(queue) = header_micros(&response, "X-Linescan-Queue-Us") {
-                stages.push(("queue", queue));
-            }
-            if let Some(compute) = header_micros(&response, "X-Linescan-Compute-Us") {
-                stages.push(("compute", compute));
-            }
-            let batch_rows = response
-                .headers()
-                .get("X-Linescan-Batch-Rows")
-                .and_then(|v| v.to_str().ok()?.parse().ok());
-            // The body is read in full so the timing covers the whole response.
-            let body = response.bytes().await;
-            Outcome {
-                failure: (!status.is_success() || body.is_err())
-                    .then(|| status.as_u16().to_string()),
-                stages,
-                batch_rows,
-            }
+            send_timed(request).await
         })
     }
 

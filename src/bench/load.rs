@@ -22,6 +22,42 @@ pub struct Outcome {
     pub batch_rows: Option<usize>,
 }
 
+/// Sends one request to a linescan server and reads its whole answer, with the stage times and
+/// batch size the server reports in `X-Linescan-*` headers.
+pub async fn send_timed(request: reqwest::RequestBuilder) -> Outcome {
+    let Ok(response) = request.send().await else {
+        return Outcome {
+            failure: Some("connection".into()),
+            ..Outcome::default()
+        };
+    };
+    let status = response.status();
+    let header = |name: &str| {
+        response
+            .headers()
+            .get(name)?
+            .to_str()
+            .ok()?
+            .parse::<u64>()
+            .ok()
+    };
+    let stages = [
+        ("queue", "X-Linescan-Queue-Us"),
+        ("compute", "X-Linescan-Compute-Us"),
+    ]
+    .into_iter()
+    .filter_map(|(stage, name)| Some((stage, Duration::from_micros(header(name)?))))
+    .collect();
+    let batch_rows = header("X-Linescan-Batch-Rows").map(|rows| rows as usize);
+    // The body is read in full so the timing covers the whole response.
+    let body = response.bytes().await;
+    Outcome {
+        failure: (!status.is_success() || body.is_err()).then(|| status.as_u16().to_string()),
+        stages,
+        batch_rows,
+    }
+}
+
 /// A kind of request to send repeatedly.
 pub trait Workload: Send + Sync + 'static {
     fn send<'a>(&'a self, client: &'a reqwest::Client, sequence: u64) -> BoxFuture<'a, Outcome>;

@@ -1,15 +1,13 @@
 //! Workload: live sensor windows (`POST /v1/rul/{model}`) built from synthetic degradation
 //! series, for single-request latency and throughput of the sensor API.
 
-use std::time::Duration;
-
 use anyhow::Context;
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::bench::load::{Outcome, Workload};
+use crate::bench::load::{Outcome, Workload, send_timed};
 use crate::jobs::synthetic::{self, UnitPlan};
 
 /// Distinct request bodies rotated through.
@@ -83,55 +81,15 @@ impl RulWorkload {
     }
 }
 
-fn header_micros(response: &reqwest::Response, name: &str) -> Option<Duration> {
-    response
-        .headers()
-        .get(name)?
-        .to_str()
-        .ok()?
-        .parse()
-        .ok()
-        .map(Duration::from_micros)
-}
-
 impl Workload for RulWorkload {
     fn send<'a>(&'a self, client: &'a reqwest::Client, sequence: u64) -> BoxFuture<'a, Outcome> {
         Box::pin(async move {
             let body = self.bodies[sequence as usize % self.bodies.len()].clone();
-            let response = match client
+            let request = client
                 .post(&self.url)
                 .header("Content-Type", "application/json")
-                .body(body)
-                .send()
-                .await
-            {
-                Ok(response) => response,
-                Err(_) => {
-                    return Outcome {
-                        failure: Some("connection".into()),
-                        ..Outcome::default()
-                    };
-                }
-            };
-            let status = response.status();
-            let mut stages = Vec::new();
-            if let Some(queue) = header_micros(&response, "X-Linescan-Queue-Us") {
-                stages.push(("queue", queue));
-            }
-            if let Some(compute) = header_micros(&response, "X-Linescan-Compute-Us") {
-                stages.push(("compute", compute));
-            }
-            let batch_rows = response
-                .headers()
-                .get("X-Linescan-Batch-Rows")
-                .and_then(|v| v.to_str().ok()?.parse().ok());
-            let body = response.bytes().await;
-            Outcome {
-                failure: (!status.is_success() || body.is_err())
-                    .then(|| status.as_u16().to_string()),
-                stages,
-                batch_rows,
-            }
+                .body(body);
+            send_timed(request).await
         })
     }
 
