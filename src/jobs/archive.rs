@@ -698,3 +698,81 @@ impl FeatureReader<'_> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn truncation_is_read_from_the_hdf5_message() {
+        let message = "H5Fopen(): unable to open file: truncated file: eof = 1000, \
+                       sblock->base_addr = 0, stored_eof = 5000";
+        assert_eq!(truncation(message), Some((1000, 5000)));
+        assert_eq!(truncation("unable to open file"), None);
+    }
+
+    #[test]
+    fn channel_names_come_as_arrays_or_one_comma_separated_string() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = hdf5::File::create(dir.path().join("names.h5")).unwrap();
+        let joined: VarLenUnicode = "a, b,c".parse().unwrap();
+        let scalar = file.new_attr::<VarLenUnicode>().create("joined").unwrap();
+        scalar.write_scalar(&joined).unwrap();
+        assert_eq!(read_names(&scalar).unwrap(), ["a", "b", "c"]);
+        let fixed: Vec<FixedAscii<8>> = ["T24", "Nf"]
+            .iter()
+            .map(|s| FixedAscii::from_ascii(s.as_bytes()).unwrap())
+            .collect();
+        let array = file
+            .new_attr::<FixedAscii<8>>()
+            .shape(2)
+            .create("fixed")
+            .unwrap();
+        array.write_raw(&fixed).unwrap();
+        assert_eq!(read_names(&array).unwrap(), ["T24", "Nf"]);
+        let numbers = file.new_attr::<f32>().shape(2).create("numbers").unwrap();
+        assert!(read_names(&numbers).is_err());
+    }
+
+    #[test]
+    fn cycles_going_back_are_refused_with_the_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.h5");
+        let file = hdf5::File::create(&path).unwrap();
+        let put = |name: &str, values: &[i64]| {
+            file.new_dataset::<i64>()
+                .shape(values.len())
+                .create(name)
+                .unwrap()
+                .write_raw(values)
+                .unwrap();
+        };
+        put("unit", &[1, 1, 1, 2]);
+        put("cycle", &[1, 3, 2, 1]);
+        let features = file
+            .new_dataset::<f64>()
+            .shape([4, 1])
+            .create("features")
+            .unwrap();
+        features.write_raw(&[0.0, 1.0, 2.0, 3.0]).unwrap();
+        let names: VarLenUnicode = "x".parse().unwrap();
+        features
+            .new_attr::<VarLenUnicode>()
+            .create("channels")
+            .unwrap()
+            .write_scalar(&names)
+            .unwrap();
+        drop(features);
+        drop(file);
+        let archive = Archive::open(&path, Partition::All).unwrap();
+        assert_eq!(archive.channels(), ["x"]);
+        let error = archive.scan_units(&|| true).unwrap_err();
+        assert!(
+            error
+                .0
+                .contains("cycles of unit 1 go back at row 2 (cycle 2 after 3)"),
+            "{}",
+            error.0
+        );
+    }
+}
