@@ -1,5 +1,6 @@
 //! Candidate defects from the test/template difference: open (drop edge noise), dilate (join
-//! fragments), 8-connected components, minimum area, a stable order and a safety cap.
+//! fragments), 8-connected components cut into cells when long, minimum area, a stable order and
+//! a safety cap.
 
 use crate::aoi::bitimage::BitImage;
 use crate::aoi::components::{Component, components};
@@ -13,7 +14,7 @@ pub fn candidates(difference: &BitImage, params: &PipelineParams) -> Vec<Compone
     } else {
         opened.clone()
     };
-    let mut found: Vec<Component> = components(&merged, &opened)
+    let mut found: Vec<Component> = components(&merged, &opened, params.split_size)
         .into_iter()
         .filter(|c| c.area >= params.min_area)
         .collect();
@@ -75,5 +76,34 @@ mod tests {
         let found = candidates(&difference, &params);
         let areas: Vec<u64> = found.iter().map(|c| c.area).collect();
         assert_eq!(areas, vec![25, 16]);
+    }
+
+    #[test]
+    fn a_long_difference_is_split_into_cells_with_areas_on_the_opened_image() {
+        // 150 x 4 difference: the 5x5 dilation widens the component to x 18..172 (154 > 64), so
+        // it is cut at x = 82 and 146; areas count opened pixels only (62, 64, 24 columns x 4).
+        let mut difference = BitImage::new(200, 50);
+        for y in 20..24 {
+            for x in 20..170 {
+                difference.set(x, y);
+            }
+        }
+        let split = PipelineParams {
+            split_size: 64,
+            ..PipelineParams::default()
+        };
+        let found: Vec<_> = candidates(&difference, &split)
+            .iter()
+            .map(|c| (c.x1, c.y1, c.x2, c.y2, c.area))
+            .collect();
+        assert_eq!(
+            found,
+            vec![
+                (18, 18, 82, 26, 248),
+                (82, 18, 146, 26, 256),
+                (146, 18, 172, 26, 96)
+            ]
+        );
+        assert_eq!(candidates(&difference, &PipelineParams::default()).len(), 1);
     }
 }

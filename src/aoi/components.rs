@@ -2,6 +2,8 @@
 //! per run, not per pixel), with each component's bounding box and the number of pixels of a
 //! second image (`counted`) inside it.
 
+use std::collections::BTreeMap;
+
 use crate::aoi::bitimage::BitImage;
 
 /// A component: box with exclusive right/bottom edges, and its counted-pixel area.
@@ -23,10 +25,52 @@ struct Run {
 }
 
 /// Components of `mask`; `counted` must have the same size (its pixels outside `mask` are ignored).
-pub fn components(mask: &BitImage, counted: &BitImage) -> Vec<Component> {
+/// A component with a side longer than `cell` is cut into `cell`-pixel cells anchored at its own
+/// top-left pixel, each non-empty cell becoming a unit (`cell` 0: never cut). Units come in the
+/// order of pipeline.py: component (raster order of its first pixel), then cell row, cell column.
+pub fn components(mask: &BitImage, counted: &BitImage, cell: usize) -> Vec<Component> {
     let runs = find_runs(mask);
+    let labels = label_runs(&runs);
+    let wholes = bounding_boxes(&runs, &labels);
+    // Keyed by (component, cell row, cell column): the map's order is pipeline.py's unit order.
+    let mut units: BTreeMap<(usize, usize, usize), Component> = BTreeMap::new();
+    for (run, &label) in runs.iter().zip(&labels) {
+        for (cell_x, cell_y, piece) in cell_pieces(run, &wholes[label], cell) {
+            let area = count_in_run(counted, &piece);
+            units
+                .entry((label, cell_y, cell_x))
+                .and_modify(|unit| unit.include(&piece, area))
+                .or_insert_with(|| Component::of_run(&piece, area));
+        }
+    }
+    units.into_values().collect()
+}
+
+impl Component {
+    fn of_run(run: &Run, area: u64) -> Component {
+        Component {
+            x1: run.start,
+            y1: run.y,
+            x2: run.end,
+            y2: run.y + 1,
+            area,
+        }
+    }
+
+    /// Grows the box over a run and adds its counted pixels.
+    fn include(&mut self, run: &Run, area: u64) {
+        self.x1 = self.x1.min(run.start);
+        self.y1 = self.y1.min(run.y);
+        self.x2 = self.x2.max(run.end);
+        self.y2 = self.y2.max(run.y + 1);
+        self.area += area;
+    }
+}
+
+/// Component number of every run (raster order of first appearance); runs of consecutive rows
+/// touch 8-connectedly when [start-1, end+1) intersects.
+fn label_runs(runs: &[Run]) -> Vec<usize> {
     let mut parent: Vec<usize> = (0..runs.len()).collect();
-    // Runs of the previous row overlap 8-connectedly when [start-1, end+1) intersects.
     let mut previous = 0..0;
     let mut index = 0;
     while index < runs.len() {
@@ -51,27 +95,58 @@ pub fn components(mask: &BitImage, counted: &BitImage) -> Vec<Component> {
         }
         previous = current;
     }
-    let mut slot_of_root = vec![usize::MAX; runs.len()];
-    let mut out: Vec<Component> = Vec::new();
-    for (i, run) in runs.iter().enumerate() {
-        let root = find(&mut parent, i);
-        if slot_of_root[root] == usize::MAX {
-            slot_of_root[root] = out.len();
-            out.push(Component {
-                x1: run.start,
-                y1: run.y,
-                x2: run.end,
-                y2: run.y + 1,
-                area: 0,
-            });
+    let mut label_of_root = vec![usize::MAX; runs.len()];
+    let mut next = 0;
+    (0..runs.len())
+        .map(|i| {
+            let root = find(&mut parent, i);
+            if label_of_root[root] == usize::MAX {
+                label_of_root[root] = next;
+                next += 1;
+            }
+            label_of_root[root]
+        })
+        .collect()
+}
+
+/// Bounding box of every component (area left 0): the split grid is anchored at its top-left.
+fn bounding_boxes(runs: &[Run], labels: &[usize]) -> Vec<Component> {
+    let mut boxes: Vec<Component> = Vec::new();
+    for (run, &label) in runs.iter().zip(labels) {
+        if label == boxes.len() {
+            boxes.push(Component::of_run(run, 0));
+        } else {
+            boxes[label].include(run, 0);
         }
-        let component = &mut out[slot_of_root[root]];
-        component.x1 = component.x1.min(run.start);
-        component.x2 = component.x2.max(run.end);
-        component.y2 = component.y2.max(run.y + 1);
-        component.area += count_in_run(counted, run);
     }
-    out
+    boxes
+}
+
+/// The pieces of `run` in each split cell of its component, as (cell column, cell row, piece).
+/// A component no wider and no taller than `cell` is a single cell.
+fn cell_pieces(run: &Run, whole: &Component, cell: usize) -> Vec<(usize, usize, Run)> {
+    let big = cell > 0 && (whole.x2 - whole.x1 > cell || whole.y2 - whole.y1 > cell);
+    if !big {
+        return vec![(0, 0, *run)];
+    }
+    let cell_y = (run.y - whole.y1) / cell;
+    let mut pieces = Vec::new();
+    let mut start = run.start;
+    while start < run.end {
+        let cell_x = (start - whole.x1) / cell;
+        let end = run.end.min(whole.x1 + (cell_x + 1) * cell);
+        pieces.push((
+            cell_x,
+            cell_y,
+            Run {
+                y: run.y,
+                start,
+                end,
+            },
+        ));
+        start = end;
+    }
+    pieces
 }
 
 fn find(parent: &mut [usize], mut i: usize) -> usize {
@@ -138,7 +213,7 @@ mod tests {
     #[test]
     fn diagonal_pixels_connect_and_boxes_are_exclusive() {
         let mask = image(&["#....##", ".#...#.", "..#....", "......#"]);
-        let mut found = components(&mask, &mask);
+        let mut found = components(&mask, &mask, 0);
         found.sort_by_key(|c| (c.y1, c.x1));
         assert_eq!(
             found,
@@ -172,7 +247,7 @@ mod tests {
     fn u_shape_merges_into_one_component_and_counts_other_image() {
         let mask = image(&["#...#", "#...#", "#####"]);
         let counted = image(&["#....", ".....", "....#"]);
-        let found = components(&mask, &counted);
+        let found = components(&mask, &counted, 0);
         assert_eq!(
             found,
             vec![Component {
@@ -192,7 +267,7 @@ mod tests {
             mask.set(x, 0);
         }
         mask.set(140, 1);
-        let found = components(&mask, &mask);
+        let found = components(&mask, &mask, 0);
         assert_eq!(
             found,
             vec![Component {
@@ -202,6 +277,67 @@ mod tests {
                 y2: 2,
                 area: 81
             }]
+        );
+    }
+
+    fn bar(mask: &mut BitImage, xs: std::ops::Range<usize>, ys: std::ops::Range<usize>) {
+        for y in ys {
+            for x in xs.clone() {
+                mask.set(x, y);
+            }
+        }
+    }
+
+    fn boxes(found: &[Component]) -> Vec<(usize, usize, usize, usize, u64)> {
+        found
+            .iter()
+            .map(|c| (c.x1, c.y1, c.x2, c.y2, c.area))
+            .collect()
+    }
+
+    #[test]
+    fn long_components_are_cut_into_cells_anchored_at_their_top_left() {
+        let mut mask = BitImage::new(200, 10);
+        bar(&mut mask, 10..160, 4..7);
+        assert_eq!(
+            boxes(&components(&mask, &mask, 64)),
+            vec![
+                (10, 4, 74, 7, 192),
+                (74, 4, 138, 7, 192),
+                (138, 4, 160, 7, 66)
+            ]
+        );
+    }
+
+    #[test]
+    fn components_up_to_the_cell_size_stay_whole_and_zero_never_cuts() {
+        let mut mask = BitImage::new(200, 4);
+        bar(&mut mask, 0..64, 0..1);
+        bar(&mut mask, 100..165, 2..3);
+        assert_eq!(
+            boxes(&components(&mask, &mask, 64)),
+            vec![(0, 0, 64, 1, 64), (100, 2, 164, 3, 64), (164, 2, 165, 3, 1)]
+        );
+        assert_eq!(
+            boxes(&components(&mask, &mask, 0)),
+            vec![(0, 0, 64, 1, 64), (100, 2, 165, 3, 65)]
+        );
+    }
+
+    #[test]
+    fn cells_come_by_cell_row_then_column_not_by_first_pixel() {
+        // A T on its head: the middle cell's first pixel (row 0) precedes the left cell's (row 40),
+        // yet pipeline.py orders units by (component, cell row, cell column).
+        let mut mask = BitImage::new(140, 50);
+        bar(&mut mask, 0..140, 40..43);
+        bar(&mut mask, 100..102, 0..40);
+        assert_eq!(
+            boxes(&components(&mask, &mask, 64)),
+            vec![
+                (0, 40, 64, 43, 192),
+                (64, 0, 128, 43, 272),
+                (128, 40, 140, 43, 36)
+            ]
         );
     }
 }

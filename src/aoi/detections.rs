@@ -1,5 +1,5 @@
 //! From classifier outputs to defects: class and confidence per candidate, box decoded from the
-//! regressed offsets, greedy class-agnostic NMS.
+//! regressed offsets, greedy class-agnostic NMS, then (optionally) fragments of one defect merged.
 
 use serde::Serialize;
 
@@ -43,7 +43,9 @@ pub fn decode_box(
     [x1, y1, x2, y2]
 }
 
-/// One detection per candidate whose best defect class reaches `min_score`, then NMS.
+/// One detection per candidate whose best defect class reaches `min_score`, then NMS, then the
+/// fragment merge of the survivors at or above the operating threshold; survivors below it (only
+/// there when `min_score` is lower, for AP ranking) follow unmerged, as in pipeline.py.
 /// `probabilities` is `[n, 7]`, `offsets` is `[n, 4]`.
 pub fn decode_detections(
     candidates: &[Component],
@@ -77,7 +79,54 @@ pub fn decode_detections(
             candidate: k,
         });
     }
-    nms(detections, params.nms_iou, params.nms_iomin)
+    let kept = nms(detections, params.nms_iou, params.nms_iomin);
+    if !params.merge_same_class {
+        return kept;
+    }
+    // Merging below the threshold would let low-confidence noise grow reported boxes.
+    let (high, low): (Vec<Detection>, Vec<Detection>) = kept
+        .into_iter()
+        .partition(|d| d.confidence >= params.score_threshold);
+    let mut merged = merge_same_class(high);
+    merged.extend(low);
+    merged
+}
+
+/// Union-merges same-class detections whose boxes overlap with positive area: each detection is
+/// absorbed into the first earlier survivor it overlaps (which keeps its class, confidence and
+/// place), and passes repeat until stable because a grown box can reach earlier survivors.
+pub fn merge_same_class(detections: Vec<Detection>) -> Vec<Detection> {
+    let mut current = detections;
+    loop {
+        let mut changed = false;
+        let mut merged: Vec<Detection> = Vec::with_capacity(current.len());
+        for detection in current {
+            // Positive-area overlap only: touching boxes stay apart.
+            match merged.iter_mut().find(|r| {
+                r.class_index == detection.class_index
+                    && intersection_union(&r.bbox, &detection.bbox).0 > 0
+            }) {
+                Some(survivor) => {
+                    survivor.bbox = union_box(&survivor.bbox, &detection.bbox);
+                    changed = true;
+                }
+                None => merged.push(detection),
+            }
+        }
+        if !changed {
+            return merged;
+        }
+        current = merged;
+    }
+}
+
+fn union_box(a: &[i64; 4], b: &[i64; 4]) -> [i64; 4] {
+    [
+        a[0].min(b[0]),
+        a[1].min(b[1]),
+        a[2].max(b[2]),
+        a[3].max(b[3]),
+    ]
 }
 
 fn area(b: &[i64; 4]) -> i64 {
@@ -134,6 +183,25 @@ mod tests {
         }
     }
 
+    /// Detections on a 640 x 640 board.
+    fn decode(
+        candidates: &[Component],
+        probabilities: &[f32],
+        offsets: &[f32],
+        params: &PipelineParams,
+        min_score: f32,
+    ) -> Vec<Detection> {
+        decode_detections(
+            candidates,
+            probabilities,
+            offsets,
+            640,
+            640,
+            params,
+            min_score,
+        )
+    }
+
     #[test]
     fn boxes_decode_from_window_fractions_and_clamp() {
         let params = PipelineParams::default();
@@ -147,17 +215,24 @@ mod tests {
         );
     }
 
+    fn detection(
+        bbox: [i64; 4],
+        class_index: usize,
+        confidence: f32,
+        candidate: usize,
+    ) -> Detection {
+        Detection {
+            bbox,
+            class_name: DEFECT_CLASSES[class_index - 1],
+            class_index,
+            confidence,
+            candidate,
+        }
+    }
+
     #[test]
     fn same_class_boxes_nested_in_each_other_are_merged() {
         let params = PipelineParams::default();
-        let detection =
-            |bbox: [i64; 4], class_index: usize, confidence: f32, candidate: usize| Detection {
-                bbox,
-                class_name: DEFECT_CLASSES[class_index - 1],
-                class_index,
-                confidence,
-                candidate,
-            };
         // A small box inside a large one: IoU 0.25 (kept across classes), but within a class the
         // intersection is all of the smaller box.
         let big = detection([0, 0, 20, 20], 1, 0.9, 0);
@@ -191,17 +266,69 @@ mod tests {
             0.7, 0.3, 0.0, 0.0, 0.0, 0.0, 0.0,   // best defect 0.3 < 0.5: dropped
         ];
         let offsets = [0.4f32, 0.4, 0.6, 0.6].repeat(3);
-        let found = decode_detections(
-            &candidates,
-            &probabilities,
-            &offsets,
-            640,
-            640,
-            &params,
-            0.5,
-        );
+        let found = decode(&candidates, &probabilities, &offsets, &params, 0.5);
         assert_eq!(found.len(), 1);
         assert_eq!(found[0].class_name, "pin-hole");
         assert_eq!(found[0].class_index, 6);
+    }
+
+    #[test]
+    fn fragments_merge_until_stable_into_the_first_survivor() {
+        // The bridge joins the first box in pass 1; the grown box reaches the second in pass 2.
+        let first = detection([0, 0, 10, 10], 1, 0.9, 3);
+        let merged = merge_same_class(vec![
+            first.clone(),
+            detection([20, 0, 30, 10], 1, 0.8, 0),
+            detection([8, 2, 22, 12], 1, 0.7, 1),
+        ]);
+        assert_eq!(
+            merged,
+            vec![Detection {
+                bbox: [0, 0, 30, 12],
+                ..first
+            }]
+        );
+    }
+
+    #[test]
+    fn other_classes_and_touching_boxes_are_not_merged() {
+        let input = vec![
+            detection([0, 0, 10, 10], 1, 0.9, 0),
+            detection([5, 5, 15, 15], 2, 0.8, 1),
+            detection([10, 0, 20, 10], 1, 0.7, 2),
+        ];
+        assert_eq!(merge_same_class(input.clone()), input);
+    }
+
+    #[test]
+    fn only_detections_at_the_threshold_merge_and_lower_ones_follow() {
+        let params = PipelineParams {
+            merge_same_class: true,
+            ..PipelineParams::default()
+        };
+        // Three opens side by side in window units: 0 and 1 overlap (both >= 0.5) and merge;
+        // 2 overlaps 1 but scores 0.4, so it stays apart, after them.
+        let candidates = [candidate(100, 100); 3];
+        #[rustfmt::skip]
+        let probabilities = [
+            0.1, 0.9, 0.0, 0.0, 0.0, 0.0, 0.0,
+            0.2, 0.8, 0.0, 0.0, 0.0, 0.0, 0.0,
+            0.6, 0.4, 0.0, 0.0, 0.0, 0.0, 0.0,
+        ];
+        #[rustfmt::skip]
+        let offsets = [
+            0.0, 0.4, 0.25, 0.6,
+            0.2, 0.4, 0.45, 0.6,
+            0.4, 0.4, 0.65, 0.6,
+        ];
+        let found = decode(&candidates, &probabilities, &offsets, &params, 0.0);
+        let boxes: Vec<_> = found.iter().map(|d| (d.bbox, d.confidence)).collect();
+        assert_eq!(
+            boxes,
+            vec![([41, 92, 99, 118], 0.9), ([92, 92, 124, 118], 0.4)]
+        );
+        let unmerged = PipelineParams::default();
+        let found = decode(&candidates, &probabilities, &offsets, &unmerged, 0.0);
+        assert_eq!(found.len(), 3);
     }
 }

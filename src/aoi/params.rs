@@ -18,6 +18,9 @@ pub struct PipelineParams {
     pub merge_size: usize,
     /// Smallest candidate, in opened difference pixels.
     pub min_area: u64,
+    /// Components with a side longer than this are cut into cells of this side, so a long
+    /// difference (an open along a trace) gives crops the classifier can see whole (0: never cut).
+    pub split_size: usize,
     /// Safety cap on candidates per board (largest first).
     pub max_candidates: usize,
     /// Crop window side in full-resolution pixels.
@@ -36,6 +39,8 @@ pub struct PipelineParams {
     pub nms_iou: f64,
     /// NMS within a class: suppress when the intersection exceeds this share of the smaller box.
     pub nms_iomin: f64,
+    /// After NMS, union-merge overlapping same-class detections (fragments of one defect).
+    pub merge_same_class: bool,
 }
 
 impl Default for PipelineParams {
@@ -47,6 +52,7 @@ impl Default for PipelineParams {
             open_size: 2,
             merge_size: 5,
             min_area: 6,
+            split_size: 0,
             max_candidates: 512,
             crop_window: 128,
             crop_scale: 2,
@@ -56,6 +62,7 @@ impl Default for PipelineParams {
             score_threshold: 0.5,
             nms_iou: 0.3,
             nms_iomin: 0.5,
+            merge_same_class: false,
         }
     }
 }
@@ -104,5 +111,28 @@ impl PipelineParams {
             return Err("[preprocessing]: channels, merge_size and align_step must be set".into());
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<PipelineParams, String> {
+        PipelineParams::from_table(Some(&text.parse::<toml::Table>().unwrap()))
+    }
+
+    #[test]
+    fn configs_without_the_split_and_merge_keys_keep_the_old_pipeline() {
+        let params = parse("min_area = 6\nbinarize = \"otsu\"").unwrap();
+        assert_eq!((params.split_size, params.merge_same_class), (0, false));
+    }
+
+    #[test]
+    fn split_and_merge_keys_are_typed() {
+        let params = parse("split_size = 64\nmerge_same_class = true").unwrap();
+        assert_eq!((params.split_size, params.merge_same_class), (64, true));
+        assert!(parse("split_size = \"64\"").is_err());
+        assert!(parse("merge_same_class = 1").is_err());
     }
 }

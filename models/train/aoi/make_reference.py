@@ -20,7 +20,9 @@ sys.path.insert(0, HERE)
 import pipeline as P  # noqa: E402
 import evaluate as E  # noqa: E402
 
-DEFAULT_PAIRS = ("group00041/00041/00041000", "group13000/13000/13000015", "group92000/92000/92000019")
+# 44000081: two same-class fragments that merge_same_class joins
+DEFAULT_PAIRS = ("group00041/00041/00041000", "group13000/13000/13000015", "group92000/92000/92000019",
+                 "group44000/44000/44000081")
 
 
 def packed_sha256(mask: np.ndarray) -> str:
