@@ -11,6 +11,7 @@ use linescan::aoi::image_io::decode_gray;
 use linescan::aoi::params::PipelineParams;
 use linescan::aoi::pipeline::{PreparedTemplate, prepare_board};
 use linescan::aoi::synthetic::{self, DefectKind};
+use linescan::preprocess::cpu::CpuPreprocessor;
 
 fn stages(c: &mut Criterion) {
     let params = PipelineParams::default();
@@ -76,7 +77,7 @@ fn stages(c: &mut Criterion) {
         })
     });
     group.bench_function("prepare_board_total", |b| {
-        b.iter(|| prepare_board(&board.test, &template, &params).unwrap())
+        b.iter(|| prepare_board(&board.test, &template, &params, &CpuPreprocessor).unwrap())
     });
     group.finish();
 }

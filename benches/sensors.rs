@@ -122,7 +122,11 @@ fn sensors(c: &mut Criterion) {
     let archive = dir.path().join("fleet.h5");
     let (rows, _) = synthetic::write_large_generic(&archive, 65_536, 3).unwrap();
     let out = dir.path().join("result.h5");
-    let mut options = RunOptions::new(AssessSettings::default(), "fleet.h5".into());
+    let mut options = RunOptions::new(
+        AssessSettings::default(),
+        "fleet.h5".into(),
+        std::sync::Arc::new(linescan::preprocess::cpu::CpuPreprocessor),
+    );
     options.in_flight = 2 * cores() + 2;
     group.sample_size(10);
     group.throughput(Throughput::Elements(rows as u64));

@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(pkg-config python3-venv libhdf5-dev)
+APT_PACKAGES=(pkg-config python3-venv libhdf5-dev mesa-vulkan-drivers libvulkan1)
 
 missing=()
 for package in "${APT_PACKAGES[@]}"; do

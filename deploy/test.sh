@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 deploy/setup.sh
-LINESCAN_REQUIRE_PYTHON_CLIENT=1 cargo test --release --locked "$@"
+LINESCAN_REQUIRE_PYTHON_CLIENT=1 LINESCAN_REQUIRE_WGPU=1 cargo test --release --locked "$@"

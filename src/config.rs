@@ -22,6 +22,10 @@ pub struct ServeArgs {
     #[serde(flatten)]
     pub models: ModelArgs,
 
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub preprocess: crate::preprocess::PreprocessArgs,
+
     /// Where templates and job state are kept (created if missing).
     #[arg(long, env = "LINESCAN_DATA_DIR", default_value = "data")]
     pub data_dir: PathBuf,

@@ -10,6 +10,7 @@ pub mod config;
 pub mod engine;
 pub mod jobs;
 pub mod metrics;
+pub mod preprocess;
 pub mod runtime;
 pub mod sensors;
 pub mod server;

@@ -53,6 +53,7 @@ pub struct Metrics {
     pub queue_depth: IntGaugeVec,
     pub stage_duration: HistogramVec,
     pub model_info: IntGaugeVec,
+    pub preprocess_info: IntGaugeVec,
 }
 
 impl Metrics {
@@ -145,8 +146,19 @@ impl Metrics {
                 "Loaded model versions (1) with their execution provider",
                 &["model", "version", "provider"],
             ),
+            preprocess_info: gauge(
+                "linescan_preprocess_backend_info",
+                "The preprocessing backend in use (1) and its device",
+                &["backend", "device"],
+            ),
             registry,
         }
+    }
+
+    pub fn record_preprocess_backend(&self, preprocess: &dyn crate::preprocess::Preprocess) {
+        self.preprocess_info
+            .with_label_values(&[preprocess.backend().as_str(), preprocess.device()])
+            .set(1);
     }
 
     pub fn failure(&self, model: &str, version: &str, reason: FailureReason) {

@@ -162,3 +162,83 @@ fn detect_names_a_missing_image() {
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("1001_test.jpg"));
 }
+
+/// One detection line: box, confidence, class.
+type Detection = (Vec<i64>, f64, String);
+
+/// Detection lines `x1,y1,x2,y2,confidence,type` of every pair in `dir`, by file name.
+fn detections(dir: &Path) -> Vec<(String, Vec<Detection>)> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    files
+        .iter()
+        .map(|path| {
+            let text = std::fs::read_to_string(path).unwrap();
+            let lines = text
+                .lines()
+                .map(|line| {
+                    let f: Vec<&str> = line.split(',').collect();
+                    let boxed = f[..4].iter().map(|v| v.parse().unwrap()).collect();
+                    (boxed, f[4].parse().unwrap(), f[5].to_string())
+                })
+                .collect();
+            (path.file_name().unwrap().to_string_lossy().into(), lines)
+        })
+        .collect()
+}
+
+#[test]
+fn detect_with_wgpu_preprocessing_matches_the_cpu() {
+    let repository = Repository::with_models(&["aoi_defect"]);
+    let root = tempfile::tempdir().unwrap();
+    let list = write_dataset(root.path());
+    let detect = |backend: &str| {
+        let out = root.path().join(format!("det-{backend}"));
+        let run = run_cli(&[
+            "aoi",
+            "detect",
+            "--list",
+            list.to_str().unwrap(),
+            "--root",
+            root.path().to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--preprocess",
+            backend,
+            "--model-repository",
+            repository.path().to_str().unwrap(),
+        ]);
+        (run, out)
+    };
+    let (wgpu, wgpu_out) = detect("wgpu");
+    let stderr = String::from_utf8_lossy(&wgpu.stderr);
+    if !wgpu.status.success()
+        && stderr.contains("wgpu preprocessing is not available")
+        && std::env::var_os("LINESCAN_REQUIRE_WGPU").is_none()
+    {
+        eprintln!("skipped: no Vulkan adapter (deploy/setup.sh installs Mesa's lavapipe)");
+        return;
+    }
+    assert!(wgpu.status.success(), "{stderr}");
+    let (cpu, cpu_out) = detect("cpu");
+    assert!(cpu.status.success());
+    let (expected, got) = (detections(&cpu_out), detections(&wgpu_out));
+    assert_eq!(got.len(), expected.len());
+    assert!(expected.iter().any(|(_, lines)| !lines.is_empty()));
+    // The tolerance (boxes within 2 px, confidences within 0.02); the kernels are in
+    // fact bit-exact, so equal outputs are expected.
+    for ((file, lines), (_, wgpu_lines)) in expected.iter().zip(&got) {
+        assert_eq!(lines.len(), wgpu_lines.len(), "{file}");
+        for ((boxed, confidence, class), (w_box, w_conf, w_class)) in lines.iter().zip(wgpu_lines) {
+            assert_eq!(class, w_class, "{file}");
+            assert!((confidence - w_conf).abs() <= 0.02, "{file}");
+            assert!(
+                boxed.iter().zip(w_box).all(|(a, b)| (a - b).abs() <= 2),
+                "{file}: {boxed:?} vs {w_box:?}"
+            );
+        }
+    }
+}

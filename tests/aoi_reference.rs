@@ -11,6 +11,7 @@ use linescan::aoi::bitimage::BitImage;
 use linescan::aoi::image_io::decode_gray;
 use linescan::aoi::params::PipelineParams;
 use linescan::aoi::pipeline::{PreparedTemplate, prepare_board};
+use linescan::preprocess::cpu::CpuPreprocessor;
 use linescan::runtime::ModelConfig;
 use serde_json::Value;
 
@@ -55,7 +56,7 @@ fn check_stages(root: &Path, pair: &Value, params: &PipelineParams) {
     };
     let test = read("test");
     let template = PreparedTemplate::new(&read("template"), params);
-    let board = prepare_board(&test, &template, params).expect("prepare");
+    let board = prepare_board(&test, &template, params, &CpuPreprocessor).expect("prepare");
     assert_eq!(
         (board.test_threshold as i64, template.threshold as i64),
         (

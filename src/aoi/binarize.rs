@@ -4,13 +4,23 @@
 
 /// Threshold t in [0, 254] (foreground = pixel > t), or `fallback` for a constant image.
 pub fn otsu_threshold(gray: &[u8], fallback: u8) -> u8 {
-    let mut counts = [0u64; 256];
+    otsu_from_histogram(&histogram(gray), fallback)
+}
+
+/// Pixels per grey level.
+pub fn histogram(gray: &[u8]) -> [u32; 256] {
+    let mut counts = [0u32; 256];
     for pixel in gray {
         counts[*pixel as usize] += 1;
     }
+    counts
+}
+
+/// Otsu's threshold from a histogram (what the GPU backends compute on the device).
+pub fn otsu_from_histogram(counts: &[u32; 256], fallback: u8) -> u8 {
     // Exact integer sums; i128 keeps N * s(t) exact for any allowed image size.
     let histogram = counts.map(|c| c as i128);
-    let total: i128 = gray.len() as i128;
+    let total: i128 = histogram.iter().sum();
     let sum_all: i128 = histogram
         .iter()
         .enumerate()

@@ -61,6 +61,18 @@ impl BitImage {
         self.bits[y * self.words_per_row + x / 64] |= 1 << (x % 64);
     }
 
+    /// The packed pixels as 32-bit words (row stride `2 * words_per_row`): the GPU kernels' layout.
+    pub fn as_u32_words(&self) -> &[u32] {
+        bytemuck::cast_slice(&self.bits)
+    }
+
+    /// An image from 32-bit words in the layout of [`BitImage::as_u32_words`].
+    pub fn from_u32_words(width: usize, height: usize, words: &[u32]) -> BitImage {
+        let mut image = BitImage::new(width, height);
+        bytemuck::cast_slice_mut::<u64, u32>(&mut image.bits).copy_from_slice(words);
+        image
+    }
+
     pub fn count_ones(&self) -> u64 {
         self.bits.iter().map(|w| w.count_ones() as u64).sum()
     }

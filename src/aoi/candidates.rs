@@ -8,13 +8,33 @@ use crate::aoi::params::PipelineParams;
 
 /// Candidate boxes (exclusive right/bottom) sorted by (y1, x1, y2, x2, area descending).
 pub fn candidates(difference: &BitImage, params: &PipelineParams) -> Vec<Component> {
-    let opened = difference.open_square(params.open_size);
-    let merged = if params.merge_size > 1 {
-        opened.dilate_square(params.merge_size)
+    let (opened, merged) = open_and_merge(difference, params.open_size, params.merge_size);
+    candidates_in_masks(&opened, &merged, params)
+}
+
+/// The difference opened with the `open_size` square, and that dilated with the `merge_size`
+/// square.
+pub fn open_and_merge(
+    difference: &BitImage,
+    open_size: usize,
+    merge_size: usize,
+) -> (BitImage, BitImage) {
+    let opened = difference.open_square(open_size);
+    let merged = if merge_size > 1 {
+        opened.dilate_square(merge_size)
     } else {
         opened.clone()
     };
-    let mut found: Vec<Component> = components(&merged, &opened, params.split_size)
+    (opened, merged)
+}
+
+/// Candidates from the opened difference and its merging dilation (made by any backend).
+pub fn candidates_in_masks(
+    opened: &BitImage,
+    merged: &BitImage,
+    params: &PipelineParams,
+) -> Vec<Component> {
+    let mut found: Vec<Component> = components(merged, opened, params.split_size)
         .into_iter()
         .filter(|c| c.area >= params.min_area)
         .collect();

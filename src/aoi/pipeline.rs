@@ -8,16 +8,16 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::aoi::align::{Shift, estimate_shift};
-use crate::aoi::binarize::otsu_threshold;
+use crate::aoi::binarize::{otsu_from_histogram, otsu_threshold};
 use crate::aoi::bitimage::BitImage;
-use crate::aoi::candidates::candidates;
+use crate::aoi::candidates::candidates_in_masks;
 use crate::aoi::components::Component;
-use crate::aoi::crops::make_crops;
 use crate::aoi::detections::{Detection, decode_detections};
 use crate::aoi::image_io::{GrayImage, ImageError, decode_gray};
 use crate::aoi::params::PipelineParams;
 use crate::engine::{InferError, ModelRegistry, ServedModel};
 use crate::metrics::Metrics;
+use crate::preprocess::{Preprocess, PreprocessError};
 use crate::tensor::{DataType, Tensor};
 
 /// The bundled defect classifier.
@@ -38,6 +38,8 @@ pub enum AoiError {
     },
     #[error(transparent)]
     Infer(#[from] InferError),
+    #[error(transparent)]
+    Preprocess(#[from] PreprocessError),
     #[error("{0}")]
     Setup(String),
 }
@@ -117,11 +119,13 @@ pub struct PreparedBoard {
     pub timings: StageTimings,
 }
 
-/// Stages 2–5 on a decoded test image.
+/// Stages 2–5 on a decoded test image: the per-pixel work on `preprocess`'s backend, the
+/// alignment search and connected components on the CPU.
 pub fn prepare_board(
     test: &GrayImage,
     template: &PreparedTemplate,
     params: &PipelineParams,
+    preprocess: &dyn Preprocess,
 ) -> Result<PreparedBoard, AoiError> {
     if (test.width, test.height) != (template.width, template.height) {
         return Err(AoiError::SizeMismatch {
@@ -133,8 +137,9 @@ pub fn prepare_board(
     }
     let mut timings = StageTimings::default();
     let t = Instant::now();
-    let test_threshold = otsu_threshold(&test.pixels, params.otsu_fallback_threshold);
-    let test_bits = BitImage::from_threshold(&test.pixels, test.width, test.height, test_threshold);
+    let histogram = preprocess.histogram(&test.pixels)?;
+    let test_threshold = otsu_from_histogram(&histogram, params.otsu_fallback_threshold);
+    let test_bits = preprocess.threshold(&test.pixels, test.width, test.height, test_threshold)?;
     timings.binarize = ms(t.elapsed());
 
     let t = Instant::now();
@@ -144,13 +149,17 @@ pub fn prepare_board(
         params.align_radius,
         params.align_step,
     );
-    let aligned = template.bits.shifted(shift.dx, shift.dy);
     timings.align = ms(t.elapsed());
 
     let t = Instant::now();
-    let valid = BitImage::valid_after_shift(test.width, test.height, shift.dx, shift.dy);
-    let difference = test_bits.xor(&aligned).and(&valid);
-    let found = candidates(&difference, params);
+    let comparison = preprocess.compare(
+        &test_bits,
+        &template.bits,
+        (shift.dx, shift.dy),
+        params.open_size,
+        params.merge_size,
+    )?;
+    let found = candidates_in_masks(&comparison.opened, &comparison.merged, params);
     timings.candidates = ms(t.elapsed());
 
     let t = Instant::now();
@@ -159,12 +168,12 @@ pub fn prepare_board(
         .iter()
         .map(|c| match c.as_str() {
             "test" => &test_bits,
-            "template" => &aligned,
-            _ => &difference,
+            "template" => &comparison.aligned,
+            _ => &comparison.difference,
         })
         .collect();
     let mut crops = Vec::new();
-    make_crops(&channels, &found, params, &mut crops);
+    preprocess.crops(&channels, &found, params, &mut crops)?;
     timings.crops = ms(t.elapsed());
     Ok(PreparedBoard {
         width: test.width,
@@ -226,6 +235,7 @@ pub struct Inspector {
     pub params: PipelineParams,
     metrics: Arc<Metrics>,
     pub max_image_pixels: u64,
+    preprocess: Arc<dyn Preprocess>,
 }
 
 impl Inspector {
@@ -233,6 +243,7 @@ impl Inspector {
         registry: &ModelRegistry,
         metrics: Arc<Metrics>,
         max_image_pixels: u64,
+        preprocess: Arc<dyn Preprocess>,
     ) -> Result<Inspector, AoiError> {
         let model = registry.get(DEFECT_MODEL, None).ok_or_else(|| {
             AoiError::Setup(format!(
@@ -247,6 +258,7 @@ impl Inspector {
             params,
             metrics,
             max_image_pixels,
+            preprocess,
         })
     }
 
@@ -267,7 +279,7 @@ impl Inspector {
         let t = Instant::now();
         let test = self.decode(test_bytes)?;
         let decode = ms(t.elapsed());
-        let mut board = prepare_board(&test, template, &self.params)?;
+        let mut board = prepare_board(&test, template, &self.params, self.preprocess.as_ref())?;
         board.timings.decode = decode;
         Ok(board)
     }
@@ -298,7 +310,7 @@ impl Inspector {
         for (stage, value) in StageTimings::STAGES.iter().zip(timings.values()) {
             self.metrics
                 .stage_duration
-                .with_label_values(&["aoi", stage, "cpu"])
+                .with_label_values(&["aoi", stage, self.preprocess.backend().as_str()])
                 .observe(value / 1000.0);
         }
         Ok(Inspection {

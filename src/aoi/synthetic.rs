@@ -223,6 +223,7 @@ mod tests {
     use super::*;
     use crate::aoi::params::PipelineParams;
     use crate::aoi::pipeline::{PreparedTemplate, prepare_board};
+    use crate::preprocess::cpu::CpuPreprocessor;
 
     #[test]
     fn every_drawn_defect_becomes_a_candidate_and_clean_boards_have_none() {
@@ -230,14 +231,15 @@ mod tests {
         let clean = board(&[], (0, 0));
         let template = PreparedTemplate::new(&clean.template, &params);
         assert!(
-            prepare_board(&clean.test, &template, &params)
+            prepare_board(&clean.test, &template, &params, &CpuPreprocessor)
                 .unwrap()
                 .candidates
                 .is_empty()
         );
 
         let defective = board(&DefectKind::ALL, (3, -2));
-        let prepared = prepare_board(&defective.test, &template, &params).unwrap();
+        let prepared =
+            prepare_board(&defective.test, &template, &params, &CpuPreprocessor).unwrap();
         assert_eq!((prepared.shift.dx, prepared.shift.dy), (3, -2));
         for (kind, b) in &defective.defects {
             let hit = prepared.candidates.iter().any(|c| {

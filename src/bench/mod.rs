@@ -43,6 +43,9 @@ pub struct AoiArgs {
     /// Boards used (read into memory before measuring).
     #[arg(long, default_value_t = 200)]
     pub boards: usize,
+    /// Preprocessing backend of the in-process pipeline (the server's is set on `serve`).
+    #[command(flatten)]
+    pub preprocess: crate::preprocess::PreprocessArgs,
     #[command(flatten)]
     pub models: crate::config::ModelArgs,
     #[command(flatten)]
@@ -178,7 +181,7 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
             let boards = aoi::load_boards(args.list.as_deref(), args.root.as_deref(), args.boards)?;
             if args.in_process {
                 let (registry, inspector) =
-                    crate::cli::aoi::load_inspector(&args.models, u64::MAX)?;
+                    crate::cli::aoi::load_inspector(&args.models, u64::MAX, &args.preprocess)?;
                 let outcome = args.load.execute(async || {
                     Ok(
                         Arc::new(aoi::InProcessAoiWorkload::prepare(inspector, boards)?)

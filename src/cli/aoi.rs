@@ -18,6 +18,7 @@ use crate::bench::report::{self, Percentiles};
 use crate::config::ModelArgs;
 use crate::engine::ModelRegistry;
 use crate::metrics::Metrics;
+use crate::preprocess::PreprocessArgs;
 use crate::runtime::ModelRepository;
 
 #[derive(Subcommand)]
@@ -48,6 +49,8 @@ pub struct DetectArgs {
     /// Largest image accepted, in pixels.
     #[arg(long, default_value_t = 50_000_000)]
     pub max_image_pixels: u64,
+    #[command(flatten)]
+    pub preprocess: PreprocessArgs,
     #[command(flatten)]
     pub models: ModelArgs,
 }
@@ -82,6 +85,7 @@ pub fn run(command: AoiCommand) -> anyhow::Result<()> {
 pub fn load_inspector(
     models: &ModelArgs,
     max_image_pixels: u64,
+    preprocess: &PreprocessArgs,
 ) -> anyhow::Result<(Arc<ModelRegistry>, Arc<Inspector>)> {
     let mut repository = ModelRepository::scan(&models.model_repository)?;
     repository
@@ -98,7 +102,12 @@ pub fn load_inspector(
         &models.load_options(),
         &metrics,
     )?);
-    let inspector = Arc::new(Inspector::new(&registry, metrics, max_image_pixels)?);
+    let inspector = Arc::new(Inspector::new(
+        &registry,
+        metrics,
+        max_image_pixels,
+        preprocess.select()?,
+    )?);
     Ok((registry, inspector))
 }
 
@@ -137,7 +146,8 @@ fn detect(args: &DetectArgs) -> anyhow::Result<()> {
     let pairs = deeppcb::read_list(&args.list, &args.root)?;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("cannot create {}", args.out.display()))?;
-    let (registry, inspector) = load_inspector(&args.models, args.max_image_pixels)?;
+    let (registry, inspector) =
+        load_inspector(&args.models, args.max_image_pixels, &args.preprocess)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

@@ -72,6 +72,8 @@ pub struct JobRunArgs {
     #[command(flatten)]
     pub assess: AssessSettings,
     #[command(flatten)]
+    pub preprocess: crate::preprocess::PreprocessArgs,
+    #[command(flatten)]
     pub models: ModelArgs,
 }
 
@@ -232,7 +234,7 @@ fn job_run(args: &JobRunArgs) -> anyhow::Result<()> {
         .file_name()
         .map(|n| n.to_string_lossy().to_string())
         .unwrap_or_default();
-    let mut options = RunOptions::new(args.assess, source);
+    let mut options = RunOptions::new(args.assess, source, args.preprocess.select()?);
     options.partition = args.partition;
     options.shard = args.shard;
     options.chunk_rows = args.chunk_rows;

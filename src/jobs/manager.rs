@@ -233,7 +233,11 @@ impl JobManager {
             record.attempts += 1;
             record.error = None;
             self.save_logged(&record);
-            let mut options = RunOptions::new(record.settings, record.input.name.clone());
+            let mut options = RunOptions::new(
+                record.settings,
+                record.input.name.clone(),
+                self.sensors.preprocess.clone(),
+            );
             options.partition = record.partition;
             options.chunk_rows = self.args.chunk_rows;
             options.throttle = Duration::from_millis(self.args.throttle_ms);

@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use crate::engine::InferError;
 use crate::jobs::archive::{Archive, ArchiveError, Partition, UnitSpan};
 use crate::jobs::results::{Columns, ResultMeta, ResultWriter, ShardInfo};
+use crate::preprocess::{Preprocess, PreprocessError};
 use crate::sensors::scorer::f32_bytes;
 use crate::sensors::{AssessSettings, Scores, SensorModel};
 
@@ -69,10 +70,16 @@ pub struct RunOptions {
     pub throttle: Duration,
     /// Name recorded as the result's source.
     pub source_name: String,
+    /// Backend of the scaling stage.
+    pub preprocess: Arc<dyn Preprocess>,
 }
 
 impl RunOptions {
-    pub fn new(settings: AssessSettings, source_name: String) -> RunOptions {
+    pub fn new(
+        settings: AssessSettings,
+        source_name: String,
+        preprocess: Arc<dyn Preprocess>,
+    ) -> RunOptions {
         RunOptions {
             settings,
             partition: Partition::All,
@@ -81,6 +88,7 @@ impl RunOptions {
             in_flight: 4,
             throttle: Duration::ZERO,
             source_name,
+            preprocess,
         }
     }
 }
@@ -122,6 +130,8 @@ pub enum RunError {
     Interrupted,
     #[error("scoring failed: {0}")]
     Infer(InferError),
+    #[error(transparent)]
+    Preprocess(#[from] PreprocessError),
     #[error(transparent)]
     Output(#[from] anyhow::Error),
 }
@@ -373,7 +383,11 @@ pub fn run(
             features.read(chunk_start, chunk_end, &mut raw)?;
             let (_, cycles) = archive.read_ids(chunk_start, chunk_end)?;
             scaled.clear();
-            if let Err(bad) = model.scaler.scale_rows(&raw, &features.map, &mut scaled) {
+            let scaling =
+                options
+                    .preprocess
+                    .scale_rows(&model.scaler, &raw, &features.map, &mut scaled)?;
+            if let Err(bad) = scaling {
                 let row = chunk_start + bad.row;
                 let span = spans[spans.partition_point(|s| s.end() <= row)];
                 return Err(RunError::Archive(ArchiveError(format!(

@@ -49,6 +49,8 @@ pub enum SensorError {
 pub struct SensorService {
     models: BTreeMap<String, Arc<SensorModel>>,
     pub settings: AssessSettings,
+    /// Backend of the archive jobs' scaling stage.
+    pub preprocess: Arc<dyn crate::preprocess::Preprocess>,
 }
 
 impl SensorService {
@@ -56,6 +58,7 @@ impl SensorService {
     pub fn open(
         registry: &ModelRegistry,
         settings: AssessSettings,
+        preprocess: Arc<dyn crate::preprocess::Preprocess>,
     ) -> Result<Option<SensorService>, SensorError> {
         settings.validate().map_err(SensorError::Setup)?;
         let mut models = BTreeMap::new();
@@ -66,7 +69,11 @@ impl SensorService {
                 models.insert(name.to_string(), Arc::new(model));
             }
         }
-        Ok((!models.is_empty()).then_some(SensorService { models, settings }))
+        Ok((!models.is_empty()).then_some(SensorService {
+            models,
+            settings,
+            preprocess,
+        }))
     }
 
     pub fn model(&self, name: &str) -> Option<&Arc<SensorModel>> {

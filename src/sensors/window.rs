@@ -38,6 +38,11 @@ impl Scaler {
         self.offset.len()
     }
 
+    /// (offset, scale) per model channel, for the GPU kernels.
+    pub fn affine(&self) -> impl Iterator<Item = (f64, f64)> + '_ {
+        self.offset.iter().copied().zip(self.scale.iter().copied())
+    }
+
     /// Scales rows laid out as the source has them (`map.source_width` values per row) into
     /// model-order rows appended to `out`. The first non-finite value used by the model stops it.
     pub fn scale_rows<T: Copy + Into<f64>>(

@@ -44,6 +44,7 @@ impl From<AoiError> for ApiError {
             }
             AoiError::Infer(infer) => infer.into(),
             AoiError::Setup(message) => ApiError::Internal(message),
+            AoiError::Preprocess(preprocess) => ApiError::Internal(preprocess.to_string()),
         }
     }
 }

@@ -94,6 +94,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let services = ServiceOptions {
         data_dir: args.data_dir.clone(),
         max_image_pixels: args.max_image_pixels,
+        preprocess: args.preprocess,
         assess: args.assess,
         jobs: args.jobs.clone(),
     };
@@ -132,6 +133,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 struct ServiceOptions {
     data_dir: std::path::PathBuf,
     max_image_pixels: u64,
+    preprocess: crate::preprocess::PreprocessArgs,
     assess: crate::sensors::AssessSettings,
     jobs: crate::jobs::JobArgs,
 }
@@ -145,17 +147,25 @@ fn load_services(
     state: &AppState,
 ) -> anyhow::Result<()> {
     let registry = Arc::new(ModelRegistry::load(repository, options, metrics)?);
+    let preprocess = services.preprocess.select()?;
+    metrics.record_preprocess_backend(preprocess.as_ref());
     if registry
         .get(crate::aoi::pipeline::DEFECT_MODEL, None)
         .is_some()
     {
-        let inspector =
-            crate::aoi::Inspector::new(&registry, metrics.clone(), services.max_image_pixels)?;
+        let inspector = crate::aoi::Inspector::new(
+            &registry,
+            metrics.clone(),
+            services.max_image_pixels,
+            preprocess.clone(),
+        )?;
         let service =
             crate::aoi::AoiService::open(inspector, &services.data_dir.join("templates"))?;
         state.set_aoi(Arc::new(service));
     }
-    if let Some(sensors) = crate::sensors::SensorService::open(&registry, services.assess)? {
+    if let Some(sensors) =
+        crate::sensors::SensorService::open(&registry, services.assess, preprocess)?
+    {
         let sensors = Arc::new(sensors);
         let jobs = crate::jobs::JobManager::open(
             &services.data_dir.join("jobs"),

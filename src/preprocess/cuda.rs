@@ -1,0 +1,676 @@
+//! The CUDA backend: the CUDA C kernels in `kernels/` (twins of `shaders/`), compiled at start-up
+//! with NVRTC for the device's architecture and cached as PTX on disk, launched through cudarc.
+//!
+//! Every concurrent caller gets a lane: a stream with its own pools of device buffers and pinned
+//! (page-locked) host staging buffers, so steady traffic allocates nothing after warm-up and
+//! concurrent boards overlap their uploads, kernels and downloads on separate streams.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr,
+    DriverError, LaunchConfig, PinnedHostSlice, PushKernelArg,
+};
+use cudarc::nvrtc::{CompileError, CompileOptions, Ptx};
+
+use crate::aoi::bitimage::BitImage;
+use crate::aoi::components::Component;
+use crate::aoi::params::PipelineParams;
+use crate::preprocess::launch::{GROUP_SIZE, LaunchParams, ScaleInputs, pack_pixels};
+use crate::preprocess::{Backend, Comparison, Preprocess, PreprocessError, crop_planes};
+use crate::sensors::channels::ChannelMap;
+use crate::sensors::window::{NonFinite, Scaler};
+
+const BACKEND: &str = "cuda";
+
+/// The kernel files and their entry points; each file is its own module with `common.cuh`
+/// prepended.
+const KERNELS: [(&str, &str, &[&str]); 6] = [
+    (
+        "histogram",
+        include_str!("../../kernels/histogram.cu"),
+        &["histogram"],
+    ),
+    (
+        "threshold",
+        include_str!("../../kernels/threshold.cu"),
+        &["threshold"],
+    ),
+    (
+        "compare",
+        include_str!("../../kernels/compare.cu"),
+        &["compare"],
+    ),
+    (
+        "morphology",
+        include_str!("../../kernels/morphology.cu"),
+        &["erode", "dilate"],
+    ),
+    ("crops", include_str!("../../kernels/crops.cu"), &["crops"]),
+    (
+        "scale_rows",
+        include_str!("../../kernels/scale_rows.cu"),
+        &["scale_rows"],
+    ),
+];
+const COMMON: &str = include_str!("../../kernels/common.cuh");
+
+// SAFETY: LaunchParams is #[repr(C)] plain data, laid out as `Params` in kernels/common.cuh.
+unsafe impl DeviceRepr for LaunchParams {}
+
+fn kernel_error(kernel: &'static str, message: impl std::fmt::Display) -> PreprocessError {
+    PreprocessError::Kernel {
+        backend: BACKEND,
+        kernel,
+        message: message.to_string(),
+    }
+}
+
+fn unavailable(reason: impl std::fmt::Display) -> PreprocessError {
+    PreprocessError::Unavailable {
+        backend: BACKEND,
+        reason: reason.to_string(),
+    }
+}
+
+pub struct CudaPreprocessor {
+    context: Arc<CudaContext>,
+    name: String,
+    functions: HashMap<&'static str, CudaFunction>,
+    /// Idle lanes; a caller takes one (or makes one when all are busy) and gives it back.
+    lanes: Mutex<Vec<Lane>>,
+}
+
+/// A kernel argument: bytes to upload, or an output of a given size.
+enum Arg<'a> {
+    Input(&'a [u8]),
+    Output(usize),
+}
+
+impl Arg<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Arg::Input(bytes) => bytes.len(),
+            Arg::Output(size) => *size,
+        }
+    }
+}
+
+/// Buffers are pooled by power-of-two size, so boards with varying candidate counts reuse them.
+fn size_class(bytes: usize) -> usize {
+    bytes.max(4).next_power_of_two()
+}
+
+/// One caller's stream and the buffers it has used; they are only ever used on this stream.
+struct Lane {
+    stream: Arc<CudaStream>,
+    device: HashMap<usize, Vec<CudaSlice<u8>>>,
+    pinned: HashMap<usize, Vec<PinnedHostSlice<u8>>>,
+}
+
+impl Lane {
+    fn device_buffer(&mut self, bytes: usize) -> Result<CudaSlice<u8>, DriverError> {
+        let class = size_class(bytes);
+        match self.device.get_mut(&class).and_then(Vec::pop) {
+            Some(buffer) => Ok(buffer),
+            // SAFETY: every byte a kernel or a download reads was uploaded or written first.
+            None => unsafe { self.stream.alloc(class) },
+        }
+    }
+
+    fn pinned_buffer(&mut self, bytes: usize) -> Result<PinnedHostSlice<u8>, DriverError> {
+        let class = size_class(bytes);
+        match self.pinned.get_mut(&class).and_then(Vec::pop) {
+            Some(buffer) => Ok(buffer),
+            // Flags 0: cached memory, as results are read on the host (cudarc's default,
+            // write-combined, is very slow to read). SAFETY: written before it is read.
+            None => unsafe { self.stream.context().alloc_pinned_with_flags(class, 0) },
+        }
+    }
+
+    fn recycle(&mut self, device: Vec<CudaSlice<u8>>, pinned: Vec<PinnedHostSlice<u8>>) {
+        for buffer in device {
+            self.device.entry(buffer.len()).or_default().push(buffer);
+        }
+        for buffer in pinned {
+            self.pinned.entry(buffer.len()).or_default().push(buffer);
+        }
+    }
+
+    /// Queues the uploads, the kernels and the downloads (the last `read.len()` of `pinned`).
+    /// Buffers are pushed once their copies are queued, so the caller keeps them alive until
+    /// the stream is synchronised even when this fails part-way.
+    fn enqueue(
+        &mut self,
+        functions: &HashMap<&'static str, CudaFunction>,
+        args: &[Arg<'_>],
+        steps: &[(&'static str, LaunchParams, &[usize])],
+        read: &[usize],
+        device: &mut Vec<CudaSlice<u8>>,
+        pinned: &mut Vec<PinnedHostSlice<u8>>,
+    ) -> Result<(), PreprocessError> {
+        let copy_error = |e: DriverError| kernel_error(steps[0].0, e);
+        let raw_stream = self.stream.cu_stream();
+        for arg in args {
+            let buffer = self.device_buffer(arg.len()).map_err(copy_error)?;
+            if let Arg::Input(bytes) = arg
+                && !bytes.is_empty()
+            {
+                let mut staging = self.pinned_buffer(bytes.len()).map_err(copy_error)?;
+                let host = &mut staging.as_mut_slice().map_err(copy_error)?[..bytes.len()];
+                host.copy_from_slice(bytes);
+                let (target, _) = buffer.device_ptr(&self.stream);
+                // SAFETY: both buffers hold at least `bytes.len()` bytes and outlive the copy
+                // (the caller synchronises the stream before releasing them).
+                unsafe { cudarc::driver::result::memcpy_htod_async(target, host, raw_stream) }
+                    .map_err(copy_error)?;
+                pinned.push(staging);
+            }
+            device.push(buffer);
+        }
+        for (kernel, params, bindings) in steps {
+            let (x, y) = params.grid();
+            let config = LaunchConfig {
+                grid_dim: (x, y, 1),
+                block_dim: (GROUP_SIZE, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut launch = self.stream.launch_builder(&functions[kernel]);
+            launch.arg(params);
+            for binding in bindings.iter() {
+                launch.arg(&device[*binding]);
+            }
+            // SAFETY: each kernel takes (Params, buffers in binding order), sized as the
+            // parameters say (the same contract as the WGSL twins).
+            unsafe { launch.launch(config) }.map_err(|e| kernel_error(kernel, e))?;
+        }
+        for &i in read {
+            let bytes = args[i].len();
+            let mut staging = self.pinned_buffer(bytes).map_err(copy_error)?;
+            let host = &mut staging.as_mut_slice().map_err(copy_error)?[..bytes];
+            if bytes > 0 {
+                let (source, _) = device[i].device_ptr(&self.stream);
+                // SAFETY: as for the uploads.
+                unsafe { cudarc::driver::result::memcpy_dtoh_async(host, source, raw_stream) }
+                    .map_err(copy_error)?;
+            }
+            pinned.push(staging);
+        }
+        Ok(())
+    }
+}
+
+impl CudaPreprocessor {
+    /// Device 0, or `LINESCAN_CUDA_DEVICE`. Fails with the reason where there is no NVIDIA
+    /// driver, NVRTC or device.
+    pub fn new() -> Result<CudaPreprocessor, PreprocessError> {
+        // cudarc panics when a library or symbol it needs is missing: start() checks the
+        // libraries first, and a panic it did not foresee still becomes an error.
+        std::panic::catch_unwind(Self::start).unwrap_or_else(|panic| {
+            let message = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("unknown panic");
+            Err(unavailable(format!("the CUDA libraries failed: {message}")))
+        })
+    }
+
+    fn start() -> Result<CudaPreprocessor, PreprocessError> {
+        // SAFETY: these only try to dlopen the library candidates.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return Err(unavailable("no NVIDIA driver (libcuda.so.1 not found)"));
+        }
+        if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+            return Err(unavailable(
+                "the NVIDIA driver is present but NVRTC is not (libnvrtc.so.12 not found: \
+                 install the CUDA runtime compiler, e.g. cuda-nvrtc-12-8)",
+            ));
+        }
+        let ordinal = match std::env::var("LINESCAN_CUDA_DEVICE") {
+            Ok(value) => value.parse().map_err(|_| {
+                unavailable(format!(
+                    "LINESCAN_CUDA_DEVICE={value} is not a device number"
+                ))
+            })?,
+            Err(_) => 0,
+        };
+        let context = CudaContext::new(ordinal)
+            .map_err(|e| unavailable(format!("CUDA device {ordinal}: {e}")))?;
+        // SAFETY: no buffer is shared between streams (each lane has its own), and a lane's
+        // stream is synchronised before its buffers are reused or freed, so cudarc's per-buffer
+        // event tracking would only add work.
+        unsafe { context.disable_event_tracking() };
+        let (major, minor) = context.compute_capability().map_err(unavailable)?;
+        let name = format!(
+            "{} (sm_{major}{minor})",
+            context.name().map_err(unavailable)?
+        );
+        let nvrtc = nvrtc_version().map_err(unavailable)?;
+        let arch = ptx_arch(major * 10 + minor).map_err(unavailable)?;
+        let options = vec![
+            format!("--gpu-architecture=compute_{arch}"),
+            // No contraction, so f32 arithmetic rounds exactly as the WGSL twins spell it.
+            "--fmad=false".to_string(),
+        ];
+        let mut functions = HashMap::new();
+        for (file, source, entries) in KERNELS {
+            let module = load_module(&context, file, source, &options, nvrtc)?;
+            for &entry in entries {
+                let function = module
+                    .load_function(entry)
+                    .map_err(|e| unavailable(format!("kernel {entry}: {e}")))?;
+                functions.insert(entry, function);
+            }
+        }
+        Ok(CudaPreprocessor {
+            context,
+            name,
+            functions,
+            lanes: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Runs kernels in order on one lane: each step is (kernel, params, indices into `args`
+    /// for the buffer arguments in order). `finish` gets the bytes of the `read` arguments.
+    fn run<T>(
+        &self,
+        args: &[Arg<'_>],
+        steps: &[(&'static str, LaunchParams, &[usize])],
+        read: &[usize],
+        finish: impl FnOnce(&[&[u8]]) -> T,
+    ) -> Result<T, PreprocessError> {
+        let error = |e: DriverError| kernel_error(steps[0].0, e);
+        self.context.bind_to_thread().map_err(error)?;
+        let idle = self.lanes.lock().expect("lane pool lock").pop();
+        let mut lane = match idle {
+            Some(lane) => lane,
+            None => Lane {
+                stream: self.context.new_stream().map_err(error)?,
+                device: HashMap::new(),
+                pinned: HashMap::new(),
+            },
+        };
+        let (mut device, mut pinned) = (Vec::new(), Vec::new());
+        let queued = lane.enqueue(&self.functions, args, steps, read, &mut device, &mut pinned);
+        // Whatever was queued must finish before the buffers are read, reused or freed.
+        lane.stream.synchronize().map_err(error)?;
+        queued?;
+        let results = pinned[pinned.len() - read.len()..]
+            .iter()
+            .zip(read)
+            .map(|(staging, i)| Ok(&staging.as_slice()?[..args[*i].len()]))
+            .collect::<Result<Vec<&[u8]>, DriverError>>()
+            .map_err(error)?;
+        let output = finish(&results);
+        drop(results);
+        lane.recycle(device, pinned);
+        self.lanes.lock().expect("lane pool lock").push(lane);
+        Ok(output)
+    }
+}
+
+fn nvrtc_version() -> Result<(i32, i32), cudarc::nvrtc::result::NvrtcError> {
+    let (mut major, mut minor) = (0, 0);
+    // SAFETY: writes two ints.
+    unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) }.result()?;
+    Ok((major, minor))
+}
+
+/// The newest virtual architecture NVRTC supports that the device runs: a GPU newer than the
+/// NVRTC gets older PTX, which the driver compiles forward.
+fn ptx_arch(device: i32) -> Result<i32, String> {
+    let mut count = 0;
+    // SAFETY: writes one int, then `count` ints.
+    unsafe { cudarc::nvrtc::sys::nvrtcGetNumSupportedArchs(&mut count) }
+        .result()
+        .map_err(|e| e.to_string())?;
+    let mut archs = vec![0; count.max(0) as usize];
+    unsafe { cudarc::nvrtc::sys::nvrtcGetSupportedArchs(archs.as_mut_ptr()) }
+        .result()
+        .map_err(|e| e.to_string())?;
+    archs
+        .into_iter()
+        .filter(|arch| *arch <= device)
+        .max()
+        .ok_or_else(|| format!("NVRTC supports no architecture at or below sm_{device}"))
+}
+
+/// `LINESCAN_KERNEL_CACHE`, else `$XDG_CACHE_HOME/linescan/kernels`, else
+/// `~/.cache/linescan/kernels`.
+fn cache_dir() -> Option<PathBuf> {
+    if let Some(dir) = std::env::var_os("LINESCAN_KERNEL_CACHE") {
+        return Some(dir.into());
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))?;
+    Some(base.join("linescan").join("kernels"))
+}
+
+/// The cache file of a compiled kernel: FNV-1a (stable across Rust releases, unlike std's
+/// hasher) of everything that changes the PTX.
+fn cache_key(source: &str, options: &[String], nvrtc: (i32, i32)) -> String {
+    let mut hash = 0xcbf2_9ce4_8422_2325_u64;
+    let nvrtc = format!("nvrtc {}.{}", nvrtc.0, nvrtc.1);
+    for part in [source, &options.join(" "), &nvrtc] {
+        // A separator byte no part contains keeps ("ab", "c") and ("a", "bc") apart.
+        for byte in part.bytes().chain([0xff]) {
+            hash = (hash ^ byte as u64).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    format!("{hash:016x}.ptx")
+}
+
+/// The module of one kernel file: cached PTX when it loads, else compiled (and cached; a cache
+/// that cannot be written is only a warning).
+fn load_module(
+    context: &Arc<CudaContext>,
+    file: &str,
+    source: &str,
+    options: &[String],
+    nvrtc: (i32, i32),
+) -> Result<Arc<CudaModule>, PreprocessError> {
+    let source = format!("{COMMON}\n{source}");
+    let path = cache_dir().map(|dir| dir.join(cache_key(&source, options, nvrtc)));
+    if let Some(path) = &path
+        && let Ok(ptx) = std::fs::read_to_string(path)
+        // cudarc panics on a NUL byte (a damaged file): recompile instead.
+        && !ptx.contains('\0')
+    {
+        match context.load_module(Ptx::from_src(ptx)) {
+            Ok(module) => return Ok(module),
+            Err(e) => tracing::warn!(
+                "cached PTX {} did not load ({e}): recompiling",
+                path.display()
+            ),
+        }
+    }
+    let compiled = cudarc::nvrtc::compile_ptx_with_opts(
+        &source,
+        CompileOptions {
+            options: options.to_vec(),
+            name: Some(format!("{file}.cu")),
+            ..CompileOptions::default()
+        },
+    )
+    .map_err(|e| match e {
+        CompileError::CompileError { log, .. } => unavailable(format!(
+            "kernels/{file}.cu did not compile: {}",
+            log.to_string_lossy()
+        )),
+        other => unavailable(format!("kernels/{file}.cu: {other}")),
+    })?;
+    if let Some(path) = &path
+        && let Err(e) = write_cache(path, &compiled.to_src())
+    {
+        tracing::warn!("cannot cache PTX at {}: {e}", path.display());
+    }
+    context.load_module(compiled).map_err(|e| {
+        // Typically CUDA_ERROR_UNSUPPORTED_PTX_VERSION: an NVRTC newer than the driver.
+        unavailable(format!("kernels/{file}.cu did not load: {e}"))
+    })
+}
+
+/// Writes through a temporary file and a rename, so a concurrent reader never sees half a file.
+fn write_cache(path: &std::path::Path, ptx: &str) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let partial = path.with_extension(format!("{}.partial", std::process::id()));
+    std::fs::write(&partial, ptx)?;
+    std::fs::rename(&partial, path)
+}
+
+fn words(bytes: &[u8]) -> &[u32] {
+    bytemuck::cast_slice(bytes)
+}
+
+impl Preprocess for CudaPreprocessor {
+    fn backend(&self) -> Backend {
+        Backend::Cuda
+    }
+
+    fn device(&self) -> &str {
+        &self.name
+    }
+
+    fn histogram(&self, gray: &[u8]) -> Result<[u32; 256], PreprocessError> {
+        let packed = pack_pixels(gray);
+        let params = LaunchParams {
+            count: packed.len() as u32,
+            c: gray.len() as u32,
+            ..LaunchParams::default()
+        };
+        let zeros = [0u32; 256];
+        self.run(
+            &[
+                Arg::Input(bytemuck::cast_slice(&packed)),
+                Arg::Input(bytemuck::cast_slice(&zeros)),
+            ],
+            &[("histogram", params, &[0, 1])],
+            &[1],
+            |out| {
+                let mut bins = [0u32; 256];
+                bins.copy_from_slice(words(out[0]));
+                bins
+            },
+        )
+    }
+
+    fn threshold(
+        &self,
+        gray: &[u8],
+        width: usize,
+        height: usize,
+        threshold: u8,
+    ) -> Result<BitImage, PreprocessError> {
+        let params = LaunchParams {
+            c: threshold as u32,
+            ..LaunchParams::per_word(width, height)
+        };
+        let packed = pack_pixels(gray);
+        self.run(
+            &[
+                Arg::Input(bytemuck::cast_slice(&packed)),
+                Arg::Output(params.count as usize * 4),
+            ],
+            &[("threshold", params, &[0, 1])],
+            &[1],
+            |out| BitImage::from_u32_words(width, height, words(out[0])),
+        )
+    }
+
+    fn compare(
+        &self,
+        test: &BitImage,
+        template: &BitImage,
+        (dx, dy): (isize, isize),
+        open_size: usize,
+        merge_size: usize,
+    ) -> Result<Comparison, PreprocessError> {
+        let (width, height) = (test.width(), test.height());
+        let image = LaunchParams::per_word(width, height);
+        let bytes = image.count as usize * 4;
+        // Buffers: 0 test, 1 template, 2 aligned, 3 difference, 4 eroded, 5 opened, 6 merged.
+        let mut steps: Vec<(&'static str, LaunchParams, &[usize])> = vec![(
+            "compare",
+            LaunchParams {
+                a: dx as i32,
+                b: dy as i32,
+                ..image
+            },
+            &[0, 1, 2, 3],
+        )];
+        let with_size = |k: usize| LaunchParams {
+            c: k as u32,
+            ..image
+        };
+        let opened = if open_size > 1 {
+            steps.push(("erode", with_size(open_size), &[3, 4]));
+            steps.push(("dilate", with_size(open_size), &[4, 5]));
+            5
+        } else {
+            3
+        };
+        let merged = if merge_size > 1 {
+            steps.push((
+                "dilate",
+                with_size(merge_size),
+                if opened == 5 { &[5, 6] } else { &[3, 6] },
+            ));
+            6
+        } else {
+            opened
+        };
+        self.run(
+            &[
+                Arg::Input(bytemuck::cast_slice(test.as_u32_words())),
+                Arg::Input(bytemuck::cast_slice(template.as_u32_words())),
+                Arg::Output(bytes),
+                Arg::Output(bytes),
+                Arg::Output(bytes),
+                Arg::Output(bytes),
+                Arg::Output(bytes),
+            ],
+            &steps,
+            &[2, 3, opened, merged],
+            |out| {
+                let image_at = |i: usize| BitImage::from_u32_words(width, height, words(out[i]));
+                Comparison {
+                    aligned: image_at(0),
+                    difference: image_at(1),
+                    opened: image_at(2),
+                    merged: image_at(3),
+                }
+            },
+        )
+    }
+
+    fn crops(
+        &self,
+        channels: &[&BitImage],
+        candidates: &[Component],
+        params: &PipelineParams,
+        out: &mut Vec<f32>,
+    ) -> Result<(), PreprocessError> {
+        let Some(first) = channels.first() else {
+            return Ok(());
+        };
+        if candidates.is_empty() {
+            return Ok(());
+        }
+        let planes = crop_planes(candidates, params, channels.len());
+        let size = params.crop_size;
+        let images: Vec<u32> = channels
+            .iter()
+            .flat_map(|c| c.as_u32_words().iter().copied())
+            .collect();
+        let launch = LaunchParams {
+            count: (planes.len() * size * size) as u32,
+            c: size as u32,
+            ..LaunchParams::per_word(first.width(), first.height())
+        };
+        self.run(
+            &[
+                Arg::Input(bytemuck::cast_slice(&images)),
+                Arg::Input(bytemuck::cast_slice(&planes)),
+                Arg::Output(launch.count as usize * 4),
+            ],
+            &[("crops", launch, &[0, 1, 2])],
+            &[2],
+            |result| out.extend_from_slice(bytemuck::cast_slice(result[0])),
+        )
+    }
+
+    fn scale_rows(
+        &self,
+        scaler: &Scaler,
+        source: &[f64],
+        map: &ChannelMap,
+        out: &mut Vec<f32>,
+    ) -> Result<Result<(), NonFinite>, PreprocessError> {
+        if map.source_width == 0 || source.is_empty() {
+            return Ok(Ok(()));
+        }
+        let inputs = ScaleInputs::new(scaler, source, map);
+        let rows = source.len() / map.source_width;
+        let launch = LaunchParams {
+            count: (rows * inputs.columns.len()) as u32,
+            c: inputs.columns.len() as u32,
+            d: map.source_width as u32,
+            ..LaunchParams::default()
+        };
+        let none = [u32::MAX];
+        self.run(
+            &[
+                Arg::Input(bytemuck::cast_slice(&inputs.source)),
+                Arg::Input(bytemuck::cast_slice(&inputs.columns)),
+                Arg::Input(bytemuck::cast_slice(&inputs.affine)),
+                Arg::Output(launch.count as usize * 4),
+                Arg::Input(bytemuck::cast_slice(&none)),
+            ],
+            &[("scale_rows", launch, &[0, 1, 2, 3, 4])],
+            &[3, 4],
+            |result| {
+                inputs
+                    .non_finite(words(result[1])[0], source, map)
+                    .map(|()| out.extend_from_slice(bytemuck::cast_slice(result[0])))
+            },
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cuda_kernels_match_the_cpu() {
+        crate::preprocess::parity::check_or_skip(CudaPreprocessor::new());
+    }
+
+    #[test]
+    fn every_kernel_file_defines_the_entry_points_launched() {
+        for (file, source, entries) in KERNELS {
+            for entry in entries {
+                assert!(
+                    source.contains(&format!(
+                        "extern \"C\" __global__ void {entry}(const Params params,"
+                    )),
+                    "kernels/{file}.cu lacks entry point {entry}"
+                );
+            }
+        }
+        for launched in [
+            "histogram",
+            "threshold",
+            "compare",
+            "erode",
+            "dilate",
+            "crops",
+            "scale_rows",
+        ] {
+            assert!(
+                KERNELS
+                    .iter()
+                    .any(|(_, _, entries)| entries.contains(&launched))
+            );
+        }
+    }
+
+    #[test]
+    fn the_ptx_cache_key_changes_with_the_source_arch_and_nvrtc() {
+        let options = vec!["--gpu-architecture=compute_90".to_string()];
+        let key = cache_key("a", &options, (12, 8));
+        assert_eq!(key, cache_key("a", &options, (12, 8)));
+        assert_ne!(key, cache_key("b", &options, (12, 8)));
+        assert_ne!(
+            key,
+            cache_key("a", &["--gpu-architecture=compute_80".into()], (12, 8))
+        );
+        assert_ne!(key, cache_key("a", &options, (12, 9)));
+    }
+}

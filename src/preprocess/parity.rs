@@ -1,0 +1,241 @@
+//! Parity of every GPU kernel with the CPU reference on synthetic inputs: exact for the integer
+//! stages and the crop averages, within [`scaling_tolerance`] for sensor scaling. A backend
+//! that cannot start on this machine skips with the reason.
+
+use crate::aoi::bitimage::BitImage;
+use crate::aoi::components::Component;
+use crate::aoi::params::PipelineParams;
+use crate::preprocess::cpu::CpuPreprocessor;
+use crate::preprocess::{Preprocess, PreprocessError, scaling_tolerance};
+use crate::sensors::channels::ChannelMap;
+use crate::sensors::params::SensorParams;
+use crate::sensors::window::Scaler;
+
+/// A grey board-like image: blobs and lines on a dark background, with noise, so every
+/// threshold, shift and morphology case (edges, single pixels, borders) appears.
+fn grey_board(width: usize, height: usize, seed: u64) -> Vec<u8> {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut pixels: Vec<u8> = (0..width * height).map(|_| rng.u8(0..60)).collect();
+    for _ in 0..40 {
+        let (x0, y0) = (rng.usize(0..width), rng.usize(0..height));
+        let (w, h) = (rng.usize(1..40), rng.usize(1..12));
+        for y in y0..(y0 + h).min(height) {
+            for x in x0..(x0 + w).min(width) {
+                pixels[y * width + x] = 180 + rng.u8(0..70);
+            }
+        }
+    }
+    for _ in 0..200 {
+        pixels[rng.usize(0..width * height)] = 255;
+    }
+    pixels
+}
+
+/// Odd sizes (not multiples of 32 or 64) catch padding and last-word mistakes.
+const SIZES: [(usize, usize); 3] = [(640, 640), (203, 77), (64, 1)];
+
+pub(crate) fn check_backend(gpu: &dyn Preprocess) {
+    let cpu = CpuPreprocessor;
+    for (i, &(width, height)) in SIZES.iter().enumerate() {
+        let gray = grey_board(width, height, i as u64);
+        let histogram = gpu.histogram(&gray).unwrap();
+        assert_eq!(
+            histogram,
+            cpu.histogram(&gray).unwrap(),
+            "histogram {width}x{height}"
+        );
+        for threshold in [0u8, 100, 254, 255] {
+            assert_eq!(
+                gpu.threshold(&gray, width, height, threshold).unwrap(),
+                cpu.threshold(&gray, width, height, threshold).unwrap(),
+                "threshold {threshold} on {width}x{height}"
+            );
+        }
+        let test = cpu.threshold(&gray, width, height, 120).unwrap();
+        let template_gray = grey_board(width, height, 100 + i as u64);
+        let template = cpu.threshold(&template_gray, width, height, 120).unwrap();
+        for shift in [(0, 0), (3, -2), (-5, 7), (70, 1), (-1, -66)] {
+            for (open, merge) in [(1, 1), (2, 5), (3, 2), (4, 1)] {
+                assert_eq!(
+                    gpu.compare(&test, &template, shift, open, merge).unwrap(),
+                    cpu.compare(&test, &template, shift, open, merge).unwrap(),
+                    "compare {width}x{height} shift {shift:?} open {open} merge {merge}"
+                );
+            }
+        }
+        check_crops(gpu, &[&test, &template], width, height);
+    }
+    check_boards(gpu);
+    check_scaling(gpu);
+}
+
+/// The whole CPU part of an inspection gives the same board on both backends: threshold,
+/// shift, candidates and classifier input, on binarised and grey synthetic boards.
+fn check_boards(gpu: &dyn Preprocess) {
+    use crate::aoi::pipeline::{PreparedTemplate, prepare_board};
+    use crate::aoi::synthetic::{DefectKind, board, grey};
+    let params = PipelineParams::default();
+    let drawn = board(&DefectKind::ALL, (2, -3));
+    let template = PreparedTemplate::new(&drawn.template, &params);
+    for test in [drawn.test.clone(), grey(&drawn.test, 5)] {
+        let cpu = prepare_board(&test, &template, &params, &CpuPreprocessor).unwrap();
+        let other = prepare_board(&test, &template, &params, gpu).unwrap();
+        assert!(!cpu.candidates.is_empty());
+        assert_eq!(
+            (other.test_threshold, other.shift.dx, other.shift.dy),
+            (cpu.test_threshold, cpu.shift.dx, cpu.shift.dy)
+        );
+        assert_eq!(other.candidates, cpu.candidates);
+        assert_eq!(other.crops, cpu.crops);
+    }
+}
+
+fn check_crops(gpu: &dyn Preprocess, channels: &[&BitImage], width: usize, height: usize) {
+    let params = PipelineParams::default();
+    // Candidates in the middle, at every border and past the corners.
+    let candidates: Vec<Component> = [(0, 0), (width / 2, height / 2), (width - 1, height - 1)]
+        .iter()
+        .flat_map(|&(x, y)| {
+            [(0usize, 0usize), (3, 9), (30, 2)].map(|(w, h)| Component {
+                x1: x.saturating_sub(w),
+                y1: y.saturating_sub(h),
+                x2: (x + w + 1).min(width),
+                y2: (y + h + 1).min(height),
+                area: 1,
+            })
+        })
+        .collect();
+    let (mut expected, mut got) = (Vec::new(), Vec::new());
+    CpuPreprocessor
+        .crops(channels, &candidates, &params, &mut expected)
+        .unwrap();
+    gpu.crops(channels, &candidates, &params, &mut got).unwrap();
+    assert_eq!(got, expected, "crops {width}x{height}");
+}
+
+fn check_scaling(gpu: &dyn Preprocess) {
+    let names: Vec<String> = (0..5).map(|i| format!("s_{i}")).collect();
+    // Model order differs from the source's, so the column gather is exercised.
+    let params = SensorParams {
+        window: 30,
+        channels: ["s_1", "s_3", "s_4", "s_2"].map(String::from).to_vec(),
+        scaling: "minmax".into(),
+        offset: vec![2388.02, -0.5, 1589.7, 0.0],
+        scale: vec![14.1, 0.25, 0.04, 1.0],
+        rul_cap: 125.0,
+        padding: crate::sensors::params::Padding::RepeatFirst,
+    };
+    let scaler = Scaler::new(&params);
+    let map = ChannelMap::new(&params.channels, &names, true).unwrap();
+    let mut rng = fastrand::Rng::with_seed(7);
+    let mut source: Vec<f64> = (0..5 * 1000)
+        .map(|i| match i % 5 {
+            1 => 2388.0 + rng.f64() * 0.2,
+            4 => 1580.0 + rng.f64() * 20.0,
+            _ => rng.f64() * 10.0 - 5.0,
+        })
+        .collect();
+    let (mut expected, mut got) = (Vec::new(), Vec::new());
+    CpuPreprocessor
+        .scale_rows(&scaler, &source, &map, &mut expected)
+        .unwrap()
+        .unwrap();
+    gpu.scale_rows(&scaler, &source, &map, &mut got)
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.len(), expected.len());
+    for (k, (g, e)) in got.iter().zip(&expected).enumerate() {
+        let (row, channel) = (k / 4, k % 4);
+        let value = source[row * 5 + map.columns[channel]];
+        let bound = scaling_tolerance(value, params.offset[channel], params.scale[channel]);
+        assert!(
+            ((*g - *e) as f64).abs() <= bound,
+            "row {row} channel {channel}: gpu {g} cpu {e} bound {bound}"
+        );
+    }
+    // The first non-finite value in model order is the one reported, as on the CPU.
+    source[5 * 600 + 3] = f64::NAN;
+    source[5 * 600 + 4] = f64::INFINITY;
+    source[5 * 900 + 1] = f64::NEG_INFINITY;
+    let cpu_bad = CpuPreprocessor
+        .scale_rows(&scaler, &source, &map, &mut Vec::new())
+        .unwrap()
+        .unwrap_err();
+    let gpu_bad = gpu
+        .scale_rows(&scaler, &source, &map, &mut Vec::new())
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(
+        (gpu_bad.row, gpu_bad.channel),
+        (cpu_bad.row, cpu_bad.channel)
+    );
+}
+
+/// Runs the parity checks, or says why this machine cannot.
+pub(crate) fn check_or_skip(backend: Result<impl Preprocess, PreprocessError>) {
+    match backend {
+        Ok(gpu) => check_backend(&gpu),
+        Err(reason) => eprintln!("skipped: {reason}"),
+    }
+}
+
+#[test]
+fn wgpu_kernels_match_the_cpu() {
+    // CI installs Mesa's lavapipe (deploy/setup.sh), so this runs everywhere the set-up ran;
+    // LINESCAN_REQUIRE_WGPU=1 turns a missing adapter into a failure instead of a skip.
+    let backend = crate::preprocess::wgpu_backend::WgpuPreprocessor::new();
+    if std::env::var_os("LINESCAN_REQUIRE_WGPU").is_some() {
+        check_backend(&backend.expect("wgpu adapter (LINESCAN_REQUIRE_WGPU is set)"));
+    } else {
+        check_or_skip(backend);
+    }
+}
+
+#[test]
+fn cpu_crop_planes_match_make_crops_order() {
+    // The planes the GPU kernels use, evaluated on the CPU, give make_crops' output.
+    let mut image = BitImage::new(100, 80);
+    for y in 10..30 {
+        for x in 5..50 {
+            if (x * 7 + y * 3) % 5 != 0 {
+                image.set(x, y);
+            }
+        }
+    }
+    let params = PipelineParams::default();
+    let candidates = [Component {
+        x1: 8,
+        y1: 12,
+        x2: 30,
+        y2: 20,
+        area: 10,
+    }];
+    let mut expected = Vec::new();
+    CpuPreprocessor
+        .crops(&[&image], &candidates, &params, &mut expected)
+        .unwrap();
+    let planes = crate::preprocess::crop_planes(&candidates, &params, 1);
+    let size = params.crop_size;
+    let mut got = Vec::new();
+    for plane in &planes {
+        for i in 0..size {
+            for j in 0..size {
+                let mut count = 0;
+                for by in 0..plane.scale as i32 {
+                    for bx in 0..plane.scale as i32 {
+                        let y = plane.y + plane.scale as i32 * i as i32 + by;
+                        let x = plane.x + plane.scale as i32 * j as i32 + bx;
+                        if (0..80).contains(&y)
+                            && (0..100).contains(&x)
+                            && image.get(x as usize, y as usize)
+                        {
+                            count += 1;
+                        }
+                    }
+                }
+                got.push(count as f32 / (plane.scale * plane.scale) as f32);
+            }
+        }
+    }
+    assert_eq!(got, expected);
+}
