@@ -96,6 +96,7 @@ pub fn load_inspector(
         "model {DEFECT_MODEL} is not in {}",
         models.model_repository.display()
     );
+    let preprocess = preprocess.select()?;
     let metrics = Arc::new(Metrics::new());
     let registry = Arc::new(ModelRegistry::load(
         &repository,
@@ -106,7 +107,7 @@ pub fn load_inspector(
         &registry,
         metrics,
         max_image_pixels,
-        preprocess.select()?,
+        preprocess,
     )?);
     Ok((registry, inspector))
 }

@@ -227,6 +227,7 @@ fn job_run(args: &JobRunArgs) -> anyhow::Result<()> {
     let instances = *models
         .instances
         .get_or_insert_with(|| std::thread::available_parallelism().map_or(1, |n| n.get().min(8)));
+    let preprocess = args.preprocess.select()?;
     let (registry, model) = load_sensor_model(&models, args.model.as_deref())?;
     let runtime = runtime()?;
     let source = args
@@ -234,7 +235,7 @@ fn job_run(args: &JobRunArgs) -> anyhow::Result<()> {
         .file_name()
         .map(|n| n.to_string_lossy().to_string())
         .unwrap_or_default();
-    let mut options = RunOptions::new(args.assess, source, args.preprocess.select()?);
+    let mut options = RunOptions::new(args.assess, source, preprocess);
     options.partition = args.partition;
     options.shard = args.shard;
     options.chunk_rows = args.chunk_rows;

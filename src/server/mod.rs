@@ -146,8 +146,9 @@ fn load_services(
     metrics: &Arc<Metrics>,
     state: &AppState,
 ) -> anyhow::Result<()> {
-    let registry = Arc::new(ModelRegistry::load(repository, options, metrics)?);
+    // The backend first: a GPU that is asked for and missing fails before minutes of warm-up.
     let preprocess = services.preprocess.select()?;
+    let registry = Arc::new(ModelRegistry::load(repository, options, metrics)?);
     metrics.record_preprocess_backend(preprocess.as_ref());
     if registry
         .get(crate::aoi::pipeline::DEFECT_MODEL, None)
