@@ -9,11 +9,19 @@ pub fn otsu_threshold(gray: &[u8], fallback: u8) -> u8 {
 
 /// Pixels per grey level.
 pub fn histogram(gray: &[u8]) -> [u32; 256] {
-    let mut counts = [0u32; 256];
-    for pixel in gray {
-        counts[*pixel as usize] += 1;
+    // Four partial histograms: runs of equal pixels (most of a binarised board) would otherwise
+    // serialise on one counter's store-to-load dependency.
+    let mut partial = [[0u32; 256]; 4];
+    let mut quads = gray.chunks_exact(4);
+    for quad in &mut quads {
+        for (lane, pixel) in quad.iter().enumerate() {
+            partial[lane][*pixel as usize] += 1;
+        }
     }
-    counts
+    for pixel in quads.remainder() {
+        partial[0][*pixel as usize] += 1;
+    }
+    std::array::from_fn(|v| partial.iter().map(|p| p[v]).sum())
 }
 
 /// Otsu's threshold from a histogram (what the GPU backends compute on the device).
@@ -63,6 +71,15 @@ mod tests {
         image.extend(vec![250u8; 400]);
         // Every t in 3..=249 separates the two levels equally well: the middle is 126.
         assert_eq!(otsu_threshold(&image, 127), 126);
+    }
+
+    #[test]
+    fn histogram_counts_every_pixel_including_the_tail() {
+        let image: Vec<u8> = (0..1027u32).map(|i| (i % 7) as u8).collect();
+        let counts = histogram(&image);
+        assert_eq!(counts.iter().sum::<u32>(), 1027);
+        assert_eq!(counts[0], 147);
+        assert_eq!(counts[6], 146);
     }
 
     #[test]

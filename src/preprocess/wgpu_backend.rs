@@ -7,8 +7,6 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use wgpu::util::DeviceExt;
-
 use crate::aoi::bitimage::BitImage;
 use crate::aoi::components::Component;
 use crate::aoi::params::PipelineParams;
@@ -201,13 +199,12 @@ impl WgpuPreprocessor {
         let mut uniforms = Vec::with_capacity(steps.len());
         for (kernel, params, bindings) in steps {
             let pipeline = &self.pipelines[kernel];
-            let uniform = self
-                .device
-                .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                    label: None,
-                    contents: bytemuck::bytes_of(params),
-                    usage: wgpu::BufferUsages::UNIFORM,
-                });
+            let uniform = self.buffer(
+                std::mem::size_of::<LaunchParams>() as u64,
+                wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+            );
+            self.queue
+                .write_buffer(&uniform, 0, bytemuck::bytes_of(params));
             let mut entries = vec![wgpu::BindGroupEntry {
                 binding: 0,
                 resource: uniform.as_entire_binding(),
@@ -269,7 +266,7 @@ impl WgpuPreprocessor {
             drop(view);
             staging.unmap();
         }
-        self.recycle(buffers.into_iter().chain(readbacks));
+        self.recycle(buffers.into_iter().chain(readbacks).chain(uniforms));
         Ok(results)
     }
 }
