@@ -63,6 +63,13 @@ enum ModelsCommand {
 }
 
 fn main() -> ExitCode {
+    // Mesa's Vulkan device-select layer probes for a Wayland/X display when wgpu enumerates
+    // adapters and prints an alarming "XDG_RUNTIME_DIR is invalid" on headless servers; wgpu
+    // picks the adapter itself, so the layer is not needed.
+    if std::env::var_os("NODEVICE_SELECT").is_none() {
+        // SAFETY: no other thread exists yet.
+        unsafe { std::env::set_var("NODEVICE_SELECT", "1") };
+    }
     let cli = Cli::parse();
     init_logging(cli.log_format);
     let outcome = match cli.command {

@@ -146,12 +146,7 @@ async fn template_lifecycle_and_inspection_verdicts() {
     assert_eq!(status, 404, "{error}");
     assert!(error["error"].as_str().unwrap().contains("board-a"));
 
-    let metrics = reqwest::get(format!("{}/metrics", server.url))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = server.metrics_text().await;
     assert!(metrics.contains("linescan_stage_duration_seconds_bucket{backend=\"cpu\",pipeline=\"aoi\",stage=\"align\""), "{metrics}");
 }
 

@@ -112,12 +112,7 @@ async fn degrading_units_score_lower_rul_and_health_with_more_anomaly() {
         .unwrap();
     assert_eq!(list["models"][0]["model"], RUL_MODEL);
     // Scoring goes through the batchers (metrics per model).
-    let metrics = reqwest::get(format!("{}/metrics", server.url))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = server.metrics_text().await;
     assert!(
         metric(
             &metrics,

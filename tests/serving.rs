@@ -26,15 +26,6 @@ async fn metadata(server: &Server) -> Value {
     metadata
 }
 
-async fn metrics_text(server: &Server) -> String {
-    reqwest::get(format!("{}/metrics", server.url))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("metrics text")
-}
-
 fn infer_url(server: &Server) -> String {
     format!("{}/v2/models/{MODEL}/infer", server.url)
 }
@@ -192,7 +183,7 @@ async fn concurrent_requests_form_batches_larger_than_one() {
     for request in requests.collect::<Vec<_>>() {
         assert_eq!(request.await.unwrap(), 200);
     }
-    let text = metrics_text(&server).await;
+    let text = server.metrics_text().await;
     let model = format!("model=\"{MODEL}\"");
     let inferences = metric(&text, "linescan_inference_count_total", &[&model]);
     let executions = metric(&text, "linescan_inference_exec_count_total", &[&model]);
@@ -262,7 +253,7 @@ async fn a_full_queue_answers_503_with_retry_after() {
         }
     }
     assert!(ok >= 1 && refused >= 1, "{ok} ok, {refused} refused");
-    let text = metrics_text(&server).await;
+    let text = server.metrics_text().await;
     assert_eq!(
         metric(
             &text,
@@ -291,7 +282,7 @@ async fn a_passed_deadline_answers_504() {
         error["error"].as_str().unwrap().contains("deadline"),
         "{error}"
     );
-    let text = metrics_text(&server).await;
+    let text = server.metrics_text().await;
     assert_eq!(
         metric(
             &text,
@@ -410,7 +401,7 @@ async fn bad_requests_get_the_right_4xx_and_the_server_stays_healthy() {
         Some(200)
     );
     assert_eq!(post_json(&url, &good).await.status(), 200);
-    let text = metrics_text(&server).await;
+    let text = server.metrics_text().await;
     assert!(
         metric(
             &text,

@@ -109,3 +109,44 @@ fn defect_model_that_does_not_fit_the_pipeline_fails_at_start() {
         "{error}"
     );
 }
+
+#[tokio::test]
+async fn preprocess_backend_is_reported_in_metrics() {
+    let repository = Repository::with_models(&[MODEL]);
+    let server = common::Server::start(repository.path(), &["--preprocess", "cpu"]);
+    let text = server.metrics_text().await;
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("linescan_preprocess_backend_info{"))
+        .unwrap_or_else(|| panic!("no backend gauge in {text}"));
+    assert!(
+        line.contains("backend=\"cpu\"") && line.ends_with(" 1"),
+        "{line}"
+    );
+}
+
+#[test]
+fn unavailable_gpu_preprocessing_is_an_error_not_a_silent_cpu_fallback() {
+    // With an NVIDIA driver the server would start and serve until stopped: the refusal can
+    // only be checked where CUDA is missing.
+    if linescan::preprocess::cuda::CudaPreprocessor::new().is_ok() {
+        eprintln!("skipped: this machine has CUDA, so --preprocess cuda starts");
+        return;
+    }
+    let repository = Repository::with_models(&[MODEL]);
+    let output = run_cli(&[
+        "serve",
+        "--port",
+        "0",
+        "--preprocess",
+        "cuda",
+        "--model-repository",
+        repository.path().to_str().unwrap(),
+    ]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("cuda preprocessing is not available"),
+        "{stderr}"
+    );
+}
