@@ -225,8 +225,10 @@ impl CudaPreprocessor {
         }
         if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
             return Err(unavailable(
-                "the NVIDIA driver is present but NVRTC is not (libnvrtc.so.12 not found: \
-                 install the CUDA runtime compiler, e.g. cuda-nvrtc-12-8)",
+                "the NVIDIA driver is present but NVRTC is not (libnvrtc.so.13 or .12 not \
+                 found: install the CUDA runtime compiler, e.g. `pip install \
+                 nvidia-cuda-nvrtc` or the toolkit's cuda-nvrtc package, and put its lib \
+                 folder on LD_LIBRARY_PATH)",
             ));
         }
         let ordinal = match std::env::var("LINESCAN_CUDA_DEVICE") {
