@@ -14,9 +14,9 @@ use linescan::jobs::synthetic;
 use linescan::metrics::Metrics;
 use linescan::runtime::ModelRepository;
 use linescan::sensors::channels::ChannelMap;
-use linescan::sensors::scorer::f32_bytes;
 use linescan::sensors::window::Windower;
 use linescan::sensors::{AssessSettings, SensorModel};
+use linescan::tensor::f32_bytes;
 
 const MODEL: &str = "rul_fd001";
 

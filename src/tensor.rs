@@ -97,6 +97,17 @@ pub struct Tensor {
     pub data: Bytes,
 }
 
+/// f32 values as shared bytes without a copy.
+pub fn f32_bytes(values: Vec<f32>) -> Bytes {
+    struct F32Owner(Vec<f32>);
+    impl AsRef<[u8]> for F32Owner {
+        fn as_ref(&self) -> &[u8] {
+            bytemuck::cast_slice(&self.0)
+        }
+    }
+    Bytes::from_owner(F32Owner(values))
+}
+
 impl Tensor {
     pub fn element_count(shape: &[usize]) -> usize {
         shape.iter().product()
@@ -174,6 +185,13 @@ impl AlignedBytes {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn f32_bytes_share_the_values() {
+        let bytes = f32_bytes(vec![1.0, -2.5]);
+        assert_eq!(bytes.len(), 8);
+        assert_eq!(&bytes[4..], &(-2.5f32).to_le_bytes());
+    }
+
     use super::*;
 
     #[test]

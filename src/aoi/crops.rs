@@ -67,6 +67,70 @@ impl WindowScratch {
         scale: usize,
         out: &mut Vec<f32>,
     ) {
+        // The shipped windows (fine 1:1, coarse 2:1) take word-parallel paths: crops are the
+        // largest CPU stage after the classifier. Any other scale counts block by block.
+        match scale {
+            1 => self.copy_pixels(image, origin, out),
+            2 => self.average_pairs(image, origin, out),
+            _ => self.average_blocks(image, origin, scale, out),
+        }
+    }
+
+    /// Scale 1: each pixel is its own average, expanded a byte at a time from a table.
+    fn copy_pixels(&mut self, image: &BitImage, origin: (isize, isize), out: &mut Vec<f32>) {
+        let size = self.sums.len();
+        for i in 0..size {
+            let mut left = size;
+            for k in 0..size.div_ceil(64) {
+                let word = row_bits(image, origin.1 + i as isize, origin.0 + 64 * k as isize);
+                for byte in word.to_le_bytes() {
+                    let n = left.min(8);
+                    out.extend_from_slice(&BYTE_PIXELS[byte as usize][..n]);
+                    left -= n;
+                    if left == 0 {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Scale 2: 2x2 block counts of 32 blocks at once from two rows (SWAR, 4-bit fields).
+    fn average_pairs(&mut self, image: &BitImage, origin: (isize, isize), out: &mut Vec<f32>) {
+        // count / 4 for counts 0..=4, exactly what the generic path's division gives.
+        const LEVELS: [f32; 5] = [0.0, 0.25, 0.5, 0.75, 1.0];
+        const NIBBLES: u64 = 0x3333_3333_3333_3333;
+        let size = self.sums.len();
+        for i in 0..size {
+            let y = origin.1 + 2 * i as isize;
+            let mut left = size;
+            for k in 0..(2 * size).div_ceil(64) {
+                let x = origin.0 + 64 * k as isize;
+                let (top, bottom) = (
+                    pair_counts(row_bits(image, y, x)),
+                    pair_counts(row_bits(image, y + 1, x)),
+                );
+                // Block 2g's count in nibble g of `even`, block 2g + 1's in nibble g of `odd`.
+                let even = (top & NIBBLES) + (bottom & NIBBLES);
+                let odd = ((top >> 2) & NIBBLES) + ((bottom >> 2) & NIBBLES);
+                let n = left.min(32);
+                out.extend((0..n).map(|f| {
+                    let fields = if f % 2 == 0 { even } else { odd };
+                    LEVELS[((fields >> (4 * (f / 2))) & 0xF) as usize]
+                }));
+                left -= n;
+            }
+        }
+    }
+
+    /// Any scale: the set pixels of each block summed row by row.
+    fn average_blocks(
+        &mut self,
+        image: &BitImage,
+        origin: (isize, isize),
+        scale: usize,
+        out: &mut Vec<f32>,
+    ) {
         let size = self.sums.len();
         let words = (size * scale).div_ceil(64);
         let norm = (scale * scale) as f32;
@@ -86,6 +150,38 @@ impl WindowScratch {
             }
             out.extend(self.sums.iter().map(|s| *s as f32 / norm));
         }
+    }
+}
+
+/// Pixel x of every byte value as 0.0 / 1.0.
+const BYTE_PIXELS: [[f32; 8]; 256] = {
+    let mut table = [[0.0f32; 8]; 256];
+    let mut byte = 0;
+    while byte < 256 {
+        let mut bit = 0;
+        while bit < 8 {
+            if (byte >> bit) & 1 == 1 {
+                table[byte][bit] = 1.0;
+            }
+            bit += 1;
+        }
+        byte += 1;
+    }
+    table
+};
+
+/// Each 2-bit field of the result counts the set pixels of the same field of `word`.
+fn pair_counts(word: u64) -> u64 {
+    const EVEN_BITS: u64 = 0x5555_5555_5555_5555;
+    (word & EVEN_BITS) + ((word >> 1) & EVEN_BITS)
+}
+
+/// 64 pixels of row `y` from `x` on; zero outside the image.
+fn row_bits(image: &BitImage, y: isize, x: isize) -> u64 {
+    if y < 0 || y >= image.height() as isize {
+        0
+    } else {
+        bits_at(image.row(y as usize), x)
     }
 }
 
@@ -179,5 +275,32 @@ mod tests {
         let mut out = Vec::new();
         make_crops(&[&image, &image], &[candidate], &params, &mut out);
         assert_eq!(out, vec![0.0, 0.0, 0.0, 0.75, 0.0, 0.0, 0.0, 0.75]);
+    }
+
+    #[test]
+    fn word_parallel_paths_equal_block_counting() {
+        let mut rng = fastrand::Rng::with_seed(5);
+        let mut image = BitImage::new(150, 90);
+        for y in 0..90 {
+            for x in 0..150 {
+                if rng.u8(..) < 100 {
+                    image.set(x, y);
+                }
+            }
+        }
+        for size in [64, 7] {
+            let mut scratch = WindowScratch::new(256, size);
+            for origin in [(-70isize, -3isize), (0, 0), (13, 41), (120, 80)] {
+                for scale in [1, 2] {
+                    let (mut fast, mut reference) = (Vec::new(), Vec::new());
+                    scratch.average(&image, origin, scale, &mut fast);
+                    scratch.average_blocks(&image, origin, scale, &mut reference);
+                    assert_eq!(
+                        fast, reference,
+                        "size {size} origin {origin:?} scale {scale}"
+                    );
+                }
+            }
+        }
     }
 }

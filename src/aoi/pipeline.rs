@@ -18,7 +18,7 @@ use crate::aoi::params::PipelineParams;
 use crate::engine::{InferError, ModelRegistry, ServedModel};
 use crate::metrics::Metrics;
 use crate::preprocess::{Preprocess, PreprocessError};
-use crate::tensor::{DataType, Tensor};
+use crate::tensor::{DataType, Tensor, f32_bytes};
 
 /// The bundled defect classifier.
 pub const DEFECT_MODEL: &str = "aoi_defect";
@@ -288,11 +288,11 @@ impl Inspector {
     /// at or above `min_score`.
     pub async fn finish(
         &self,
-        board: PreparedBoard,
+        mut board: PreparedBoard,
         min_score: f32,
     ) -> Result<Inspection, AoiError> {
         let t = Instant::now();
-        let (probabilities, offsets) = self.classify(&board).await?;
+        let (probabilities, offsets) = self.classify(&mut board).await?;
         let mut timings = board.timings.clone();
         timings.classify = ms(t.elapsed());
         let t = Instant::now();
@@ -320,22 +320,26 @@ impl Inspector {
         })
     }
 
-    async fn classify(&self, board: &PreparedBoard) -> Result<(Vec<f32>, Vec<f32>), AoiError> {
+    async fn classify(&self, board: &mut PreparedBoard) -> Result<(Vec<f32>, Vec<f32>), AoiError> {
         let count = board.candidates.len();
         if count == 0 {
             return Ok((Vec::new(), Vec::new()));
         }
         let config = &self.model.spec.config;
-        let per_crop = board.crops.len() / count;
+        // The crops are shared, not copied, into the chunks the batcher receives.
+        let crops = f32_bytes(std::mem::take(&mut board.crops));
+        let row_bytes = crops.len() / count;
         let chunk_rows = config.max_batch_size.max(1);
         let deadline =
             Instant::now() + Duration::from_millis(config.dynamic_batching.default_timeout_ms);
-        let calls = board.crops.chunks(chunk_rows * per_crop).map(|chunk| {
-            let rows = chunk.len() / per_crop;
-            let shape = config.inputs[0].concrete_shape(true, rows);
-            self.model
-                .batcher
-                .infer(vec![Tensor::from_f32(shape, chunk)], rows, deadline)
+        let calls = (0..count).step_by(chunk_rows).map(|first| {
+            let rows = chunk_rows.min(count - first);
+            let tensor = Tensor {
+                dtype: DataType::Fp32,
+                shape: config.inputs[0].concrete_shape(true, rows),
+                data: crops.slice(first * row_bytes..(first + rows) * row_bytes),
+            };
+            self.model.batcher.infer(vec![tensor], rows, deadline)
         });
         let mut probabilities = Vec::with_capacity(count * 7);
         let mut offsets = Vec::with_capacity(count * 4);

@@ -18,9 +18,9 @@ use crate::jobs::runner::{self, Control, Monitor, RunOptions, Shard};
 use crate::metrics::Metrics;
 use crate::runtime::ModelRepository;
 use crate::sensors::channels::ChannelMap;
-use crate::sensors::scorer::f32_bytes;
 use crate::sensors::window::single_window;
 use crate::sensors::{ANOMALY_PREFIX, AssessSettings, RUL_PREFIX, SensorModel};
+use crate::tensor::f32_bytes;
 
 #[derive(Subcommand)]
 pub enum JobCommand {

@@ -24,8 +24,8 @@ use crate::engine::InferError;
 use crate::jobs::archive::{Archive, ArchiveError, Partition, UnitSpan};
 use crate::jobs::results::{Columns, ResultMeta, ResultWriter, ShardInfo};
 use crate::preprocess::{Preprocess, PreprocessError};
-use crate::sensors::scorer::f32_bytes;
 use crate::sensors::{AssessSettings, Scores, SensorModel};
+use crate::tensor::f32_bytes;
 
 /// How far a job's batch may wait for a busy batcher before giving up.
 const BATCH_DEADLINE: Duration = Duration::from_secs(600);

@@ -24,11 +24,11 @@ use crate::jobs::archive::Partition;
 use crate::jobs::manager::CancelOutcome;
 use crate::jobs::results::{self, Format, View};
 use crate::jobs::store::{JobInput, JobRecord, JobState, now_unix};
-use crate::sensors::scorer::f32_bytes;
 use crate::sensors::{AssessSettings, SensorError, SensorModel, live};
 use crate::server::body::{media_type, read_limited};
 use crate::server::error::ApiError;
 use crate::server::state::AppState;
+use crate::tensor::f32_bytes;
 
 /// Largest `{"path": ...}` submission body.
 const PATH_BODY_LIMIT: usize = 64 * 1024;
