@@ -10,6 +10,10 @@ Typical use (from the repository root):
     # [metrics] of the held-out run
     .venv/bin/python models/train/aoi/train.py --all-data --out /tmp/aoi_full --install \
         --metrics-from /tmp/aoi_heldout/metrics.json
+    # another architecture (per trunk layer: conv widths, strides, kernels; FC width); the
+    # choice is written to OUT/arch.json, metrics.json and train.log
+    .venv/bin/python models/train/aoi/train.py --width 24,32,48 --strides 4,2,2 \
+        --kernels 4,3,3 --fc 96 --out /tmp/aoi_small
 """
 from __future__ import annotations
 
@@ -233,11 +237,52 @@ def build_dataset(root, items, variants, seed, p, n_jitter, workers, cache_dir):
 
 
 # --------------------------------------------------------------------------- model
-def build_model(p=P.DEFAULT, width=(16, 24, 24, 48, 64), strides=(2, 2, 1, 2, 2), fc=128):
+ARCH_DEFAULT = {"width": (16, 24, 24, 48, 64), "strides": (2, 2, 1, 2, 2), "fc": 128,
+                "kernels": (3, 3, 3, 3, 3)}
+
+
+def conv_padding(k, s_):
+    """3x3 (odd k): 'same' padding; even k must equal the stride (non-overlapping patches)."""
+    return (k - 1) // 2 if k % 2 else 0
+
+
+def check_arch(width, strides, fc, kernels=None, p=P.DEFAULT):
+    """The trunks must end at 4x4 (the FC input is channels * 16)."""
+    kernels = kernels or (3,) * len(width)
+    if len(width) != len(strides) or len(kernels) != len(width) or not width or fc < 1 or min(width) < 1:
+        raise ValueError(f"bad architecture width={width} strides={strides} kernels={kernels} fc={fc}")
+    if int(np.prod(strides)) * 4 != p.crop_size or any(s_ not in (1, 2, 4) for s_ in strides):
+        raise ValueError(f"strides {strides} must be 1, 2 or 4 with product {p.crop_size // 4} "
+                         f"({p.crop_size}x{p.crop_size} -> 4x4)")
+    if any(k % 2 == 0 and k != s_ for k, s_ in zip(kernels, strides)) or min(kernels) < 1:
+        raise ValueError(f"kernels {kernels}: odd, or even and equal to the stride")
+
+
+def model_macs(p=P.DEFAULT, width=ARCH_DEFAULT["width"], strides=ARCH_DEFAULT["strides"],
+               fc=ARCH_DEFAULT["fc"], kernels=None):
+    """Multiply-accumulates per crop (convolutions and linear layers; BN folds away)."""
+    kernels = kernels or (3,) * len(width)
+    C = len(p.channels)
+    trunks = 2 if p.fine_window else 1
+    m, c, hw = 0, C, p.crop_size
+    for o, s_, k in zip(width, strides, kernels):
+        hw //= s_
+        m += hw * hw * o * c * k * k
+        c = o
+    feat = trunks * c * 16
+    return trunks * m + feat * fc + fc * 11
+
+
+def build_model(p=P.DEFAULT, width=ARCH_DEFAULT["width"], strides=ARCH_DEFAULT["strides"],
+                fc=ARCH_DEFAULT["fc"], kernels=None):
     """Two trunks (coarse 128->64 window, fine 64 full-res window), 64x64 -> 4x4 each,
-    features concatenated -> FC -> (7 logits, 4 box offsets)."""
+    features concatenated -> FC -> (7 logits, 4 box offsets). Per trunk, one conv (3x3
+    unless `kernels` says otherwise) + BN + ReLU per entry of `width` with the matching stride."""
     import torch
     import torch.nn as nn
+
+    kernels = tuple(kernels or (3,) * len(width))
+    check_arch(width, strides, fc, kernels, p)
 
     C = len(p.channels)
     two = bool(p.fine_window)
@@ -245,8 +290,9 @@ def build_model(p=P.DEFAULT, width=(16, 24, 24, 48, 64), strides=(2, 2, 1, 2, 2)
     def trunk():
         layers = []
         c = C
-        for o, s_ in zip(width, strides):
-            layers += [nn.Conv2d(c, o, 3, s_, 1, bias=False), nn.BatchNorm2d(o), nn.ReLU(inplace=True)]
+        for o, s_, k in zip(width, strides, kernels):
+            layers += [nn.Conv2d(c, o, k, s_, conv_padding(k, s_), bias=False), nn.BatchNorm2d(o),
+                       nn.ReLU(inplace=True)]
             c = o
         return nn.Sequential(*layers), c
 
@@ -328,9 +374,10 @@ def train(X, Y, T, args, p, log):
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
-    model = build_model(p)
+    model = build_model(p, args.width, args.strides, args.fc, args.kernels)
     nparam = sum(q.numel() for q in model.parameters())
-    log(f"model params {nparam}")
+    log(f"model width={list(args.width)} strides={list(args.strides)} kernels={list(args.kernels)} "
+        f"fc={args.fc} params {nparam} MACs/crop {model_macs(p, args.width, args.strides, args.fc, args.kernels)}")
     n = len(X)
     Xt = torch.from_numpy(X)
     Yt = torch.from_numpy(Y.astype(np.int64))
@@ -404,6 +451,14 @@ def main():
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--box-weight", type=float, default=5.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--width", default=",".join(map(str, ARCH_DEFAULT["width"])),
+                    help="conv output channels per trunk layer (default: the shipped model's)")
+    ap.add_argument("--strides", default=",".join(map(str, ARCH_DEFAULT["strides"])),
+                    help="stride of each conv layer, 1, 2 or 4, product 16")
+    ap.add_argument("--kernels", default=None,
+                    help="kernel size of each conv layer (default 3 everywhere); an even kernel must "
+                         "equal its stride (non-overlapping patches)")
+    ap.add_argument("--fc", type=int, default=ARCH_DEFAULT["fc"], help="hidden FC width")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--no-eval", action="store_true")
@@ -413,6 +468,11 @@ def main():
     ap.add_argument("--metrics-from", default=None,
                     help="metrics.json of the held-out run to record in config.toml (with --install)")
     args = ap.parse_args()
+    args.width = tuple(int(v) for v in args.width.split(","))
+    args.strides = tuple(int(v) for v in args.strides.split(","))
+    args.kernels = (tuple(int(v) for v in args.kernels.split(",")) if args.kernels
+                    else (3,) * len(args.width))
+    check_arch(args.width, args.strides, args.fc, args.kernels)
 
     os.makedirs(args.out, exist_ok=True)
     logf = open(os.path.join(args.out, "train.log"), "a")
@@ -437,6 +497,8 @@ def main():
     onnx_path = os.path.join(args.out, "model.onnx")
     export_onnx(model, onnx_path, p)
     log(f"exported {onnx_path} ({os.path.getsize(onnx_path)} bytes)")
+    with open(os.path.join(args.out, "arch.json"), "w") as f:
+        json.dump(arch_dict(args, p), f, indent=1)
 
     metrics = {}
     if not args.no_eval and not args.all_data:
@@ -450,10 +512,15 @@ def main():
         with open(os.path.join(args.out, "metrics.json"), "w") as f:
             json.dump({"val_groups": list(val_groups), "train_pairs": len(train_items),
                        "val_pairs": len(val_items), "date": datetime.date.today().isoformat(),
-                       "metrics": metrics}, f, indent=1)
+                       "arch": arch_dict(args, p), "metrics": metrics}, f, indent=1)
     if args.install:
         args.n_train_pairs = len(train_items)
         install(onnx_path, p, args.metrics_from or os.path.join(args.out, "metrics.json"), args, log)
+
+
+def arch_dict(args, p=P.DEFAULT):
+    return {"width": list(args.width), "strides": list(args.strides), "kernels": list(args.kernels),
+            "fc": args.fc, "macs_per_crop": model_macs(p, args.width, args.strides, args.fc, args.kernels)}
 
 
 def install(onnx_path, p, metrics_json, args, log):
