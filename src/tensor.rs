@@ -163,6 +163,20 @@ impl AlignedBytes {
     }
 
     pub fn extend_from_slice(&mut self, bytes: &[u8]) {
+        if self.len.is_multiple_of(8) {
+            // Word-aligned append (every batch of 4- and 8-byte rows with even row sizes):
+            // each word is written once, instead of zero-filled and then overwritten.
+            let (words, tail) = bytes.as_chunks::<8>();
+            self.words
+                .extend(words.iter().map(|word| u64::from_ne_bytes(*word)));
+            if !tail.is_empty() {
+                let mut last = [0u8; 8];
+                last[..tail.len()].copy_from_slice(tail);
+                self.words.push(u64::from_ne_bytes(last));
+            }
+            self.len += bytes.len();
+            return;
+        }
         let new_len = self.len + bytes.len();
         self.words.resize(new_len.div_ceil(8), 0);
         bytemuck::cast_slice_mut::<u64, u8>(&mut self.words)[self.len..new_len]
@@ -215,6 +229,18 @@ mod tests {
         buf.extend_from_slice(&2.0f32.to_le_bytes());
         let floats: &[f32] = bytemuck::cast_slice(buf.as_bytes());
         assert_eq!(floats, &[2.0]);
+    }
+
+    #[test]
+    fn aligned_bytes_equal_plain_appends_in_any_mix() {
+        let mut buf = AlignedBytes::default();
+        let mut expected = Vec::new();
+        for (i, size) in [16usize, 5, 3, 8, 0, 7, 24, 1].iter().enumerate() {
+            let piece: Vec<u8> = (0..*size).map(|b| (i * 31 + b) as u8).collect();
+            buf.extend_from_slice(&piece);
+            expected.extend_from_slice(&piece);
+            assert_eq!(buf.as_bytes(), &expected[..], "after piece {i}");
+        }
     }
 
     #[test]
