@@ -15,13 +15,9 @@ use cudarc::driver::{
 };
 use cudarc::nvrtc::{CompileError, CompileOptions, Ptx};
 
-use crate::aoi::bitimage::BitImage;
-use crate::aoi::components::Component;
-use crate::aoi::params::PipelineParams;
-use crate::preprocess::launch::{GROUP_SIZE, LaunchParams, ScaleInputs, pack_pixels};
-use crate::preprocess::{Backend, Comparison, Preprocess, PreprocessError, crop_planes};
-use crate::sensors::channels::ChannelMap;
-use crate::sensors::window::{NonFinite, Scaler};
+use crate::preprocess::gpu::{Arg, KernelRunner, Step};
+use crate::preprocess::launch::{GROUP_SIZE, LaunchParams};
+use crate::preprocess::{Backend, PreprocessError};
 
 const BACKEND: &str = "cuda";
 
@@ -83,21 +79,6 @@ pub struct CudaPreprocessor {
     lanes: Mutex<Vec<Lane>>,
 }
 
-/// A kernel argument: bytes to upload, or an output of a given size.
-enum Arg<'a> {
-    Input(&'a [u8]),
-    Output(usize),
-}
-
-impl Arg<'_> {
-    fn len(&self) -> usize {
-        match self {
-            Arg::Input(bytes) => bytes.len(),
-            Arg::Output(size) => *size,
-        }
-    }
-}
-
 /// Buffers are pooled by power-of-two size, so boards with varying candidate counts reuse them.
 fn size_class(bytes: usize) -> usize {
     bytes.max(4).next_power_of_two()
@@ -146,15 +127,15 @@ impl Lane {
         &mut self,
         functions: &HashMap<&'static str, CudaFunction>,
         args: &[Arg<'_>],
-        steps: &[(&'static str, LaunchParams, &[usize])],
+        steps: &[Step],
         read: &[usize],
         device: &mut Vec<CudaSlice<u8>>,
         pinned: &mut Vec<PinnedHostSlice<u8>>,
     ) -> Result<(), PreprocessError> {
-        let copy_error = |e: DriverError| kernel_error(steps[0].0, e);
+        let copy_error = |e: DriverError| kernel_error(steps[0].kernel, e);
         let raw_stream = self.stream.cu_stream();
         for arg in args {
-            let buffer = self.device_buffer(arg.len()).map_err(copy_error)?;
+            let buffer = self.device_buffer(arg.byte_len()).map_err(copy_error)?;
             if let Arg::Input(bytes) = arg
                 && !bytes.is_empty()
             {
@@ -170,7 +151,12 @@ impl Lane {
             }
             device.push(buffer);
         }
-        for (kernel, params, bindings) in steps {
+        for Step {
+            kernel,
+            params,
+            bindings,
+        } in steps
+        {
             let (x, y) = params.grid();
             let config = LaunchConfig {
                 grid_dim: (x, y, 1),
@@ -187,7 +173,7 @@ impl Lane {
             unsafe { launch.launch(config) }.map_err(|e| kernel_error(kernel, e))?;
         }
         for &i in read {
-            let bytes = args[i].len();
+            let bytes = args[i].byte_len();
             let mut staging = self.pinned_buffer(bytes).map_err(copy_error)?;
             let host = &mut staging.as_mut_slice().map_err(copy_error)?[..bytes];
             if bytes > 0 {
@@ -273,44 +259,6 @@ impl CudaPreprocessor {
             functions,
             lanes: Mutex::new(Vec::new()),
         })
-    }
-
-    /// Runs kernels in order on one lane: each step is (kernel, params, indices into `args`
-    /// for the buffer arguments in order). `finish` gets the bytes of the `read` arguments.
-    fn run<T>(
-        &self,
-        args: &[Arg<'_>],
-        steps: &[(&'static str, LaunchParams, &[usize])],
-        read: &[usize],
-        finish: impl FnOnce(&[&[u8]]) -> T,
-    ) -> Result<T, PreprocessError> {
-        let error = |e: DriverError| kernel_error(steps[0].0, e);
-        self.context.bind_to_thread().map_err(error)?;
-        let idle = self.lanes.lock().expect("lane pool lock").pop();
-        let mut lane = match idle {
-            Some(lane) => lane,
-            None => Lane {
-                stream: self.context.new_stream().map_err(error)?,
-                device: HashMap::new(),
-                pinned: HashMap::new(),
-            },
-        };
-        let (mut device, mut pinned) = (Vec::new(), Vec::new());
-        let queued = lane.enqueue(&self.functions, args, steps, read, &mut device, &mut pinned);
-        // Whatever was queued must finish before the buffers are read, reused or freed.
-        lane.stream.synchronize().map_err(error)?;
-        queued?;
-        let results = pinned[pinned.len() - read.len()..]
-            .iter()
-            .zip(read)
-            .map(|(staging, i)| Ok(&staging.as_slice()?[..args[*i].len()]))
-            .collect::<Result<Vec<&[u8]>, DriverError>>()
-            .map_err(error)?;
-        let output = finish(&results);
-        drop(results);
-        lane.recycle(device, pinned);
-        self.lanes.lock().expect("lane pool lock").push(lane);
-        Ok(output)
     }
 }
 
@@ -426,11 +374,7 @@ fn write_cache(path: &std::path::Path, ptx: &str) -> std::io::Result<()> {
     std::fs::rename(&partial, path)
 }
 
-fn words(bytes: &[u8]) -> &[u32] {
-    bytemuck::cast_slice(bytes)
-}
-
-impl Preprocess for CudaPreprocessor {
+impl KernelRunner for CudaPreprocessor {
     fn backend(&self) -> Backend {
         Backend::Cuda
     }
@@ -439,189 +383,41 @@ impl Preprocess for CudaPreprocessor {
         &self.name
     }
 
-    fn histogram(&self, gray: &[u8]) -> Result<[u32; 256], PreprocessError> {
-        let packed = pack_pixels(gray);
-        let params = LaunchParams {
-            count: packed.len() as u32,
-            c: gray.len() as u32,
-            ..LaunchParams::default()
-        };
-        let zeros = [0u32; 256];
-        self.run(
-            &[
-                Arg::Input(bytemuck::cast_slice(&packed)),
-                Arg::Input(bytemuck::cast_slice(&zeros)),
-            ],
-            &[("histogram", params, &[0, 1])],
-            &[1],
-            |out| {
-                let mut bins = [0u32; 256];
-                bins.copy_from_slice(words(out[0]));
-                bins
-            },
-        )
-    }
-
-    fn threshold(
+    /// Runs the steps on one lane; `finish` reads the results straight from pinned memory.
+    fn run<T>(
         &self,
-        gray: &[u8],
-        width: usize,
-        height: usize,
-        threshold: u8,
-    ) -> Result<BitImage, PreprocessError> {
-        let params = LaunchParams {
-            c: threshold as u32,
-            ..LaunchParams::per_word(width, height)
-        };
-        let packed = pack_pixels(gray);
-        self.run(
-            &[
-                Arg::Input(bytemuck::cast_slice(&packed)),
-                Arg::Output(params.count as usize * 4),
-            ],
-            &[("threshold", params, &[0, 1])],
-            &[1],
-            |out| BitImage::from_u32_words(width, height, words(out[0])),
-        )
-    }
-
-    fn compare(
-        &self,
-        test: &BitImage,
-        template: &BitImage,
-        (dx, dy): (isize, isize),
-        open_size: usize,
-        merge_size: usize,
-    ) -> Result<Comparison, PreprocessError> {
-        let (width, height) = (test.width(), test.height());
-        let image = LaunchParams::per_word(width, height);
-        let bytes = image.count as usize * 4;
-        // Buffers: 0 test, 1 template, 2 aligned, 3 difference, 4 eroded, 5 opened, 6 merged.
-        let mut steps: Vec<(&'static str, LaunchParams, &[usize])> = vec![(
-            "compare",
-            LaunchParams {
-                a: dx as i32,
-                b: dy as i32,
-                ..image
+        args: &[Arg<'_>],
+        steps: &[Step],
+        read: &[usize],
+        finish: impl FnOnce(&[&[u8]]) -> T,
+    ) -> Result<T, PreprocessError> {
+        let error = |e: DriverError| kernel_error(steps[0].kernel, e);
+        self.context.bind_to_thread().map_err(error)?;
+        let idle = self.lanes.lock().expect("lane pool lock").pop();
+        let mut lane = match idle {
+            Some(lane) => lane,
+            None => Lane {
+                stream: self.context.new_stream().map_err(error)?,
+                device: HashMap::new(),
+                pinned: HashMap::new(),
             },
-            &[0, 1, 2, 3],
-        )];
-        let with_size = |k: usize| LaunchParams {
-            c: k as u32,
-            ..image
         };
-        let opened = if open_size > 1 {
-            steps.push(("erode", with_size(open_size), &[3, 4]));
-            steps.push(("dilate", with_size(open_size), &[4, 5]));
-            5
-        } else {
-            3
-        };
-        let merged = if merge_size > 1 {
-            steps.push((
-                "dilate",
-                with_size(merge_size),
-                if opened == 5 { &[5, 6] } else { &[3, 6] },
-            ));
-            6
-        } else {
-            opened
-        };
-        self.run(
-            &[
-                Arg::Input(bytemuck::cast_slice(test.as_u32_words())),
-                Arg::Input(bytemuck::cast_slice(template.as_u32_words())),
-                Arg::Output(bytes),
-                Arg::Output(bytes),
-                Arg::Output(bytes),
-                Arg::Output(bytes),
-                Arg::Output(bytes),
-            ],
-            &steps,
-            &[2, 3, opened, merged],
-            |out| {
-                let image_at = |i: usize| BitImage::from_u32_words(width, height, words(out[i]));
-                Comparison {
-                    aligned: image_at(0),
-                    difference: image_at(1),
-                    opened: image_at(2),
-                    merged: image_at(3),
-                }
-            },
-        )
-    }
-
-    fn crops(
-        &self,
-        channels: &[&BitImage],
-        candidates: &[Component],
-        params: &PipelineParams,
-        out: &mut Vec<f32>,
-    ) -> Result<(), PreprocessError> {
-        let Some(first) = channels.first() else {
-            return Ok(());
-        };
-        if candidates.is_empty() {
-            return Ok(());
-        }
-        let planes = crop_planes(candidates, params, channels.len());
-        let size = params.crop_size;
-        let images: Vec<u32> = channels
+        let (mut device, mut pinned) = (Vec::new(), Vec::new());
+        let queued = lane.enqueue(&self.functions, args, steps, read, &mut device, &mut pinned);
+        // Whatever was queued must finish before the buffers are read, reused or freed.
+        lane.stream.synchronize().map_err(error)?;
+        queued?;
+        let results = pinned[pinned.len() - read.len()..]
             .iter()
-            .flat_map(|c| c.as_u32_words().iter().copied())
-            .collect();
-        let launch = LaunchParams {
-            count: (planes.len() * size * size) as u32,
-            c: size as u32,
-            ..LaunchParams::per_word(first.width(), first.height())
-        };
-        self.run(
-            &[
-                Arg::Input(bytemuck::cast_slice(&images)),
-                Arg::Input(bytemuck::cast_slice(&planes)),
-                Arg::Output(launch.count as usize * 4),
-            ],
-            &[("crops", launch, &[0, 1, 2])],
-            &[2],
-            |result| out.extend_from_slice(bytemuck::cast_slice(result[0])),
-        )
-    }
-
-    fn scale_rows(
-        &self,
-        scaler: &Scaler,
-        source: &[f64],
-        map: &ChannelMap,
-        out: &mut Vec<f32>,
-    ) -> Result<Result<(), NonFinite>, PreprocessError> {
-        if map.source_width == 0 || source.is_empty() {
-            return Ok(Ok(()));
-        }
-        let inputs = ScaleInputs::new(scaler, source, map);
-        let rows = source.len() / map.source_width;
-        let launch = LaunchParams {
-            count: (rows * inputs.columns.len()) as u32,
-            c: inputs.columns.len() as u32,
-            d: map.source_width as u32,
-            ..LaunchParams::default()
-        };
-        let none = [u32::MAX];
-        self.run(
-            &[
-                Arg::Input(bytemuck::cast_slice(&inputs.source)),
-                Arg::Input(bytemuck::cast_slice(&inputs.columns)),
-                Arg::Input(bytemuck::cast_slice(&inputs.affine)),
-                Arg::Output(launch.count as usize * 4),
-                Arg::Input(bytemuck::cast_slice(&none)),
-            ],
-            &[("scale_rows", launch, &[0, 1, 2, 3, 4])],
-            &[3, 4],
-            |result| {
-                inputs
-                    .non_finite(words(result[1])[0], source, map)
-                    .map(|()| out.extend_from_slice(bytemuck::cast_slice(result[0])))
-            },
-        )
+            .zip(read)
+            .map(|(staging, i)| Ok(&staging.as_slice()?[..args[*i].byte_len()]))
+            .collect::<Result<Vec<&[u8]>, DriverError>>()
+            .map_err(error)?;
+        let output = finish(&results);
+        drop(results);
+        lane.recycle(device, pinned);
+        self.lanes.lock().expect("lane pool lock").push(lane);
+        Ok(output)
     }
 }
 
@@ -631,7 +427,9 @@ mod tests {
 
     #[test]
     fn cuda_kernels_match_the_cpu() {
-        crate::preprocess::parity::check_or_skip(CudaPreprocessor::new());
+        crate::preprocess::parity::check_or_skip(
+            CudaPreprocessor::new().map(crate::preprocess::GpuKernels),
+        );
     }
 
     #[test]

@@ -10,6 +10,7 @@
 
 pub mod cpu;
 pub mod cuda;
+pub mod gpu;
 mod launch;
 pub mod wgpu_backend;
 
@@ -22,6 +23,7 @@ use crate::aoi::params::PipelineParams;
 use crate::sensors::channels::ChannelMap;
 use crate::sensors::window::{NonFinite, Scaler};
 
+pub use gpu::{GpuKernels, KernelRunner};
 pub use launch::{CropPlane, LaunchParams};
 
 /// `--preprocess` values: a backend, or `auto` (CUDA, then wgpu, then CPU).
@@ -151,18 +153,15 @@ pub trait Preprocess: Send + Sync {
 pub fn select(choice: BackendChoice) -> Result<Arc<dyn Preprocess>, PreprocessError> {
     let chosen: Arc<dyn Preprocess> = match choice {
         BackendChoice::Cpu => Arc::new(cpu::CpuPreprocessor),
-        BackendChoice::Cuda => {
-            let cuda = cuda::CudaPreprocessor::new()?;
-            Arc::new(cuda)
-        }
-        BackendChoice::Wgpu => Arc::new(wgpu_backend::WgpuPreprocessor::new()?),
+        BackendChoice::Cuda => Arc::new(GpuKernels(cuda::CudaPreprocessor::new()?)),
+        BackendChoice::Wgpu => Arc::new(GpuKernels(wgpu_backend::WgpuPreprocessor::new()?)),
         BackendChoice::Auto => match cuda::CudaPreprocessor::new() {
-            Ok(cuda) => Arc::new(cuda),
+            Ok(cuda) => Arc::new(GpuKernels(cuda)),
             Err(cuda_error) => {
                 tracing::info!("preprocess auto: {cuda_error}");
                 match wgpu_backend::WgpuPreprocessor::new() {
                     // A software adapter (lavapipe) is slower than the CPU backend it emulates.
-                    Ok(wgpu) if !wgpu.is_software() => Arc::new(wgpu),
+                    Ok(wgpu) if !wgpu.is_software() => Arc::new(GpuKernels(wgpu)),
                     Ok(wgpu) => {
                         tracing::info!(
                             "preprocess auto: skipping the software wgpu adapter {}",

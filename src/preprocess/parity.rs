@@ -6,7 +6,7 @@ use crate::aoi::bitimage::BitImage;
 use crate::aoi::components::Component;
 use crate::aoi::params::PipelineParams;
 use crate::preprocess::cpu::CpuPreprocessor;
-use crate::preprocess::{Preprocess, PreprocessError, scaling_tolerance};
+use crate::preprocess::{GpuKernels, Preprocess, PreprocessError, scaling_tolerance};
 use crate::sensors::channels::ChannelMap;
 use crate::sensors::params::SensorParams;
 use crate::sensors::window::Scaler;
@@ -183,7 +183,7 @@ pub(crate) fn check_or_skip(backend: Result<impl Preprocess, PreprocessError>) {
 fn wgpu_kernels_match_the_cpu() {
     // CI installs Mesa's lavapipe (deploy/setup.sh), so this runs everywhere the set-up ran;
     // LINESCAN_REQUIRE_WGPU=1 turns a missing adapter into a failure instead of a skip.
-    let backend = crate::preprocess::wgpu_backend::WgpuPreprocessor::new();
+    let backend = crate::preprocess::wgpu_backend::WgpuPreprocessor::new().map(GpuKernels);
     if std::env::var_os("LINESCAN_REQUIRE_WGPU").is_some() {
         check_backend(&backend.expect("wgpu adapter (LINESCAN_REQUIRE_WGPU is set)"));
     } else {

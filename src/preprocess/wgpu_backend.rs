@@ -7,13 +7,9 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use crate::aoi::bitimage::BitImage;
-use crate::aoi::components::Component;
-use crate::aoi::params::PipelineParams;
-use crate::preprocess::launch::{LaunchParams, ScaleInputs, pack_pixels};
-use crate::preprocess::{Backend, Comparison, Preprocess, PreprocessError, crop_planes};
-use crate::sensors::channels::ChannelMap;
-use crate::sensors::window::{NonFinite, Scaler};
+use crate::preprocess::gpu::{Arg, KernelRunner, Step};
+use crate::preprocess::launch::LaunchParams;
+use crate::preprocess::{Backend, PreprocessError};
 
 const BACKEND: &str = "wgpu";
 
@@ -75,14 +71,6 @@ pub struct WgpuPreprocessor {
     software: bool,
     pipelines: HashMap<&'static str, wgpu::ComputePipeline>,
     pool: Mutex<HashMap<(u64, wgpu::BufferUsages), Vec<wgpu::Buffer>>>,
-}
-
-/// A kernel argument: data to upload, or an output of a given size.
-enum Arg<'a> {
-    Input(&'a [u8]),
-    Output(u64),
-    /// An output that starts as these bytes (atomic accumulators).
-    InOut(&'a [u8]),
 }
 
 impl WgpuPreprocessor {
@@ -175,29 +163,44 @@ impl WgpuPreprocessor {
             | wgpu::BufferUsages::COPY_DST
             | wgpu::BufferUsages::COPY_SRC;
         match arg {
-            Arg::Input(bytes) | Arg::InOut(bytes) => {
+            Arg::Input(bytes) => {
                 let buffer = self.buffer(bytes.len() as u64, usage);
                 self.queue.write_buffer(&buffer, 0, bytes);
                 buffer
             }
-            Arg::Output(size) => self.buffer(*size, usage),
+            Arg::Output(size) => self.buffer(*size as u64, usage),
         }
     }
+}
 
-    /// Runs kernels in order on one submission: each step is (kernel, params, buffer indices
-    /// into `args`, binding 1.. in order). Returns the bytes of the `read` buffers.
-    fn run(
+impl KernelRunner for WgpuPreprocessor {
+    fn backend(&self) -> Backend {
+        Backend::Wgpu
+    }
+
+    fn device(&self) -> &str {
+        &self.name
+    }
+
+    /// Runs the steps on one submission; `finish` reads the results from the mapped buffers.
+    fn run<T>(
         &self,
         args: &[Arg<'_>],
-        steps: &[(&'static str, LaunchParams, Vec<usize>)],
+        steps: &[Step],
         read: &[usize],
-    ) -> Result<Vec<Vec<u8>>, PreprocessError> {
+        finish: impl FnOnce(&[&[u8]]) -> T,
+    ) -> Result<T, PreprocessError> {
         let buffers: Vec<wgpu::Buffer> = args.iter().map(|a| self.storage(a)).collect();
         let mut encoder = self
             .device
             .create_command_encoder(&wgpu::CommandEncoderDescriptor::default());
         let mut uniforms = Vec::with_capacity(steps.len());
-        for (kernel, params, bindings) in steps {
+        for Step {
+            kernel,
+            params,
+            bindings,
+        } in steps
+        {
             let pipeline = &self.pipelines[kernel];
             let uniform = self.buffer(
                 std::mem::size_of::<LaunchParams>() as u64,
@@ -252,214 +255,24 @@ impl WgpuPreprocessor {
                 submission_index: None,
                 timeout: None,
             })
-            .map_err(|e| kernel_error(steps[0].0, e))?;
-        let mut results = Vec::with_capacity(readbacks.len());
-        for (staging, i) in readbacks.iter().zip(read) {
-            let view = staging
-                .get_mapped_range(..)
-                .map_err(|e| kernel_error(steps[0].0, e))?;
-            let wanted = match &args[*i] {
-                Arg::Input(b) | Arg::InOut(b) => b.len(),
-                Arg::Output(size) => *size as usize,
-            };
-            results.push(view[..wanted].to_vec());
-            drop(view);
+            .map_err(|e| kernel_error(steps[0].kernel, e))?;
+        let views = readbacks
+            .iter()
+            .map(|staging| staging.get_mapped_range(..))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| kernel_error(steps[0].kernel, e))?;
+        let results: Vec<&[u8]> = views
+            .iter()
+            .zip(read)
+            .map(|(view, i)| &view[..args[*i].byte_len()])
+            .collect();
+        let output = finish(&results);
+        drop(results);
+        drop(views);
+        for staging in &readbacks {
             staging.unmap();
         }
         self.recycle(buffers.into_iter().chain(readbacks).chain(uniforms));
-        Ok(results)
-    }
-}
-
-fn words(bytes: &[u8]) -> Vec<u32> {
-    bytemuck::pod_collect_to_vec(bytes)
-}
-
-impl Preprocess for WgpuPreprocessor {
-    fn backend(&self) -> Backend {
-        Backend::Wgpu
-    }
-
-    fn device(&self) -> &str {
-        &self.name
-    }
-
-    fn histogram(&self, gray: &[u8]) -> Result<[u32; 256], PreprocessError> {
-        let packed = pack_pixels(gray);
-        let params = LaunchParams {
-            count: packed.len() as u32,
-            c: gray.len() as u32,
-            ..LaunchParams::default()
-        };
-        let zeros = [0u32; 256];
-        let out = self.run(
-            &[
-                Arg::Input(bytemuck::cast_slice(&packed)),
-                Arg::InOut(bytemuck::cast_slice(&zeros)),
-            ],
-            &[("histogram", params, vec![0, 1])],
-            &[1],
-        )?;
-        let mut bins = [0u32; 256];
-        bins.copy_from_slice(&words(&out[0]));
-        Ok(bins)
-    }
-
-    fn threshold(
-        &self,
-        gray: &[u8],
-        width: usize,
-        height: usize,
-        threshold: u8,
-    ) -> Result<BitImage, PreprocessError> {
-        let params = LaunchParams {
-            c: threshold as u32,
-            ..LaunchParams::per_word(width, height)
-        };
-        let packed = pack_pixels(gray);
-        let out = self.run(
-            &[
-                Arg::Input(bytemuck::cast_slice(&packed)),
-                Arg::Output(params.count as u64 * 4),
-            ],
-            &[("threshold", params, vec![0, 1])],
-            &[1],
-        )?;
-        Ok(BitImage::from_u32_words(width, height, &words(&out[0])))
-    }
-
-    fn compare(
-        &self,
-        test: &BitImage,
-        template: &BitImage,
-        (dx, dy): (isize, isize),
-        open_size: usize,
-        merge_size: usize,
-    ) -> Result<Comparison, PreprocessError> {
-        let (width, height) = (test.width(), test.height());
-        let image = LaunchParams::per_word(width, height);
-        let bytes = image.count as u64 * 4;
-        // Buffers: 0 test, 1 template, 2 aligned, 3 difference, 4 eroded, 5 opened, 6 merged.
-        let mut steps = vec![(
-            "compare",
-            LaunchParams {
-                a: dx as i32,
-                b: dy as i32,
-                ..image
-            },
-            vec![0, 1, 2, 3],
-        )];
-        let with_size = |k: usize| LaunchParams {
-            c: k as u32,
-            ..image
-        };
-        let opened = if open_size > 1 {
-            steps.push(("erode", with_size(open_size), vec![3, 4]));
-            steps.push(("dilate", with_size(open_size), vec![4, 5]));
-            5
-        } else {
-            3
-        };
-        let merged = if merge_size > 1 {
-            steps.push(("dilate", with_size(merge_size), vec![opened, 6]));
-            6
-        } else {
-            opened
-        };
-        let out = self.run(
-            &[
-                Arg::Input(bytemuck::cast_slice(test.as_u32_words())),
-                Arg::Input(bytemuck::cast_slice(template.as_u32_words())),
-                Arg::Output(bytes),
-                Arg::Output(bytes),
-                Arg::Output(bytes),
-                Arg::Output(bytes),
-                Arg::Output(bytes),
-            ],
-            &steps,
-            &[2, 3, opened, merged],
-        )?;
-        let image_at = |i: usize| BitImage::from_u32_words(width, height, &words(&out[i]));
-        Ok(Comparison {
-            aligned: image_at(0),
-            difference: image_at(1),
-            opened: image_at(2),
-            merged: image_at(3),
-        })
-    }
-
-    fn crops(
-        &self,
-        channels: &[&BitImage],
-        candidates: &[Component],
-        params: &PipelineParams,
-        out: &mut Vec<f32>,
-    ) -> Result<(), PreprocessError> {
-        let Some(first) = channels.first() else {
-            return Ok(());
-        };
-        if candidates.is_empty() {
-            return Ok(());
-        }
-        let planes = crop_planes(candidates, params, channels.len());
-        let size = params.crop_size;
-        let images: Vec<u32> = channels
-            .iter()
-            .flat_map(|c| c.as_u32_words().iter().copied())
-            .collect();
-        let launch = LaunchParams {
-            count: (planes.len() * size * size) as u32,
-            c: size as u32,
-            ..LaunchParams::per_word(first.width(), first.height())
-        };
-        let result = self.run(
-            &[
-                Arg::Input(bytemuck::cast_slice(&images)),
-                Arg::Input(bytemuck::cast_slice(&planes)),
-                Arg::Output(launch.count as u64 * 4),
-            ],
-            &[("crops", launch, vec![0, 1, 2])],
-            &[2],
-        )?;
-        out.extend_from_slice(&bytemuck::pod_collect_to_vec::<u8, f32>(&result[0]));
-        Ok(())
-    }
-
-    fn scale_rows(
-        &self,
-        scaler: &Scaler,
-        source: &[f64],
-        map: &ChannelMap,
-        out: &mut Vec<f32>,
-    ) -> Result<Result<(), NonFinite>, PreprocessError> {
-        if map.source_width == 0 || source.is_empty() {
-            return Ok(Ok(()));
-        }
-        let inputs = ScaleInputs::new(scaler, source, map);
-        let rows = source.len() / map.source_width;
-        let launch = LaunchParams {
-            count: (rows * inputs.columns.len()) as u32,
-            c: inputs.columns.len() as u32,
-            d: map.source_width as u32,
-            ..LaunchParams::default()
-        };
-        let none = [u32::MAX];
-        let result = self.run(
-            &[
-                Arg::Input(bytemuck::cast_slice(&inputs.source)),
-                Arg::Input(bytemuck::cast_slice(&inputs.columns)),
-                Arg::Input(bytemuck::cast_slice(&inputs.affine)),
-                Arg::Output(launch.count as u64 * 4),
-                Arg::InOut(bytemuck::cast_slice(&none)),
-            ],
-            &[("scale_rows", launch, vec![0, 1, 2, 3, 4])],
-            &[3, 4],
-        )?;
-        let first_bad = words(&result[1])[0];
-        if let Err(bad) = inputs.non_finite(first_bad, source, map) {
-            return Ok(Err(bad));
-        }
-        out.extend_from_slice(&bytemuck::pod_collect_to_vec::<u8, f32>(&result[0]));
-        Ok(Ok(()))
+        Ok(output)
     }
 }

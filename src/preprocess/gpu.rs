@@ -1,0 +1,274 @@
+//! What each stage launches on a GPU, written once for every GPU backend: the kernel
+//! arguments, the kernels in order, the buffers read back and how their bytes become results.
+//! A backend ([`KernelRunner`]) only knows how to upload, launch and download.
+
+use crate::aoi::bitimage::BitImage;
+use crate::aoi::components::Component;
+use crate::aoi::params::PipelineParams;
+use crate::preprocess::launch::{LaunchParams, ScaleInputs, pack_pixels};
+use crate::preprocess::{Backend, Comparison, Preprocess, PreprocessError, crop_planes};
+use crate::sensors::channels::ChannelMap;
+use crate::sensors::window::{NonFinite, Scaler};
+
+/// A kernel argument: bytes to upload, or an output of a given size in bytes.
+pub enum Arg<'a> {
+    Input(&'a [u8]),
+    Output(usize),
+}
+
+impl Arg<'_> {
+    pub fn byte_len(&self) -> usize {
+        match self {
+            Arg::Input(bytes) => bytes.len(),
+            Arg::Output(size) => *size,
+        }
+    }
+}
+
+/// One launch: the kernel, its parameters, and the indices into the arguments of its buffers
+/// (in the kernel's binding order).
+pub struct Step {
+    pub kernel: &'static str,
+    pub params: LaunchParams,
+    pub bindings: &'static [usize],
+}
+
+/// A GPU backend: runs the steps in order over the arguments, then hands `finish` the bytes
+/// of the `read` arguments (exactly their lengths).
+pub trait KernelRunner: Send + Sync {
+    fn backend(&self) -> Backend;
+    fn device(&self) -> &str;
+    fn run<T>(
+        &self,
+        args: &[Arg<'_>],
+        steps: &[Step],
+        read: &[usize],
+        finish: impl FnOnce(&[&[u8]]) -> T,
+    ) -> Result<T, PreprocessError>;
+}
+
+/// The preprocessing stages on any [`KernelRunner`].
+pub struct GpuKernels<R>(pub R);
+
+fn words(bytes: &[u8]) -> &[u32] {
+    bytemuck::cast_slice(bytes)
+}
+
+impl<R: KernelRunner> Preprocess for GpuKernels<R> {
+    fn backend(&self) -> Backend {
+        self.0.backend()
+    }
+
+    fn device(&self) -> &str {
+        self.0.device()
+    }
+
+    fn histogram(&self, gray: &[u8]) -> Result<[u32; 256], PreprocessError> {
+        let packed = pack_pixels(gray);
+        let params = LaunchParams {
+            count: packed.len() as u32,
+            c: gray.len() as u32,
+            ..LaunchParams::default()
+        };
+        let zeros = [0u32; 256];
+        self.0.run(
+            &[
+                Arg::Input(bytemuck::cast_slice(&packed)),
+                Arg::Input(bytemuck::cast_slice(&zeros)),
+            ],
+            &[Step {
+                kernel: "histogram",
+                params,
+                bindings: &[0, 1],
+            }],
+            &[1],
+            |out| {
+                let mut bins = [0u32; 256];
+                bins.copy_from_slice(words(out[0]));
+                bins
+            },
+        )
+    }
+
+    fn threshold(
+        &self,
+        gray: &[u8],
+        width: usize,
+        height: usize,
+        threshold: u8,
+    ) -> Result<BitImage, PreprocessError> {
+        let params = LaunchParams {
+            c: threshold as u32,
+            ..LaunchParams::per_word(width, height)
+        };
+        let packed = pack_pixels(gray);
+        self.0.run(
+            &[
+                Arg::Input(bytemuck::cast_slice(&packed)),
+                Arg::Output(params.count as usize * 4),
+            ],
+            &[Step {
+                kernel: "threshold",
+                params,
+                bindings: &[0, 1],
+            }],
+            &[1],
+            |out| BitImage::from_u32_words(width, height, words(out[0])),
+        )
+    }
+
+    fn compare(
+        &self,
+        test: &BitImage,
+        template: &BitImage,
+        (dx, dy): (isize, isize),
+        open_size: usize,
+        merge_size: usize,
+    ) -> Result<Comparison, PreprocessError> {
+        let (width, height) = (test.width(), test.height());
+        let image = LaunchParams::per_word(width, height);
+        let bytes = image.count as usize * 4;
+        let with_size = |k: usize| LaunchParams {
+            c: k as u32,
+            ..image
+        };
+        // Buffers: 0 test, 1 template, 2 aligned, 3 difference, 4 eroded, 5 opened, 6 merged.
+        let mut steps = vec![Step {
+            kernel: "compare",
+            params: LaunchParams {
+                a: dx as i32,
+                b: dy as i32,
+                ..image
+            },
+            bindings: &[0, 1, 2, 3],
+        }];
+        let opened = if open_size > 1 {
+            steps.push(Step {
+                kernel: "erode",
+                params: with_size(open_size),
+                bindings: &[3, 4],
+            });
+            steps.push(Step {
+                kernel: "dilate",
+                params: with_size(open_size),
+                bindings: &[4, 5],
+            });
+            5
+        } else {
+            3
+        };
+        let merged = if merge_size > 1 {
+            steps.push(Step {
+                kernel: "dilate",
+                params: with_size(merge_size),
+                bindings: if opened == 5 { &[5, 6] } else { &[3, 6] },
+            });
+            6
+        } else {
+            opened
+        };
+        self.0.run(
+            &[
+                Arg::Input(bytemuck::cast_slice(test.as_u32_words())),
+                Arg::Input(bytemuck::cast_slice(template.as_u32_words())),
+                Arg::Output(bytes),
+                Arg::Output(bytes),
+                Arg::Output(bytes),
+                Arg::Output(bytes),
+                Arg::Output(bytes),
+            ],
+            &steps,
+            &[2, 3, opened, merged],
+            |out| {
+                let image_at = |i: usize| BitImage::from_u32_words(width, height, words(out[i]));
+                Comparison {
+                    aligned: image_at(0),
+                    difference: image_at(1),
+                    opened: image_at(2),
+                    merged: image_at(3),
+                }
+            },
+        )
+    }
+
+    fn crops(
+        &self,
+        channels: &[&BitImage],
+        candidates: &[Component],
+        params: &PipelineParams,
+        out: &mut Vec<f32>,
+    ) -> Result<(), PreprocessError> {
+        let Some(first) = channels.first() else {
+            return Ok(());
+        };
+        if candidates.is_empty() {
+            return Ok(());
+        }
+        let planes = crop_planes(candidates, params, channels.len());
+        let size = params.crop_size;
+        let images: Vec<u32> = channels
+            .iter()
+            .flat_map(|c| c.as_u32_words().iter().copied())
+            .collect();
+        let launch = LaunchParams {
+            count: (planes.len() * size * size) as u32,
+            c: size as u32,
+            ..LaunchParams::per_word(first.width(), first.height())
+        };
+        self.0.run(
+            &[
+                Arg::Input(bytemuck::cast_slice(&images)),
+                Arg::Input(bytemuck::cast_slice(&planes)),
+                Arg::Output(launch.count as usize * 4),
+            ],
+            &[Step {
+                kernel: "crops",
+                params: launch,
+                bindings: &[0, 1, 2],
+            }],
+            &[2],
+            |result| out.extend_from_slice(bytemuck::cast_slice(result[0])),
+        )
+    }
+
+    fn scale_rows(
+        &self,
+        scaler: &Scaler,
+        source: &[f64],
+        map: &ChannelMap,
+        out: &mut Vec<f32>,
+    ) -> Result<Result<(), NonFinite>, PreprocessError> {
+        if map.source_width == 0 || source.is_empty() {
+            return Ok(Ok(()));
+        }
+        let inputs = ScaleInputs::new(scaler, source, map);
+        let rows = source.len() / map.source_width;
+        let launch = LaunchParams {
+            count: (rows * inputs.columns.len()) as u32,
+            c: inputs.columns.len() as u32,
+            d: map.source_width as u32,
+            ..LaunchParams::default()
+        };
+        let none = [u32::MAX];
+        self.0.run(
+            &[
+                Arg::Input(bytemuck::cast_slice(&inputs.source)),
+                Arg::Input(bytemuck::cast_slice(&inputs.columns)),
+                Arg::Input(bytemuck::cast_slice(&inputs.affine)),
+                Arg::Output(launch.count as usize * 4),
+                Arg::Input(bytemuck::cast_slice(&none)),
+            ],
+            &[Step {
+                kernel: "scale_rows",
+                params: launch,
+                bindings: &[0, 1, 2, 3, 4],
+            }],
+            &[3, 4],
+            |result| {
+                inputs
+                    .non_finite(words(result[1])[0], source, map)
+                    .map(|()| out.extend_from_slice(bytemuck::cast_slice(result[0])))
+            },
+        )
+    }
+}
