@@ -58,6 +58,30 @@ fn write_dataset(root: &Path) -> std::path::PathBuf {
     path
 }
 
+/// `linescan aoi detect` on the dataset at `root` with the repository's models.
+fn detect(
+    root: &Path,
+    list: &Path,
+    out: &Path,
+    repository: &Repository,
+    extra: &[&str],
+) -> std::process::Output {
+    let mut args = vec![
+        "aoi",
+        "detect",
+        "--list",
+        list.to_str().unwrap(),
+        "--root",
+        root.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--model-repository",
+        repository.path().to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    run_cli(&args)
+}
+
 #[test]
 fn detect_writes_deeppcb_files_and_eval_scores_them() {
     let repository = Repository::with_models(&["aoi_defect"]);
@@ -65,18 +89,7 @@ fn detect_writes_deeppcb_files_and_eval_scores_them() {
     let list = write_dataset(root.path());
     let out = root.path().join("det");
     let models = repository.path().to_str().unwrap();
-    let detect = run_cli(&[
-        "aoi",
-        "detect",
-        "--list",
-        list.to_str().unwrap(),
-        "--root",
-        root.path().to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--model-repository",
-        models,
-    ]);
+    let detect = detect(root.path(), &list, &out, &repository, &[]);
     let stdout = String::from_utf8_lossy(&detect.stdout);
     assert!(
         detect.status.success(),
@@ -147,18 +160,13 @@ fn detect_names_a_missing_image() {
     let root = tempfile::tempdir().unwrap();
     let list = write_dataset(root.path());
     std::fs::remove_file(root.path().join("group1/1/1001_test.jpg")).unwrap();
-    let output = run_cli(&[
-        "aoi",
-        "detect",
-        "--list",
-        list.to_str().unwrap(),
-        "--root",
-        root.path().to_str().unwrap(),
-        "--out",
-        root.path().join("det").to_str().unwrap(),
-        "--model-repository",
-        repository.path().to_str().unwrap(),
-    ]);
+    let output = detect(
+        root.path(),
+        &list,
+        &root.path().join("det"),
+        &repository,
+        &[],
+    );
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("1001_test.jpg"));
 }
@@ -197,20 +205,13 @@ fn detect_with_wgpu_preprocessing_matches_the_cpu() {
     let list = write_dataset(root.path());
     let detect = |backend: &str| {
         let out = root.path().join(format!("det-{backend}"));
-        let run = run_cli(&[
-            "aoi",
-            "detect",
-            "--list",
-            list.to_str().unwrap(),
-            "--root",
-            root.path().to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--preprocess",
-            backend,
-            "--model-repository",
-            repository.path().to_str().unwrap(),
-        ]);
+        let run = detect(
+            root.path(),
+            &list,
+            &out,
+            &repository,
+            &["--preprocess", backend],
+        );
         (run, out)
     };
     let (wgpu, wgpu_out) = detect("wgpu");
