@@ -1,9 +1,9 @@
 //! Misregistration: the integer shift of the template that best explains the test image.
 //!
-//! Exhaustive over `[-R, R]²` in a fixed order (by dx²+dy², then dy, then dx; the first minimum
-//! wins), but branch-and-bound: a shift is abandoned as soon as its running XOR count reaches the
-//! best so far. Counts only grow, so the answer is exactly the exhaustive one, and on aligned
-//! boards almost every shift is abandoned after a few rows.
+//! Exhaustive over `[-R, R]²`; the answer is the first minimum in a fixed order (by dx²+dy²,
+//! then dy, then dx). Branch-and-bound: a shift is abandoned as soon as its running XOR count
+//! shows it cannot win. Counts only grow, so the answer is exactly the exhaustive one, and on
+//! aligned boards almost every shift is abandoned after a few rows.
 
 use crate::aoi::bitimage::{BitImage, shift_row};
 
@@ -15,13 +15,10 @@ pub struct Shift {
     pub xor_count: u64,
 }
 
-thread_local! {
-    /// Shifted-row cache buffers, reused by every search on this thread (they are a megabyte or
-    /// more; allocating them per board costs page faults).
-    static CACHE: std::cell::Cell<(Vec<u64>, Vec<bool>)> = const { std::cell::Cell::new((Vec::new(), Vec::new())) };
-}
+/// The seeding pass counts one pixel in `COARSE`² of the exact pass's grid.
+const COARSE: usize = 8;
 
-/// Candidate shifts in evaluation order.
+/// Candidate shifts in tie-breaking order.
 pub fn shift_order(radius: isize) -> Vec<(isize, isize)> {
     let mut shifts: Vec<(isize, isize)> = (-radius..=radius)
         .flat_map(|dy| (-radius..=radius).map(move |dx| (dx, dy)))
@@ -34,13 +31,52 @@ pub fn shift_order(radius: isize) -> Vec<(isize, isize)> {
 /// template is background outside its source. `step` > 1 counts only pixels with
 /// `x % step == 0 && y % step == 0`.
 pub fn estimate_shift(test: &BitImage, template: &BitImage, radius: usize, step: usize) -> Shift {
+    // The search is nothing but XOR population counts, which the portable build can only
+    // emulate with SSE2: compile it once more for the CPU's own popcount instructions.
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vpopcntdq") {
+            // SAFETY: the features it is compiled for were just detected.
+            return unsafe { estimate_shift_avx512(test, template, radius, step) };
+        }
+        if is_x86_feature_detected!("popcnt") {
+            // SAFETY: as above.
+            return unsafe { estimate_shift_popcnt(test, template, radius, step) };
+        }
+    }
+    estimate_shift_portable(test, template, radius, step)
+}
+
+/// `estimate_shift_portable` compiled for more instruction-set extensions.
+macro_rules! estimate_shift_with {
+    ($name:ident, $features:literal) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $features)]
+        fn $name(test: &BitImage, template: &BitImage, radius: usize, step: usize) -> Shift {
+            estimate_shift_portable(test, template, radius, step)
+        }
+    };
+}
+
+estimate_shift_with!(estimate_shift_avx512, "avx512f,avx512vpopcntdq");
+estimate_shift_with!(estimate_shift_popcnt, "popcnt");
+
+#[inline(always)]
+fn estimate_shift_portable(
+    test: &BitImage,
+    template: &BitImage,
+    radius: usize,
+    step: usize,
+) -> Shift {
     let order = shift_order(radius as isize);
     let step = step.max(1);
-    // A coarse pass on a 4x sparser grid finds a likely winner whose exact count then bounds
+    let mut counter = Counter::new(test, template);
+    let grid = Grid::new(test, step);
+    // A coarse pass on a sparser grid finds a likely winner whose exact count then bounds
     // the exact pass from its first shift on. Only speed depends on it, never the answer.
     let seed = if step < 4 {
-        let coarse = search(test, template, &order, 4 * step, None);
-        let exact = count_at(test, template, coarse.dx, coarse.dy, step, u64::MAX);
+        let coarse = search(&mut counter, &Grid::new(test, COARSE * step), &order, None);
+        let exact = counter.count(&grid, coarse.dx, coarse.dy, u64::MAX);
         let index = order
             .iter()
             .position(|s| *s == (coarse.dx, coarse.dy))
@@ -49,29 +85,33 @@ pub fn estimate_shift(test: &BitImage, template: &BitImage, radius: usize, step:
     } else {
         None
     };
-    search(test, template, &order, step, seed)
+    search(&mut counter, &grid, &order, seed)
 }
 
-/// First minimum in `order`. `seed` = (exact count, order index) of a known shift: shifts are
-/// abandoned as soon as they cannot beat it, ties going to the earlier shift in the order.
+/// First minimum in `order`. `seed` = (exact count, order index) of a known shift.
+///
+/// Shifts are visited column by column (all dy of one dx, then the next dx) so that the
+/// shifted template rows stay in one small cache plane; the order only decides ties, which
+/// the limits below resolve exactly as a visit in `order` would.
+#[inline(always)]
 fn search(
-    test: &BitImage,
-    template: &BitImage,
+    counter: &mut Counter,
+    grid: &Grid,
     order: &[(isize, isize)],
-    step: usize,
     seed: Option<(u64, usize)>,
 ) -> Shift {
-    let radius = order.iter().map(|(dx, _)| dx.abs()).max().unwrap_or(0);
-    let mut counter = Counter::new(test, template, step, radius);
+    let mut visits: Vec<usize> = (0..order.len()).collect();
+    visits.sort_by_key(|&index| (order[index].0, index));
     let (mut best_count, mut best_index) = seed.unwrap_or((u64::MAX, usize::MAX));
-    for (index, &(dx, dy)) in order.iter().enumerate() {
+    for index in visits {
+        let (dx, dy) = order[index];
         // Beating the best needs a smaller count, or an equal one earlier in the order.
         let limit = if index < best_index {
             best_count.saturating_add(1)
         } else {
             best_count
         };
-        let count = counter.count(dx, dy, limit);
+        let count = counter.count(grid, dx, dy, limit);
         if count < limit {
             best_count = count;
             best_index = index;
@@ -85,43 +125,17 @@ fn search(
     }
 }
 
-fn count_at(
-    test: &BitImage,
-    template: &BitImage,
-    dx: isize,
-    dy: isize,
-    step: usize,
-    limit: u64,
-) -> u64 {
-    Counter::new(test, template, step, dx.abs()).count(dx, dy, limit)
-}
-
-impl Drop for Counter<'_> {
-    fn drop(&mut self) {
-        CACHE.set((
-            std::mem::take(&mut self.shifted),
-            std::mem::take(&mut self.filled),
-        ));
-    }
-}
-
-/// XOR counts on the sampling grid. Rows are visited interleaved (every 16th, then the rows
-/// between...), so a partial count grows in proportion to the final one and a losing shift is
-/// recognised after a small fraction of the rows. The order of rows cannot change a total.
-struct Counter<'a> {
-    test: &'a BitImage,
-    template: &'a BitImage,
+/// The pixels counted: sampled rows in interleaved order (every 16th, then the rows
+/// between...), so that a partial count grows in proportion to the final one and a losing
+/// shift is recognised after a small fraction of the rows; and a mask of sampled columns.
+struct Grid {
     rows: Vec<usize>,
     column_mask: Vec<u64>,
-    /// Template rows shifted by each dx, filled on first use (`filled` per dx and row).
-    shifted: Vec<u64>,
-    filled: Vec<bool>,
-    radius: isize,
 }
 
-impl<'a> Counter<'a> {
-    fn new(test: &'a BitImage, template: &'a BitImage, step: usize, radius: isize) -> Counter<'a> {
-        let sampled: Vec<usize> = (0..test.height()).step_by(step).collect();
+impl Grid {
+    fn new(image: &BitImage, step: usize) -> Grid {
+        let sampled: Vec<usize> = (0..image.height()).step_by(step).collect();
         let mut rows = Vec::with_capacity(sampled.len());
         for stride in [16usize, 8, 4, 2, 1] {
             rows.extend(
@@ -130,60 +144,60 @@ impl<'a> Counter<'a> {
                     .map(|i| sampled[i]),
             );
         }
-        let words = test.words_per_row();
-        let slots = (2 * radius + 1) as usize * test.height();
-        let (mut shifted, mut filled) = CACHE.take();
-        shifted.resize(slots * words, 0);
-        filled.clear();
-        filled.resize(slots, false);
+        let words = image.words_per_row();
+        let mut column_mask = vec![0u64; words];
+        for x in (0..words * 64).step_by(step) {
+            column_mask[x / 64] |= 1 << (x % 64);
+        }
+        Grid { rows, column_mask }
+    }
+}
+
+/// XOR counts of the test image against the shifted template.
+struct Counter<'a> {
+    test: &'a BitImage,
+    template: &'a BitImage,
+    /// Template rows shifted by `plane_dx`, filled on first use (`filled` per row).
+    plane: Vec<u64>,
+    filled: Vec<bool>,
+    plane_dx: Option<isize>,
+}
+
+impl<'a> Counter<'a> {
+    fn new(test: &'a BitImage, template: &'a BitImage) -> Counter<'a> {
         Counter {
             test,
             template,
-            rows,
-            column_mask: sampling_mask(words, step),
-            shifted,
-            filled,
-            radius,
+            plane: vec![0; test.height() * test.words_per_row()],
+            filled: vec![false; test.height()],
+            plane_dx: None,
         }
     }
 
-    /// Caches row `source` of the template shifted by `dx`; returns its slot.
-    fn shifted_slot(&mut self, dx: isize, source: usize) -> usize {
-        let words = self.test.words_per_row();
-        let slot = (dx + self.radius) as usize * self.test.height() + source;
-        if !self.filled[slot] {
-            let row = &mut self.shifted[slot * words..(slot + 1) * words];
-            shift_row(self.template.row(source), row, dx, self.test.width());
-            self.filled[slot] = true;
+    /// The count at (dx, dy) on `grid`, or any value >= `limit` once it is reached.
+    #[inline(always)]
+    fn count(&mut self, grid: &Grid, dx: isize, dy: isize, limit: u64) -> u64 {
+        if self.plane_dx != Some(dx) {
+            self.filled.fill(false);
+            self.plane_dx = Some(dx);
         }
-        slot
-    }
-
-    /// The count at (dx, dy), or any value >= `limit` once it is reached.
-    fn count(&mut self, dx: isize, dy: isize, limit: u64) -> u64 {
         let height = self.test.height() as isize;
+        let words = self.test.words_per_row();
         let mut count = 0u64;
-        for index in 0..self.rows.len() {
-            let y = self.rows[index];
+        for &y in &grid.rows {
             let test_row = self.test.row(y);
             let source = y as isize - dy;
-            if source < 0 || source >= height {
-                count += test_row
-                    .iter()
-                    .zip(&self.column_mask)
-                    .map(|(t, m)| (t & m).count_ones() as u64)
-                    .sum::<u64>();
+            count += if source < 0 || source >= height {
+                masked_ones(test_row, &grid.column_mask)
             } else {
-                let slot = self.shifted_slot(dx, source as usize);
-                let words = test_row.len();
-                let shifted = &self.shifted[slot * words..(slot + 1) * words];
-                count += test_row
-                    .iter()
-                    .zip(shifted)
-                    .zip(&self.column_mask)
-                    .map(|((t, s), m)| ((t ^ s) & m).count_ones() as u64)
-                    .sum::<u64>();
-            }
+                let source = source as usize;
+                let shifted = &mut self.plane[source * words..(source + 1) * words];
+                if !self.filled[source] {
+                    shift_row(self.template.row(source), shifted, dx, self.test.width());
+                    self.filled[source] = true;
+                }
+                masked_xor_ones(test_row, shifted, &grid.column_mask)
+            };
             if count >= limit {
                 return count;
             }
@@ -192,12 +206,21 @@ impl<'a> Counter<'a> {
     }
 }
 
-fn sampling_mask(words: usize, step: usize) -> Vec<u64> {
-    let mut mask = vec![0u64; words];
-    for x in (0..words * 64).step_by(step) {
-        mask[x / 64] |= 1 << (x % 64);
-    }
-    mask
+#[inline(always)]
+fn masked_ones(row: &[u64], mask: &[u64]) -> u64 {
+    row.iter()
+        .zip(mask)
+        .map(|(t, m)| (t & m).count_ones() as u64)
+        .sum()
+}
+
+#[inline(always)]
+fn masked_xor_ones(a: &[u64], b: &[u64], mask: &[u64]) -> u64 {
+    a.iter()
+        .zip(b)
+        .zip(mask)
+        .map(|((a, b), m)| ((a ^ b) & m).count_ones() as u64)
+        .sum()
 }
 
 #[cfg(test)]
@@ -257,9 +280,26 @@ mod tests {
     fn interleaved_rows_visit_every_sampled_row_once() {
         let test = BitImage::new(10, 37);
         for step in [1usize, 3] {
-            let mut rows = Counter::new(&test, &test, step, 0).rows.clone();
+            let mut rows = Grid::new(&test, step).rows;
             rows.sort_unstable();
             assert_eq!(rows, (0..37).step_by(step).collect::<Vec<_>>());
+        }
+    }
+
+    #[test]
+    fn every_compiled_variant_finds_the_same_shift() {
+        let template = random_board(150, 90, 11);
+        let mut test = template.shifted(-2, 3);
+        test.set(70, 40);
+        for step in [1usize, 2] {
+            let portable = estimate_shift_portable(&test, &template, 4, step);
+            assert_eq!(estimate_shift(&test, &template, 4, step), portable);
+            #[cfg(target_arch = "x86_64")]
+            if is_x86_feature_detected!("popcnt") {
+                // SAFETY: the feature was just detected.
+                let popcnt = unsafe { estimate_shift_popcnt(&test, &template, 4, step) };
+                assert_eq!(popcnt, portable);
+            }
         }
     }
 

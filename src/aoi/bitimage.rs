@@ -258,27 +258,32 @@ fn last_word_mask(width: usize) -> u64 {
 /// `dst` bit x = `src` bit (x - dx), zero where that is outside `0..width`.
 pub fn shift_row(src: &[u64], dst: &mut [u64], dx: isize, width: usize) {
     let words = src.len();
-    let word_shift = dx.unsigned_abs() / 64;
+    let word_shift = (dx.unsigned_abs() / 64).min(words);
     let bit_shift = (dx.unsigned_abs() % 64) as u32;
-    for (i, out) in dst.iter_mut().enumerate() {
-        *out = if dx >= 0 {
-            // Content moves toward higher x: take from lower words.
-            let hi = i.checked_sub(word_shift).map_or(0, |j| src[j]);
-            let lo = i.checked_sub(word_shift + 1).map_or(0, |j| src[j]);
-            if bit_shift == 0 {
-                hi
-            } else {
-                (hi << bit_shift) | (lo >> (64 - bit_shift))
+    let kept = words - word_shift;
+    // Whole words move first; the bits then carry across neighbouring words.
+    if dx >= 0 {
+        dst[..word_shift].fill(0);
+        let (out, from) = (&mut dst[word_shift..], &src[..kept]);
+        if bit_shift == 0 {
+            out.copy_from_slice(from);
+        } else if kept > 0 {
+            out[0] = from[0] << bit_shift;
+            for (o, pair) in out[1..].iter_mut().zip(from.windows(2)) {
+                *o = (pair[1] << bit_shift) | (pair[0] >> (64 - bit_shift));
             }
-        } else {
-            let lo = src.get(i + word_shift).copied().unwrap_or(0);
-            let hi = src.get(i + word_shift + 1).copied().unwrap_or(0);
-            if bit_shift == 0 {
-                lo
-            } else {
-                (lo >> bit_shift) | (hi << (64 - bit_shift))
+        }
+    } else {
+        dst[kept..].fill(0);
+        let (out, from) = (&mut dst[..kept], &src[word_shift..]);
+        if bit_shift == 0 {
+            out.copy_from_slice(from);
+        } else if kept > 0 {
+            for (o, pair) in out.iter_mut().zip(from.windows(2)) {
+                *o = (pair[0] >> bit_shift) | (pair[1] << (64 - bit_shift));
             }
-        };
+            out[kept - 1] = from[kept - 1] >> bit_shift;
+        }
     }
     if words > 0 {
         dst[words - 1] &= last_word_mask(width);
@@ -381,7 +386,7 @@ mod tests {
             for x in (0..width).step_by(7) {
                 image.set(x, 0);
             }
-            for dx in [-130isize, -65, -64, -3, 0, 1, 63, 64, 100] {
+            for dx in [-300isize, -130, -65, -64, -3, 0, 1, 63, 64, 100, 260] {
                 let shifted = image.shifted(dx, 0);
                 for x in 0..width {
                     let source = x as isize - dx;
