@@ -16,7 +16,7 @@ use linescan::aoi::synthetic::{self, DefectKind};
 use linescan::preprocess::{BackendChoice, Preprocess, select};
 use linescan::sensors::channels::ChannelMap;
 use linescan::sensors::params::{Padding, SensorParams};
-use linescan::sensors::window::Scaler;
+use linescan::sensors::window::{Scaler, WindowSpan};
 
 fn backends() -> Vec<Arc<dyn Preprocess>> {
     [BackendChoice::Cpu, BackendChoice::Wgpu, BackendChoice::Cuda]
@@ -65,6 +65,15 @@ fn stages(c: &mut Criterion) {
     let map = ChannelMap::new(&sensor_params.channels, &names, true).unwrap();
     let rows = 16_384;
     let source: Vec<f64> = (0..rows * 24).map(|i| (i % 97) as f64 * 0.01).collect();
+    // One job batch: 1,024 windows of 30 rows x 14 channels over 1,053 scaled rows, units of
+    // 200 rows (so some windows are padded).
+    let batch_rows: Vec<f32> = (0..1053 * 14).map(|i| (i % 89) as f32 * 0.1).collect();
+    let spans: Vec<WindowSpan> = (29..1053u32)
+        .map(|last| WindowSpan {
+            last,
+            first: last / 200 * 200,
+        })
+        .collect();
 
     for backend in backends() {
         let mut group = c.benchmark_group(format!("preprocess_{}", backend.backend().as_str()));
@@ -109,6 +118,16 @@ fn stages(c: &mut Criterion) {
                 backend
                     .scale_rows(&scaler, &source, &map, &mut out)
                     .unwrap()
+                    .unwrap();
+                out
+            })
+        });
+        group.throughput(Throughput::Elements(spans.len() as u64));
+        group.bench_function("stack_windows_1024x30x14", |b| {
+            b.iter(|| {
+                let mut out = Vec::new();
+                backend
+                    .stack_windows(&batch_rows, 14, 30, &spans, &mut out)
                     .unwrap();
                 out
             })

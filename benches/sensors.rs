@@ -14,7 +14,7 @@ use linescan::jobs::synthetic;
 use linescan::metrics::Metrics;
 use linescan::runtime::ModelRepository;
 use linescan::sensors::channels::ChannelMap;
-use linescan::sensors::window::Windower;
+use linescan::sensors::window::{WindowSpan, stack_windows};
 use linescan::sensors::{AssessSettings, SensorModel};
 use linescan::tensor::f32_bytes;
 
@@ -68,14 +68,14 @@ fn sensors(c: &mut Criterion) {
             .scaler
             .scale_rows(&table.values, &map, scaled)
             .unwrap();
-        let mut windower = Windower::new(params.window, width);
-        for (row, values) in scaled.chunks_exact(width).enumerate() {
-            if row % 256 == 0 {
-                windower.start_unit(0);
-            }
-            windower.push(values);
-            windower.window_into(windows);
-        }
+        // Units of 256 rows, one window ending at every row.
+        let spans: Vec<WindowSpan> = (0..table.rows() as u32)
+            .map(|last| WindowSpan {
+                last,
+                first: last / 256 * 256,
+            })
+            .collect();
+        stack_windows(scaled, width, params.window, &spans, windows);
         windows.len()
     };
     group.throughput(Throughput::Elements(table.rows() as u64));

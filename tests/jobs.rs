@@ -39,25 +39,7 @@ impl Setup {
 
     /// `linescan job run` on this repository; panics with its output on failure.
     fn job_run(&self, archive: &Path, out: &Path, extra: &[&str]) -> String {
-        let mut args = vec![
-            "job",
-            "run",
-            archive.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--quiet",
-            "--model-repository",
-            self.repository.path().to_str().unwrap(),
-        ];
-        args.extend_from_slice(extra);
-        let output = run_cli(&args);
-        let stdout = String::from_utf8_lossy(&output.stdout).to_string();
-        assert!(
-            output.status.success(),
-            "job run failed: {stdout}{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        stdout
+        job_run(self.repository.path(), archive, out, extra)
     }
 }
 

@@ -1,5 +1,6 @@
 //! Live sensor scoring over real HTTP: `POST /v1/rul/{model}` with windows of synthetic
-//! degradation series → RUL, uncertainty, risk, anomaly and health, and every refusal.
+//! degradation series → RUL, uncertainty, risk, anomaly and health, and every refusal; and a
+//! job scoring the same rows as the live windows.
 
 mod common;
 mod fleet;
@@ -294,4 +295,72 @@ async fn bad_windows_are_refused_with_what_is_wrong() {
         .await
         .unwrap();
     assert_eq!(response.status(), 415);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn job_windows_equal_the_live_windows_of_the_same_rows() {
+    // A job stacks its windows from rows held across chunks and batches; the live endpoint
+    // builds each one from the values posted. The same rows must score the same.
+    let (_repository, _data, server) = start();
+    // Batches of 16 windows, so that rows are dropped between chunks while windows still
+    // need them.
+    let small_batches = Repository::with_models(&[RUL_MODEL, ANOMALY_MODEL]);
+    small_batches.set(RUL_MODEL, "max_batch_size", "16");
+    let files = tempfile::tempdir().unwrap();
+    let table = small_fleet();
+    let archive = files.path().join("fleet.h5");
+    // f64 features: the values the live requests post, not their f32 roundings.
+    linescan::jobs::synthetic::write_generic(&archive, &table, false).unwrap();
+    let out = files.path().join("result.h5");
+    fleet::job_run(
+        small_batches.path(),
+        &archive,
+        &out,
+        // Chunks that cut through windows, batches and units.
+        &["--chunk-rows", "37", "--preprocess", "cpu"],
+    );
+    let job = fleet::read_result(&out);
+    assert_eq!(
+        (job.unit.clone(), job.cycle.clone()),
+        (table.unit.clone(), table.cycle.clone())
+    );
+
+    // Each unit's first rows (padded), the rows around its first full window, its last row,
+    // and the rows at chunk boundaries.
+    let channels = model_channels();
+    let mut rows = Vec::new();
+    let mut bodies = Vec::new();
+    let mut position = 0usize;
+    for r in 0..table.rows() {
+        position = if r > 0 && table.unit[r] == table.unit[r - 1] {
+            position + 1
+        } else {
+            0
+        };
+        let last_of_unit = r + 1 == table.rows() || table.unit[r + 1] != table.unit[r];
+        if [0, 1, 28, 29, 30].contains(&position) || last_of_unit || r % 37 == 0 {
+            rows.push(r);
+            let held = (position + 1).min(30);
+            bodies.push(window(
+                &table,
+                table.unit[r],
+                table.cycle[r],
+                held,
+                &channels,
+            ));
+        }
+    }
+    let results = score(&server, &Value::Array(bodies)).await;
+    assert_eq!(results.len(), rows.len());
+    for (result, &r) in results.iter().zip(&rows) {
+        let live = f(&result["rul"]) as f32;
+        assert!(
+            (live - job.rul[r]).abs() < 1e-3,
+            "row {r} (unit {}, cycle {}): live {live}, job {}",
+            table.unit[r],
+            table.cycle[r],
+            job.rul[r]
+        );
+        assert_eq!(result["padded"], job.padded[r], "row {r}");
+    }
 }

@@ -1,10 +1,10 @@
 //! Scores an archive end to end: the same code path for server jobs and `linescan job run`.
 //!
-//! The archive is read in chunks (hyperslabs of `chunk_rows` rows); each chunk is scaled,
-//! windowed row by row (one window ends at every row, short units padded by policy) and cut into
-//! batches of the models' `max_batch_size` windows that go to the batchers while the next chunk
-//! is prepared (`in_flight` batches at most). Memory stays bounded by the chunk and the batches
-//! in flight, whatever the archive's size.
+//! The archive is read in chunks (hyperslabs of `chunk_rows` rows); each chunk is scaled by the
+//! preprocessing backend and its rows are cut into batches of the models' `max_batch_size`
+//! windows (one window ends at every row, short units padded by policy), stacked by the backend
+//! and sent to the batchers while the next chunk is prepared (`in_flight` batches at most).
+//! Memory stays bounded by the chunk and the batches in flight, whatever the archive's size.
 //!
 //! **Batches are aligned to archive rows** (batch k holds the windows ending at rows
 //! `[k·B, (k+1)·B)`, the last one padded to B): every window is computed in the same batch at
@@ -24,6 +24,7 @@ use crate::engine::InferError;
 use crate::jobs::archive::{Archive, ArchiveError, Partition, UnitSpan};
 use crate::jobs::results::{Columns, ResultMeta, ResultWriter, ShardInfo};
 use crate::preprocess::{Preprocess, PreprocessError};
+use crate::sensors::window::WindowSpan;
 use crate::sensors::{AssessSettings, Scores, SensorModel};
 use crate::tensor::f32_bytes;
 
@@ -151,6 +152,51 @@ struct BatchMeta {
     units: Vec<i64>,
     cycles: Vec<i64>,
     padded: Vec<u16>,
+    /// Per window: (archive row it ends at, archive row its unit starts at).
+    ends: Vec<(usize, usize)>,
+}
+
+/// Scaled rows of the archive from row `base` on: the rows that pending windows still need.
+struct HeldRows {
+    rows: Vec<f32>,
+    base: usize,
+    width: usize,
+}
+
+impl HeldRows {
+    /// Drops the rows before archive row `row`.
+    fn forget_before(&mut self, row: usize) {
+        let drop = row
+            .saturating_sub(self.base)
+            .min(self.rows.len() / self.width);
+        self.rows.drain(..drop * self.width);
+        self.base += drop;
+    }
+
+    /// The batch's windows appended to `out` (its padding recorded in `meta`), stacked by the
+    /// preprocessing backend. A window whose unit began before `base` has its `window - 1`
+    /// earlier rows held, so its span may start at row 0.
+    fn stack(
+        &self,
+        preprocess: &dyn Preprocess,
+        window: usize,
+        meta: &mut BatchMeta,
+        out: &mut Vec<f32>,
+    ) -> Result<(), PreprocessError> {
+        let spans: Vec<WindowSpan> = meta
+            .ends
+            .iter()
+            .map(|&(row, unit_first)| {
+                debug_assert!(row + 1 >= self.base + window || unit_first >= self.base);
+                WindowSpan {
+                    last: (row - self.base) as u32,
+                    first: unit_first.saturating_sub(self.base) as u32,
+                }
+            })
+            .collect();
+        meta.padded = spans.iter().map(|s| s.padded(window) as u16).collect();
+        preprocess.stack_windows(&self.rows, self.width, window, &spans, out)
+    }
 }
 
 type Pending = (
@@ -349,14 +395,17 @@ pub fn run(
             units: Vec::with_capacity(batch),
             cycles: Vec::with_capacity(batch),
             padded: Vec::with_capacity(batch),
+            ends: Vec::with_capacity(batch),
         };
         let mut windows: Vec<f32> = Vec::with_capacity(batch * window_len);
         let mut current = new_batch(emit_start);
-        let submit = |windows: &mut Vec<f32>,
+        let submit = |held: &HeldRows,
+                      windows: &mut Vec<f32>,
                       current: &mut BatchMeta,
                       in_flight: &mut VecDeque<Pending>,
                       output: &mut Output<'_>|
          -> Result<(), RunError> {
+            held.stack(options.preprocess.as_ref(), window, current, windows)?;
             // The last batch is padded to full size so every batch has the same shape.
             windows.resize(batch * window_len, 0.0);
             let data = f32_bytes(std::mem::replace(
@@ -372,9 +421,12 @@ pub fn run(
             Ok(())
         };
 
-        let mut windower = crate::sensors::window::Windower::new(window, width);
+        let mut held = HeldRows {
+            rows: Vec::new(),
+            base: stream_start,
+            width,
+        };
         let mut raw: Vec<f64> = Vec::new();
-        let mut scaled: Vec<f32> = Vec::new();
         let mut span_index = spans.partition_point(|s| s.end() <= stream_start);
         let mut chunk_start = stream_start;
         while chunk_start < emit_end {
@@ -382,11 +434,13 @@ pub fn run(
             let chunk_end = (chunk_start + options.chunk_rows.max(1)).min(emit_end);
             features.read(chunk_start, chunk_end, &mut raw)?;
             let (_, cycles) = archive.read_ids(chunk_start, chunk_end)?;
-            scaled.clear();
-            let scaling =
-                options
-                    .preprocess
-                    .scale_rows(&model.scaler, &raw, &features.map, &mut scaled)?;
+            held.forget_before(current.first_row.saturating_sub(window - 1));
+            let scaling = options.preprocess.scale_rows(
+                &model.scaler,
+                &raw,
+                &features.map,
+                &mut held.rows,
+            )?;
             if let Err(bad) = scaling {
                 let row = chunk_start + bad.row;
                 let span = spans[spans.partition_point(|s| s.end() <= row)];
@@ -402,23 +456,23 @@ pub fn run(
                     cycles[bad.row]
                 ))));
             }
-            for (i, row_values) in scaled.chunks_exact(width).enumerate() {
-                let row = chunk_start + i;
+            for (i, row) in (chunk_start..chunk_end).enumerate() {
                 while spans[span_index].end() <= row {
                     span_index += 1;
                 }
                 let span = spans[span_index];
-                if row == span.first_row || row == stream_start {
-                    windower.start_unit(row - span.first_row);
-                }
-                windower.push(row_values);
                 if row >= emit_start {
-                    let padded = windower.window_into(&mut windows);
+                    current.ends.push((row, span.first_row));
                     current.units.push(span.unit);
                     current.cycles.push(cycles[i]);
-                    current.padded.push(padded as u16);
                     if current.units.len() == batch {
-                        submit(&mut windows, &mut current, &mut in_flight, &mut output)?;
+                        submit(
+                            &held,
+                            &mut windows,
+                            &mut current,
+                            &mut in_flight,
+                            &mut output,
+                        )?;
                     }
                 }
             }
@@ -428,7 +482,13 @@ pub fn run(
             }
         }
         if !current.units.is_empty() {
-            submit(&mut windows, &mut current, &mut in_flight, &mut output)?;
+            submit(
+                &held,
+                &mut windows,
+                &mut current,
+                &mut in_flight,
+                &mut output,
+            )?;
         }
         while !in_flight.is_empty() {
             finish_front(&mut in_flight, &mut output)?;

@@ -8,7 +8,7 @@ use crate::aoi::crops::make_crops;
 use crate::aoi::params::PipelineParams;
 use crate::preprocess::{Backend, Comparison, Preprocess, PreprocessError};
 use crate::sensors::channels::ChannelMap;
-use crate::sensors::window::{NonFinite, Scaler};
+use crate::sensors::window::{NonFinite, Scaler, WindowSpan, stack_windows};
 
 pub struct CpuPreprocessor;
 
@@ -74,5 +74,17 @@ impl Preprocess for CpuPreprocessor {
         out: &mut Vec<f32>,
     ) -> Result<Result<(), NonFinite>, PreprocessError> {
         Ok(scaler.scale_rows(source, map, out))
+    }
+
+    fn stack_windows(
+        &self,
+        rows: &[f32],
+        width: usize,
+        window: usize,
+        spans: &[WindowSpan],
+        out: &mut Vec<f32>,
+    ) -> Result<(), PreprocessError> {
+        stack_windows(rows, width, window, spans, out);
+        Ok(())
     }
 }

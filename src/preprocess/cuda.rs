@@ -23,7 +23,7 @@ const BACKEND: &str = "cuda";
 
 /// The kernel files and their entry points; each file is its own module with `common.cuh`
 /// prepended.
-const KERNELS: [(&str, &str, &[&str]); 6] = [
+const KERNELS: [(&str, &str, &[&str]); 7] = [
     (
         "histogram",
         include_str!("../../kernels/histogram.cu"),
@@ -49,6 +49,11 @@ const KERNELS: [(&str, &str, &[&str]); 6] = [
         "scale_rows",
         include_str!("../../kernels/scale_rows.cu"),
         &["scale_rows"],
+    ),
+    (
+        "stack_windows",
+        include_str!("../../kernels/stack_windows.cu"),
+        &["stack_windows"],
     ),
 ];
 const COMMON: &str = include_str!("../../kernels/common.cuh");
@@ -452,6 +457,7 @@ mod tests {
             "dilate",
             "crops",
             "scale_rows",
+            "stack_windows",
         ] {
             assert!(
                 KERNELS

@@ -8,7 +8,7 @@ use crate::aoi::params::PipelineParams;
 use crate::preprocess::launch::{LaunchParams, ScaleInputs, pack_pixels};
 use crate::preprocess::{Backend, Comparison, Preprocess, PreprocessError, crop_planes};
 use crate::sensors::channels::ChannelMap;
-use crate::sensors::window::{NonFinite, Scaler};
+use crate::sensors::window::{NonFinite, Scaler, WindowSpan};
 
 /// A kernel argument: bytes to upload, or an output of a given size in bytes.
 pub enum Arg<'a> {
@@ -269,6 +269,39 @@ impl<R: KernelRunner> Preprocess for GpuKernels<R> {
                     .non_finite(words(result[1])[0], source, map)
                     .map(|()| out.extend_from_slice(bytemuck::cast_slice(result[0])))
             },
+        )
+    }
+
+    fn stack_windows(
+        &self,
+        rows: &[f32],
+        width: usize,
+        window: usize,
+        spans: &[WindowSpan],
+        out: &mut Vec<f32>,
+    ) -> Result<(), PreprocessError> {
+        if spans.is_empty() || width == 0 || window == 0 {
+            return Ok(());
+        }
+        let launch = LaunchParams {
+            count: (spans.len() * window * width) as u32,
+            c: width as u32,
+            d: window as u32,
+            ..LaunchParams::default()
+        };
+        self.0.run(
+            &[
+                Arg::Input(bytemuck::cast_slice(rows)),
+                Arg::Input(bytemuck::cast_slice(spans)),
+                Arg::Output(launch.count as usize * 4),
+            ],
+            &[Step {
+                kernel: "stack_windows",
+                params: launch,
+                bindings: &[0, 1, 2],
+            }],
+            &[2],
+            |result| out.extend_from_slice(bytemuck::cast_slice(result[0])),
         )
     }
 }

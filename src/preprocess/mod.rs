@@ -5,7 +5,7 @@
 //! The GPU kernels compute exactly what the CPU stages compute: integer stages (histogram,
 //! threshold, comparison, morphology) are bit-exact, crop averages are exact (a count divided
 //! by a power of two), and sensor scaling differs only by f32-versus-f64 rounding (see
-//! [`scaling_tolerance`]). Stages that do not pay on a GPU (the sub-pixel alignment search and
+//! [`scaling_tolerance`]); window stacking is a copy, exact. Stages that do not pay on a GPU (the sub-pixel alignment search and
 //! connected components over a sparse mask) stay on the CPU with every backend.
 
 pub mod cpu;
@@ -21,7 +21,7 @@ use crate::aoi::components::Component;
 use crate::aoi::crops::window_origin;
 use crate::aoi::params::PipelineParams;
 use crate::sensors::channels::ChannelMap;
-use crate::sensors::window::{NonFinite, Scaler};
+use crate::sensors::window::{NonFinite, Scaler, WindowSpan};
 
 pub use gpu::{GpuKernels, KernelRunner};
 pub use launch::{CropPlane, LaunchParams};
@@ -145,6 +145,17 @@ pub trait Preprocess: Send + Sync {
         map: &ChannelMap,
         out: &mut Vec<f32>,
     ) -> Result<Result<(), NonFinite>, PreprocessError>;
+
+    /// Appends the window of every span over scaled `rows` (`width` values per row) to `out`,
+    /// `[spans, window, width]` (see [`crate::sensors::window::stack_windows`]).
+    fn stack_windows(
+        &self,
+        rows: &[f32],
+        width: usize,
+        window: usize,
+        spans: &[WindowSpan],
+        out: &mut Vec<f32>,
+    ) -> Result<(), PreprocessError>;
 }
 
 /// The backend for a choice; `auto` takes CUDA, then wgpu, then the CPU, logging what it

@@ -9,7 +9,7 @@ use crate::preprocess::cpu::CpuPreprocessor;
 use crate::preprocess::{GpuKernels, Preprocess, PreprocessError, scaling_tolerance};
 use crate::sensors::channels::ChannelMap;
 use crate::sensors::params::SensorParams;
-use crate::sensors::window::Scaler;
+use crate::sensors::window::{Scaler, WindowSpan};
 
 /// A grey board-like image: blobs and lines on a dark background, with noise, so every
 /// threshold, shift and morphology case (edges, single pixels, borders) appears.
@@ -67,6 +67,7 @@ pub(crate) fn check_backend(gpu: &dyn Preprocess) {
     }
     check_boards(gpu);
     check_scaling(gpu);
+    check_window_stacking(gpu);
 }
 
 /// The whole CPU part of an inspection gives the same board on both backends: threshold,
@@ -169,6 +170,29 @@ fn check_scaling(gpu: &dyn Preprocess) {
         (gpu_bad.row, gpu_bad.channel),
         (cpu_bad.row, cpu_bad.channel)
     );
+}
+
+/// Windows of every kind: full, padded at a unit start inside the buffer, padded at the
+/// buffer's first row, window 1, and a buffer starting inside a unit; copies, so exact.
+fn check_window_stacking(gpu: &dyn Preprocess) {
+    let (width, window) = (14, 30);
+    let rows: Vec<f32> = (0..300 * width).map(|v| v as f32 * 0.5 - 7.0).collect();
+    let mut spans: Vec<WindowSpan> = (0..300).map(|last| WindowSpan { last, first: 0 }).collect();
+    spans.extend((120..200).map(|last| WindowSpan { last, first: 117 }));
+    spans.push(WindowSpan {
+        last: 299,
+        first: 299,
+    });
+    for window in [window, 1, 7] {
+        let (mut expected, mut got) = (Vec::new(), Vec::new());
+        CpuPreprocessor
+            .stack_windows(&rows, width, window, &spans, &mut expected)
+            .unwrap();
+        gpu.stack_windows(&rows, width, window, &spans, &mut got)
+            .unwrap();
+        assert_eq!(got.len(), spans.len() * window * width);
+        assert!(got == expected, "stack_windows, window {window}");
+    }
 }
 
 /// Runs the parity checks, or says why this machine cannot.

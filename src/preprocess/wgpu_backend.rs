@@ -14,7 +14,7 @@ use crate::preprocess::{Backend, PreprocessError};
 const BACKEND: &str = "wgpu";
 
 /// The kernels, each a shader file with `common.wgsl` prepended.
-const SHADERS: [(&str, &str, &str); 7] = [
+const SHADERS: [(&str, &str, &str); 8] = [
     (
         "histogram",
         "histogram",
@@ -45,6 +45,11 @@ const SHADERS: [(&str, &str, &str); 7] = [
         "scale_rows",
         "scale_rows",
         include_str!("../../shaders/scale_rows.wgsl"),
+    ),
+    (
+        "stack_windows",
+        "stack_windows",
+        include_str!("../../shaders/stack_windows.wgsl"),
     ),
 ];
 const COMMON: &str = include_str!("../../shaders/common.wgsl");

@@ -73,95 +73,59 @@ impl Scaler {
     }
 }
 
-/// Builds the window ending at each row of one unit at a time, over rows that arrive in pieces
-/// (archive chunks): it keeps only the rows the next windows still need.
-#[derive(Debug, Clone)]
-pub struct Windower {
-    window: usize,
+/// The window ending at buffer row `last` of a unit whose first row is buffer row `first`
+/// (`first <= last`). Rows before `first` repeat it (the padding policy); when the unit began
+/// before the buffer, `first` is 0 and the buffer must hold the `window - 1` rows before `last`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct WindowSpan {
+    pub last: u32,
+    pub first: u32,
+}
+
+impl WindowSpan {
+    /// Rows of the window that repeat the unit's first row.
+    pub fn padded(&self, window: usize) -> usize {
+        (window - 1).saturating_sub((self.last - self.first) as usize)
+    }
+
+    /// Buffer row of the window's row `k` (oldest first).
+    pub fn source_row(&self, window: usize, k: usize) -> usize {
+        (self.last as usize + 1 + k)
+            .saturating_sub(window)
+            .max(self.first as usize)
+    }
+}
+
+/// Appends the window of every span over `rows` (`width` values per row) to `out`:
+/// `[spans, window, width]`, the reference for the GPU `stack_windows` kernels.
+pub fn stack_windows(
+    rows: &[f32],
     width: usize,
-    /// Scaled rows of the current unit, row `0` being the unit's row number `base`.
-    rows: Vec<f32>,
-    base: usize,
-}
-
-/// Rows kept before the buffer is compacted to its last `window - 1` rows.
-const COMPACT_ROWS: usize = 4096;
-
-impl Windower {
-    pub fn new(window: usize, width: usize) -> Windower {
-        Windower {
-            window,
-            width,
-            rows: Vec::with_capacity((COMPACT_ROWS + window) * width),
-            base: 0,
-        }
-    }
-
-    /// Values per window.
-    pub fn window_len(&self) -> usize {
-        self.window * self.width
-    }
-
-    /// Starts a unit; `position` is the unit row number of the next row pushed (0 for the
-    /// unit's first row; more when the stream starts inside the unit to give context).
-    pub fn start_unit(&mut self, position: usize) {
-        self.rows.clear();
-        self.base = position;
-    }
-
-    fn held_rows(&self) -> usize {
-        self.rows.len() / self.width
-    }
-
-    /// Unit row number of the last pushed row.
-    pub fn position(&self) -> usize {
-        (self.base + self.held_rows()).saturating_sub(1)
-    }
-
-    /// Appends one scaled row of the current unit.
-    pub fn push(&mut self, row: &[f32]) {
-        debug_assert_eq!(row.len(), self.width);
-        if self.held_rows() >= COMPACT_ROWS {
-            let keep = self.window.saturating_sub(1);
-            let drop = self.held_rows() - keep;
-            self.rows.drain(..drop * self.width);
-            self.base += drop;
-        }
-        self.rows.extend_from_slice(row);
-    }
-
-    /// Appends the window ending at the last pushed row to `out`; returns how many rows were
-    /// padded (`repeat_first`). Needs the unit's first row or `window - 1` earlier rows pushed.
-    pub fn window_into(&self, out: &mut Vec<f32>) -> usize {
-        let held = self.held_rows();
-        assert!(held > 0, "window of a unit with no rows");
-        let position = self.base + held - 1;
-        if position + 1 >= self.window {
-            let start = held
-                .checked_sub(self.window)
-                .expect("the stream starts at least window - 1 rows before the first scored row");
-            out.extend_from_slice(&self.rows[start * self.width..]);
-            0
-        } else {
-            assert_eq!(self.base, 0, "short-unit windows need the unit's first row");
-            let padded = self.window - held;
-            for _ in 0..padded {
-                out.extend_from_slice(&self.rows[..self.width]);
-            }
-            out.extend_from_slice(&self.rows);
-            padded
+    window: usize,
+    spans: &[WindowSpan],
+    out: &mut Vec<f32>,
+) {
+    out.reserve(spans.len() * window * width);
+    for span in spans {
+        for k in 0..window {
+            let row = span.source_row(window, k);
+            out.extend_from_slice(&rows[row * width..(row + 1) * width]);
         }
     }
 }
 
-/// The window of a unit observed for `rows.len() / width` rows (1..=window), padded by policy:
-/// appended to `out`, padded row count returned.
+/// The window of a unit observed for `rows.len() / width` rows (at least one), padded by
+/// policy: appended to `out`, padded row count returned.
 pub fn single_window(rows: &[f32], window: usize, width: usize, out: &mut Vec<f32>) -> usize {
-    let mut windower = Windower::new(window, width);
-    for row in rows.chunks_exact(width) {
-        windower.push(row);
-    }
-    windower.window_into(out)
+    let held = rows.len() / width;
+    assert!(held > 0, "window of a unit with no rows");
+    let span = WindowSpan {
+        last: (held - 1) as u32,
+        first: 0,
+    };
+    stack_windows(rows, width, window, &[span], out);
+    span.padded(window)
 }
 
 #[cfg(test)]
@@ -212,13 +176,11 @@ mod tests {
 
     #[test]
     fn windows_slide_and_short_units_repeat_their_first_row() {
-        let mut windower = Windower::new(3, 1);
+        let rows = [1.0f32, 2.0, 3.0, 4.0];
+        let spans: Vec<WindowSpan> = (0..4).map(|last| WindowSpan { last, first: 0 }).collect();
         let mut windows = Vec::new();
-        let mut padded = Vec::new();
-        for value in [1.0f32, 2.0, 3.0, 4.0] {
-            windower.push(&[value]);
-            padded.push(windower.window_into(&mut windows));
-        }
+        stack_windows(&rows, 1, 3, &spans, &mut windows);
+        let padded: Vec<usize> = spans.iter().map(|s| s.padded(3)).collect();
         assert_eq!(padded, vec![2, 1, 0, 0]);
         assert_eq!(
             windows,
@@ -227,33 +189,20 @@ mod tests {
         let mut out = Vec::new();
         assert_eq!(single_window(&[7.0, 8.0], 3, 1, &mut out), 1);
         assert_eq!(out, vec![7.0, 7.0, 8.0]);
+        out.clear();
+        assert_eq!(single_window(&[5.0, 6.0, 7.0, 8.0], 3, 1, &mut out), 0);
+        assert_eq!(out, vec![6.0, 7.0, 8.0]);
     }
 
     #[test]
-    fn compaction_and_mid_unit_starts_keep_windows_exact() {
+    fn a_unit_starting_inside_the_buffer_pads_from_its_own_first_row() {
         let width = 2;
-        let rows: Vec<f32> = (0..(COMPACT_ROWS * 3) as u32 * 2)
-            .map(|v| v as f32)
-            .collect();
-        let mut windower = Windower::new(30, width);
-        let mut last = Vec::new();
-        for (i, row) in rows.chunks_exact(width).enumerate() {
-            windower.push(row);
-            if i >= 29 {
-                last.clear();
-                windower.window_into(&mut last);
-                assert_eq!(last[..], rows[(i - 29) * width..(i + 1) * width], "row {i}");
-            }
-        }
-        // Starting at unit row 100 with 29 rows of context gives the same window at row 129.
-        let mut context = Windower::new(30, width);
-        context.start_unit(100);
-        for row in rows[100 * width..130 * width].chunks_exact(width) {
-            context.push(row);
-        }
-        assert_eq!(context.position(), 129);
-        let mut window = Vec::new();
-        assert_eq!(context.window_into(&mut window), 0);
-        assert_eq!(window[..], rows[100 * width..130 * width]);
+        let rows: Vec<f32> = (0..20).map(|v| v as f32).collect();
+        // Rows 0-3 belong to the previous unit; the next unit starts at buffer row 4.
+        let mut out = Vec::new();
+        let span = WindowSpan { last: 5, first: 4 };
+        stack_windows(&rows, width, 4, &[span], &mut out);
+        assert_eq!(span.padded(4), 2);
+        assert_eq!(out, vec![8.0, 9.0, 8.0, 9.0, 8.0, 9.0, 10.0, 11.0]);
     }
 }

@@ -88,6 +88,30 @@ pub fn write_generic(dir: &Path, name: &str, table: &Table) -> PathBuf {
     path
 }
 
+/// `linescan job run ARCHIVE --out OUT --quiet` on `repository`; panics with its output on
+/// failure, returns its stdout.
+pub fn job_run(repository: &Path, archive: &Path, out: &Path, extra: &[&str]) -> String {
+    let mut args = vec![
+        "job",
+        "run",
+        archive.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--quiet",
+        "--model-repository",
+        repository.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let output = crate::common::run_cli(&args);
+    let stdout = String::from_utf8_lossy(&output.stdout).to_string();
+    assert!(
+        output.status.success(),
+        "job run failed: {stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
 /// Rows of a result table read with the hdf5 crate.
 pub struct ResultColumns {
     pub unit: Vec<i64>,
