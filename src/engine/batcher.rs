@@ -382,13 +382,22 @@ impl Worker {
         let input_count = self.config.inputs.len();
         self.scratch.resize_with(input_count, AlignedBytes::default);
         let mut shapes: Vec<Vec<usize>> = Vec::with_capacity(input_count);
-        for index in 0..input_count {
+        // A batch of one request whose buffer is aligned for its type (crops made in process,
+        // say) is handed over as it is; anything else is gathered into the scratch buffers.
+        let mut direct: Vec<Option<&[u8]>> = Vec::with_capacity(input_count);
+        for (index, spec) in self.config.inputs.iter().enumerate() {
             let first = &batch[0].inputs[index];
             let mut shape = first.shape.clone();
             if self.config.batching() {
                 shape[0] = rows;
             }
             shapes.push(shape);
+            let aligned = first.data.as_ptr() as usize % spec.datatype.size() == 0;
+            if batch.len() == 1 && aligned {
+                direct.push(Some(&first.data));
+                continue;
+            }
+            direct.push(None);
             let buffer = &mut self.scratch[index];
             buffer.clear();
             for request in batch {
@@ -400,11 +409,11 @@ impl Worker {
             .inputs
             .iter()
             .zip(&shapes)
-            .zip(&self.scratch)
-            .map(|((spec, shape), buffer)| BatchInput {
+            .zip(direct.iter().zip(&self.scratch))
+            .map(|((spec, shape), (direct, buffer))| BatchInput {
                 dtype: spec.datatype,
                 shape,
-                data: buffer.as_bytes(),
+                data: direct.unwrap_or(buffer.as_bytes()),
             })
             .collect();
         self.session.run(&inputs).map_err(|e| e.to_string())
