@@ -6,7 +6,8 @@ training pairs; the held-out groups (evaluate.VAL_GROUPS) are never used for
 calibration. The quantised model keeps the FP32 interface: input `crops` FP32
 [N,6,64,64], outputs `class_probs` FP32 [N,7] and `boxes` FP32 [N,4].
 
-    # quantise (QDQ, per-channel weights, 150 calibration pairs; output heads stay FP32)
+    # quantise (QDQ, per-channel weights, 150 calibration pairs; the output heads and each
+    # trunk's first conv stay FP32)
     .venv/bin/python models/train/aoi/quantize.py --model /tmp/aoi_full/model.onnx \
         --out /tmp/aoi_int8/model.onnx
     # QOperator format instead of QDQ
@@ -86,8 +87,19 @@ def head_nodes(m):
     return sorted({n.name for n in keep})
 
 
+def first_convs(m):
+    """The first convolution of each trunk (3 input channels, 64x64 -> 32x32), fed by a Slice
+    of the graph input. Kept FP32: in INT8 they took 42% of ONNX Runtime's time (a K=27
+    im2col suits the int8 kernels badly, and the input needs a QuantizeLinear pass), while
+    FP32 runs them 1.24x faster end to end and moves the model closer to the FP32 one."""
+    inputs = {i.name for i in m.graph.input}
+    sliced = {n.output[0] for n in m.graph.node if n.op_type == "Slice" and n.input[0] in inputs}
+    return sorted(n.name for n in m.graph.node
+                  if n.op_type == "Conv" and (n.input[0] in inputs or n.input[0] in sliced))
+
+
 def quantize(model, out, crops, fmt="qdq", per_channel=True, method="minmax",
-             reduce_range=False, fp32_heads=True):
+             reduce_range=False, fp32_heads=True, fp32_first=True):
     import onnx
     from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType,
                                           quantize_static)
@@ -99,6 +111,8 @@ def quantize(model, out, crops, fmt="qdq", per_channel=True, method="minmax",
     quant_pre_process(model, pre, skip_symbolic_shape=False)
     m = onnx.load(pre)
     excl = head_nodes(m) if fp32_heads else [n.name for n in m.graph.node if n.op_type == "Softmax"]
+    if fp32_first:
+        excl += first_convs(m)
     print(f"kept FP32: {excl}", file=sys.stderr)
     meth = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
             "percentile": CalibrationMethod.Percentile}[method]
@@ -192,6 +206,8 @@ def main():
     ap.add_argument("--reduce-range", action="store_true")
     ap.add_argument("--quantize-heads", action="store_true",
                     help="also quantise the two output Gemms (default: kept FP32; Softmax always FP32)")
+    ap.add_argument("--int8-first-conv", action="store_true",
+                    help="also quantise each trunk's first conv (default: kept FP32, see first_convs)")
     ap.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "linescan_aoi_quant"),
                     help="folder for the crop arrays (calibration and benchmark)")
     ap.add_argument("--bench", nargs="+", metavar="MODEL", help="time these models instead of quantising")
@@ -228,7 +244,7 @@ def main():
     crops = np.load(f)
     print(f"calibration crops: {len(crops)}", file=sys.stderr)
     quantize(args.model, args.out, crops, args.format, not args.per_tensor, args.method,
-             args.reduce_range, not args.quantize_heads)
+             args.reduce_range, not args.quantize_heads, not args.int8_first_conv)
     print(f"wrote {args.out}")
     print("FP32 vs INT8 on the calibration crops:", compare(args.model, args.out, crops))
 
