@@ -392,7 +392,7 @@ impl Worker {
                 shape[0] = rows;
             }
             shapes.push(shape);
-            let aligned = first.data.as_ptr() as usize % spec.datatype.size() == 0;
+            let aligned = (first.data.as_ptr() as usize).is_multiple_of(spec.datatype.size());
             if batch.len() == 1 && aligned {
                 direct.push(Some(&first.data));
                 continue;
