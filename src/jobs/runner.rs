@@ -174,8 +174,7 @@ impl HeldRows {
     }
 
     /// The batch's windows appended to `out` (its padding recorded in `meta`), stacked by the
-    /// preprocessing backend. A window whose unit began before `base` has its `window - 1`
-    /// earlier rows held, so its span may start at row 0.
+    /// preprocessing backend from the rows they read, and only those (a GPU uploads them).
     fn stack(
         &self,
         preprocess: &dyn Preprocess,
@@ -183,19 +182,33 @@ impl HeldRows {
         meta: &mut BatchMeta,
         out: &mut Vec<f32>,
     ) -> Result<(), PreprocessError> {
+        // Archive row of each window's oldest row: its unit's first row when it is padded.
+        let oldest =
+            |&(row, unit_first): &(usize, usize)| (row + 1).saturating_sub(window).max(unit_first);
+        let (Some(from), Some(to)) = (
+            meta.ends.iter().map(oldest).min(),
+            meta.ends.iter().map(|&(row, _)| row + 1).max(),
+        ) else {
+            return Ok(());
+        };
+        assert!(
+            from >= self.base,
+            "window rows {from}.. were dropped (held from {})",
+            self.base
+        );
+        // A window whose unit began before `from` reads `window` rows from `from` on, so its
+        // span may start at row 0 of the slice.
         let spans: Vec<WindowSpan> = meta
             .ends
             .iter()
-            .map(|&(row, unit_first)| {
-                debug_assert!(row + 1 >= self.base + window || unit_first >= self.base);
-                WindowSpan {
-                    last: (row - self.base) as u32,
-                    first: unit_first.saturating_sub(self.base) as u32,
-                }
+            .map(|&(row, unit_first)| WindowSpan {
+                last: (row - from) as u32,
+                first: unit_first.saturating_sub(from) as u32,
             })
             .collect();
         meta.padded = spans.iter().map(|s| s.padded(window) as u16).collect();
-        preprocess.stack_windows(&self.rows, self.width, window, &spans, out)
+        let rows = &self.rows[(from - self.base) * self.width..(to - self.base) * self.width];
+        preprocess.stack_windows(rows, self.width, window, &spans, out)
     }
 }
 
