@@ -9,10 +9,11 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use linescan::aoi::align::estimate_shift;
 use linescan::aoi::binarize::otsu_threshold;
 use linescan::aoi::bitimage::BitImage;
-use linescan::aoi::candidates::candidates;
+use linescan::aoi::candidates::candidates_in_masks;
 use linescan::aoi::params::PipelineParams;
 use linescan::aoi::pipeline::{PreparedTemplate, prepare_board};
 use linescan::aoi::synthetic::{self, DefectKind};
+use linescan::preprocess::cpu::CpuPreprocessor;
 use linescan::preprocess::{BackendChoice, Preprocess, select};
 use linescan::sensors::channels::ChannelMap;
 use linescan::sensors::params::{Padding, SensorParams};
@@ -44,11 +45,17 @@ fn stages(c: &mut Criterion) {
         params.align_radius,
         params.align_step,
     );
-    let aligned = template.bits.shifted(shift.dx, shift.dy);
-    let valid = BitImage::valid_after_shift(width, height, shift.dx, shift.dy);
-    let difference = test_bits.xor(&aligned).and(&valid);
-    let found = candidates(&difference, &params);
-    let channels = [&test_bits, &aligned, &difference];
+    let comparison = CpuPreprocessor
+        .compare(
+            &test_bits,
+            &template.bits,
+            (shift.dx, shift.dy),
+            params.open_size,
+            params.merge_size,
+        )
+        .unwrap();
+    let found = candidates_in_masks(&comparison.opened, &comparison.merged, &params);
+    let channels = [&test_bits, &comparison.aligned, &comparison.difference];
 
     // A C-MAPSS-like chunk: 16,384 rows of 24 columns, 14 used by the model.
     let names: Vec<String> = (0..24).map(|i| format!("c_{i}")).collect();

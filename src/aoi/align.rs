@@ -69,13 +69,23 @@ fn estimate_shift_portable(
     step: usize,
 ) -> Shift {
     let order = shift_order(radius as isize);
+    // Shifts are visited column by column (all dy of one dx, then the next dx) so that the
+    // shifted template rows stay in one small cache plane.
+    let mut visits: Vec<usize> = (0..order.len()).collect();
+    visits.sort_by_key(|&index| (order[index].0, index));
     let step = step.max(1);
     let mut counter = Counter::new(test, template);
     let grid = Grid::new(test, step);
     // A coarse pass on a sparser grid finds a likely winner whose exact count then bounds
     // the exact pass from its first shift on. Only speed depends on it, never the answer.
     let seed = if step < 4 {
-        let coarse = search(&mut counter, &Grid::new(test, COARSE * step), &order, None);
+        let coarse = search(
+            &mut counter,
+            &Grid::new(test, COARSE * step),
+            &order,
+            &visits,
+            None,
+        );
         let exact = counter.count(&grid, coarse.dx, coarse.dy, u64::MAX);
         let index = order
             .iter()
@@ -85,25 +95,22 @@ fn estimate_shift_portable(
     } else {
         None
     };
-    search(&mut counter, &grid, &order, seed)
+    search(&mut counter, &grid, &order, &visits, seed)
 }
 
-/// First minimum in `order`. `seed` = (exact count, order index) of a known shift.
-///
-/// Shifts are visited column by column (all dy of one dx, then the next dx) so that the
-/// shifted template rows stay in one small cache plane; the order only decides ties, which
-/// the limits below resolve exactly as a visit in `order` would.
+/// First minimum in `order`, visiting the shifts at the `visits` indices of `order`. `seed` =
+/// (exact count, order index) of a known shift. The visit order only decides ties, which the
+/// limits below resolve exactly as a visit in `order` would.
 #[inline(always)]
 fn search(
     counter: &mut Counter,
     grid: &Grid,
     order: &[(isize, isize)],
+    visits: &[usize],
     seed: Option<(u64, usize)>,
 ) -> Shift {
-    let mut visits: Vec<usize> = (0..order.len()).collect();
-    visits.sort_by_key(|&index| (order[index].0, index));
     let (mut best_count, mut best_index) = seed.unwrap_or((u64::MAX, usize::MAX));
-    for index in visits {
+    for &index in visits {
         let (dx, dy) = order[index];
         // Beating the best needs a smaller count, or an equal one earlier in the order.
         let limit = if index < best_index {

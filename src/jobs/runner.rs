@@ -407,7 +407,8 @@ pub fn run(
             first_row,
             units: Vec::with_capacity(batch),
             cycles: Vec::with_capacity(batch),
-            padded: Vec::with_capacity(batch),
+            // Derived from `ends` when the batch is stacked.
+            padded: Vec::new(),
             ends: Vec::with_capacity(batch),
         };
         let mut windows: Vec<f32> = Vec::with_capacity(batch * window_len);
