@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets the machine up if needed, then runs every test: unit tests, integration tests that start
-# the real server on ephemeral ports, and the tritonclient compatibility test.
+# the real server on ephemeral ports, the tritonclient compatibility test, the wgpu kernels on
+# lavapipe and every CUDA kernel compiled by NVRTC (a GPU, where present, also runs them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 deploy/setup.sh
-LINESCAN_REQUIRE_PYTHON_CLIENT=1 LINESCAN_REQUIRE_WGPU=1 cargo test --release --locked "$@"
+LINESCAN_REQUIRE_PYTHON_CLIENT=1 LINESCAN_REQUIRE_WGPU=1 LINESCAN_REQUIRE_NVRTC=1 cargo test --release --locked "$@"

@@ -11,6 +11,7 @@ pub mod engine;
 pub mod jobs;
 pub mod metrics;
 pub mod preprocess;
+pub mod python_env;
 pub mod runtime;
 pub mod sensors;
 pub mod server;

@@ -17,6 +17,7 @@ use cudarc::nvrtc::{CompileError, CompileOptions, Ptx};
 
 use crate::preprocess::gpu::{Arg, KernelRunner, Step};
 use crate::preprocess::launch::{GROUP_SIZE, LaunchParams};
+use crate::preprocess::nvrtc;
 use crate::preprocess::{Backend, PreprocessError};
 
 const BACKEND: &str = "cuda";
@@ -214,14 +215,9 @@ impl CudaPreprocessor {
         if !unsafe { cudarc::driver::sys::is_culib_present() } {
             return Err(unavailable("no NVIDIA driver (libcuda.so.1 not found)"));
         }
-        if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
-            return Err(unavailable(
-                "the NVIDIA driver is present but NVRTC is not (libnvrtc.so.13 or .12 not \
-                 found: install the CUDA runtime compiler, e.g. `pip install \
-                 nvidia-cuda-nvrtc` or the toolkit's cuda-nvrtc package, and put its lib \
-                 folder on LD_LIBRARY_PATH)",
-            ));
-        }
+        let nvrtc_library = nvrtc::ensure_loaded()
+            .map_err(|reason| unavailable(format!("the NVIDIA driver is present but {reason}")))?;
+        tracing::debug!(library = %nvrtc_library, "NVRTC found");
         let ordinal = match std::env::var("LINESCAN_CUDA_DEVICE") {
             Ok(value) => value.parse().map_err(|_| {
                 unavailable(format!(
@@ -243,11 +239,7 @@ impl CudaPreprocessor {
         );
         let nvrtc = nvrtc_version().map_err(unavailable)?;
         let arch = ptx_arch(major * 10 + minor).map_err(unavailable)?;
-        let options = vec![
-            format!("--gpu-architecture=compute_{arch}"),
-            // No contraction, so f32 arithmetic rounds exactly as the WGSL twins spell it.
-            "--fmad=false".to_string(),
-        ];
+        let options = compile_options(arch);
         let mut functions = HashMap::new();
         for (file, source, entries) in KERNELS {
             let module = load_module(&context, file, source, &options, nvrtc)?;
@@ -265,6 +257,14 @@ impl CudaPreprocessor {
             lanes: Mutex::new(Vec::new()),
         })
     }
+}
+
+fn compile_options(arch: i32) -> Vec<String> {
+    vec![
+        format!("--gpu-architecture=compute_{arch}"),
+        // No contraction, so f32 arithmetic rounds exactly as the WGSL twins spell it.
+        "--fmad=false".to_string(),
+    ]
 }
 
 fn nvrtc_version() -> Result<(i32, i32), cudarc::nvrtc::result::NvrtcError> {
@@ -343,8 +343,22 @@ fn load_module(
             ),
         }
     }
-    let compiled = cudarc::nvrtc::compile_ptx_with_opts(
-        &source,
+    let compiled = compile(file, &source, options)?;
+    if let Some(path) = &path
+        && let Err(e) = write_cache(path, &compiled.to_src())
+    {
+        tracing::warn!("cannot cache PTX at {}: {e}", path.display());
+    }
+    context.load_module(compiled).map_err(|e| {
+        // Typically CUDA_ERROR_UNSUPPORTED_PTX_VERSION: an NVRTC newer than the driver.
+        unavailable(format!("kernels/{file}.cu did not load: {e}"))
+    })
+}
+
+/// PTX of one kernel file (with `common.cuh` prepended) from NVRTC.
+fn compile(file: &str, source: &str, options: &[String]) -> Result<Ptx, PreprocessError> {
+    cudarc::nvrtc::compile_ptx_with_opts(
+        source,
         CompileOptions {
             options: options.to_vec(),
             name: Some(format!("{file}.cu")),
@@ -357,15 +371,6 @@ fn load_module(
             log.to_string_lossy()
         )),
         other => unavailable(format!("kernels/{file}.cu: {other}")),
-    })?;
-    if let Some(path) = &path
-        && let Err(e) = write_cache(path, &compiled.to_src())
-    {
-        tracing::warn!("cannot cache PTX at {}: {e}", path.display());
-    }
-    context.load_module(compiled).map_err(|e| {
-        // Typically CUDA_ERROR_UNSUPPORTED_PTX_VERSION: an NVRTC newer than the driver.
-        unavailable(format!("kernels/{file}.cu did not load: {e}"))
     })
 }
 
@@ -464,6 +469,36 @@ mod tests {
                     .iter()
                     .any(|(_, _, entries)| entries.contains(&launched))
             );
+        }
+    }
+
+    #[test]
+    fn every_kernel_compiles_with_nvrtc() {
+        // NVRTC needs no GPU: CI installs it from PyPI (deploy/requirements.txt), so the CUDA C
+        // goes through the real compiler on every run; LINESCAN_REQUIRE_NVRTC=1 (deploy/test.sh)
+        // turns its absence into a failure instead of a skip.
+        if let Err(reason) = nvrtc::ensure_loaded() {
+            assert!(
+                std::env::var_os("LINESCAN_REQUIRE_NVRTC").is_none(),
+                "LINESCAN_REQUIRE_NVRTC is set but {reason}"
+            );
+            eprintln!("skipped: {reason}");
+            return;
+        }
+        // Jetson Orin (sm_87) and H100 (sm_90), as start() would pick for those devices.
+        for device in [87, 90] {
+            let options = compile_options(ptx_arch(device).unwrap());
+            for (file, source, entries) in KERNELS {
+                let ptx = compile(file, &format!("{COMMON}\n{source}"), &options)
+                    .unwrap_or_else(|e| panic!("sm_{device}: {e}"))
+                    .to_src();
+                for entry in entries {
+                    assert!(
+                        ptx.contains(&format!(".entry {entry}(")),
+                        "sm_{device}: the PTX of kernels/{file}.cu has no entry {entry}"
+                    );
+                }
+            }
         }
     }
 

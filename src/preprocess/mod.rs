@@ -12,6 +12,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod gpu;
 mod launch;
+mod nvrtc;
 pub mod wgpu_backend;
 
 use std::sync::Arc;

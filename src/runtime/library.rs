@@ -3,11 +3,11 @@
 //! a `lib/` folder beside the executable, then the `onnxruntime` package of `python3`.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::OnceLock;
 
 use ort::environment::Environment;
 
+use crate::python_env;
 use crate::runtime::RuntimeError;
 
 pub const REQUIRED_VERSION: &str = "1.31.1";
@@ -48,21 +48,23 @@ pub fn locate() -> Result<PathBuf, RuntimeError> {
         }
         looked.push(format!("${var} (unset)"));
     }
-    let mut folders: Vec<PathBuf> = Vec::new();
-    for venv in [Path::new(".venv"), Path::new("../.venv")] {
-        folders.extend(site_packages_capi(venv));
-    }
+    let mut folders: Vec<PathBuf> = python_env::venv_site_packages()
+        .into_iter()
+        .map(|site| site.join("onnxruntime/capi"))
+        .collect();
     if let Some(exe_dir) = std::env::current_exe()
         .ok()
         .and_then(|p| p.parent().map(Path::to_path_buf))
     {
         folders.push(exe_dir.join("lib"));
-        // target/release/linescan → the repository's .venv
-        if let Some(repo) = exe_dir.parent().and_then(Path::parent) {
-            folders.extend(site_packages_capi(&repo.join(".venv")));
-        }
     }
-    folders.extend(python_package_capi());
+    folders.extend(
+        python_env::python3_paths(
+            "import onnxruntime, os; print(os.path.dirname(onnxruntime.__file__))",
+        )
+        .into_iter()
+        .map(|package| package.join("capi")),
+    );
     for folder in &folders {
         if let Some(lib) = library_in(folder) {
             return Ok(lib);
@@ -74,32 +76,6 @@ pub fn locate() -> Result<PathBuf, RuntimeError> {
          (into ./.venv or the python3 on PATH) or set ORT_DYLIB_PATH to the library file. Looked in: {}",
         looked.join(", ")
     )))
-}
-
-fn site_packages_capi(venv: &Path) -> Vec<PathBuf> {
-    let Ok(entries) = std::fs::read_dir(venv.join("lib")) else {
-        return Vec::new();
-    };
-    entries
-        .flatten()
-        .map(|e| e.path().join("site-packages/onnxruntime/capi"))
-        .filter(|p| p.is_dir())
-        .collect()
-}
-
-fn python_package_capi() -> Option<PathBuf> {
-    let output = Command::new("python3")
-        .args([
-            "-c",
-            "import onnxruntime, os; print(os.path.dirname(onnxruntime.__file__))",
-        ])
-        .output()
-        .ok()?;
-    if !output.status.success() {
-        return None;
-    }
-    let dir = String::from_utf8(output.stdout).ok()?;
-    Some(PathBuf::from(dir.trim()).join("capi"))
 }
 
 /// `libonnxruntime.so.<version>` preferred over the unversioned name.
