@@ -29,43 +29,51 @@ fn find_and_load() -> Result<String, String> {
     if present() {
         return Ok("the library search path".into());
     }
-    let folders = wheel_folders();
-    for path in folders
-        .iter()
-        .flat_map(|folder| LIBRARIES.map(|name| folder.join(name)))
-        .filter(|path| path.is_file())
-    {
-        // SAFETY: NVRTC's initialisers have no preconditions. The library stays loaded for the
-        // life of the process, as cudarc goes on using it by name.
-        match unsafe { libloading::Library::new(&path) } {
-            Ok(library) => {
-                std::mem::forget(library);
-                if present() {
-                    return Ok(path.display().to_string());
+    let mut looked = Vec::new();
+    for folder in wheel_folders() {
+        for path in LIBRARIES
+            .map(|name| folder.join(name))
+            .into_iter()
+            .filter(|path| path.is_file())
+        {
+            // SAFETY: NVRTC's initialisers have no preconditions. The library stays loaded for
+            // the life of the process, as cudarc goes on using it by name.
+            match unsafe { libloading::Library::new(&path) } {
+                Ok(library) => {
+                    std::mem::forget(library);
+                    if present() {
+                        return Ok(path.display().to_string());
+                    }
                 }
+                Err(e) => tracing::warn!("cannot load {}: {e}", path.display()),
             }
-            Err(e) => tracing::warn!("cannot load {}: {e}", path.display()),
         }
+        looked.push(folder.display().to_string());
     }
-    let looked: Vec<String> = folders.iter().map(|f| f.display().to_string()).collect();
+    let looked = if looked.is_empty() {
+        "no NVIDIA wheel folder in ./.venv or python3's site-packages".to_string()
+    } else {
+        looked.join(", ")
+    };
     Err(format!(
-        "NVRTC not found: neither {} is on the library search path nor in [{}]; install the \
+        "NVRTC not found: {} not on the library search path, nor in {looked}; install the \
          CUDA runtime compiler with `pip install nvidia-cuda-nvrtc` (CUDA 13; \
          nvidia-cuda-nvrtc-cu12 for 12) into ./.venv, or put the toolkit's lib folder on \
          LD_LIBRARY_PATH",
-        LIBRARIES.join(" nor "),
-        looked.join(", ")
+        LIBRARIES.join(" or "),
     ))
 }
 
-fn wheel_folders() -> Vec<PathBuf> {
-    let mut sites = python_env::venv_site_packages();
-    sites.extend(python_env::python3_paths(
-        "import site; print('\\n'.join(site.getsitepackages()))",
-    ));
-    sites
-        .iter()
+/// The wheels' library folders in the virtual environments first; `python3` is asked (a
+/// child process) only when those hold no NVRTC.
+fn wheel_folders() -> impl Iterator<Item = PathBuf> {
+    let python3 = std::iter::once_with(|| {
+        python_env::python3_paths("import site; print('\\n'.join(site.getsitepackages()))")
+    })
+    .flatten();
+    python_env::venv_site_packages()
+        .into_iter()
+        .chain(python3)
         .flat_map(|site| WHEEL_FOLDERS.map(|folder| site.join(folder)))
         .filter(|folder| folder.is_dir())
-        .collect()
 }

@@ -58,15 +58,16 @@ pub fn locate() -> Result<PathBuf, RuntimeError> {
     {
         folders.push(exe_dir.join("lib"));
     }
-    folders.extend(
+    // python3 is asked only when nothing closer has the library.
+    let python3 = std::iter::once_with(|| {
         python_env::python3_paths(
             "import onnxruntime, os; print(os.path.dirname(onnxruntime.__file__))",
         )
-        .into_iter()
-        .map(|package| package.join("capi")),
-    );
-    for folder in &folders {
-        if let Some(lib) = library_in(folder) {
+    })
+    .flatten()
+    .map(|package| package.join("capi"));
+    for folder in folders.into_iter().chain(python3) {
+        if let Some(lib) = library_in(&folder) {
             return Ok(lib);
         }
         looked.push(folder.display().to_string());
