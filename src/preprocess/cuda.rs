@@ -472,17 +472,26 @@ mod tests {
         }
     }
 
+    /// NVRTC needs no GPU: CI installs it from PyPI (deploy/requirements.txt), so the CUDA C
+    /// goes through the real compiler on every run. LINESCAN_REQUIRE_NVRTC=1 (deploy/test.sh)
+    /// turns its absence into a failure instead of a skip.
+    fn nvrtc_present_or_skip() -> bool {
+        match nvrtc::ensure_loaded() {
+            Ok(_) => true,
+            Err(reason) => {
+                assert!(
+                    std::env::var_os("LINESCAN_REQUIRE_NVRTC").is_none(),
+                    "LINESCAN_REQUIRE_NVRTC is set but {reason}"
+                );
+                eprintln!("skipped: {reason}");
+                false
+            }
+        }
+    }
+
     #[test]
     fn every_kernel_compiles_with_nvrtc() {
-        // NVRTC needs no GPU: CI installs it from PyPI (deploy/requirements.txt), so the CUDA C
-        // goes through the real compiler on every run; LINESCAN_REQUIRE_NVRTC=1 (deploy/test.sh)
-        // turns its absence into a failure instead of a skip.
-        if let Err(reason) = nvrtc::ensure_loaded() {
-            assert!(
-                std::env::var_os("LINESCAN_REQUIRE_NVRTC").is_none(),
-                "LINESCAN_REQUIRE_NVRTC is set but {reason}"
-            );
-            eprintln!("skipped: {reason}");
+        if !nvrtc_present_or_skip() {
             return;
         }
         // Jetson Orin (sm_87) and H100 (sm_90), as start() would pick for those devices.
@@ -497,6 +506,58 @@ mod tests {
                         ptx.contains(&format!(".entry {entry}(")),
                         "sm_{device}: the PTX of kernels/{file}.cu has no entry {entry}"
                     );
+                }
+            }
+        }
+    }
+
+    /// NVRTC's log of compiling `source` to machine code (SASS) for `sm_{arch}`, with ptxas'
+    /// resource report, or the log of the failure.
+    fn assemble(source: &str, arch: i32) -> Result<String, String> {
+        use cudarc::nvrtc::result;
+        let source = std::ffi::CString::new(source).expect("no NUL in the kernels");
+        let program = result::create_program(&source, None).map_err(|e| e.to_string())?;
+        let options = [
+            format!("--gpu-architecture=sm_{arch}"),
+            "--fmad=false".to_string(),
+            "--ptxas-options=-v".to_string(),
+        ];
+        // SAFETY: `program` was just created and is destroyed once, below.
+        let compiled = unsafe { result::compile_program(program, &options) };
+        let log = unsafe { result::get_program_log(program) }.map_err(|e| e.to_string())?;
+        unsafe { result::destroy_program(program) }.map_err(|e| e.to_string())?;
+        let log: Vec<u8> = log.iter().map(|c| *c as u8).filter(|b| *b != 0).collect();
+        let log = String::from_utf8_lossy(&log).into_owned();
+        compiled
+            .map(|()| log.clone())
+            .map_err(|e| format!("{e}: {log}"))
+    }
+
+    #[test]
+    fn every_kernel_assembles_for_orin_and_h100_without_spills() {
+        // The step the driver would otherwise first take on the GPU machine: PTX to machine
+        // code, with register allocation. ptxas' report goes to the test output.
+        if !nvrtc_present_or_skip() {
+            return;
+        }
+        for arch in [87, 90] {
+            for (file, source, entries) in KERNELS {
+                let log = assemble(&format!("{COMMON}\n{source}"), arch)
+                    .unwrap_or_else(|e| panic!("kernels/{file}.cu for sm_{arch}: {e}"));
+                for entry in entries {
+                    assert!(
+                        log.contains(&format!("Function properties for {entry}")),
+                        "sm_{arch}: no machine code for {entry} in kernels/{file}.cu:\n{log}"
+                    );
+                }
+                for line in log.lines().filter(|l| l.contains("spill")) {
+                    assert!(
+                        line.contains(" 0 bytes spill stores, 0 bytes spill loads"),
+                        "sm_{arch}, kernels/{file}.cu spills registers: {line}"
+                    );
+                }
+                for line in log.lines().filter(|l| l.contains("Used")) {
+                    eprintln!("sm_{arch} {file}: {}", line.trim());
                 }
             }
         }
