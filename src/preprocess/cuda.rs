@@ -328,7 +328,7 @@ fn load_module(
     options: &[String],
     nvrtc: (i32, i32),
 ) -> Result<Arc<CudaModule>, PreprocessError> {
-    let source = format!("{COMMON}\n{source}");
+    let source = with_common(source);
     let path = cache_dir().map(|dir| dir.join(cache_key(&source, options, nvrtc)));
     if let Some(path) = &path
         && let Ok(ptx) = std::fs::read_to_string(path)
@@ -355,7 +355,12 @@ fn load_module(
     })
 }
 
-/// PTX of one kernel file (with `common.cuh` prepended) from NVRTC.
+/// What NVRTC compiles for a kernel file: `common.cuh`, then the file.
+fn with_common(source: &str) -> String {
+    format!("{COMMON}\n{source}")
+}
+
+/// PTX of one kernel file (after [`with_common`]) from NVRTC.
 fn compile(file: &str, source: &str, options: &[String]) -> Result<Ptx, PreprocessError> {
     cudarc::nvrtc::compile_ptx_with_opts(
         source,
@@ -498,7 +503,7 @@ mod tests {
         for device in [87, 90] {
             let options = compile_options(ptx_arch(device).unwrap());
             for (file, source, entries) in KERNELS {
-                let ptx = compile(file, &format!("{COMMON}\n{source}"), &options)
+                let ptx = compile(file, &with_common(source), &options)
                     .unwrap_or_else(|e| panic!("sm_{device}: {e}"))
                     .to_src();
                 for entry in entries {
@@ -542,7 +547,7 @@ mod tests {
         }
         for arch in [87, 90] {
             for (file, source, entries) in KERNELS {
-                let log = assemble(&format!("{COMMON}\n{source}"), arch)
+                let log = assemble(&with_common(source), arch)
                     .unwrap_or_else(|e| panic!("kernels/{file}.cu for sm_{arch}: {e}"));
                 for entry in entries {
                     assert!(

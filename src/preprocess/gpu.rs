@@ -54,6 +54,33 @@ fn words(bytes: &[u8]) -> &[u32] {
     bytemuck::cast_slice(bytes)
 }
 
+impl<R: KernelRunner> GpuKernels<R> {
+    /// One `kernel` that reads two inputs and writes `launch.count` f32 values (the crop batch,
+    /// the window batch), appended to `out`.
+    fn gather(
+        &self,
+        kernel: &'static str,
+        [first, second]: [&[u8]; 2],
+        launch: LaunchParams,
+        out: &mut Vec<f32>,
+    ) -> Result<(), PreprocessError> {
+        self.0.run(
+            &[
+                Arg::Input(first),
+                Arg::Input(second),
+                Arg::Output(launch.count as usize * 4),
+            ],
+            &[Step {
+                kernel,
+                params: launch,
+                bindings: &[0, 1, 2],
+            }],
+            &[2],
+            |result| out.extend_from_slice(bytemuck::cast_slice(result[0])),
+        )
+    }
+}
+
 impl<R: KernelRunner> Preprocess for GpuKernels<R> {
     fn backend(&self) -> Backend {
         self.0.backend()
@@ -215,19 +242,11 @@ impl<R: KernelRunner> Preprocess for GpuKernels<R> {
             c: size as u32,
             ..LaunchParams::per_word(first.width(), first.height())
         };
-        self.0.run(
-            &[
-                Arg::Input(bytemuck::cast_slice(&images)),
-                Arg::Input(bytemuck::cast_slice(&planes)),
-                Arg::Output(launch.count as usize * 4),
-            ],
-            &[Step {
-                kernel: "crops",
-                params: launch,
-                bindings: &[0, 1, 2],
-            }],
-            &[2],
-            |result| out.extend_from_slice(bytemuck::cast_slice(result[0])),
+        self.gather(
+            "crops",
+            [bytemuck::cast_slice(&images), bytemuck::cast_slice(&planes)],
+            launch,
+            out,
         )
     }
 
@@ -289,19 +308,11 @@ impl<R: KernelRunner> Preprocess for GpuKernels<R> {
             d: window as u32,
             ..LaunchParams::default()
         };
-        self.0.run(
-            &[
-                Arg::Input(bytemuck::cast_slice(rows)),
-                Arg::Input(bytemuck::cast_slice(spans)),
-                Arg::Output(launch.count as usize * 4),
-            ],
-            &[Step {
-                kernel: "stack_windows",
-                params: launch,
-                bindings: &[0, 1, 2],
-            }],
-            &[2],
-            |result| out.extend_from_slice(bytemuck::cast_slice(result[0])),
+        self.gather(
+            "stack_windows",
+            [bytemuck::cast_slice(rows), bytemuck::cast_slice(spans)],
+            launch,
+            out,
         )
     }
 }
