@@ -49,6 +49,8 @@ pub fn make_crops(
 struct WindowScratch {
     window_row: Vec<u64>,
     sums: Vec<u32>,
+    /// One output row, padded to whole 64-pixel words so the word paths write fixed-size chunks.
+    row: Vec<f32>,
 }
 
 impl WindowScratch {
@@ -56,6 +58,7 @@ impl WindowScratch {
         WindowScratch {
             window_row: vec![0u64; max_window.div_ceil(64)],
             sums: vec![0u32; size],
+            row: vec![0.0; size.div_ceil(64) * 64],
         }
     }
 
@@ -80,31 +83,32 @@ impl WindowScratch {
     fn copy_pixels(&mut self, image: &BitImage, origin: (isize, isize), out: &mut Vec<f32>) {
         let size = self.sums.len();
         for i in 0..size {
-            let mut left = size;
-            for k in 0..size.div_ceil(64) {
-                let word = row_bits(image, origin.1 + i as isize, origin.0 + 64 * k as isize);
-                for byte in word.to_le_bytes() {
-                    let n = left.min(8);
-                    out.extend_from_slice(&BYTE_PIXELS[byte as usize][..n]);
-                    left -= n;
-                    if left == 0 {
-                        break;
-                    }
+            let y = origin.1 + i as isize;
+            // Fixed-size chunks: the table rows become plain stores, not a memcpy call each.
+            for (k, word_pixels) in self.row.chunks_exact_mut(64).enumerate() {
+                let word = row_bits(image, y, origin.0 + 64 * k as isize);
+                for (byte, pixels) in word
+                    .to_le_bytes()
+                    .iter()
+                    .zip(word_pixels.chunks_exact_mut(8))
+                {
+                    pixels.copy_from_slice(&BYTE_PIXELS[*byte as usize]);
                 }
             }
+            out.extend_from_slice(&self.row[..size]);
         }
     }
 
     /// Scale 2: 2x2 block counts of 32 blocks at once from two rows (SWAR, 4-bit fields).
     fn average_pairs(&mut self, image: &BitImage, origin: (isize, isize), out: &mut Vec<f32>) {
-        // count / 4 for counts 0..=4, exactly what the generic path's division gives.
-        const LEVELS: [f32; 5] = [0.0, 0.25, 0.5, 0.75, 1.0];
         const NIBBLES: u64 = 0x3333_3333_3333_3333;
         let size = self.sums.len();
         for i in 0..size {
             let y = origin.1 + 2 * i as isize;
-            let mut left = size;
-            for k in 0..(2 * size).div_ceil(64) {
+            for (k, blocks) in self.row[..size.div_ceil(32) * 32]
+                .chunks_exact_mut(32)
+                .enumerate()
+            {
                 let x = origin.0 + 64 * k as isize;
                 let (top, bottom) = (
                     pair_counts(row_bits(image, y, x)),
@@ -113,13 +117,12 @@ impl WindowScratch {
                 // Block 2g's count in nibble g of `even`, block 2g + 1's in nibble g of `odd`.
                 let even = (top & NIBBLES) + (bottom & NIBBLES);
                 let odd = ((top >> 2) & NIBBLES) + ((bottom >> 2) & NIBBLES);
-                let n = left.min(32);
-                out.extend((0..n).map(|f| {
-                    let fields = if f % 2 == 0 { even } else { odd };
-                    LEVELS[((fields >> (4 * (f / 2))) & 0xF) as usize]
-                }));
-                left -= n;
+                for (g, pair) in blocks.chunks_exact_mut(2).enumerate() {
+                    let counts = ((even >> (4 * g)) & 0x7) | (((odd >> (4 * g)) & 0x7) << 3);
+                    pair.copy_from_slice(&PAIR_LEVELS[counts as usize]);
+                }
             }
+            out.extend_from_slice(&self.row[..size]);
         }
     }
 
@@ -152,6 +155,18 @@ impl WindowScratch {
         }
     }
 }
+
+/// Two neighbouring 2x2 blocks' means (count / 4, exactly the generic path's division), indexed
+/// by `first count | second count << 3` (counts 0..=4).
+const PAIR_LEVELS: [[f32; 2]; 64] = {
+    let mut table = [[0.0f32; 2]; 64];
+    let mut index = 0;
+    while index < 64 {
+        table[index] = [(index & 7) as f32 / 4.0, (index >> 3) as f32 / 4.0];
+        index += 1;
+    }
+    table
+};
 
 /// Pixel x of every byte value as 0.0 / 1.0.
 const BYTE_PIXELS: [[f32; 8]; 256] = {
