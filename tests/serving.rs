@@ -172,7 +172,9 @@ async fn binary_tensors_give_the_same_answer_as_json() {
 #[tokio::test(flavor = "multi_thread")]
 async fn concurrent_requests_form_batches_larger_than_one() {
     let repository = Repository::with_models(&[MODEL]);
-    repository.set(MODEL, "max_queue_delay_us", "50000");
+    repository
+        .set(MODEL, "max_queue_delay_us", "50000")
+        .set(MODEL, "max_arrival_gap_us", "0");
     let server = Server::start(repository.path(), &[]);
     let metadata = metadata(&server).await;
     let requests = (0..16).map(|i| {
@@ -203,6 +205,41 @@ async fn concurrent_requests_form_batches_larger_than_one() {
     assert!(text.contains("linescan_compute_duration_seconds_bucket"));
     assert!(text.contains("linescan_request_duration_seconds_bucket"));
     assert!(text.contains("linescan_queue_depth"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_quiet_queue_closes_the_batch_before_its_delay() {
+    let repository = Repository::with_models(&[MODEL]);
+    // Without the arrival gap a lone request would wait out the whole 10-minute delay.
+    repository
+        .set(MODEL, "max_queue_delay_us", "600000000")
+        .set(MODEL, "max_arrival_gap_us", "300000");
+    let server = Server::start(repository.path(), &["--instances", "1"]);
+    let metadata = metadata(&server).await;
+    let alone = tokio::time::timeout(
+        Duration::from_secs(60),
+        post_json(&infer_url(&server), &json_request(&metadata, 1, 1)),
+    )
+    .await
+    .expect("a lone request sat out max_queue_delay_us despite max_arrival_gap_us");
+    assert_eq!(alone.status(), 200);
+    assert_eq!(alone.headers()["X-Linescan-Batch-Rows"], "1");
+    // Requests sent together still arrive within the gap of each other and share a batch.
+    let rows = futures_util::future::join_all((0..4).map(|i| {
+        let url = infer_url(&server);
+        let body = json_request(&metadata, 1, 10 + i);
+        async move {
+            let response = post_json(&url, &body).await;
+            assert_eq!(response.status(), 200);
+            response.headers()["X-Linescan-Batch-Rows"]
+                .to_str()
+                .unwrap()
+                .parse::<usize>()
+                .unwrap()
+        }
+    }))
+    .await;
+    assert!(rows.iter().any(|r| *r > 1), "batch rows {rows:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -415,7 +452,9 @@ async fn bad_requests_get_the_right_4xx_and_the_server_stays_healthy() {
 async fn sigterm_finishes_in_flight_requests_then_exits() {
     let repository = Repository::with_models(&[MODEL]);
     // Requests wait up to 3 s for company, so they are still in flight when SIGTERM lands 1 s in.
-    repository.set(MODEL, "max_queue_delay_us", "3000000");
+    repository
+        .set(MODEL, "max_queue_delay_us", "3000000")
+        .set(MODEL, "max_arrival_gap_us", "0");
     let mut server = Server::start(repository.path(), &["--instances", "1"]);
     let metadata = metadata(&server).await;
     let requests: Vec<_> = (0..4)
@@ -464,7 +503,9 @@ async fn api_key_guards_everything_but_probes_and_metrics() {
 async fn merged_requests_of_several_rows_get_their_own_rows_back() {
     let repository = Repository::with_models(&[MODEL]);
     // A wide window so all five arrive within it even on a loaded machine.
-    repository.set(MODEL, "max_queue_delay_us", "1500000");
+    repository
+        .set(MODEL, "max_queue_delay_us", "1500000")
+        .set(MODEL, "max_arrival_gap_us", "0");
     let server = Server::start(repository.path(), &["--instances", "1"]);
     let metadata = metadata(&server).await;
     let requests: Vec<Value> = (1..=5)

@@ -3,8 +3,9 @@
 //! Requests go into a bounded crossbeam channel (lock-free array queue); a full queue is refused
 //! at once so callers can answer 503 instead of piling up latency. Each worker thread owns one
 //! session and forms batches: it takes the first waiting request, then keeps taking requests
-//! until the batch holds `max_batch_size` rows or `max_queue_delay` has passed. Requests whose
-//! caller went away or whose deadline passed are dropped before inference.
+//! until the batch holds `max_batch_size` rows, `max_queue_delay` has passed, or (when set) no
+//! request has arrived for `max_arrival_gap`. Requests whose caller went away or whose deadline
+//! passed are dropped before inference.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -264,15 +265,20 @@ impl Worker {
         if max_rows == 0 {
             return batch;
         }
-        let close_at =
-            Instant::now() + Duration::from_micros(self.config.dynamic_batching.max_queue_delay_us);
+        let knobs = &self.config.dynamic_batching;
+        let close_at = Instant::now() + Duration::from_micros(knobs.max_queue_delay_us);
+        let gap =
+            (knobs.max_arrival_gap_us > 0).then(|| Duration::from_micros(knobs.max_arrival_gap_us));
         while rows < max_rows {
             let next = match self.pending.pop_front() {
                 Some(request) => request,
-                None => match self.receiver.recv_deadline(close_at) {
-                    Ok(request) => request,
-                    Err(_) => break,
-                },
+                None => {
+                    let wait_until = gap.map_or(close_at, |gap| close_at.min(Instant::now() + gap));
+                    match self.receiver.recv_deadline(wait_until) {
+                        Ok(request) => request,
+                        Err(_) => break,
+                    }
+                }
             };
             if !self.admit(&next) {
                 continue;

@@ -105,6 +105,10 @@ pub enum NamedPolicy {
 pub struct DynamicBatching {
     /// How long the first request of a batch waits for company.
     pub max_queue_delay_us: u64,
+    /// A forming batch also closes once no request has joined it for this long, so a batch that
+    /// has gathered everything in flight does not sit out the rest of `max_queue_delay_us`
+    /// (0: off, the whole delay is waited, as in Triton).
+    pub max_arrival_gap_us: u64,
     /// Requests waiting per model version; beyond it requests get 503 + Retry-After.
     pub max_queue_size: usize,
     /// Deadline of a request that does not set its own `timeout` parameter.
@@ -115,6 +119,7 @@ impl Default for DynamicBatching {
     fn default() -> Self {
         DynamicBatching {
             max_queue_delay_us: 1000,
+            max_arrival_gap_us: 0,
             max_queue_size: 1024,
             default_timeout_ms: 30_000,
         }

@@ -580,6 +580,7 @@ shape = [4]
 
 [dynamic_batching]
 max_queue_delay_us = 2000
+max_arrival_gap_us = 50          # close a batch early once nothing has arrived for 50 us
 max_queue_size = 4096
 default_timeout_ms = 30000
 

@@ -126,7 +126,7 @@ def header(name: str, outputs: list[str], comment: str) -> str:
                array=True) + "\n"
     for o in outputs:
         s += table("output", [("name", o), ("datatype", "FP32"), ("shape", [1])], array=True) + "\n"
-    s += table("dynamic_batching", [("max_queue_delay_us", 500), ("max_queue_size", 8192)]) + "\n"
+    s += table("dynamic_batching", [("max_queue_delay_us", 500), ("max_arrival_gap_us", 50), ("max_queue_size", 8192)]) + "\n"
     return s
 
 
