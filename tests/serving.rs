@@ -30,6 +30,17 @@ fn infer_url(server: &Server) -> String {
     format!("{}/v2/models/{MODEL}/infer", server.url)
 }
 
+/// A server whose batcher waits up to `delay_us` for company and closes a batch early after
+/// `gap_us` without arrivals (0: never early). The repository must outlive the server.
+fn batching_server(delay_us: u64, gap_us: u64, flags: &[&str]) -> (Repository, Server) {
+    let repository = Repository::with_models(&[MODEL]);
+    repository
+        .set(MODEL, "max_queue_delay_us", &delay_us.to_string())
+        .set(MODEL, "max_arrival_gap_us", &gap_us.to_string());
+    let server = Server::start(repository.path(), flags);
+    (repository, server)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn health_metadata_and_json_inference() {
     let repository = Repository::with_models(&[MODEL]);
@@ -171,11 +182,7 @@ async fn binary_tensors_give_the_same_answer_as_json() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn concurrent_requests_form_batches_larger_than_one() {
-    let repository = Repository::with_models(&[MODEL]);
-    repository
-        .set(MODEL, "max_queue_delay_us", "50000")
-        .set(MODEL, "max_arrival_gap_us", "0");
-    let server = Server::start(repository.path(), &[]);
+    let (_repository, server) = batching_server(50_000, 0, &[]);
     let metadata = metadata(&server).await;
     let requests = (0..16).map(|i| {
         let body = json_request(&metadata, 1, i);
@@ -209,12 +216,8 @@ async fn concurrent_requests_form_batches_larger_than_one() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_quiet_queue_closes_the_batch_before_its_delay() {
-    let repository = Repository::with_models(&[MODEL]);
     // Without the arrival gap a lone request would wait out the whole 10-minute delay.
-    repository
-        .set(MODEL, "max_queue_delay_us", "600000000")
-        .set(MODEL, "max_arrival_gap_us", "300000");
-    let server = Server::start(repository.path(), &["--instances", "1"]);
+    let (_repository, server) = batching_server(600_000_000, 300_000, &["--instances", "1"]);
     let metadata = metadata(&server).await;
     let alone = tokio::time::timeout(
         Duration::from_secs(60),
@@ -450,12 +453,8 @@ async fn bad_requests_get_the_right_4xx_and_the_server_stays_healthy() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_finishes_in_flight_requests_then_exits() {
-    let repository = Repository::with_models(&[MODEL]);
     // Requests wait up to 3 s for company, so they are still in flight when SIGTERM lands 1 s in.
-    repository
-        .set(MODEL, "max_queue_delay_us", "3000000")
-        .set(MODEL, "max_arrival_gap_us", "0");
-    let mut server = Server::start(repository.path(), &["--instances", "1"]);
+    let (_repository, mut server) = batching_server(3_000_000, 0, &["--instances", "1"]);
     let metadata = metadata(&server).await;
     let requests: Vec<_> = (0..4)
         .map(|i| {
@@ -501,12 +500,8 @@ async fn api_key_guards_everything_but_probes_and_metrics() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn merged_requests_of_several_rows_get_their_own_rows_back() {
-    let repository = Repository::with_models(&[MODEL]);
     // A wide window so all five arrive within it even on a loaded machine.
-    repository
-        .set(MODEL, "max_queue_delay_us", "1500000")
-        .set(MODEL, "max_arrival_gap_us", "0");
-    let server = Server::start(repository.path(), &["--instances", "1"]);
+    let (_repository, server) = batching_server(1_500_000, 0, &["--instances", "1"]);
     let metadata = metadata(&server).await;
     let requests: Vec<Value> = (1..=5)
         .map(|rows| json_request(&metadata, rows, 100 + rows as u64))
