@@ -46,6 +46,7 @@ pub struct Metrics {
     pub queue_duration: HistogramVec,
     pub compute_duration: HistogramVec,
     pub batch_size: HistogramVec,
+    pub batch_close: IntCounterVec,
     pub request_success: IntCounterVec,
     pub request_failure: IntCounterVec,
     pub inference_count: IntCounterVec,
@@ -109,6 +110,11 @@ impl Metrics {
                 "Rows per executed batch",
                 model,
                 BATCH_BUCKETS,
+            ),
+            batch_close: counter(
+                "linescan_batch_close_total",
+                "Formed batches by what closed them: full, shape, delay, gap, unbatched, stopped",
+                &["model", "version", "reason"],
             ),
             request_success: counter(
                 "linescan_inference_request_success_total",

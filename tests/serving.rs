@@ -212,6 +212,16 @@ async fn concurrent_requests_form_batches_larger_than_one() {
     assert!(text.contains("linescan_compute_duration_seconds_bucket"));
     assert!(text.contains("linescan_request_duration_seconds_bucket"));
     assert!(text.contains("linescan_queue_depth"));
+    // With the gap off only the delay (or a full batch) closes batches.
+    let closed = |reason: &str| {
+        metric(
+            &text,
+            "linescan_batch_close_total",
+            &[&model, &format!("reason=\"{reason}\"")],
+        )
+    };
+    assert_eq!(closed("gap"), 0.0, "{text}");
+    assert_eq!(closed("delay") + closed("full"), executions, "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -219,14 +229,29 @@ async fn a_quiet_queue_closes_the_batch_before_its_delay() {
     // Without the arrival gap a lone request would wait out the whole 10-minute delay.
     let (_repository, server) = batching_server(600_000_000, 300_000, &["--instances", "1"]);
     let metadata = metadata(&server).await;
-    let alone = tokio::time::timeout(
-        Duration::from_secs(60),
-        post_json(&infer_url(&server), &json_request(&metadata, 1, 1)),
-    )
-    .await
-    .expect("a lone request sat out max_queue_delay_us despite max_arrival_gap_us");
-    assert_eq!(alone.status(), 200);
+    // (The default 30 s request deadline would answer 504 long before the delay ends.)
+    let alone = post_json(&infer_url(&server), &json_request(&metadata, 1, 1)).await;
+    assert_eq!(
+        alone.status(),
+        200,
+        "the lone request sat out max_queue_delay_us"
+    );
     assert_eq!(alone.headers()["X-Linescan-Batch-Rows"], "1");
+    // It did wait for company, for the gap: the worker closes only 300 ms after taking it.
+    let queued_us: u64 = alone.headers()["X-Linescan-Queue-Us"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(queued_us >= 299_000, "queued {queued_us} us");
+    let text = server.metrics_text().await;
+    let model = format!("model=\"{MODEL}\"");
+    let closed_by_gap = metric(
+        &text,
+        "linescan_batch_close_total",
+        &[&model, "reason=\"gap\""],
+    );
+    assert_eq!(closed_by_gap, 1.0, "{text}");
     // Requests sent together still arrive within the gap of each other and share a batch.
     let rows = futures_util::future::join_all((0..4).map(|i| {
         let url = infer_url(&server);
@@ -398,6 +423,25 @@ async fn bad_requests_get_the_right_4xx_and_the_server_stays_healthy() {
                 .json(&good),
             404,
             "version 9".into(),
+        ),
+        // Wrong methods and unknown paths under the per-model scopes reach the JSON 404.
+        (client.get(&url), 404, "no route for GET".into()),
+        (
+            client
+                .post(format!("{}/v2/models/{MODEL}", server.url))
+                .json(&good),
+            404,
+            "no route for POST".into(),
+        ),
+        (
+            client.get(format!("{}/v2/models/{MODEL}/bogus", server.url)),
+            404,
+            "no route".into(),
+        ),
+        (
+            client.get(format!("{}/v2/models/{MODEL}/versions/1/bogus", server.url)),
+            404,
+            "no route".into(),
         ),
         (
             client

@@ -303,7 +303,7 @@ mod tests {
                 }
             }
         }
-        for size in [64, 7] {
+        for size in [64, 7, 33, 65, 100] {
             let mut scratch = WindowScratch::new(256, size);
             for origin in [(-70isize, -3isize), (0, 0), (13, 41), (120, 80)] {
                 for scale in [1, 2] {

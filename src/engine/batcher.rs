@@ -24,6 +24,36 @@ use crate::tensor::{AlignedBytes, Tensor};
 /// How often an idle worker looks at the stop flag.
 const IDLE_POLL: Duration = Duration::from_millis(50);
 
+/// What closed a forming batch: the `reason` label of `linescan_batch_close_total`.
+#[derive(Debug, Clone, Copy)]
+enum BatchClose {
+    /// `max_batch_size` rows, or the next request would not fit.
+    Full,
+    /// The next request differs on a variable dimension.
+    Shape,
+    /// `max_queue_delay_us` passed.
+    Delay,
+    /// No request arrived for `max_arrival_gap_us`.
+    Gap,
+    /// The model does not batch (`max_batch_size = 0`).
+    Unbatched,
+    /// The queue was closed at shutdown.
+    Stopped,
+}
+
+impl BatchClose {
+    fn label(self) -> &'static str {
+        match self {
+            BatchClose::Full => "full",
+            BatchClose::Shape => "shape",
+            BatchClose::Delay => "delay",
+            BatchClose::Gap => "gap",
+            BatchClose::Unbatched => "unbatched",
+            BatchClose::Stopped => "stopped",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum InferError {
     #[error("the queue of model {0} is full; retry later")]
@@ -262,36 +292,53 @@ impl Worker {
         let max_rows = self.config.max_batch_size;
         let mut rows = first.rows;
         let mut batch = vec![first];
-        if max_rows == 0 {
-            return batch;
-        }
         let knobs = &self.config.dynamic_batching;
         let close_at = Instant::now() + Duration::from_micros(knobs.max_queue_delay_us);
         let gap =
             (knobs.max_arrival_gap_us > 0).then(|| Duration::from_micros(knobs.max_arrival_gap_us));
-        while rows < max_rows {
+        let closed_by = loop {
+            if max_rows == 0 {
+                break BatchClose::Unbatched;
+            }
+            if rows >= max_rows {
+                break BatchClose::Full;
+            }
             let next = match self.pending.pop_front() {
                 Some(request) => request,
                 None => {
-                    let wait_until = gap.map_or(close_at, |gap| close_at.min(Instant::now() + gap));
+                    let now = Instant::now();
+                    let (wait_until, on_timeout) = match gap {
+                        Some(gap) if now + gap < close_at => (now + gap, BatchClose::Gap),
+                        _ => (close_at, BatchClose::Delay),
+                    };
                     match self.receiver.recv_deadline(wait_until) {
                         Ok(request) => request,
-                        Err(_) => break,
+                        Err(RecvTimeoutError::Timeout) => break on_timeout,
+                        Err(RecvTimeoutError::Disconnected) => break BatchClose::Stopped,
                     }
                 }
             };
             if !self.admit(&next) {
                 continue;
             }
-            if rows + next.rows <= max_rows && batch[0].batches_with(&next) {
+            let closed_by = if rows + next.rows > max_rows {
+                BatchClose::Full
+            } else if !batch[0].batches_with(&next) {
+                BatchClose::Shape
+            } else {
                 rows += next.rows;
                 batch.push(next);
-            } else {
-                // Keeps arrival order: it leads the next batch.
-                self.pending.push_front(next);
-                break;
-            }
-        }
+                continue;
+            };
+            // Keeps arrival order: it leads the next batch.
+            self.pending.push_front(next);
+            break closed_by;
+        };
+        let [model, version] = self.label_refs();
+        self.metrics
+            .batch_close
+            .with_label_values(&[model, version, closed_by.label()])
+            .inc();
         batch
     }
 

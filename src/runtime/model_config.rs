@@ -105,7 +105,7 @@ pub enum NamedPolicy {
 pub struct DynamicBatching {
     /// How long the first request of a batch waits for company.
     pub max_queue_delay_us: u64,
-    /// A forming batch also closes once no request has joined it for this long, so a batch that
+    /// A forming batch also closes once no request has arrived for this long, so a batch that
     /// has gathered everything in flight does not sit out the rest of `max_queue_delay_us`
     /// (0: off, the whole delay is waited, as in Triton).
     pub max_arrival_gap_us: u64,
@@ -301,6 +301,10 @@ mod tests {
             VersionPolicy::Named(NamedPolicy::Latest)
         );
         assert_eq!(config.dynamic_batching.max_queue_size, 1024);
+        assert_eq!(
+            config.dynamic_batching.max_arrival_gap_us, 0,
+            "off unless set"
+        );
         assert_eq!(config.runtime.execution_providers, vec!["auto"]);
         assert_eq!(config.inputs[0].full_shape(true), vec![-1, 3, -1]);
     }
