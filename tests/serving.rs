@@ -41,6 +41,16 @@ fn batching_server(delay_us: u64, gap_us: u64, flags: &[&str]) -> (Repository, S
     (repository, server)
 }
 
+/// Batches of the test model that `reason` closed, from a `/metrics` text.
+fn batches_closed_by(text: &str, reason: &str) -> f64 {
+    let labels = [format!("model=\"{MODEL}\""), format!("reason=\"{reason}\"")];
+    metric(
+        text,
+        "linescan_batch_close_total",
+        &[&labels[0], &labels[1]],
+    )
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn health_metadata_and_json_inference() {
     let repository = Repository::with_models(&[MODEL]);
@@ -212,16 +222,14 @@ async fn concurrent_requests_form_batches_larger_than_one() {
     assert!(text.contains("linescan_compute_duration_seconds_bucket"));
     assert!(text.contains("linescan_request_duration_seconds_bucket"));
     assert!(text.contains("linescan_queue_depth"));
-    // With the gap off only the delay (or a full batch) closes batches.
-    let closed = |reason: &str| {
-        metric(
-            &text,
-            "linescan_batch_close_total",
-            &[&model, &format!("reason=\"{reason}\"")],
-        )
-    };
+    // With the gap off, the delay, a full batch or an idle second session closes batches.
+    let closed = |reason: &str| batches_closed_by(&text, reason);
     assert_eq!(closed("gap"), 0.0, "{text}");
-    assert_eq!(closed("delay") + closed("full"), executions, "{text}");
+    assert_eq!(
+        closed("delay") + closed("full") + closed("idle"),
+        executions,
+        "{text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -245,13 +253,7 @@ async fn a_quiet_queue_closes_the_batch_before_its_delay() {
         .unwrap();
     assert!(queued_us >= 299_000, "queued {queued_us} us");
     let text = server.metrics_text().await;
-    let model = format!("model=\"{MODEL}\"");
-    let closed_by_gap = metric(
-        &text,
-        "linescan_batch_close_total",
-        &[&model, "reason=\"gap\""],
-    );
-    assert_eq!(closed_by_gap, 1.0, "{text}");
+    assert_eq!(batches_closed_by(&text, "gap"), 1.0, "{text}");
     // Requests sent together still arrive within the gap of each other and share a batch.
     let rows = futures_util::future::join_all((0..4).map(|i| {
         let url = infer_url(&server);
@@ -268,6 +270,21 @@ async fn a_quiet_queue_closes_the_batch_before_its_delay() {
     }))
     .await;
     assert!(rows.iter().any(|r| *r > 1), "batch rows {rows:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_session_takes_the_next_request_at_once() {
+    // Two sessions, no arrival gap: only the idle second session can close this batch early.
+    let (_repository, server) = batching_server(600_000_000, 0, &["--instances", "2"]);
+    let metadata = metadata(&server).await;
+    let response = post_json(&infer_url(&server), &json_request(&metadata, 1, 3)).await;
+    assert_eq!(
+        response.status(),
+        200,
+        "the lone request sat out max_queue_delay_us"
+    );
+    let text = server.metrics_text().await;
+    assert_eq!(batches_closed_by(&text, "idle"), 1.0, "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -329,7 +329,12 @@ impl Inspector {
         // The crops are shared, not copied, into the chunks the batcher receives.
         let crops = f32_bytes(std::mem::take(&mut board.crops));
         let row_bytes = crops.len() / count;
-        let chunk_rows = config.max_batch_size.max(1);
+        // One chunk per session: a lone board's crops run on every session at once, and under
+        // load the batcher merges the chunks of several boards into full batches anyway.
+        let sessions = self.model.batcher.sessions().max(1);
+        let chunk_rows = count
+            .div_ceil(sessions)
+            .clamp(1, config.max_batch_size.max(1));
         let deadline =
             Instant::now() + Duration::from_millis(config.dynamic_batching.default_timeout_ms);
         let calls = (0..count).step_by(chunk_rows).map(|first| {

@@ -3,13 +3,14 @@
 //! Requests go into a bounded crossbeam channel (lock-free array queue); a full queue is refused
 //! at once so callers can answer 503 instead of piling up latency. Each worker thread owns one
 //! session and forms batches: it takes the first waiting request, then keeps taking requests
-//! until the batch holds `max_batch_size` rows, `max_queue_delay` has passed, or (when set) no
-//! request has arrived for `max_arrival_gap`. Requests whose caller went away or whose deadline
-//! passed are dropped before inference.
+//! until the batch holds `max_batch_size` rows, `max_queue_delay` has passed, (when set) no
+//! request has arrived for `max_arrival_gap`, or another session of the model is idle (waiting
+//! for company never pays while a session could run the next request at once). Requests whose
+//! caller went away or whose deadline passed are dropped before inference.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -35,6 +36,8 @@ enum BatchClose {
     Delay,
     /// No request arrived for `max_arrival_gap_us`.
     Gap,
+    /// Another session of the model was idle.
+    Idle,
     /// The model does not batch (`max_batch_size = 0`).
     Unbatched,
     /// The queue was closed at shutdown.
@@ -48,6 +51,7 @@ impl BatchClose {
             BatchClose::Shape => "shape",
             BatchClose::Delay => "delay",
             BatchClose::Gap => "gap",
+            BatchClose::Idle => "idle",
             BatchClose::Unbatched => "unbatched",
             BatchClose::Stopped => "stopped",
         }
@@ -112,6 +116,7 @@ pub struct Batcher {
     model: String,
     version: String,
     config: Arc<ModelConfig>,
+    sessions: usize,
     sender: Sender<QueuedRequest>,
     stop: Arc<AtomicBool>,
     workers: std::sync::Mutex<Vec<JoinHandle<()>>>,
@@ -128,8 +133,9 @@ impl Batcher {
     ) -> Batcher {
         let (sender, receiver) = crossbeam_channel::bounded(config.dynamic_batching.max_queue_size);
         let stop = Arc::new(AtomicBool::new(false));
+        let idle = Arc::new(AtomicUsize::new(0));
         let version = version.to_string();
-        let workers = sessions
+        let workers: Vec<JoinHandle<()>> = sessions
             .into_iter()
             .enumerate()
             .map(|(index, session)| {
@@ -138,6 +144,7 @@ impl Batcher {
                     labels: [config.name.clone(), version.clone()],
                     receiver: receiver.clone(),
                     stop: stop.clone(),
+                    idle: idle.clone(),
                     metrics: metrics.clone(),
                     session,
                     pending: VecDeque::new(),
@@ -153,11 +160,17 @@ impl Batcher {
             model: config.name.clone(),
             version,
             config,
+            sessions: workers.len(),
             sender,
             stop,
             workers: std::sync::Mutex::new(workers),
             metrics,
         }
+    }
+
+    /// Sessions (worker threads) taking batches from the queue.
+    pub fn sessions(&self) -> usize {
+        self.sessions
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -250,6 +263,8 @@ struct Worker {
     labels: [String; 2],
     receiver: Receiver<QueuedRequest>,
     stop: Arc<AtomicBool>,
+    /// Workers of this model waiting for a first request.
+    idle: Arc<AtomicUsize>,
     metrics: Arc<Metrics>,
     session: ModelSession,
     /// Requests taken from the queue that did not fit the batch being formed.
@@ -271,7 +286,7 @@ impl Worker {
         loop {
             let request = match self.pending.pop_front() {
                 Some(request) => request,
-                None => match self.receiver.recv_timeout(IDLE_POLL) {
+                None => match self.wait_idle() {
                     Ok(request) => request,
                     Err(RecvTimeoutError::Timeout) => {
                         if self.stop.load(Ordering::Acquire) && self.receiver.is_empty() {
@@ -288,6 +303,14 @@ impl Worker {
         }
     }
 
+    /// Waits for a request while counted as idle, so forming batches know a session is free.
+    fn wait_idle(&self) -> Result<QueuedRequest, RecvTimeoutError> {
+        self.idle.fetch_add(1, Ordering::AcqRel);
+        let received = self.receiver.recv_timeout(IDLE_POLL);
+        self.idle.fetch_sub(1, Ordering::AcqRel);
+        received
+    }
+
     fn form_batch(&mut self, first: QueuedRequest) -> Vec<QueuedRequest> {
         let max_rows = self.config.max_batch_size;
         let mut rows = first.rows;
@@ -302,6 +325,11 @@ impl Worker {
             }
             if rows >= max_rows {
                 break BatchClose::Full;
+            }
+            // Waiting for company only pays when every session is busy: with one idle, the
+            // next request runs there at once instead of queueing behind this batch.
+            if self.idle.load(Ordering::Acquire) > 0 {
+                break BatchClose::Idle;
             }
             let next = match self.pending.pop_front() {
                 Some(request) => request,
