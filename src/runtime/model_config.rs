@@ -107,7 +107,7 @@ pub struct DynamicBatching {
     pub max_queue_delay_us: u64,
     /// A forming batch also closes once no request has arrived for this long, so a batch that
     /// has gathered everything in flight does not sit out the rest of `max_queue_delay_us`
-    /// (0: off, the whole delay is waited, as in Triton).
+    /// (0: off; with one session the whole delay is then waited, as in Triton).
     pub max_arrival_gap_us: u64,
     /// Requests waiting per model version; beyond it requests get 503 + Retry-After.
     pub max_queue_size: usize,
