@@ -127,6 +127,7 @@ def header(name: str, outputs: list[str], comment: str) -> str:
     for o in outputs:
         s += table("output", [("name", o), ("datatype", "FP32"), ("shape", [1])], array=True) + "\n"
     s += table("dynamic_batching", [("max_queue_delay_us", 500), ("max_arrival_gap_us", 50), ("max_queue_size", 8192)]) + "\n"
+    s += table("instance_group", [("count", 2, "sessions; one session runs on one core"), ("threads", 1)]) + "\n"
     return s
 
 
