@@ -51,6 +51,29 @@ fn batches_closed_by(text: &str, reason: &str) -> f64 {
     )
 }
 
+/// Sends one request with nothing else in flight, under a delay far beyond the default 30 s
+/// deadline, and checks that it succeeded and that `reason` closed its batch.
+async fn lone_request_closed_by(
+    server: &Server,
+    metadata: &Value,
+    reason: &str,
+) -> reqwest::Response {
+    let response = post_json(&infer_url(server), &json_request(metadata, 1, 1)).await;
+    assert_eq!(
+        response.status(),
+        200,
+        "the lone request sat out max_queue_delay_us"
+    );
+    let text = server.metrics_text().await;
+    assert_eq!(batches_closed_by(&text, reason), 1.0, "{text}");
+    response
+}
+
+/// A numeric `X-Linescan-*` response header.
+fn header_number(response: &reqwest::Response, name: &str) -> u64 {
+    response.headers()[name].to_str().unwrap().parse().unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn health_metadata_and_json_inference() {
     let repository = Repository::with_models(&[MODEL]);
@@ -240,23 +263,11 @@ async fn a_quiet_queue_closes_the_batch_before_its_delay() {
     // Without the arrival gap a lone request would wait out the whole 10-minute delay.
     let (_repository, server) = batching_server(600_000_000, 300_000, &["--instances", "1"]);
     let metadata = metadata(&server).await;
-    // (The default 30 s request deadline would answer 504 long before the delay ends.)
-    let alone = post_json(&infer_url(&server), &json_request(&metadata, 1, 1)).await;
-    assert_eq!(
-        alone.status(),
-        200,
-        "the lone request sat out max_queue_delay_us"
-    );
-    assert_eq!(alone.headers()["X-Linescan-Batch-Rows"], "1");
+    let alone = lone_request_closed_by(&server, &metadata, "gap").await;
+    assert_eq!(header_number(&alone, "X-Linescan-Batch-Rows"), 1);
     // It did wait for company, for the gap: the worker closes only 300 ms after taking it.
-    let queued_us: u64 = alone.headers()["X-Linescan-Queue-Us"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let queued_us = header_number(&alone, "X-Linescan-Queue-Us");
     assert!(queued_us >= 299_000, "queued {queued_us} us");
-    let text = server.metrics_text().await;
-    assert_eq!(batches_closed_by(&text, "gap"), 1.0, "{text}");
     // Requests sent together still arrive within the gap of each other and share a batch.
     let rows = futures_util::future::join_all((0..4).map(|i| {
         let url = infer_url(&server);
@@ -264,11 +275,7 @@ async fn a_quiet_queue_closes_the_batch_before_its_delay() {
         async move {
             let response = post_json(&url, &body).await;
             assert_eq!(response.status(), 200);
-            response.headers()["X-Linescan-Batch-Rows"]
-                .to_str()
-                .unwrap()
-                .parse::<usize>()
-                .unwrap()
+            header_number(&response, "X-Linescan-Batch-Rows")
         }
     }))
     .await;
@@ -280,14 +287,7 @@ async fn an_idle_session_takes_the_next_request_at_once() {
     // Two sessions, no arrival gap: only the idle second session can close this batch early.
     let (_repository, server) = batching_server(600_000_000, 0, &["--instances", "2"]);
     let metadata = metadata(&server).await;
-    let response = post_json(&infer_url(&server), &json_request(&metadata, 1, 3)).await;
-    assert_eq!(
-        response.status(),
-        200,
-        "the lone request sat out max_queue_delay_us"
-    );
-    let text = server.metrics_text().await;
-    assert_eq!(batches_closed_by(&text, "idle"), 1.0, "{text}");
+    lone_request_closed_by(&server, &metadata, "idle").await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -239,7 +239,7 @@ impl CudaPreprocessor {
         );
         let nvrtc = nvrtc_version().map_err(unavailable)?;
         let arch = ptx_arch(major * 10 + minor).map_err(unavailable)?;
-        let options = compile_options(arch);
+        let options = compile_options(&format!("compute_{arch}"));
         let mut functions = HashMap::new();
         for (file, source, entries) in KERNELS {
             let module = load_module(&context, file, source, &options, nvrtc)?;
@@ -259,9 +259,11 @@ impl CudaPreprocessor {
     }
 }
 
-fn compile_options(arch: i32) -> Vec<String> {
+/// NVRTC options for `target`: a virtual architecture (`compute_90`, PTX) or a real one
+/// (`sm_90`, machine code).
+fn compile_options(target: &str) -> Vec<String> {
     vec![
-        format!("--gpu-architecture=compute_{arch}"),
+        format!("--gpu-architecture={target}"),
         // No contraction, so f32 arithmetic rounds exactly as the WGSL twins spell it.
         "--fmad=false".to_string(),
     ]
@@ -501,7 +503,7 @@ mod tests {
         }
         // Jetson Orin (sm_87) and H100 (sm_90), as start() would pick for those devices.
         for device in [87, 90] {
-            let options = compile_options(ptx_arch(device).unwrap());
+            let options = compile_options(&format!("compute_{}", ptx_arch(device).unwrap()));
             for (file, source, entries) in KERNELS {
                 let ptx = compile(file, &with_common(source), &options)
                     .unwrap_or_else(|e| panic!("sm_{device}: {e}"))
@@ -522,11 +524,9 @@ mod tests {
         use cudarc::nvrtc::result;
         let source = std::ffi::CString::new(source).expect("no NUL in the kernels");
         let program = result::create_program(&source, None).map_err(|e| e.to_string())?;
-        let options = [
-            format!("--gpu-architecture=sm_{arch}"),
-            "--fmad=false".to_string(),
-            "--ptxas-options=-v".to_string(),
-        ];
+        // The options start() compiles with, for a real architecture, plus ptxas' report.
+        let mut options = compile_options(&format!("sm_{arch}"));
+        options.push("--ptxas-options=-v".to_string());
         // SAFETY: `program` was just created and is destroyed once, below.
         let compiled = unsafe { result::compile_program(program, &options) };
         let log = unsafe { result::get_program_log(program) }.map_err(|e| e.to_string())?;
