@@ -4,15 +4,13 @@
 
 mod common;
 
-use std::process::Command;
-
-use common::{Repository, Server, repo_root};
+use common::{Repository, Server, command, repo_root};
 
 #[test]
 fn tritonclient_health_metadata_and_infer_json_and_binary() {
     let python = repo_root().join(".venv/bin/python");
     let has_client = python.is_file()
-        && Command::new(&python)
+        && command(&python)
             .args(["-c", "import tritonclient.http"])
             .status()
             .is_ok_and(|s| s.success());
@@ -29,7 +27,7 @@ fn tritonclient_health_metadata_and_infer_json_and_binary() {
     let repository = Repository::with_models(&["aoi_defect"]);
     let server = Server::start(repository.path(), &[]);
     let address = server.url.trim_start_matches("http://");
-    let output = Command::new(&python)
+    let output = command(&python)
         .arg(repo_root().join("tests/python/tritonclient_check.py"))
         .args([address, "aoi_defect"])
         .output()

@@ -3,7 +3,9 @@
 
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+use std::ffi::OsStr;
 use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -11,6 +13,28 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_linescan");
+
+/// A command for a child of the test process, which inherits no descriptor but stdio.
+///
+/// HDF5 opens files without `O_CLOEXEC` and holds an `flock` on them. A server that one test
+/// thread starts while another writes an archive would keep that lock for its whole life, and
+/// re-creating or opening the archive then fails with EAGAIN (seen in CI as "unable to lock
+/// file").
+pub fn command(program: impl AsRef<OsStr>) -> Command {
+    let mut command = Command::new(program);
+    // SAFETY: the hook only calls close_range, which is async-signal-safe and touches no memory;
+    // CLOSE_RANGE_CLOEXEC leaves std's own exec-error pipe working.
+    unsafe {
+        command.pre_exec(|| {
+            let flags = libc::CLOSE_RANGE_CLOEXEC as libc::c_int;
+            match libc::close_range(3, libc::c_uint::MAX, flags) {
+                0 => Ok(()),
+                _ => Err(std::io::Error::last_os_error()),
+            }
+        });
+    }
+    command
+}
 
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -94,7 +118,7 @@ impl Server {
 
     /// Starts the server and returns once it listens (not necessarily ready).
     pub fn spawn(repository: &Path, extra: &[&str]) -> Server {
-        let mut child = Command::new(BIN)
+        let mut child = command(BIN)
             .args(["serve", "--port", "0", "--model-repository"])
             .arg(repository)
             .args(extra)
@@ -144,7 +168,7 @@ impl Server {
 
     /// Sends SIGTERM.
     pub fn terminate(&self) {
-        let status = Command::new("kill")
+        let status = command("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status()
             .expect("kill");
@@ -198,7 +222,7 @@ pub async fn get_json(url: &str) -> (u16, Value) {
 
 /// Runs `linescan` with arguments to completion.
 pub fn run_cli(args: &[&str]) -> std::process::Output {
-    Command::new(BIN)
+    command(BIN)
         .args(args)
         .current_dir(repo_root())
         .env("LINESCAN_LOG", "warn")
