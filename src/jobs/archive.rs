@@ -267,6 +267,11 @@ impl Archive {
                     "{name} is truncated: it holds {have} bytes but its HDF5 header says \
                      {expected} (an upload cut short?)"
                 )),
+                // HDF5 takes a shared lock to read; only a writer's exclusive lock refuses it.
+                None if message.contains("unable to lock file") => invalid(format!(
+                    "{name} is locked by another process that has it open for writing (HDF5 \
+                     file lock); score it once that writer has closed it, or score a copy"
+                )),
                 None => invalid(format!(
                     "{name} cannot be opened as HDF5 (truncated or corrupt file?): {message}"
                 )),
@@ -709,6 +714,40 @@ mod tests {
                        sblock->base_addr = 0, stored_eof = 5000";
         assert_eq!(truncation(message), Some((1000, 5000)));
         assert_eq!(truncation("unable to open file"), None);
+    }
+
+    #[test]
+    fn an_archive_locked_by_a_writer_is_reported_as_locked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fleet.h5");
+        let file = hdf5::File::create(&path).unwrap();
+        file.new_dataset::<i64>()
+            .shape(3)
+            .create("unit")
+            .unwrap()
+            .write_raw(&[1i64, 1, 1])
+            .unwrap();
+        drop(file);
+        let open_error = || {
+            Archive::open(&path, Partition::All)
+                .err()
+                .expect("the archive lacks datasets")
+                .to_string()
+        };
+        // The exclusive flock an HDF5 writer in another process holds.
+        let writer = std::fs::File::open(&path).unwrap();
+        writer.lock().unwrap();
+        let locked = open_error();
+        assert!(
+            locked.contains("fleet.h5 is locked by another process"),
+            "{locked}"
+        );
+        writer.unlock().unwrap();
+        let unlocked = open_error();
+        assert!(
+            unlocked.contains("missing dataset(s) cycle, features"),
+            "{unlocked}"
+        );
     }
 
     #[test]
