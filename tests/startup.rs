@@ -74,6 +74,15 @@ fn missing_model_file_and_empty_repository_are_reported() {
     ]);
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("no models"));
+    // A relative repository that is not there is named in full, with the way to point elsewhere.
+    let output = run_cli(&["models", "list", "--model-repository", "no-such-repository"]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let absolute = common::repo_root().join("no-such-repository");
+    assert!(
+        stderr.contains(&*absolute.to_string_lossy()) && stderr.contains("--model-repository"),
+        "{stderr}"
+    );
 }
 
 #[test]

@@ -52,8 +52,15 @@ impl ModelRepository {
             path: root.to_path_buf(),
             problem,
         };
-        let entries = std::fs::read_dir(root)
-            .map_err(|e| not_found(format!("cannot read the model repository: {e}")))?;
+        let entries = std::fs::read_dir(root).map_err(|e| {
+            // A relative default read from the wrong folder is the usual cause: say where.
+            let absolute = std::path::absolute(root).unwrap_or_else(|_| root.to_path_buf());
+            not_found(format!(
+                "cannot read the model repository {}: {e}; pass --model-repository DIR or set \
+                 LINESCAN_MODEL_REPOSITORY",
+                absolute.display()
+            ))
+        })?;
         let mut model_dirs: Vec<PathBuf> = entries
             .flatten()
             .map(|e| e.path())
