@@ -513,6 +513,18 @@ fn bad_archives(setup: &Setup) -> Vec<(&'static str, Vec<u8>, Vec<&'static str>)
         }),
         vec!["NaN in channel s_4 at row 100 (unit 11, cycle 101)"],
     ));
+    // Finite, but so large (s_2, column 4) that the network's output overflows.
+    let mut overflowing = features.clone();
+    overflowing[100 * 24 + 4] = 3e38;
+    cases.push((
+        "overflowing value",
+        write("overflow.h5", &|f| {
+            put(f, "unit", &table.unit);
+            put(f, "cycle", &table.cycle);
+            put_features(f, &overflowing, &names);
+        }),
+        vec!["row 100 (unit 11, cycle 101): the model's"],
+    ));
     // A NaN in a column the model does not read is harmless: see the good job below.
     let mut units = table.unit.clone();
     units[5] = 14;

@@ -253,6 +253,30 @@ async fn bad_windows_are_refused_with_what_is_wrong() {
         ],
     );
 
+    // Finite but too large: beyond the model's f32 input, or large enough to overflow the
+    // network, whose output would be NaN.
+    let mut huge = good.clone();
+    huge["values"][3][0] = json!(1e39);
+    let (status, body) = post(&server, url, huge.to_string()).await;
+    expect(
+        status,
+        &body,
+        422,
+        &["channel s_2: 1e39 (beyond the float32 range) at row 3"],
+    );
+    let mut overflowing = good.clone();
+    overflowing["values"][3][0] = json!(3e38);
+    let (status, body) = post(&server, url, overflowing.to_string()).await;
+    expect(
+        status,
+        &body,
+        422,
+        &[
+            "window 0 (unit \"engine-11\"): the model's",
+            "far outside the range",
+        ],
+    );
+
     let mut long = good.clone();
     long["values"]
         .as_array_mut()

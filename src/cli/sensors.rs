@@ -379,8 +379,8 @@ fn cmapss(args: &CmapssArgs) -> anyhow::Result<()> {
             .scale_rows(&flat, &map, &mut scaled)
             .map_err(|bad| {
                 anyhow::anyhow!(
-                    "unit {unit}: non-finite {} in {} at cycle {}",
-                    bad.value,
+                    "unit {unit}: {} in {} at cycle {}; the model needs finite values",
+                    bad.what(),
                     params.channels[bad.channel],
                     last[bad.row].0
                 )
@@ -393,12 +393,19 @@ fn cmapss(args: &CmapssArgs) -> anyhow::Result<()> {
     let batch = model.batch_rows();
     let window_len = params.window_len();
     let mut predictions = Vec::with_capacity(units.len());
+    let mut unit_ids = units.keys();
     runtime.block_on(async {
         for chunk in windows.chunks(batch * window_len) {
             let rows = chunk.len() / window_len;
             let scores = model
                 .score(f32_bytes(chunk.to_vec()), rows, model.default_deadline())
                 .await?;
+            for index in 0..rows {
+                let unit = unit_ids.next().expect("one window per unit");
+                if let Some(problem) = scores.non_finite_at(index) {
+                    anyhow::bail!("unit {unit}: {problem}");
+                }
+            }
             predictions.extend(scores.rul);
         }
         anyhow::Ok(())

@@ -260,12 +260,18 @@ struct Output<'a> {
 }
 
 impl Output<'_> {
-    fn complete(&mut self, meta: BatchMeta, scores: Scores) -> anyhow::Result<()> {
+    fn complete(&mut self, meta: BatchMeta, scores: Scores) -> Result<(), RunError> {
         self.rows.clear();
         for (j, &unit) in meta.units.iter().enumerate() {
             let row = meta.first_row + j;
             if row < self.keep.0 || row >= self.keep.1 {
                 continue;
+            }
+            if let Some(problem) = scores.non_finite_at(j) {
+                return Err(RunError::Archive(ArchiveError(format!(
+                    "row {row} (unit {unit}, cycle {}): {problem}",
+                    meta.cycles[j]
+                ))));
             }
             let a = self.model.assess(&scores, j, &self.settings);
             self.rows.push(
@@ -460,11 +466,7 @@ pub fn run(
                 let span = spans[spans.partition_point(|s| s.end() <= row)];
                 return Err(RunError::Archive(ArchiveError(format!(
                     "{} in channel {} at row {row} (unit {}, cycle {}); the model needs finite values",
-                    if bad.value.is_nan() {
-                        "NaN"
-                    } else {
-                        "infinite value"
-                    },
+                    bad.what(),
                     model.params.channels[bad.channel],
                     span.unit,
                     cycles[bad.row]

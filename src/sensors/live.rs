@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::sensors::SensorError;
 use crate::sensors::channels::ChannelMap;
 use crate::sensors::params::SensorParams;
-use crate::sensors::window::{Scaler, single_window};
+use crate::sensors::window::{Scaler, fits_f32, single_window};
 
 /// Windows refused in one message, at most.
 const MAX_REPORTED: usize = 10;
@@ -179,13 +179,13 @@ fn describe(index: usize, window: &LiveWindow, problem: &str) -> String {
     }
 }
 
-fn show(value: f64) -> &'static str {
+fn show(value: f64) -> String {
     if value.is_nan() {
-        "NaN/null"
-    } else if value > 0.0 {
-        "Infinity"
+        "NaN/null".into()
+    } else if value.is_infinite() {
+        if value > 0.0 { "Infinity" } else { "-Infinity" }.into()
     } else {
-        "-Infinity"
+        format!("{value:e} (beyond the float32 range)")
     }
 }
 
@@ -277,7 +277,7 @@ fn check(window: &LiveWindow, params: &SensorParams) -> Result<ChannelMap, Strin
             .values
             .iter()
             .enumerate()
-            .filter(|(_, values)| !values[column].0.is_finite())
+            .filter(|(_, values)| !fits_f32(values[column].0))
             .map(|(row, values)| format!("{} at row {row}", show(values[column].0)))
             .collect();
         if !bad.is_empty() {
@@ -356,6 +356,17 @@ mod tests {
         );
         assert!(
             error.contains("channel b: Infinity at row 1, -Infinity at row 2"),
+            "{error}"
+        );
+        // Finite as f64, infinite as the model's f32.
+        let error =
+            run(r#"{"channels": ["a", "b"], "values": [[1e39, 2], [1, -3.5e38]]}"#).unwrap_err();
+        assert!(
+            error.contains("channel a: 1e39 (beyond the float32 range) at row 0"),
+            "{error}"
+        );
+        assert!(
+            error.contains("channel b: -3.5e38 (beyond the float32 range) at row 1"),
             "{error}"
         );
         let error = run(r#"[{"channels": ["a", "b"], "values": []}]"#).unwrap_err();

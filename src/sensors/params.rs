@@ -249,6 +249,9 @@ impl RulCalibration {
     /// The RMS error expected at a predicted RUL.
     pub fn sigma_at(&self, rul: f64) -> f64 {
         let (knots, sigma) = (&self.sigma_knots, &self.sigma);
+        if rul.is_nan() {
+            return f64::NAN;
+        }
         let last = knots.len() - 1;
         if rul <= knots[0] {
             return sigma[0];
@@ -314,6 +317,10 @@ mod tests {
         assert_eq!(c.sigma_at(0.0), 2.0);
         assert_eq!(c.sigma_at(15.0), 3.0);
         assert_eq!(c.sigma_at(99.0), 4.0);
+        assert!(
+            c.sigma_at(f64::NAN).is_nan(),
+            "a NaN prediction has no error bar"
+        );
         assert!((c.total(15.0, 4.0) - 5.0).abs() < 1e-6);
         assert!(
             RulCalibration::from_table("r", Some(&table("p50 = 1.0\n")))

@@ -28,6 +28,27 @@ pub struct Scores {
     pub batch_rows: usize,
 }
 
+impl Scores {
+    /// Why window `index` cannot be scored, when a model output for it is NaN or infinite:
+    /// finite inputs far outside the training range can still overflow the network.
+    pub fn non_finite_at(&self, index: usize) -> Option<String> {
+        let anomaly = self
+            .anomaly_raw
+            .as_ref()
+            .map(|raw| ("anomaly score", raw[index]));
+        [("rul", self.rul[index]), ("rul_std", self.rul_std[index])]
+            .into_iter()
+            .chain(anomaly)
+            .find(|(_, value)| !value.is_finite())
+            .map(|(output, value)| {
+                format!(
+                    "the model's {output} output is {value}: the window's values lie far outside \
+                     the range the model was trained on"
+                )
+            })
+    }
+}
+
 /// What one window comes to.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct Assessment {

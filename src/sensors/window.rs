@@ -10,13 +10,38 @@
 use crate::sensors::channels::ChannelMap;
 use crate::sensors::params::SensorParams;
 
-/// A value that is NaN or infinite, by position in the rows handed over.
+/// A value that is NaN, infinite or beyond the range of the model's f32 input, by position in
+/// the rows handed over.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct NonFinite {
     pub row: usize,
     /// Index into the model's channels.
     pub channel: usize,
     pub value: f64,
+}
+
+impl NonFinite {
+    /// What is wrong with the value, for messages: "NaN", "infinite value" or the value itself.
+    pub fn what(&self) -> String {
+        describe_non_finite(self.value)
+    }
+}
+
+/// Whether the model, which takes f32, can be given `value`: 1e39 is finite as an f64 but
+/// infinite once cast, which the GPU backends (that read f32) already refuse.
+pub fn fits_f32(value: f64) -> bool {
+    (value as f32).is_finite()
+}
+
+/// "NaN", "infinite value" or "value 1e39 (beyond the float32 range)".
+pub fn describe_non_finite(value: f64) -> String {
+    if value.is_nan() {
+        "NaN".into()
+    } else if value.is_infinite() {
+        "infinite value".into()
+    } else {
+        format!("value {value:e} (beyond the float32 range)")
+    }
 }
 
 /// Per-channel affine scaling in model channel order.
@@ -59,7 +84,7 @@ impl Scaler {
         for (row, values) in source.chunks_exact(width).enumerate() {
             for (channel, &column) in map.columns.iter().enumerate() {
                 let value: f64 = values[column].into();
-                if !value.is_finite() {
+                if !fits_f32(value) {
                     return Err(NonFinite {
                         row,
                         channel,
@@ -166,6 +191,13 @@ mod tests {
             )
             .unwrap_err();
         assert_eq!((bad.row, bad.channel), (1, 0));
+        assert_eq!(bad.what(), "infinite value");
+        // Finite as f64 but not as the model's f32: refused like infinity, named by value.
+        let bad = scaler
+            .scale_rows(&[0.0f64, 12.0, 2.0, 0.0, 1e39, 1.0], &map, &mut out)
+            .unwrap_err();
+        assert_eq!((bad.row, bad.channel, bad.value), (1, 1, 1e39));
+        assert_eq!(bad.what(), "value 1e39 (beyond the float32 range)");
         // An unused column may hold anything.
         assert!(
             scaler

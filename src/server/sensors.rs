@@ -209,6 +209,14 @@ async fn score_live(
     for batch in &scores {
         for index in 0..batch.rul.len() {
             let info = infos.next().expect("one info per window");
+            if let Some(problem) = batch.non_finite_at(index) {
+                let window = results.len();
+                return Err(SensorError::Invalid(match &info.unit {
+                    serde_json::Value::Null => format!("window {window}: {problem}"),
+                    unit => format!("window {window} (unit {unit}): {problem}"),
+                })
+                .into());
+            }
             let a = model.assess(batch, index, &settings);
             results.push(LiveResult {
                 unit: info.unit,
