@@ -31,15 +31,15 @@ pub struct ServeArgs {
     pub data_dir: PathBuf,
 
     /// Largest image accepted, in pixels (checked from the header before decoding; larger: 413).
-    #[arg(long, env = "LINESCAN_MAX_IMAGE_PIXELS", default_value_t = 50_000_000)]
+    #[arg(long, env = "LINESCAN_MAX_IMAGE_PIXELS", default_value_t = 50_000_000, value_parser = at_least_one::<u64>)]
     pub max_image_pixels: u64,
 
     /// Largest request body accepted, in bytes (larger ones get 413).
-    #[arg(long, env = "LINESCAN_MAX_BODY_BYTES", default_value_t = 64 * 1024 * 1024)]
+    #[arg(long, env = "LINESCAN_MAX_BODY_BYTES", default_value_t = 64 * 1024 * 1024, value_parser = at_least_one::<usize>)]
     pub max_body_bytes: usize,
 
     /// HTTP worker threads (default: one per CPU core).
-    #[arg(long, env = "LINESCAN_HTTP_WORKERS")]
+    #[arg(long, env = "LINESCAN_HTTP_WORKERS", value_parser = at_least_one::<usize>)]
     pub http_workers: Option<usize>,
 
     /// Seconds in-flight requests get to finish after SIGTERM/Ctrl-C.
@@ -74,11 +74,11 @@ pub struct ModelArgs {
     pub providers: Option<Vec<ProviderArg>>,
 
     /// Sessions per model version, replacing config.toml.
-    #[arg(long, env = "LINESCAN_INSTANCES")]
+    #[arg(long, env = "LINESCAN_INSTANCES", value_parser = at_least_one::<usize>)]
     pub instances: Option<usize>,
 
     /// ONNX Runtime intra-op threads per session, replacing config.toml.
-    #[arg(long, env = "LINESCAN_THREADS")]
+    #[arg(long, env = "LINESCAN_THREADS", value_parser = at_least_one::<usize>)]
     pub threads: Option<usize>,
 }
 
@@ -115,6 +115,49 @@ impl ProviderArg {
     }
 }
 
+/// Parses a count that must be at least 1 (sessions, threads, clients, rows, bytes).
+pub fn at_least_one<T>(text: &str) -> Result<T, String>
+where
+    T: std::str::FromStr + From<u8> + PartialOrd,
+    T::Err: std::fmt::Display,
+{
+    let value: T = text.trim().parse().map_err(|e| format!("{e}"))?;
+    if value < T::from(1) {
+        return Err("must be at least 1".into());
+    }
+    Ok(value)
+}
+
+/// Parses a score or probability in [0, 1].
+pub fn unit_interval<T>(text: &str) -> Result<T, String>
+where
+    T: std::str::FromStr + Into<f64> + Copy,
+    T::Err: std::fmt::Display,
+{
+    let value: T = text.trim().parse().map_err(|e| format!("{e}"))?;
+    if !(0.0..=1.0).contains(&value.into()) {
+        return Err("must be between 0 and 1".into());
+    }
+    Ok(value)
+}
+
+/// Parses a duration or rate that must be finite and above 0.
+pub fn positive(text: &str) -> Result<f64, String> {
+    let value: f64 = text.trim().parse().map_err(|e| format!("{e}"))?;
+    if !(value.is_finite() && value > 0.0) {
+        return Err("must be a number above 0".into());
+    }
+    Ok(value)
+}
+
+/// Parses a duration that may be 0 (a warm-up), finite and not negative.
+pub fn non_negative(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(0.0) => Ok(0.0),
+        _ => positive(text).map_err(|_| "must be a number of 0 or more".into()),
+    }
+}
+
 fn redact<S: serde::Serializer>(value: &Option<String>, serializer: S) -> Result<S::Ok, S::Error> {
     match value {
         Some(_) => serializer.serialize_str("<redacted>"),
@@ -131,6 +174,31 @@ mod tests {
     struct Cli {
         #[command(flatten)]
         serve: ServeArgs,
+    }
+
+    #[test]
+    fn counts_scores_and_durations_are_checked_at_parse_time() {
+        assert_eq!(at_least_one::<usize>("3"), Ok(3));
+        assert_eq!(at_least_one::<u64>("0"), Err("must be at least 1".into()));
+        assert!(at_least_one::<usize>("-1").is_err());
+        assert_eq!(unit_interval::<f32>("0.5"), Ok(0.5));
+        assert_eq!(
+            unit_interval::<f64>("2"),
+            Err("must be between 0 and 1".into())
+        );
+        assert!(unit_interval::<f64>("NaN").is_err());
+        assert_eq!(positive("0.5"), Ok(0.5));
+        assert!(positive("0").is_err() && positive("inf").is_err());
+        assert_eq!(non_negative("0"), Ok(0.0));
+        assert!(non_negative("-1").is_err());
+        let error = Cli::try_parse_from(["linescan", "--instances", "0"])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            error.contains("--instances") && error.contains("at least 1"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -609,3 +609,54 @@ async fn merged_requests_of_several_rows_get_their_own_rows_back() {
         }
     }
 }
+
+#[test]
+fn the_load_generator_reports_latency_and_stops_on_total_failure() {
+    let repository = Repository::with_models(&[MODEL]);
+    let server = Server::start(repository.path(), &[]);
+    let files = tempfile::tempdir().unwrap();
+    let report = files.path().join("report.json");
+    let bench = |batch: &str| {
+        common::run_cli(&[
+            "bench",
+            "infer",
+            "--url",
+            &server.url,
+            "--model",
+            MODEL,
+            "--binary",
+            "--batch",
+            batch,
+            "--concurrency",
+            "2",
+            "--duration",
+            "0.5",
+            "--warmup",
+            "0",
+            "--report",
+            report.to_str().unwrap(),
+        ])
+    };
+    let output = bench("2");
+    assert!(output.status.success(), "{output:?}");
+    let figures: Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    assert!(figures["requests_ok"].as_u64().unwrap() > 0, "{figures}");
+    assert_eq!(figures["requests_failed"], 0, "{figures}");
+    assert_eq!(figures["batch"], 2);
+    assert!(
+        figures["latency"]["p99_ms"].as_f64().unwrap() > 0.0,
+        "{figures}"
+    );
+    assert!(
+        figures["stages"]["queue"]["count"].as_u64().unwrap() > 0,
+        "{figures}"
+    );
+    // Every request refused: the run fails and says why.
+    let output = bench("65");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("every request failed") && stderr.contains("exceeds max_batch_size 64"),
+        "{stderr}"
+    );
+}

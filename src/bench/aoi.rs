@@ -13,7 +13,7 @@ use futures_util::future::BoxFuture;
 use crate::aoi::deeppcb;
 use crate::aoi::pipeline::{Inspector, PreparedTemplate, StageTimings};
 use crate::aoi::synthetic::{self, DefectKind};
-use crate::bench::load::{Outcome, Workload};
+use crate::bench::load::{Outcome, Workload, error_text};
 
 /// One board of the workload: its name, encoded template and encoded test image.
 pub struct BoardImages {
@@ -109,20 +109,20 @@ impl Workload for HttpAoiWorkload {
                 .body(board.test.clone())
                 .send()
                 .await;
-            let Ok(response) = sent else {
-                return Outcome {
-                    failure: Some("connection".into()),
-                    ..Outcome::default()
-                };
+            let response = match sent {
+                Ok(response) => response,
+                Err(error) => return Outcome::connection_failed(&error),
             };
             let status = response.status();
-            let body: Option<serde_json::Value> = response.json().await.ok();
+            let bytes = response.bytes().await.unwrap_or_default();
+            let body: Option<serde_json::Value> = serde_json::from_slice(&bytes).ok();
             let timings = body
                 .as_ref()
                 .and_then(|b| serde_json::from_value::<StageTimings>(b["timings_ms"].clone()).ok());
+            let failed = !status.is_success() || timings.is_none();
             Outcome {
-                failure: (!status.is_success() || timings.is_none())
-                    .then(|| status.as_u16().to_string()),
+                failure: failed.then(|| status.as_u16().to_string()),
+                detail: failed.then(|| error_text(&bytes)),
                 stages: timings.as_ref().map(stage_outcome).unwrap_or_default(),
                 batch_rows: None,
             }
@@ -185,12 +185,12 @@ impl Workload for InProcessAoiWorkload {
             };
             match inspection {
                 Ok(inspection) => Outcome {
-                    failure: None,
                     stages: stage_outcome(&inspection.timings_ms),
-                    batch_rows: None,
+                    ..Outcome::default()
                 },
                 Err(error) => Outcome {
-                    failure: Some(error.to_string()),
+                    failure: Some("error".into()),
+                    detail: Some(error.to_string()),
                     ..Outcome::default()
                 },
             }

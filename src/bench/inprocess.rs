@@ -131,6 +131,7 @@ pub fn run(plan: &InProcessPlan<'_>) -> anyhow::Result<Report> {
         requests_ok: runs,
         requests_failed: 0,
         failures: Default::default(),
+        first_errors: Default::default(),
         requests_per_s: runs as f64 / seconds,
         inferences_per_s: (runs * plan.batch as u64) as f64 / seconds,
         latency: Percentiles::of(&latency),

@@ -17,6 +17,8 @@ use crate::bench::report::{self, Percentiles, Report};
 pub struct Outcome {
     /// None on success, else the HTTP status or "connection".
     pub failure: Option<String>,
+    /// What went wrong, as the server or the pipeline said it.
+    pub detail: Option<String>,
     /// Server-reported stage times (e.g. queue, compute).
     pub stages: Vec<(&'static str, Duration)>,
     pub batch_rows: Option<usize>,
@@ -25,11 +27,9 @@ pub struct Outcome {
 /// Sends one request to a linescan server and reads its whole answer, with the stage times and
 /// batch size the server reports in `X-Linescan-*` headers.
 pub async fn send_timed(request: reqwest::RequestBuilder) -> Outcome {
-    let Ok(response) = request.send().await else {
-        return Outcome {
-            failure: Some("connection".into()),
-            ..Outcome::default()
-        };
+    let response = match request.send().await {
+        Ok(response) => response,
+        Err(error) => return Outcome::connection_failed(&error),
     };
     let status = response.status();
     let header = |name: &str| {
@@ -51,10 +51,34 @@ pub async fn send_timed(request: reqwest::RequestBuilder) -> Outcome {
     let batch_rows = header("X-Linescan-Batch-Rows").map(|rows| rows as usize);
     // The body is read in full so the timing covers the whole response.
     let body = response.bytes().await;
+    let failed = !status.is_success() || body.is_err();
     Outcome {
-        failure: (!status.is_success() || body.is_err()).then(|| status.as_u16().to_string()),
+        failure: failed.then(|| status.as_u16().to_string()),
+        detail: failed.then(|| match &body {
+            Ok(body) => error_text(body),
+            Err(error) => format!("reading the answer: {error}"),
+        }),
         stages,
         batch_rows,
+    }
+}
+
+impl Outcome {
+    pub fn connection_failed(error: &reqwest::Error) -> Outcome {
+        Outcome {
+            failure: Some("connection".into()),
+            detail: Some(error.to_string()),
+            ..Outcome::default()
+        }
+    }
+}
+
+/// The `error` of a JSON error body, else the body's start as text.
+pub fn error_text(body: &[u8]) -> String {
+    let parsed: Option<serde_json::Value> = serde_json::from_slice(body).ok();
+    match parsed.as_ref().and_then(|v| v["error"].as_str()) {
+        Some(error) => error.to_string(),
+        None => String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned(),
     }
 }
 
@@ -79,6 +103,7 @@ pub struct LoadPlan {
 struct Tally {
     ok: u64,
     failures: BTreeMap<String, u64>,
+    first_errors: BTreeMap<String, String>,
     latency: Option<Histogram<u64>>,
     stages: BTreeMap<&'static str, Histogram<u64>>,
     batch_rows_sum: u64,
@@ -88,7 +113,12 @@ struct Tally {
 impl Tally {
     fn add(&mut self, outcome: Outcome, latency: Duration) {
         match outcome.failure {
-            Some(reason) => *self.failures.entry(reason).or_default() += 1,
+            Some(reason) => {
+                if let Some(detail) = outcome.detail {
+                    self.first_errors.entry(reason.clone()).or_insert(detail);
+                }
+                *self.failures.entry(reason).or_default() += 1;
+            }
             None => {
                 self.ok += 1;
                 report::record(
@@ -115,6 +145,9 @@ impl Tally {
         self.ok += other.ok;
         for (reason, count) in other.failures {
             *self.failures.entry(reason).or_default() += count;
+        }
+        for (reason, detail) in other.first_errors {
+            self.first_errors.entry(reason).or_insert(detail);
         }
         if let Some(latency) = other.latency {
             let mine = self.latency.get_or_insert_with(report::new_histogram);
@@ -173,6 +206,7 @@ pub async fn run(workload: Arc<dyn Workload>, plan: &LoadPlan) -> anyhow::Result
         requests_ok: tally.ok,
         requests_failed: failed,
         failures: tally.failures,
+        first_errors: tally.first_errors,
         requests_per_s: tally.ok as f64 / elapsed,
         inferences_per_s: (tally.ok * workload.rows() as u64) as f64 / elapsed,
         latency: tally

@@ -13,6 +13,8 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand};
 
+use crate::config::{at_least_one, non_negative, positive};
+
 #[derive(Subcommand)]
 pub enum BenchCommand {
     /// Send Open Inference Protocol infer requests to a server (linescan or any KServe v2 server).
@@ -41,7 +43,7 @@ pub struct AoiArgs {
     #[arg(long)]
     pub root: Option<PathBuf>,
     /// Boards used (read into memory before measuring).
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, default_value_t = 200, value_parser = at_least_one::<usize>)]
     pub boards: usize,
     /// Preprocessing backend of the in-process pipeline (the server's is set on `serve`).
     #[command(flatten)]
@@ -61,7 +63,7 @@ pub struct RulArgs {
     #[arg(long, default_value = "rul_fd001")]
     pub model: String,
     /// Windows per request.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = at_least_one::<usize>)]
     pub windows: usize,
     #[command(flatten)]
     pub load: LoadArgs,
@@ -70,22 +72,22 @@ pub struct RulArgs {
 #[derive(Args)]
 pub struct LoadArgs {
     /// Concurrent clients (closed loop), or the cap on requests in flight (open loop).
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = at_least_one::<usize>)]
     pub concurrency: usize,
     /// Open loop: start this many requests per second whatever the answers.
-    #[arg(long)]
+    #[arg(long, value_parser = positive)]
     pub rate: Option<f64>,
     /// Seconds to measure.
-    #[arg(long, default_value_t = 10.0)]
+    #[arg(long, default_value_t = 10.0, value_parser = positive)]
     pub duration: f64,
     /// Seconds to run before measuring.
-    #[arg(long, default_value_t = 2.0)]
+    #[arg(long, default_value_t = 2.0, value_parser = non_negative)]
     pub warmup: f64,
     /// Write the report as JSON here.
     #[arg(long)]
     pub report: Option<PathBuf>,
     /// Client threads of the load generator.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = at_least_one::<usize>)]
     pub client_threads: usize,
 }
 
@@ -101,7 +103,7 @@ pub struct InferArgs {
     #[arg(long)]
     pub model_version: Option<String>,
     /// Rows per request.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = at_least_one::<usize>)]
     pub batch: usize,
     /// Send and receive tensors with the binary extension instead of JSON arrays.
     #[arg(long)]
@@ -112,23 +114,28 @@ pub struct InferArgs {
 
 #[derive(Args)]
 pub struct InProcessArgs {
+    /// Model repository: <model>/config.toml and <model>/<version>/model.onnx.
     #[arg(long, env = "LINESCAN_MODEL_REPOSITORY", default_value = "models")]
     pub model_repository: PathBuf,
+    /// Model to run (its latest version).
     #[arg(long)]
     pub model: String,
     /// Rows per run.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = at_least_one::<usize>)]
     pub batch: usize,
     /// Sessions run in parallel, one thread each.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = at_least_one::<usize>)]
     pub sessions: usize,
     /// Intra-op threads per session.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = at_least_one::<usize>)]
     pub threads: usize,
-    #[arg(long, default_value_t = 10.0)]
+    /// Seconds to measure.
+    #[arg(long, default_value_t = 10.0, value_parser = positive)]
     pub duration: f64,
-    #[arg(long, default_value_t = 1.0)]
+    /// Seconds to run before measuring.
+    #[arg(long, default_value_t = 1.0, value_parser = non_negative)]
     pub warmup: f64,
+    /// Write the report as JSON here.
     #[arg(long)]
     pub report: Option<PathBuf>,
 }
@@ -159,6 +166,14 @@ impl LoadArgs {
         report.print();
         if let Some(path) = &self.report {
             report.write_json(path)?;
+        }
+        if report.requests_ok == 0 && report.requests_failed > 0 {
+            let errors: Vec<String> = report
+                .first_errors
+                .iter()
+                .map(|(reason, error)| format!("{reason}: {error}"))
+                .collect();
+            anyhow::bail!("every request failed ({})", errors.join("; "));
         }
         Ok(())
     }

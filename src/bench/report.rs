@@ -52,6 +52,8 @@ pub struct Report {
     pub requests_failed: u64,
     /// Failed requests by HTTP status (or "connection").
     pub failures: BTreeMap<String, u64>,
+    /// The first error message of each failure kind.
+    pub first_errors: BTreeMap<String, String>,
     pub requests_per_s: f64,
     /// Rows per second (requests × batch).
     pub inferences_per_s: f64,
@@ -79,6 +81,9 @@ impl Report {
             "  {:.1} s: {} ok, {} failed {:?}",
             self.duration_s, self.requests_ok, self.requests_failed, self.failures
         );
+        for (reason, error) in &self.first_errors {
+            println!("  first {reason} failure: {error}");
+        }
         println!(
             "  throughput: {:.1} requests/s, {:.1} inferences/s",
             self.requests_per_s, self.inferences_per_s
@@ -94,7 +99,8 @@ impl Report {
     }
 
     pub fn write_json(&self, path: &std::path::Path) -> anyhow::Result<()> {
-        std::fs::write(path, serde_json::to_vec_pretty(self)?)?;
+        std::fs::write(path, serde_json::to_vec_pretty(self)?)
+            .map_err(|e| anyhow::anyhow!("cannot write the report {}: {e}", path.display()))?;
         println!("  report written to {}", path.display());
         Ok(())
     }

@@ -15,7 +15,7 @@ use crate::aoi::deeppcb::{self, PairEntry};
 use crate::aoi::evaluation::{self, ImageResult};
 use crate::aoi::pipeline::{DEFECT_MODEL, Inspection, Inspector, StageTimings};
 use crate::bench::report::{self, Percentiles};
-use crate::config::ModelArgs;
+use crate::config::{ModelArgs, at_least_one, unit_interval};
 use crate::engine::ModelRegistry;
 use crate::metrics::Metrics;
 use crate::preprocess::PreprocessArgs;
@@ -41,13 +41,13 @@ pub struct DetectArgs {
     #[arg(long)]
     pub out: PathBuf,
     /// Lowest confidence written (low keeps the ranking that AP needs).
-    #[arg(long, default_value_t = 0.01)]
+    #[arg(long, default_value_t = 0.01, value_parser = unit_interval::<f32>)]
     pub min_score: f32,
     /// Pairs in flight (their crops share classifier batches).
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = at_least_one::<usize>)]
     pub concurrency: usize,
     /// Largest image accepted, in pixels.
-    #[arg(long, default_value_t = 50_000_000)]
+    #[arg(long, default_value_t = 50_000_000, value_parser = at_least_one::<u64>)]
     pub max_image_pixels: u64,
     #[command(flatten)]
     pub preprocess: PreprocessArgs,
@@ -57,19 +57,22 @@ pub struct DetectArgs {
 
 #[derive(Args)]
 pub struct EvalArgs {
+    /// DeepPCB-format list: lines `groupX/X/ID.jpg groupX/X_not/ID.txt`.
     #[arg(long)]
     pub list: PathBuf,
+    /// Data root: ground truth is read from ROOT/groupX/X_not/ID.txt.
     #[arg(long)]
     pub root: PathBuf,
     /// Folder of detection files written by `aoi detect`.
     #[arg(long)]
     pub det: PathBuf,
     /// Operating threshold for precision, recall and F-score (default: the model's).
-    #[arg(long)]
+    #[arg(long, value_parser = unit_interval::<f64>)]
     pub score_threshold: Option<f64>,
     /// Also write the figures as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Model repository whose aoi_defect config gives the default operating threshold.
     #[arg(long, env = "LINESCAN_MODEL_REPOSITORY", default_value = "models")]
     pub model_repository: PathBuf,
 }
@@ -227,7 +230,7 @@ fn eval(args: &EvalArgs) -> anyhow::Result<()> {
     }
     let threshold = match args.score_threshold {
         Some(t) => t,
-        None => model_score_threshold(&args.model_repository).unwrap_or(0.5),
+        None => model_score_threshold(&args.model_repository)?,
     };
     let e = evaluation::evaluate(&results, threshold);
     println!(
@@ -250,16 +253,26 @@ fn eval(args: &EvalArgs) -> anyhow::Result<()> {
         e.false_negatives
     );
     if let Some(path) = &args.json {
-        std::fs::write(path, serde_json::to_vec_pretty(&e)?)?;
+        std::fs::write(path, serde_json::to_vec_pretty(&e)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
     }
     Ok(())
 }
 
-fn model_score_threshold(repository: &std::path::Path) -> Option<f64> {
-    let config =
-        crate::runtime::ModelConfig::load(&repository.join(DEFECT_MODEL).join("config.toml"))
-            .ok()?;
-    let params =
-        crate::aoi::params::PipelineParams::from_table(config.preprocessing.as_ref()).ok()?;
-    Some(params.score_threshold as f64)
+/// The defect model's operating threshold, from its config.
+fn model_score_threshold(repository: &std::path::Path) -> anyhow::Result<f64> {
+    let path = repository.join(DEFECT_MODEL).join("config.toml");
+    let read = || -> anyhow::Result<f64> {
+        let config = crate::runtime::ModelConfig::load(&path)?;
+        let params = crate::aoi::params::PipelineParams::from_table(config.preprocessing.as_ref())
+            .map_err(anyhow::Error::msg)?;
+        Ok(params.score_threshold as f64)
+    };
+    read().with_context(|| {
+        format!(
+            "the default operating threshold comes from {}; pass --score-threshold or \
+             --model-repository",
+            path.display()
+        )
+    })
 }

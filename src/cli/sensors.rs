@@ -10,7 +10,7 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::config::ModelArgs;
+use crate::config::{ModelArgs, at_least_one};
 use crate::engine::ModelRegistry;
 use crate::jobs::archive::Partition;
 use crate::jobs::results::{self, Format, View};
@@ -38,7 +38,7 @@ pub struct JobSynthArgs {
     #[arg(long)]
     pub out: PathBuf,
     /// Rows (units of 128..362 cycles until the count is reached; the last may be cut short).
-    #[arg(long, default_value_t = 1_000_000)]
+    #[arg(long, default_value_t = 1_000_000, value_parser = at_least_one::<usize>)]
     pub rows: usize,
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
@@ -61,10 +61,10 @@ pub struct JobRunArgs {
     #[arg(long, value_enum, default_value = "all")]
     pub partition: Partition,
     /// Archive rows read per chunk.
-    #[arg(long, default_value_t = 16_384)]
+    #[arg(long, default_value_t = 16_384, value_parser = at_least_one::<usize>)]
     pub chunk_rows: usize,
     /// Model batches in flight (default: two per session, plus two).
-    #[arg(long)]
+    #[arg(long, value_parser = at_least_one::<usize>)]
     pub in_flight: Option<usize>,
     /// No progress bar.
     #[arg(long)]

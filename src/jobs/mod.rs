@@ -21,6 +21,7 @@ use serde::Serialize;
 
 pub use manager::JobManager;
 
+use crate::config::at_least_one;
 use crate::sensors::SensorService;
 
 /// Job settings of the server; every flag is also an environment variable.
@@ -30,20 +31,22 @@ pub struct JobArgs {
     #[arg(
         long = "job-workers",
         env = "LINESCAN_JOB_WORKERS",
-        default_value_t = 2
+        default_value_t = 2,
+        value_parser = at_least_one::<usize>
     )]
     pub workers: usize,
     /// Accept `{"path": ...}` job submissions for files under this folder (off when unset).
     #[arg(long = "jobs-allow-path", env = "LINESCAN_JOBS_ALLOW_PATH")]
     pub allow_path: Option<PathBuf>,
     /// Largest archive upload accepted, in bytes (larger: 413).
-    #[arg(long = "job-max-upload-bytes", env = "LINESCAN_JOB_MAX_UPLOAD_BYTES", default_value_t = 16 * 1024 * 1024 * 1024)]
+    #[arg(long = "job-max-upload-bytes", env = "LINESCAN_JOB_MAX_UPLOAD_BYTES", default_value_t = 16 * 1024 * 1024 * 1024, value_parser = at_least_one::<u64>)]
     pub max_upload_bytes: u64,
     /// Archive rows read per chunk.
     #[arg(
         long = "job-chunk-rows",
         env = "LINESCAN_JOB_CHUNK_ROWS",
-        default_value_t = 16_384
+        default_value_t = 16_384,
+        value_parser = at_least_one::<usize>
     )]
     pub chunk_rows: usize,
     /// Pause after each chunk, in milliseconds (for tests and demos of progress and cancel).
