@@ -63,6 +63,11 @@ pub fn decode_gray(bytes: &[u8], max_pixels: u64) -> Result<GrayImage, ImageErro
             limit: max_pixels,
         });
     }
+    if format == ImageFormat::Jpeg && !jpeg_is_complete(bytes) {
+        return Err(corrupt(
+            "no end-of-image marker after the scan data (the file was cut short)".into(),
+        ));
+    }
     let mut reader = reader;
     let mut limits = Limits::default();
     // Room for the largest pixel type (RGBA, 16 bits per channel) of an allowed image.
@@ -70,6 +75,30 @@ pub fn decode_gray(bytes: &[u8], max_pixels: u64) -> Result<GrayImage, ImageErro
     reader.limits(limits);
     let image = reader.decode().map_err(|e| corrupt(e.to_string()))?;
     Ok(to_gray(image))
+}
+
+/// Whether a JPEG's first scan is followed by an end-of-image marker. The decoder fills a stream
+/// cut short with grey instead of failing, and a half-grey board reads as one large defect.
+/// Segments before the scan are skipped by their lengths, so an embedded thumbnail's markers do
+/// not count; inside scan data a 0xFF byte is always followed by 0x00 or a marker.
+fn jpeg_is_complete(bytes: &[u8]) -> bool {
+    const SOS: u8 = 0xDA;
+    const EOI: [u8; 2] = [0xFF, 0xD9];
+    let mut at = 2; // after the start-of-image marker
+    while at + 4 <= bytes.len() {
+        if bytes[at] != 0xFF {
+            return false;
+        }
+        match bytes[at + 1] {
+            // Fill bytes before a marker.
+            0xFF => at += 1,
+            SOS => return bytes[at..].windows(2).any(|pair| pair == EOI),
+            // Markers without a length.
+            0x01 | 0xD0..=0xD7 => at += 2,
+            _ => at += 2 + u16::from_be_bytes([bytes[at + 2], bytes[at + 3]]) as usize,
+        }
+    }
+    false
 }
 
 fn to_gray(image: DynamicImage) -> GrayImage {
@@ -133,6 +162,24 @@ mod tests {
             decode_gray(&bytes[..bytes.len() / 2], 1 << 20),
             Err(ImageError::Corrupt { .. })
         ));
+    }
+
+    #[test]
+    fn a_jpeg_cut_short_is_refused() {
+        let image = image::GrayImage::from_fn(64, 64, |x, y| image::Luma([(x * y % 251) as u8]));
+        let mut bytes = Vec::new();
+        image
+            .write_to(&mut Cursor::new(&mut bytes), ImageFormat::Jpeg)
+            .unwrap();
+        assert!(decode_gray(&bytes, 1 << 20).is_ok());
+        // Data after the end-of-image marker is tolerated, as decoders do.
+        let mut trailer = bytes.clone();
+        trailer.extend_from_slice(b"camera trailer");
+        assert!(decode_gray(&trailer, 1 << 20).is_ok());
+        // Cut inside the scan data, past the headers: the decoder alone would fill in grey.
+        let cut = &bytes[..bytes.len() * 3 / 4];
+        let error = decode_gray(cut, 1 << 20).unwrap_err().to_string();
+        assert!(error.contains("no end-of-image marker"), "{error}");
     }
 
     #[test]
