@@ -262,6 +262,17 @@ async fn reject_threshold_is_per_board() {
     let (status, error) =
         put_template(&server, "x", png(&clean.template), "?reject_threshold=2").await;
     assert_eq!(status, 422, "{error}");
+    // A misspelt setting is refused rather than silently ignored.
+    let (status, error) =
+        put_template(&server, "x", png(&clean.template), "?reject_treshold=0.5").await;
+    assert_eq!(status, 400, "{error}");
+    assert!(
+        error["error"]
+            .as_str()
+            .unwrap()
+            .contains("unknown field `reject_treshold`"),
+        "{error}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -151,6 +151,19 @@ async fn job_lifecycle_with_results_in_every_format() {
     );
     let bad = get(format!("{}/v1/jobs/{id}/result?format=xml", server.url)).await;
     assert_eq!(bad.status(), 422);
+    let units_json = get(format!(
+        "{}/v1/jobs/{id}/result?format=json&view=units",
+        server.url
+    ))
+    .await;
+    assert_eq!(units_json.status(), 422);
+    assert!(
+        units_json
+            .text()
+            .await
+            .unwrap()
+            .contains("hold both tables")
+    );
     assert_eq!(
         get(format!("{}/v1/jobs/nope", server.url)).await.status(),
         404
@@ -596,15 +609,7 @@ async fn bad_archives_fail_their_own_job_only() {
         let path = setup.file(&format!("{}.h5", name.replace(' ', "-")));
         std::fs::write(&path, bytes).unwrap();
         let out = setup.file("never.h5");
-        let output = run_cli(&[
-            "job",
-            "run",
-            path.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--model-repository",
-            setup.repository.path().to_str().unwrap(),
-        ]);
+        let output = job_run_output(setup.repository.path(), &path, &out, &[]);
         assert!(!output.status.success());
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(stderr.contains(fragments[0]), "{name}: {stderr}");
@@ -832,4 +837,49 @@ fn rul_cmapss_predicts_the_last_window_of_every_unit() {
     ]);
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("line 1 has 3 columns"));
+}
+
+#[test]
+fn offline_commands_refuse_to_overwrite_their_input() {
+    let setup = setup();
+    let archive = write_generic(setup.files.path(), "fleet.h5", &small_fleet());
+    let before = std::fs::read(&archive).unwrap();
+    let output = job_run_output(setup.repository.path(), &archive, &archive, &[]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("is the input"), "{stderr}");
+    assert_eq!(
+        std::fs::read(&archive).unwrap(),
+        before,
+        "the archive changed"
+    );
+    let csv = setup.file("fleet.csv");
+    let output = run_cli(&[
+        "job",
+        "synth",
+        "--out",
+        csv.to_str().unwrap(),
+        "--rows",
+        "10",
+    ]);
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("job synth writes HDF5"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upload_above_the_limit_is_refused_with_both_sizes() {
+    let setup = setup();
+    let server = setup.server(&["--job-max-upload-bytes", "1000"]);
+    let archive = write_generic(setup.files.path(), "fleet.h5", &small_fleet());
+    let bytes = std::fs::read(&archive).unwrap();
+    let size = bytes.len();
+    let (status, body) = submit_bytes(&server.url, bytes, "").await;
+    assert_eq!(status, 413, "{body}");
+    let error = body["error"].as_str().unwrap();
+    assert!(
+        error.contains(&format!(
+            "archive of {size} bytes above the limit of 1000 bytes"
+        )),
+        "{error}"
+    );
 }

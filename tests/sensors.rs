@@ -311,6 +311,8 @@ async fn bad_windows_are_refused_with_what_is_wrong() {
     )
     .await;
     expect(status, &body, 422, &["critical threshold"]);
+    let (status, body) = post(&server, "/v1/rul/rul_fd001?critical=abc", good.to_string()).await;
+    expect(status, &body, 400, &["bad query string", "critical"]);
     let response = reqwest::Client::new()
         .post(format!("{}{url}", server.url))
         .header("Content-Type", "text/csv")

@@ -559,6 +559,15 @@ async fn api_key_guards_everything_but_probes_and_metrics() {
         .await
         .unwrap();
     assert_eq!(authorised.status(), 200);
+    let lower_case = client
+        .get(&model_url)
+        .header("Authorization", "bearer k3y")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(lower_case.status(), 200, "the scheme is case-insensitive");
+    let wrong = client.get(&model_url).bearer_auth("k3y2").send().await;
+    assert_eq!(wrong.unwrap().status(), 401);
     assert_eq!(common::status_of(&server.url, "/metrics"), Some(200));
 }
 

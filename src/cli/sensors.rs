@@ -113,6 +113,11 @@ pub fn run_job(command: JobCommand) -> anyhow::Result<()> {
         JobCommand::Run(args) => job_run(&args),
         JobCommand::Merge(args) => job_merge(&args),
         JobCommand::Synth(args) => {
+            anyhow::ensure!(
+                Format::from_path(&args.out) == Some(Format::H5),
+                "{}: job synth writes HDF5; give the file an .h5 extension",
+                args.out.display()
+            );
             let started = Instant::now();
             let (rows, units) =
                 crate::jobs::synthetic::write_large_generic(&args.out, args.rows, args.seed)?;
@@ -195,6 +200,24 @@ impl Monitor for BarMonitor {
     }
 }
 
+/// Refuses an output path that is one of the inputs: the result would replace its own source.
+fn refuse_overwriting(inputs: &[&Path], out: &Path) -> anyhow::Result<()> {
+    let Ok(out_file) = out.canonicalize() else {
+        return Ok(()); // not there yet
+    };
+    match inputs
+        .iter()
+        .find(|input| input.canonicalize().is_ok_and(|i| i == out_file))
+    {
+        Some(input) => anyhow::bail!(
+            "--out {} is the input {}; write the result to another file",
+            out.display(),
+            input.display()
+        ),
+        None => Ok(()),
+    }
+}
+
 fn output_format(out: &Path) -> anyhow::Result<Format> {
     Format::from_path(out).with_context(|| {
         format!(
@@ -215,6 +238,7 @@ fn deliver(h5: &Path, out: &Path, format: Format) -> anyhow::Result<()> {
 
 fn job_run(args: &JobRunArgs) -> anyhow::Result<()> {
     let format = output_format(&args.out)?;
+    refuse_overwriting(&[&args.archive], &args.out)?;
     args.assess.validate().map_err(anyhow::Error::msg)?;
     anyhow::ensure!(
         args.archive.is_file(),
@@ -295,6 +319,8 @@ fn job_run(args: &JobRunArgs) -> anyhow::Result<()> {
 
 fn job_merge(args: &JobMergeArgs) -> anyhow::Result<()> {
     let format = output_format(&args.out)?;
+    let parts: Vec<&Path> = args.parts.iter().map(PathBuf::as_path).collect();
+    refuse_overwriting(&parts, &args.out)?;
     let h5 = match format {
         Format::H5 => args.out.clone(),
         _ => args.out.with_extension("merging.h5"),
@@ -357,6 +383,15 @@ pub fn read_cmapss(path: &Path) -> anyhow::Result<BTreeMap<i64, UnitRows>> {
 }
 
 fn cmapss(args: &CmapssArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !matches!(
+            Format::from_path(&args.out),
+            Some(Format::H5 | Format::Json)
+        ),
+        "{}: rul cmapss writes CSV (unit,rul); give the file a .csv extension",
+        args.out.display()
+    );
+    refuse_overwriting(&[&args.input], &args.out)?;
     let started = Instant::now();
     let units = read_cmapss(&args.input)?;
     let (registry, model) = load_sensor_model(&args.models, args.model.as_deref())?;

@@ -125,6 +125,7 @@ async fn list_templates(state: web::Data<AppState>) -> Result<HttpResponse, ApiE
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct PutQuery {
     reject_threshold: Option<f32>,
 }

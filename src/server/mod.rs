@@ -38,12 +38,21 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
     let metrics = Arc::new(Metrics::new());
     let state = web::Data::new(AppState::new(metrics.clone(), args.max_body_bytes));
-    let api_key = args.api_key.clone().map(|k| format!("Bearer {k}"));
+    let api_key = args.api_key.clone();
     let app_state = state.clone();
     let mut server = HttpServer::new(move || {
         let api_key = api_key.clone();
         App::new()
             .app_data(app_state.clone())
+            .app_data(web::QueryConfig::default().error_handler(|error, request| {
+                // serde_urlencoded does not always name the parameter: show the query too.
+                let detail = match &error {
+                    actix_web::error::QueryPayloadError::Deserialize(e) => e.to_string(),
+                    other => other.to_string(),
+                };
+                let query = request.query_string();
+                ApiError::BadRequest(format!("bad query string {query:?}: {detail}")).into()
+            }))
             .wrap_fn(move |request, service| {
                 let authorised = match &api_key {
                     None => true,
@@ -52,7 +61,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                             || request
                                 .headers()
                                 .get("Authorization")
-                                .is_some_and(|v| v.as_bytes() == expected.as_bytes())
+                                .is_some_and(|v| bearer_token(v.as_bytes()) == Some(expected))
                     }
                 };
                 if authorised {
@@ -189,10 +198,32 @@ async fn render_metrics(state: web::Data<AppState>) -> HttpResponse {
         .body(state.metrics.render())
 }
 
+/// The token of an `Authorization: Bearer <token>` header (the scheme is case-insensitive,
+/// RFC 9110 section 11.1).
+fn bearer_token(header: &[u8]) -> Option<&str> {
+    let (scheme, token) = std::str::from_utf8(header).ok()?.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim_start())
+}
+
 async fn no_route(request: actix_web::HttpRequest) -> Result<HttpResponse, ApiError> {
     Err(ApiError::NotFound(format!(
         "no route for {} {} (see README: /v2 for inference, /metrics, /v1 for inspection and jobs)",
         request.method(),
         request.path()
     )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        assert_eq!(bearer_token(b"Bearer k3y"), Some("k3y"));
+        assert_eq!(bearer_token(b"bearer  k3y"), Some("k3y"));
+        assert_eq!(bearer_token(b"Basic k3y"), None);
+        assert_eq!(bearer_token(b"k3y"), None);
+    }
 }

@@ -292,9 +292,11 @@ fn job_model(fleet: &Fleet, name: Option<&str>) -> Result<String, ApiError> {
     }
 }
 
-fn too_large(limit: u64) -> ApiError {
+/// The 413 of an archive upload; `size` when the request declared it.
+fn too_large(size: Option<u64>, limit: u64) -> ApiError {
+    let archive = size.map_or("archive".into(), |size| format!("archive of {size} bytes"));
     ApiError::PayloadTooLarge(format!(
-        "archive above the limit of {limit} bytes (--job-max-upload-bytes / \
+        "{archive} above the limit of {limit} bytes (--job-max-upload-bytes / \
          LINESCAN_JOB_MAX_UPLOAD_BYTES); large archives can be submitted by path with \
          --jobs-allow-path"
     ))
@@ -314,7 +316,7 @@ where
         let chunk = chunk.map_err(|e| ApiError::BadRequest(format!("reading the upload: {e}")))?;
         size += chunk.len() as u64;
         if size > limit {
-            return Err(too_large(limit));
+            return Err(too_large(None, limit));
         }
         writer.write_all(&chunk).map_err(internal)?;
     }
@@ -419,7 +421,7 @@ async fn submit_job(
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
         .filter(|size| *size > limit)
     {
-        return Err(too_large(size.max(limit)));
+        return Err(too_large(Some(size), limit));
     }
     let store = fleet.jobs.store();
     let id = store
@@ -664,6 +666,13 @@ async fn job_result(
             )));
         }
     };
+    if query.view == View::Units && format != Format::Csv {
+        return Err(ApiError::Unprocessable(
+            "view=units selects the per-unit table of format=csv; HDF5 and JSON results hold \
+             both tables"
+                .into(),
+        ));
+    }
     let store = fleet.jobs.store();
     let h5 = store.result_path(&record.id);
     let (file, suffix) = match (format, query.view) {

@@ -91,6 +91,23 @@ pub fn write_generic(dir: &Path, name: &str, table: &Table) -> PathBuf {
 /// `linescan job run ARCHIVE --out OUT --quiet` on `repository`; panics with its output on
 /// failure, returns its stdout.
 pub fn job_run(repository: &Path, archive: &Path, out: &Path, extra: &[&str]) -> String {
+    let output = job_run_output(repository, archive, out, extra);
+    let stdout = String::from_utf8_lossy(&output.stdout).to_string();
+    assert!(
+        output.status.success(),
+        "job run failed: {stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
+/// `linescan job run ARCHIVE --out OUT --quiet` on `repository`, whatever its outcome.
+pub fn job_run_output(
+    repository: &Path,
+    archive: &Path,
+    out: &Path,
+    extra: &[&str],
+) -> std::process::Output {
     let mut args = vec![
         "job",
         "run",
@@ -102,14 +119,7 @@ pub fn job_run(repository: &Path, archive: &Path, out: &Path, extra: &[&str]) ->
         repository.to_str().unwrap(),
     ];
     args.extend_from_slice(extra);
-    let output = crate::common::run_cli(&args);
-    let stdout = String::from_utf8_lossy(&output.stdout).to_string();
-    assert!(
-        output.status.success(),
-        "job run failed: {stdout}{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    stdout
+    crate::common::run_cli(&args)
 }
 
 /// Rows of a result table read with the hdf5 crate.
