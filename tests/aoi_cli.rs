@@ -155,20 +155,22 @@ fn detect_writes_deeppcb_files_and_eval_scores_them() {
 }
 
 #[test]
-fn detect_names_a_missing_image() {
+fn detect_names_a_missing_image_and_still_writes_the_other_pairs() {
     let repository = Repository::with_models(&["aoi_defect"]);
     let root = tempfile::tempdir().unwrap();
     let list = write_dataset(root.path());
     std::fs::remove_file(root.path().join("group1/1/1001_test.jpg")).unwrap();
-    let output = detect(
-        root.path(),
-        &list,
-        &root.path().join("det"),
-        &repository,
-        &[],
-    );
+    let out = root.path().join("det");
+    let output = detect(root.path(), &list, &out, &repository, &[]);
     assert!(!output.status.success());
-    assert!(String::from_utf8_lossy(&output.stderr).contains("1001_test.jpg"));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("pair 1001") && stderr.contains("1001_test.jpg"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("1 of 3 pairs failed"), "{stderr}");
+    assert!(out.join("1000.txt").is_file() && out.join("1002.txt").is_file());
+    assert!(!out.join("1001.txt").exists());
 }
 
 /// One detection line: box, confidence, class.

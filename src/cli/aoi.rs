@@ -164,14 +164,28 @@ fn detect(args: &DetectArgs) -> anyhow::Result<()> {
         .map(|_| report::new_histogram())
         .collect();
     let started = Instant::now();
-    let count = pairs.len();
+    let listed = pairs.len();
     let mut candidates = 0usize;
+    // A pair that cannot be read or inspected is reported at the end; the others are still
+    // written, so one bad image does not cost a whole evaluation run.
+    let mut failures: Vec<String> = Vec::new();
     runtime.block_on(async {
         let mut results = futures_util::stream::iter(pairs)
-            .map(|pair| inspect_pair(inspector.clone(), pair, args.min_score))
+            .map(|pair| {
+                let id = pair.id.clone();
+                let inspected = inspect_pair(inspector.clone(), pair, args.min_score);
+                async move { inspected.await.with_context(|| format!("pair {id}")) }
+            })
             .buffer_unordered(args.concurrency.max(1));
         while let Some(result) = results.next().await {
-            let (pair, inspection, template_ms) = result?;
+            progress.inc(1);
+            let (pair, inspection, template_ms) = match result {
+                Ok(inspected) => inspected,
+                Err(error) => {
+                    failures.push(format!("{error:#}"));
+                    continue;
+                }
+            };
             let path = args.out.join(format!("{}.txt", pair.id));
             std::fs::write(&path, deeppcb::format_detections(&inspection.defects))
                 .with_context(|| format!("cannot write {}", path.display()))?;
@@ -188,12 +202,12 @@ fn detect(args: &DetectArgs) -> anyhow::Result<()> {
                     std::time::Duration::from_secs_f64(value / 1000.0),
                 );
             }
-            progress.inc(1);
         }
         anyhow::Ok(())
     })?;
     progress.finish_and_clear();
     let seconds = started.elapsed().as_secs_f64();
+    let count = listed - failures.len();
     println!(
         "{count} pairs in {seconds:.2} s: {:.1} pairs/s (both images decoded per pair), detections in {}",
         count as f64 / seconds,
@@ -216,6 +230,15 @@ fn detect(args: &DetectArgs) -> anyhow::Result<()> {
         );
     }
     registry.shutdown();
+    for failure in &failures {
+        eprintln!("failed: {failure}");
+    }
+    anyhow::ensure!(
+        failures.is_empty(),
+        "{} of {listed} pairs failed (listed above); the detections of the other {count} were \
+         written",
+        failures.len()
+    );
     Ok(())
 }
 
