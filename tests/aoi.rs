@@ -355,3 +355,38 @@ async fn templates_survive_a_restart() {
     let (_, result) = inspect(&server, "kept", png(&defective.test)).await;
     assert_eq!(result["verdict"], "REJECT", "{result}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_aoi_load_generator_inspects_and_removes_its_templates() {
+    let (_repository, _data, server) = start(&[]);
+    let url = server.url.clone();
+    let output = tokio::task::spawn_blocking(move || {
+        common::run_cli(&[
+            "bench",
+            "aoi",
+            "--url",
+            &url,
+            "--boards",
+            "3",
+            "--concurrency",
+            "2",
+            "--duration",
+            "0.5",
+            "--warmup",
+            "0",
+        ])
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{output:?}");
+    assert!(stdout.contains(" 0 failed"), "{stdout}");
+    // The stages the server reports come back per stage.
+    assert!(stdout.contains("classify"), "{stdout}");
+    let (_, list) = common::get_json(&format!("{}/v1/templates", server.url)).await;
+    assert_eq!(
+        list["templates"],
+        Value::Array(vec![]),
+        "left behind: {list}"
+    );
+}

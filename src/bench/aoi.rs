@@ -22,6 +22,12 @@ pub struct BoardImages {
     pub test: Bytes,
 }
 
+/// Board names of this run: a prefix of its own, so that a benchmark against a live server
+/// neither replaces a line's templates nor meets another run's.
+fn board_name(name: &str) -> String {
+    format!("bench-{}-{name}", std::process::id())
+}
+
 /// Real DeepPCB-format pairs from a list, or synthetic boards when no list is given.
 pub fn load_boards(
     list: Option<&Path>,
@@ -37,7 +43,7 @@ pub fn load_boards(
                     std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))
                 };
                 Ok(BoardImages {
-                    board: format!("pcb-{}", pair.id),
+                    board: board_name(&format!("pcb-{}", pair.id)),
                     template: Bytes::from(read(&pair.template)?),
                     test: Bytes::from(read(&pair.test)?),
                 })
@@ -48,7 +54,7 @@ pub fn load_boards(
                 let defects = &DefectKind::ALL[..i % 7];
                 let board = synthetic::board(defects, ((i % 3) as i64 - 1, 0));
                 BoardImages {
-                    board: format!("synthetic-{i}"),
+                    board: board_name(&format!("synthetic-{i}")),
                     template: Bytes::from(synthetic::encode(
                         &board.template,
                         image::ImageFormat::Png,
@@ -72,6 +78,21 @@ fn stage_outcome(timings: &StageTimings) -> Vec<(&'static str, Duration)> {
 pub struct HttpAoiWorkload {
     url: String,
     boards: Vec<BoardImages>,
+}
+
+/// Deletes the templates a run registered; one that cannot be deleted is reported, not fatal.
+pub async fn remove_templates(url: &str, boards: &[String]) {
+    let client = reqwest::Client::new();
+    for board in boards {
+        let deleted = client
+            .delete(format!("{url}/v1/templates/{board}"))
+            .send()
+            .await
+            .map(|response| response.status());
+        if !matches!(deleted, Ok(status) if status.is_success() || status.as_u16() == 404) {
+            eprintln!("could not delete the benchmark's template {board}: {deleted:?}");
+        }
+    }
 }
 
 impl HttpAoiWorkload {

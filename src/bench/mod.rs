@@ -206,12 +206,18 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
                 registry.shutdown();
                 outcome
             } else {
-                args.load.execute(async || {
+                let names: Vec<String> = boards.iter().map(|b| b.board.clone()).collect();
+                let outcome = args.load.execute(async || {
                     Ok(
                         Arc::new(aoi::HttpAoiWorkload::prepare(&args.url, boards).await?)
                             as Arc<dyn load::Workload>,
                     )
-                })
+                });
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?
+                    .block_on(aoi::remove_templates(&args.url, &names));
+                outcome
             }
         }
         BenchCommand::Rul(args) => args.load.execute(async || {
