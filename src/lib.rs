@@ -9,6 +9,7 @@ pub mod cli;
 pub mod config;
 pub mod engine;
 pub mod jobs;
+pub mod json_error;
 pub mod metrics;
 pub mod preprocess;
 pub mod python_env;

@@ -291,6 +291,24 @@ async fn multipart_and_server_side_path_submissions() {
     assert_eq!(code, 404, "{body}");
     let (code, _) = submit_bytes(&server.url, Vec::new(), "").await;
     assert_eq!(code, 422);
+    // JSON that does not parse is a 400; JSON of the wrong shape a 422 in the client's words.
+    for (body, expected, fragment) in [
+        ("{\"path\": ", 400, "not valid JSON"),
+        ("[\"inside.h5\"]", 422, "a JSON submission is {\"path\""),
+    ] {
+        let response = client
+            .post(format!("{}/v1/jobs", server.url))
+            .header("Content-Type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), expected, "{body}");
+        let answer: Value = response.json().await.unwrap();
+        let error = answer["error"].as_str().unwrap();
+        assert!(error.contains(fragment), "{body}: {error}");
+        assert!(!error.contains("struct"), "{body}: {error}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

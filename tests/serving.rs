@@ -394,6 +394,8 @@ async fn bad_requests_get_the_right_4xx_and_the_server_stays_healthy() {
     wrong_dtype["inputs"][0]["datatype"] = json!("INT32");
     let mut unknown_output = good.clone();
     unknown_output["outputs"] = json!([{"name": "nope"}]);
+    let mut beyond_fp32 = good.clone();
+    beyond_fp32["inputs"][0]["data"][0] = json!(1e39);
     let mut too_many = good.clone();
     too_many["inputs"][0]["data"]
         .as_array_mut()
@@ -424,6 +426,11 @@ async fn bad_requests_get_the_right_4xx_and_the_server_stays_healthy() {
             client.post(&url).json(&too_many),
             422,
             "values given".into(),
+        ),
+        (
+            client.post(&url).json(&beyond_fp32),
+            422,
+            "is beyond the FP32 range".into(),
         ),
         (
             client.post(&url).json(&json!({"inputs": []})),

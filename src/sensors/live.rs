@@ -96,7 +96,8 @@ pub fn parse_windows(body: &[u8]) -> Result<Vec<LiveWindow>, SensorError> {
 fn syntax(error: serde_json::Error) -> SensorError {
     if error.is_data() {
         SensorError::Invalid(format!(
-            "the body is not a window or a list of windows: {error}"
+            "the body is not a window or a list of windows: {}",
+            crate::json_error::describe(&error)
         ))
     } else {
         SensorError::Syntax(format!("the body is not valid JSON: {error}"))

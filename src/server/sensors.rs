@@ -376,9 +376,13 @@ async fn submit_job(
     if media.as_deref() == Some("application/json") {
         let body = read_limited(&request, payload, PATH_BODY_LIMIT).await?;
         let from_body: SubmitOptions = serde_json::from_slice(&body).map_err(|e| {
+            if e.is_syntax() || e.is_eof() {
+                return ApiError::BadRequest(format!("the body is not valid JSON: {e}"));
+            }
             ApiError::Unprocessable(format!(
                 "a JSON submission is {{\"path\": \"...\", \"model\"?, \"partition\"?, \
-                 \"critical\"?, \"warning\"?}}: {e}"
+                 \"critical\"?, \"warning\"?, \"name\"?}}: {}",
+                crate::json_error::describe(&e)
             ))
         })?;
         options = SubmitOptions {

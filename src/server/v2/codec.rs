@@ -70,8 +70,10 @@ pub fn decode(
         Some(n) => (body.slice(..n), body.slice(n..)),
         None => (body, Bytes::new()),
     };
-    let request: InferRequestJson = serde_json::from_slice(&json)
-        .map_err(|e| ApiError::BadRequest(format!("malformed inference request JSON: {e}")))?;
+    let request: InferRequestJson = serde_json::from_slice(&json).map_err(|e| {
+        let e = crate::json_error::describe(&e);
+        ApiError::BadRequest(format!("malformed inference request JSON: {e}"))
+    })?;
 
     let mut slots: Vec<Option<Tensor>> = vec![None; config.inputs.len()];
     for input in request.inputs {
@@ -355,6 +357,12 @@ fn json_to_bytes(
         DataType::Fp32 => {
             for v in &elements {
                 let x = v.as_f64().ok_or_else(|| bad(v))? as f32;
+                // JSON numbers are finite; one beyond FP32's range became infinity.
+                if x.is_infinite() {
+                    return Err(ApiError::Unprocessable(format!(
+                        "input \"{name}\": {v} is beyond the FP32 range (±3.4e38)"
+                    )));
+                }
                 out.extend_from_slice(&x.to_le_bytes());
             }
         }
