@@ -159,3 +159,33 @@ fn unavailable_gpu_preprocessing_is_an_error_not_a_silent_cpu_fallback() {
         "{stderr}"
     );
 }
+
+#[test]
+fn bad_settings_stop_serve_before_it_listens() {
+    let repository = Repository::with_models(&[MODEL]);
+    let blocker = tempfile::NamedTempFile::new().unwrap();
+    let data_dir = blocker.path().join("data");
+    let cases = [
+        (
+            vec!["--risk-critical", "90", "--risk-warning", "10"],
+            "critical threshold (90)",
+        ),
+        (vec!["--data-dir", data_dir.to_str().unwrap()], "--data-dir"),
+    ];
+    for (flags, fragment) in cases {
+        let mut args = vec![
+            "serve",
+            "--port",
+            "0",
+            "--model-repository",
+            repository.path().to_str().unwrap(),
+        ];
+        args.extend(flags);
+        let output = run_cli(&args);
+        assert!(!output.status.success(), "{args:?}");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(!stdout.contains("listening"), "{args:?}: {stdout}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(fragment), "{args:?}: {stderr}");
+    }
+}

@@ -35,6 +35,13 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // Fail before binding on what can be checked at once: configs, files, the runtime library.
     let repository = ModelRepository::scan(&args.models.model_repository)?;
     library::environment()?;
+    args.assess.validate().map_err(anyhow::Error::msg)?;
+    std::fs::create_dir_all(&args.data_dir).with_context(|| {
+        format!(
+            "cannot create the data folder {} (--data-dir)",
+            args.data_dir.display()
+        )
+    })?;
 
     let metrics = Arc::new(Metrics::new());
     let state = web::Data::new(AppState::new(metrics.clone(), args.max_body_bytes));
