@@ -681,6 +681,23 @@ fn shards_merge_to_exactly_the_one_run_result() {
         assert!(!output.status.success());
         assert!(String::from_utf8_lossy(&output.stderr).contains("exactly once"));
     }
+    // Shards of different splits are named with their split.
+    let output = run_cli(&[
+        "job",
+        "merge",
+        setup.file("part-0-of-2.h5").to_str().unwrap(),
+        setup.file("part-1-of-3.h5").to_str().unwrap(),
+        "--out",
+        setup.file("mixed.h5").to_str().unwrap(),
+    ]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("different splits: 0/2 (")
+            && stderr.contains("part-0-of-2.h5), 1/3 (")
+            && stderr.contains("part-1-of-3.h5)"),
+        "{stderr}"
+    );
     // CSV and JSON straight from the command.
     let csv = setup.file("whole.csv");
     setup.job_run(&archive, &csv, &[]);

@@ -586,34 +586,40 @@ pub fn export(result: &Path, format: Format, view: View, out: &Path) -> anyhow::
 /// Merges shard results (any order) into the result one run over the whole archive gives.
 pub fn merge(parts: &[std::path::PathBuf], out: &Path) -> anyhow::Result<ResultMeta> {
     anyhow::ensure!(!parts.is_empty(), "nothing to merge");
-    let mut readers = parts
-        .iter()
-        .map(|p| ResultReader::open(p))
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    for (reader, path) in readers.iter().zip(parts) {
-        anyhow::ensure!(
-            reader.meta.shard.is_some(),
-            "{} is not a shard (it was written without --shard)",
-            path.display()
-        );
+    // Each reader stays with its path, so messages name the right file after sorting.
+    let mut shards = Vec::with_capacity(parts.len());
+    for path in parts {
+        let reader = ResultReader::open(path)?;
+        let Some(shard) = reader.meta.shard.clone() else {
+            anyhow::bail!(
+                "{} is not a shard (it was written without --shard)",
+                path.display()
+            );
+        };
+        shards.push((shard, reader, path));
     }
-    readers.sort_by_key(|r| r.meta.shard.as_ref().map(|s| s.index));
-    let count = readers[0].meta.shard.as_ref().map_or(0, |s| s.count);
-    let indices: Vec<usize> = readers
-        .iter()
-        .filter_map(|r| r.meta.shard.as_ref().map(|s| s.index))
-        .collect();
+    shards.sort_by_key(|(shard, _, _)| shard.index);
+    let described = || {
+        shards
+            .iter()
+            .map(|(s, _, path)| format!("{}/{} ({})", s.index, s.count, path.display()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let count = shards[0].0.count;
     anyhow::ensure!(
-        indices == (0..count).collect::<Vec<_>>()
-            && readers
-                .iter()
-                .all(|r| r.meta.shard.as_ref().map(|s| s.count) == Some(count)),
-        "shards do not cover 0..{count} exactly once (got {:?} of {count})",
-        indices
+        shards.iter().all(|(s, _, _)| s.count == count),
+        "the shards come from different splits: {}",
+        described()
     );
-    let mut meta = readers[0].meta.clone();
+    anyhow::ensure!(
+        shards.iter().map(|(s, _, _)| s.index).eq(0..count),
+        "the shards do not cover 0..{count} exactly once: {}",
+        described()
+    );
+    let mut meta = shards[0].1.meta.clone();
     meta.shard = None;
-    for (reader, path) in readers.iter().zip(parts) {
+    for (_, reader, path) in &shards {
         let mut other = reader.meta.clone();
         other.shard = None;
         anyhow::ensure!(
@@ -622,6 +628,7 @@ pub fn merge(parts: &[std::path::PathBuf], out: &Path) -> anyhow::Result<ResultM
             path.display()
         );
     }
+    let readers: Vec<ResultReader> = shards.into_iter().map(|(_, reader, _)| reader).collect();
     let mut writer = ResultWriter::create(out, &meta)?;
     for reader in &readers {
         reader.for_each_chunk(View::Rows, |c| {
