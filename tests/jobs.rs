@@ -918,3 +918,45 @@ async fn an_upload_above_the_limit_is_refused_with_both_sizes() {
         "{error}"
     );
 }
+
+#[test]
+fn sigterm_stops_job_run_without_leaving_a_partial_result() {
+    let setup = setup();
+    let archive = setup.file("big.h5");
+    let synth = run_cli(&[
+        "job",
+        "synth",
+        "--rows",
+        "200000",
+        "--out",
+        archive.to_str().unwrap(),
+    ]);
+    assert!(synth.status.success());
+    let out = setup.file("result.h5");
+    let partial = setup.file("result.h5.partial");
+    let child = common::command(common::BIN)
+        .args(["job", "run", archive.to_str().unwrap(), "--out"])
+        .arg(&out)
+        .args(["--quiet", "--chunk-rows", "500", "--in-flight", "1"])
+        .arg("--model-repository")
+        .arg(setup.repository.path())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The partial file appears once scoring has begun.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !partial.exists() {
+        assert!(std::time::Instant::now() < deadline, "no partial result");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let kill = common::command("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(stderr.contains("cancelled"), "{stderr}");
+    assert!(!partial.exists() && !out.exists(), "{stderr}");
+}

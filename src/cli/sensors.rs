@@ -4,11 +4,13 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
+use tokio::signal::unix::{SignalKind, signal};
 
 use crate::config::{ModelArgs, at_least_one};
 use crate::engine::ModelRegistry;
@@ -188,15 +190,50 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
-struct BarMonitor(ProgressBar);
+/// The progress bar, and Ctrl-C or SIGTERM as a cancel: the run stops at its next chunk and
+/// removes its partial output instead of dying with it half written.
+struct BarMonitor {
+    bar: ProgressBar,
+    stop: Arc<AtomicBool>,
+}
+
+impl BarMonitor {
+    fn new(bar: ProgressBar, runtime: &tokio::runtime::Runtime) -> BarMonitor {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        // Registered here, before any output exists, not when the task first runs.
+        let _context = runtime.enter();
+        let signals = signal(SignalKind::interrupt()).and_then(|interrupt| {
+            signal(SignalKind::terminate()).map(|terminate| (interrupt, terminate))
+        });
+        if let Ok((mut interrupt, mut terminate)) = signals {
+            runtime.spawn(async move {
+                tokio::select! {
+                    _ = interrupt.recv() => {}
+                    _ = terminate.recv() => {}
+                }
+                flag.store(true, Ordering::Relaxed);
+                // A second Ctrl-C does not wait for the next chunk.
+                if interrupt.recv().await.is_some() {
+                    std::process::exit(130);
+                }
+            });
+        }
+        BarMonitor { bar, stop }
+    }
+}
 
 impl Monitor for BarMonitor {
     fn progress(&self, done: usize, total: usize) {
-        self.0.set_length(total as u64);
-        self.0.set_position(done as u64);
+        self.bar.set_length(total as u64);
+        self.bar.set_position(done as u64);
     }
     fn control(&self) -> Control {
-        Control::Go
+        if self.stop.load(Ordering::Relaxed) {
+            Control::Cancel
+        } else {
+            Control::Go
+        }
     }
 }
 
@@ -277,7 +314,7 @@ fn job_run(args: &JobRunArgs) -> anyhow::Result<()> {
         ProgressStyle::with_template("{bar:40} {pos}/{len} rows {per_sec} eta {eta}")
             .expect("valid template"),
     );
-    let monitor = BarMonitor(bar);
+    let monitor = BarMonitor::new(bar, &runtime);
     let summary = runner::run(
         &args.archive,
         &model,
@@ -287,7 +324,7 @@ fn job_run(args: &JobRunArgs) -> anyhow::Result<()> {
         &monitor,
     )
     .with_context(|| format!("scoring {}", args.archive.display()))?;
-    monitor.0.finish_and_clear();
+    monitor.bar.finish_and_clear();
     deliver(&h5, &args.out, format)?;
     println!(
         "{} rows of {} units scored in {:.2} s ({:.0} rows/s) with {}{}{} → {}",
