@@ -3,7 +3,9 @@
 #   1. in-process ONNX Runtime at batch B (2 sessions x 1 thread: both cores, no HTTP),
 #   2. the server at batch-forming concurrency (single-row binary requests, closed loop),
 #   3. the same over JSON, and the FastAPI + onnxruntime reference at equal concurrency,
-#   4. open loop at 50% and 90% of the server's closed-loop throughput (p50/p99).
+#   4. open loop at 50% and 90% of the server's closed-loop throughput (p50/p99),
+# then the server/in-process ratios: of throughput, and of inferences per CPU second (the
+# server's CPU read from its /metrics, so the load generator's share is left out).
 # JSON reports go to bench-results/. Usage: benches/serving_figures.sh [BATCH] [CONCURRENCY] [SECONDS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -42,6 +44,13 @@ inproc, binary = r("inprocess"), r("server_binary")
 print(f"server/in-process throughput: {binary['inferences_per_s'] / inproc['inferences_per_s']:.1%} "
       f"({binary['inferences_per_s']:.0f} vs {inproc['inferences_per_s']:.0f} inferences/s, "
       f"mean batch {binary['mean_batch_rows']:.1f})")
+# The load generator shares this machine; per CPU second of the side that runs the model, the
+# comparison no longer depends on how much of the CPU the load generator took.
+if binary.get("inferences_per_cpu_s") and inproc.get("inferences_per_cpu_s"):
+    print(f"per CPU second: {binary['inferences_per_cpu_s'] / inproc['inferences_per_cpu_s']:.1%} "
+          f"({binary['inferences_per_cpu_s']:.0f} vs {inproc['inferences_per_cpu_s']:.0f}; "
+          f"server {binary['cpu']['server_cores']:.2f} cores, load generator "
+          f"{binary['cpu']['bench_cores']:.2f}, in-process {inproc['cpu']['bench_cores']:.2f})")
 for share in (50, 90):
     o = r(f"open_{share}")
     print(f"open loop {share}%: {o['requests_per_s']:.0f} req/s  p50 {o['latency']['p50_ms']:.2f} ms  p99 {o['latency']['p99_ms']:.2f} ms")

@@ -12,6 +12,7 @@ pub mod jobs;
 pub mod json_error;
 pub mod metrics;
 pub mod preprocess;
+pub mod process_stats;
 pub mod python_env;
 pub mod runtime;
 pub mod sensors;

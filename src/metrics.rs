@@ -86,6 +86,11 @@ impl Metrics {
                 .expect("unique metric");
             g
         };
+        // Prometheus' standard `process_*` series (CPU seconds, resident memory, open files),
+        // so a load test on the same machine can tell the server's CPU from its own.
+        registry
+            .register(Box::new(crate::process_stats::ProcessCollector::new()))
+            .expect("unique metric");
         Metrics {
             request_duration: histogram(
                 "linescan_request_duration_seconds",
@@ -203,5 +208,6 @@ mod tests {
         let text = metrics.render();
         assert!(text.contains("linescan_batch_size_bucket{model=\"m\",version=\"1\",le=\"4\"} 1"));
         assert!(text.contains("reason=\"queue_full\""));
+        assert!(text.contains("process_cpu_seconds_total "), "{text}");
     }
 }

@@ -248,6 +248,14 @@ async fn concurrent_requests_form_batches_larger_than_one() {
     assert!(text.contains("linescan_compute_duration_seconds_bucket"));
     assert!(text.contains("linescan_request_duration_seconds_bucket"));
     assert!(text.contains("linescan_queue_depth"));
+    assert!(
+        metric(&text, "process_cpu_seconds_total", &[]) > 0.0,
+        "{text}"
+    );
+    assert!(
+        metric(&text, "process_resident_memory_bytes", &[]) > 1e6,
+        "{text}"
+    );
     // With the gap off and one session, the delay or a full batch closes batches.
     let closed = |reason: &str| batches_closed_by(&text, reason);
     assert_eq!(closed("gap"), 0.0, "{text}");
@@ -665,6 +673,15 @@ fn the_load_generator_reports_latency_and_stops_on_total_failure() {
     );
     assert!(
         figures["stages"]["queue"]["count"].as_u64().unwrap() > 0,
+        "{figures}"
+    );
+    // The server's CPU comes from its /metrics, the load generator's from /proc.
+    assert!(
+        figures["cpu"]["server_cores"].as_f64().unwrap() >= 0.0,
+        "{figures}"
+    );
+    assert!(
+        figures["cpu"]["bench_cores"].as_f64().unwrap() >= 0.0,
         "{figures}"
     );
     // Every request refused: the run fails and says why.

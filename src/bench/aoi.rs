@@ -160,6 +160,10 @@ impl Workload for HttpAoiWorkload {
             format!("aoi ({} boards)", self.boards.len()),
         )
     }
+
+    fn server(&self) -> Option<&str> {
+        Some(&self.url)
+    }
 }
 
 pub struct InProcessAoiWorkload {
@@ -227,5 +231,9 @@ impl Workload for InProcessAoiWorkload {
             "in-process".into(),
             format!("aoi ({} boards)", self.boards.len()),
         )
+    }
+
+    fn server(&self) -> Option<&str> {
+        None
     }
 }

@@ -27,6 +27,7 @@ struct TensorMetadata {
 }
 
 pub struct InferWorkload {
+    server: String,
     url: String,
     model: String,
     batch: usize,
@@ -60,6 +61,7 @@ impl InferWorkload {
             .map(|seed| build_body(&metadata, batch, binary, seed))
             .collect::<anyhow::Result<_>>()?;
         Ok(InferWorkload {
+            server: base_url.into(),
             url: format!("{path}/infer"),
             model: model.into(),
             batch,
@@ -166,5 +168,9 @@ impl Workload for InferWorkload {
 
     fn describe(&self) -> (String, String) {
         (self.url.clone(), self.model.clone())
+    }
+
+    fn server(&self) -> Option<&str> {
+        Some(&self.server)
     }
 }

@@ -3,6 +3,7 @@
 
 use std::time::{Duration, Instant};
 
+use crate::bench::cpu::{self, CpuSample};
 use crate::bench::report::{self, Percentiles, Report};
 use crate::runtime::providers::ProviderPlan;
 use crate::runtime::session::BatchInput;
@@ -63,7 +64,7 @@ pub fn run(plan: &InProcessPlan<'_>) -> anyhow::Result<Report> {
     let started = Instant::now();
     let measure_from = started + plan.warmup;
     let end = measure_from + plan.duration;
-    let histograms = std::thread::scope(|scope| {
+    let (histograms, cpu) = std::thread::scope(|scope| {
         let handles: Vec<_> = workers
             .into_iter()
             .map(|mut session| {
@@ -106,10 +107,15 @@ pub fn run(plan: &InProcessPlan<'_>) -> anyhow::Result<Report> {
                 })
             })
             .collect();
-        handles
+        std::thread::sleep(measure_from.saturating_duration_since(Instant::now()));
+        let first = CpuSample::own();
+        std::thread::sleep(end.saturating_duration_since(Instant::now()));
+        let cpu = first.until(&CpuSample::own());
+        let histograms = handles
             .into_iter()
             .map(|h| h.join().expect("bench thread"))
-            .collect::<anyhow::Result<Vec<_>>>()
+            .collect::<anyhow::Result<Vec<_>>>();
+        histograms.map(|h| (h, cpu))
     })?;
     let mut latency = report::new_histogram();
     for h in histograms {
@@ -117,6 +123,7 @@ pub fn run(plan: &InProcessPlan<'_>) -> anyhow::Result<Report> {
     }
     let runs = latency.len();
     let seconds = plan.duration.as_secs_f64();
+    let inferences_per_s = (runs * plan.batch as u64) as f64 / seconds;
     Ok(Report {
         mode: "in-process".into(),
         target: format!(
@@ -133,7 +140,12 @@ pub fn run(plan: &InProcessPlan<'_>) -> anyhow::Result<Report> {
         failures: Default::default(),
         first_errors: Default::default(),
         requests_per_s: runs as f64 / seconds,
-        inferences_per_s: (runs * plan.batch as u64) as f64 / seconds,
+        inferences_per_s,
+        inferences_per_cpu_s: cpu::inferences_per_cpu_second(
+            inferences_per_s,
+            cpu.inference_cores(false),
+        ),
+        cpu,
         latency: Percentiles::of(&latency),
         stages: Default::default(),
         mean_batch_rows: Some(plan.batch as f64),

@@ -10,6 +10,7 @@ use futures_util::future::BoxFuture;
 use hdrhistogram::Histogram;
 use tokio::sync::Semaphore;
 
+use crate::bench::cpu::{self, CpuSample};
 use crate::bench::report::{self, Percentiles, Report};
 
 /// What one request produced.
@@ -88,6 +89,9 @@ pub trait Workload: Send + Sync + 'static {
     /// Inferences (rows) each request carries.
     fn rows(&self) -> usize;
     fn describe(&self) -> (String, String);
+    /// Base URL of the server that runs the model, whose `/metrics` give its CPU time; None
+    /// when this process runs it.
+    fn server(&self) -> Option<&str>;
 }
 
 #[derive(Debug, Clone)]
@@ -173,6 +177,20 @@ pub async fn run(workload: Arc<dyn Workload>, plan: &LoadPlan) -> anyhow::Result
     let started = Instant::now();
     let measure_from = started + plan.warmup;
     let end = measure_from + plan.duration;
+    let cpu_sampler = {
+        let client = client.clone();
+        let server = workload.server().map(str::to_owned);
+        tokio::spawn(async move {
+            let sample = async || match &server {
+                Some(server) => CpuSample::with_server(&client, server).await,
+                None => CpuSample::own(),
+            };
+            tokio::time::sleep_until(measure_from.into()).await;
+            let first = sample().await;
+            tokio::time::sleep_until(end.into()).await;
+            first.until(&sample().await)
+        })
+    };
     let tally = match plan.rate {
         None => closed_loop(&workload, &client, plan.concurrency, measure_from, end).await,
         Some(rate) => {
@@ -187,7 +205,9 @@ pub async fn run(workload: Arc<dyn Workload>, plan: &LoadPlan) -> anyhow::Result
             .await
         }
     };
+    let cpu = cpu_sampler.await?;
     let elapsed = plan.duration.as_secs_f64();
+    let inferences_per_s = (tally.ok * workload.rows() as u64) as f64 / elapsed;
     let failed: u64 = tally.failures.values().sum();
     let (target, model) = workload.describe();
     Ok(Report {
@@ -208,7 +228,12 @@ pub async fn run(workload: Arc<dyn Workload>, plan: &LoadPlan) -> anyhow::Result
         failures: tally.failures,
         first_errors: tally.first_errors,
         requests_per_s: tally.ok as f64 / elapsed,
-        inferences_per_s: (tally.ok * workload.rows() as u64) as f64 / elapsed,
+        inferences_per_s,
+        inferences_per_cpu_s: cpu::inferences_per_cpu_second(
+            inferences_per_s,
+            cpu.inference_cores(workload.server().is_some()),
+        ),
+        cpu,
         latency: tally
             .latency
             .as_ref()

@@ -1,6 +1,7 @@
 //! `linescan bench`: load generation against a running server and in-process baselines.
 
 pub mod aoi;
+pub mod cpu;
 pub mod infer;
 pub mod inprocess;
 pub mod load;

@@ -6,6 +6,8 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
+use crate::bench::cpu::CpuUse;
+
 /// Microsecond histogram, 1 µs to 60 s at 3 significant digits.
 pub fn new_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds")
@@ -57,6 +59,11 @@ pub struct Report {
     pub requests_per_s: f64,
     /// Rows per second (requests × batch).
     pub inferences_per_s: f64,
+    /// CPU used while measuring, by this process and by the server.
+    pub cpu: CpuUse,
+    /// Inferences per CPU second of whatever ran the model (the server, or this process
+    /// in-process): what the throughput would be per core with no load generator beside it.
+    pub inferences_per_cpu_s: Option<f64>,
     pub latency: Percentiles,
     /// Per-stage latencies reported by the server (queue, compute), when it reports them.
     pub stages: BTreeMap<String, Percentiles>,
@@ -88,6 +95,16 @@ impl Report {
             "  throughput: {:.1} requests/s, {:.1} inferences/s",
             self.requests_per_s, self.inferences_per_s
         );
+        match self.inferences_per_cpu_s {
+            Some(per_cpu) => println!(
+                "  cpu: {}; {per_cpu:.1} inferences per CPU second of the model's side",
+                self.cpu.describe()
+            ),
+            None => println!(
+                "  cpu: {} (the server exports no process_cpu_seconds_total)",
+                self.cpu.describe()
+            ),
+        }
         print_percentiles("latency", &self.latency);
         for (stage, percentiles) in &self.stages {
             print_percentiles(stage, percentiles);

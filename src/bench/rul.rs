@@ -20,6 +20,7 @@ struct ModelInfo {
 }
 
 pub struct RulWorkload {
+    server: String,
     url: String,
     model: String,
     windows: usize,
@@ -73,6 +74,7 @@ impl RulWorkload {
             .map(|chunk| Bytes::from(serde_json::to_vec(&json!(chunk)).expect("JSON")))
             .collect();
         Ok(RulWorkload {
+            server: base_url.into(),
             url,
             model: model.to_string(),
             windows: windows.max(1),
@@ -99,5 +101,9 @@ impl Workload for RulWorkload {
 
     fn describe(&self) -> (String, String) {
         (self.url.clone(), self.model.clone())
+    }
+
+    fn server(&self) -> Option<&str> {
+        Some(&self.server)
     }
 }
