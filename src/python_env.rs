@@ -4,9 +4,17 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// `site-packages` folders of the virtual environments linescan is run beside: `./.venv`,
-/// `../.venv`, and the repository's `.venv` when the binary is `target/<profile>/linescan`.
+/// `site-packages` folders of the virtual environments linescan is run beside (`venvs`).
 pub fn venv_site_packages() -> Vec<PathBuf> {
+    venvs()
+        .iter()
+        .flat_map(|venv| site_packages_of(venv))
+        .collect()
+}
+
+/// The virtual environments linescan looks in, whether or not they exist: `./.venv`,
+/// `../.venv`, and the repository's `.venv` when the binary is `target/<profile>/linescan`.
+pub fn venvs() -> Vec<PathBuf> {
     let mut venvs = vec![PathBuf::from(".venv"), PathBuf::from("../.venv")];
     if let Some(repo) = std::env::current_exe()
         .ok()
@@ -15,12 +23,9 @@ pub fn venv_site_packages() -> Vec<PathBuf> {
         venvs.push(repo.join(".venv"));
     }
     venvs
-        .iter()
-        .flat_map(|venv| site_packages_of(venv))
-        .collect()
 }
 
-fn site_packages_of(venv: &Path) -> Vec<PathBuf> {
+pub fn site_packages_of(venv: &Path) -> Vec<PathBuf> {
     let Ok(entries) = std::fs::read_dir(venv.join("lib")) else {
         return Vec::new();
     };

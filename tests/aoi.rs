@@ -352,6 +352,15 @@ async fn templates_survive_a_restart() {
         (info["reject_threshold"].as_f64().unwrap() - 0.6).abs() < 1e-6,
         "{info}"
     );
+    // The list prints the threshold as it was given, like the single template (not widened
+    // from f32 to 0.6000000238418579).
+    let list = reqwest::get(format!("{}/v1/templates", server.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(list.contains("\"reject_threshold\":0.6,"), "{list}");
     let (_, result) = inspect(&server, "kept", png(&defective.test)).await;
     assert_eq!(result["verdict"], "REJECT", "{result}");
 }

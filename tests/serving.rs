@@ -411,6 +411,17 @@ async fn bad_requests_get_the_right_4xx_and_the_server_stays_healthy() {
         .push(json!(1.0));
 
     let cases: Vec<(reqwest::RequestBuilder, u16, String)> = vec![
+        // A parameter on a route that takes none is refused, not ignored.
+        (
+            client.post(format!("{url}?timout=5")).json(&good),
+            400,
+            "unknown field `timout` (this route takes no parameters)".into(),
+        ),
+        (
+            client.get(format!("{}/v2/health/ready?verbose=1", server.url)),
+            400,
+            "bad query string \"verbose=1\"".into(),
+        ),
         (
             client
                 .post(&url)

@@ -117,6 +117,16 @@ fn defect_model_that_does_not_fit_the_pipeline_fails_at_start() {
         error.contains("crop_size") && error.contains("[6, 32, 32]"),
         "{error}"
     );
+    // `models check` makes the same checks, so it never passes what `serve` refuses.
+    let check = run_cli(&[
+        "models",
+        "check",
+        "--model-repository",
+        repository.path().to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&check.stderr);
+    assert!(!check.status.success(), "{stderr}");
+    assert!(stderr.contains("[6, 32, 32]"), "{stderr}");
 }
 
 #[tokio::test]

@@ -22,6 +22,9 @@ pub struct LabeledBox {
     pub confidence: f64,
 }
 
+/// Image files a list line may name (the pair's files share its extension).
+const IMAGE_EXTENSIONS: [&str; 6] = ["jpg", "jpeg", "png", "bmp", "tif", "tiff"];
+
 pub fn read_list(list: &Path, root: &Path) -> anyhow::Result<Vec<PairEntry>> {
     let text = std::fs::read_to_string(list)
         .map_err(|e| anyhow::anyhow!("cannot read list {}: {e}", list.display()))?;
@@ -44,7 +47,24 @@ pub fn read_list(list: &Path, root: &Path) -> anyhow::Result<Vec<PairEntry>> {
         let stem = image.file_stem().and_then(|s| s.to_str()).ok_or_else(|| {
             anyhow::anyhow!("{}:{}: no image id in {line:?}", list.display(), number + 1)
         })?;
-        let extension = image.extension().and_then(|e| e.to_str()).unwrap_or("jpg");
+        let extension = image
+            .extension()
+            .and_then(|e| e.to_str())
+            .filter(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+            .filter(|_| {
+                Path::new(annotation)
+                    .extension()
+                    .is_some_and(|e| e == "txt")
+            })
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "{}:{}: expected `groupX/X/ID.jpg groupX/X_not/ID.txt` (image: {}; \
+                     annotation: .txt), got {line:?}",
+                    list.display(),
+                    number + 1,
+                    IMAGE_EXTENSIONS.join(", ")
+                )
+            })?;
         let folder = root.join(image.parent().unwrap_or(Path::new("")));
         entries.push(PairEntry {
             id: stem.to_string(),
@@ -165,13 +185,15 @@ mod tests {
                 annotation: "/data/group1/1_not/1000.txt".into(),
             }]
         );
-        std::fs::write(&list, "only-one-field\n").unwrap();
-        assert!(
-            read_list(&list, Path::new("/d"))
-                .unwrap_err()
-                .to_string()
-                .contains("list.txt:1")
-        );
+        for bad in [
+            "only-one-field\n",
+            "garbage line\n",
+            "group1/1/1000.jpg group1/1_not/1000.jpg\n",
+        ] {
+            std::fs::write(&list, format!("group1/1/1.png group1/1_not/1.txt\n{bad}")).unwrap();
+            let error = read_list(&list, Path::new("/d")).unwrap_err().to_string();
+            assert!(error.contains("list.txt:2"), "{bad}: {error}");
+        }
     }
 
     #[test]

@@ -2,10 +2,15 @@
 
 use std::sync::Arc;
 
+use crate::aoi::Inspector;
+use crate::aoi::pipeline::DEFECT_MODEL;
 use crate::config::ModelArgs;
 use crate::engine::ModelRegistry;
 use crate::metrics::Metrics;
+use crate::preprocess::Preprocess;
+use crate::preprocess::cpu::CpuPreprocessor;
 use crate::runtime::ModelRepository;
+use crate::sensors::{AssessSettings, SensorService};
 
 pub fn list(args: &ModelArgs) -> anyhow::Result<()> {
     let repository = ModelRepository::scan(&args.model_repository)?;
@@ -35,8 +40,13 @@ pub fn list(args: &ModelArgs) -> anyhow::Result<()> {
 
 pub fn check(args: &ModelArgs) -> anyhow::Result<()> {
     let repository = ModelRepository::scan(&args.model_repository)?;
-    let registry =
-        ModelRegistry::load(&repository, &args.load_options(), &Arc::new(Metrics::new()))?;
+    let metrics = Arc::new(Metrics::new());
+    let registry = ModelRegistry::load(&repository, &args.load_options(), &metrics)?;
+    let checked = check_domains(&registry, metrics);
+    if let Err(error) = checked {
+        registry.shutdown();
+        return Err(error);
+    }
     for model in registry.models() {
         println!(
             "ok  {} v{}  provider={}",
@@ -46,5 +56,17 @@ pub fn check(args: &ModelArgs) -> anyhow::Result<()> {
         );
     }
     registry.shutdown();
+    Ok(())
+}
+
+/// What `serve` checks once the models are in, beyond ONNX: the AOI classifier's tensors and
+/// `[preprocessing]`, the sensor models' channels, scaling and outputs. A repository that
+/// passes here is one `serve` accepts.
+fn check_domains(registry: &ModelRegistry, metrics: Arc<Metrics>) -> anyhow::Result<()> {
+    let cpu: Arc<dyn Preprocess> = Arc::new(CpuPreprocessor);
+    if registry.get(DEFECT_MODEL, None).is_some() {
+        Inspector::new(registry, metrics, u64::MAX, cpu.clone())?;
+    }
+    SensorService::open(registry, AssessSettings::default(), cpu)?;
     Ok(())
 }

@@ -19,7 +19,7 @@ static ENVIRONMENT: OnceLock<Result<Environment, String>> = OnceLock::new();
 pub fn environment() -> Result<Environment, RuntimeError> {
     ENVIRONMENT
         .get_or_init(|| {
-            let path = locate().map_err(|e| e.to_string())?;
+            let path = find_library()?;
             tracing::info!(library = %path.display(), "loading ONNX Runtime");
             let builder = ort::init_from(&path)
                 .map_err(|e| format!("cannot load {}: {e}", path.display()))?;
@@ -34,6 +34,10 @@ pub fn environment() -> Result<Environment, RuntimeError> {
 
 /// The library path, or an error that lists where we looked and what to install.
 pub fn locate() -> Result<PathBuf, RuntimeError> {
+    find_library().map_err(RuntimeError::Library)
+}
+
+fn find_library() -> Result<PathBuf, String> {
     let mut looked = Vec::new();
     for var in ENV_VARS {
         if let Some(value) = std::env::var_os(var).filter(|v| !v.is_empty()) {
@@ -41,17 +45,19 @@ pub fn locate() -> Result<PathBuf, RuntimeError> {
             if path.is_file() {
                 return Ok(path);
             }
-            return Err(RuntimeError::Library(format!(
-                "{var}={} does not name a file",
-                path.display()
-            )));
+            return Err(format!("{var}={} does not name a file", path.display()));
         }
         looked.push(format!("${var} (unset)"));
     }
-    let mut folders: Vec<PathBuf> = python_env::venv_site_packages()
-        .into_iter()
-        .map(|site| site.join("onnxruntime/capi"))
-        .collect();
+    let mut folders: Vec<PathBuf> = Vec::new();
+    for venv in python_env::venvs() {
+        let sites = python_env::site_packages_of(&venv);
+        if sites.is_empty() {
+            let shown = std::path::absolute(&venv).unwrap_or(venv);
+            looked.push(format!("{} (no virtual environment)", shown.display()));
+        }
+        folders.extend(sites.into_iter().map(|site| site.join("onnxruntime/capi")));
+    }
     if let Some(exe_dir) = std::env::current_exe()
         .ok()
         .and_then(|p| p.parent().map(Path::to_path_buf))
@@ -66,17 +72,24 @@ pub fn locate() -> Result<PathBuf, RuntimeError> {
     })
     .flatten()
     .map(|package| package.join("capi"));
-    for folder in folders.into_iter().chain(python3) {
+    let mut python3_has_it = false;
+    for folder in folders
+        .into_iter()
+        .chain(python3.inspect(|_| python3_has_it = true))
+    {
         if let Some(lib) = library_in(&folder) {
             return Ok(lib);
         }
         looked.push(folder.display().to_string());
     }
-    Err(RuntimeError::Library(format!(
+    if !python3_has_it {
+        looked.push("python3 on PATH (no onnxruntime package, or no python3)".into());
+    }
+    Err(format!(
         "libonnxruntime.so not found; install it with `pip install onnxruntime=={REQUIRED_VERSION}` \
          (into ./.venv or the python3 on PATH) or set ORT_DYLIB_PATH to the library file. Looked in: {}",
         looked.join(", ")
-    )))
+    ))
 }
 
 /// `libonnxruntime.so.<version>` preferred over the unversioned name.

@@ -6,12 +6,14 @@ use actix_multipart::Multipart;
 use actix_web::{HttpRequest, HttpResponse, web};
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
-use serde::Deserialize;
-use serde_json::json;
+use serde::{Deserialize, Serialize};
 
+use crate::aoi::detections::Detection;
 use crate::aoi::image_io::ImageError;
-use crate::aoi::templates::validate_board_name;
+use crate::aoi::pipeline::StageTimings;
+use crate::aoi::templates::{TemplateInfo, validate_board_name};
 use crate::aoi::{AoiError, AoiService};
+use crate::server::NoQuery;
 use crate::server::body::{media_type, read_limited};
 use crate::server::error::ApiError;
 use crate::server::state::AppState;
@@ -120,8 +122,54 @@ async fn read_images(
     Ok(images)
 }
 
-async fn list_templates(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
-    Ok(HttpResponse::Ok().json(json!({ "templates": service(&state)?.templates.list() })))
+async fn list_templates(
+    _query: NoQuery,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    Ok(HttpResponse::Ok().json(TemplateList {
+        templates: service(&state)?.templates.list(),
+    }))
+}
+
+// Responses are typed structs rather than `json!` values: those widen f32 to f64 and print
+// 0.999 as 0.9990000128746033.
+#[derive(Serialize)]
+struct TemplateList {
+    templates: Vec<TemplateInfo>,
+}
+
+#[derive(Serialize)]
+struct InspectResult {
+    board: String,
+    verdict: &'static str,
+    defects: Vec<Detection>,
+    timings_ms: StageTimings,
+}
+
+/// One image of a batch: its result, or why it has none.
+#[derive(Serialize)]
+struct BatchItem {
+    index: usize,
+    name: Option<String>,
+    #[serde(flatten)]
+    outcome: BatchOutcome,
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum BatchOutcome {
+    Inspected(InspectResult),
+    Failed {
+        board: String,
+        status: u16,
+        error: String,
+    },
+}
+
+#[derive(Serialize)]
+struct BatchResult {
+    board: String,
+    results: Vec<BatchItem>,
 }
 
 #[derive(Deserialize)]
@@ -169,6 +217,7 @@ async fn put_template(
 }
 
 async fn get_template(
+    _query: NoQuery,
     state: web::Data<AppState>,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
@@ -181,6 +230,7 @@ async fn get_template(
 }
 
 async fn template_image(
+    _query: NoQuery,
     state: web::Data<AppState>,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
@@ -199,6 +249,7 @@ async fn template_image(
 }
 
 async fn delete_template(
+    _query: NoQuery,
     state: web::Data<AppState>,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
@@ -214,12 +265,12 @@ async fn delete_template(
     }
 }
 
-/// Inspects one image of a board; the JSON of one result.
+/// Inspects one image of a board.
 async fn inspect_one(
     service: &Arc<AoiService>,
     board: &str,
     bytes: Bytes,
-) -> Result<serde_json::Value, ApiError> {
+) -> Result<InspectResult, ApiError> {
     let found = service
         .templates
         .get(board)
@@ -233,12 +284,12 @@ async fn inspect_one(
         .inspector
         .finish(prepared, service.inspector.params.score_threshold)
         .await?;
-    Ok(json!({
-        "board": board,
-        "verdict": service.verdict(&inspection, found.info.reject_threshold),
-        "defects": inspection.defects,
-        "timings_ms": inspection.timings_ms,
-    }))
+    Ok(InspectResult {
+        board: board.to_string(),
+        verdict: service.verdict(&inspection, found.info.reject_threshold),
+        defects: inspection.defects,
+        timings_ms: inspection.timings_ms,
+    })
 }
 
 /// The service, the board (which must have a template) and the images of an inspect request.
@@ -259,6 +310,7 @@ async fn inspect_request(
 }
 
 async fn inspect(
+    _query: NoQuery,
     state: web::Data<AppState>,
     path: web::Path<String>,
     request: HttpRequest,
@@ -277,6 +329,7 @@ async fn inspect(
 
 /// Several images of one board in one request; each gets its result or its own error.
 async fn inspect_batch(
+    _query: NoQuery,
     state: web::Data<AppState>,
     path: web::Path<String>,
     request: HttpRequest,
@@ -288,19 +341,25 @@ async fn inspect_batch(
             let service = service.clone();
             let board = board.clone();
             async move {
-                let mut result = match inspect_one(&service, &board, bytes).await {
-                    Ok(result) => result,
+                let outcome = match inspect_one(&service, &board, bytes).await {
+                    Ok(result) => BatchOutcome::Inspected(result),
                     Err(error) => {
                         use actix_web::ResponseError;
-                        json!({"board": board, "status": error.status_code().as_u16(), "error": error.to_string()})
+                        BatchOutcome::Failed {
+                            board,
+                            status: error.status_code().as_u16(),
+                            error: error.to_string(),
+                        }
                     }
                 };
-                result["index"] = json!(index);
-                result["name"] = json!(name);
-                result
+                BatchItem {
+                    index,
+                    name,
+                    outcome,
+                }
             }
         },
     ))
     .await;
-    Ok(HttpResponse::Ok().json(json!({ "board": board, "results": results })))
+    Ok(HttpResponse::Ok().json(BatchResult { board, results }))
 }

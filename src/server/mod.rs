@@ -54,7 +54,9 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .app_data(web::QueryConfig::default().error_handler(|error, request| {
                 // serde_urlencoded does not always name the parameter: show the query too.
                 let detail = match &error {
-                    actix_web::error::QueryPayloadError::Deserialize(e) => e.to_string(),
+                    actix_web::error::QueryPayloadError::Deserialize(e) => e
+                        .to_string()
+                        .replace(", there are no fields", " (this route takes no parameters)"),
                     other => other.to_string(),
                 };
                 let query = request.query_string();
@@ -199,7 +201,15 @@ fn load_services(
     Ok(())
 }
 
-async fn render_metrics(state: web::Data<AppState>) -> HttpResponse {
+/// The query of a route that takes no parameters: a parameter there is refused (400, naming
+/// it), as a mistyped one is on the routes that take some, instead of being silently ignored.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NoParameters {}
+
+pub type NoQuery = web::Query<NoParameters>;
+
+async fn render_metrics(_query: NoQuery, state: web::Data<AppState>) -> HttpResponse {
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")
         .body(state.metrics.render())

@@ -25,6 +25,7 @@ use crate::jobs::manager::CancelOutcome;
 use crate::jobs::results::{self, Format, View};
 use crate::jobs::store::{JobInput, JobRecord, JobState, now_unix};
 use crate::sensors::{AssessSettings, SensorError, SensorModel, live};
+use crate::server::NoQuery;
 use crate::server::body::{media_type, read_limited};
 use crate::server::error::ApiError;
 use crate::server::state::AppState;
@@ -103,7 +104,10 @@ fn describe(model: &SensorModel, settings: &AssessSettings) -> serde_json::Value
     })
 }
 
-async fn list_models(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+async fn list_models(
+    _query: NoQuery,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
     let fleet = fleet(&state)?;
     let models: Vec<serde_json::Value> = fleet
         .sensors
@@ -116,6 +120,7 @@ async fn list_models(state: web::Data<AppState>) -> Result<HttpResponse, ApiErro
 }
 
 async fn model_info(
+    _query: NoQuery,
     state: web::Data<AppState>,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
@@ -568,13 +573,14 @@ fn job_record(fleet: &Fleet, id: &str) -> Result<JobRecord, ApiError> {
         .ok_or_else(|| ApiError::NotFound(format!("no job {id}")))
 }
 
-async fn list_jobs(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+async fn list_jobs(_query: NoQuery, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let fleet = fleet(&state)?;
     let jobs: Vec<serde_json::Value> = fleet.jobs.list().iter().map(job_json).collect();
     Ok(HttpResponse::Ok().json(json!({ "jobs": jobs })))
 }
 
 async fn get_job(
+    _query: NoQuery,
     state: web::Data<AppState>,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {

@@ -9,6 +9,7 @@ use actix_web::{HttpRequest, HttpResponse, web};
 use serde_json::json;
 
 use crate::engine::ServedModel;
+use crate::server::NoQuery;
 use crate::server::body::{media_type, read_limited};
 use crate::server::error::ApiError;
 use crate::server::state::AppState;
@@ -55,7 +56,7 @@ impl ModelPath {
     }
 }
 
-async fn server_metadata() -> HttpResponse {
+async fn server_metadata(_query: NoQuery) -> HttpResponse {
     HttpResponse::Ok().json(json!({
         "name": "linescan",
         "version": env!("CARGO_PKG_VERSION"),
@@ -63,11 +64,11 @@ async fn server_metadata() -> HttpResponse {
     }))
 }
 
-async fn live() -> HttpResponse {
+async fn live(_query: NoQuery) -> HttpResponse {
     HttpResponse::Ok().json(json!({ "live": true }))
 }
 
-async fn ready(state: web::Data<AppState>) -> HttpResponse {
+async fn ready(_query: NoQuery, state: web::Data<AppState>) -> HttpResponse {
     if state.ready() {
         HttpResponse::Ok().json(json!({ "ready": true }))
     } else {
@@ -77,7 +78,10 @@ async fn ready(state: web::Data<AppState>) -> HttpResponse {
     }
 }
 
-async fn repository_index(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+async fn repository_index(
+    _query: NoQuery,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
     let index: Vec<_> = state
         .registry()?
         .models()
@@ -87,6 +91,7 @@ async fn repository_index(state: web::Data<AppState>) -> Result<HttpResponse, Ap
 }
 
 async fn model_metadata(
+    _query: NoQuery,
     state: web::Data<AppState>,
     path: web::Path<ModelPath>,
 ) -> Result<HttpResponse, ApiError> {
@@ -114,6 +119,7 @@ async fn model_metadata(
 }
 
 async fn model_ready(
+    _query: NoQuery,
     state: web::Data<AppState>,
     path: web::Path<ModelPath>,
 ) -> Result<HttpResponse, ApiError> {
@@ -122,6 +128,7 @@ async fn model_ready(
 }
 
 async fn model_config(
+    _query: NoQuery,
     state: web::Data<AppState>,
     path: web::Path<ModelPath>,
 ) -> Result<HttpResponse, ApiError> {
@@ -136,6 +143,7 @@ async fn model_config(
 }
 
 async fn infer(
+    _query: NoQuery,
     state: web::Data<AppState>,
     path: web::Path<ModelPath>,
     request: HttpRequest,
