@@ -399,3 +399,82 @@ async fn the_aoi_load_generator_inspects_and_removes_its_templates() {
         "left behind: {list}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn racing_template_changes_leave_the_folder_as_served() {
+    let repository = Repository::with_models(&[MODEL]);
+    let data = tempfile::tempdir().unwrap();
+    let args = ["--data-dir", data.path().to_str().unwrap()];
+    let served_width = |info: &Value| info["width"].as_u64().unwrap();
+    let width_after_races = {
+        let server = Server::start(repository.path(), &args);
+        for round in 0..4 {
+            // Templates of different widths, so the one that won is recognisable.
+            let uploads = (0..6).map(|i| {
+                let width = 96 + 8 * i;
+                let image = linescan::aoi::image_io::GrayImage {
+                    width,
+                    height: 64,
+                    pixels: (0..width * 64)
+                        .map(|p| ((p * 7 + round) % 251) as u8)
+                        .collect(),
+                };
+                put_template(&server, "raced", png(&image), "")
+            });
+            for (status, body) in futures_util::future::join_all(uploads).await {
+                assert!(status == 200 || status == 201, "{status} {body}");
+            }
+        }
+        let (status, info) = common::get_json(&format!("{}/v1/templates/raced", server.url)).await;
+        assert_eq!(status, 200, "{info}");
+        served_width(&info)
+    };
+    // Nothing half-written is left, and a restart serves the same template.
+    let leftovers: Vec<_> = std::fs::read_dir(data.path().join("templates"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|name| name.ends_with(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    let server = Server::start(repository.path(), &args);
+    let (status, info) = common::get_json(&format!("{}/v1/templates/raced", server.url)).await;
+    assert_eq!(status, 200, "{info}");
+    assert_eq!(served_width(&info), width_after_races, "{info}");
+    let image = reqwest::get(format!("{}/v1/templates/raced/image", server.url))
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let decoded = image::load_from_memory(&image).unwrap();
+    assert_eq!(decoded.width() as u64, width_after_races);
+}
+
+#[test]
+fn a_second_server_on_the_same_data_folder_is_refused() {
+    let repository = Repository::with_models(&[MODEL]);
+    let data = tempfile::tempdir().unwrap();
+    let args = ["--data-dir", data.path().to_str().unwrap()];
+    let _first = Server::start(repository.path(), &args);
+    let mut second = common::command(env!("CARGO_BIN_EXE_linescan"))
+        .args(["serve", "--port", "0", "--model-repository"])
+        .arg(repository.path())
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // It must stop by itself; one that serves would be killed here and fail the test.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while second.try_wait().unwrap().is_none() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let _ = second.kill();
+    let output = second.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("in use by another linescan server"),
+        "{stderr}"
+    );
+}

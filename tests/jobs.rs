@@ -406,6 +406,7 @@ async fn jobs_survive_restarts() {
     assert_eq!(status["attempts"], 2);
     let result = setup.data.path().join("jobs").join(&id).join("result.h5");
     assert_eq!(read_result(&result).rul, read_result(&expected).rul);
+    drop(server); // one server per data folder
 
     // A clean stop (SIGTERM) leaves a running job queued for the next start.
     let mut server = setup.server(&throttled);
@@ -440,6 +441,24 @@ async fn jobs_survive_restarts() {
             .iter()
             .all(|j| j["state"] == "done")
     );
+    drop(server);
+
+    // A job cancelled while it runs stays cancelled, even when the server dies before the
+    // worker reaches its next chunk (2 s away here).
+    let slow = ["--job-chunk-rows", "500", "--job-throttle-ms", "2000"];
+    let server = setup.server(&slow);
+    let id = submit_file(&server.url, &archive).await;
+    wait_job(&server.url, &id, |s| s["state"] == "running").await;
+    let cancel = reqwest::Client::new()
+        .delete(format!("{}/v1/jobs/{id}", server.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cancel.status(), 200);
+    drop(server); // SIGKILL
+    let server = setup.server(&[]);
+    let status = wait_job(&server.url, &id, is_final).await;
+    assert_eq!(status["state"], "cancelled", "{status}");
 }
 
 /// Archives that are wrong in every way the issue lists, each with what its failure must say.

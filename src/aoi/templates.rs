@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -33,6 +33,9 @@ pub struct Board {
 pub struct TemplateStore {
     dir: PathBuf,
     boards: RwLock<BTreeMap<String, Arc<Board>>>,
+    /// Held across a change's file writes and its map update, so concurrent PUTs and DELETEs
+    /// apply one after the other and the folder always matches what is served.
+    changes: Mutex<()>,
 }
 
 /// Board names: 1–128 characters of letters, digits, `.`, `_`, `-`, not starting with `.`.
@@ -61,28 +64,60 @@ impl TemplateStore {
         let mut boards = BTreeMap::new();
         for entry in std::fs::read_dir(dir)?.flatten() {
             let path = entry.path();
-            if path.extension().and_then(|e| e.to_str()) != Some("json") {
-                continue;
+            match path.extension().and_then(|e| e.to_str()) {
+                Some("json") => {}
+                // A write cut short by a crash; the file it was replacing is still whole.
+                Some("tmp") => {
+                    match std::fs::remove_file(&path) {
+                        Ok(()) => {
+                            tracing::warn!(file = %path.display(), "removed an unfinished template write")
+                        }
+                        Err(error) => {
+                            tracing::error!(file = %path.display(), %error, "cannot remove an unfinished template write")
+                        }
+                    }
+                    continue;
+                }
+                _ => continue,
             }
             match Self::load_board(&path, inspector) {
                 Ok(board) => {
                     boards.insert(board.info.board.clone(), Arc::new(board));
                 }
-                Err(error) => tracing::error!(file = %path.display(), %error, "template skipped"),
+                Err(error) => tracing::error!(%error, "template skipped"),
             }
         }
         tracing::info!(count = boards.len(), dir = %dir.display(), "templates loaded");
         Ok(TemplateStore {
             dir: dir.to_path_buf(),
             boards: RwLock::new(boards),
+            changes: Mutex::new(()),
         })
     }
 
     fn load_board(json_path: &Path, inspector: &Inspector) -> anyhow::Result<Board> {
-        let info: TemplateInfo = serde_json::from_slice(&std::fs::read(json_path)?)?;
-        validate_board_name(&info.board).map_err(anyhow::Error::msg)?;
-        let bytes = std::fs::read(json_path.with_extension("image"))?;
-        let gray = inspector.decode(&bytes)?;
+        use anyhow::Context;
+        let named = |path: &Path| format!("{}", path.display());
+        let info: TemplateInfo =
+            serde_json::from_slice(&std::fs::read(json_path).with_context(|| named(json_path))?)
+                .with_context(|| named(json_path))?;
+        validate_board_name(&info.board)
+            .map_err(anyhow::Error::msg)
+            .with_context(|| named(json_path))?;
+        // The file name is the board: a record claiming another board would shadow it.
+        let stem = json_path.file_stem().and_then(|s| s.to_str());
+        anyhow::ensure!(
+            stem == Some(info.board.as_str()),
+            "{}: names board {:?}, but the file belongs to board {:?}",
+            json_path.display(),
+            info.board,
+            stem.unwrap_or_default()
+        );
+        let image_path = json_path.with_extension("image");
+        let bytes = std::fs::read(&image_path).with_context(|| named(&image_path))?;
+        let gray = inspector
+            .decode(&bytes)
+            .with_context(|| named(&image_path))?;
         Ok(Board {
             template: Arc::new(inspector.prepare_template(&gray)),
             info,
@@ -138,6 +173,7 @@ impl TemplateStore {
                 &serde_json::to_vec_pretty(&info).expect("template info serialises"),
             )
         };
+        let _change = self.changes.lock().expect("template changes lock");
         write().map_err(|e| AoiError::Setup(format!("cannot store template {board}: {e}")))?;
         let replaced = self
             .boards
@@ -154,26 +190,39 @@ impl TemplateStore {
         Ok((replaced, info))
     }
 
-    /// Removes a board; returns whether it existed.
+    /// Removes a board; returns whether it existed. Its record goes first: if that fails the
+    /// board stays, served and on disk; once it is gone, so is the board, and a leftover image
+    /// is only logged (the next PUT of the board replaces it).
     pub fn delete(&self, board: &str) -> std::io::Result<bool> {
+        let _change = self.changes.lock().expect("template changes lock");
+        let not_found = |e: &std::io::Error| e.kind() == std::io::ErrorKind::NotFound;
+        match std::fs::remove_file(self.dir.join(format!("{board}.json"))) {
+            Err(e) if !not_found(&e) => return Err(e),
+            _ => {}
+        }
         let existed = self
             .boards
             .write()
             .expect("templates lock")
             .remove(board)
             .is_some();
-        for extension in ["json", "image"] {
-            match std::fs::remove_file(self.dir.join(format!("{board}.{extension}"))) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-                _ => {}
+        let image = self.image_path(board);
+        match std::fs::remove_file(&image) {
+            Err(error) if !not_found(&error) => {
+                tracing::warn!(file = %image.display(), %error, "template image left behind");
             }
+            _ => {}
         }
         Ok(existed)
     }
 }
 
+/// Writes beside the file, then renames over it; the temporary keeps the whole file name
+/// (`b.image.tmp`, `b.json.tmp`), so a board's two files never share one.
 fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let temporary = path.with_extension("tmp");
+    let mut temporary = path.as_os_str().to_owned();
+    temporary.push(".tmp");
+    let temporary = PathBuf::from(temporary);
     std::fs::write(&temporary, bytes)?;
     std::fs::rename(&temporary, path)
 }

@@ -76,7 +76,13 @@ impl JobManager {
         });
         let mut requeued = 0;
         for mut record in manager.store.load_all() {
-            if !record.state.is_final() {
+            if !record.state.is_final() && record.cancel_requested {
+                record.state = JobState::Cancelled;
+                record.finished_unix = Some(now_unix());
+                manager.store.clear_results(&record.id);
+                manager.store.save(&record)?;
+                tracing::info!(job = %record.id, "job cancelled before the restart; not run again");
+            } else if !record.state.is_final() {
                 record.state = JobState::Queued;
                 record.progress = 0.0;
                 record.rows_done = 0;
@@ -174,8 +180,15 @@ impl JobManager {
                 }
                 Some(CancelOutcome::Cancelled(record.clone()))
             }
-            // The worker sees the flag at its next chunk.
-            JobState::Running => Some(CancelOutcome::Cancelled(record.clone())),
+            // The worker sees the flag at its next chunk; the record keeps the request in case
+            // the process stops first.
+            JobState::Running => {
+                record.cancel_requested = true;
+                if let Err(error) = self.store.save(&record) {
+                    tracing::error!(job = %id, %error, "cannot save job state");
+                }
+                Some(CancelOutcome::Cancelled(record.clone()))
+            }
             _ => Some(CancelOutcome::Finished(record.clone())),
         }
     }
@@ -268,6 +281,13 @@ impl JobManager {
                 })
             }
         };
+        // Stopped by shutdown after a cancel arrived: the cancel wins.
+        let outcome = match outcome {
+            Err(RunError::Interrupted) if entry.cancel.load(Ordering::Acquire) => {
+                Err(RunError::Cancelled)
+            }
+            other => other,
+        };
         let mut record = entry.record.lock().expect("record lock");
         match outcome {
             Ok(summary) => {
@@ -358,10 +378,10 @@ impl Monitor for JobMonitor<'_> {
     }
 
     fn control(&self) -> Control {
-        if self.manager.stop.load(Ordering::Acquire) {
-            Control::Interrupt
-        } else if self.entry.cancel.load(Ordering::Acquire) {
+        if self.entry.cancel.load(Ordering::Acquire) {
             Control::Cancel
+        } else if self.manager.stop.load(Ordering::Acquire) {
+            Control::Interrupt
         } else {
             Control::Go
         }

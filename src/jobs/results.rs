@@ -568,7 +568,7 @@ pub fn export(result: &Path, format: Format, view: View, out: &Path) -> anyhow::
     let reader = ResultReader::open(result)?;
     // A name of its own, so two requests exporting at once do not write the same file.
     let partial = out.with_extension(format!("partial-{:08x}", fastrand::u32(..)));
-    {
+    let write = || -> anyhow::Result<()> {
         let file = std::fs::File::create(&partial)
             .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", partial.display()))?;
         let mut writer = std::io::BufWriter::with_capacity(1 << 20, file);
@@ -578,9 +578,15 @@ pub fn export(result: &Path, format: Format, view: View, out: &Path) -> anyhow::
             Format::H5 => unreachable!(),
         }
         writer.flush()?;
+        std::fs::rename(&partial, out)?;
+        Ok(())
+    };
+    let written = write();
+    if written.is_err() {
+        // A failed export leaves nothing behind (the result itself is untouched).
+        let _ = std::fs::remove_file(&partial);
     }
-    std::fs::rename(&partial, out)?;
-    Ok(())
+    written
 }
 
 /// Merges shard results (any order) into the result one run over the whole archive gives.

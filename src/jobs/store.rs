@@ -72,6 +72,10 @@ pub struct JobRecord {
     pub error: Option<String>,
     /// Times the job was started (more than one after a restart).
     pub attempts: u32,
+    /// A cancel arrived while the job ran: kept on disk, so a restart before the worker
+    /// stopped cancels the job instead of running it again.
+    #[serde(default)]
+    pub cancel_requested: bool,
 }
 
 pub fn now_unix() -> f64 {
@@ -208,6 +212,7 @@ mod tests {
                 units: None,
                 error: None,
                 attempts: 0,
+                cancel_requested: false,
             };
             store.save(&record).unwrap();
             ids.push(id);

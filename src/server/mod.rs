@@ -42,6 +42,9 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             args.data_dir.display()
         )
     })?;
+    // Held until the process ends: a second server on this folder would re-run this one's jobs
+    // and remove its uploads and results.
+    let _data_lock = lock_data_dir(&args.data_dir)?;
 
     let metrics = Arc::new(Metrics::new());
     let state = web::Data::new(AppState::new(metrics.clone(), args.max_body_bytes));
@@ -199,6 +202,30 @@ fn load_services(
     }
     state.set_registry(registry);
     Ok(())
+}
+
+/// Takes the data folder's lock file for this process, or says who holds it.
+fn lock_data_dir(dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
+    let path = dir.join("linescan.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open the lock file {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+            "the data folder {} is in use by another linescan server (it holds {}); give each \
+             server its own --data-dir",
+            dir.display(),
+            path.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("cannot lock {}", path.display()))
+        }
+    }
 }
 
 /// The query of a route that takes no parameters: a parameter there is refused (400, naming

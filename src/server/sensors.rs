@@ -533,6 +533,7 @@ fn accepted(
         units: None,
         error: None,
         attempts: 0,
+        cancel_requested: false,
     };
     let record = fleet.jobs.submit(record).map_err(|e| {
         let _ = fleet.jobs.store().remove(&id);

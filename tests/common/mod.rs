@@ -106,6 +106,8 @@ fn copy_dir(from: &Path, to: &Path) {
 pub struct Server {
     child: Child,
     pub url: String,
+    /// The data folder of a server started without `--data-dir` (each server locks its own).
+    _data: Option<tempfile::TempDir>,
 }
 
 impl Server {
@@ -118,10 +120,15 @@ impl Server {
 
     /// Starts the server and returns once it listens (not necessarily ready).
     pub fn spawn(repository: &Path, extra: &[&str]) -> Server {
+        let data = (!extra.contains(&"--data-dir")).then(|| tempfile::tempdir().expect("data dir"));
         let mut child = command(BIN)
             .args(["serve", "--port", "0", "--model-repository"])
             .arg(repository)
             .args(extra)
+            .args(
+                data.iter()
+                    .flat_map(|d| [Path::new("--data-dir"), d.path()]),
+            )
             .current_dir(repo_root())
             .env("LINESCAN_LOG", "warn")
             .stdout(Stdio::piped())
@@ -138,7 +145,11 @@ impl Server {
             .strip_prefix("linescan listening on ")
             .unwrap_or_else(|| panic!("unexpected first line: {line:?}"))
             .to_string();
-        Server { child, url }
+        Server {
+            child,
+            url,
+            _data: data,
+        }
     }
 
     /// The Prometheus text at `/metrics`.
