@@ -258,7 +258,13 @@ impl Archive {
                      (generic or N-CMAPSS layout, see README)"
                 )));
             }
-            Err(e) => return Err(invalid(format!("cannot read {name}: {e}"))),
+            // The path too: for an upload it is the server's copy, which is what went missing.
+            Err(e) => {
+                return Err(invalid(format!(
+                    "cannot read {name} ({}): {e}",
+                    path.display()
+                )));
+            }
         }
         let file = hdf5::File::open(path).map_err(|e| {
             let message = e.to_string();

@@ -615,7 +615,12 @@ async fn cancel_job(
             Ok(HttpResponse::Ok().json(body))
         }
         Some(CancelOutcome::Cancelled(record) | CancelOutcome::Finished(record)) => {
-            Ok(HttpResponse::Ok().json(job_json(&record)))
+            let mut body = job_json(&record);
+            // A job still stopping keeps its files; the caller repeats the purge once it stopped.
+            if query.purge {
+                body["purged"] = json!(false);
+            }
+            Ok(HttpResponse::Ok().json(body))
         }
     }
 }

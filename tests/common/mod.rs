@@ -231,10 +231,17 @@ pub async fn get_json(url: &str) -> (u16, Value) {
     (status, response.json().await.unwrap_or(Value::Null))
 }
 
-/// Runs `linescan` with arguments to completion.
+/// Runs `linescan` with arguments to completion; a `serve` without `--data-dir` gets a data
+/// folder of its own, as tests run in parallel and each server locks its folder.
 pub fn run_cli(args: &[&str]) -> std::process::Output {
+    let data = (args.first() == Some(&"serve") && !args.contains(&"--data-dir"))
+        .then(|| tempfile::tempdir().expect("data dir"));
     command(BIN)
         .args(args)
+        .args(
+            data.iter()
+                .flat_map(|d| [Path::new("--data-dir"), d.path()]),
+        )
         .current_dir(repo_root())
         .env("LINESCAN_LOG", "warn")
         .output()
