@@ -6,16 +6,24 @@ use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
 use prometheus::{Counter, IntGauge, Opts};
 
-/// User + system CPU seconds of every thread of this process so far, to the clock tick.
-pub fn cpu_seconds() -> Option<f64> {
-    let stat = procfs::process::Process::myself().ok()?.stat().ok()?;
-    Some((stat.utime + stat.stime) as f64 / procfs::ticks_per_second() as f64)
+/// One reading of `/proc/self/stat`.
+struct Usage {
+    /// User + system CPU seconds of every thread so far, to the clock tick.
+    cpu_seconds: f64,
+    resident_bytes: u64,
 }
 
-/// Resident memory of this process in bytes.
-pub fn resident_bytes() -> Option<u64> {
+fn usage() -> Option<Usage> {
     let stat = procfs::process::Process::myself().ok()?.stat().ok()?;
-    Some(stat.rss * procfs::page_size())
+    Some(Usage {
+        cpu_seconds: (stat.utime + stat.stime) as f64 / procfs::ticks_per_second() as f64,
+        resident_bytes: stat.rss * procfs::page_size(),
+    })
+}
+
+/// User + system CPU seconds of every thread of this process so far, to the clock tick.
+pub fn cpu_seconds() -> Option<f64> {
+    usage().map(|usage| usage.cpu_seconds)
 }
 
 /// `process_cpu_seconds_total` and `process_resident_memory_bytes`, read when scraped.
@@ -63,12 +71,11 @@ impl Collector for ProcessCollector {
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
-        if let Some(seconds) = cpu_seconds() {
+        if let Some(usage) = usage() {
             // A counter only goes up; two scrapes at once may both add, hence the floor at 0.
-            self.cpu.inc_by((seconds - self.cpu.get()).max(0.0));
-        }
-        if let Some(bytes) = resident_bytes() {
-            self.resident.set(bytes as i64);
+            self.cpu
+                .inc_by((usage.cpu_seconds - self.cpu.get()).max(0.0));
+            self.resident.set(usage.resident_bytes as i64);
         }
         self.cpu
             .collect()

@@ -47,15 +47,14 @@ pub fn read_list(list: &Path, root: &Path) -> anyhow::Result<Vec<PairEntry>> {
         let stem = image.file_stem().and_then(|s| s.to_str()).ok_or_else(|| {
             anyhow::anyhow!("{}:{}: no image id in {line:?}", list.display(), number + 1)
         })?;
+        let annotation_is_text = Path::new(annotation)
+            .extension()
+            .is_some_and(|e| e == "txt");
         let extension = image
             .extension()
             .and_then(|e| e.to_str())
             .filter(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
-            .filter(|_| {
-                Path::new(annotation)
-                    .extension()
-                    .is_some_and(|e| e == "txt")
-            })
+            .filter(|_| annotation_is_text)
             .ok_or_else(|| {
                 anyhow::anyhow!(
                     "{}:{}: expected `groupX/X/ID.jpg groupX/X_not/ID.txt` (image: {}; \

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-/// The Prometheus series (`prometheus` crate's process collector) with the server's CPU seconds.
+/// The standard Prometheus series with a server's CPU seconds (linescan's: `process_stats`).
 const SERVER_CPU_SERIES: &str = "process_cpu_seconds_total";
 
 /// CPU used over the measured interval, in cores (CPU seconds per wall-clock second).

@@ -76,13 +76,15 @@ impl JobManager {
         });
         let mut requeued = 0;
         for mut record in manager.store.load_all() {
-            if !record.state.is_final() && record.cancel_requested {
+            if record.state.is_final() {
+                // Stays as it is.
+            } else if record.cancel_requested {
                 record.state = JobState::Cancelled;
                 record.finished_unix = Some(now_unix());
                 manager.store.clear_results(&record.id);
                 manager.store.save(&record)?;
                 tracing::info!(job = %record.id, "job cancelled before the restart; not run again");
-            } else if !record.state.is_final() {
+            } else {
                 record.state = JobState::Queued;
                 record.progress = 0.0;
                 record.rows_done = 0;

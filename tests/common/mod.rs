@@ -120,7 +120,7 @@ impl Server {
 
     /// Starts the server and returns once it listens (not necessarily ready).
     pub fn spawn(repository: &Path, extra: &[&str]) -> Server {
-        let data = (!extra.contains(&"--data-dir")).then(|| tempfile::tempdir().expect("data dir"));
+        let data = own_data_dir(extra);
         let mut child = command(BIN)
             .args(["serve", "--port", "0", "--model-repository"])
             .arg(repository)
@@ -231,11 +231,17 @@ pub async fn get_json(url: &str) -> (u16, Value) {
     (status, response.json().await.unwrap_or(Value::Null))
 }
 
-/// Runs `linescan` with arguments to completion; a `serve` without `--data-dir` gets a data
-/// folder of its own, as tests run in parallel and each server locks its folder.
+/// A data folder of its own for a server whose arguments name none: tests run in parallel, and
+/// each server locks its folder.
+fn own_data_dir(serve_args: &[&str]) -> Option<tempfile::TempDir> {
+    (!serve_args.contains(&"--data-dir")).then(|| tempfile::tempdir().expect("data dir"))
+}
+
+/// Runs `linescan` with arguments to completion (a `serve` gets its own data folder).
 pub fn run_cli(args: &[&str]) -> std::process::Output {
-    let data = (args.first() == Some(&"serve") && !args.contains(&"--data-dir"))
-        .then(|| tempfile::tempdir().expect("data dir"));
+    let data = (args.first() == Some(&"serve"))
+        .then(|| own_data_dir(args))
+        .flatten();
     command(BIN)
         .args(args)
         .args(
