@@ -77,7 +77,7 @@ fn stages(c: &mut Criterion) {
         })
     });
     group.bench_function("prepare_board_total", |b| {
-        b.iter(|| prepare_board(&board.test, &template, &params, &CpuPreprocessor).unwrap())
+        b.iter(|| prepare_board(&board.test, &template, &params, &CpuPreprocessor, None).unwrap())
     });
     group.finish();
 }

@@ -116,7 +116,9 @@ fn stages(c: &mut Criterion) {
             })
         });
         group.bench_function("prepare_board_640", |b| {
-            b.iter(|| prepare_board(&board.test, &template, &params, backend.as_ref()).unwrap())
+            b.iter(|| {
+                prepare_board(&board.test, &template, &params, backend.as_ref(), None).unwrap()
+            })
         });
         group.throughput(Throughput::Elements(rows as u64));
         group.bench_function("scale_rows_16k", |b| {

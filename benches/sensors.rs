@@ -15,7 +15,7 @@ use linescan::metrics::Metrics;
 use linescan::runtime::ModelRepository;
 use linescan::sensors::channels::ChannelMap;
 use linescan::sensors::window::{WindowSpan, stack_windows};
-use linescan::sensors::{AssessSettings, SensorModel};
+use linescan::sensors::{AssessSettings, SensorModel, Windows};
 use linescan::tensor::f32_bytes;
 
 const MODEL: &str = "rul_fd001";
@@ -92,11 +92,11 @@ fn sensors(c: &mut Criterion) {
         .enable_all()
         .build()
         .unwrap();
-    let batches: Vec<bytes::Bytes> = (0..in_flight)
+    let batches: Vec<Windows> = (0..in_flight)
         .map(|i| {
-            f32_bytes(
+            Windows::Host(f32_bytes(
                 windows[i * 64 * params.window_len()..][..batch * params.window_len()].to_vec(),
-            )
+            ))
         })
         .collect();
     group.throughput(Throughput::Elements((batch * in_flight) as u64));

@@ -56,7 +56,7 @@ fn check_stages(root: &Path, pair: &Value, params: &PipelineParams) {
     };
     let test = read("test");
     let template = PreparedTemplate::new(&read("template"), params);
-    let board = prepare_board(&test, &template, params, &CpuPreprocessor).expect("prepare");
+    let board = prepare_board(&test, &template, params, &CpuPreprocessor, None).expect("prepare");
     assert_eq!(
         (board.test_threshold as i64, template.threshold as i64),
         (
@@ -122,9 +122,13 @@ fn check_stages(root: &Path, pair: &Value, params: &PipelineParams) {
         .collect();
     assert_eq!(ours, theirs, "{name}: candidates (x1, y1, x2, y2, area)");
     // Channel sums of candidate 0's crop are exact (multiples of 1/4).
-    let per_crop = board.crops.len() / board.candidates.len().max(1);
+    let crops = board
+        .crops
+        .host()
+        .expect("the CPU backend's crops are in host memory");
+    let per_crop = crops.len() / board.candidates.len().max(1);
     let plane = params.crop_size * params.crop_size;
-    let sums: Vec<f64> = board.crops[..per_crop]
+    let sums: Vec<f64> = crops[..per_crop]
         .chunks(plane)
         .map(|c| c.iter().map(|v| *v as f64).sum())
         .collect();

@@ -17,7 +17,8 @@ use crate::aoi::image_io::{GrayImage, ImageError, decode_gray};
 use crate::aoi::params::PipelineParams;
 use crate::engine::{InferError, ModelRegistry, ServedModel};
 use crate::metrics::Metrics;
-use crate::preprocess::{Preprocess, PreprocessError};
+use crate::preprocess::{Backend, Preprocess, PreprocessError};
+use crate::runtime::device::{DeviceBytes, DeviceTensor};
 use crate::tensor::{DataType, Tensor, f32_bytes};
 
 /// The bundled defect classifier.
@@ -114,18 +115,37 @@ pub struct PreparedBoard {
     pub test_threshold: u8,
     pub shift: Shift,
     pub candidates: Vec<Component>,
-    /// `[n, C, S, S]` classifier input.
-    pub crops: Vec<f32>,
+    pub crops: Crops,
     pub timings: StageTimings,
 }
 
+/// A board's classifier input, `[n, C, S, S]` f32.
+#[derive(Debug)]
+pub enum Crops {
+    Host(Vec<f32>),
+    /// In CUDA device memory, read there by the classifier's sessions.
+    Device(DeviceBytes),
+}
+
+impl Crops {
+    /// The values, when they are in host memory.
+    pub fn host(&self) -> Option<&[f32]> {
+        match self {
+            Crops::Host(values) => Some(values),
+            Crops::Device(_) => None,
+        }
+    }
+}
+
 /// Stages 2–5 on a decoded test image: the per-pixel work on `preprocess`'s backend, the
-/// alignment search and connected components on the CPU.
+/// alignment search and connected components on the CPU. With `crops_device`, the CUDA device
+/// whose memory the classifier reads in place, a backend that can leaves the crops there.
 pub fn prepare_board(
     test: &GrayImage,
     template: &PreparedTemplate,
     params: &PipelineParams,
     preprocess: &dyn Preprocess,
+    crops_device: Option<i32>,
 ) -> Result<PreparedBoard, AoiError> {
     if (test.width, test.height) != (template.width, template.height) {
         return Err(AoiError::SizeMismatch {
@@ -172,8 +192,18 @@ pub fn prepare_board(
             _ => &comparison.difference,
         })
         .collect();
-    let mut crops = Vec::new();
-    preprocess.crops(&channels, &found, params, &mut crops)?;
+    let on_device = match crops_device {
+        Some(device) => preprocess.crops_on_device(&channels, &found, params, device)?,
+        None => None,
+    };
+    let crops = match on_device {
+        Some(on_device) => Crops::Device(on_device),
+        None => {
+            let mut crops = Vec::new();
+            preprocess.crops(&channels, &found, params, &mut crops)?;
+            Crops::Host(crops)
+        }
+    };
     timings.crops = ms(t.elapsed());
     Ok(PreparedBoard {
         width: test.width,
@@ -184,6 +214,21 @@ pub fn prepare_board(
         crops,
         timings,
     })
+}
+
+/// A board's crops as shared bytes, cut into the chunks the batcher receives without a copy.
+enum Chunkable {
+    Host(bytes::Bytes),
+    Device(DeviceBytes),
+}
+
+impl Chunkable {
+    fn len(&self) -> usize {
+        match self {
+            Chunkable::Host(bytes) => bytes.len(),
+            Chunkable::Device(bytes) => bytes.len(),
+        }
+    }
 }
 
 /// The classifier must take the crops the pipeline makes and return what detections need.
@@ -253,6 +298,12 @@ impl Inspector {
         let params = PipelineParams::from_table(model.spec.config.preprocessing.as_ref())
             .map_err(|e| AoiError::Setup(format!("{DEFECT_MODEL}/config.toml: {e}")))?;
         check_signature(&model.spec.config, &params)?;
+        if let (Backend::Cuda, Some(device)) = (preprocess.backend(), model.batcher.device()) {
+            tracing::info!(
+                device,
+                "AOI crops stay on the GPU: the classifier's sessions read them in place"
+            );
+        }
         Ok(Inspector {
             model,
             params,
@@ -279,7 +330,13 @@ impl Inspector {
         let t = Instant::now();
         let test = self.decode(test_bytes)?;
         let decode = ms(t.elapsed());
-        let mut board = prepare_board(&test, template, &self.params, self.preprocess.as_ref())?;
+        let mut board = prepare_board(
+            &test,
+            template,
+            &self.params,
+            self.preprocess.as_ref(),
+            self.model.batcher.device(),
+        )?;
         board.timings.decode = decode;
         Ok(board)
     }
@@ -327,7 +384,10 @@ impl Inspector {
         }
         let config = &self.model.spec.config;
         // The crops are shared, not copied, into the chunks the batcher receives.
-        let crops = f32_bytes(std::mem::take(&mut board.crops));
+        let crops = match std::mem::replace(&mut board.crops, Crops::Host(Vec::new())) {
+            Crops::Host(values) => Chunkable::Host(f32_bytes(values)),
+            Crops::Device(bytes) => Chunkable::Device(bytes),
+        };
         let row_bytes = crops.len() / count;
         // One chunk per session: a lone board's crops run on every session at once, and under
         // load the batcher merges the chunks of several boards into full batches anyway.
@@ -339,12 +399,32 @@ impl Inspector {
             Instant::now() + Duration::from_millis(config.dynamic_batching.default_timeout_ms);
         let calls = (0..count).step_by(chunk_rows).map(|first| {
             let rows = chunk_rows.min(count - first);
-            let tensor = Tensor {
-                dtype: DataType::Fp32,
-                shape: config.inputs[0].concrete_shape(true, rows),
-                data: crops.slice(first * row_bytes..(first + rows) * row_bytes),
-            };
-            self.model.batcher.infer(vec![tensor], rows, deadline)
+            let shape = config.inputs[0].concrete_shape(true, rows);
+            let range = first * row_bytes..(first + rows) * row_bytes;
+            let batcher = &self.model.batcher;
+            match &crops {
+                Chunkable::Host(bytes) => {
+                    let data = bytes.slice(range);
+                    let tensor = Tensor {
+                        dtype: DataType::Fp32,
+                        shape,
+                        data,
+                    };
+                    futures_util::future::Either::Left(batcher.infer(vec![tensor], rows, deadline))
+                }
+                Chunkable::Device(bytes) => {
+                    let tensor = DeviceTensor {
+                        dtype: DataType::Fp32,
+                        shape,
+                        data: bytes.slice(range),
+                    };
+                    futures_util::future::Either::Right(batcher.infer_on_device(
+                        vec![tensor],
+                        rows,
+                        deadline,
+                    ))
+                }
+            }
         });
         let mut probabilities = Vec::with_capacity(count * 7);
         let mut offsets = Vec::with_capacity(count * 4);

@@ -231,7 +231,7 @@ mod tests {
         let clean = board(&[], (0, 0));
         let template = PreparedTemplate::new(&clean.template, &params);
         assert!(
-            prepare_board(&clean.test, &template, &params, &CpuPreprocessor)
+            prepare_board(&clean.test, &template, &params, &CpuPreprocessor, None)
                 .unwrap()
                 .candidates
                 .is_empty()
@@ -239,7 +239,7 @@ mod tests {
 
         let defective = board(&DefectKind::ALL, (3, -2));
         let prepared =
-            prepare_board(&defective.test, &template, &params, &CpuPreprocessor).unwrap();
+            prepare_board(&defective.test, &template, &params, &CpuPreprocessor, None).unwrap();
         assert_eq!((prepared.shift.dx, prepared.shift.dy), (3, -2));
         for (kind, b) in &defective.defects {
             let hit = prepared.candidates.iter().any(|c| {

@@ -21,7 +21,7 @@ use crate::metrics::Metrics;
 use crate::runtime::ModelRepository;
 use crate::sensors::channels::ChannelMap;
 use crate::sensors::window::single_window;
-use crate::sensors::{ANOMALY_PREFIX, AssessSettings, RUL_PREFIX, SensorModel};
+use crate::sensors::{ANOMALY_PREFIX, AssessSettings, RUL_PREFIX, SensorModel, Windows};
 use crate::tensor::f32_bytes;
 
 #[derive(Subcommand)]
@@ -470,7 +470,11 @@ fn cmapss(args: &CmapssArgs) -> anyhow::Result<()> {
         for chunk in windows.chunks(batch * window_len) {
             let rows = chunk.len() / window_len;
             let scores = model
-                .score(f32_bytes(chunk.to_vec()), rows, model.default_deadline())
+                .score(
+                    Windows::Host(f32_bytes(chunk.to_vec())),
+                    rows,
+                    model.default_deadline(),
+                )
                 .await?;
             for index in 0..rows {
                 let unit = unit_ids.next().expect("one window per unit");

@@ -18,8 +18,10 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 use tokio::sync::oneshot;
 
 use crate::metrics::{FailureReason, Metrics};
+use crate::runtime::device::{DeviceBytes, DeviceGather, DeviceTensor};
 use crate::runtime::model_config::ModelConfig;
-use crate::runtime::session::{BatchInput, ModelSession};
+use crate::runtime::providers::ProviderKind;
+use crate::runtime::session::{BatchInput, DeviceBatchInput, ModelSession};
 use crate::tensor::{AlignedBytes, Tensor};
 
 /// How often an idle worker looks at the stop flag.
@@ -32,6 +34,8 @@ enum BatchClose {
     Full,
     /// The next request differs on a variable dimension.
     Shape,
+    /// The next request's inputs live elsewhere (host memory against device memory).
+    Placement,
     /// `max_queue_delay_us` passed.
     Delay,
     /// No request arrived for `max_arrival_gap_us`.
@@ -49,6 +53,7 @@ impl BatchClose {
         match self {
             BatchClose::Full => "full",
             BatchClose::Shape => "shape",
+            BatchClose::Placement => "placement",
             BatchClose::Delay => "delay",
             BatchClose::Gap => "gap",
             BatchClose::Idle => "idle",
@@ -94,8 +99,39 @@ pub struct InferResponse {
     pub batch_rows: usize,
 }
 
+/// A request's inputs in config order: in host memory (HTTP bodies, CPU preprocessing) or in
+/// CUDA device memory (GPU preprocessing, for sessions that read it in place).
+enum RequestInputs {
+    Host(Vec<Tensor>),
+    Device(Vec<DeviceTensor>),
+}
+
+impl RequestInputs {
+    fn shape(&self, index: usize) -> &[usize] {
+        match self {
+            RequestInputs::Host(tensors) => &tensors[index].shape,
+            RequestInputs::Device(tensors) => &tensors[index].shape,
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            RequestInputs::Host(tensors) => tensors.len(),
+            RequestInputs::Device(tensors) => tensors.len(),
+        }
+    }
+
+    /// The CUDA device holding the inputs; None for host memory.
+    fn device(&self) -> Option<i32> {
+        match self {
+            RequestInputs::Host(_) => None,
+            RequestInputs::Device(tensors) => tensors.first().map(|t| t.data.device_id()),
+        }
+    }
+}
+
 struct QueuedRequest {
-    inputs: Vec<Tensor>,
+    inputs: RequestInputs,
     rows: usize,
     enqueued: Instant,
     deadline: Instant,
@@ -104,11 +140,9 @@ struct QueuedRequest {
 
 impl QueuedRequest {
     /// Requests can share a batch when every input agrees on all but the batch dimension.
-    fn batches_with(&self, other: &QueuedRequest) -> bool {
-        self.inputs
-            .iter()
-            .zip(&other.inputs)
-            .all(|(a, b)| a.shape.get(1..) == b.shape.get(1..))
+    fn same_shapes(&self, other: &QueuedRequest) -> bool {
+        (0..self.inputs.len())
+            .all(|i| self.inputs.shape(i).get(1..) == other.inputs.shape(i).get(1..))
     }
 }
 
@@ -118,6 +152,8 @@ pub struct Batcher {
     config: Arc<ModelConfig>,
     sessions: usize,
     sender: Sender<QueuedRequest>,
+    /// The CUDA device whose memory every session reads in place (CUDA or TensorRT provider).
+    device: Option<i32>,
     stop: Arc<AtomicBool>,
     workers: std::sync::Mutex<Vec<JoinHandle<()>>>,
     metrics: Arc<Metrics>,
@@ -135,6 +171,14 @@ impl Batcher {
         let stop = Arc::new(AtomicBool::new(false));
         let idle = Arc::new(AtomicUsize::new(0));
         let version = version.to_string();
+        let on_cuda = |session: &ModelSession| {
+            matches!(
+                session.providers().first(),
+                Some(ProviderKind::Cuda | ProviderKind::TensorRt)
+            )
+        };
+        let device = (!sessions.is_empty() && sessions.iter().all(on_cuda))
+            .then_some(config.runtime.cuda_device);
         let workers: Vec<JoinHandle<()>> = sessions
             .into_iter()
             .enumerate()
@@ -149,6 +193,7 @@ impl Batcher {
                     session,
                     pending: VecDeque::new(),
                     scratch: Vec::new(),
+                    gatherers: Vec::new(),
                 };
                 std::thread::Builder::new()
                     .name(format!("batch-{}-{index}", config.name))
@@ -162,6 +207,7 @@ impl Batcher {
             config,
             sessions: workers.len(),
             sender,
+            device,
             stop,
             workers: std::sync::Mutex::new(workers),
             metrics,
@@ -181,6 +227,12 @@ impl Batcher {
         self.sender.len()
     }
 
+    /// The CUDA device whose memory the model's sessions read in place, if they run there:
+    /// [`Batcher::infer_on_device`] takes inputs from it.
+    pub fn device(&self) -> Option<i32> {
+        self.device
+    }
+
     /// Queues the request and waits for its outputs or its deadline. `inputs` are in config
     /// order and already validated against the config; `rows` is their batch dimension.
     pub async fn infer(
@@ -189,7 +241,80 @@ impl Batcher {
         rows: usize,
         deadline: Instant,
     ) -> Result<InferResponse, InferError> {
-        let outcome = self.submit_and_wait(inputs, rows, deadline).await;
+        self.count(
+            self.submit_and_wait(RequestInputs::Host(inputs), rows, deadline)
+                .await,
+        )
+    }
+
+    /// [`Batcher::infer`] for inputs in CUDA device memory, which the sessions read in place;
+    /// refused unless they run on that device ([`Batcher::device`]).
+    pub async fn infer_on_device(
+        &self,
+        inputs: Vec<DeviceTensor>,
+        rows: usize,
+        deadline: Instant,
+    ) -> Result<InferResponse, InferError> {
+        if inputs
+            .iter()
+            .any(|t| Some(t.data.device_id()) != self.device)
+        {
+            return self.count(Err(InferError::Invalid(format!(
+                "model {} cannot read inputs in CUDA device memory ({}): its sessions run on {}",
+                self.model,
+                inputs
+                    .iter()
+                    .map(|t| format!("device {}", t.data.device_id()))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                self.device
+                    .map_or("the CPU".to_string(), |d| format!("CUDA device {d}")),
+            ))));
+        }
+        // The session reads these addresses blindly: sizes are checked here, not trusted.
+        let mismatch = (inputs.len() != self.config.inputs.len()).then(|| {
+            format!(
+                "{} inputs for the {} of model {}",
+                inputs.len(),
+                self.config.inputs.len(),
+                self.model
+            )
+        });
+        let mismatch = mismatch.or_else(|| {
+            self.config
+                .inputs
+                .iter()
+                .zip(&inputs)
+                .find(|(spec, tensor)| {
+                    spec.datatype != tensor.dtype
+                        || tensor.data.len() != Tensor::byte_len(tensor.dtype, &tensor.shape)
+                        || (self.config.batching() && tensor.shape.first() != Some(&rows))
+                })
+                .map(|(spec, tensor)| {
+                    format!(
+                        "input {} ({}) is {} {:?} over {} bytes of device memory, for {rows} rows",
+                        spec.name,
+                        spec.datatype,
+                        tensor.dtype,
+                        tensor.shape,
+                        tensor.data.len()
+                    )
+                })
+        });
+        if let Some(problem) = mismatch {
+            return self.count(Err(InferError::Invalid(problem)));
+        }
+        self.count(
+            self.submit_and_wait(RequestInputs::Device(inputs), rows, deadline)
+                .await,
+        )
+    }
+
+    /// Counts a finished request in `/metrics`.
+    fn count(
+        &self,
+        outcome: Result<InferResponse, InferError>,
+    ) -> Result<InferResponse, InferError> {
         let labels = [self.model.as_str(), self.version.as_str()];
         match &outcome {
             Ok(_) => self
@@ -204,7 +329,7 @@ impl Batcher {
 
     async fn submit_and_wait(
         &self,
-        inputs: Vec<Tensor>,
+        inputs: RequestInputs,
         rows: usize,
         deadline: Instant,
     ) -> Result<InferResponse, InferError> {
@@ -271,6 +396,8 @@ struct Worker {
     pending: VecDeque<QueuedRequest>,
     /// Batch assembly buffers, one per input, reused across batches.
     scratch: Vec<AlignedBytes>,
+    /// The same on the device, for inputs in device memory (made at the first such batch).
+    gatherers: Vec<Box<dyn DeviceGather>>,
 }
 
 impl Worker {
@@ -351,7 +478,9 @@ impl Worker {
             }
             let closed_by = if rows + next.rows > max_rows {
                 BatchClose::Full
-            } else if !batch[0].batches_with(&next) {
+            } else if batch[0].inputs.device() != next.inputs.device() {
+                BatchClose::Placement
+            } else if !batch[0].same_shapes(&next) {
                 BatchClose::Shape
             } else {
                 rows += next.rows;
@@ -460,44 +589,112 @@ impl Worker {
     }
 
     fn run_batch(&mut self, batch: &[QueuedRequest], rows: usize) -> Result<Vec<Tensor>, String> {
-        let input_count = self.config.inputs.len();
-        self.scratch.resize_with(input_count, AlignedBytes::default);
-        let mut shapes: Vec<Vec<usize>> = Vec::with_capacity(input_count);
+        let shapes: Vec<Vec<usize>> = (0..self.config.inputs.len())
+            .map(|index| {
+                let mut shape = batch[0].inputs.shape(index).to_vec();
+                if self.config.batching() {
+                    shape[0] = rows;
+                }
+                shape
+            })
+            .collect();
+        match &batch[0].inputs {
+            RequestInputs::Host(_) => self.run_host_batch(batch, &shapes),
+            RequestInputs::Device(first) => {
+                let device = first[0].data.device_id();
+                self.run_device_batch(batch, &shapes, device)
+            }
+        }
+    }
+
+    fn run_host_batch(
+        &mut self,
+        batch: &[QueuedRequest],
+        shapes: &[Vec<usize>],
+    ) -> Result<Vec<Tensor>, String> {
+        let host = |request: &QueuedRequest, index: usize| match &request.inputs {
+            RequestInputs::Host(tensors) => Ok(tensors[index].data.clone()),
+            RequestInputs::Device(_) => Err("a batch mixed host and device inputs".to_string()),
+        };
+        self.scratch
+            .resize_with(self.config.inputs.len(), AlignedBytes::default);
         // A batch of one request whose buffer is aligned for its type (crops made in process,
         // say) is handed over as it is; anything else is gathered into the scratch buffers.
-        let mut direct: Vec<Option<&[u8]>> = Vec::with_capacity(input_count);
+        let mut direct: Vec<Option<bytes::Bytes>> = Vec::with_capacity(shapes.len());
         for (index, spec) in self.config.inputs.iter().enumerate() {
-            let first = &batch[0].inputs[index];
-            let mut shape = first.shape.clone();
-            if self.config.batching() {
-                shape[0] = rows;
-            }
-            shapes.push(shape);
-            let aligned = (first.data.as_ptr() as usize).is_multiple_of(spec.datatype.size());
-            if batch.len() == 1 && aligned {
-                direct.push(Some(&first.data));
+            let first = host(&batch[0], index)?;
+            if batch.len() == 1 && (first.as_ptr() as usize).is_multiple_of(spec.datatype.size()) {
+                direct.push(Some(first));
                 continue;
             }
             direct.push(None);
             let buffer = &mut self.scratch[index];
             buffer.clear();
             for request in batch {
-                buffer.extend_from_slice(&request.inputs[index].data);
+                buffer.extend_from_slice(&host(request, index)?);
             }
         }
         let inputs: Vec<BatchInput<'_>> = self
             .config
             .inputs
             .iter()
-            .zip(&shapes)
+            .zip(shapes)
             .zip(direct.iter().zip(&self.scratch))
             .map(|((spec, shape), (direct, buffer))| BatchInput {
                 dtype: spec.datatype,
                 shape,
-                data: direct.unwrap_or(buffer.as_bytes()),
+                data: direct.as_deref().unwrap_or(buffer.as_bytes()),
             })
             .collect();
         self.session.run(&inputs).map_err(|e| e.to_string())
+    }
+
+    /// Inputs in device memory: one request's are read where they are, several requests' are
+    /// joined on the device first; nothing crosses to the host but the outputs.
+    fn run_device_batch(
+        &mut self,
+        batch: &[QueuedRequest],
+        shapes: &[Vec<usize>],
+        device: i32,
+    ) -> Result<Vec<Tensor>, String> {
+        let mut parts: Vec<Vec<&DeviceBytes>> = vec![Vec::with_capacity(batch.len()); shapes.len()];
+        for request in batch {
+            let RequestInputs::Device(tensors) = &request.inputs else {
+                return Err("a batch mixed host and device inputs".to_string());
+            };
+            for (index, tensor) in tensors.iter().enumerate() {
+                parts[index].push(&tensor.data);
+            }
+        }
+        if batch.len() > 1 && self.gatherers.is_empty() {
+            self.gatherers = parts
+                .iter()
+                .map(|p| p[0].gatherer())
+                .collect::<Result<_, _>>()?;
+        }
+        let mut addresses = Vec::with_capacity(parts.len());
+        for (index, parts) in parts.iter().enumerate() {
+            addresses.push(match parts.as_slice() {
+                [only] => only.address(),
+                several => self.gatherers[index].gather(several)?,
+            });
+        }
+        let inputs: Vec<DeviceBatchInput<'_>> = self
+            .config
+            .inputs
+            .iter()
+            .zip(shapes)
+            .zip(addresses)
+            .map(|((spec, shape), address)| DeviceBatchInput {
+                dtype: spec.datatype,
+                shape,
+                address,
+            })
+            .collect();
+        // SAFETY: each address is a finished device buffer of that shape (the DeviceMemory
+        // contract, or the gather that just completed), kept alive by `batch` and the
+        // gatherers until the run returns.
+        unsafe { self.session.run_on_device(device, &inputs) }.map_err(|e| e.to_string())
     }
 }
 

@@ -23,9 +23,9 @@ use serde::{Deserialize, Serialize};
 use crate::engine::InferError;
 use crate::jobs::archive::{Archive, ArchiveError, Partition, UnitSpan};
 use crate::jobs::results::{Columns, ResultMeta, ResultWriter, ShardInfo};
-use crate::preprocess::{Preprocess, PreprocessError};
+use crate::preprocess::{Backend, Preprocess, PreprocessError};
 use crate::sensors::window::WindowSpan;
-use crate::sensors::{AssessSettings, Scores, SensorModel};
+use crate::sensors::{AssessSettings, Scores, SensorModel, Windows};
 use crate::tensor::f32_bytes;
 
 /// How far a job's batch may wait for a busy batcher before giving up.
@@ -173,15 +173,19 @@ impl HeldRows {
         self.base += drop;
     }
 
-    /// The batch's windows appended to `out` (its padding recorded in `meta`), stacked by the
-    /// preprocessing backend from the rows they read, and only those (a GPU uploads them).
+    /// The batch's windows (its padding recorded in `meta`), stacked by the preprocessing
+    /// backend from the rows they read, and only those (a GPU uploads them), `batch` windows in
+    /// all: the last batch is padded so every batch has the same shape. With `device`, where
+    /// the models read CUDA memory in place, a backend that can leaves them there.
     fn stack(
         &self,
         preprocess: &dyn Preprocess,
         window: usize,
         meta: &mut BatchMeta,
-        out: &mut Vec<f32>,
-    ) -> Result<(), PreprocessError> {
+        batch: usize,
+        device: Option<i32>,
+    ) -> Result<Windows, PreprocessError> {
+        let window_values = window * self.width;
         // Archive row of each window's oldest row: its unit's first row when it is padded.
         let oldest =
             |&(row, unit_first): &(usize, usize)| (row + 1).saturating_sub(window).max(unit_first);
@@ -189,7 +193,7 @@ impl HeldRows {
             meta.ends.iter().map(oldest).min(),
             meta.ends.iter().map(|&(row, _)| row + 1).max(),
         ) else {
-            return Ok(());
+            return Ok(Windows::Host(f32_bytes(vec![0.0; batch * window_values])));
         };
         assert!(
             from >= self.base,
@@ -198,7 +202,7 @@ impl HeldRows {
         );
         // A window whose unit began before `from` reads `window` rows from `from` on, so its
         // span may start at row 0 of the slice.
-        let spans: Vec<WindowSpan> = meta
+        let mut spans: Vec<WindowSpan> = meta
             .ends
             .iter()
             .map(|&(row, unit_first)| WindowSpan {
@@ -208,7 +212,21 @@ impl HeldRows {
             .collect();
         meta.padded = spans.iter().map(|s| s.padded(window) as u16).collect();
         let rows = &self.rows[(from - self.base) * self.width..(to - self.base) * self.width];
-        preprocess.stack_windows(rows, self.width, window, &spans, out)
+        if let Some(device) = device {
+            // Padding windows repeat the last one there (their scores are never written).
+            let last = *spans.last().expect("a batch has windows");
+            spans.resize(batch, last);
+            if let Some(on_device) =
+                preprocess.stack_windows_on_device(rows, self.width, window, &spans, device)?
+            {
+                return Ok(Windows::Device(on_device));
+            }
+            spans.truncate(meta.ends.len());
+        }
+        let mut windows = Vec::with_capacity(batch * window_values);
+        preprocess.stack_windows(rows, self.width, window, &spans, &mut windows)?;
+        windows.resize(batch * window_values, 0.0);
+        Ok(Windows::Host(f32_bytes(windows)))
     }
 }
 
@@ -232,7 +250,7 @@ pub fn shard_rows(spans: &[UnitSpan], rows: usize, shard: Shard) -> (usize, usiz
 
 async fn score_batch(
     model: Arc<SensorModel>,
-    windows: bytes::Bytes,
+    windows: Windows,
     rows: usize,
 ) -> Result<Scores, InferError> {
     loop {
@@ -345,7 +363,6 @@ pub fn run(
     let batch = model.batch_rows();
     let window = model.params.window;
     let width = model.params.channels.len();
-    let window_len = model.params.window_len();
     let (keep_start, keep_end) = match options.shard {
         None => (0, n),
         Some(shard) => shard_rows(&spans, n, shard),
@@ -417,22 +434,22 @@ pub fn run(
             padded: Vec::new(),
             ends: Vec::with_capacity(batch),
         };
-        let mut windows: Vec<f32> = Vec::with_capacity(batch * window_len);
         let mut current = new_batch(emit_start);
+        let device = model.device();
+        if let (Backend::Cuda, Some(device)) = (options.preprocess.backend(), device) {
+            tracing::info!(
+                device,
+                "sensor windows stay on the GPU: the models' sessions read them in place"
+            );
+        }
         let submit = |held: &HeldRows,
-                      windows: &mut Vec<f32>,
                       current: &mut BatchMeta,
                       in_flight: &mut VecDeque<Pending>,
                       output: &mut Output<'_>|
          -> Result<(), RunError> {
-            held.stack(options.preprocess.as_ref(), window, current, windows)?;
-            // The last batch is padded to full size so every batch has the same shape.
-            windows.resize(batch * window_len, 0.0);
-            let data = f32_bytes(std::mem::replace(
-                windows,
-                Vec::with_capacity(batch * window_len),
-            ));
-            let handle = runtime.spawn(score_batch(model.clone(), data, batch));
+            let windows =
+                held.stack(options.preprocess.as_ref(), window, current, batch, device)?;
+            let handle = runtime.spawn(score_batch(model.clone(), windows, batch));
             let next = new_batch(current.first_row + batch);
             in_flight.push_back((handle, std::mem::replace(current, next)));
             while in_flight.len() >= options.in_flight.max(1) {
@@ -482,13 +499,7 @@ pub fn run(
                     current.units.push(span.unit);
                     current.cycles.push(cycles[i]);
                     if current.units.len() == batch {
-                        submit(
-                            &held,
-                            &mut windows,
-                            &mut current,
-                            &mut in_flight,
-                            &mut output,
-                        )?;
+                        submit(&held, &mut current, &mut in_flight, &mut output)?;
                     }
                 }
             }
@@ -498,13 +509,7 @@ pub fn run(
             }
         }
         if !current.units.is_empty() {
-            submit(
-                &held,
-                &mut windows,
-                &mut current,
-                &mut in_flight,
-                &mut output,
-            )?;
+            submit(&held, &mut current, &mut in_flight, &mut output)?;
         }
         while !in_flight.is_empty() {
             finish_front(&mut in_flight, &mut output)?;

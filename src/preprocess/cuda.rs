@@ -19,6 +19,7 @@ use crate::preprocess::gpu::{Arg, KernelRunner, Step};
 use crate::preprocess::launch::{GROUP_SIZE, LaunchParams};
 use crate::preprocess::nvrtc;
 use crate::preprocess::{Backend, PreprocessError};
+use crate::runtime::device::{DeviceBytes, DeviceGather, DeviceMemory};
 
 const BACKEND: &str = "cuda";
 
@@ -83,6 +84,89 @@ pub struct CudaPreprocessor {
     functions: HashMap<&'static str, CudaFunction>,
     /// Idle lanes; a caller takes one (or makes one when all are busy) and gives it back.
     lanes: Mutex<Vec<Lane>>,
+    /// Buffers handed to inference ([`KernelRunner::run_on_device`]), back once it is done.
+    handed_off: Arc<BufferPool>,
+}
+
+/// Device buffers by size class.
+type BufferPool = Mutex<HashMap<usize, Vec<CudaSlice<u8>>>>;
+
+/// A preprocessing result left on the device for ONNX Runtime; its buffer returns to the pool
+/// when the last view of it is dropped (after the inference that read it has returned).
+struct HandedOff {
+    buffer: Option<CudaSlice<u8>>,
+    address: u64,
+    len: usize,
+    context: Arc<CudaContext>,
+    pool: Arc<BufferPool>,
+}
+
+impl DeviceMemory for HandedOff {
+    fn device_id(&self) -> i32 {
+        self.context.ordinal() as i32
+    }
+
+    fn address(&self) -> u64 {
+        self.address
+    }
+
+    fn byte_len(&self) -> usize {
+        self.len
+    }
+
+    fn gatherer(&self) -> Result<Box<dyn DeviceGather>, String> {
+        Ok(Box::new(CudaGather {
+            stream: self.context.new_stream().map_err(|e| e.to_string())?,
+            buffer: None,
+        }))
+    }
+}
+
+impl Drop for HandedOff {
+    fn drop(&mut self) {
+        if let Some(buffer) = self.buffer.take() {
+            let mut pool = self.pool.lock().expect("buffer pool lock");
+            pool.entry(buffer.len()).or_default().push(buffer);
+        }
+    }
+}
+
+/// A batcher worker's device-to-device joins: its own stream and one growing batch buffer.
+struct CudaGather {
+    stream: Arc<CudaStream>,
+    buffer: Option<CudaSlice<u8>>,
+}
+
+impl DeviceGather for CudaGather {
+    fn gather(&mut self, parts: &[&DeviceBytes]) -> Result<u64, String> {
+        let error = |e: DriverError| format!("joining a batch on the device: {e}");
+        self.stream.context().bind_to_thread().map_err(error)?;
+        let total: usize = parts.iter().map(|p| p.len()).sum();
+        if self.buffer.as_ref().is_none_or(|b| b.len() < total) {
+            // SAFETY: every byte read from it below is first written by the copies.
+            self.buffer = Some(unsafe { self.stream.alloc(size_class(total)) }.map_err(error)?);
+        }
+        let buffer = self.buffer.as_ref().expect("allocated above");
+        let (base, _) = buffer.device_ptr(&self.stream);
+        let mut offset = 0;
+        for part in parts {
+            // SAFETY: the source is a finished device buffer of `part.len()` bytes (the
+            // DeviceMemory contract) and the target has room for all parts.
+            unsafe {
+                cudarc::driver::result::memcpy_dtod_async(
+                    base + offset as u64,
+                    part.address(),
+                    part.len(),
+                    self.stream.cu_stream(),
+                )
+            }
+            .map_err(error)?;
+            offset += part.len();
+        }
+        // ONNX Runtime reads on its own stream: the batch must be complete first.
+        self.stream.synchronize().map_err(error)?;
+        Ok(base)
+    }
 }
 
 /// Buffers are pooled by power-of-two size, so boards with varying candidate counts reuse them.
@@ -129,19 +213,38 @@ impl Lane {
     /// Queues the uploads, the kernels and the downloads (the last `read.len()` of `pinned`).
     /// Buffers are pushed once their copies are queued, so the caller keeps them alive until
     /// the stream is synchronised even when this fails part-way.
+    /// The buffer of argument `keep`, if any, comes from `handed_off`, as it leaves the lane.
+    #[allow(clippy::too_many_arguments)]
     fn enqueue(
         &mut self,
         functions: &HashMap<&'static str, CudaFunction>,
         args: &[Arg<'_>],
         steps: &[Step],
         read: &[usize],
+        keep: Option<(usize, &BufferPool)>,
         device: &mut Vec<CudaSlice<u8>>,
         pinned: &mut Vec<PinnedHostSlice<u8>>,
     ) -> Result<(), PreprocessError> {
         let copy_error = |e: DriverError| kernel_error(steps[0].kernel, e);
         let raw_stream = self.stream.cu_stream();
-        for arg in args {
-            let buffer = self.device_buffer(arg.byte_len()).map_err(copy_error)?;
+        for (index, arg) in args.iter().enumerate() {
+            let buffer = match keep {
+                Some((kept, pool)) if kept == index => {
+                    let class = size_class(arg.byte_len());
+                    let pooled = pool
+                        .lock()
+                        .expect("buffer pool lock")
+                        .get_mut(&class)
+                        .and_then(Vec::pop);
+                    match pooled {
+                        Some(buffer) => Ok(buffer),
+                        // SAFETY: the kernels write every byte that is later read.
+                        None => unsafe { self.stream.alloc(class) },
+                    }
+                }
+                _ => self.device_buffer(arg.byte_len()),
+            }
+            .map_err(copy_error)?;
             if let Arg::Input(bytes) = arg
                 && !bytes.is_empty()
             {
@@ -255,6 +358,7 @@ impl CudaPreprocessor {
             name,
             functions,
             lanes: Mutex::new(Vec::new()),
+            handed_off: Arc::new(Mutex::new(HashMap::new())),
         })
     }
 }
@@ -408,6 +512,57 @@ impl KernelRunner for CudaPreprocessor {
         read: &[usize],
         finish: impl FnOnce(&[&[u8]]) -> T,
     ) -> Result<T, PreprocessError> {
+        self.on_lane(args, steps, read, None, |_, pinned| {
+            let results = pinned[pinned.len() - read.len()..]
+                .iter()
+                .zip(read)
+                .map(|(staging, i)| Ok(&staging.as_slice()?[..args[*i].byte_len()]))
+                .collect::<Result<Vec<&[u8]>, DriverError>>()
+                .map_err(|e| kernel_error(steps[0].kernel, e))?;
+            Ok(finish(&results))
+        })
+    }
+
+    /// Runs the steps on one lane and hands argument `keep` over as it is on the device.
+    fn run_on_device(
+        &self,
+        args: &[Arg<'_>],
+        steps: &[Step],
+        keep: usize,
+        device: i32,
+    ) -> Result<Option<DeviceBytes>, PreprocessError> {
+        if device != self.context.ordinal() as i32 {
+            return Ok(None);
+        }
+        let kept = self.on_lane(
+            args,
+            steps,
+            &[],
+            Some((keep, &self.handed_off)),
+            |device, _| Ok(device.remove(keep)),
+        )?;
+        let (address, _) = kept.device_ptr(&kept.stream().clone());
+        Ok(Some(DeviceBytes::new(Arc::new(HandedOff {
+            address,
+            len: args[keep].byte_len(),
+            buffer: Some(kept),
+            context: self.context.clone(),
+            pool: self.handed_off.clone(),
+        }))))
+    }
+}
+
+impl CudaPreprocessor {
+    /// Takes an idle lane (or makes one), queues the steps, waits for them, lets `take` use the
+    /// buffers, and puts the lane back with what `take` left of them.
+    fn on_lane<T>(
+        &self,
+        args: &[Arg<'_>],
+        steps: &[Step],
+        read: &[usize],
+        keep: Option<(usize, &BufferPool)>,
+        take: impl FnOnce(&mut Vec<CudaSlice<u8>>, &[PinnedHostSlice<u8>]) -> Result<T, PreprocessError>,
+    ) -> Result<T, PreprocessError> {
         let error = |e: DriverError| kernel_error(steps[0].kernel, e);
         self.context.bind_to_thread().map_err(error)?;
         let idle = self.lanes.lock().expect("lane pool lock").pop();
@@ -420,21 +575,26 @@ impl KernelRunner for CudaPreprocessor {
             },
         };
         let (mut device, mut pinned) = (Vec::new(), Vec::new());
-        let queued = lane.enqueue(&self.functions, args, steps, read, &mut device, &mut pinned);
-        // Whatever was queued must finish before the buffers are read, reused or freed.
-        lane.stream.synchronize().map_err(error)?;
-        queued?;
-        let results = pinned[pinned.len() - read.len()..]
-            .iter()
-            .zip(read)
-            .map(|(staging, i)| Ok(&staging.as_slice()?[..args[*i].byte_len()]))
-            .collect::<Result<Vec<&[u8]>, DriverError>>()
-            .map_err(error)?;
-        let output = finish(&results);
-        drop(results);
+        let queued = lane.enqueue(
+            &self.functions,
+            args,
+            steps,
+            read,
+            keep,
+            &mut device,
+            &mut pinned,
+        );
+        // Whatever was queued must finish before the buffers are read, reused, handed over
+        // or freed.
+        let outcome = lane
+            .stream
+            .synchronize()
+            .map_err(error)
+            .and(queued)
+            .and_then(|()| take(&mut device, &pinned));
         lane.recycle(device, pinned);
         self.lanes.lock().expect("lane pool lock").push(lane);
-        Ok(output)
+        outcome
     }
 }
 

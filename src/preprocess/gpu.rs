@@ -5,8 +5,9 @@
 use crate::aoi::bitimage::BitImage;
 use crate::aoi::components::Component;
 use crate::aoi::params::PipelineParams;
-use crate::preprocess::launch::{LaunchParams, ScaleInputs, pack_pixels};
+use crate::preprocess::launch::{CropPlane, LaunchParams, ScaleInputs, pack_pixels};
 use crate::preprocess::{Backend, Comparison, Preprocess, PreprocessError, crop_planes};
+use crate::runtime::device::DeviceBytes;
 use crate::sensors::channels::ChannelMap;
 use crate::sensors::window::{NonFinite, Scaler, WindowSpan};
 
@@ -45,6 +46,19 @@ pub trait KernelRunner: Send + Sync {
         read: &[usize],
         finish: impl FnOnce(&[&[u8]]) -> T,
     ) -> Result<T, PreprocessError>;
+
+    /// Runs the steps and leaves argument `keep` where it is, in memory of CUDA device `device`
+    /// that ONNX Runtime reads in place; None where the backend's memory is not that (wgpu, or
+    /// another device).
+    fn run_on_device(
+        &self,
+        _args: &[Arg<'_>],
+        _steps: &[Step],
+        _keep: usize,
+        _device: i32,
+    ) -> Result<Option<DeviceBytes>, PreprocessError> {
+        Ok(None)
+    }
 }
 
 /// The preprocessing stages on any [`KernelRunner`].
@@ -54,30 +68,91 @@ fn words(bytes: &[u8]) -> &[u32] {
     bytemuck::cast_slice(bytes)
 }
 
+/// Where a gathering kernel's f32 batch goes.
+enum GatherInto<'a> {
+    /// Appended to a host vector.
+    Host(&'a mut Vec<f32>),
+    /// Left on CUDA device `.0` if the backend can.
+    Device(i32),
+}
+
 impl<R: KernelRunner> GpuKernels<R> {
     /// One `kernel` that reads two inputs and writes `launch.count` f32 values (the crop batch,
-    /// the window batch), appended to `out`.
+    /// the window batch).
     fn gather(
         &self,
         kernel: &'static str,
         [first, second]: [&[u8]; 2],
         launch: LaunchParams,
-        out: &mut Vec<f32>,
-    ) -> Result<(), PreprocessError> {
-        self.0.run(
-            &[
-                Arg::Input(first),
-                Arg::Input(second),
-                Arg::Output(launch.count as usize * 4),
-            ],
-            &[Step {
-                kernel,
-                params: launch,
-                bindings: &[0, 1, 2],
-            }],
-            &[2],
-            |result| out.extend_from_slice(bytemuck::cast_slice(result[0])),
+        into: GatherInto<'_>,
+    ) -> Result<Option<DeviceBytes>, PreprocessError> {
+        let args = [
+            Arg::Input(first),
+            Arg::Input(second),
+            Arg::Output(launch.count as usize * 4),
+        ];
+        let steps = [Step {
+            kernel,
+            params: launch,
+            bindings: &[0, 1, 2],
+        }];
+        match into {
+            GatherInto::Host(out) => self.0.run(&args, &steps, &[2], |result| {
+                out.extend_from_slice(bytemuck::cast_slice(result[0]));
+                None
+            }),
+            GatherInto::Device(device) => self.0.run_on_device(&args, &steps, 2, device),
+        }
+    }
+
+    /// The windows of `spans` over `rows` (see [`Preprocess::stack_windows`]).
+    fn stack(
+        &self,
+        rows: &[f32],
+        width: usize,
+        window: usize,
+        spans: &[WindowSpan],
+        into: GatherInto<'_>,
+    ) -> Result<Option<DeviceBytes>, PreprocessError> {
+        if spans.is_empty() || width == 0 || window == 0 {
+            return Ok(None);
+        }
+        let launch = LaunchParams {
+            count: (spans.len() * window * width) as u32,
+            c: width as u32,
+            d: window as u32,
+            ..LaunchParams::default()
+        };
+        self.gather(
+            "stack_windows",
+            [bytemuck::cast_slice(rows), bytemuck::cast_slice(spans)],
+            launch,
+            into,
         )
+    }
+
+    /// The crop batch's kernel inputs, or None when there is nothing to crop.
+    fn crop_launch(
+        channels: &[&BitImage],
+        candidates: &[Component],
+        params: &PipelineParams,
+    ) -> Option<(Vec<u32>, Vec<CropPlane>, LaunchParams)> {
+        let first = channels.first()?;
+        if candidates.is_empty() {
+            return None;
+        }
+        let planes = crop_planes(candidates, params, channels.len());
+        let size = params.crop_size;
+        let images: Vec<u32> = channels
+            .iter()
+            .flat_map(|c| c.as_u32_words().iter().copied())
+            .collect();
+        let launch = LaunchParams {
+            count: (planes.len() * size * size) as u32,
+            c: size as u32,
+            ..LaunchParams::per_word(first.width(), first.height())
+        };
+        Some((images, planes, launch))
     }
 }
 
@@ -225,28 +300,33 @@ impl<R: KernelRunner> Preprocess for GpuKernels<R> {
         params: &PipelineParams,
         out: &mut Vec<f32>,
     ) -> Result<(), PreprocessError> {
-        let Some(first) = channels.first() else {
+        let Some((images, planes, launch)) = Self::crop_launch(channels, candidates, params) else {
             return Ok(());
-        };
-        if candidates.is_empty() {
-            return Ok(());
-        }
-        let planes = crop_planes(candidates, params, channels.len());
-        let size = params.crop_size;
-        let images: Vec<u32> = channels
-            .iter()
-            .flat_map(|c| c.as_u32_words().iter().copied())
-            .collect();
-        let launch = LaunchParams {
-            count: (planes.len() * size * size) as u32,
-            c: size as u32,
-            ..LaunchParams::per_word(first.width(), first.height())
         };
         self.gather(
             "crops",
             [bytemuck::cast_slice(&images), bytemuck::cast_slice(&planes)],
             launch,
-            out,
+            GatherInto::Host(out),
+        )
+        .map(drop)
+    }
+
+    fn crops_on_device(
+        &self,
+        channels: &[&BitImage],
+        candidates: &[Component],
+        params: &PipelineParams,
+        device: i32,
+    ) -> Result<Option<DeviceBytes>, PreprocessError> {
+        let Some((images, planes, launch)) = Self::crop_launch(channels, candidates, params) else {
+            return Ok(None);
+        };
+        self.gather(
+            "crops",
+            [bytemuck::cast_slice(&images), bytemuck::cast_slice(&planes)],
+            launch,
+            GatherInto::Device(device),
         )
     }
 
@@ -299,20 +379,18 @@ impl<R: KernelRunner> Preprocess for GpuKernels<R> {
         spans: &[WindowSpan],
         out: &mut Vec<f32>,
     ) -> Result<(), PreprocessError> {
-        if spans.is_empty() || width == 0 || window == 0 {
-            return Ok(());
-        }
-        let launch = LaunchParams {
-            count: (spans.len() * window * width) as u32,
-            c: width as u32,
-            d: window as u32,
-            ..LaunchParams::default()
-        };
-        self.gather(
-            "stack_windows",
-            [bytemuck::cast_slice(rows), bytemuck::cast_slice(spans)],
-            launch,
-            out,
-        )
+        self.stack(rows, width, window, spans, GatherInto::Host(out))
+            .map(drop)
+    }
+
+    fn stack_windows_on_device(
+        &self,
+        rows: &[f32],
+        width: usize,
+        window: usize,
+        spans: &[WindowSpan],
+        device: i32,
+    ) -> Result<Option<DeviceBytes>, PreprocessError> {
+        self.stack(rows, width, window, spans, GatherInto::Device(device))
     }
 }

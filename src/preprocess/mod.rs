@@ -21,6 +21,7 @@ use crate::aoi::bitimage::BitImage;
 use crate::aoi::components::Component;
 use crate::aoi::crops::window_origin;
 use crate::aoi::params::PipelineParams;
+use crate::runtime::device::DeviceBytes;
 use crate::sensors::channels::ChannelMap;
 use crate::sensors::window::{NonFinite, Scaler, WindowSpan};
 
@@ -137,6 +138,19 @@ pub trait Preprocess: Send + Sync {
         out: &mut Vec<f32>,
     ) -> Result<(), PreprocessError>;
 
+    /// [`Preprocess::crops`] left in memory of CUDA device `device`, where ONNX Runtime reads
+    /// them in place; None where this backend's memory is not that (the CPU, wgpu, another
+    /// device) or there are no candidates.
+    fn crops_on_device(
+        &self,
+        _channels: &[&BitImage],
+        _candidates: &[Component],
+        _params: &PipelineParams,
+        _device: i32,
+    ) -> Result<Option<DeviceBytes>, PreprocessError> {
+        Ok(None)
+    }
+
     /// Sensor rows in the source's column layout to scaled model-order rows appended to `out`;
     /// the inner error names the first non-finite value the model would use.
     fn scale_rows(
@@ -157,6 +171,19 @@ pub trait Preprocess: Send + Sync {
         spans: &[WindowSpan],
         out: &mut Vec<f32>,
     ) -> Result<(), PreprocessError>;
+
+    /// [`Preprocess::stack_windows`] left in memory of CUDA device `device`, where ONNX Runtime
+    /// reads them in place; None where this backend's memory is not that or there are no spans.
+    fn stack_windows_on_device(
+        &self,
+        _rows: &[f32],
+        _width: usize,
+        _window: usize,
+        _spans: &[WindowSpan],
+        _device: i32,
+    ) -> Result<Option<DeviceBytes>, PreprocessError> {
+        Ok(None)
+    }
 }
 
 /// The backend for a choice; `auto` takes CUDA, then wgpu, then the CPU, logging what it

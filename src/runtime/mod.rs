@@ -1,6 +1,7 @@
 //! ONNX Runtime through `ort`: finding the library, execution providers, the model repository
 //! and the sessions that run batches.
 
+pub mod device;
 pub mod library;
 pub mod model_config;
 pub mod providers;

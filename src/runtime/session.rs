@@ -3,11 +3,12 @@
 use std::borrow::Cow;
 
 use bytes::Bytes;
+use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
 use ort::session::{Session, SessionInputValue, builder::GraphOptimizationLevel};
-use ort::value::{TensorElementType, TensorRef, ValueType};
+use ort::value::{TensorElementType, TensorRef, TensorRefMut, ValueType};
 
 use crate::runtime::providers::{self, ProviderKind, ProviderPlan, ProviderSettings};
-use crate::runtime::{ModelVersionSpec, RuntimeError, library};
+use crate::runtime::{ModelConfig, ModelVersionSpec, RuntimeError, library};
 use crate::tensor::{DataType, Tensor};
 
 /// A batched input handed to [`ModelSession::run`]: bytes of `shape` in the config's datatype.
@@ -15,6 +16,13 @@ pub struct BatchInput<'a> {
     pub dtype: DataType,
     pub shape: &'a [usize],
     pub data: &'a [u8],
+}
+
+/// A batched input in CUDA device memory, for [`ModelSession::run_on_device`].
+pub struct DeviceBatchInput<'a> {
+    pub dtype: DataType,
+    pub shape: &'a [usize],
+    pub address: u64,
 }
 
 pub struct ModelSession {
@@ -224,8 +232,60 @@ impl ModelSession {
             };
             values.push((Cow::Borrowed(spec.name.as_str()), value));
         }
-        let outputs = self
-            .session
+        Self::run_values(&mut self.session, &self.spec.config, values)
+    }
+
+    /// Runs one batch whose inputs are in CUDA device memory, read in place by the session's
+    /// CUDA or TensorRT provider; outputs come back to the host, in config order.
+    ///
+    /// # Safety
+    /// Every input's address must hold its shape's bytes on device `device_id`, finished (no
+    /// write pending) and alive until this returns.
+    pub unsafe fn run_on_device(
+        &mut self,
+        device_id: i32,
+        inputs: &[DeviceBatchInput<'_>],
+    ) -> Result<Vec<Tensor>, RuntimeError> {
+        let memory = MemoryInfo::new(
+            AllocationDevice::CUDA,
+            device_id,
+            AllocatorType::Device,
+            MemoryType::Default,
+        )
+        .map_err(|e| RuntimeError::Inference(e.to_string()))?;
+        let mut values: Vec<(Cow<'_, str>, SessionInputValue<'_>)> =
+            Vec::with_capacity(inputs.len());
+        for (spec, input) in self.spec.config.inputs.iter().zip(inputs) {
+            let (memory, shape) = (memory.clone(), input.shape);
+            // SAFETY: the caller's contract.
+            let value = unsafe {
+                match input.dtype {
+                    DataType::Bool => device_ref::<bool>(memory, input.address, shape),
+                    DataType::Uint8 => device_ref::<u8>(memory, input.address, shape),
+                    DataType::Uint16 => device_ref::<u16>(memory, input.address, shape),
+                    DataType::Uint32 => device_ref::<u32>(memory, input.address, shape),
+                    DataType::Uint64 => device_ref::<u64>(memory, input.address, shape),
+                    DataType::Int8 => device_ref::<i8>(memory, input.address, shape),
+                    DataType::Int16 => device_ref::<i16>(memory, input.address, shape),
+                    DataType::Int32 => device_ref::<i32>(memory, input.address, shape),
+                    DataType::Int64 => device_ref::<i64>(memory, input.address, shape),
+                    DataType::Fp32 => device_ref::<f32>(memory, input.address, shape),
+                    DataType::Fp64 => device_ref::<f64>(memory, input.address, shape),
+                }
+            }?;
+            values.push((Cow::Borrowed(spec.name.as_str()), value));
+        }
+        Self::run_values(&mut self.session, &self.spec.config, values)
+    }
+
+    /// Runs the graph on named inputs (wherever they live; ONNX Runtime returns outputs that
+    /// were not bound elsewhere on the host) and copies the configured outputs out.
+    fn run_values(
+        session: &mut Session,
+        config: &ModelConfig,
+        values: Vec<(Cow<'_, str>, SessionInputValue<'_>)>,
+    ) -> Result<Vec<Tensor>, RuntimeError> {
+        let outputs = session
             .run(values)
             .map_err(|e| RuntimeError::Inference(e.to_string()))?;
         config
@@ -271,6 +331,25 @@ where
     T: ort::value::PrimitiveTensorElementType + std::fmt::Debug + Clone + 'static,
 {
     TensorRef::from_array_view((shape.to_vec(), data))
+        .map(SessionInputValue::from)
+        .map_err(|e| RuntimeError::Inference(e.to_string()))
+}
+
+/// A view of device memory as an ONNX Runtime tensor.
+///
+/// # Safety
+/// `address` must hold `shape`'s elements of `T` in the memory `memory` describes, alive for
+/// `'a`.
+unsafe fn device_ref<'a, T>(
+    memory: MemoryInfo,
+    address: u64,
+    shape: &[usize],
+) -> Result<SessionInputValue<'a>, RuntimeError>
+where
+    T: ort::value::PrimitiveTensorElementType + std::fmt::Debug + Clone + 'static,
+{
+    // SAFETY: the caller's contract.
+    unsafe { TensorRefMut::<T>::from_raw(memory, address as usize as *mut _, shape.into()) }
         .map(SessionInputValue::from)
         .map_err(|e| RuntimeError::Inference(e.to_string()))
 }

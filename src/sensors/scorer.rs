@@ -7,12 +7,21 @@ use std::time::Instant;
 use bytes::Bytes;
 use serde::Serialize;
 
-use crate::engine::{InferError, ModelRegistry, ServedModel};
+use crate::engine::{InferError, InferResponse, ModelRegistry, ServedModel};
+use crate::runtime::device::{DeviceBytes, DeviceTensor};
 use crate::sensors::assess::{AssessSettings, Risk};
 use crate::sensors::params::{Calibration, RulCalibration, SensorParams};
 use crate::sensors::window::Scaler;
 use crate::sensors::{ANOMALY_PREFIX, RUL_PREFIX, SensorError};
 use crate::tensor::{DataType, Tensor};
+
+/// Scaled windows, `rows × window × channels` f32, for [`SensorModel::score`].
+#[derive(Clone)]
+pub enum Windows {
+    Host(Bytes),
+    /// In CUDA device memory, read there by both models' sessions.
+    Device(DeviceBytes),
+}
 
 /// Model outputs for a batch of windows.
 #[derive(Debug, Clone, Default)]
@@ -182,24 +191,60 @@ impl SensorModel {
             )
     }
 
+    /// The CUDA device whose memory both models read in place, if they both run there.
+    pub fn device(&self) -> Option<i32> {
+        let rul = self.rul.batcher.device();
+        match &self.anomaly {
+            Some(anomaly) if anomaly.batcher.device() != rul => None,
+            _ => rul,
+        }
+    }
+
+    /// One model's call on the windows, wherever they are.
+    async fn run(
+        model: &ServedModel,
+        windows: &Windows,
+        shape: Vec<usize>,
+        rows: usize,
+        deadline: Instant,
+    ) -> Result<InferResponse, InferError> {
+        match windows {
+            Windows::Host(data) => {
+                let data = data.clone();
+                let tensor = Tensor {
+                    dtype: DataType::Fp32,
+                    shape,
+                    data,
+                };
+                model.batcher.infer(vec![tensor], rows, deadline).await
+            }
+            Windows::Device(data) => {
+                let tensor = DeviceTensor {
+                    dtype: DataType::Fp32,
+                    shape,
+                    data: data.clone(),
+                };
+                model
+                    .batcher
+                    .infer_on_device(vec![tensor], rows, deadline)
+                    .await
+            }
+        }
+    }
+
     /// Runs both models on `rows` scaled windows (`rows × window × channels` values, at most
     /// [`Self::batch_rows`] rows).
     pub async fn score(
         &self,
-        windows: Bytes,
+        windows: Windows,
         rows: usize,
         deadline: Instant,
     ) -> Result<Scores, InferError> {
         let shape = vec![rows, self.params.window, self.params.channels.len()];
-        let tensor = Tensor {
-            dtype: DataType::Fp32,
-            shape,
-            data: windows,
-        };
-        let rul_call = self.rul.batcher.infer(vec![tensor.clone()], rows, deadline);
+        let rul_call = Self::run(&self.rul, &windows, shape.clone(), rows, deadline);
         let (rul, anomaly) = match &self.anomaly {
             Some(anomaly) => {
-                let anomaly_call = anomaly.batcher.infer(vec![tensor], rows, deadline);
+                let anomaly_call = Self::run(anomaly, &windows, shape, rows, deadline);
                 let (rul, anomaly) = futures_util::future::join(rul_call, anomaly_call).await;
                 (rul?, Some(anomaly?))
             }

@@ -24,7 +24,7 @@ use crate::jobs::archive::Partition;
 use crate::jobs::manager::CancelOutcome;
 use crate::jobs::results::{self, Format, View};
 use crate::jobs::store::{JobInput, JobRecord, JobState, now_unix};
-use crate::sensors::{AssessSettings, SensorError, SensorModel, live};
+use crate::sensors::{AssessSettings, SensorError, SensorModel, Windows, live};
 use crate::server::NoQuery;
 use crate::server::body::{media_type, read_limited};
 use crate::server::error::ApiError;
@@ -193,11 +193,15 @@ async fn score_live(
     let window_len = model.params.window_len();
     let per_call = model.batch_rows();
     let scores = if infos.len() <= per_call {
-        vec![model.score(f32_bytes(input), infos.len(), deadline).await?]
+        vec![
+            model
+                .score(Windows::Host(f32_bytes(input)), infos.len(), deadline)
+                .await?,
+        ]
     } else {
         let calls = input.chunks(per_call * window_len).map(|chunk| {
             model.score(
-                f32_bytes(chunk.to_vec()),
+                Windows::Host(f32_bytes(chunk.to_vec())),
                 chunk.len() / window_len,
                 deadline,
             )

@@ -1,0 +1,203 @@
+//! Inputs in CUDA device memory: the classifier's batcher takes the GPU preprocessing's crops in
+//! place only when its sessions run on that device, and then gives the detections the host
+//! path gives. The second test needs an NVIDIA GPU, NVRTC and ONNX Runtime's CUDA provider
+//! (`onnxruntime-gpu`), and says why it skips where one is missing.
+
+mod common;
+mod fleet;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use linescan::aoi::pipeline::{Crops, DEFECT_MODEL, Inspector, prepare_board};
+use linescan::aoi::synthetic::{self, DefectKind};
+use linescan::engine::registry::LoadOptions;
+use linescan::engine::{InferError, ModelRegistry};
+use linescan::metrics::Metrics;
+use linescan::preprocess::cpu::CpuPreprocessor;
+use linescan::preprocess::cuda::CudaPreprocessor;
+use linescan::preprocess::{GpuKernels, Preprocess};
+use linescan::runtime::ModelRepository;
+use linescan::runtime::device::{DeviceBytes, DeviceGather, DeviceMemory, DeviceTensor};
+use linescan::runtime::providers::ProviderKind;
+use linescan::tensor::DataType;
+
+fn defect_model(providers: ProviderKind) -> Result<(Arc<Metrics>, ModelRegistry), String> {
+    bundled_model(DEFECT_MODEL, providers)
+}
+
+fn bundled_model(
+    name: &str,
+    providers: ProviderKind,
+) -> Result<(Arc<Metrics>, ModelRegistry), String> {
+    let mut repository =
+        ModelRepository::scan(&common::models_root()).map_err(|e| e.to_string())?;
+    repository.versions.retain(|v| v.config.name == name);
+    let metrics = Arc::new(Metrics::new());
+    let options = LoadOptions {
+        providers: Some(vec![providers]),
+        instances: Some(1),
+        threads: Some(1),
+    };
+    let registry =
+        ModelRegistry::load(&repository, &options, &metrics).map_err(|e| e.to_string())?;
+    Ok((metrics, registry))
+}
+
+/// Device memory that is never read: the batcher must refuse it before any session could.
+struct Unreadable;
+
+impl DeviceMemory for Unreadable {
+    fn device_id(&self) -> i32 {
+        0
+    }
+    fn address(&self) -> u64 {
+        0xdead_0000
+    }
+    fn byte_len(&self) -> usize {
+        6 * 64 * 64 * 4
+    }
+    fn gatherer(&self) -> Result<Box<dyn DeviceGather>, String> {
+        Err("never gathered".into())
+    }
+}
+
+#[tokio::test]
+async fn cpu_sessions_refuse_device_inputs_by_name() {
+    let (_, registry) = defect_model(ProviderKind::Cpu).expect("load the defect model on the CPU");
+    let model = registry.get(DEFECT_MODEL, None).unwrap();
+    assert_eq!(model.batcher.device(), None);
+    let tensor = DeviceTensor {
+        dtype: DataType::Fp32,
+        shape: vec![1, 6, 64, 64],
+        data: DeviceBytes::new(Arc::new(Unreadable)),
+    };
+    let refused = model
+        .batcher
+        .infer_on_device(vec![tensor], 1, Instant::now() + Duration::from_secs(5))
+        .await
+        .expect_err("a CPU session cannot read device memory");
+    let InferError::Invalid(message) = &refused else {
+        panic!("expected an invalid-request error, got {refused:?}");
+    };
+    assert!(
+        message.contains("device 0") && message.contains("the CPU"),
+        "{message}"
+    );
+    // The board path never offers device crops to such a batcher: they stay on the host.
+    let inspector = Inspector::new(
+        &registry,
+        Arc::new(Metrics::new()),
+        u64::MAX,
+        Arc::new(CpuPreprocessor),
+    )
+    .unwrap();
+    let board = synthetic::board(&DefectKind::ALL, (0, 0));
+    let template = inspector.prepare_template(&board.template);
+    let prepared = prepare_board(
+        &board.test,
+        &template,
+        &inspector.params,
+        &CpuPreprocessor,
+        model.batcher.device(),
+    )
+    .unwrap();
+    assert!(matches!(prepared.crops, Crops::Host(ref v) if !v.is_empty()));
+    registry.shutdown();
+}
+
+#[tokio::test]
+async fn cuda_crops_reach_the_classifier_in_place_with_the_host_paths_detections() {
+    let cuda: Arc<dyn Preprocess> = match CudaPreprocessor::new() {
+        Ok(cuda) => Arc::new(GpuKernels(cuda)),
+        Err(reason) => {
+            eprintln!("skipped (no GPU): {reason}");
+            return;
+        }
+    };
+    let (metrics, on_gpu) = match defect_model(ProviderKind::Cuda) {
+        Ok(loaded) => loaded,
+        Err(reason) => {
+            eprintln!("skipped: ONNX Runtime's CUDA provider did not load: {reason}");
+            return;
+        }
+    };
+    let model = on_gpu.get(DEFECT_MODEL, None).unwrap();
+    assert_eq!(model.batcher.device(), Some(0));
+    let on_device = Inspector::new(&on_gpu, metrics, u64::MAX, cuda.clone()).unwrap();
+    let (_, on_cpu) = defect_model(ProviderKind::Cpu).unwrap();
+    let on_host = Inspector::new(&on_cpu, Arc::new(Metrics::new()), u64::MAX, cuda).unwrap();
+
+    let boards: Vec<_> = [(0, 0), (2, -1)]
+        .into_iter()
+        .map(|shift| synthetic::board(&DefectKind::ALL, shift))
+        .collect();
+    for board in &boards {
+        let png = synthetic::encode(&board.test, image::ImageFormat::Png);
+        let template = on_device.prepare_template(&board.template);
+        let prepared = on_device.prepare(&png, &template).unwrap();
+        assert!(
+            matches!(prepared.crops, Crops::Device(_)),
+            "the crops should stay on the GPU: {:?}",
+            prepared.crops
+        );
+        let gpu = on_device.finish(prepared, 0.0).await.unwrap();
+        let host = on_host
+            .finish(on_host.prepare(&png, &template).unwrap(), 0.0)
+            .await
+            .unwrap();
+        assert_eq!(gpu.defects.len(), host.defects.len());
+        for (a, b) in gpu.defects.iter().zip(&host.defects) {
+            assert_eq!(a.class_name, b.class_name);
+            assert!(
+                (a.confidence - b.confidence).abs() <= 0.02,
+                "{a:?} vs {b:?}"
+            );
+            for (x, y) in a.bbox.iter().zip(&b.bbox) {
+                assert!((x - y).abs() <= 2, "{a:?} vs {b:?}");
+            }
+        }
+    }
+    // Several boards at once: the batcher joins their crops on the device.
+    let template = on_device.prepare_template(&boards[0].template);
+    let png = synthetic::encode(&boards[0].test, image::ImageFormat::Png);
+    let runs = (0..8).map(|_| async {
+        let prepared = on_device.prepare(&png, &template).unwrap();
+        on_device.finish(prepared, 0.0).await.unwrap()
+    });
+    let results = futures_util::future::join_all(runs).await;
+    assert!(results.windows(2).all(|w| w[0].defects == w[1].defects));
+    on_gpu.shutdown();
+    on_cpu.shutdown();
+}
+
+#[test]
+fn cuda_windows_reach_the_sensor_models_in_place_with_the_host_paths_scores() {
+    if let Err(reason) = CudaPreprocessor::new() {
+        eprintln!("skipped (no GPU): {reason}");
+        return;
+    }
+    if let Err(reason) = bundled_model("rul_fd001", ProviderKind::Cuda) {
+        eprintln!("skipped: ONNX Runtime's CUDA provider did not load: {reason}");
+        return;
+    }
+    let files = tempfile::tempdir().unwrap();
+    let archive = fleet::write_generic(files.path(), "fleet.h5", &fleet::fleet_of(40, 7));
+    let models = common::models_root();
+    let run = |name: &str, flags: &[&str]| {
+        let out = files.path().join(name);
+        fleet::job_run(&models, &archive, &out, flags);
+        fleet::read_result(&out)
+    };
+    let on_device = run("gpu.h5", &["--preprocess", "cuda", "--providers", "cuda"]);
+    let on_host = run("cpu.h5", &["--preprocess", "cpu", "--providers", "cpu"]);
+    // Rows and padding are exact; scores differ by GPU arithmetic only.
+    assert_eq!(on_device.unit, on_host.unit);
+    assert_eq!(on_device.cycle, on_host.cycle);
+    assert_eq!(on_device.padded, on_host.padded);
+    let close = |a: &[f32], b: &[f32], tolerance: f32| {
+        a.len() == b.len() && a.iter().zip(b).all(|(x, y)| (x - y).abs() <= tolerance)
+    };
+    assert!(close(&on_device.rul, &on_host.rul, 0.05));
+    assert!(close(&on_device.anomaly, &on_host.anomaly, 0.01));
+}
