@@ -7,6 +7,7 @@ pub mod aoi;
 pub mod bench;
 pub mod cli;
 pub mod config;
+pub mod durable;
 pub mod engine;
 pub mod jobs;
 pub mod json_error;

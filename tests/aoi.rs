@@ -7,7 +7,7 @@ mod common;
 use common::{Repository, Server};
 use linescan::aoi::synthetic::{self, DefectKind, SyntheticBoard};
 use reqwest::multipart::{Form, Part};
-use serde_json::Value;
+use serde_json::{Value, json};
 
 const MODEL: &str = "aoi_defect";
 
@@ -344,8 +344,31 @@ async fn templates_survive_a_restart() {
             .0,
             201
         );
+        assert_eq!(
+            put_template(&server, "cut", png(&clean.template), "")
+                .await
+                .0,
+            201
+        );
     }
+    // A replacement of "cut" stopped between its image and its record: the new image, 320x240,
+    // sits beside the old record.
+    let mut smaller = Vec::new();
+    image::DynamicImage::ImageLuma8(image::GrayImage::new(320, 240))
+        .write_to(
+            &mut std::io::Cursor::new(&mut smaller),
+            image::ImageFormat::Png,
+        )
+        .unwrap();
+    std::fs::write(data.path().join("templates").join("cut.image"), &smaller).unwrap();
     let server = Server::start(repository.path(), &args);
+    let (status, info) = common::get_json(&format!("{}/v1/templates/cut", server.url)).await;
+    assert_eq!(status, 200, "{info}");
+    assert_eq!(
+        (&info["width"], &info["height"], &info["bytes"]),
+        (&json!(320), &json!(240), &json!(smaller.len())),
+        "the record follows the image: {info}"
+    );
     let (status, info) = common::get_json(&format!("{}/v1/templates/kept", server.url)).await;
     assert_eq!(status, 200, "{info}");
     assert!(

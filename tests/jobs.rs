@@ -465,6 +465,56 @@ async fn jobs_survive_restarts() {
     assert_eq!(status["state"], "cancelled", "{status}");
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn damaged_job_files_are_recovered_at_start() {
+    let setup = setup();
+    let archive = write_generic(setup.files.path(), "fleet.h5", &fleet_of(12, 9));
+    let expected = setup.file("expected.h5");
+    setup.job_run(&archive, &expected, &[]);
+    let server = setup.server(&[]);
+    let truncated = submit_file(&server.url, &archive).await;
+    let unreadable = submit_file(&server.url, &archive).await;
+    for id in [&truncated, &unreadable] {
+        assert_eq!(wait_job(&server.url, id, is_final).await["state"], "done");
+    }
+    drop(server);
+    let jobs = setup.data.path().join("jobs");
+    // A result cut short and a state file garbled while the server was down.
+    let result = jobs.join(&truncated).join("result.h5");
+    let length = std::fs::metadata(&result).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&result)
+        .unwrap()
+        .set_len(length / 2)
+        .unwrap();
+    std::fs::write(jobs.join(&unreadable).join("state.json"), b"{\"id\": ").unwrap();
+
+    let server = setup.server(&[]);
+    // The job whose result was damaged runs again and gives the same result.
+    let status = wait_job(&server.url, &truncated, is_final).await;
+    assert_eq!(status["state"], "done", "{status}");
+    assert_eq!(status["attempts"], 2);
+    assert_eq!(read_result(&result).rul, read_result(&expected).rul);
+    // The job whose state was lost is listed as failed, says why, and can be purged.
+    let (code, status) = common::get_json(&format!("{}/v1/jobs/{unreadable}", server.url)).await;
+    assert_eq!(code, 200);
+    assert_eq!(status["state"], "failed", "{status}");
+    let error = status["error"].as_str().unwrap();
+    assert!(
+        error.contains("could not be read") && error.contains("state.json.damaged"),
+        "{error}"
+    );
+    assert!(jobs.join(&unreadable).join("state.json.damaged").exists());
+    let purged = reqwest::Client::new()
+        .delete(format!("{}/v1/jobs/{unreadable}?purge=true", server.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(purged.status(), 200);
+    assert!(!jobs.join(&unreadable).exists());
+}
+
 /// Archives that are wrong in every way the issue lists, each with what its failure must say.
 fn bad_archives(setup: &Setup) -> Vec<(&'static str, Vec<u8>, Vec<&'static str>)> {
     let table = small_fleet();

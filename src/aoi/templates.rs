@@ -10,6 +10,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 use crate::aoi::pipeline::{AoiError, Inspector, PreparedTemplate};
+use crate::durable;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct TemplateInfo {
@@ -118,9 +119,26 @@ impl TemplateStore {
         let gray = inspector
             .decode(&bytes)
             .with_context(|| named(&image_path))?;
+        let template = inspector.prepare_template(&gray);
+        // A replacement cut short between its two files leaves the new image with the old
+        // record: what the image determines is taken from the image.
+        let measured = TemplateInfo {
+            width: gray.width,
+            height: gray.height,
+            threshold: template.threshold,
+            bytes: bytes.len(),
+            ..info.clone()
+        };
+        if measured != info {
+            tracing::warn!(
+                board = %info.board,
+                "the template record did not match its image (a replacement cut short); \
+                 size and threshold taken from the image"
+            );
+        }
         Ok(Board {
-            template: Arc::new(inspector.prepare_template(&gray)),
-            info,
+            template: Arc::new(template),
+            info: measured,
         })
     }
 
@@ -167,8 +185,8 @@ impl TemplateStore {
             bytes: bytes.len(),
         };
         let write = || -> std::io::Result<()> {
-            write_atomically(&self.image_path(board), bytes)?;
-            write_atomically(
+            durable::write(&self.image_path(board), bytes)?;
+            durable::write(
                 &self.dir.join(format!("{board}.json")),
                 &serde_json::to_vec_pretty(&info).expect("template info serialises"),
             )
@@ -215,16 +233,6 @@ impl TemplateStore {
         }
         Ok(existed)
     }
-}
-
-/// Writes beside the file, then renames over it; the temporary keeps the whole file name
-/// (`b.image.tmp`, `b.json.tmp`), so a board's two files never share one.
-fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let mut temporary = path.as_os_str().to_owned();
-    temporary.push(".tmp");
-    let temporary = PathBuf::from(temporary);
-    std::fs::write(&temporary, bytes)?;
-    std::fs::rename(&temporary, path)
 }
 
 #[cfg(test)]

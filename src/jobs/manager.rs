@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 
 use crate::jobs::JobArgs;
+use crate::jobs::results;
 use crate::jobs::runner::{self, Control, Monitor, RunError, RunOptions};
 use crate::jobs::store::{JobRecord, JobState, JobStore, now_unix};
 use crate::sensors::SensorService;
@@ -76,7 +77,15 @@ impl JobManager {
         });
         let mut requeued = 0;
         for mut record in manager.store.load_all() {
-            if record.state.is_final() {
+            let damaged_result = (record.state == JobState::Done)
+                .then(|| {
+                    results::check(&manager.store.result_path(&record.id), record.rows_done).err()
+                })
+                .flatten();
+            if let Some(problem) = &damaged_result {
+                tracing::warn!(job = %record.id, "{problem:#}; the job runs again");
+            }
+            if record.state.is_final() && damaged_result.is_none() {
                 // Stays as it is.
             } else if record.cancel_requested {
                 record.state = JobState::Cancelled;
@@ -90,6 +99,7 @@ impl JobManager {
                 record.rows_done = 0;
                 record.rows_per_second = 0.0;
                 record.started_unix = None;
+                record.finished_unix = None;
                 manager.store.clear_results(&record.id);
                 manager.store.save(&record)?;
                 let _ = manager.sender.send(record.id.clone());

@@ -16,6 +16,7 @@ use hdf5::H5Type;
 use hdf5::types::VarLenUnicode;
 use serde::{Deserialize, Serialize};
 
+use crate::durable;
 use crate::sensors::{AssessSettings, Risk};
 
 /// Rows written to HDF5 per flush.
@@ -300,7 +301,7 @@ impl ResultWriter {
         drop(rows);
         drop(units);
         file.close().map_err(h5("closing the result"))?;
-        std::fs::rename(&partial, &path)
+        durable::replace(&partial, &path)
             .map_err(|e| anyhow::anyhow!("cannot move the result to {}: {e}", path.display()))?;
         Ok(())
     }
@@ -358,6 +359,18 @@ pub enum View {
     #[default]
     Rows,
     Units,
+}
+
+/// Whether a finished job's result opens and holds its `rows` rows (a file damaged or removed
+/// while the server was down does not).
+pub fn check(path: &Path, rows: u64) -> anyhow::Result<()> {
+    let found = ResultReader::open(path)?.len(View::Rows)?;
+    anyhow::ensure!(
+        found as u64 == rows,
+        "result {} holds {found} rows, the job wrote {rows}",
+        path.display()
+    );
+    Ok(())
 }
 
 impl ResultReader {
@@ -578,7 +591,7 @@ pub fn export(result: &Path, format: Format, view: View, out: &Path) -> anyhow::
             Format::H5 => unreachable!(),
         }
         writer.flush()?;
-        std::fs::rename(&partial, out)?;
+        durable::replace(&partial, out)?;
         Ok(())
     };
     let written = write();

@@ -1,5 +1,5 @@
 //! Jobs on disk: `<data_dir>/jobs/<id>/` holds the uploaded archive (`input.h5`; server-side
-//! path jobs point at their file instead), `state.json` (written to a temporary file and renamed,
+//! path jobs point at their file instead), `state.json` (written durably, see [`crate::durable`],
 //! so it is always whole) and the results (`result.h5`, and `result.csv` / `result.json` once
 //! asked for).
 
@@ -8,6 +8,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+use crate::durable;
 use crate::jobs::archive::Partition;
 use crate::sensors::AssessSettings;
 
@@ -43,7 +44,8 @@ impl JobState {
 /// Where a job's archive is.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobInput {
-    /// "upload" (kept in the job folder) or "path" (a server-side file).
+    /// "upload" (kept in the job folder), "path" (a server-side file), or "unknown" (the job's
+    /// state could not be read at start-up).
     pub kind: String,
     pub path: PathBuf,
     /// The name results record as their source.
@@ -125,16 +127,14 @@ impl JobStore {
         }
     }
 
-    /// Writes `state.json` atomically (temporary file, then rename).
+    /// Writes `state.json` durably: whole, old or new, even across a power cut.
     pub fn save(&self, record: &JobRecord) -> std::io::Result<()> {
-        let dir = self.dir(&record.id);
-        let temporary = dir.join("state.json.tmp");
         let text = serde_json::to_vec_pretty(record).map_err(std::io::Error::other)?;
-        std::fs::write(&temporary, text)?;
-        std::fs::rename(&temporary, dir.join("state.json"))
+        durable::write(&self.dir(&record.id).join("state.json"), &text)
     }
 
-    /// Every job with a readable state; folders without one (an upload cut short) are removed.
+    /// Every job; folders without a state (an upload cut short) are removed, and a job whose
+    /// state cannot be read comes back failed, with the reason, so it can be seen and purged.
     pub fn load_all(&self) -> Vec<JobRecord> {
         let mut records = Vec::new();
         let Ok(entries) = std::fs::read_dir(&self.root) else {
@@ -145,21 +145,82 @@ impl JobStore {
             if !dir.is_dir() {
                 continue;
             }
-            match std::fs::read(dir.join("state.json")) {
+            let state = dir.join("state.json");
+            let problem = match std::fs::read(&state) {
                 Ok(bytes) => match serde_json::from_slice::<JobRecord>(&bytes) {
-                    Ok(record) => records.push(record),
-                    Err(error) => {
-                        tracing::warn!(dir = %dir.display(), %error, "unreadable job state; skipped")
+                    Ok(record) => {
+                        records.push(record);
+                        continue;
                     }
+                    Err(error) => error.to_string(),
                 },
-                Err(_) => {
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
                     tracing::warn!(dir = %dir.display(), "job folder without state (upload cut short); removed");
                     let _ = std::fs::remove_dir_all(&dir);
+                    continue;
+                }
+                Err(error) => error.to_string(),
+            };
+            match self.record_damaged(&dir, &problem) {
+                Ok(record) => {
+                    tracing::error!(job = %record.id, %problem, "unreadable job state; the job is listed as failed");
+                    records.push(record);
+                }
+                Err(error) => {
+                    tracing::error!(dir = %dir.display(), %problem, %error, "unreadable job state; skipped")
                 }
             }
         }
         records.sort_by(|a, b| a.created_unix.total_cmp(&b.created_unix));
         records
+    }
+
+    /// A failed record for a job folder whose `state.json` cannot be read; the damaged file is
+    /// kept beside it as `state.json.damaged`.
+    fn record_damaged(&self, dir: &Path, problem: &str) -> std::io::Result<JobRecord> {
+        let id = dir
+            .file_name()
+            .and_then(|name| name.to_str())
+            .ok_or_else(|| std::io::Error::other("the folder name is not a job id"))?
+            .to_string();
+        let created_unix = std::fs::metadata(dir)?
+            .modified()?
+            .duration_since(UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        let state = dir.join("state.json");
+        if state.exists() {
+            std::fs::rename(&state, dir.join("state.json.damaged"))?;
+        }
+        let record = JobRecord {
+            id: id.clone(),
+            state: JobState::Failed,
+            model: String::new(),
+            partition: Partition::default(),
+            settings: AssessSettings::default(),
+            input: JobInput {
+                kind: "unknown".into(),
+                path: dir.to_path_buf(),
+                name: String::new(),
+                bytes: 0,
+            },
+            created_unix,
+            started_unix: None,
+            finished_unix: Some(now_unix()),
+            progress: 0.0,
+            rows_done: 0,
+            rows_total: 0,
+            rows_per_second: 0.0,
+            units: None,
+            error: Some(format!(
+                "the job's state could not be read at start-up ({problem}); it is kept as \
+                 state.json.damaged in {}; DELETE /v1/jobs/{id}?purge=true removes the job",
+                dir.display()
+            )),
+            attempts: 0,
+            cancel_requested: false,
+        };
+        self.save(&record)?;
+        Ok(record)
     }
 
     /// Removes results (finished or partial) of a job.

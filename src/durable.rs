@@ -1,0 +1,66 @@
+//! Files that survive a crash or a power cut whole: written beside their final name, flushed to
+//! the disk, renamed over it, and the rename itself flushed (the folder). Without the two
+//! flushes a rename can reach the disk before the data, and a power cut then leaves an empty
+//! file under the final name (ext4 and XFS both allow it).
+
+use std::fs::File;
+use std::io;
+use std::path::{Path, PathBuf};
+
+/// The temporary name of `path` while it is written: the whole file name plus `.tmp`, so two
+/// files of one folder never share a temporary.
+pub fn temporary_path(path: &Path) -> PathBuf {
+    let mut temporary = path.as_os_str().to_owned();
+    temporary.push(".tmp");
+    PathBuf::from(temporary)
+}
+
+/// Writes `bytes` to `path` durably: readers see the old file or the new one, never a part.
+pub fn write(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let temporary = temporary_path(path);
+    std::fs::write(&temporary, bytes)?;
+    replace(&temporary, path)
+}
+
+/// Moves the finished file `written` over `path` durably (its data first, then the rename).
+pub fn replace(written: &Path, path: &Path) -> io::Result<()> {
+    File::open(written)?.sync_all()?;
+    std::fs::rename(written, path)?;
+    sync_folder_of(path)
+}
+
+/// Flushes a folder's entries (a rename or a removal in it) to the disk.
+pub fn sync_folder_of(path: &Path) -> io::Result<()> {
+    match path.parent() {
+        Some(folder) if !folder.as_os_str().is_empty() => File::open(folder)?.sync_all(),
+        _ => File::open(".")?.sync_all(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn write_replaces_the_file_and_leaves_no_temporary() {
+        let folder = tempfile::tempdir().unwrap();
+        let path = folder.path().join("state.json");
+        write(&path, b"first").unwrap();
+        write(&path, b"second").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"second");
+        assert_eq!(temporary_path(&path), folder.path().join("state.json.tmp"));
+        assert!(!temporary_path(&path).exists());
+        assert_eq!(std::fs::read_dir(folder.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn a_failed_write_keeps_the_old_file() {
+        let folder = tempfile::tempdir().unwrap();
+        let path = folder.path().join("b.json");
+        write(&path, b"old").unwrap();
+        // The temporary name is taken by a folder, so the new content cannot be written.
+        std::fs::create_dir(temporary_path(&path)).unwrap();
+        assert!(write(&path, b"new").is_err());
+        assert_eq!(std::fs::read(&path).unwrap(), b"old");
+    }
+}
