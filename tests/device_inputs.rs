@@ -9,12 +9,11 @@ mod fleet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use linescan::aoi::pipeline::{Crops, DEFECT_MODEL, Inspector, prepare_board};
+use linescan::aoi::pipeline::{Crops, DEFECT_MODEL, Inspection, Inspector};
 use linescan::aoi::synthetic::{self, DefectKind};
 use linescan::engine::registry::LoadOptions;
 use linescan::engine::{InferError, ModelRegistry};
 use linescan::metrics::Metrics;
-use linescan::preprocess::cpu::CpuPreprocessor;
 use linescan::preprocess::cuda::CudaPreprocessor;
 use linescan::preprocess::{GpuKernels, Preprocess};
 use linescan::runtime::ModelRepository;
@@ -84,25 +83,6 @@ async fn cpu_sessions_refuse_device_inputs_by_name() {
         message.contains("device 0") && message.contains("the CPU"),
         "{message}"
     );
-    // The board path never offers device crops to such a batcher: they stay on the host.
-    let inspector = Inspector::new(
-        &registry,
-        Arc::new(Metrics::new()),
-        u64::MAX,
-        Arc::new(CpuPreprocessor),
-    )
-    .unwrap();
-    let board = synthetic::board(&DefectKind::ALL, (0, 0));
-    let template = inspector.prepare_template(&board.template);
-    let prepared = prepare_board(
-        &board.test,
-        &template,
-        &inspector.params,
-        &CpuPreprocessor,
-        model.batcher.device(),
-    )
-    .unwrap();
-    assert!(matches!(prepared.crops, Crops::Host(ref v) if !v.is_empty()));
     registry.shutdown();
 }
 
@@ -124,28 +104,10 @@ async fn cuda_crops_reach_the_classifier_in_place_with_the_host_paths_detections
     };
     let model = on_gpu.get(DEFECT_MODEL, None).unwrap();
     assert_eq!(model.batcher.device(), Some(0));
-    let on_device = Inspector::new(&on_gpu, metrics, u64::MAX, cuda.clone()).unwrap();
+    let on_device = Inspector::new(&on_gpu, metrics.clone(), u64::MAX, cuda.clone()).unwrap();
     let (_, on_cpu) = defect_model(ProviderKind::Cpu).unwrap();
     let on_host = Inspector::new(&on_cpu, Arc::new(Metrics::new()), u64::MAX, cuda).unwrap();
-
-    let boards: Vec<_> = [(0, 0), (2, -1)]
-        .into_iter()
-        .map(|shift| synthetic::board(&DefectKind::ALL, shift))
-        .collect();
-    for board in &boards {
-        let png = synthetic::encode(&board.test, image::ImageFormat::Png);
-        let template = on_device.prepare_template(&board.template);
-        let prepared = on_device.prepare(&png, &template).unwrap();
-        assert!(
-            matches!(prepared.crops, Crops::Device(_)),
-            "the crops should stay on the GPU: {:?}",
-            prepared.crops
-        );
-        let gpu = on_device.finish(prepared, 0.0).await.unwrap();
-        let host = on_host
-            .finish(on_host.prepare(&png, &template).unwrap(), 0.0)
-            .await
-            .unwrap();
+    let same = |gpu: &Inspection, host: &Inspection| {
         assert_eq!(gpu.defects.len(), host.defects.len());
         for (a, b) in gpu.defects.iter().zip(&host.defects) {
             assert_eq!(a.class_name, b.class_name);
@@ -157,16 +119,47 @@ async fn cuda_crops_reach_the_classifier_in_place_with_the_host_paths_detections
                 assert!((x - y).abs() <= 2, "{a:?} vs {b:?}");
             }
         }
+    };
+
+    let boards: Vec<_> = [(0, 0), (2, -1), (-3, 1)]
+        .into_iter()
+        .map(|shift| synthetic::board(&DefectKind::ALL, shift))
+        .collect();
+    let mut prepared = Vec::new();
+    let mut expected = Vec::new();
+    for board in &boards {
+        let png = synthetic::encode(&board.test, image::ImageFormat::Png);
+        let template = on_device.prepare_template(&board.template);
+        for _ in 0..4 {
+            let board = on_device.prepare(&png, &template).unwrap();
+            assert!(
+                matches!(board.crops, Crops::Device(_)),
+                "the crops should stay on the GPU: {:?}",
+                board.crops
+            );
+            prepared.push(board);
+        }
+        let host = on_host.prepare(&png, &template).unwrap();
+        expected.push(on_host.finish(host, 0.0).await.unwrap());
     }
-    // Several boards at once: the batcher joins their crops on the device.
-    let template = on_device.prepare_template(&boards[0].template);
-    let png = synthetic::encode(&boards[0].test, image::ImageFormat::Png);
-    let runs = (0..8).map(|_| async {
-        let prepared = on_device.prepare(&png, &template).unwrap();
-        on_device.finish(prepared, 0.0).await.unwrap()
-    });
-    let results = futures_util::future::join_all(runs).await;
-    assert!(results.windows(2).all(|w| w[0].defects == w[1].defects));
+    // All twelve boards at once: while the first batch runs, the others queue and are joined
+    // on the device into the next ones.
+    let finished = futures_util::future::join_all(
+        prepared
+            .into_iter()
+            .map(|board| on_device.finish(board, 0.0)),
+    )
+    .await;
+    for (index, result) in finished.into_iter().enumerate() {
+        same(&result.unwrap(), &expected[index / 4]);
+    }
+    let labels = [DEFECT_MODEL, "1"];
+    let requests = metrics.request_success.with_label_values(&labels).get();
+    let batches = metrics.execution_count.with_label_values(&labels).get();
+    assert!(
+        batches < requests,
+        "{requests} requests ran in {batches} batches: none were joined"
+    );
     on_gpu.shutdown();
     on_cpu.shutdown();
 }
@@ -189,7 +182,25 @@ fn cuda_windows_reach_the_sensor_models_in_place_with_the_host_paths_scores() {
         fleet::job_run(&models, &archive, &out, flags);
         fleet::read_result(&out)
     };
-    let on_device = run("gpu.h5", &["--preprocess", "cuda", "--providers", "cuda"]);
+    // The device run logs that its windows stay on the GPU.
+    let gpu = files.path().join("gpu.h5");
+    let logged = common::command(common::BIN)
+        .args([
+            "job",
+            "run",
+            archive.to_str().unwrap(),
+            "--out",
+            gpu.to_str().unwrap(),
+        ])
+        .args(["--quiet", "--model-repository", models.to_str().unwrap()])
+        .args(["--preprocess", "cuda", "--providers", "cuda"])
+        .env("LINESCAN_LOG", "info")
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&logged.stderr);
+    assert!(logged.status.success(), "{log}");
+    assert!(log.contains("sensor windows stay on the GPU"), "{log}");
+    let on_device = fleet::read_result(&gpu);
     let on_host = run("cpu.h5", &["--preprocess", "cpu", "--providers", "cpu"]);
     // Rows and padding are exact; scores differ by GPU arithmetic only.
     assert_eq!(on_device.unit, on_host.unit);

@@ -17,7 +17,7 @@ use crate::aoi::image_io::{GrayImage, ImageError, decode_gray};
 use crate::aoi::params::PipelineParams;
 use crate::engine::{InferError, ModelRegistry, ServedModel};
 use crate::metrics::Metrics;
-use crate::preprocess::{Backend, Preprocess, PreprocessError};
+use crate::preprocess::{Preprocess, PreprocessError, handoff_device};
 use crate::runtime::device::{DeviceBytes, DeviceTensor};
 use crate::tensor::{DataType, Tensor, f32_bytes};
 
@@ -281,6 +281,9 @@ pub struct Inspector {
     metrics: Arc<Metrics>,
     pub max_image_pixels: u64,
     preprocess: Arc<dyn Preprocess>,
+    /// Where the crops stay for the classifier: the CUDA device of both the preprocessing and
+    /// the sessions, if they share one.
+    crops_device: Option<i32>,
 }
 
 impl Inspector {
@@ -298,7 +301,8 @@ impl Inspector {
         let params = PipelineParams::from_table(model.spec.config.preprocessing.as_ref())
             .map_err(|e| AoiError::Setup(format!("{DEFECT_MODEL}/config.toml: {e}")))?;
         check_signature(&model.spec.config, &params)?;
-        if let (Backend::Cuda, Some(device)) = (preprocess.backend(), model.batcher.device()) {
+        let crops_device = handoff_device(preprocess.as_ref(), model.batcher.device());
+        if let Some(device) = crops_device {
             tracing::info!(
                 device,
                 "AOI crops stay on the GPU: the classifier's sessions read them in place"
@@ -310,6 +314,7 @@ impl Inspector {
             metrics,
             max_image_pixels,
             preprocess,
+            crops_device,
         })
     }
 
@@ -335,7 +340,7 @@ impl Inspector {
             template,
             &self.params,
             self.preprocess.as_ref(),
-            self.model.batcher.device(),
+            self.crops_device,
         )?;
         board.timings.decode = decode;
         Ok(board)

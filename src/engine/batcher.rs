@@ -255,53 +255,7 @@ impl Batcher {
         rows: usize,
         deadline: Instant,
     ) -> Result<InferResponse, InferError> {
-        if inputs
-            .iter()
-            .any(|t| Some(t.data.device_id()) != self.device)
-        {
-            return self.count(Err(InferError::Invalid(format!(
-                "model {} cannot read inputs in CUDA device memory ({}): its sessions run on {}",
-                self.model,
-                inputs
-                    .iter()
-                    .map(|t| format!("device {}", t.data.device_id()))
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                self.device
-                    .map_or("the CPU".to_string(), |d| format!("CUDA device {d}")),
-            ))));
-        }
-        // The session reads these addresses blindly: sizes are checked here, not trusted.
-        let mismatch = (inputs.len() != self.config.inputs.len()).then(|| {
-            format!(
-                "{} inputs for the {} of model {}",
-                inputs.len(),
-                self.config.inputs.len(),
-                self.model
-            )
-        });
-        let mismatch = mismatch.or_else(|| {
-            self.config
-                .inputs
-                .iter()
-                .zip(&inputs)
-                .find(|(spec, tensor)| {
-                    spec.datatype != tensor.dtype
-                        || tensor.data.len() != Tensor::byte_len(tensor.dtype, &tensor.shape)
-                        || (self.config.batching() && tensor.shape.first() != Some(&rows))
-                })
-                .map(|(spec, tensor)| {
-                    format!(
-                        "input {} ({}) is {} {:?} over {} bytes of device memory, for {rows} rows",
-                        spec.name,
-                        spec.datatype,
-                        tensor.dtype,
-                        tensor.shape,
-                        tensor.data.len()
-                    )
-                })
-        });
-        if let Some(problem) = mismatch {
+        if let Some(problem) = device_input_problem(&self.config, self.device, &inputs, rows) {
             return self.count(Err(InferError::Invalid(problem)));
         }
         self.count(
@@ -600,10 +554,13 @@ impl Worker {
             .collect();
         match &batch[0].inputs {
             RequestInputs::Host(_) => self.run_host_batch(batch, &shapes),
-            RequestInputs::Device(first) => {
-                let device = first[0].data.device_id();
-                self.run_device_batch(batch, &shapes, device)
-            }
+            RequestInputs::Device(first) => match first.first() {
+                Some(input) => {
+                    let device = input.data.device_id();
+                    self.run_device_batch(batch, &shapes, device)
+                }
+                None => Err("a request in device memory without inputs".to_string()),
+            },
         }
     }
 
@@ -666,7 +623,11 @@ impl Worker {
                 parts[index].push(&tensor.data);
             }
         }
-        if batch.len() > 1 && self.gatherers.is_empty() {
+        let in_place = |parts: &[&DeviceBytes]| match parts {
+            [only] => only.address().is_multiple_of(DEVICE_ALIGNMENT),
+            _ => false,
+        };
+        if self.gatherers.is_empty() && !parts.iter().all(|p| in_place(p)) {
             self.gatherers = parts
                 .iter()
                 .map(|p| p[0].gatherer())
@@ -674,9 +635,10 @@ impl Worker {
         }
         let mut addresses = Vec::with_capacity(parts.len());
         for (index, parts) in parts.iter().enumerate() {
-            addresses.push(match parts.as_slice() {
-                [only] => only.address(),
-                several => self.gatherers[index].gather(several)?,
+            addresses.push(if in_place(parts) {
+                parts[0].address()
+            } else {
+                self.gatherers[index].gather(parts)?
             });
         }
         let inputs: Vec<DeviceBatchInput<'_>> = self
@@ -696,6 +658,80 @@ impl Worker {
         // gatherers until the run returns.
         unsafe { self.session.run_on_device(device, &inputs) }.map_err(|e| e.to_string())
     }
+}
+
+/// Device addresses ONNX Runtime is given start on this boundary (what CUDA allocations give,
+/// and what TensorRT expects of bound tensors); others are copied to an aligned batch buffer.
+const DEVICE_ALIGNMENT: u64 = 256;
+
+/// Why `inputs` in device memory cannot go to sessions on CUDA device `device` (None: they run
+/// on the CPU), if they cannot. The sessions read the addresses blindly, so every input is
+/// checked against the config here: device, count, type, shape and byte length.
+fn device_input_problem(
+    config: &ModelConfig,
+    device: Option<i32>,
+    inputs: &[DeviceTensor],
+    rows: usize,
+) -> Option<String> {
+    if let Some(elsewhere) = inputs.iter().find(|t| Some(t.data.device_id()) != device) {
+        return Some(format!(
+            "model {} cannot read inputs in memory of CUDA device {}: its sessions run on {}",
+            config.name,
+            elsewhere.data.device_id(),
+            device.map_or("the CPU".to_string(), |d| format!("CUDA device {d}")),
+        ));
+    }
+    if inputs.is_empty() || inputs.len() != config.inputs.len() {
+        return Some(format!(
+            "{} inputs in device memory for the {} of model {}",
+            inputs.len(),
+            config.inputs.len(),
+            config.name
+        ));
+    }
+    config.inputs.iter().zip(inputs).find_map(|(spec, tensor)| {
+        let declared = spec.full_shape(config.batching());
+        let shape_fits = tensor.shape.len() == declared.len()
+            && tensor
+                .shape
+                .iter()
+                .zip(&declared)
+                .enumerate()
+                .all(|(i, (d, want))| {
+                    if config.batching() && i == 0 {
+                        *d == rows
+                    } else {
+                        *want < 0 || *d as i64 == *want
+                    }
+                });
+        let problem = if spec.datatype != tensor.dtype {
+            format!("is {}, the model takes {}", tensor.dtype, spec.datatype)
+        } else if !shape_fits {
+            format!(
+                "has shape {:?}, the model takes {declared:?} with {rows} rows",
+                tensor.shape
+            )
+        } else if tensor.data.len() != Tensor::byte_len(tensor.dtype, &tensor.shape) {
+            format!(
+                "has {} bytes of device memory for shape {:?}",
+                tensor.data.len(),
+                tensor.shape
+            )
+        } else if !tensor
+            .data
+            .address()
+            .is_multiple_of(tensor.dtype.size() as u64)
+        {
+            format!(
+                "starts at {:#x}, not aligned for {}",
+                tensor.data.address(),
+                tensor.dtype
+            )
+        } else {
+            return None;
+        };
+        Some(format!("input {} in device memory {problem}", spec.name))
+    })
 }
 
 /// The rows `[offset, offset + rows)` of every output, sharing the batch's buffers.
@@ -753,6 +789,40 @@ mod tests {
         assert_eq!(first[0].to_f32_vec().unwrap(), vec![1.0, 2.0]);
         assert_eq!(rest[0].shape, vec![2, 2]);
         assert_eq!(rest[0].to_f32_vec().unwrap(), vec![3.0, 4.0, 5.0, 6.0]);
+    }
+
+    fn on_device(device: i32, address: u64, shape: Vec<usize>, len: usize) -> DeviceTensor {
+        let memory = crate::runtime::device::AddressesOnly {
+            device,
+            address,
+            len,
+        };
+        DeviceTensor {
+            dtype: crate::tensor::DataType::Fp32,
+            shape,
+            data: DeviceBytes::new(Arc::new(memory)),
+        }
+    }
+
+    #[test]
+    fn device_inputs_are_checked_before_any_session_reads_them() {
+        let config = config(8);
+        let good = || on_device(0, 0x1000, vec![3, 2], 24);
+        assert_eq!(device_input_problem(&config, Some(0), &[good()], 3), None);
+        let problem = |inputs: &[DeviceTensor], device| {
+            device_input_problem(&config, device, inputs, 3).expect("refused")
+        };
+        assert!(problem(&[good()], None).contains("run on the CPU"));
+        assert!(problem(&[good()], Some(1)).contains("run on CUDA device 1"));
+        assert!(problem(&[], Some(0)).contains("0 inputs"));
+        assert!(problem(&[good(), good()], Some(0)).contains("2 inputs"));
+        let mut wrong_type = good();
+        wrong_type.dtype = crate::tensor::DataType::Int32;
+        assert!(problem(&[wrong_type], Some(0)).contains("is INT32, the model takes FP32"));
+        assert!(problem(&[on_device(0, 0x1000, vec![2, 2], 16)], Some(0)).contains("3 rows"));
+        assert!(problem(&[on_device(0, 0x1000, vec![3, 4], 48)], Some(0)).contains("[3, 4]"));
+        assert!(problem(&[on_device(0, 0x1000, vec![3, 2], 20)], Some(0)).contains("20 bytes"));
+        assert!(problem(&[on_device(0, 0x1002, vec![3, 2], 24)], Some(0)).contains("aligned"));
     }
 
     #[test]

@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use crate::engine::InferError;
 use crate::jobs::archive::{Archive, ArchiveError, Partition, UnitSpan};
 use crate::jobs::results::{Columns, ResultMeta, ResultWriter, ShardInfo};
-use crate::preprocess::{Backend, Preprocess, PreprocessError};
+use crate::preprocess::{Preprocess, PreprocessError, handoff_device};
 use crate::sensors::window::WindowSpan;
 use crate::sensors::{AssessSettings, Scores, SensorModel, Windows};
 use crate::tensor::f32_bytes;
@@ -435,8 +435,8 @@ pub fn run(
             ends: Vec::with_capacity(batch),
         };
         let mut current = new_batch(emit_start);
-        let device = model.device();
-        if let (Backend::Cuda, Some(device)) = (options.preprocess.backend(), device) {
+        let device = handoff_device(options.preprocess.as_ref(), model.device());
+        if let Some(device) = device {
             tracing::info!(
                 device,
                 "sensor windows stay on the GPU: the models' sessions read them in place"

@@ -331,9 +331,11 @@ impl CudaPreprocessor {
         };
         let context = CudaContext::new(ordinal)
             .map_err(|e| unavailable(format!("CUDA device {ordinal}: {e}")))?;
-        // SAFETY: no buffer is shared between streams (each lane has its own), and a lane's
-        // stream is synchronised before its buffers are reused or freed, so cudarc's per-buffer
-        // event tracking would only add work.
+        // SAFETY: a buffer is only ever used by one stream at a time, and every hand-over is
+        // synchronised: a lane's stream before its buffers are reused, read, freed or handed
+        // to inference; a batcher's gather stream before the session reads the batch; and
+        // ONNX Runtime's Run, which returns only once its streams are done, before a handed-off
+        // buffer goes back to the pool. cudarc's per-buffer event tracking would only add work.
         unsafe { context.disable_event_tracking() };
         let (major, minor) = context.compute_capability().map_err(unavailable)?;
         let name = format!(
@@ -523,6 +525,10 @@ impl KernelRunner for CudaPreprocessor {
         })
     }
 
+    fn hands_off_on(&self) -> Option<i32> {
+        Some(self.context.ordinal() as i32)
+    }
+
     /// Runs the steps on one lane and hands argument `keep` over as it is on the device.
     fn run_on_device(
         &self,
@@ -541,7 +547,7 @@ impl KernelRunner for CudaPreprocessor {
             Some((keep, &self.handed_off)),
             |device, _| Ok(device.remove(keep)),
         )?;
-        let (address, _) = kept.device_ptr(&kept.stream().clone());
+        let (address, _) = kept.device_ptr(kept.stream());
         Ok(Some(DeviceBytes::new(Arc::new(HandedOff {
             address,
             len: args[keep].byte_len(),
@@ -592,8 +598,12 @@ impl CudaPreprocessor {
             .map_err(error)
             .and(queued)
             .and_then(|()| take(&mut device, &pinned));
-        lane.recycle(device, pinned);
-        self.lanes.lock().expect("lane pool lock").push(lane);
+        // A lane that failed is dropped with its buffers (freeing memory helps when the
+        // failure was running out of it); a good one goes back with them.
+        if outcome.is_ok() {
+            lane.recycle(device, pinned);
+            self.lanes.lock().expect("lane pool lock").push(lane);
+        }
         outcome
     }
 }

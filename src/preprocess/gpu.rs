@@ -47,6 +47,11 @@ pub trait KernelRunner: Send + Sync {
         finish: impl FnOnce(&[&[u8]]) -> T,
     ) -> Result<T, PreprocessError>;
 
+    /// The CUDA device [`KernelRunner::run_on_device`] leaves results on, if any.
+    fn hands_off_on(&self) -> Option<i32> {
+        None
+    }
+
     /// Runs the steps and leaves argument `keep` where it is, in memory of CUDA device `device`
     /// that ONNX Runtime reads in place; None where the backend's memory is not that (wgpu, or
     /// another device).
@@ -163,6 +168,10 @@ impl<R: KernelRunner> Preprocess for GpuKernels<R> {
 
     fn device(&self) -> &str {
         self.0.device()
+    }
+
+    fn hands_off_on(&self) -> Option<i32> {
+        self.0.hands_off_on()
     }
 
     fn histogram(&self, gray: &[u8]) -> Result<[u32; 256], PreprocessError> {

@@ -138,6 +138,12 @@ pub trait Preprocess: Send + Sync {
         out: &mut Vec<f32>,
     ) -> Result<(), PreprocessError>;
 
+    /// The CUDA device whose memory this backend's results can stay in for ONNX Runtime
+    /// ([`Preprocess::crops_on_device`], [`Preprocess::stack_windows_on_device`]), if any.
+    fn hands_off_on(&self) -> Option<i32> {
+        None
+    }
+
     /// [`Preprocess::crops`] left in memory of CUDA device `device`, where ONNX Runtime reads
     /// them in place; None where this backend's memory is not that (the CPU, wgpu, another
     /// device) or there are no candidates.
@@ -228,6 +234,14 @@ impl std::fmt::Debug for dyn Preprocess {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{} ({})", self.backend().as_str(), self.device())
     }
+}
+
+/// The CUDA device where `preprocess` can leave its results for sessions that read the memory
+/// of `sessions` in place: both must be the same device.
+pub fn handoff_device(preprocess: &dyn Preprocess, sessions: Option<i32>) -> Option<i32> {
+    preprocess
+        .hands_off_on()
+        .filter(|device| Some(*device) == sessions)
 }
 
 /// The crop planes of [`Preprocess::crops`] in output order: per candidate, the coarse window's

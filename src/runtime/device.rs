@@ -24,8 +24,9 @@ pub trait DeviceMemory: Send + Sync {
 
 /// Joins device byte ranges into one buffer on the device that it owns and reuses.
 pub trait DeviceGather: Send {
-    /// Copies `parts` back to back, waits for the copies, and returns the buffer's address; the
-    /// buffer stays valid and unchanged until the next call.
+    /// Copies `parts` back to back, waits for the copies, and returns the buffer's address
+    /// (aligned to 256 bytes, as CUDA allocations are); the buffer stays valid and unchanged
+    /// until the next call.
     fn gather(&mut self, parts: &[&DeviceBytes]) -> Result<u64, String>;
 }
 
@@ -102,31 +103,46 @@ pub struct DeviceTensor {
     pub data: DeviceBytes,
 }
 
+/// A range of addresses on a device, never read: for tests of the checks and arithmetic made
+/// before any device memory is touched.
+#[cfg(test)]
+pub(crate) struct AddressesOnly {
+    pub device: i32,
+    pub address: u64,
+    pub len: usize,
+}
+
+#[cfg(test)]
+impl DeviceMemory for AddressesOnly {
+    fn device_id(&self) -> i32 {
+        self.device
+    }
+    fn address(&self) -> u64 {
+        self.address
+    }
+    fn byte_len(&self) -> usize {
+        self.len
+    }
+    fn gatherer(&self) -> Result<Box<dyn DeviceGather>, String> {
+        Err("no device".into())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// Address arithmetic only: nothing here touches the (fictitious) device memory.
-    struct Span(u64, usize);
-
-    impl DeviceMemory for Span {
-        fn device_id(&self) -> i32 {
-            3
-        }
-        fn address(&self) -> u64 {
-            self.0
-        }
-        fn byte_len(&self) -> usize {
-            self.1
-        }
-        fn gatherer(&self) -> Result<Box<dyn DeviceGather>, String> {
-            Err("no device".into())
-        }
+    fn span(address: u64, len: usize) -> DeviceBytes {
+        DeviceBytes::new(Arc::new(AddressesOnly {
+            device: 3,
+            address,
+            len,
+        }))
     }
 
     #[test]
     fn slices_share_the_buffer_and_offset_the_address() {
-        let whole = DeviceBytes::new(Arc::new(Span(0x1000, 64)));
+        let whole = span(0x1000, 64);
         let part = whole.slice(16..48);
         assert_eq!(
             (part.address(), part.len(), part.device_id()),
@@ -140,7 +156,7 @@ mod tests {
     #[test]
     #[should_panic(expected = "out of 0..32")]
     fn slicing_past_the_end_panics() {
-        let part = DeviceBytes::new(Arc::new(Span(0, 64))).slice(0..32);
+        let part = span(0, 64).slice(0..32);
         let _ = part.slice(16..40);
     }
 }
