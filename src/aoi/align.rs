@@ -79,12 +79,16 @@ fn estimate_shift_portable(
     // A coarse pass on a sparser grid finds a likely winner whose exact count then bounds
     // the exact pass from its first shift on. Only speed depends on it, never the answer.
     let seed = if step < 4 {
+        // The coarse pass is seeded in turn with the unshifted count (order index 0): boards
+        // are usually close to aligned, so far shifts are abandoned after a few rows.
+        let coarse_grid = Grid::new(test, COARSE * step);
+        let unshifted = counter.count(&coarse_grid, 0, 0, u64::MAX);
         let coarse = search(
             &mut counter,
-            &Grid::new(test, COARSE * step),
+            &coarse_grid,
             &order,
             &visits,
-            None,
+            Some((unshifted, 0)),
         );
         let exact = counter.count(&grid, coarse.dx, coarse.dy, u64::MAX);
         let index = order
