@@ -13,9 +13,10 @@ use linescan::jobs::runner::{self, RunOptions, Unmonitored};
 use linescan::jobs::synthetic;
 use linescan::metrics::Metrics;
 use linescan::runtime::ModelRepository;
+use linescan::runtime::device::PlacedBytes;
 use linescan::sensors::channels::ChannelMap;
 use linescan::sensors::window::{WindowSpan, stack_windows};
-use linescan::sensors::{AssessSettings, SensorModel, Windows};
+use linescan::sensors::{AssessSettings, SensorModel};
 use linescan::tensor::f32_bytes;
 
 const MODEL: &str = "rul_fd001";
@@ -92,9 +93,9 @@ fn sensors(c: &mut Criterion) {
         .enable_all()
         .build()
         .unwrap();
-    let batches: Vec<Windows> = (0..in_flight)
+    let batches: Vec<PlacedBytes> = (0..in_flight)
         .map(|i| {
-            Windows::Host(f32_bytes(
+            PlacedBytes::Host(f32_bytes(
                 windows[i * 64 * params.window_len()..][..batch * params.window_len()].to_vec(),
             ))
         })

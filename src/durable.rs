@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 /// The temporary name of `path` while it is written: the whole file name plus `.tmp`, so two
 /// files of one folder never share a temporary.
-pub fn temporary_path(path: &Path) -> PathBuf {
+fn temporary_path(path: &Path) -> PathBuf {
     let mut temporary = path.as_os_str().to_owned();
     temporary.push(".tmp");
     PathBuf::from(temporary)
@@ -30,7 +30,7 @@ pub fn replace(written: &Path, path: &Path) -> io::Result<()> {
 }
 
 /// Flushes a folder's entries (a rename or a removal in it) to the disk.
-pub fn sync_folder_of(path: &Path) -> io::Result<()> {
+fn sync_folder_of(path: &Path) -> io::Result<()> {
     match path.parent() {
         Some(folder) if !folder.as_os_str().is_empty() => File::open(folder)?.sync_all(),
         _ => File::open(".")?.sync_all(),

@@ -86,7 +86,8 @@ impl Metrics {
                 .expect("unique metric");
             g
         };
-        // Prometheus' standard `process_*` series (CPU seconds, resident memory), so a load test on the same machine can tell the server's CPU from its own.
+        // Prometheus' standard `process_*` series (CPU seconds, resident memory), so a load test
+        // on the same machine can tell the server's CPU from its own.
         registry
             .register(Box::new(crate::process_stats::ProcessCollector::new()))
             .expect("unique metric");

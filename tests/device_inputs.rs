@@ -1,7 +1,7 @@
 //! Inputs in CUDA device memory: the classifier's batcher takes the GPU preprocessing's crops in
 //! place only when its sessions run on that device, and then gives the detections the host
-//! path gives. The second test needs an NVIDIA GPU, NVRTC and ONNX Runtime's CUDA provider
-//! (`onnxruntime-gpu`), and says why it skips where one is missing.
+//! path gives (crops and sensor windows alike). The two GPU tests need an NVIDIA GPU, NVRTC and
+//! ONNX Runtime's CUDA provider (`onnxruntime-gpu`), and say why they skip where one is missing.
 
 mod common;
 mod fleet;

@@ -18,8 +18,8 @@ use crate::aoi::params::PipelineParams;
 use crate::engine::{InferError, ModelRegistry, ServedModel};
 use crate::metrics::Metrics;
 use crate::preprocess::{Preprocess, PreprocessError, handoff_device};
-use crate::runtime::device::{DeviceBytes, DeviceTensor};
-use crate::tensor::{DataType, Tensor, f32_bytes};
+use crate::runtime::device::{DeviceBytes, PlacedBytes};
+use crate::tensor::{DataType, f32_bytes};
 
 /// The bundled defect classifier.
 pub const DEFECT_MODEL: &str = "aoi_defect";
@@ -216,21 +216,6 @@ pub fn prepare_board(
     })
 }
 
-/// A board's crops as shared bytes, cut into the chunks the batcher receives without a copy.
-enum Chunkable {
-    Host(bytes::Bytes),
-    Device(DeviceBytes),
-}
-
-impl Chunkable {
-    fn len(&self) -> usize {
-        match self {
-            Chunkable::Host(bytes) => bytes.len(),
-            Chunkable::Device(bytes) => bytes.len(),
-        }
-    }
-}
-
 /// The classifier must take the crops the pipeline makes and return what detections need.
 fn check_signature(
     config: &crate::runtime::ModelConfig,
@@ -390,8 +375,8 @@ impl Inspector {
         let config = &self.model.spec.config;
         // The crops are shared, not copied, into the chunks the batcher receives.
         let crops = match std::mem::replace(&mut board.crops, Crops::Host(Vec::new())) {
-            Crops::Host(values) => Chunkable::Host(f32_bytes(values)),
-            Crops::Device(bytes) => Chunkable::Device(bytes),
+            Crops::Host(values) => PlacedBytes::Host(f32_bytes(values)),
+            Crops::Device(bytes) => PlacedBytes::Device(bytes),
         };
         let row_bytes = crops.len() / count;
         // One chunk per session: a lone board's crops run on every session at once, and under
@@ -404,32 +389,13 @@ impl Inspector {
             Instant::now() + Duration::from_millis(config.dynamic_batching.default_timeout_ms);
         let calls = (0..count).step_by(chunk_rows).map(|first| {
             let rows = chunk_rows.min(count - first);
-            let shape = config.inputs[0].concrete_shape(true, rows);
-            let range = first * row_bytes..(first + rows) * row_bytes;
-            let batcher = &self.model.batcher;
-            match &crops {
-                Chunkable::Host(bytes) => {
-                    let data = bytes.slice(range);
-                    let tensor = Tensor {
-                        dtype: DataType::Fp32,
-                        shape,
-                        data,
-                    };
-                    futures_util::future::Either::Left(batcher.infer(vec![tensor], rows, deadline))
-                }
-                Chunkable::Device(bytes) => {
-                    let tensor = DeviceTensor {
-                        dtype: DataType::Fp32,
-                        shape,
-                        data: bytes.slice(range),
-                    };
-                    futures_util::future::Either::Right(batcher.infer_on_device(
-                        vec![tensor],
-                        rows,
-                        deadline,
-                    ))
-                }
-            }
+            self.model.batcher.infer_single(
+                DataType::Fp32,
+                config.inputs[0].concrete_shape(true, rows),
+                crops.slice(first * row_bytes..(first + rows) * row_bytes),
+                rows,
+                deadline,
+            )
         });
         let mut probabilities = Vec::with_capacity(count * 7);
         let mut offsets = Vec::with_capacity(count * 4);

@@ -19,9 +19,10 @@ use crate::jobs::results::{self, Format, View};
 use crate::jobs::runner::{self, Control, Monitor, RunOptions, Shard};
 use crate::metrics::Metrics;
 use crate::runtime::ModelRepository;
+use crate::runtime::device::PlacedBytes;
 use crate::sensors::channels::ChannelMap;
 use crate::sensors::window::single_window;
-use crate::sensors::{ANOMALY_PREFIX, AssessSettings, RUL_PREFIX, SensorModel, Windows};
+use crate::sensors::{ANOMALY_PREFIX, AssessSettings, RUL_PREFIX, SensorModel};
 use crate::tensor::f32_bytes;
 
 #[derive(Subcommand)]
@@ -471,7 +472,7 @@ fn cmapss(args: &CmapssArgs) -> anyhow::Result<()> {
             let rows = chunk.len() / window_len;
             let scores = model
                 .score(
-                    Windows::Host(f32_bytes(chunk.to_vec())),
+                    PlacedBytes::Host(f32_bytes(chunk.to_vec())),
                     rows,
                     model.default_deadline(),
                 )

@@ -18,11 +18,11 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 use tokio::sync::oneshot;
 
 use crate::metrics::{FailureReason, Metrics};
-use crate::runtime::device::{DeviceBytes, DeviceGather, DeviceTensor};
+use crate::runtime::device::{DeviceBytes, DeviceGather, DeviceTensor, PlacedBytes};
 use crate::runtime::model_config::ModelConfig;
 use crate::runtime::providers::ProviderKind;
 use crate::runtime::session::{BatchInput, DeviceBatchInput, ModelSession};
-use crate::tensor::{AlignedBytes, Tensor};
+use crate::tensor::{AlignedBytes, DataType, Tensor};
 
 /// How often an idle worker looks at the stop flag.
 const IDLE_POLL: Duration = Duration::from_millis(50);
@@ -118,6 +118,14 @@ impl RequestInputs {
         match self {
             RequestInputs::Host(tensors) => tensors.len(),
             RequestInputs::Device(tensors) => tensors.len(),
+        }
+    }
+
+    /// The bytes of input `index` in host memory.
+    fn host_data(&self, index: usize) -> Result<&[u8], String> {
+        match self {
+            RequestInputs::Host(tensors) => Ok(&tensors[index].data),
+            RequestInputs::Device(_) => Err("a batch mixed host and device inputs".to_string()),
         }
     }
 
@@ -262,6 +270,28 @@ impl Batcher {
             self.submit_and_wait(RequestInputs::Device(inputs), rows, deadline)
                 .await,
         )
+    }
+
+    /// A one-input request, by where its bytes are: [`Batcher::infer`] for host memory,
+    /// [`Batcher::infer_on_device`] for device memory.
+    pub async fn infer_single(
+        &self,
+        dtype: DataType,
+        shape: Vec<usize>,
+        data: PlacedBytes,
+        rows: usize,
+        deadline: Instant,
+    ) -> Result<InferResponse, InferError> {
+        match data {
+            PlacedBytes::Host(data) => {
+                let tensor = Tensor { dtype, shape, data };
+                self.infer(vec![tensor], rows, deadline).await
+            }
+            PlacedBytes::Device(data) => {
+                let tensor = DeviceTensor { dtype, shape, data };
+                self.infer_on_device(vec![tensor], rows, deadline).await
+            }
+        }
     }
 
     /// Counts a finished request in `/metrics`.
@@ -569,17 +599,13 @@ impl Worker {
         batch: &[QueuedRequest],
         shapes: &[Vec<usize>],
     ) -> Result<Vec<Tensor>, String> {
-        let host = |request: &QueuedRequest, index: usize| match &request.inputs {
-            RequestInputs::Host(tensors) => Ok(tensors[index].data.clone()),
-            RequestInputs::Device(_) => Err("a batch mixed host and device inputs".to_string()),
-        };
         self.scratch
             .resize_with(self.config.inputs.len(), AlignedBytes::default);
         // A batch of one request whose buffer is aligned for its type (crops made in process,
         // say) is handed over as it is; anything else is gathered into the scratch buffers.
-        let mut direct: Vec<Option<bytes::Bytes>> = Vec::with_capacity(shapes.len());
+        let mut direct: Vec<Option<&[u8]>> = Vec::with_capacity(shapes.len());
         for (index, spec) in self.config.inputs.iter().enumerate() {
-            let first = host(&batch[0], index)?;
+            let first = batch[0].inputs.host_data(index)?;
             if batch.len() == 1 && (first.as_ptr() as usize).is_multiple_of(spec.datatype.size()) {
                 direct.push(Some(first));
                 continue;
@@ -588,7 +614,7 @@ impl Worker {
             let buffer = &mut self.scratch[index];
             buffer.clear();
             for request in batch {
-                buffer.extend_from_slice(&host(request, index)?);
+                buffer.extend_from_slice(request.inputs.host_data(index)?);
             }
         }
         let inputs: Vec<BatchInput<'_>> = self
@@ -600,7 +626,7 @@ impl Worker {
             .map(|((spec, shape), (direct, buffer))| BatchInput {
                 dtype: spec.datatype,
                 shape,
-                data: direct.as_deref().unwrap_or(buffer.as_bytes()),
+                data: direct.unwrap_or(buffer.as_bytes()),
             })
             .collect();
         self.session.run(&inputs).map_err(|e| e.to_string())
@@ -798,7 +824,7 @@ mod tests {
             len,
         };
         DeviceTensor {
-            dtype: crate::tensor::DataType::Fp32,
+            dtype: DataType::Fp32,
             shape,
             data: DeviceBytes::new(Arc::new(memory)),
         }
@@ -817,7 +843,7 @@ mod tests {
         assert!(problem(&[], Some(0)).contains("0 inputs"));
         assert!(problem(&[good(), good()], Some(0)).contains("2 inputs"));
         let mut wrong_type = good();
-        wrong_type.dtype = crate::tensor::DataType::Int32;
+        wrong_type.dtype = DataType::Int32;
         assert!(problem(&[wrong_type], Some(0)).contains("is INT32, the model takes FP32"));
         assert!(problem(&[on_device(0, 0x1000, vec![2, 2], 16)], Some(0)).contains("3 rows"));
         assert!(problem(&[on_device(0, 0x1000, vec![3, 4], 48)], Some(0)).contains("[3, 4]"));

@@ -24,8 +24,9 @@ use crate::engine::InferError;
 use crate::jobs::archive::{Archive, ArchiveError, Partition, UnitSpan};
 use crate::jobs::results::{Columns, ResultMeta, ResultWriter, ShardInfo};
 use crate::preprocess::{Preprocess, PreprocessError, handoff_device};
+use crate::runtime::device::PlacedBytes;
 use crate::sensors::window::WindowSpan;
-use crate::sensors::{AssessSettings, Scores, SensorModel, Windows};
+use crate::sensors::{AssessSettings, Scores, SensorModel};
 use crate::tensor::f32_bytes;
 
 /// How far a job's batch may wait for a busy batcher before giving up.
@@ -184,7 +185,7 @@ impl HeldRows {
         meta: &mut BatchMeta,
         batch: usize,
         device: Option<i32>,
-    ) -> Result<Windows, PreprocessError> {
+    ) -> Result<PlacedBytes, PreprocessError> {
         let window_values = window * self.width;
         // Archive row of each window's oldest row: its unit's first row when it is padded.
         let oldest =
@@ -193,7 +194,10 @@ impl HeldRows {
             meta.ends.iter().map(oldest).min(),
             meta.ends.iter().map(|&(row, _)| row + 1).max(),
         ) else {
-            return Ok(Windows::Host(f32_bytes(vec![0.0; batch * window_values])));
+            return Ok(PlacedBytes::Host(f32_bytes(vec![
+                0.0;
+                batch * window_values
+            ])));
         };
         assert!(
             from >= self.base,
@@ -219,14 +223,14 @@ impl HeldRows {
             if let Some(on_device) =
                 preprocess.stack_windows_on_device(rows, self.width, window, &spans, device)?
             {
-                return Ok(Windows::Device(on_device));
+                return Ok(PlacedBytes::Device(on_device));
             }
             spans.truncate(meta.ends.len());
         }
         let mut windows = Vec::with_capacity(batch * window_values);
         preprocess.stack_windows(rows, self.width, window, &spans, &mut windows)?;
         windows.resize(batch * window_values, 0.0);
-        Ok(Windows::Host(f32_bytes(windows)))
+        Ok(PlacedBytes::Host(f32_bytes(windows)))
     }
 }
 
@@ -250,7 +254,7 @@ pub fn shard_rows(spans: &[UnitSpan], rows: usize, shard: Shard) -> (usize, usiz
 
 async fn score_batch(
     model: Arc<SensorModel>,
-    windows: Windows,
+    windows: PlacedBytes,
     rows: usize,
 ) -> Result<Scores, InferError> {
     loop {

@@ -161,7 +161,7 @@ impl JobStore {
                 }
                 Err(error) => error.to_string(),
             };
-            match self.record_damaged(&dir, &problem) {
+            match self.record_damaged(&dir, &state, &problem) {
                 Ok(record) => {
                     tracing::error!(job = %record.id, %problem, "unreadable job state; the job is listed as failed");
                     records.push(record);
@@ -177,7 +177,12 @@ impl JobStore {
 
     /// A failed record for a job folder whose `state.json` cannot be read; the damaged file is
     /// kept beside it as `state.json.damaged`.
-    fn record_damaged(&self, dir: &Path, problem: &str) -> std::io::Result<JobRecord> {
+    fn record_damaged(
+        &self,
+        dir: &Path,
+        state: &Path,
+        problem: &str,
+    ) -> std::io::Result<JobRecord> {
         let id = dir
             .file_name()
             .and_then(|name| name.to_str())
@@ -187,9 +192,8 @@ impl JobStore {
             .modified()?
             .duration_since(UNIX_EPOCH)
             .map_or(0.0, |d| d.as_secs_f64());
-        let state = dir.join("state.json");
         if state.exists() {
-            std::fs::rename(&state, dir.join("state.json.damaged"))?;
+            std::fs::rename(state, dir.join("state.json.damaged"))?;
         }
         let record = JobRecord {
             id: id.clone(),

@@ -89,7 +89,26 @@ pub struct CudaPreprocessor {
 }
 
 /// Device buffers by size class.
-type BufferPool = Mutex<HashMap<usize, Vec<CudaSlice<u8>>>>;
+type DeviceBuffers = HashMap<usize, Vec<CudaSlice<u8>>>;
+type BufferPool = Mutex<DeviceBuffers>;
+
+/// A buffer of at least `bytes` from `pool`, or a new one on `stream`.
+fn pooled_buffer(
+    pool: &mut DeviceBuffers,
+    stream: &Arc<CudaStream>,
+    bytes: usize,
+) -> Result<CudaSlice<u8>, DriverError> {
+    let class = size_class(bytes);
+    match pool.get_mut(&class).and_then(Vec::pop) {
+        Some(buffer) => Ok(buffer),
+        // SAFETY: every byte a kernel or a download reads was uploaded or written first.
+        None => unsafe { stream.alloc(class) },
+    }
+}
+
+fn return_buffer(pool: &mut DeviceBuffers, buffer: CudaSlice<u8>) {
+    pool.entry(buffer.len()).or_default().push(buffer);
+}
 
 /// A preprocessing result left on the device for ONNX Runtime; its buffer returns to the pool
 /// when the last view of it is dropped (after the inference that read it has returned).
@@ -125,8 +144,7 @@ impl DeviceMemory for HandedOff {
 impl Drop for HandedOff {
     fn drop(&mut self) {
         if let Some(buffer) = self.buffer.take() {
-            let mut pool = self.pool.lock().expect("buffer pool lock");
-            pool.entry(buffer.len()).or_default().push(buffer);
+            return_buffer(&mut self.pool.lock().expect("buffer pool lock"), buffer);
         }
     }
 }
@@ -177,20 +195,11 @@ fn size_class(bytes: usize) -> usize {
 /// One caller's stream and the buffers it has used; they are only ever used on this stream.
 struct Lane {
     stream: Arc<CudaStream>,
-    device: HashMap<usize, Vec<CudaSlice<u8>>>,
+    device: DeviceBuffers,
     pinned: HashMap<usize, Vec<PinnedHostSlice<u8>>>,
 }
 
 impl Lane {
-    fn device_buffer(&mut self, bytes: usize) -> Result<CudaSlice<u8>, DriverError> {
-        let class = size_class(bytes);
-        match self.device.get_mut(&class).and_then(Vec::pop) {
-            Some(buffer) => Ok(buffer),
-            // SAFETY: every byte a kernel or a download reads was uploaded or written first.
-            None => unsafe { self.stream.alloc(class) },
-        }
-    }
-
     fn pinned_buffer(&mut self, bytes: usize) -> Result<PinnedHostSlice<u8>, DriverError> {
         let class = size_class(bytes);
         match self.pinned.get_mut(&class).and_then(Vec::pop) {
@@ -203,7 +212,7 @@ impl Lane {
 
     fn recycle(&mut self, device: Vec<CudaSlice<u8>>, pinned: Vec<PinnedHostSlice<u8>>) {
         for buffer in device {
-            self.device.entry(buffer.len()).or_default().push(buffer);
+            return_buffer(&mut self.device, buffer);
         }
         for buffer in pinned {
             self.pinned.entry(buffer.len()).or_default().push(buffer);
@@ -229,20 +238,12 @@ impl Lane {
         let raw_stream = self.stream.cu_stream();
         for (index, arg) in args.iter().enumerate() {
             let buffer = match keep {
-                Some((kept, pool)) if kept == index => {
-                    let class = size_class(arg.byte_len());
-                    let pooled = pool
-                        .lock()
-                        .expect("buffer pool lock")
-                        .get_mut(&class)
-                        .and_then(Vec::pop);
-                    match pooled {
-                        Some(buffer) => Ok(buffer),
-                        // SAFETY: the kernels write every byte that is later read.
-                        None => unsafe { self.stream.alloc(class) },
-                    }
-                }
-                _ => self.device_buffer(arg.byte_len()),
+                Some((kept, pool)) if kept == index => pooled_buffer(
+                    &mut pool.lock().expect("buffer pool lock"),
+                    &self.stream,
+                    arg.byte_len(),
+                ),
+                _ => pooled_buffer(&mut self.device, &self.stream, arg.byte_len()),
             }
             .map_err(copy_error)?;
             if let Arg::Input(bytes) = arg
@@ -560,7 +561,7 @@ impl KernelRunner for CudaPreprocessor {
 
 impl CudaPreprocessor {
     /// Takes an idle lane (or makes one), queues the steps, waits for them, lets `take` use the
-    /// buffers, and puts the lane back with what `take` left of them.
+    /// buffers, and, when all went well, puts the lane back with what `take` left of them.
     fn on_lane<T>(
         &self,
         args: &[Arg<'_>],

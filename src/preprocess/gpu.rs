@@ -5,7 +5,7 @@
 use crate::aoi::bitimage::BitImage;
 use crate::aoi::components::Component;
 use crate::aoi::params::PipelineParams;
-use crate::preprocess::launch::{CropPlane, LaunchParams, ScaleInputs, pack_pixels};
+use crate::preprocess::launch::{LaunchParams, ScaleInputs, pack_pixels};
 use crate::preprocess::{Backend, Comparison, Preprocess, PreprocessError, crop_planes};
 use crate::runtime::device::DeviceBytes;
 use crate::sensors::channels::ChannelMap;
@@ -136,15 +136,20 @@ impl<R: KernelRunner> GpuKernels<R> {
         )
     }
 
-    /// The crop batch's kernel inputs, or None when there is nothing to crop.
-    fn crop_launch(
+    /// The crop batch of `candidates` (see [`Preprocess::crops`]); nothing when there is
+    /// nothing to crop.
+    fn crop(
+        &self,
         channels: &[&BitImage],
         candidates: &[Component],
         params: &PipelineParams,
-    ) -> Option<(Vec<u32>, Vec<CropPlane>, LaunchParams)> {
-        let first = channels.first()?;
+        into: GatherInto<'_>,
+    ) -> Result<Option<DeviceBytes>, PreprocessError> {
+        let Some(first) = channels.first() else {
+            return Ok(None);
+        };
         if candidates.is_empty() {
-            return None;
+            return Ok(None);
         }
         let planes = crop_planes(candidates, params, channels.len());
         let size = params.crop_size;
@@ -157,7 +162,12 @@ impl<R: KernelRunner> GpuKernels<R> {
             c: size as u32,
             ..LaunchParams::per_word(first.width(), first.height())
         };
-        Some((images, planes, launch))
+        self.gather(
+            "crops",
+            [bytemuck::cast_slice(&images), bytemuck::cast_slice(&planes)],
+            launch,
+            into,
+        )
     }
 }
 
@@ -309,16 +319,8 @@ impl<R: KernelRunner> Preprocess for GpuKernels<R> {
         params: &PipelineParams,
         out: &mut Vec<f32>,
     ) -> Result<(), PreprocessError> {
-        let Some((images, planes, launch)) = Self::crop_launch(channels, candidates, params) else {
-            return Ok(());
-        };
-        self.gather(
-            "crops",
-            [bytemuck::cast_slice(&images), bytemuck::cast_slice(&planes)],
-            launch,
-            GatherInto::Host(out),
-        )
-        .map(drop)
+        self.crop(channels, candidates, params, GatherInto::Host(out))
+            .map(drop)
     }
 
     fn crops_on_device(
@@ -328,15 +330,7 @@ impl<R: KernelRunner> Preprocess for GpuKernels<R> {
         params: &PipelineParams,
         device: i32,
     ) -> Result<Option<DeviceBytes>, PreprocessError> {
-        let Some((images, planes, launch)) = Self::crop_launch(channels, candidates, params) else {
-            return Ok(None);
-        };
-        self.gather(
-            "crops",
-            [bytemuck::cast_slice(&images), bytemuck::cast_slice(&planes)],
-            launch,
-            GatherInto::Device(device),
-        )
+        self.crop(channels, candidates, params, GatherInto::Device(device))
     }
 
     fn scale_rows(

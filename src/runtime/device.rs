@@ -8,6 +8,8 @@
 use std::ops::Range;
 use std::sync::Arc;
 
+use bytes::Bytes;
+
 use crate::tensor::DataType;
 
 /// A finished buffer in CUDA device memory: every write to it has completed, so any stream
@@ -92,6 +94,35 @@ impl std::fmt::Debug for DeviceBytes {
             self.device_id(),
             self.address()
         )
+    }
+}
+
+/// Shared bytes wherever they are: host memory, or CUDA device memory that sessions on that
+/// device read in place.
+#[derive(Debug, Clone)]
+pub enum PlacedBytes {
+    Host(Bytes),
+    Device(DeviceBytes),
+}
+
+impl PlacedBytes {
+    pub fn len(&self) -> usize {
+        match self {
+            PlacedBytes::Host(bytes) => bytes.len(),
+            PlacedBytes::Device(bytes) => bytes.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The bytes `range`, sharing the buffer. Panics when `range` is out of bounds.
+    pub fn slice(&self, range: Range<usize>) -> PlacedBytes {
+        match self {
+            PlacedBytes::Host(bytes) => PlacedBytes::Host(bytes.slice(range)),
+            PlacedBytes::Device(bytes) => PlacedBytes::Device(bytes.slice(range)),
+        }
     }
 }
 

@@ -21,7 +21,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 pub use assess::{AssessSettings, Risk};
-pub use scorer::{Assessment, Scores, SensorModel, Windows};
+pub use scorer::{Assessment, Scores, SensorModel};
 
 use crate::engine::{InferError, ModelRegistry};
 

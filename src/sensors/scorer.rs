@@ -4,24 +4,15 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::Bytes;
 use serde::Serialize;
 
-use crate::engine::{InferError, InferResponse, ModelRegistry, ServedModel};
-use crate::runtime::device::{DeviceBytes, DeviceTensor};
+use crate::engine::{InferError, ModelRegistry, ServedModel};
+use crate::runtime::device::PlacedBytes;
 use crate::sensors::assess::{AssessSettings, Risk};
 use crate::sensors::params::{Calibration, RulCalibration, SensorParams};
 use crate::sensors::window::Scaler;
 use crate::sensors::{ANOMALY_PREFIX, RUL_PREFIX, SensorError};
 use crate::tensor::{DataType, Tensor};
-
-/// Scaled windows, `rows × window × channels` f32, for [`SensorModel::score`].
-#[derive(Clone)]
-pub enum Windows {
-    Host(Bytes),
-    /// In CUDA device memory, read there by both models' sessions.
-    Device(DeviceBytes),
-}
 
 /// Model outputs for a batch of windows.
 #[derive(Debug, Clone, Default)]
@@ -200,51 +191,28 @@ impl SensorModel {
         }
     }
 
-    /// One model's call on the windows, wherever they are.
-    async fn run(
-        model: &ServedModel,
-        windows: &Windows,
-        shape: Vec<usize>,
-        rows: usize,
-        deadline: Instant,
-    ) -> Result<InferResponse, InferError> {
-        match windows {
-            Windows::Host(data) => {
-                let data = data.clone();
-                let tensor = Tensor {
-                    dtype: DataType::Fp32,
-                    shape,
-                    data,
-                };
-                model.batcher.infer(vec![tensor], rows, deadline).await
-            }
-            Windows::Device(data) => {
-                let tensor = DeviceTensor {
-                    dtype: DataType::Fp32,
-                    shape,
-                    data: data.clone(),
-                };
-                model
-                    .batcher
-                    .infer_on_device(vec![tensor], rows, deadline)
-                    .await
-            }
-        }
-    }
-
     /// Runs both models on `rows` scaled windows (`rows × window × channels` values, at most
     /// [`Self::batch_rows`] rows).
     pub async fn score(
         &self,
-        windows: Windows,
+        windows: PlacedBytes,
         rows: usize,
         deadline: Instant,
     ) -> Result<Scores, InferError> {
         let shape = vec![rows, self.params.window, self.params.channels.len()];
-        let rul_call = Self::run(&self.rul, &windows, shape.clone(), rows, deadline);
+        let rul_call = self.rul.batcher.infer_single(
+            DataType::Fp32,
+            shape.clone(),
+            windows.clone(),
+            rows,
+            deadline,
+        );
         let (rul, anomaly) = match &self.anomaly {
             Some(anomaly) => {
-                let anomaly_call = Self::run(anomaly, &windows, shape, rows, deadline);
+                let anomaly_call =
+                    anomaly
+                        .batcher
+                        .infer_single(DataType::Fp32, shape, windows, rows, deadline);
                 let (rul, anomaly) = futures_util::future::join(rul_call, anomaly_call).await;
                 (rul?, Some(anomaly?))
             }

@@ -24,7 +24,8 @@ use crate::jobs::archive::Partition;
 use crate::jobs::manager::CancelOutcome;
 use crate::jobs::results::{self, Format, View};
 use crate::jobs::store::{JobInput, JobRecord, JobState, now_unix};
-use crate::sensors::{AssessSettings, SensorError, SensorModel, Windows, live};
+use crate::runtime::device::PlacedBytes;
+use crate::sensors::{AssessSettings, SensorError, SensorModel, live};
 use crate::server::NoQuery;
 use crate::server::body::{media_type, read_limited};
 use crate::server::error::ApiError;
@@ -195,13 +196,13 @@ async fn score_live(
     let scores = if infos.len() <= per_call {
         vec![
             model
-                .score(Windows::Host(f32_bytes(input)), infos.len(), deadline)
+                .score(PlacedBytes::Host(f32_bytes(input)), infos.len(), deadline)
                 .await?,
         ]
     } else {
         let calls = input.chunks(per_call * window_len).map(|chunk| {
             model.score(
-                Windows::Host(f32_bytes(chunk.to_vec())),
+                PlacedBytes::Host(f32_bytes(chunk.to_vec())),
                 chunk.len() / window_len,
                 deadline,
             )
