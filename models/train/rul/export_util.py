@@ -10,14 +10,15 @@ import warnings
 import numpy as np
 import onnx
 import onnxruntime as ort
-import torch
 
 import data as D
 
 OPSET = 17
 
 
-def export(model: torch.nn.Module, path: str, outputs: list[str]):
+def export(model, path: str, outputs: list[str]):
+    """Exports a torch module (window -> outputs) with a dynamic batch dimension."""
+    import torch
     os.makedirs(os.path.dirname(path), exist_ok=True)
     model.eval()
     dyn = {n: {0: "batch"} for n in ["window"] + outputs}
@@ -40,11 +41,11 @@ def session(path: str, threads: int = 1) -> ort.InferenceSession:
     return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
 
 
-@torch.no_grad()
-def verify(model: torch.nn.Module, path: str, outputs: list[str], real: np.ndarray, batches=(1, 7, 256),
+def verify(reference, path: str, outputs: list[str], real: np.ndarray, batches=(1, 7, 256),
            tol=1e-4, seed=0):
-    """Max |torch - onnxruntime| per output at each batch size, on real scaled windows (random
-    sample of `real`) and on random windows (uniform in [-1.2, 1.2])."""
+    """Max |reference(x) - onnxruntime| per output at each batch size, on real scaled windows (random
+    sample of `real`) and on random windows (uniform in [-1.2, 1.2]). `reference` maps a float32
+    batch to a tuple of numpy arrays, one per output (the trained model, outside ONNX)."""
     s = session(path)
     rng = np.random.default_rng(seed)
     res = {}
@@ -54,19 +55,20 @@ def verify(model: torch.nn.Module, path: str, outputs: list[str], real: np.ndarr
                 x = real[rng.choice(len(real), size=b, replace=False)]
             else:
                 x = rng.uniform(-1.2, 1.2, size=(b, D.WINDOW, len(D.CHANNELS))).astype(np.float32)
-            t = model(torch.from_numpy(x))
+            t = reference(x)
             t = t if isinstance(t, tuple) else (t,)
             o = s.run(outputs, {"window": x})
             for name, a, b_ in zip(outputs, t, o):
                 assert b_.shape == (b, 1), (name, b_.shape)
-                res[f"{name}_{kind}_b{b}"] = float(np.max(np.abs(a.numpy() - b_)))
+                res[f"{name}_{kind}_b{b}"] = float(np.max(np.abs(np.reshape(a, (b, 1)) - b_)))
     worst = max(res.values())
     assert worst <= tol, res
     return {"max_abs_diff": worst, "per_case": res}
 
 
-def timing(path: str, batches=(256, 1024), reps=30, seed=0):
-    """Microseconds per window, 1 intra-op thread, CPU EP; best of 7 rounds of `reps` runs.
+def timing(path: str, real: np.ndarray, batches=(256, 1024), reps=30, seed=0):
+    """Microseconds per window on real scaled windows (a random sample of `real`; tree models take
+    deeper paths on random inputs), 1 intra-op thread, CPU EP; best of 7 rounds of `reps` runs.
 
     wall_us: wall clock; cpu_us: process CPU time (robust when the machine is shared: a contended
     run shows wall >> cpu, and cpu is what the model costs on an idle core)."""
@@ -74,7 +76,7 @@ def timing(path: str, batches=(256, 1024), reps=30, seed=0):
     rng = np.random.default_rng(seed)
     out = {}
     for b in batches:
-        x = rng.uniform(-1, 1, size=(b, D.WINDOW, len(D.CHANNELS))).astype(np.float32)
+        x = real[rng.choice(len(real), size=b, replace=False)]
         for _ in range(10):
             s.run(None, {"window": x})
         wall, cpu = [], []
@@ -162,6 +164,11 @@ def write_rul_config(path, scaler, args, cv, check, timing, n_windows, onnx_byte
     desc = (f"FD001 remaining-useful-life ensemble: {args.members} x {args.arch} {json.loads(args.arch_kw) or ''}"
             .rstrip() + ", trained on all 100 training engines with seeds "
             f"{90000}..{90000 + args.members - 1}.")
+    if args.arch == "gbm":
+        desc += (f"\nEach member: {args.trees} boosted trees (learning rate {args.tree_lr}, <= {args.leaves} leaves,"
+                 f" >= {args.min_leaf} windows per leaf)\non a bootstrap sample of the 100 engines; features per channel:"
+                 " window mean, mean of the last 10 cycles,\nleast-squares slope, computed inside the graph"
+                 " (one ai.onnx.ml TreeEnsembleRegressor per member).")
     if args.teacher:
         desc += (f"\nStudents distilled from {args.teacher_members} x {args.teacher} "
                  f"{json.loads(args.teacher_kw) or ''} teachers (not shipped).")
@@ -185,11 +192,14 @@ def write_rul_config(path, scaler, args, cv, check, timing, n_windows, onnx_byte
         ("#", "nasa_*_per100 rescales the sum to 100 windows (size of the official FD001 test set)."),
         ("date", today()),
         ("train_seeds", [90000 + i for i in range(args.members)]),
-        ("epochs", args.epochs),
+        *([("trees_per_member", args.trees), ("tree_learning_rate", args.tree_lr), ("max_leaves", args.leaves),
+            ("min_windows_per_leaf", args.min_leaf)] if args.arch == "gbm" else [("epochs", args.epochs)]),
         ("train_windows", n_windows),
         ("onnx_opset", OPSET),
+        *([("onnx_ml_opset", 3)] if args.arch == "gbm" else []),
         ("onnx_bytes", onnx_bytes),
-        ("ort_parity_max_abs_diff", check["max_abs_diff"], "torch vs onnxruntime, batches 1/7/256"),
+        ("ort_parity_max_abs_diff", check["max_abs_diff"],
+         ("scikit-learn" if args.arch == "gbm" else "torch") + " vs onnxruntime, batches 1/7/256"),
         ("#", "onnxruntime CPU EP, 1 intra-op thread, best of 7: cpu = process CPU time per window (the model's cost"),
         ("#", "on a free core), wall = wall clock on the (shared, 2-core) training machine at the given load average."),
         ("ort_cpu_us_per_window_b256", timing[256]["cpu_us"]),
@@ -221,7 +231,7 @@ def write_rul_config(path, scaler, args, cv, check, timing, n_windows, onnx_byte
         s += table("calibration", [
             ("#", "Uncertainty calibration (in [calibration] because the server's config parser accepts no other"),
             ("#", "free-form top-level tables)."),
-            ("#", "rul_std is the ensemble spread only (member disagreement); it is small and barely tracks the error"),
+            ("#", "rul_std is the ensemble spread only (member disagreement); it tracks the error only loosely"),
             ("#", "(see metrics.cv_corr_abs_err_rul_std). For an error bar use the calibrated predictive std"),
             ("#", "  sigma_total = sqrt(rul_std^2 + sigma(rul)^2),"),
             ("#", "sigma(rul) = out-of-fold RMS error of the CV ensembles by predicted RUL: linear interpolation"),

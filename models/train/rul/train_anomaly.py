@@ -154,8 +154,9 @@ def cmd_final(args):
     model = nets.AEScore(ae).eval()
     onnx_path = os.path.join(args.out, "1", "model.onnx")
     X.export(model, onnx_path, ["score"])
-    check = X.verify(model, onnx_path, ["score"], real=x)
-    timing = X.timing(onnx_path)
+    with torch.no_grad():
+        check = X.verify(lambda xb: model(torch.from_numpy(xb)).numpy(), onnx_path, ["score"], real=x)
+    timing = X.timing(onnx_path, real=x)
     print("calibration", cal, "\nverify", check, "\ntiming us/window", timing)
     cv = json.load(open(args.cv_json)) if args.cv_json else None
     write_config(os.path.join(args.out, "config.toml"), scaler, cal, args, cv, check, timing,
