@@ -477,9 +477,8 @@ async fn damaged_job_files_are_recovered_at_start() {
     for id in [&truncated, &unreadable] {
         assert_eq!(wait_job(&server.url, id, is_final).await["state"], "done");
     }
-    drop(server);
+    // A result cut short while the server runs is refused, not served as whole.
     let jobs = setup.data.path().join("jobs");
-    // A result cut short and a state file garbled while the server was down.
     let result = jobs.join(&truncated).join("result.h5");
     let length = std::fs::metadata(&result).unwrap().len();
     std::fs::OpenOptions::new()
@@ -488,6 +487,17 @@ async fn damaged_job_files_are_recovered_at_start() {
         .unwrap()
         .set_len(length / 2)
         .unwrap();
+    let answer = reqwest::get(format!("{}/v1/jobs/{truncated}/result", server.url))
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 500);
+    let message = answer.text().await.unwrap();
+    assert!(
+        message.contains("is damaged") && message.contains("runs the job again"),
+        "{message}"
+    );
+    drop(server);
+    // That result, and a state file garbled while the server was down.
     std::fs::write(jobs.join(&unreadable).join("state.json"), b"{\"id\": ").unwrap();
 
     let server = setup.server(&[]);

@@ -702,6 +702,21 @@ async fn job_result(
         (Format::Csv, View::Rows) => (store.dir(&record.id).join("result.csv"), "csv"),
         (Format::Csv, View::Units) => (store.dir(&record.id).join("result.units.csv"), "units.csv"),
     };
+    if format == Format::H5 {
+        // A result damaged after the job finished is not served as if it were whole; the next
+        // start runs the job again.
+        let (source, rows) = (h5.clone(), record.rows_done);
+        web::block(move || results::check(&source, rows))
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))?
+            .map_err(|e| {
+                ApiError::Internal(format!(
+                    "the result of job {} is damaged ({e:#}); restarting the server runs the job \
+                     again",
+                    record.id
+                ))
+            })?;
+    }
     if !file.exists() {
         let (source, target, view) = (h5.clone(), file.clone(), query.view);
         web::block(move || results::export(&source, format, view, &target))
