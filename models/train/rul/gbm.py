@@ -18,6 +18,9 @@ FD001 training windows, rounding the raw sensor values to float32 then changes 3
 predictions by more than 0.01 cycles (mean change 0.006, max 2.0), against 32 % (mean 0.048, max
 2.5) on unrounded float64 summaries; the cross-validated RMSE is the same (13.82).
 
+The trees are read from scikit-learn's fitted `_predictors` (as skl2onnx does), a
+private structure: the training environment pins scikit-learn 1.7.2 (README).
+
 The exported graph: window -> features -> one ai.onnx.ml TreeEnsembleRegressor per member ->
 clip to [0, cap] -> rul (mean) and rul_std (population std), the same outputs as the nets.
 """
