@@ -487,15 +487,20 @@ async fn damaged_job_files_are_recovered_at_start() {
         .unwrap()
         .set_len(length / 2)
         .unwrap();
-    let answer = reqwest::get(format!("{}/v1/jobs/{truncated}/result", server.url))
+    for format in ["h5", "csv"] {
+        let answer = reqwest::get(format!(
+            "{}/v1/jobs/{truncated}/result?format={format}",
+            server.url
+        ))
         .await
         .unwrap();
-    assert_eq!(answer.status(), 500);
-    let message = answer.text().await.unwrap();
-    assert!(
-        message.contains("is damaged") && message.contains("runs the job again"),
-        "{message}"
-    );
+        assert_eq!(answer.status(), 500, "{format}");
+        let message = answer.text().await.unwrap();
+        assert!(
+            message.contains("is damaged") && message.contains("runs the job again"),
+            "{format}: {message}"
+        );
+    }
     drop(server);
     // That result, and a state file garbled while the server was down.
     std::fs::write(jobs.join(&unreadable).join("state.json"), b"{\"id\": ").unwrap();

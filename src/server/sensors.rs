@@ -702,17 +702,18 @@ async fn job_result(
         (Format::Csv, View::Rows) => (store.dir(&record.id).join("result.csv"), "csv"),
         (Format::Csv, View::Units) => (store.dir(&record.id).join("result.units.csv"), "units.csv"),
     };
-    if format == Format::H5 {
-        // A result damaged after the job finished is not served as if it were whole; the next
-        // start runs the job again.
+    if format == Format::H5 || !file.exists() {
+        // A result damaged after the job finished is neither served nor exported as if it were
+        // whole; the next start runs the job again. The details (with paths) go to the log.
         let (source, rows) = (h5.clone(), record.rows_done);
         web::block(move || results::check(&source, rows))
             .await
             .map_err(|e| ApiError::Internal(e.to_string()))?
             .map_err(|e| {
+                tracing::error!(job = %record.id, error = %format!("{e:#}"), "damaged result");
                 ApiError::Internal(format!(
-                    "the result of job {} is damaged ({e:#}); restarting the server runs the job \
-                     again",
+                    "the result of job {} is damaged: it no longer opens or holds fewer rows than \
+                     the job wrote; restarting the server runs the job again",
                     record.id
                 ))
             })?;

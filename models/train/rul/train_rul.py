@@ -5,8 +5,8 @@
                              # train on all 100 units, export models/rul_fd001/{1/model.onnx,config.toml}
 
 The defaults are the shipped recipe: 4 gradient-boosted tree ensembles on window summaries, each
-fitted on a bootstrap sample of the training units (gbm.py). `--arch pcnn --epochs 30 --noise 0.1`
-is the earlier PoolCNN ensemble; cnn, gru and mlp are the other nets studied (README).
+fitted on a bootstrap sample of the training units (gbm.py). `--arch pcnn --epochs 30 --noise 0.1
+--pad-aug 0` is the earlier PoolCNN ensemble; cnn, gru and mlp are the other nets studied (README).
 
 CV: 5 folds over unit ids (data.folds, seed data.FOLD_SEED). For each fold an ensemble of --members
 members (seeds 1000*fold + 0..M-1) is trained on the 80 training units' windows (scaler fitted on those units only)
@@ -326,6 +326,8 @@ def main():
                     help="where checkpoints and CV json go (not shipped)")
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args()
+    if args.arch == "gbm" and (args.teacher or json.loads(args.arch_kw)):
+        ap.error("--teacher and --arch-kw apply to the nets, not to --arch gbm")
     os.makedirs(args.work_dir, exist_ok=True)
     if args.mode == "cv":
         cmd_cv(args)
