@@ -80,6 +80,37 @@ pub struct JobRecord {
     pub cancel_requested: bool,
 }
 
+impl JobRecord {
+    /// A job just submitted: queued, created now, nothing run yet.
+    pub fn queued(
+        id: String,
+        model: String,
+        partition: Partition,
+        settings: AssessSettings,
+        input: JobInput,
+    ) -> JobRecord {
+        JobRecord {
+            id,
+            state: JobState::Queued,
+            model,
+            partition,
+            settings,
+            input,
+            created_unix: now_unix(),
+            started_unix: None,
+            finished_unix: None,
+            progress: 0.0,
+            rows_done: 0,
+            rows_total: 0,
+            rows_per_second: 0.0,
+            units: None,
+            error: None,
+            attempts: 0,
+            cancel_requested: false,
+        }
+    }
+}
+
 pub fn now_unix() -> f64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -195,33 +226,30 @@ impl JobStore {
         if state.exists() {
             std::fs::rename(state, dir.join("state.json.damaged"))?;
         }
+        let input = JobInput {
+            kind: "unknown".into(),
+            path: dir.to_path_buf(),
+            name: String::new(),
+            bytes: 0,
+        };
+        let error = format!(
+            "the job's state could not be read at start-up ({problem}); it is kept as \
+             state.json.damaged in {}; DELETE /v1/jobs/{id}?purge=true removes the job",
+            dir.display()
+        );
+        let queued = JobRecord::queued(
+            id,
+            String::new(),
+            Partition::default(),
+            AssessSettings::default(),
+            input,
+        );
         let record = JobRecord {
-            id: id.clone(),
             state: JobState::Failed,
-            model: String::new(),
-            partition: Partition::default(),
-            settings: AssessSettings::default(),
-            input: JobInput {
-                kind: "unknown".into(),
-                path: dir.to_path_buf(),
-                name: String::new(),
-                bytes: 0,
-            },
             created_unix,
-            started_unix: None,
-            finished_unix: Some(now_unix()),
-            progress: 0.0,
-            rows_done: 0,
-            rows_total: 0,
-            rows_per_second: 0.0,
-            units: None,
-            error: Some(format!(
-                "the job's state could not be read at start-up ({problem}); it is kept as \
-                 state.json.damaged in {}; DELETE /v1/jobs/{id}?purge=true removes the job",
-                dir.display()
-            )),
-            attempts: 0,
-            cancel_requested: false,
+            finished_unix: Some(queued.created_unix),
+            error: Some(error),
+            ..queued
         };
         self.save(&record)?;
         Ok(record)
@@ -255,29 +283,21 @@ mod tests {
         let mut ids = Vec::new();
         for i in 0..3 {
             let id = store.create().unwrap();
+            let input = JobInput {
+                kind: "upload".into(),
+                path: store.upload_path(&id),
+                name: "a.h5".into(),
+                bytes: 1,
+            };
             let record = JobRecord {
-                id: id.clone(),
-                state: JobState::Queued,
-                model: "rul_x".into(),
-                partition: Partition::All,
-                settings: AssessSettings::default(),
-                input: JobInput {
-                    kind: "upload".into(),
-                    path: store.upload_path(&id),
-                    name: "a.h5".into(),
-                    bytes: 1,
-                },
                 created_unix: 100.0 + i as f64,
-                started_unix: None,
-                finished_unix: None,
-                progress: 0.0,
-                rows_done: 0,
-                rows_total: 0,
-                rows_per_second: 0.0,
-                units: None,
-                error: None,
-                attempts: 0,
-                cancel_requested: false,
+                ..JobRecord::queued(
+                    id.clone(),
+                    "rul_x".into(),
+                    Partition::All,
+                    AssessSettings::default(),
+                    input,
+                )
             };
             store.save(&record).unwrap();
             ids.push(id);

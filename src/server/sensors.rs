@@ -23,7 +23,7 @@ use crate::jobs::Fleet;
 use crate::jobs::archive::Partition;
 use crate::jobs::manager::CancelOutcome;
 use crate::jobs::results::{self, Format, View};
-use crate::jobs::store::{JobInput, JobRecord, JobState, now_unix};
+use crate::jobs::store::{JobInput, JobRecord, JobState};
 use crate::runtime::device::PlacedBytes;
 use crate::sensors::{AssessSettings, SensorError, SensorModel, live};
 use crate::server::NoQuery;
@@ -521,25 +521,13 @@ fn accepted(
     settings: AssessSettings,
     input: JobInput,
 ) -> Result<HttpResponse, ApiError> {
-    let record = JobRecord {
-        id: id.clone(),
-        state: JobState::Queued,
+    let record = JobRecord::queued(
+        id.clone(),
         model,
-        partition: partition.unwrap_or_default(),
+        partition.unwrap_or_default(),
         settings,
         input,
-        created_unix: now_unix(),
-        started_unix: None,
-        finished_unix: None,
-        progress: 0.0,
-        rows_done: 0,
-        rows_total: 0,
-        rows_per_second: 0.0,
-        units: None,
-        error: None,
-        attempts: 0,
-        cancel_requested: false,
-    };
+    );
     let record = fleet.jobs.submit(record).map_err(|e| {
         let _ = fleet.jobs.store().remove(&id);
         ApiError::Internal(format!("cannot queue the job: {e:#}"))
@@ -702,7 +690,8 @@ async fn job_result(
         (Format::Csv, View::Rows) => (store.dir(&record.id).join("result.csv"), "csv"),
         (Format::Csv, View::Units) => (store.dir(&record.id).join("result.units.csv"), "units.csv"),
     };
-    if format == Format::H5 || !file.exists() {
+    let export_missing = !file.exists();
+    if format == Format::H5 || export_missing {
         // A result damaged after the job finished is neither served nor exported as if it were
         // whole; the next start runs the job again. The details (with paths) go to the log.
         let (source, rows) = (h5.clone(), record.rows_done);
@@ -712,13 +701,13 @@ async fn job_result(
             .map_err(|e| {
                 tracing::error!(job = %record.id, error = %format!("{e:#}"), "damaged result");
                 ApiError::Internal(format!(
-                    "the result of job {} is damaged: it no longer opens or holds fewer rows than \
+                    "the result of job {} is damaged: it no longer opens or does not hold the rows \
                      the job wrote; restarting the server runs the job again",
                     record.id
                 ))
             })?;
     }
-    if !file.exists() {
+    if export_missing {
         let (source, target, view) = (h5.clone(), file.clone(), query.view);
         web::block(move || results::export(&source, format, view, &target))
             .await
