@@ -150,7 +150,15 @@ async fn job_lifecycle_with_results_in_every_format() {
         rows.health[last]
     );
     let bad = get(format!("{}/v1/jobs/{id}/result?format=xml", server.url)).await;
-    assert_eq!(bad.status(), 422);
+    assert_eq!(bad.status(), 400);
+    let message = bad.json::<Value>().await.unwrap()["error"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        message.contains(r#"format="xml" is not one of h5, csv, json"#),
+        "{message}"
+    );
     let units_json = get(format!(
         "{}/v1/jobs/{id}/result?format=json&view=units",
         server.url
@@ -226,24 +234,78 @@ async fn multipart_and_server_side_path_submissions() {
     assert_eq!(refused.status(), 422);
     assert!(refused.text().await.unwrap().contains("--jobs-allow-path"));
 
-    // Multipart: the file part is the archive.
+    // Multipart: the one file part is the archive. Other fields and a second file are refused
+    // by name rather than dropped unread.
     let boundary = "linescan-test-boundary";
-    let mut body = format!(
-        "--{boundary}\r\nContent-Disposition: form-data; name=\"note\"\r\n\r\nhello\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"archive\"; filename=\"fleet-a.h5\"\r\nContent-Type: application/x-hdf5\r\n\r\n"
-    )
-    .into_bytes();
-    body.extend(std::fs::read(&inside).unwrap());
-    body.extend(format!("\r\n--{boundary}--\r\n").into_bytes());
-    let response = client
-        .post(format!("{}/v1/jobs?warning=100&critical=50", server.url))
-        .header(
-            "Content-Type",
-            format!("multipart/form-data; boundary={boundary}"),
-        )
-        .body(body)
+    let archive_bytes = std::fs::read(&inside).unwrap();
+    let form = |parts: &[(&str, Option<&str>, &[u8])]| {
+        let mut body = Vec::new();
+        for (name, filename, content) in parts {
+            let file = filename.map_or(String::new(), |f| format!("; filename=\"{f}\""));
+            body.extend(
+                format!(
+                    "--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"{file}\r\n\r\n"
+                )
+                .into_bytes(),
+            );
+            body.extend_from_slice(content);
+            body.extend_from_slice(b"\r\n");
+        }
+        body.extend(format!("--{boundary}--\r\n").into_bytes());
+        body
+    };
+    let post_form = |body: Vec<u8>| {
+        client
+            .post(format!("{}/v1/jobs?warning=100&critical=50", server.url))
+            .header(
+                "Content-Type",
+                format!("multipart/form-data; boundary={boundary}"),
+            )
+            .body(body)
+            .send()
+    };
+    for (parts, fragment) in [
+        (
+            vec![
+                ("model", None, b"rul_x".as_slice()),
+                ("archive", Some("fleet-a.h5"), archive_bytes.as_slice()),
+            ],
+            "multipart field \"model\" is not taken",
+        ),
+        (
+            vec![
+                ("archive", Some("fleet-a.h5"), archive_bytes.as_slice()),
+                ("second", Some("fleet-b.h5"), archive_bytes.as_slice()),
+            ],
+            "got a second file (field \"second\")",
+        ),
+    ] {
+        let response = post_form(form(&parts)).await.unwrap();
+        assert_eq!(response.status(), 422);
+        let answer: Value = response.json().await.unwrap();
+        let error = answer["error"].as_str().unwrap();
+        assert!(error.contains(fragment), "{error}");
+    }
+    let listed: Value = client
+        .get(format!("{}/v1/jobs", server.url))
         .send()
         .await
+        .unwrap()
+        .json()
+        .await
         .unwrap();
+    assert_eq!(
+        listed["jobs"],
+        serde_json::json!([]),
+        "refused forms leave no job"
+    );
+    let response = post_form(form(&[(
+        "archive",
+        Some("fleet-a.h5"),
+        archive_bytes.as_slice(),
+    )]))
+    .await
+    .unwrap();
     assert_eq!(response.status(), 202);
     let id = response.json::<Value>().await.unwrap()["id"]
         .as_str()
@@ -271,17 +333,11 @@ async fn multipart_and_server_side_path_submissions() {
         let text = response.text().await.unwrap();
         assert!(text.contains(fragment), "{path}: {text}");
     }
-    let response = client
-        .post(format!("{}/v1/jobs", server.url))
-        .json(&serde_json::json!({"path": "inside.h5", "model": RUL_MODEL}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 202);
-    let id = response.json::<Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = submit_path(
+        &server.url,
+        serde_json::json!({"path": "inside.h5", "model": RUL_MODEL}),
+    )
+    .await;
     let status = wait_job(&server.url, &id, is_final).await;
     assert_eq!(status["state"], "done", "{status}");
     assert_eq!(status["rows_done"], table.rows() as u64);
@@ -463,6 +519,23 @@ async fn jobs_survive_restarts() {
     let server = setup.server(&[]);
     let status = wait_job(&server.url, &id, is_final).await;
     assert_eq!(status["state"], "cancelled", "{status}");
+    drop(server);
+
+    // A server-side path job is not run again by a start whose --jobs-allow-path no longer
+    // covers its file: it fails with the reason.
+    let allowed = tempfile::tempdir().unwrap();
+    write_generic(allowed.path(), "inside.h5", &table);
+    let mut args = slow.to_vec();
+    args.extend(["--jobs-allow-path", allowed.path().to_str().unwrap()]);
+    let server = setup.server(&args);
+    let id = submit_path(&server.url, serde_json::json!({"path": "inside.h5"})).await;
+    wait_job(&server.url, &id, |s| s["state"] == "running").await;
+    drop(server); // SIGKILL
+    let server = setup.server(&[]);
+    let status = wait_job(&server.url, &id, is_final).await;
+    assert_eq!(status["state"], "failed", "{status}");
+    let error = status["error"].as_str().unwrap();
+    assert!(error.contains("--jobs-allow-path"), "{error}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

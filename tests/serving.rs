@@ -398,6 +398,9 @@ async fn bad_requests_get_the_right_4xx_and_the_server_stays_healthy() {
 
     let mut wrong_shape = good.clone();
     wrong_shape["inputs"][0]["shape"] = json!([1, 1]);
+    // The metadata's -1 sent back as a size: named as such, not as a mismatch with itself.
+    let mut minus_one = good.clone();
+    minus_one["inputs"][0]["shape"] = input["shape"].clone();
     let mut wrong_dtype = good.clone();
     wrong_dtype["inputs"][0]["datatype"] = json!("INT32");
     let mut unknown_output = good.clone();
@@ -431,6 +434,11 @@ async fn bad_requests_get_the_right_4xx_and_the_server_stays_healthy() {
             "malformed".into(),
         ),
         (client.post(&url).json(&wrong_shape), 422, "shape".into()),
+        (
+            client.post(&url).json(&minus_one),
+            422,
+            "has dimension -1 at index 0".into(),
+        ),
         (
             client.post(&url).json(&wrong_dtype),
             422,
@@ -595,6 +603,21 @@ async fn api_key_guards_everything_but_probes_and_metrics() {
     let wrong = client.get(&model_url).bearer_auth("k3y2").send().await;
     assert_eq!(wrong.unwrap().status(), 401);
     assert_eq!(common::status_of(&server.url, "/metrics"), Some(200));
+    // The load generator sends the key as well.
+    let bench = |key: &[&str]| {
+        let mut args = vec!["bench", "infer", "--url", &server.url, "--model", MODEL];
+        args.extend_from_slice(&["--concurrency", "1", "--duration", "0.3", "--warmup", "0"]);
+        args.extend_from_slice(key);
+        common::run_cli(&args)
+    };
+    let refused = bench(&[]);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("401"),
+        "{refused:?}"
+    );
+    let keyed = bench(&["--api-key", "k3y"]);
+    assert!(keyed.status.success(), "{keyed:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

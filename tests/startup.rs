@@ -181,6 +181,10 @@ fn bad_settings_stop_serve_before_it_listens() {
             "critical threshold (90)",
         ),
         (vec!["--data-dir", data_dir.to_str().unwrap()], "--data-dir"),
+        (
+            vec!["--jobs-allow-path", data_dir.to_str().unwrap()],
+            "--jobs-allow-path",
+        ),
     ];
     for (flags, fragment) in cases {
         let mut args = vec![

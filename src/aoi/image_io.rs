@@ -10,7 +10,10 @@ use image::{DynamicImage, ImageFormat, ImageReader, Limits};
 pub enum ImageError {
     #[error("not an image in a supported format (PNG, JPEG, BMP, TIFF){0}")]
     Unsupported(String),
-    #[error("image of {width}x{height} = {pixels} pixels exceeds the limit of {limit} pixels")]
+    #[error(
+        "image of {width}x{height} = {pixels} pixels exceeds the limit of {limit} pixels \
+         (--max-image-pixels)"
+    )]
     TooLarge {
         width: u32,
         height: u32,

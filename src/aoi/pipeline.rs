@@ -103,8 +103,9 @@ impl StageTimings {
     }
 }
 
+/// Milliseconds to the microsecond, so reports print `0.611`, not float noise.
 fn ms(duration: Duration) -> f64 {
-    duration.as_secs_f64() * 1000.0
+    duration.as_micros() as f64 / 1000.0
 }
 
 /// Everything the CPU stages produce for one board.

@@ -81,8 +81,7 @@ pub struct HttpAoiWorkload {
 }
 
 /// Deletes the templates a run registered; one that cannot be deleted is reported, not fatal.
-pub async fn remove_templates(url: &str, boards: &[String]) {
-    let client = reqwest::Client::new();
+pub async fn remove_templates(client: &reqwest::Client, url: &str, boards: &[String]) {
     for board in boards {
         let deleted = client
             .delete(format!("{url}/v1/templates/{board}"))
@@ -97,8 +96,11 @@ pub async fn remove_templates(url: &str, boards: &[String]) {
 
 impl HttpAoiWorkload {
     /// Registers every board's template on the server.
-    pub async fn prepare(url: &str, boards: Vec<BoardImages>) -> anyhow::Result<HttpAoiWorkload> {
-        let client = reqwest::Client::new();
+    pub async fn prepare(
+        client: &reqwest::Client,
+        url: &str,
+        boards: Vec<BoardImages>,
+    ) -> anyhow::Result<HttpAoiWorkload> {
         for board in &boards {
             let response = client
                 .put(format!("{url}/v1/templates/{}", board.board))

@@ -37,6 +37,7 @@ pub struct InferWorkload {
 impl InferWorkload {
     /// Reads the model's metadata and prepares the request bodies.
     pub async fn prepare(
+        client: &reqwest::Client,
         base_url: &str,
         model: &str,
         version: Option<&str>,
@@ -47,7 +48,9 @@ impl InferWorkload {
             Some(v) => format!("{base_url}/v2/models/{model}/versions/{v}"),
             None => format!("{base_url}/v2/models/{model}"),
         };
-        let response = reqwest::get(&path)
+        let response = client
+            .get(&path)
+            .send()
             .await
             .with_context(|| format!("cannot reach {path}"))?;
         anyhow::ensure!(

@@ -169,11 +169,11 @@ impl Tally {
     }
 }
 
-pub async fn run(workload: Arc<dyn Workload>, plan: &LoadPlan) -> anyhow::Result<Report> {
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(plan.concurrency.max(1))
-        .timeout(Duration::from_secs(60))
-        .build()?;
+pub async fn run(
+    workload: Arc<dyn Workload>,
+    plan: &LoadPlan,
+    client: reqwest::Client,
+) -> anyhow::Result<Report> {
     let started = Instant::now();
     let measure_from = started + plan.warmup;
     let end = measure_from + plan.duration;

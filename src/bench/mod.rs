@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context;
 use clap::{Args, Subcommand};
 
 use crate::config::{at_least_one, non_negative, positive};
@@ -29,12 +30,42 @@ pub enum BenchCommand {
     Rul(RulArgs),
 }
 
+/// The server a load generator talks to.
 #[derive(Args)]
-pub struct AoiArgs {
-    /// Server base URL; without --in-process the boards go over HTTP.
+pub struct ServerArgs {
+    /// Server base URL.
     #[arg(long, env = "LINESCAN_URL", default_value = "http://127.0.0.1:8000")]
     pub url: String,
-    /// Run the pipeline in this process instead (loads the aoi_defect model).
+    /// Key of a server started with --api-key, sent as `Authorization: Bearer <key>`.
+    #[arg(long, env = "LINESCAN_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+}
+
+impl ServerArgs {
+    /// An HTTP client that keeps up to `connections` idle connections and sends the key.
+    pub fn client(&self, connections: usize) -> anyhow::Result<reqwest::Client> {
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(key) = &self.api_key {
+            let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {key}"))
+                .context("--api-key holds characters an HTTP header cannot carry")?;
+            value.set_sensitive(true);
+            headers.insert(reqwest::header::AUTHORIZATION, value);
+        }
+        Ok(reqwest::Client::builder()
+            .default_headers(headers)
+            .pool_max_idle_per_host(connections.max(1))
+            .timeout(Duration::from_secs(60))
+            .build()?)
+    }
+}
+
+#[derive(Args)]
+pub struct AoiArgs {
+    /// The server, when the boards go over HTTP (without --in-process).
+    #[command(flatten)]
+    pub server: ServerArgs,
+    /// Run the pipeline in this process instead (loads the aoi_defect model; the model and
+    /// preprocessing flags below apply only then: a server's are set on `serve`).
     #[arg(long)]
     pub in_process: bool,
     /// DeepPCB-format list (`groupX/X/ID.jpg groupX/X_not/ID.txt` lines).
@@ -46,7 +77,6 @@ pub struct AoiArgs {
     /// Boards used (read into memory before measuring).
     #[arg(long, default_value_t = 200, value_parser = at_least_one::<usize>)]
     pub boards: usize,
-    /// Preprocessing backend of the in-process pipeline (the server's is set on `serve`).
     #[command(flatten)]
     pub preprocess: crate::preprocess::PreprocessArgs,
     #[command(flatten)]
@@ -57,9 +87,8 @@ pub struct AoiArgs {
 
 #[derive(Args)]
 pub struct RulArgs {
-    /// Server base URL.
-    #[arg(long, env = "LINESCAN_URL", default_value = "http://127.0.0.1:8000")]
-    pub url: String,
+    #[command(flatten)]
+    pub server: ServerArgs,
     /// Sensor model to call.
     #[arg(long, default_value = "rul_fd001")]
     pub model: String,
@@ -94,9 +123,8 @@ pub struct LoadArgs {
 
 #[derive(Args)]
 pub struct InferArgs {
-    /// Server base URL.
-    #[arg(long, env = "LINESCAN_URL", default_value = "http://127.0.0.1:8000")]
-    pub url: String,
+    #[command(flatten)]
+    pub server: ServerArgs,
     /// Model to call.
     #[arg(long)]
     pub model: String,
@@ -151,8 +179,9 @@ impl LoadArgs {
         }
     }
 
-    /// Runs a workload on a runtime of its own and prints (and optionally saves) the report.
-    pub fn execute<F>(&self, prepare: F) -> anyhow::Result<()>
+    /// Runs a workload on a runtime of its own and prints (and optionally saves) the report;
+    /// `client` sends the workload's requests.
+    pub fn execute<F>(&self, client: reqwest::Client, prepare: F) -> anyhow::Result<()>
     where
         F: AsyncFnOnce() -> anyhow::Result<Arc<dyn load::Workload>>,
     {
@@ -162,7 +191,7 @@ impl LoadArgs {
             .build()?;
         let report = runtime.block_on(async {
             let workload = prepare().await?;
-            load::run(workload, &self.plan()).await
+            load::run(workload, &self.plan(), client).await
         })?;
         report.print();
         if let Some(path) = &self.report {
@@ -182,23 +211,27 @@ impl LoadArgs {
 
 pub fn run(command: BenchCommand) -> anyhow::Result<()> {
     match command {
-        BenchCommand::Infer(args) => args.load.execute(async || {
-            let workload = infer::InferWorkload::prepare(
-                &args.url,
-                &args.model,
-                args.model_version.as_deref(),
-                args.batch,
-                args.binary,
-            )
-            .await?;
-            Ok(Arc::new(workload) as Arc<dyn load::Workload>)
-        }),
+        BenchCommand::Infer(args) => {
+            let client = args.server.client(args.load.concurrency)?;
+            args.load.execute(client.clone(), async || {
+                let workload = infer::InferWorkload::prepare(
+                    &client,
+                    &args.server.url,
+                    &args.model,
+                    args.model_version.as_deref(),
+                    args.batch,
+                    args.binary,
+                )
+                .await?;
+                Ok(Arc::new(workload) as Arc<dyn load::Workload>)
+            })
+        }
         BenchCommand::Aoi(args) => {
             let boards = aoi::load_boards(args.list.as_deref(), args.root.as_deref(), args.boards)?;
             if args.in_process {
                 let (registry, inspector) =
                     crate::cli::aoi::load_inspector(&args.models, u64::MAX, &args.preprocess)?;
-                let outcome = args.load.execute(async || {
+                let outcome = args.load.execute(reqwest::Client::new(), async || {
                     Ok(
                         Arc::new(aoi::InProcessAoiWorkload::prepare(inspector, boards)?)
                             as Arc<dyn load::Workload>,
@@ -207,24 +240,31 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
                 registry.shutdown();
                 outcome
             } else {
+                let client = args.server.client(args.load.concurrency)?;
+                let url = &args.server.url;
                 let names: Vec<String> = boards.iter().map(|b| b.board.clone()).collect();
-                let outcome = args.load.execute(async || {
+                let outcome = args.load.execute(client.clone(), async || {
                     Ok(
-                        Arc::new(aoi::HttpAoiWorkload::prepare(&args.url, boards).await?)
+                        Arc::new(aoi::HttpAoiWorkload::prepare(&client, url, boards).await?)
                             as Arc<dyn load::Workload>,
                     )
                 });
                 tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()?
-                    .block_on(aoi::remove_templates(&args.url, &names));
+                    .block_on(aoi::remove_templates(&client, url, &names));
                 outcome
             }
         }
-        BenchCommand::Rul(args) => args.load.execute(async || {
-            let workload = rul::RulWorkload::prepare(&args.url, &args.model, args.windows).await?;
-            Ok(Arc::new(workload) as Arc<dyn load::Workload>)
-        }),
+        BenchCommand::Rul(args) => {
+            let client = args.server.client(args.load.concurrency)?;
+            args.load.execute(client.clone(), async || {
+                let workload =
+                    rul::RulWorkload::prepare(&client, &args.server.url, &args.model, args.windows)
+                        .await?;
+                Ok(Arc::new(workload) as Arc<dyn load::Workload>)
+            })
+        }
         BenchCommand::Inprocess(args) => {
             let report = inprocess::run(&inprocess::InProcessPlan {
                 repository: &args.model_repository,

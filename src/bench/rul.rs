@@ -30,12 +30,15 @@ pub struct RulWorkload {
 impl RulWorkload {
     /// Reads the model's window and channels and prepares request bodies of `windows` windows.
     pub async fn prepare(
+        client: &reqwest::Client,
         base_url: &str,
         model: &str,
         windows: usize,
     ) -> anyhow::Result<RulWorkload> {
         let url = format!("{base_url}/v1/rul/{model}");
-        let response = reqwest::get(&url)
+        let response = client
+            .get(&url)
+            .send()
             .await
             .with_context(|| format!("cannot reach {url}"))?;
         anyhow::ensure!(

@@ -43,6 +43,7 @@ pub struct JobSynthArgs {
     /// Rows (units of 128..362 cycles until the count is reached; the last may be cut short).
     #[arg(long, default_value_t = 1_000_000, value_parser = at_least_one::<usize>)]
     pub rows: usize,
+    /// Random seed: the same seed and row count write the same archive.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
 }
@@ -60,7 +61,7 @@ pub struct JobRunArgs {
     /// Sensor model (default: the repository's only rul_* model).
     #[arg(long)]
     pub model: Option<String>,
-    /// N-CMAPSS partitions to score.
+    /// N-CMAPSS partitions to score (a generic archive has one; only `all` applies to it).
     #[arg(long, value_enum, default_value = "all")]
     pub partition: Partition,
     /// Archive rows read per chunk.
@@ -125,7 +126,8 @@ pub fn run_job(command: JobCommand) -> anyhow::Result<()> {
             let (rows, units) =
                 crate::jobs::synthetic::write_large_generic(&args.out, args.rows, args.seed)?;
             println!(
-                "{rows} rows of {units} units x 24 channels written to {} in {:.2} s",
+                "{rows} rows of {units} unit{} x 24 channels written to {} in {:.2} s",
+                if units == 1 { "" } else { "s" },
                 args.out.display(),
                 started.elapsed().as_secs_f64()
             );
@@ -390,7 +392,8 @@ type UnitRows = Vec<(f64, Vec<f64>)>;
 pub fn read_cmapss(path: &Path) -> anyhow::Result<BTreeMap<i64, UnitRows>> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let width = cmapss_columns().len();
+    let columns = cmapss_columns();
+    let width = columns.len();
     let mut units: BTreeMap<i64, UnitRows> = BTreeMap::new();
     for (index, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
@@ -398,9 +401,21 @@ pub fn read_cmapss(path: &Path) -> anyhow::Result<BTreeMap<i64, UnitRows>> {
         }
         let values: Vec<f64> = line
             .split_whitespace()
-            .map(|v| v.parse::<f64>())
-            .collect::<Result<_, _>>()
-            .with_context(|| format!("{} line {}: not numbers", path.display(), index + 1))?;
+            .enumerate()
+            .map(|(column, v)| {
+                v.parse::<f64>().map_err(|_| {
+                    let name = columns
+                        .get(column)
+                        .map_or("beyond the last", String::as_str);
+                    anyhow::anyhow!(
+                        "{} line {}, column {} ({name}): {v:?} is not a number",
+                        path.display(),
+                        index + 1,
+                        column + 1
+                    )
+                })
+            })
+            .collect::<anyhow::Result<_>>()?;
         anyhow::ensure!(
             values.len() == width,
             "{} line {} has {} columns; C-MAPSS files have {width} (unit, cycle, 3 settings, 21 sensors)",

@@ -43,7 +43,9 @@ pub enum Partition {
     /// N-CMAPSS: the `_dev` and then the `_test` datasets (generic archives have one).
     #[default]
     All,
+    /// N-CMAPSS: the `_dev` datasets only.
     Dev,
+    /// N-CMAPSS: the `_test` datasets only.
     Test,
 }
 
@@ -254,7 +256,7 @@ impl Archive {
             Ok(true) => {}
             Ok(false) => {
                 return Err(invalid(format!(
-                    "{name} is not an HDF5 file (no HDF5 signature); send an HDF5 archive \
+                    "{name} is not an HDF5 file (no HDF5 signature); jobs take HDF5 archives \
                      (generic or N-CMAPSS layout, see README)"
                 )));
             }
@@ -271,7 +273,7 @@ impl Archive {
             match truncation(&message) {
                 Some((have, expected)) => invalid(format!(
                     "{name} is truncated: it holds {have} bytes but its HDF5 header says \
-                     {expected} (an upload cut short?)"
+                     {expected} (a copy or upload cut short?)"
                 )),
                 // HDF5 takes a shared lock to read; only a writer's exclusive lock refuses it.
                 None if message.contains("unable to lock file") => invalid(format!(

@@ -93,6 +93,20 @@ impl JobManager {
                 manager.store.clear_results(&record.id);
                 manager.store.save(&record)?;
                 tracing::info!(job = %record.id, "job cancelled before the restart; not run again");
+            } else if record.input.kind == "path" && !manager.args.allows(&record.input.path) {
+                // The folder a path job reads was allowed when it was submitted, but is not
+                // under this start's --jobs-allow-path: the job is not run behind its back.
+                let message = format!(
+                    "not run again after the restart: {} is not under this server's \
+                     --jobs-allow-path; submit the job again",
+                    record.input.path.display()
+                );
+                tracing::warn!(job = %record.id, "{message}");
+                record.state = JobState::Failed;
+                record.error = Some(message);
+                record.finished_unix = Some(now_unix());
+                manager.store.clear_results(&record.id);
+                manager.store.save(&record)?;
             } else {
                 record.state = JobState::Queued;
                 record.progress = 0.0;

@@ -13,7 +13,7 @@ pub mod runner;
 pub mod store;
 pub mod synthetic;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use clap::Args;
@@ -68,6 +68,16 @@ impl Default for JobArgs {
             chunk_rows: 16_384,
             throttle_ms: 0,
         }
+    }
+}
+
+impl JobArgs {
+    /// Whether a server-side file lies under --jobs-allow-path (symbolic links resolved).
+    pub fn allows(&self, path: &Path) -> bool {
+        let Some(root) = self.allow_path.as_ref().and_then(|r| r.canonicalize().ok()) else {
+            return false;
+        };
+        path.canonicalize().is_ok_and(|path| path.starts_with(root))
     }
 }
 

@@ -110,7 +110,8 @@ async fn read_images(
         images.push((name, bytes.freeze()));
         if images.len() > MAX_BATCH_IMAGES {
             return Err(ApiError::PayloadTooLarge(format!(
-                "at most {MAX_BATCH_IMAGES} images per request"
+                "at most {MAX_BATCH_IMAGES} images per request; this one holds more (send \
+                 the rest in another request)"
             )));
         }
     }

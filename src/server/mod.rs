@@ -42,6 +42,15 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             args.data_dir.display()
         )
     })?;
+    if let Some(folder) = &args.jobs.allow_path
+        && !folder.is_dir()
+    {
+        anyhow::bail!(
+            "--jobs-allow-path {} is not a folder that exists (path job submissions read files \
+             under it)",
+            folder.display()
+        );
+    }
     // Held until the process ends: a second server on this folder would re-run this one's jobs
     // and remove its uploads and results.
     let _data_lock = lock_data_dir(&args.data_dir)?;
@@ -135,15 +144,16 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .context("cannot start the model loader thread")?;
 
     server.await.context("HTTP server failed")?;
+    tracing::info!("HTTP stopped");
     if let Some(error) = load_error.lock().expect("load error lock").take() {
         return Err(error);
     }
     if let Some(fleet) = state.fleet() {
-        tracing::info!("HTTP stopped; stopping job workers (running jobs stay queued)");
+        tracing::info!("stopping job workers (running jobs stay queued)");
         fleet.jobs.shutdown();
     }
     if let Ok(registry) = state.registry() {
-        tracing::info!("HTTP stopped; draining batcher queues");
+        tracing::info!("draining batcher queues");
         registry.shutdown();
     }
     tracing::info!("shut down cleanly");

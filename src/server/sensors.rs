@@ -384,7 +384,16 @@ async fn submit_job(
         ));
     }
     if media.as_deref() == Some("application/json") {
-        let body = read_limited(&request, payload, PATH_BODY_LIMIT).await?;
+        let body = read_limited(&request, payload, PATH_BODY_LIMIT)
+            .await
+            .map_err(|error| match error {
+                ApiError::PayloadTooLarge(_) => ApiError::PayloadTooLarge(format!(
+                    "a JSON job submission ({{\"path\": ...}}) is at most {PATH_BODY_LIMIT} \
+                     bytes; send the HDF5 archive itself as the body (any type but \
+                     application/json) or as a multipart file"
+                )),
+                other => other,
+            })?;
         let from_body: SubmitOptions = serde_json::from_slice(&body).map_err(|e| {
             if e.is_syntax() || e.is_eof() {
                 return ApiError::BadRequest(format!("the body is not valid JSON: {e}"));
@@ -477,7 +486,8 @@ async fn submit_job(
     accepted(&fleet, id, model, options.partition, settings, input)
 }
 
-/// The first file of a multipart form, streamed to `target`: its size and file name.
+/// The one file of a multipart form, streamed to `target`: its size and file name. Any other
+/// field is refused by name, so a form field that looks like an option is never dropped unread.
 async fn save_multipart(
     request: &HttpRequest,
     payload: web::Payload,
@@ -485,6 +495,7 @@ async fn save_multipart(
     limit: u64,
 ) -> Result<(u64, Option<String>), ApiError> {
     let mut form = Multipart::new(request.headers(), payload.into_inner());
+    let mut saved = None;
     while let Some(field) = form.next().await {
         let field =
             field.map_err(|e| ApiError::BadRequest(format!("malformed multipart body: {e}")))?;
@@ -494,17 +505,29 @@ async fn save_multipart(
             .and_then(|d| d.get_filename().map(String::from));
         let name = disposition
             .as_ref()
-            .and_then(|d| d.get_name().map(String::from));
-        let is_archive = filename.is_some() || matches!(name.as_deref(), Some("archive" | "file"));
+            .and_then(|d| d.get_name().map(String::from))
+            .unwrap_or_default();
+        let is_archive = filename.is_some() || matches!(name.as_str(), "archive" | "file");
         if !is_archive {
-            continue;
+            return Err(ApiError::Unprocessable(format!(
+                "multipart field {name:?} is not taken: a job form holds one file (the archive); \
+                 give options in the query string, e.g. ?model=...&partition=..."
+            )));
+        }
+        if saved.is_some() {
+            return Err(ApiError::Unprocessable(format!(
+                "a job form holds one archive, got a second file (field {name:?}); submit one \
+                 job per archive"
+            )));
         }
         let size = save_stream(field, target, limit).await?;
-        return Ok((size, filename));
+        saved = Some((size, filename));
     }
-    Err(ApiError::Unprocessable(
-        "the multipart form holds no file (send the archive as a file field)".into(),
-    ))
+    saved.ok_or_else(|| {
+        ApiError::Unprocessable(
+            "the multipart form holds no file (send the archive as a file field)".into(),
+        )
+    })
 }
 
 fn file_name(path: &Path) -> String {
@@ -631,6 +654,22 @@ async fn job_result(
     path: web::Path<String>,
     query: web::Query<ResultQuery>,
 ) -> Result<HttpResponse, ApiError> {
+    // The query is checked before the job, so a bad one is a 400 whatever the job's state.
+    let format = match query
+        .format
+        .as_deref()
+        .map(str::to_ascii_lowercase)
+        .as_deref()
+    {
+        None | Some("h5" | "hdf5") => Format::H5,
+        Some("csv") => Format::Csv,
+        Some("json") => Format::Json,
+        Some(other) => {
+            return Err(ApiError::BadRequest(format!(
+                "format={other:?} is not one of h5, csv, json"
+            )));
+        }
+    };
     let fleet = fleet(&state)?.clone();
     let record = job_record(&fleet, &path)?;
     match record.state {
@@ -660,21 +699,6 @@ async fn job_result(
             )));
         }
     }
-    let format = match query
-        .format
-        .as_deref()
-        .map(str::to_ascii_lowercase)
-        .as_deref()
-    {
-        None | Some("h5" | "hdf5") => Format::H5,
-        Some("csv") => Format::Csv,
-        Some("json") => Format::Json,
-        Some(other) => {
-            return Err(ApiError::Unprocessable(format!(
-                "format {other} is not one of h5, csv, json"
-            )));
-        }
-    };
     if query.view == View::Units && format != Format::Csv {
         return Err(ApiError::Unprocessable(
             "view=units selects the per-unit table of format=csv; HDF5 and JSON results hold \

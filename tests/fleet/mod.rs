@@ -231,6 +231,19 @@ pub async fn submit_bytes(base: &str, body: Vec<u8>, query: &str) -> (u16, Value
     (status, response.json().await.unwrap_or(Value::Null))
 }
 
+/// Submits a server-side path job (`{"path": ...}` and any other fields); its id.
+pub async fn submit_path(base: &str, submission: Value) -> String {
+    let response = reqwest::Client::new()
+        .post(format!("{base}/v1/jobs"))
+        .json(&submission)
+        .send()
+        .await
+        .expect("POST job");
+    assert_eq!(response.status(), 202);
+    let body: Value = response.json().await.unwrap();
+    body["id"].as_str().expect("id").to_string()
+}
+
 pub async fn submit_file(base: &str, path: &Path) -> String {
     let (status, body) = submit_bytes(base, std::fs::read(path).unwrap(), "").await;
     assert_eq!(status, 202, "{body}");

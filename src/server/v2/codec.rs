@@ -286,7 +286,14 @@ fn check_shape(
             }
         ))
     };
-    if given.len() != expected.len() || given.iter().any(|d| *d < 1) {
+    if let Some(index) = given.iter().position(|d| *d < 1) {
+        return Err(ApiError::Unprocessable(format!(
+            "input \"{name}\": shape {given:?} has dimension {} at index {index}; a request's \
+             dimensions are sizes of at least 1 (-1 is only for the model's metadata)",
+            given[index]
+        )));
+    }
+    if given.len() != expected.len() {
         return Err(mismatch());
     }
     if !given.iter().zip(&expected).all(|(g, e)| *e == -1 || g == e) {
