@@ -302,7 +302,7 @@ async fn every_error_path_answers_with_the_right_status() {
             415,
             "not an image",
         ),
-        ("e", Vec::new(), 415, "empty"),
+        ("e", Vec::new(), 422, "empty"),
         ("e", truncated, 422, "corrupt"),
         ("e", png(&small), 422, "320x320"),
         ("e", png(&big), 413, "exceeds the limit"),

@@ -417,6 +417,8 @@ async fn progress_and_cancellation() {
         .await
         .unwrap();
     assert_eq!(response["purged"], false, "{response}");
+    // The answer says the stop is on its way, not only that the job still runs.
+    assert_eq!(response["cancel_requested"], true, "{response}");
     let status = wait_job(&server.url, &running, is_final).await;
     assert_eq!(status["state"], "cancelled", "{status}");
     let gone = get(format!("{}/v1/jobs/{running}/result", server.url)).await;
@@ -794,6 +796,19 @@ async fn bad_archives_fail_their_own_job_only() {
         assert!(stderr.contains(fragments[0]), "{name}: {stderr}");
         assert!(!out.exists());
     }
+    // An N-CMAPSS partition asked of a generic archive is refused, not ignored.
+    let output = job_run_output(
+        setup.repository.path(),
+        &good,
+        &setup.file("never.h5"),
+        &["--partition", "dev"],
+    );
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("partition dev selects N-CMAPSS datasets"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -975,16 +990,19 @@ fn rul_cmapss_predicts_the_last_window_of_every_unit() {
     let input = setup.file("test_FD00X.txt");
     std::fs::write(&input, &text).unwrap();
     let out = setup.file("pred.csv");
-    let output = run_cli(&[
-        "rul",
-        "cmapss",
-        "--input",
-        input.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--model-repository",
-        setup.repository.path().to_str().unwrap(),
-    ]);
+    let rul_cmapss = || {
+        run_cli(&[
+            "rul",
+            "cmapss",
+            "--input",
+            input.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--model-repository",
+            setup.repository.path().to_str().unwrap(),
+        ])
+    };
+    let output = rul_cmapss();
     assert!(
         output.status.success(),
         "{}",
@@ -1020,19 +1038,27 @@ fn rul_cmapss_predicts_the_last_window_of_every_unit() {
         assert!((predicted - rul).abs() < 1e-3, "{line} vs {rul}");
     }
     // A malformed file says where.
-    std::fs::write(&input, "1 1 0.5\n").unwrap();
-    let output = run_cli(&[
-        "rul",
-        "cmapss",
-        "--input",
-        input.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--model-repository",
-        setup.repository.path().to_str().unwrap(),
-    ]);
-    assert!(!output.status.success());
-    assert!(String::from_utf8_lossy(&output.stderr).contains("line 1 has 3 columns"));
+    let first_row = text.lines().next().unwrap().to_string();
+    let mut fields: Vec<&str> = first_row.split_whitespace().collect();
+    let cycle = fields[1].to_string();
+    fields[2] = "abc";
+    for (content, fragment) in [
+        ("1 1 0.5\n".to_string(), "line 1 has 3 columns".to_string()),
+        (
+            format!("{}\n", fields.join(" ")),
+            "line 1, column 3 (setting_1): \"abc\" is not a number".to_string(),
+        ),
+        (
+            format!("{first_row}\n{first_row}\n"),
+            format!("has cycle {cycle} twice"),
+        ),
+    ] {
+        std::fs::write(&input, &content).unwrap();
+        let output = rul_cmapss();
+        assert!(!output.status.success());
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(&fragment), "{fragment}: {stderr}");
+    }
 }
 
 #[test]

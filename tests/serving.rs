@@ -585,7 +585,9 @@ async fn api_key_guards_everything_but_probes_and_metrics() {
     let server = Server::start(repository.path(), &["--api-key", "k3y"]);
     let client = reqwest::Client::new();
     let model_url = format!("{}/v2/models/{MODEL}", server.url);
-    assert_eq!(client.get(&model_url).send().await.unwrap().status(), 401);
+    let refused = client.get(&model_url).send().await.unwrap();
+    assert_eq!(refused.status(), 401);
+    assert_eq!(refused.headers()["WWW-Authenticate"], "Bearer");
     let authorised = client
         .get(&model_url)
         .bearer_auth("k3y")

@@ -429,8 +429,16 @@ pub fn read_cmapss(path: &Path) -> anyhow::Result<BTreeMap<i64, UnitRows>> {
             .push((values[1], values));
     }
     anyhow::ensure!(!units.is_empty(), "{} holds no rows", path.display());
-    for rows in units.values_mut() {
+    for (unit, rows) in units.iter_mut() {
         rows.sort_by(|a, b| a.0.total_cmp(&b.0));
+        // Two rows of one cycle would make a window of the wrong length in time.
+        if let Some(pair) = rows.windows(2).find(|pair| pair[0].0 == pair[1].0) {
+            anyhow::bail!(
+                "{}: unit {unit} has cycle {} twice; each cycle of a unit is one row",
+                path.display(),
+                pair[0].0
+            );
+        }
     }
     Ok(units)
 }

@@ -304,6 +304,13 @@ impl Archive {
                     missing.join(", ")
                 )));
             }
+            if partition != Partition::All {
+                return Err(invalid(format!(
+                    "partition {} selects N-CMAPSS datasets (_dev or _test); {name} has the \
+                     generic layout, one set of rows: leave the partition at all",
+                    partition.name()
+                )));
+            }
             (Layout::Generic, vec![Self::generic_part(&file)?])
         } else if ncmapss_markers.iter().any(|d| members.contains(*d)) {
             (

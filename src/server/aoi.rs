@@ -80,7 +80,7 @@ async fn read_images(
     if media_type(request).as_deref() != Some("multipart/form-data") {
         let body = read_limited(request, payload, limit).await?;
         if body.is_empty() {
-            return Err(ApiError::UnsupportedMediaType(
+            return Err(ApiError::Unprocessable(
                 "the body is empty: send the image as the body or as multipart/form-data".into(),
             ));
         }
@@ -116,7 +116,7 @@ async fn read_images(
         }
     }
     if images.is_empty() {
-        return Err(ApiError::UnsupportedMediaType(
+        return Err(ApiError::Unprocessable(
             "the multipart form holds no file".into(),
         ));
     }

@@ -88,9 +88,11 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 if authorised {
                     Either::Left(service.call(request))
                 } else {
-                    let response = HttpResponse::Unauthorized().json(serde_json::json!({
-                        "error": "missing or wrong API key (send Authorization: Bearer <key>)"
-                    }));
+                    let response = HttpResponse::Unauthorized()
+                        .insert_header(("WWW-Authenticate", "Bearer"))
+                        .json(serde_json::json!({
+                            "error": "missing or wrong API key (send Authorization: Bearer <key>)"
+                        }));
                     Either::Right(ready(Ok(ServiceResponse::new(
                         request.into_parts().0,
                         response,

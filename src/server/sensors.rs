@@ -579,6 +579,8 @@ fn job_json(record: &JobRecord) -> serde_json::Value {
         "started_unix": record.started_unix,
         "finished_unix": record.finished_unix,
         "attempts": record.attempts,
+        // Set by a DELETE while the job runs: it stops at its next chunk.
+        "cancel_requested": record.cancel_requested,
         "result": (record.state == JobState::Done).then(|| format!("/v1/jobs/{}/result", record.id)),
     })
 }
