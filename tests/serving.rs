@@ -478,14 +478,18 @@ async fn bad_requests_get_the_right_4xx_and_the_server_stays_healthy() {
             404,
             "version 9".into(),
         ),
-        // Wrong methods and unknown paths under the per-model scopes reach the JSON 404.
-        (client.get(&url), 404, "no route for GET".into()),
+        // Wrong methods under the per-model scopes get 405, unknown paths the JSON 404.
+        (
+            client.get(&url),
+            405,
+            format!("GET is not served on /v2/models/{MODEL}/infer; it takes POST"),
+        ),
         (
             client
                 .post(format!("{}/v2/models/{MODEL}", server.url))
                 .json(&good),
-            404,
-            "no route for POST".into(),
+            405,
+            "it takes GET, HEAD".into(),
         ),
         (
             client.get(format!("{}/v2/models/{MODEL}/bogus", server.url)),
@@ -533,11 +537,20 @@ async fn bad_requests_get_the_right_4xx_and_the_server_stays_healthy() {
             "{status}: {error:?} lacks {message:?}"
         );
     }
-    // Still healthy and serving.
+    let wrong_method = client.delete(&url).send().await.unwrap();
+    assert_eq!(wrong_method.status(), 405);
+    assert_eq!(wrong_method.headers()["Allow"], "POST");
+    // Still healthy and serving; probes that send HEAD get the GET's status.
     assert_eq!(
         common::status_of(&server.url, "/v2/health/ready"),
         Some(200)
     );
+    let probe = client
+        .head(format!("{}/v2/health/ready", server.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(probe.status(), 200);
     assert_eq!(post_json(&url, &good).await.status(), 200);
     let text = server.metrics_text().await;
     assert!(

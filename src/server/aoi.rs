@@ -3,7 +3,10 @@
 use std::sync::Arc;
 
 use actix_multipart::Multipart;
+use actix_web::http::Method;
 use actix_web::{HttpRequest, HttpResponse, web};
+
+use crate::server::routing::resource;
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -23,13 +26,30 @@ const MAX_BATCH_IMAGES: usize = 64;
 
 pub fn routes(config: &mut web::ServiceConfig) {
     config
-        .route("/v1/templates", web::get().to(list_templates))
-        .route("/v1/templates/{board}", web::put().to(put_template))
-        .route("/v1/templates/{board}", web::get().to(get_template))
-        .route("/v1/templates/{board}", web::delete().to(delete_template))
-        .route("/v1/templates/{board}/image", web::get().to(template_image))
-        .route("/v1/inspect/{board}", web::post().to(inspect))
-        .route("/v1/inspect/{board}/batch", web::post().to(inspect_batch));
+        .service(resource(
+            "/v1/templates",
+            [(Method::GET, web::route().to(list_templates))],
+        ))
+        .service(resource(
+            "/v1/templates/{board}",
+            [
+                (Method::PUT, web::route().to(put_template)),
+                (Method::GET, web::route().to(get_template)),
+                (Method::DELETE, web::route().to(delete_template)),
+            ],
+        ))
+        .service(resource(
+            "/v1/templates/{board}/image",
+            [(Method::GET, web::route().to(template_image))],
+        ))
+        .service(resource(
+            "/v1/inspect/{board}",
+            [(Method::POST, web::route().to(inspect))],
+        ))
+        .service(resource(
+            "/v1/inspect/{board}/batch",
+            [(Method::POST, web::route().to(inspect_batch))],
+        ));
 }
 
 impl From<AoiError> for ApiError {

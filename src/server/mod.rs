@@ -5,6 +5,7 @@
 pub mod aoi;
 pub mod body;
 pub mod error;
+pub mod routing;
 pub mod sensors;
 pub mod state;
 pub mod v2;
@@ -12,6 +13,7 @@ pub mod v2;
 use std::sync::{Arc, Mutex};
 
 use actix_web::dev::{Service, ServiceResponse};
+use actix_web::http::Method;
 use actix_web::{App, HttpResponse, HttpServer, web};
 use anyhow::Context;
 use futures_util::future::{Either, ready};
@@ -102,7 +104,10 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .configure(v2::routes)
             .configure(aoi::routes)
             .configure(sensors::routes)
-            .route("/metrics", web::get().to(render_metrics))
+            .service(routing::resource(
+                "/metrics",
+                [(Method::GET, web::route().to(render_metrics))],
+            ))
             .default_service(web::to(no_route))
     })
     .shutdown_timeout(args.shutdown_timeout);

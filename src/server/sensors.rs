@@ -13,7 +13,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use actix_multipart::Multipart;
+use actix_web::http::Method;
 use actix_web::{HttpRequest, HttpResponse, web};
+
+use crate::server::routing::resource;
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use serde::{Deserialize, Serialize};
@@ -37,14 +40,35 @@ const PATH_BODY_LIMIT: usize = 64 * 1024;
 
 pub fn routes(config: &mut web::ServiceConfig) {
     config
-        .route("/v1/rul", web::get().to(list_models))
-        .route("/v1/rul/{model}", web::get().to(model_info))
-        .route("/v1/rul/{model}", web::post().to(score_live))
-        .route("/v1/jobs", web::post().to(submit_job))
-        .route("/v1/jobs", web::get().to(list_jobs))
-        .route("/v1/jobs/{id}", web::get().to(get_job))
-        .route("/v1/jobs/{id}", web::delete().to(cancel_job))
-        .route("/v1/jobs/{id}/result", web::get().to(job_result));
+        .service(resource(
+            "/v1/rul",
+            [(Method::GET, web::route().to(list_models))],
+        ))
+        .service(resource(
+            "/v1/rul/{model}",
+            [
+                (Method::GET, web::route().to(model_info)),
+                (Method::POST, web::route().to(score_live)),
+            ],
+        ))
+        .service(resource(
+            "/v1/jobs",
+            [
+                (Method::POST, web::route().to(submit_job)),
+                (Method::GET, web::route().to(list_jobs)),
+            ],
+        ))
+        .service(resource(
+            "/v1/jobs/{id}",
+            [
+                (Method::GET, web::route().to(get_job)),
+                (Method::DELETE, web::route().to(cancel_job)),
+            ],
+        ))
+        .service(resource(
+            "/v1/jobs/{id}/result",
+            [(Method::GET, web::route().to(job_result))],
+        ));
 }
 
 impl From<SensorError> for ApiError {

@@ -5,7 +5,10 @@ pub mod codec;
 
 use std::time::{Duration, Instant};
 
+use actix_web::http::Method;
 use actix_web::{HttpRequest, HttpResponse, web};
+
+use crate::server::routing::resource;
 use serde_json::json;
 
 use crate::engine::ServedModel;
@@ -28,16 +31,37 @@ pub fn routes(config: &mut web::ServiceConfig) {
     // of a regex for every per-model route registered before it.
     let per_model = |scope: actix_web::Scope| {
         scope
-            .route("/infer", web::post().to(infer))
-            .route("", web::get().to(model_metadata))
-            .route("/ready", web::get().to(model_ready))
-            .route("/config", web::get().to(model_config))
+            .service(resource("/infer", [(Method::POST, web::route().to(infer))]))
+            .service(resource(
+                "",
+                [(Method::GET, web::route().to(model_metadata))],
+            ))
+            .service(resource(
+                "/ready",
+                [(Method::GET, web::route().to(model_ready))],
+            ))
+            .service(resource(
+                "/config",
+                [(Method::GET, web::route().to(model_config))],
+            ))
     };
     config
-        .route("/v2", web::get().to(server_metadata))
-        .route("/v2/health/live", web::get().to(live))
-        .route("/v2/health/ready", web::get().to(ready))
-        .route("/v2/repository/index", web::post().to(repository_index))
+        .service(resource(
+            "/v2",
+            [(Method::GET, web::route().to(server_metadata))],
+        ))
+        .service(resource(
+            "/v2/health/live",
+            [(Method::GET, web::route().to(live))],
+        ))
+        .service(resource(
+            "/v2/health/ready",
+            [(Method::GET, web::route().to(ready))],
+        ))
+        .service(resource(
+            "/v2/repository/index",
+            [(Method::POST, web::route().to(repository_index))],
+        ))
         .service(
             per_model(web::scope("/v2/models/{model}"))
                 .service(per_model(web::scope("/versions/{version}"))),
