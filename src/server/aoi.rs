@@ -5,8 +5,6 @@ use std::sync::Arc;
 use actix_multipart::Multipart;
 use actix_web::http::Method;
 use actix_web::{HttpRequest, HttpResponse, web};
-
-use crate::server::routing::resource;
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -19,6 +17,7 @@ use crate::aoi::{AoiError, AoiService};
 use crate::server::NoQuery;
 use crate::server::body::{media_type, read_limited};
 use crate::server::error::ApiError;
+use crate::server::routing::resource;
 use crate::server::state::AppState;
 
 /// Images one batch request may carry.

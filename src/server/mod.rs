@@ -5,6 +5,7 @@
 pub mod aoi;
 pub mod body;
 pub mod error;
+pub mod jobs;
 pub mod routing;
 pub mod sensors;
 pub mod state;
@@ -104,6 +105,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .configure(v2::routes)
             .configure(aoi::routes)
             .configure(sensors::routes)
+            .configure(jobs::routes)
             .service(routing::resource(
                 "/metrics",
                 [(Method::GET, web::route().to(render_metrics))],

@@ -8,13 +8,13 @@ use std::time::{Duration, Instant};
 use actix_web::http::Method;
 use actix_web::{HttpRequest, HttpResponse, web};
 
-use crate::server::routing::resource;
 use serde_json::json;
 
 use crate::engine::ServedModel;
 use crate::server::NoQuery;
 use crate::server::body::{media_type, read_limited};
 use crate::server::error::ApiError;
+use crate::server::routing::resource;
 use crate::server::state::AppState;
 
 /// Media types accepted on infer: JSON, the binary extension, and what curl sends by default.

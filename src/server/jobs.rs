@@ -1,0 +1,565 @@
+//! Fleet job routes: HDF5 archives scored as batch jobs.
+//!
+//! - `POST /v1/jobs`: an HDF5 archive as the body, as a multipart file, or `{"path": ...}` under
+//!   `--jobs-allow-path` → 202 `{"id"}`.
+//! - `GET /v1/jobs`, `GET /v1/jobs/{id}`: state, progress, rows/s, error.
+//! - `GET /v1/jobs/{id}/result?format=h5|csv|json[&view=rows|units]`.
+//! - `DELETE /v1/jobs/{id}[?purge=true]`: cancels (purge also removes a finished job's files).
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use actix_multipart::Multipart;
+use actix_web::http::Method;
+use actix_web::{HttpRequest, HttpResponse, web};
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::jobs::Fleet;
+use crate::jobs::archive::Partition;
+use crate::jobs::manager::CancelOutcome;
+use crate::jobs::results::{self, Format, View};
+use crate::jobs::store::{JobInput, JobRecord, JobState};
+use crate::sensors::AssessSettings;
+use crate::server::NoQuery;
+use crate::server::body::{media_type, read_limited};
+use crate::server::error::ApiError;
+use crate::server::routing::resource;
+use crate::server::sensors::{fleet, sensor_model, settings};
+use crate::server::state::AppState;
+
+/// Largest `{"path": ...}` submission body.
+const PATH_BODY_LIMIT: usize = 64 * 1024;
+
+pub fn routes(config: &mut web::ServiceConfig) {
+    config
+        .service(resource(
+            "/v1/jobs",
+            [
+                (Method::POST, web::route().to(submit_job)),
+                (Method::GET, web::route().to(list_jobs)),
+            ],
+        ))
+        .service(resource(
+            "/v1/jobs/{id}",
+            [
+                (Method::GET, web::route().to(get_job)),
+                (Method::DELETE, web::route().to(cancel_job)),
+            ],
+        ))
+        .service(resource(
+            "/v1/jobs/{id}/result",
+            [(Method::GET, web::route().to(job_result))],
+        ));
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct SubmitOptions {
+    /// Server-side archive (JSON submissions only).
+    path: Option<String>,
+    model: Option<String>,
+    partition: Option<Partition>,
+    critical: Option<f64>,
+    warning: Option<f64>,
+    /// Name recorded as the result's source.
+    name: Option<String>,
+}
+
+/// The model a submission names, or the only one.
+fn job_model(fleet: &Fleet, name: Option<&str>) -> Result<String, ApiError> {
+    match name {
+        Some(name) => Ok(sensor_model(fleet, name)?.name().to_string()),
+        None => {
+            let names = fleet.sensors.names();
+            match names.as_slice() {
+                [only] => Ok(only.clone()),
+                _ => Err(ApiError::Unprocessable(format!(
+                    "name the model with ?model= (sensor models: {})",
+                    names.join(", ")
+                ))),
+            }
+        }
+    }
+}
+
+/// The 413 of an archive upload; `size` when the request declared it.
+fn too_large(size: Option<u64>, limit: u64) -> ApiError {
+    let archive = size.map_or("archive".into(), |size| format!("archive of {size} bytes"));
+    ApiError::PayloadTooLarge(format!(
+        "{archive} above the limit of {limit} bytes (--job-max-upload-bytes / \
+         LINESCAN_JOB_MAX_UPLOAD_BYTES); large archives can be submitted by path with \
+         --jobs-allow-path"
+    ))
+}
+
+/// Streams an upload to `path` under `limit` bytes; returns its size.
+async fn save_stream<S, E>(mut stream: S, path: &Path, limit: u64) -> Result<u64, ApiError>
+where
+    S: Stream<Item = Result<Bytes, E>> + Unpin,
+    E: std::fmt::Display,
+{
+    let internal = |e: std::io::Error| ApiError::Internal(format!("cannot store the upload: {e}"));
+    let file = std::fs::File::create(path).map_err(internal)?;
+    let mut writer = std::io::BufWriter::with_capacity(1 << 20, file);
+    let mut size = 0u64;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| ApiError::BadRequest(format!("reading the upload: {e}")))?;
+        size += chunk.len() as u64;
+        if size > limit {
+            return Err(too_large(None, limit));
+        }
+        writer.write_all(&chunk).map_err(internal)?;
+    }
+    writer.flush().map_err(internal)?;
+    Ok(size)
+}
+
+/// Resolves a server-side path under the allowed folder.
+fn allowed_path(fleet: &Fleet, requested: &str) -> Result<PathBuf, ApiError> {
+    let root = fleet.args.allow_path.as_ref().ok_or_else(|| {
+        ApiError::Unprocessable(
+            "server-side paths are disabled; start the server with --jobs-allow-path DIR, or \
+             send the archive as the body"
+                .into(),
+        )
+    })?;
+    let root = root
+        .canonicalize()
+        .map_err(|e| ApiError::Internal(format!("--jobs-allow-path {}: {e}", root.display())))?;
+    let requested_path = Path::new(requested);
+    let joined = if requested_path.is_absolute() {
+        requested_path.to_path_buf()
+    } else {
+        root.join(requested_path)
+    };
+    let resolved = joined
+        .canonicalize()
+        .map_err(|e| ApiError::Unprocessable(format!("path {requested} cannot be read: {e}")))?;
+    if !resolved.starts_with(&root) {
+        return Err(ApiError::Unprocessable(format!(
+            "path {requested} is outside the folder jobs may read ({})",
+            root.display()
+        )));
+    }
+    if !resolved.is_file() {
+        return Err(ApiError::Unprocessable(format!(
+            "path {requested} is not a file"
+        )));
+    }
+    Ok(resolved)
+}
+
+async fn submit_job(
+    state: web::Data<AppState>,
+    query: web::Query<SubmitOptions>,
+    request: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let fleet = fleet(&state)?.clone();
+    let media = media_type(&request);
+    let mut options = query.into_inner();
+    if options.path.is_some() {
+        return Err(ApiError::Unprocessable(
+            "send {\"path\": ...} as a JSON body, not in the query".into(),
+        ));
+    }
+    if media.as_deref() == Some("application/json") {
+        let body = read_limited(&request, payload, PATH_BODY_LIMIT)
+            .await
+            .map_err(|error| match error {
+                ApiError::PayloadTooLarge(_) => ApiError::PayloadTooLarge(format!(
+                    "a JSON job submission ({{\"path\": ...}}) is at most {PATH_BODY_LIMIT} \
+                     bytes; send the HDF5 archive itself as the body (any type but \
+                     application/json) or as a multipart file"
+                )),
+                other => other,
+            })?;
+        let from_body: SubmitOptions = serde_json::from_slice(&body).map_err(|e| {
+            if e.is_syntax() || e.is_eof() {
+                return ApiError::BadRequest(format!("the body is not valid JSON: {e}"));
+            }
+            ApiError::Unprocessable(format!(
+                "a JSON submission is {{\"path\": \"...\", \"model\"?, \"partition\"?, \
+                 \"critical\"?, \"warning\"?, \"name\"?}}: {}",
+                crate::json_error::describe(&e)
+            ))
+        })?;
+        options = SubmitOptions {
+            path: from_body.path,
+            model: from_body.model.or(options.model),
+            partition: from_body.partition.or(options.partition),
+            critical: from_body.critical.or(options.critical),
+            warning: from_body.warning.or(options.warning),
+            name: from_body.name.or(options.name),
+        };
+        let requested = options
+            .path
+            .clone()
+            .ok_or_else(|| ApiError::Unprocessable("a JSON submission needs \"path\"".into()))?;
+        let model = job_model(&fleet, options.model.as_deref())?;
+        let settings = settings(&fleet, options.critical, options.warning)?;
+        let resolved = allowed_path(&fleet, &requested)?;
+        let bytes = std::fs::metadata(&resolved).map(|m| m.len()).unwrap_or(0);
+        let id = fleet
+            .jobs
+            .store()
+            .create()
+            .map_err(|e| ApiError::Internal(format!("cannot create the job: {e}")))?;
+        let name = options.name.clone().unwrap_or_else(|| file_name(&resolved));
+        let input = JobInput {
+            kind: "path".into(),
+            path: resolved,
+            name,
+            bytes,
+        };
+        return accepted(&fleet, id, model, options.partition, settings, input);
+    }
+
+    let model = job_model(&fleet, options.model.as_deref())?;
+    let settings = settings(&fleet, options.critical, options.warning)?;
+    let limit = fleet.args.max_upload_bytes;
+    if let Some(size) = request
+        .headers()
+        .get(actix_web::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+        .filter(|size| *size > limit)
+    {
+        return Err(too_large(Some(size), limit));
+    }
+    let store = fleet.jobs.store();
+    let id = store
+        .create()
+        .map_err(|e| ApiError::Internal(format!("cannot create the job: {e}")))?;
+    let target = store.upload_path(&id);
+    let saved = if media.as_deref() == Some("multipart/form-data") {
+        save_multipart(&request, payload, &target, limit).await
+    } else {
+        save_stream(payload, &target, limit)
+            .await
+            .map(|size| (size, None))
+    };
+    let (bytes, filename) = match saved {
+        Ok(saved) => saved,
+        Err(error) => {
+            let _ = store.remove(&id);
+            return Err(error);
+        }
+    };
+    if bytes == 0 {
+        let _ = store.remove(&id);
+        return Err(ApiError::Unprocessable(
+            "the body is empty: send the HDF5 archive as the body, as a multipart file, or \
+             {\"path\": ...} as JSON"
+                .into(),
+        ));
+    }
+    let name = options
+        .name
+        .or(filename)
+        .unwrap_or_else(|| "upload.h5".into());
+    let input = JobInput {
+        kind: "upload".into(),
+        path: target,
+        name,
+        bytes,
+    };
+    accepted(&fleet, id, model, options.partition, settings, input)
+}
+
+/// The one file of a multipart form, streamed to `target`: its size and file name. Any other
+/// field is refused by name, so a form field that looks like an option is never dropped unread.
+async fn save_multipart(
+    request: &HttpRequest,
+    payload: web::Payload,
+    target: &Path,
+    limit: u64,
+) -> Result<(u64, Option<String>), ApiError> {
+    let mut form = Multipart::new(request.headers(), payload.into_inner());
+    let mut saved = None;
+    while let Some(field) = form.next().await {
+        let field =
+            field.map_err(|e| ApiError::BadRequest(format!("malformed multipart body: {e}")))?;
+        let disposition = field.content_disposition().cloned();
+        let filename = disposition
+            .as_ref()
+            .and_then(|d| d.get_filename().map(String::from));
+        let name = disposition
+            .as_ref()
+            .and_then(|d| d.get_name().map(String::from))
+            .unwrap_or_default();
+        let is_archive = filename.is_some() || matches!(name.as_str(), "archive" | "file");
+        if !is_archive {
+            return Err(ApiError::Unprocessable(format!(
+                "multipart field {name:?} is not taken: a job form holds one file (the archive); \
+                 give options in the query string, e.g. ?model=...&partition=..."
+            )));
+        }
+        if saved.is_some() {
+            return Err(ApiError::Unprocessable(format!(
+                "a job form holds one archive, got a second file (field {name:?}); submit one \
+                 job per archive"
+            )));
+        }
+        let size = save_stream(field, target, limit).await?;
+        saved = Some((size, filename));
+    }
+    saved.ok_or_else(|| {
+        ApiError::Unprocessable(
+            "the multipart form holds no file (send the archive as a file field)".into(),
+        )
+    })
+}
+
+fn file_name(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_else(|| "archive.h5".into())
+}
+
+fn accepted(
+    fleet: &Fleet,
+    id: String,
+    model: String,
+    partition: Option<Partition>,
+    settings: AssessSettings,
+    input: JobInput,
+) -> Result<HttpResponse, ApiError> {
+    let record = JobRecord::queued(
+        id.clone(),
+        model,
+        partition.unwrap_or_default(),
+        settings,
+        input,
+    );
+    let record = fleet.jobs.submit(record).map_err(|e| {
+        let _ = fleet.jobs.store().remove(&id);
+        ApiError::Internal(format!("cannot queue the job: {e:#}"))
+    })?;
+    Ok(HttpResponse::Accepted()
+        .insert_header(("Location", format!("/v1/jobs/{id}")))
+        .json(job_json(&record)))
+}
+
+fn job_json(record: &JobRecord) -> serde_json::Value {
+    json!({
+        "id": record.id,
+        "state": record.state,
+        "model": record.model,
+        "progress": record.progress,
+        "rows_done": record.rows_done,
+        "rows_total": record.rows_total,
+        "rows_per_second": record.rows_per_second,
+        "units": record.units,
+        "error": record.error,
+        "source": record.input.name,
+        "input_bytes": record.input.bytes,
+        "partition": record.partition,
+        "settings": record.settings,
+        "created_unix": record.created_unix,
+        "started_unix": record.started_unix,
+        "finished_unix": record.finished_unix,
+        "attempts": record.attempts,
+        // Set by a DELETE while the job runs: it stops at its next chunk.
+        "cancel_requested": record.cancel_requested,
+        "result": (record.state == JobState::Done).then(|| format!("/v1/jobs/{}/result", record.id)),
+    })
+}
+
+fn job_record(fleet: &Fleet, id: &str) -> Result<JobRecord, ApiError> {
+    fleet
+        .jobs
+        .get(id)
+        .ok_or_else(|| ApiError::NotFound(format!("no job {id}")))
+}
+
+async fn list_jobs(_query: NoQuery, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let fleet = fleet(&state)?;
+    let jobs: Vec<serde_json::Value> = fleet.jobs.list().iter().map(job_json).collect();
+    Ok(HttpResponse::Ok().json(json!({ "jobs": jobs })))
+}
+
+async fn get_job(
+    _query: NoQuery,
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let fleet = fleet(&state)?;
+    Ok(HttpResponse::Ok().json(job_json(&job_record(fleet, &path)?)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CancelQuery {
+    #[serde(default)]
+    purge: bool,
+}
+
+async fn cancel_job(
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+    query: web::Query<CancelQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let fleet = fleet(&state)?;
+    let id = path.into_inner();
+    match fleet.jobs.cancel(&id) {
+        None => Err(ApiError::NotFound(format!("no job {id}"))),
+        Some(CancelOutcome::Finished(record)) if query.purge => {
+            fleet
+                .jobs
+                .purge(&id)
+                .map_err(|e| ApiError::Internal(format!("cannot remove job {id}: {e:#}")))?;
+            let mut body = job_json(&record);
+            body["purged"] = json!(true);
+            Ok(HttpResponse::Ok().json(body))
+        }
+        Some(CancelOutcome::Cancelled(record) | CancelOutcome::Finished(record)) => {
+            let mut body = job_json(&record);
+            // A job still stopping keeps its files; the caller repeats the purge once it stopped.
+            if query.purge {
+                body["purged"] = json!(false);
+            }
+            Ok(HttpResponse::Ok().json(body))
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ResultQuery {
+    format: Option<String>,
+    #[serde(default)]
+    view: View,
+}
+
+async fn job_result(
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+    query: web::Query<ResultQuery>,
+) -> Result<HttpResponse, ApiError> {
+    // The query is checked before the job, so a bad one is a 400 whatever the job's state.
+    let format = match query
+        .format
+        .as_deref()
+        .map(str::to_ascii_lowercase)
+        .as_deref()
+    {
+        None | Some("h5" | "hdf5") => Format::H5,
+        Some("csv") => Format::Csv,
+        Some("json") => Format::Json,
+        Some(other) => {
+            return Err(ApiError::BadRequest(format!(
+                "format={other:?} is not one of h5, csv, json"
+            )));
+        }
+    };
+    let fleet = fleet(&state)?.clone();
+    let record = job_record(&fleet, &path)?;
+    match record.state {
+        JobState::Done => {}
+        JobState::Queued | JobState::Running => {
+            return Err(ApiError::Unavailable {
+                message: format!(
+                    "job {} is {} ({:.0}% done); its result is not ready yet",
+                    record.id,
+                    record.state.name(),
+                    record.progress * 100.0
+                ),
+                retry_after: 1,
+            });
+        }
+        JobState::Failed => {
+            return Err(ApiError::NotFound(format!(
+                "job {} failed, it has no result: {}",
+                record.id,
+                record.error.as_deref().unwrap_or("unknown error")
+            )));
+        }
+        JobState::Cancelled => {
+            return Err(ApiError::NotFound(format!(
+                "job {} was cancelled, it has no result",
+                record.id
+            )));
+        }
+    }
+    if query.view == View::Units && format != Format::Csv {
+        return Err(ApiError::Unprocessable(
+            "view=units selects the per-unit table of format=csv; HDF5 and JSON results hold \
+             both tables"
+                .into(),
+        ));
+    }
+    let store = fleet.jobs.store();
+    let h5 = store.result_path(&record.id);
+    let (file, suffix) = match (format, query.view) {
+        (Format::H5, _) => (h5.clone(), "h5"),
+        (Format::Json, _) => (store.dir(&record.id).join("result.json"), "json"),
+        (Format::Csv, View::Rows) => (store.dir(&record.id).join("result.csv"), "csv"),
+        (Format::Csv, View::Units) => (store.dir(&record.id).join("result.units.csv"), "units.csv"),
+    };
+    let export_missing = !file.exists();
+    if format == Format::H5 || export_missing {
+        // A result damaged after the job finished is neither served nor exported as if it were
+        // whole; the next start runs the job again. The details (with paths) go to the log.
+        let (source, rows) = (h5.clone(), record.rows_done);
+        web::block(move || results::check(&source, rows))
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))?
+            .map_err(|e| {
+                tracing::error!(job = %record.id, error = %format!("{e:#}"), "damaged result");
+                ApiError::Internal(format!(
+                    "the result of job {} is damaged: it no longer opens or does not hold the rows \
+                     the job wrote; restarting the server runs the job again",
+                    record.id
+                ))
+            })?;
+    }
+    if export_missing {
+        let (source, target, view) = (h5.clone(), file.clone(), query.view);
+        web::block(move || results::export(&source, format, view, &target))
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))?
+            .map_err(|e| ApiError::Internal(format!("cannot export the result: {e:#}")))?;
+    }
+    stream_file(
+        &file,
+        format.content_type(),
+        &format!("{}.{suffix}", record.id),
+    )
+}
+
+/// A file as a streamed response (256 KiB reads on the blocking pool).
+fn stream_file(path: &Path, content_type: &str, filename: &str) -> Result<HttpResponse, ApiError> {
+    let file = std::fs::File::open(path)
+        .map_err(|e| ApiError::Internal(format!("cannot open {}: {e}", path.display())))?;
+    let length = file
+        .metadata()
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .len();
+    let stream = futures_util::stream::unfold(Some(file), |file| async move {
+        let mut file = file?;
+        let read = web::block(move || {
+            let mut buffer = vec![0u8; 256 * 1024];
+            let n = file.read(&mut buffer)?;
+            buffer.truncate(n);
+            Ok::<_, std::io::Error>((file, buffer))
+        })
+        .await;
+        match read {
+            Ok(Ok((_, buffer))) if buffer.is_empty() => None,
+            Ok(Ok((file, buffer))) => Some((Ok(Bytes::from(buffer)), Some(file))),
+            Ok(Err(e)) => Some((Err(actix_web::error::ErrorInternalServerError(e)), None)),
+            Err(e) => Some((Err(actix_web::error::ErrorInternalServerError(e)), None)),
+        }
+    });
+    Ok(HttpResponse::Ok()
+        .content_type(content_type)
+        .insert_header((
+            "Content-Disposition",
+            format!("attachment; filename=\"{filename}\""),
+        ))
+        .no_chunking(length)
+        .streaming(Box::pin(stream)))
+}
