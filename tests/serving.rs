@@ -97,6 +97,24 @@ async fn health_metadata_and_json_inference() {
             .contains(&json!("binary_tensor_data"))
     );
 
+    // Triton's repository index: an empty body or {"ready": bool}; anything else is refused.
+    let client = reqwest::Client::new();
+    let index_url = format!("{}/v2/repository/index", server.url);
+    for (body, expected) in [
+        ("", 200),
+        ("{\"ready\": true}", 200),
+        ("{", 400),
+        ("{\"x\": 1}", 400),
+    ] {
+        let response = client.post(&index_url).body(body).send().await.unwrap();
+        assert_eq!(response.status(), expected, "{body}");
+        if expected == 200 {
+            let index: Value = response.json().await.unwrap();
+            assert_eq!(index[0]["name"], MODEL, "{index}");
+            assert_eq!(index[0]["state"], "READY", "{index}");
+        }
+    }
+
     let metadata = metadata(&server).await;
     assert_eq!(metadata["name"], MODEL);
     assert_eq!(

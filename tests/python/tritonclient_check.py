@@ -1,5 +1,5 @@
 """Talks to a running linescan with NVIDIA's unmodified tritonclient: health, metadata, config,
-and infer with JSON and binary tensors. Usage: tritonclient_check.py HOST:PORT MODEL"""
+repository index, and infer with JSON and binary tensors. Usage: tritonclient_check.py HOST:PORT MODEL"""
 import sys
 
 import numpy as np
@@ -12,6 +12,8 @@ assert client.is_server_ready()
 assert client.is_model_ready(model)
 metadata = client.get_model_metadata(model)
 config = client.get_model_config(model)
+index = client.get_model_repository_index()
+assert any(entry["name"] == model and entry["state"] == "READY" for entry in index), index
 assert config["max_batch_size"] >= 2, config
 
 rng = np.random.default_rng(0)

@@ -102,10 +102,29 @@ async fn ready(_query: NoQuery, state: web::Data<AppState>) -> HttpResponse {
     }
 }
 
+/// The body Triton's repository index takes: every model it lists is loaded and ready, so
+/// `ready` filters nothing here, but anything else is refused rather than ignored.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IndexRequest {
+    #[serde(rename = "ready")]
+    _ready: Option<bool>,
+}
+
 async fn repository_index(
     _query: NoQuery,
     state: web::Data<AppState>,
+    request: HttpRequest,
+    payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
+    let body = read_limited(&request, payload, 4096).await?;
+    if !body.iter().all(u8::is_ascii_whitespace) {
+        serde_json::from_slice::<IndexRequest>(&body).map_err(|e| {
+            ApiError::BadRequest(format!(
+                "the repository index takes an empty body or {{\"ready\": true|false}}: {e}"
+            ))
+        })?;
+    }
     let index: Vec<_> = state
         .registry()?
         .models()
