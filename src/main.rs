@@ -43,7 +43,8 @@ enum Command {
     /// PCB inspection on DeepPCB-format folders: detect and evaluate.
     #[command(subcommand)]
     Aoi(linescan::cli::aoi::AoiCommand),
-    /// Fleet jobs offline: score an HDF5 archive (optionally one shard), merge shards.
+    /// Fleet jobs offline: score an HDF5 archive (optionally one shard), merge shards, write a
+    /// synthetic archive.
     #[command(subcommand)]
     Job(linescan::cli::sensors::JobCommand),
     /// Remaining useful life from C-MAPSS text files.
