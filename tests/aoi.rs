@@ -171,6 +171,16 @@ async fn misregistered_and_grey_boards_are_still_inspected() {
     assert_eq!(result["verdict"], "PASS", "a grey clean board: {result}");
 }
 
+/// Sends a multipart form with `method` to `url`.
+async fn send_form(method: reqwest::Method, url: &str, form: Form) -> reqwest::Response {
+    reqwest::Client::new()
+        .request(method, url)
+        .multipart(form)
+        .send()
+        .await
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn batch_and_multipart_forms() {
     let (_repository, _data, server) = start(&[]);
@@ -181,26 +191,36 @@ async fn batch_and_multipart_forms() {
         "template",
         Part::bytes(png(&clean.template)).file_name("golden.png"),
     );
-    let response = reqwest::Client::new()
-        .put(format!("{}/v1/templates/m", server.url))
-        .multipart(form)
-        .send()
-        .await
-        .unwrap();
+    let response = send_form(
+        reqwest::Method::PUT,
+        &format!("{}/v1/templates/m", server.url),
+        form,
+    )
+    .await;
     assert_eq!(response.status(), 201);
 
-    let form = Form::new().part(
-        "image",
-        Part::bytes(png(&defective.test)).file_name("t.png"),
-    );
-    let response = reqwest::Client::new()
-        .post(format!("{}/v1/inspect/m", server.url))
-        .multipart(form)
-        .send()
-        .await
-        .unwrap();
+    let inspect_url = format!("{}/v1/inspect/m", server.url);
+    let image_form = || {
+        Form::new().part(
+            "image",
+            Part::bytes(png(&defective.test)).file_name("t.png"),
+        )
+    };
+    let response = send_form(reqwest::Method::POST, &inspect_url, image_form()).await;
     let result: Value = response.json().await.unwrap();
     assert_eq!(result["verdict"], "REJECT", "{result}");
+    // A text field is refused by name, not taken for an image.
+    let with_text = image_form().text("board", "m");
+    let response = send_form(reqwest::Method::POST, &inspect_url, with_text).await;
+    assert_eq!(response.status(), 422);
+    let error: Value = response.json().await.unwrap();
+    assert!(
+        error["error"]
+            .as_str()
+            .unwrap()
+            .contains("multipart field \"board\" is not a file"),
+        "{error}"
+    );
 
     let form = Form::new()
         .part("a", Part::bytes(png(&clean.test)).file_name("clean.png"))
@@ -209,12 +229,12 @@ async fn batch_and_multipart_forms() {
             "c",
             Part::bytes(b"not an image".to_vec()).file_name("junk.bin"),
         );
-    let response = reqwest::Client::new()
-        .post(format!("{}/v1/inspect/m/batch", server.url))
-        .multipart(form)
-        .send()
-        .await
-        .unwrap();
+    let response = send_form(
+        reqwest::Method::POST,
+        &format!("{}/v1/inspect/m/batch", server.url),
+        form,
+    )
+    .await;
     assert_eq!(response.status(), 200);
     let body: Value = response.json().await.unwrap();
     let results = body["results"].as_array().unwrap();

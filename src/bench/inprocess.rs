@@ -36,6 +36,22 @@ pub fn run(plan: &InProcessPlan<'_>) -> anyhow::Result<Report> {
         })?
         .clone();
     let config = spec.config.clone();
+    if config.batching() {
+        anyhow::ensure!(
+            plan.batch <= config.max_batch_size,
+            "--batch {} is above model {}'s max_batch_size {}",
+            plan.batch,
+            plan.model,
+            config.max_batch_size
+        );
+    } else {
+        // Each run is one inference: a larger --batch would multiply the figures.
+        anyhow::ensure!(
+            plan.batch == 1,
+            "model {} does not batch (max_batch_size 0): use --batch 1",
+            plan.model
+        );
+    }
     let plan_providers = ProviderPlan::new(&config.runtime.execution_providers, None);
     let mut workers = Vec::new();
     for _ in 0..plan.sessions.max(1) {

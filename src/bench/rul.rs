@@ -66,7 +66,8 @@ impl RulWorkload {
         let mut start = 0;
         for plan in &plans {
             let end = start + plan.observed;
-            let rows: Vec<Vec<f64>> = (end - info.window..end)
+            // Units shorter than the window send what they have; the server pads them.
+            let rows: Vec<Vec<f64>> = (end.saturating_sub(info.window).max(start)..end)
                 .map(|r| table.values[r * width..(r + 1) * width].to_vec())
                 .collect();
             all_windows.push(json!({"unit": plan.unit, "channels": info.channels, "values": rows}));

@@ -44,8 +44,6 @@ enum BatchClose {
     Idle,
     /// The model does not batch (`max_batch_size = 0`).
     Unbatched,
-    /// The queue was closed at shutdown.
-    Stopped,
 }
 
 impl BatchClose {
@@ -58,7 +56,6 @@ impl BatchClose {
             BatchClose::Gap => "gap",
             BatchClose::Idle => "idle",
             BatchClose::Unbatched => "unbatched",
-            BatchClose::Stopped => "stopped",
         }
     }
 }
@@ -225,14 +222,6 @@ impl Batcher {
     /// Sessions (worker threads) taking batches from the queue.
     pub fn sessions(&self) -> usize {
         self.sessions
-    }
-
-    pub fn config(&self) -> &ModelConfig {
-        &self.config
-    }
-
-    pub fn queue_depth(&self) -> usize {
-        self.sender.len()
     }
 
     /// The CUDA device whose memory the model's sessions read in place, if they run there:
@@ -452,8 +441,11 @@ impl Worker {
                     };
                     match self.receiver.recv_deadline(wait_until) {
                         Ok(request) => request,
-                        Err(RecvTimeoutError::Timeout) => break on_timeout,
-                        Err(RecvTimeoutError::Disconnected) => break BatchClose::Stopped,
+                        // The sender lives as long as the batcher, which joins its workers
+                        // before dropping it: only the timeout happens here.
+                        Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => {
+                            break on_timeout;
+                        }
                     }
                 }
             };

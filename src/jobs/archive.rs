@@ -16,7 +16,7 @@
 
 use std::collections::HashSet;
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use hdf5::types::{FixedAscii, FixedUnicode, TypeDescriptor, VarLenAscii, VarLenUnicode};
 use serde::{Deserialize, Serialize};
@@ -118,7 +118,6 @@ struct Part {
 }
 
 pub struct Archive {
-    path: PathBuf,
     layout: Layout,
     parts: Vec<Part>,
     rows: usize,
@@ -355,7 +354,6 @@ impl Archive {
         }
         let rows = parts.iter().map(|p| p.rows).sum();
         Ok(Archive {
-            path: path.to_path_buf(),
             layout,
             parts,
             rows,
@@ -548,10 +546,6 @@ impl Archive {
             )));
         }
         Ok(parts)
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     pub fn layout(&self) -> Layout {

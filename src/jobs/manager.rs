@@ -93,14 +93,14 @@ impl JobManager {
                 manager.store.clear_results(&record.id);
                 manager.store.save(&record)?;
                 tracing::info!(job = %record.id, "job cancelled before the restart; not run again");
-            } else if record.input.kind == "path" && !manager.args.allows(&record.input.path) {
-                // The folder a path job reads was allowed when it was submitted, but is not
-                // under this start's --jobs-allow-path: the job is not run behind its back.
-                let message = format!(
-                    "not run again after the restart: {} is not under this server's \
-                     --jobs-allow-path; submit the job again",
-                    record.input.path.display()
-                );
+            } else if let Some(refused) = (record.input.kind == "path")
+                .then(|| manager.args.resolve(&record.input.path).err())
+                .flatten()
+            {
+                // The file was allowed when the job was submitted; this start's
+                // --jobs-allow-path (or the file system) says otherwise: not run behind its back.
+                let message =
+                    format!("not run again after the restart: {refused}; submit the job again");
                 tracing::warn!(job = %record.id, "{message}");
                 record.state = JobState::Failed;
                 record.error = Some(message);
@@ -144,10 +144,6 @@ impl JobManager {
 
     pub fn store(&self) -> &JobStore {
         &self.store
-    }
-
-    pub fn sensors(&self) -> &Arc<SensorService> {
-        &self.sensors
     }
 
     fn insert(&self, record: JobRecord) {
@@ -219,10 +215,10 @@ impl JobManager {
         }
     }
 
-    /// Removes a finished job and its files.
-    pub fn purge(&self, id: &str) -> anyhow::Result<bool> {
+    /// Removes a finished job and its files (an unknown id has nothing to remove).
+    pub fn purge(&self, id: &str) -> anyhow::Result<()> {
         let Some(entry) = self.entry(id) else {
-            return Ok(false);
+            return Ok(());
         };
         let state = entry.record.lock().expect("record lock").state;
         anyhow::ensure!(
@@ -230,9 +226,10 @@ impl JobManager {
             "job {id} is {}; cancel it first",
             state.name()
         );
-        self.jobs.lock().expect("jobs lock").remove(id);
+        // Files first: a removal that fails leaves the job listed, as it still is on disk.
         self.store.remove(id)?;
-        Ok(true)
+        self.jobs.lock().expect("jobs lock").remove(id);
+        Ok(())
     }
 
     /// Stops the workers: running jobs stop at their next chunk and stay queued on disk.

@@ -71,13 +71,46 @@ impl Default for JobArgs {
     }
 }
 
+/// Why a server-side path cannot be read by a job.
+#[derive(Debug, thiserror::Error)]
+pub enum PathRefused {
+    /// The server's side: paths are off, or the allowed folder itself is unreadable.
+    #[error("{0}")]
+    Server(String),
+    /// The requested path: missing, not a file, or outside the allowed folder.
+    #[error("{0}")]
+    Request(String),
+}
+
 impl JobArgs {
-    /// Whether a server-side file lies under --jobs-allow-path (symbolic links resolved).
-    pub fn allows(&self, path: &Path) -> bool {
-        let Some(root) = self.allow_path.as_ref().and_then(|r| r.canonicalize().ok()) else {
-            return false;
-        };
-        path.canonicalize().is_ok_and(|path| path.starts_with(root))
+    /// `requested` (absolute, or relative to --jobs-allow-path) resolved, symbolic links and
+    /// `..` included, and checked to be a file under --jobs-allow-path.
+    pub fn resolve(&self, requested: &Path) -> Result<PathBuf, PathRefused> {
+        let root = self.allow_path.as_ref().ok_or_else(|| {
+            PathRefused::Request(
+                "server-side paths are disabled; start the server with --jobs-allow-path DIR, \
+                 or send the archive as the body"
+                    .into(),
+            )
+        })?;
+        let root = root.canonicalize().map_err(|e| {
+            PathRefused::Server(format!("--jobs-allow-path {}: {e}", root.display()))
+        })?;
+        let shown = requested.display();
+        let resolved = root
+            .join(requested)
+            .canonicalize()
+            .map_err(|e| PathRefused::Request(format!("path {shown} cannot be read: {e}")))?;
+        if !resolved.starts_with(&root) {
+            return Err(PathRefused::Request(format!(
+                "path {shown} is outside the folder jobs may read ({})",
+                root.display()
+            )));
+        }
+        if !resolved.is_file() {
+            return Err(PathRefused::Request(format!("path {shown} is not a file")));
+        }
+        Ok(resolved)
     }
 }
 

@@ -281,10 +281,6 @@ impl ResultWriter {
         self.units.push_from(units, i)
     }
 
-    pub fn rows_written(&self) -> usize {
-        self.rows.len + self.rows.pending.len()
-    }
-
     /// Flushes, closes and moves the file into place.
     pub fn finish(mut self) -> anyhow::Result<()> {
         self.rows.flush()?;

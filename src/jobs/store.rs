@@ -130,10 +130,6 @@ impl JobStore {
         })
     }
 
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
     pub fn dir(&self, id: &str) -> PathBuf {
         self.root.join(id)
     }

@@ -32,11 +32,6 @@ pub fn environment() -> Result<Environment, RuntimeError> {
         .map_err(RuntimeError::Library)
 }
 
-/// The library path, or an error that lists where we looked and what to install.
-pub fn locate() -> Result<PathBuf, RuntimeError> {
-    find_library().map_err(RuntimeError::Library)
-}
-
 fn find_library() -> Result<PathBuf, String> {
     let mut looked = Vec::new();
     for var in ENV_VARS {

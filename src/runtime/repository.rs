@@ -41,7 +41,6 @@ impl ModelVersionSpec {
 
 #[derive(Debug, Clone)]
 pub struct ModelRepository {
-    pub root: PathBuf,
     pub versions: Vec<ModelVersionSpec>,
 }
 
@@ -76,10 +75,7 @@ impl ModelRepository {
         for dir in model_dirs {
             versions.extend(Self::scan_model(&dir)?);
         }
-        Ok(ModelRepository {
-            root: root.to_path_buf(),
-            versions,
-        })
+        Ok(ModelRepository { versions })
     }
 
     fn scan_model(dir: &Path) -> Result<Vec<ModelVersionSpec>, RuntimeError> {

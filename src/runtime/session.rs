@@ -169,8 +169,9 @@ impl ModelSession {
         Ok(())
     }
 
-    /// Runs every batch size the batcher can form once with zeros, so allocations, kernels and
-    /// TensorRT engines are ready before the first request.
+    /// Runs the batch sizes of `warmup_batch_sizes` once with zeros (every size up to 64, powers
+    /// of two and the maximum above), so allocations, kernels and TensorRT engines are ready
+    /// before the first request.
     pub fn warm_up(&mut self) -> Result<(), RuntimeError> {
         let config = self.spec.config.clone();
         for batch in warmup_batch_sizes(config.max_batch_size) {

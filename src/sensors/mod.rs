@@ -83,9 +83,4 @@ impl SensorService {
     pub fn names(&self) -> Vec<String> {
         self.models.keys().cloned().collect()
     }
-
-    /// The only model when there is one, for requests that name none.
-    pub fn default_model(&self) -> Option<&Arc<SensorModel>> {
-        self.models.values().next()
-    }
 }

@@ -15,7 +15,7 @@ use crate::aoi::pipeline::StageTimings;
 use crate::aoi::templates::{TemplateInfo, validate_board_name};
 use crate::aoi::{AoiError, AoiService};
 use crate::server::NoQuery;
-use crate::server::body::{media_type, read_limited};
+use crate::server::body::{MAX_BODY_FLAG, drain_form, media_type, read_limited};
 use crate::server::error::ApiError;
 use crate::server::routing::resource;
 use crate::server::state::AppState;
@@ -90,14 +90,14 @@ fn unknown_board(board: &str) -> ApiError {
     ))
 }
 
-/// The images of a request: the raw body, or every file part of a multipart form.
+/// The images of a request: the raw body, or every part of a multipart form, each a file.
 async fn read_images(
     request: &HttpRequest,
     payload: web::Payload,
     limit: usize,
 ) -> Result<Vec<(Option<String>, Bytes)>, ApiError> {
     if media_type(request).as_deref() != Some("multipart/form-data") {
-        let body = read_limited(request, payload, limit).await?;
+        let body = read_limited(request, payload, limit, MAX_BODY_FLAG).await?;
         if body.is_empty() {
             return Err(ApiError::Unprocessable(
                 "the body is empty: send the image as the body or as multipart/form-data".into(),
@@ -111,9 +111,18 @@ async fn read_images(
     while let Some(field) = form.next().await {
         let mut field =
             field.map_err(|e| ApiError::BadRequest(format!("malformed multipart body: {e}")))?;
-        let name = field
-            .content_disposition()
-            .and_then(|d| d.get_filename().or(d.get_name()).map(String::from));
+        let disposition = field.content_disposition();
+        if disposition.and_then(|d| d.get_filename()).is_none() {
+            let field_name = disposition.and_then(|d| d.get_name()).unwrap_or_default();
+            let error = ApiError::Unprocessable(format!(
+                "multipart field {field_name:?} is not a file: images go in file parts \
+                 (curl -F 'image=@board.png')"
+            ));
+            drop(field);
+            drain_form(&mut form).await;
+            return Err(error);
+        }
+        let name = disposition.and_then(|d| d.get_filename().map(String::from));
         let mut bytes = BytesMut::new();
         while let Some(chunk) = field.next().await {
             let chunk = chunk
@@ -319,13 +328,14 @@ async fn inspect_request(
     request: &HttpRequest,
     payload: web::Payload,
 ) -> Result<(Arc<AoiService>, String, Vec<(Option<String>, Bytes)>), ApiError> {
+    // The body first: an answer sent with the body unread makes actix drop the connection.
+    let images = read_images(request, payload, state.max_body_bytes).await?;
     let service = service(state)?.clone();
     let board = board_name(path)?;
     service
         .templates
         .get(&board)
         .ok_or_else(|| unknown_board(&board))?;
-    let images = read_images(request, payload, state.max_body_bytes).await?;
     Ok((service, board, images))
 }
 

@@ -11,15 +11,24 @@ use crate::server::error::ApiError;
 /// which may still be sending, receives the answer instead of a reset connection.
 const DRAIN_LIMIT: usize = 256 * 1024 * 1024;
 
+/// Where the usual limit comes from, for the 413's message.
+pub const MAX_BODY_FLAG: &str = "--max-body-bytes / LINESCAN_MAX_BODY_BYTES";
+
+/// The whole body, refused with 413 above `limit` bytes; `source` says where the limit comes
+/// from (a flag, or a fixed limit of the route) so the message can name it.
 pub async fn read_limited(
     request: &HttpRequest,
     mut payload: web::Payload,
     limit: usize,
+    source: &str,
 ) -> Result<Bytes, ApiError> {
-    let too_large = |size: usize| {
+    // A declared size is the body's; a streamed one is only what arrived before the limit.
+    let too_large = |size: Option<usize>| {
+        let body = size.map_or("request body".into(), |size| {
+            format!("request body of {size} bytes")
+        });
         ApiError::PayloadTooLarge(format!(
-            "request body of {size} bytes exceeds the limit of {limit} bytes \
-             (--max-body-bytes / LINESCAN_MAX_BODY_BYTES)"
+            "{body} exceeds the limit of {limit} bytes ({source})"
         ))
     };
     let declared = request
@@ -29,15 +38,14 @@ pub async fn read_limited(
         .and_then(|v| v.parse::<usize>().ok());
     if let Some(size) = declared.filter(|size| *size > limit) {
         drain(&mut payload, size).await;
-        return Err(too_large(size));
+        return Err(too_large(Some(size)));
     }
     let mut body = BytesMut::with_capacity(declared.unwrap_or(8192).min(limit));
     while let Some(chunk) = payload.next().await {
         let chunk = chunk.map_err(|e| ApiError::BadRequest(format!("reading the body: {e}")))?;
         if body.len() + chunk.len() > limit {
-            let size = body.len() + chunk.len();
-            drain(&mut payload, size).await;
-            return Err(too_large(size));
+            drain(&mut payload, body.len() + chunk.len()).await;
+            return Err(too_large(None));
         }
         body.extend_from_slice(&chunk);
     }
@@ -45,7 +53,7 @@ pub async fn read_limited(
 }
 
 /// Reads and drops the rest of a body when it is small enough to be worth it.
-async fn drain(payload: &mut web::Payload, declared: usize) {
+pub async fn drain(payload: &mut web::Payload, declared: usize) {
     if declared > DRAIN_LIMIT {
         return;
     }
@@ -54,6 +62,20 @@ async fn drain(payload: &mut web::Payload, declared: usize) {
         read += chunk.len();
         if read > DRAIN_LIMIT {
             return;
+        }
+    }
+}
+
+/// Reads and drops what is left of a multipart form after a refusal, up to the same limit as
+/// `drain`, so the answer reaches a client that is still sending.
+pub async fn drain_form(form: &mut actix_multipart::Multipart) {
+    let mut read = 0usize;
+    while let Some(Ok(mut field)) = form.next().await {
+        while let Some(Ok(chunk)) = field.next().await {
+            read += chunk.len();
+            if read > DRAIN_LIMIT {
+                return;
+            }
         }
     }
 }

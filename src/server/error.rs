@@ -80,8 +80,9 @@ impl ResponseError for ApiError {
             ApiError::MethodNotAllowed { allow, .. } => {
                 response.insert_header(("Allow", allow.as_str()));
             }
-            // These are answered without reading the body; what is left of it on the connection
-            // would otherwise be taken for the next request.
+            // These may be answered with the body partly unread (a limit hit, a type refused
+            // from its header); what is left of it on the connection would otherwise be taken
+            // for the next request. A connection that read its body whole is closed needlessly.
             ApiError::PayloadTooLarge(_) | ApiError::UnsupportedMediaType(_) => {
                 response.force_close();
             }

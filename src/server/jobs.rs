@@ -7,7 +7,7 @@
 //! - `DELETE /v1/jobs/{id}[?purge=true]`: cancels (purge also removes a finished job's files).
 
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use actix_multipart::Multipart;
 use actix_web::http::Method;
@@ -17,14 +17,14 @@ use futures_util::{Stream, StreamExt};
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::jobs::Fleet;
 use crate::jobs::archive::Partition;
 use crate::jobs::manager::CancelOutcome;
 use crate::jobs::results::{self, Format, View};
 use crate::jobs::store::{JobInput, JobRecord, JobState};
+use crate::jobs::{Fleet, PathRefused};
 use crate::sensors::AssessSettings;
 use crate::server::NoQuery;
-use crate::server::body::{media_type, read_limited};
+use crate::server::body::{drain, drain_form, media_type, read_limited};
 use crate::server::error::ApiError;
 use crate::server::routing::resource;
 use crate::server::sensors::{fleet, sensor_model, settings};
@@ -117,66 +117,41 @@ where
     Ok(size)
 }
 
-/// Resolves a server-side path under the allowed folder.
-fn allowed_path(fleet: &Fleet, requested: &str) -> Result<PathBuf, ApiError> {
-    let root = fleet.args.allow_path.as_ref().ok_or_else(|| {
-        ApiError::Unprocessable(
-            "server-side paths are disabled; start the server with --jobs-allow-path DIR, or \
-             send the archive as the body"
-                .into(),
-        )
-    })?;
-    let root = root
-        .canonicalize()
-        .map_err(|e| ApiError::Internal(format!("--jobs-allow-path {}: {e}", root.display())))?;
-    let requested_path = Path::new(requested);
-    let joined = if requested_path.is_absolute() {
-        requested_path.to_path_buf()
-    } else {
-        root.join(requested_path)
-    };
-    let resolved = joined
-        .canonicalize()
-        .map_err(|e| ApiError::Unprocessable(format!("path {requested} cannot be read: {e}")))?;
-    if !resolved.starts_with(&root) {
-        return Err(ApiError::Unprocessable(format!(
-            "path {requested} is outside the folder jobs may read ({})",
-            root.display()
-        )));
-    }
-    if !resolved.is_file() {
-        return Err(ApiError::Unprocessable(format!(
-            "path {requested} is not a file"
-        )));
-    }
-    Ok(resolved)
-}
-
 async fn submit_job(
     state: web::Data<AppState>,
     query: web::Query<SubmitOptions>,
     request: HttpRequest,
-    payload: web::Payload,
+    mut payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let fleet = fleet(&state)?.clone();
-    let media = media_type(&request);
+    let declared = request
+        .headers()
+        .get(actix_web::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     let mut options = query.into_inner();
-    if options.path.is_some() {
-        return Err(ApiError::Unprocessable(
-            "send {\"path\": ...} as a JSON body, not in the query".into(),
-        ));
-    }
+    let fleet = match fleet(&state) {
+        Ok(fleet) if options.path.is_none() => fleet.clone(),
+        refused => {
+            let error = refused.err().unwrap_or_else(|| {
+                ApiError::Unprocessable(
+                    "send {\"path\": ...} as a JSON body, not in the query".into(),
+                )
+            });
+            // Read off the refused body (when small enough), so the client gets this answer
+            // rather than a connection closed under its feet.
+            drain(&mut payload, declared.unwrap_or(0) as usize).await;
+            return Err(error);
+        }
+    };
+    let media = media_type(&request);
     if media.as_deref() == Some("application/json") {
-        let body = read_limited(&request, payload, PATH_BODY_LIMIT)
-            .await
-            .map_err(|error| match error {
-                ApiError::PayloadTooLarge(_) => ApiError::PayloadTooLarge(format!(
-                    "a JSON job submission ({{\"path\": ...}}) is at most {PATH_BODY_LIMIT} \
-                     bytes; send the HDF5 archive itself as the body (any type but \
-                     application/json) or as a multipart file"
-                )),
-                other => other,
-            })?;
+        let body = read_limited(
+            &request,
+            payload,
+            PATH_BODY_LIMIT,
+            "a JSON {\"path\": ...} submission's; send the HDF5 archive itself as the body (any \
+             type but application/json) or as a multipart file",
+        )
+        .await?;
         let from_body: SubmitOptions = serde_json::from_slice(&body).map_err(|e| {
             if e.is_syntax() || e.is_eof() {
                 return ApiError::BadRequest(format!("the body is not valid JSON: {e}"));
@@ -201,7 +176,14 @@ async fn submit_job(
             .ok_or_else(|| ApiError::Unprocessable("a JSON submission needs \"path\"".into()))?;
         let model = job_model(&fleet, options.model.as_deref())?;
         let settings = settings(&fleet, options.critical, options.warning)?;
-        let resolved = allowed_path(&fleet, &requested)?;
+        let resolved =
+            fleet
+                .args
+                .resolve(Path::new(&requested))
+                .map_err(|refused| match refused {
+                    PathRefused::Server(message) => ApiError::Internal(message),
+                    PathRefused::Request(message) => ApiError::Unprocessable(message),
+                })?;
         let bytes = std::fs::metadata(&resolved).map(|m| m.len()).unwrap_or(0);
         let id = fleet
             .jobs
@@ -218,17 +200,19 @@ async fn submit_job(
         return accepted(&fleet, id, model, options.partition, settings, input);
     }
 
-    let model = job_model(&fleet, options.model.as_deref())?;
-    let settings = settings(&fleet, options.critical, options.warning)?;
     let limit = fleet.args.max_upload_bytes;
-    if let Some(size) = request
-        .headers()
-        .get(actix_web::http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
-        .filter(|size| *size > limit)
-    {
+    if let Some(size) = declared.filter(|size| *size > limit) {
         return Err(too_large(Some(size), limit));
     }
+    let checked = job_model(&fleet, options.model.as_deref())
+        .and_then(|model| Ok((model, settings(&fleet, options.critical, options.warning)?)));
+    let (model, settings) = match checked {
+        Ok(checked) => checked,
+        Err(error) => {
+            drain(&mut payload, declared.unwrap_or(0) as usize).await;
+            return Err(error);
+        }
+    };
     let store = fleet.jobs.store();
     let id = store
         .create()
@@ -292,12 +276,16 @@ async fn save_multipart(
             .unwrap_or_default();
         let is_archive = filename.is_some() || matches!(name.as_str(), "archive" | "file");
         if !is_archive {
+            drop(field);
+            drain_form(&mut form).await;
             return Err(ApiError::Unprocessable(format!(
                 "multipart field {name:?} is not taken: a job form holds one file (the archive); \
                  give options in the query string, e.g. ?model=...&partition=..."
             )));
         }
         if saved.is_some() {
+            drop(field);
+            drain_form(&mut form).await;
             return Err(ApiError::Unprocessable(format!(
                 "a job form holds one archive, got a second file (field {name:?}); submit one \
                  job per archive"

@@ -140,7 +140,20 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     std::thread::Builder::new()
         .name("model-loader".into())
         .spawn(move || {
-            match load_services(&repository, &options, &services, &metrics, &loader_state) {
+            // A panic while loading is a load failure too: otherwise the server would stay
+            // live and never become ready.
+            let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                load_services(&repository, &options, &services, &metrics, &loader_state)
+            }))
+            .unwrap_or_else(|panic| {
+                let reason = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown cause".into());
+                Err(anyhow::anyhow!("model loading panicked: {reason}"))
+            });
+            match loaded {
                 Ok(()) => tracing::info!("all models loaded and warmed up: ready"),
                 Err(error) => {
                     tracing::error!(%error, "loading failed; stopping");

@@ -15,7 +15,7 @@ use crate::jobs::Fleet;
 use crate::runtime::device::PlacedBytes;
 use crate::sensors::{AssessSettings, SensorError, SensorModel, live};
 use crate::server::NoQuery;
-use crate::server::body::{media_type, read_limited};
+use crate::server::body::{MAX_BODY_FLAG, media_type, read_limited};
 use crate::server::error::ApiError;
 use crate::server::routing::resource;
 use crate::server::state::AppState;
@@ -158,15 +158,17 @@ async fn score_live(
     request: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let fleet = fleet(&state)?;
-    let model = sensor_model(fleet, &path)?;
-    let settings = settings(fleet, query.critical, query.warning)?;
     if let Some(kind) = media_type(&request).filter(|m| m != "application/json") {
         return Err(ApiError::UnsupportedMediaType(format!(
             "send windows as application/json, not {kind}"
         )));
     }
-    let body = read_limited(&request, payload, state.max_body_bytes).await?;
+    // The body before the checks: an answer sent with the body unread makes actix drop the
+    // connection.
+    let body = read_limited(&request, payload, state.max_body_bytes, MAX_BODY_FLAG).await?;
+    let fleet = fleet(&state)?;
+    let model = sensor_model(fleet, &path)?;
+    let settings = settings(fleet, query.critical, query.warning)?;
     let started = std::time::Instant::now();
     let windows = live::parse_windows(&body)?;
     let (input, infos) = live::prepare(&windows, &model.params, &model.scaler)?;

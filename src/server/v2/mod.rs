@@ -12,7 +12,7 @@ use serde_json::json;
 
 use crate::engine::ServedModel;
 use crate::server::NoQuery;
-use crate::server::body::{media_type, read_limited};
+use crate::server::body::{MAX_BODY_FLAG, media_type, read_limited};
 use crate::server::error::ApiError;
 use crate::server::routing::resource;
 use crate::server::state::AppState;
@@ -117,7 +117,7 @@ async fn repository_index(
     request: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let body = read_limited(&request, payload, 4096).await?;
+    let body = read_limited(&request, payload, 4096, "the repository index's limit").await?;
     if !body.iter().all(u8::is_ascii_whitespace) {
         serde_json::from_slice::<IndexRequest>(&body).map_err(|e| {
             ApiError::BadRequest(format!(
@@ -201,7 +201,7 @@ async fn infer(
             INFER_MEDIA_TYPES.join(", ")
         )));
     }
-    let body = read_limited(&request, payload, state.max_body_bytes).await?;
+    let body = read_limited(&request, payload, state.max_body_bytes, MAX_BODY_FLAG).await?;
     let model = path.resolve(&state)?;
     let config = &model.spec.config;
     let version = model.spec.version.to_string();
