@@ -19,7 +19,7 @@ use crossbeam_channel::{Receiver, Sender};
 use crate::jobs::JobArgs;
 use crate::jobs::results;
 use crate::jobs::runner::{self, Control, Monitor, RunError, RunOptions};
-use crate::jobs::store::{JobRecord, JobState, JobStore, now_unix};
+use crate::jobs::store::{InputKind, JobRecord, JobState, JobStore, now_unix};
 use crate::sensors::SensorService;
 
 /// How often a running job's progress is written to disk.
@@ -93,7 +93,7 @@ impl JobManager {
                 manager.store.clear_results(&record.id);
                 manager.store.save(&record)?;
                 tracing::info!(job = %record.id, "job cancelled before the restart; not run again");
-            } else if let Some(refused) = (record.input.kind == "path")
+            } else if let Some(refused) = (record.input.kind == InputKind::Path)
                 .then(|| manager.args.resolve(&record.input.path).err())
                 .flatten()
             {

@@ -41,12 +41,22 @@ impl JobState {
     }
 }
 
+/// Where a job's archive came from; `kind` in `state.json`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InputKind {
+    /// Sent with the submission and kept in the job folder.
+    Upload,
+    /// A server-side file under --jobs-allow-path.
+    Path,
+    /// The job's state could not be read at start-up.
+    Unknown,
+}
+
 /// Where a job's archive is.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobInput {
-    /// "upload" (kept in the job folder), "path" (a server-side file), or "unknown" (the job's
-    /// state could not be read at start-up).
-    pub kind: String,
+    pub kind: InputKind,
     pub path: PathBuf,
     /// The name results record as their source.
     pub name: String,
@@ -223,7 +233,7 @@ impl JobStore {
             std::fs::rename(state, dir.join("state.json.damaged"))?;
         }
         let input = JobInput {
-            kind: "unknown".into(),
+            kind: InputKind::Unknown,
             path: dir.to_path_buf(),
             name: String::new(),
             bytes: 0,
@@ -280,7 +290,7 @@ mod tests {
         for i in 0..3 {
             let id = store.create().unwrap();
             let input = JobInput {
-                kind: "upload".into(),
+                kind: InputKind::Upload,
                 path: store.upload_path(&id),
                 name: "a.h5".into(),
                 bytes: 1,

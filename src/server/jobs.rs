@@ -20,7 +20,7 @@ use serde_json::json;
 use crate::jobs::archive::Partition;
 use crate::jobs::manager::CancelOutcome;
 use crate::jobs::results::{self, Format, View};
-use crate::jobs::store::{JobInput, JobRecord, JobState};
+use crate::jobs::store::{InputKind, JobInput, JobRecord, JobState};
 use crate::jobs::{Fleet, PathRefused};
 use crate::sensors::AssessSettings;
 use crate::server::NoQuery;
@@ -192,7 +192,7 @@ async fn submit_job(
             .map_err(|e| ApiError::Internal(format!("cannot create the job: {e}")))?;
         let name = options.name.clone().unwrap_or_else(|| file_name(&resolved));
         let input = JobInput {
-            kind: "path".into(),
+            kind: InputKind::Path,
             path: resolved,
             name,
             bytes,
@@ -245,7 +245,7 @@ async fn submit_job(
         .or(filename)
         .unwrap_or_else(|| "upload.h5".into());
     let input = JobInput {
-        kind: "upload".into(),
+        kind: InputKind::Upload,
         path: target,
         name,
         bytes,
