@@ -22,11 +22,7 @@ impl ServedModel {
     }
 
     pub fn provider_names(&self) -> String {
-        self.providers
-            .iter()
-            .map(|p| p.name())
-            .collect::<Vec<_>>()
-            .join("+")
+        ProviderKind::label(&self.providers)
     }
 }
 
@@ -84,11 +80,7 @@ impl ModelRegistry {
             sessions.push(session);
         }
         let providers = sessions[0].providers().to_vec();
-        let provider_label = providers
-            .iter()
-            .map(|p| p.name())
-            .collect::<Vec<_>>()
-            .join("+");
+        let provider_label = ProviderKind::label(&providers);
         tracing::info!(
             model = %config.name,
             version = spec.version,

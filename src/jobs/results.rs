@@ -129,7 +129,8 @@ impl Columns {
     }
 }
 
-fn h5(context: &str) -> impl Fn(hdf5::Error) -> anyhow::Error + '_ {
+/// An HDF5 error with what was being done, for `map_err`.
+pub(crate) fn h5(context: &str) -> impl Fn(hdf5::Error) -> anyhow::Error + '_ {
     move |e| anyhow::anyhow!("{context}: {e}")
 }
 

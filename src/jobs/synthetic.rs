@@ -8,6 +8,8 @@ use std::path::Path;
 use hdf5::H5Type;
 use hdf5::types::{FixedAscii, VarLenUnicode};
 
+use crate::jobs::results::h5;
+
 /// Generic-layout columns of C-MAPSS: 3 operational settings and 21 sensors.
 pub fn cmapss_channels() -> Vec<String> {
     let mut names: Vec<String> = (1..=3).map(|i| format!("setting_{i}")).collect();
@@ -167,10 +169,6 @@ pub fn fleet(plans: &[UnitPlan], seed: u64) -> Table {
         degrade(*plan, &mut rng, &mut table);
     }
     table
-}
-
-fn h5(context: &str) -> impl Fn(hdf5::Error) -> anyhow::Error + '_ {
-    move |e| anyhow::anyhow!("{context}: {e}")
 }
 
 fn dataset<T: H5Type>(

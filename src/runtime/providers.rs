@@ -17,6 +17,15 @@ pub enum ProviderKind {
 }
 
 impl ProviderKind {
+    /// Providers in order of preference as one label, e.g. `tensorrt+cuda+cpu`.
+    pub fn label(providers: &[ProviderKind]) -> String {
+        providers
+            .iter()
+            .map(|p| p.name())
+            .collect::<Vec<_>>()
+            .join("+")
+    }
+
     pub fn parse(name: &str) -> Result<ProviderKind, String> {
         match name {
             "auto" => Ok(ProviderKind::Auto),

@@ -91,11 +91,7 @@ impl ModelSession {
             .map_err(|e| spec.error(e.to_string()))?
             .with_execution_providers(dispatches)
             .map_err(|e| RuntimeError::Provider {
-                provider: providers
-                    .iter()
-                    .map(|k| k.name())
-                    .collect::<Vec<_>>()
-                    .join("+"),
+                provider: ProviderKind::label(providers),
                 problem: e.to_string(),
             })?;
         let mut builder = builder;

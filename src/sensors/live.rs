@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::sensors::SensorError;
 use crate::sensors::channels::ChannelMap;
 use crate::sensors::params::SensorParams;
-use crate::sensors::window::{Scaler, fits_f32, single_window};
+use crate::sensors::window::{Scaler, describe_non_finite, fits_f32, single_window};
 
 /// Windows refused in one message, at most.
 const MAX_REPORTED: usize = 10;
@@ -180,13 +180,12 @@ fn describe(index: usize, window: &LiveWindow, problem: &str) -> String {
     }
 }
 
+/// A refused live value: JSON's null arrives as NaN, so NaN is named as either.
 fn show(value: f64) -> String {
     if value.is_nan() {
         "NaN/null".into()
-    } else if value.is_infinite() {
-        if value > 0.0 { "Infinity" } else { "-Infinity" }.into()
     } else {
-        format!("{value:e} (beyond the float32 range)")
+        describe_non_finite(value)
     }
 }
 

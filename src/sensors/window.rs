@@ -21,7 +21,7 @@ pub struct NonFinite {
 }
 
 impl NonFinite {
-    /// What is wrong with the value, for messages: "NaN", "infinite value" or the value itself.
+    /// What is wrong with the value, for messages (see `describe_non_finite`).
     pub fn what(&self) -> String {
         describe_non_finite(self.value)
     }
@@ -33,14 +33,14 @@ pub fn fits_f32(value: f64) -> bool {
     (value as f32).is_finite()
 }
 
-/// "NaN", "infinite value" or "value 1e39 (beyond the float32 range)".
+/// "NaN", "Infinity", "-Infinity" or "1e39 (beyond the float32 range)".
 pub fn describe_non_finite(value: f64) -> String {
     if value.is_nan() {
         "NaN".into()
     } else if value.is_infinite() {
-        "infinite value".into()
+        if value > 0.0 { "Infinity" } else { "-Infinity" }.into()
     } else {
-        format!("value {value:e} (beyond the float32 range)")
+        format!("{value:e} (beyond the float32 range)")
     }
 }
 
@@ -191,13 +191,13 @@ mod tests {
             )
             .unwrap_err();
         assert_eq!((bad.row, bad.channel), (1, 0));
-        assert_eq!(bad.what(), "infinite value");
+        assert_eq!(bad.what(), "Infinity");
         // Finite as f64 but not as the model's f32: refused like infinity, named by value.
         let bad = scaler
             .scale_rows(&[0.0f64, 12.0, 2.0, 0.0, 1e39, 1.0], &map, &mut out)
             .unwrap_err();
         assert_eq!((bad.row, bad.channel, bad.value), (1, 1, 1e39));
-        assert_eq!(bad.what(), "value 1e39 (beyond the float32 range)");
+        assert_eq!(bad.what(), "1e39 (beyond the float32 range)");
         // An unused column may hold anything.
         assert!(
             scaler
