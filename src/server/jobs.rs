@@ -96,24 +96,78 @@ fn too_large(size: Option<u64>, limit: u64) -> ApiError {
 }
 
 /// Streams an upload to `path` under `limit` bytes; returns its size.
+/// Bytes gathered before each write. The writes run on actix's blocking pool, so a disk that
+/// stalls holds up that pool rather than the HTTP worker and every connection on it, and each
+/// overlaps the reading of the next buffer from the socket.
+const UPLOAD_WRITE_BYTES: usize = 4 << 20;
+
+type Written = Result<(std::fs::File, Vec<u8>), ApiError>;
+
+/// Writes `buffer` to `file` on the blocking pool; the file and the buffer come back.
+fn start_write(mut file: std::fs::File, buffer: Vec<u8>) -> impl Future<Output = Written> {
+    let write = web::block(move || file.write_all(&buffer).map(|()| (file, buffer)));
+    async move {
+        write
+            .await
+            .map_err(|e| upload_failed(&e))?
+            .map_err(|e| upload_failed(&e))
+    }
+}
+
+fn upload_failed(error: &dyn std::fmt::Display) -> ApiError {
+    ApiError::Internal(format!("cannot store the upload: {error}"))
+}
+
 async fn save_stream<S, E>(mut stream: S, path: &Path, limit: u64) -> Result<u64, ApiError>
 where
     S: Stream<Item = Result<Bytes, E>> + Unpin,
     E: std::fmt::Display,
 {
-    let internal = |e: std::io::Error| ApiError::Internal(format!("cannot store the upload: {e}"));
-    let file = std::fs::File::create(path).map_err(internal)?;
-    let mut writer = std::io::BufWriter::with_capacity(1 << 20, file);
+    let target = path.to_path_buf();
+    let file = web::block(move || std::fs::File::create(target))
+        .await
+        .map_err(|e| upload_failed(&e))?
+        .map_err(|e| upload_failed(&e))?;
+    // The file is either here or with the write in flight.
+    let mut idle = Some(file);
+    let mut in_flight = None;
+    let mut buffer = Vec::with_capacity(UPLOAD_WRITE_BYTES);
+    let mut spare = Vec::with_capacity(UPLOAD_WRITE_BYTES);
     let mut size = 0u64;
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| ApiError::BadRequest(format!("reading the upload: {e}")))?;
-        size += chunk.len() as u64;
-        if size > limit {
-            return Err(too_large(None, limit));
+    loop {
+        let chunk = stream.next().await;
+        let last = chunk.is_none();
+        if let Some(chunk) = chunk {
+            let chunk =
+                chunk.map_err(|e| ApiError::BadRequest(format!("reading the upload: {e}")))?;
+            size += chunk.len() as u64;
+            if size > limit {
+                return Err(too_large(None, limit));
+            }
+            buffer.extend_from_slice(&chunk);
         }
-        writer.write_all(&chunk).map_err(internal)?;
+        if buffer.len() >= UPLOAD_WRITE_BYTES || last {
+            let file = match in_flight.take() {
+                Some(write) => {
+                    let (file, mut done): (std::fs::File, Vec<u8>) = write.await?;
+                    done.clear();
+                    spare = done;
+                    file
+                }
+                None => idle
+                    .take()
+                    .expect("the file is idle when no write is in flight"),
+            };
+            let full = std::mem::replace(&mut buffer, std::mem::take(&mut spare));
+            in_flight = Some(start_write(file, full));
+        }
+        if last {
+            break;
+        }
     }
-    writer.flush().map_err(internal)?;
+    if let Some(write) = in_flight {
+        write.await?;
+    }
     Ok(size)
 }
 
