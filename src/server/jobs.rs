@@ -95,7 +95,6 @@ fn too_large(size: Option<u64>, limit: u64) -> ApiError {
     ))
 }
 
-/// Streams an upload to `path` under `limit` bytes; returns its size.
 /// Bytes gathered before each write. The writes run on actix's blocking pool, so a disk that
 /// stalls holds up that pool rather than the HTTP worker and every connection on it, and each
 /// overlaps the reading of the next buffer from the socket.
@@ -118,6 +117,7 @@ fn upload_failed(error: &dyn std::fmt::Display) -> ApiError {
     ApiError::Internal(format!("cannot store the upload: {error}"))
 }
 
+/// Streams an upload to `path` under `limit` bytes; returns its size.
 async fn save_stream<S, E>(mut stream: S, path: &Path, limit: u64) -> Result<u64, ApiError>
 where
     S: Stream<Item = Result<Bytes, E>> + Unpin,
