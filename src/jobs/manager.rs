@@ -88,11 +88,8 @@ impl JobManager {
             if record.state.is_final() && damaged_result.is_none() {
                 // Stays as it is.
             } else if record.cancel_requested {
-                record.state = JobState::Cancelled;
-                record.finished_unix = Some(now_unix());
-                manager.store.clear_results(&record.id);
-                manager.store.save(&record)?;
                 tracing::info!(job = %record.id, "job cancelled before the restart; not run again");
+                manager.end_at_start(&mut record, JobState::Cancelled, None)?;
             } else if let Some(refused) = (record.input.kind == InputKind::Path)
                 .then(|| manager.args.resolve(&record.input.path).err())
                 .flatten()
@@ -102,11 +99,7 @@ impl JobManager {
                 let message =
                     format!("not run again after the restart: {refused}; submit the job again");
                 tracing::warn!(job = %record.id, "{message}");
-                record.state = JobState::Failed;
-                record.error = Some(message);
-                record.finished_unix = Some(now_unix());
-                manager.store.clear_results(&record.id);
-                manager.store.save(&record)?;
+                manager.end_at_start(&mut record, JobState::Failed, Some(message))?;
             } else {
                 record.state = JobState::Queued;
                 record.progress = 0.0;
@@ -144,6 +137,21 @@ impl JobManager {
 
     pub fn store(&self) -> &JobStore {
         &self.store
+    }
+
+    /// Ends a job found unfinished at start without running it: final state, no results.
+    fn end_at_start(
+        &self,
+        record: &mut JobRecord,
+        state: JobState,
+        error: Option<String>,
+    ) -> anyhow::Result<()> {
+        record.state = state;
+        record.error = error;
+        record.finished_unix = Some(now_unix());
+        self.store.clear_results(&record.id);
+        self.store.save(record)?;
+        Ok(())
     }
 
     fn insert(&self, record: JobRecord) {

@@ -31,11 +31,7 @@ pub async fn read_limited(
             "{body} exceeds the limit of {limit} bytes ({source})"
         ))
     };
-    let declared = request
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok());
+    let declared = declared_length(request).map(|size| size as usize);
     if let Some(size) = declared.filter(|size| *size > limit) {
         drain(&mut payload, size).await;
         return Err(too_large(Some(size)));
@@ -52,17 +48,19 @@ pub async fn read_limited(
     Ok(body.freeze())
 }
 
+/// The body size the client declared in `Content-Length`, if it did.
+pub fn declared_length(request: &HttpRequest) -> Option<u64> {
+    request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+}
+
 /// Reads and drops the rest of a body when it is small enough to be worth it.
 pub async fn drain(payload: &mut web::Payload, declared: usize) {
-    if declared > DRAIN_LIMIT {
-        return;
-    }
-    let mut read = 0usize;
-    while let Some(Ok(chunk)) = payload.next().await {
-        read += chunk.len();
-        if read > DRAIN_LIMIT {
-            return;
-        }
+    if declared <= DRAIN_LIMIT {
+        drop_chunks(payload, 0).await;
     }
 }
 
@@ -70,14 +68,26 @@ pub async fn drain(payload: &mut web::Payload, declared: usize) {
 /// `drain`, so the answer reaches a client that is still sending.
 pub async fn drain_form(form: &mut actix_multipart::Multipart) {
     let mut read = 0usize;
-    while let Some(Ok(mut field)) = form.next().await {
-        while let Some(Ok(chunk)) = field.next().await {
-            read += chunk.len();
-            if read > DRAIN_LIMIT {
-                return;
-            }
+    while read <= DRAIN_LIMIT
+        && let Some(Ok(mut field)) = form.next().await
+    {
+        read = drop_chunks(&mut field, read).await;
+    }
+}
+
+/// Drops chunks until the stream ends, fails, or `read` (bytes dropped so far, these included)
+/// passes `DRAIN_LIMIT`; returns `read`.
+async fn drop_chunks<S, E>(stream: &mut S, mut read: usize) -> usize
+where
+    S: futures_util::Stream<Item = Result<Bytes, E>> + Unpin,
+{
+    while let Some(Ok(chunk)) = stream.next().await {
+        read += chunk.len();
+        if read > DRAIN_LIMIT {
+            break;
         }
     }
+    read
 }
 
 /// The media type without parameters, lower-cased; None when the header is absent.

@@ -24,7 +24,7 @@ use crate::jobs::store::{InputKind, JobInput, JobRecord, JobState};
 use crate::jobs::{Fleet, PathRefused};
 use crate::sensors::AssessSettings;
 use crate::server::NoQuery;
-use crate::server::body::{drain, drain_form, media_type, read_limited};
+use crate::server::body::{declared_length, drain, drain_form, media_type, read_limited};
 use crate::server::error::ApiError;
 use crate::server::routing::resource;
 use crate::server::sensors::{fleet, sensor_model, settings};
@@ -177,10 +177,7 @@ async fn submit_job(
     request: HttpRequest,
     mut payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let declared = request
-        .headers()
-        .get(actix_web::http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    let declared = declared_length(&request);
     let mut options = query.into_inner();
     let fleet = match fleet(&state) {
         Ok(fleet) if options.path.is_none() => fleet.clone(),

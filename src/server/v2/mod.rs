@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 
 use actix_web::http::Method;
 use actix_web::{HttpRequest, HttpResponse, web};
-
 use serde_json::json;
 
 use crate::engine::ServedModel;
