@@ -127,20 +127,27 @@ pub fn dispatch(
     let runtime = &settings.config.runtime;
     let dispatch = match kind {
         ProviderKind::TensorRt => {
-            let (min, opt, max) = tensorrt_profiles(settings.config, settings.max_batch);
-            Some(
-                ep::TensorRT::default()
-                    .with_device_id(runtime.cuda_device)
-                    .with_fp16(runtime.tensorrt_fp16)
-                    .with_engine_cache(true)
-                    .with_engine_cache_path(settings.engine_cache.display())
-                    .with_timing_cache(true)
-                    .with_profile_min_shapes(min)
-                    .with_profile_opt_shapes(opt)
-                    .with_profile_max_shapes(max)
-                    .build()
-                    .error_on_failure(),
-            )
+            let mut tensorrt = ep::TensorRT::default()
+                .with_device_id(runtime.cuda_device)
+                .with_fp16(runtime.tensorrt_fp16)
+                .with_engine_cache(true)
+                .with_engine_cache_path(settings.engine_cache.display())
+                .with_timing_cache(true);
+            match tensorrt_profiles(settings.config, settings.max_batch) {
+                Some((min, opt, max)) => {
+                    tensorrt = tensorrt
+                        .with_profile_min_shapes(min)
+                        .with_profile_opt_shapes(opt)
+                        .with_profile_max_shapes(max);
+                }
+                None => tracing::warn!(
+                    model = %settings.config.name,
+                    "an input has a variable dimension besides the batch: TensorRT builds its \
+                     engine for the shapes it has seen and rebuilds it when a request falls \
+                     outside them"
+                ),
+            }
+            Some(tensorrt.build().error_on_failure())
         }
         ProviderKind::Cuda => Some(
             ep::CUDA::default()
@@ -154,7 +161,16 @@ pub fn dispatch(
 }
 
 /// TensorRT optimisation profiles covering every batch the batcher forms: `name:1xAxB` …
-fn tensorrt_profiles(config: &ModelConfig, max_batch: usize) -> (String, String, String) {
+/// None when an input has a variable dimension besides the batch: its range is unknown, and a
+/// profile pinning it would refuse every other size.
+fn tensorrt_profiles(config: &ModelConfig, max_batch: usize) -> Option<(String, String, String)> {
+    if config
+        .inputs
+        .iter()
+        .any(|input| input.shape.iter().any(|d| *d < 0))
+    {
+        return None;
+    }
     let profile = |batch: usize| {
         config
             .inputs
@@ -164,13 +180,13 @@ fn tensorrt_profiles(config: &ModelConfig, max_batch: usize) -> (String, String,
                 if config.batching() {
                     dims.push(batch.to_string());
                 }
-                dims.extend(input.shape.iter().map(|d| d.max(&1).to_string()));
+                dims.extend(input.shape.iter().map(|d| d.to_string()));
                 format!("{}:{}", input.name, dims.join("x"))
             })
             .collect::<Vec<_>>()
             .join(",")
     };
-    (profile(1), profile(max_batch), profile(max_batch))
+    Some((profile(1), profile(max_batch), profile(max_batch)))
 }
 
 #[cfg(test)]
@@ -195,7 +211,7 @@ mod tests {
 
     #[test]
     fn tensorrt_profiles_span_batch_sizes() {
-        let config: ModelConfig = toml::from_str(
+        let mut config: ModelConfig = toml::from_str(
             r#"
             name = "m"
             max_batch_size = 16
@@ -210,9 +226,11 @@ mod tests {
             "#,
         )
         .unwrap();
-        let (min, opt, max) = tensorrt_profiles(&config, 16);
+        let (min, opt, max) = tensorrt_profiles(&config, 16).unwrap();
         assert_eq!(min, "crops:1x2x64x64");
         assert_eq!(opt, "crops:16x2x64x64");
         assert_eq!(max, opt);
+        config.inputs[0].shape = vec![2, -1, 64];
+        assert_eq!(tensorrt_profiles(&config, 16), None);
     }
 }

@@ -235,8 +235,7 @@ async fn put_template(
             .templates
             .put(&board, &bytes, threshold, &service.inspector)
     })
-    .await
-    .map_err(|e| ApiError::Internal(e.to_string()))??;
+    .await??;
     let mut response = if replaced {
         HttpResponse::Ok()
     } else {
@@ -269,8 +268,21 @@ async fn template_image(
         .templates
         .get(&board)
         .ok_or_else(|| unknown_board(&board))?;
-    let bytes = std::fs::read(service.templates.image_path(&board))
-        .map_err(|e| ApiError::Internal(format!("template image of {board}: {e}")))?;
+    let image = service.templates.image_path(&board);
+    // Off the HTTP worker: a template can be tens of megabytes.
+    let bytes = match web::block(move || std::fs::read(image)).await {
+        Ok(Ok(bytes)) => bytes,
+        // Deleted between the lookup and the read.
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(unknown_board(&board));
+        }
+        Ok(Err(e)) => {
+            return Err(ApiError::Internal(format!(
+                "template image of {board}: {e}"
+            )));
+        }
+        Err(e) => return Err(e.into()),
+    };
     let kind = image::guess_format(&bytes)
         .map(|f| f.to_mime_type())
         .unwrap_or("application/octet-stream");
@@ -283,9 +295,10 @@ async fn delete_template(
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let board = board_name(&path)?;
-    let existed = service(&state)?
-        .templates
-        .delete(&board)
+    let service = service(&state)?.clone();
+    let name = board.clone();
+    let existed = web::block(move || service.templates.delete(&name))
+        .await?
         .map_err(|e| ApiError::Internal(format!("cannot delete template {board}: {e}")))?;
     if existed {
         Ok(HttpResponse::NoContent().finish())
@@ -306,9 +319,7 @@ async fn inspect_one(
         .ok_or_else(|| unknown_board(board))?;
     let inspector = service.inspector.clone();
     let template = found.template.clone();
-    let prepared = web::block(move || inspector.prepare(&bytes, &template))
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))??;
+    let prepared = web::block(move || inspector.prepare(&bytes, &template)).await??;
     let inspection = service
         .inspector
         .finish(prepared, service.inspector.params.score_threshold)

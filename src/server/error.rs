@@ -56,6 +56,13 @@ impl From<InferError> for ApiError {
     }
 }
 
+/// A task on actix's blocking pool that panicked or was dropped.
+impl From<actix_web::error::BlockingError> for ApiError {
+    fn from(error: actix_web::error::BlockingError) -> Self {
+        ApiError::Internal(format!("a background task failed: {error}"))
+    }
+}
+
 impl ResponseError for ApiError {
     fn status_code(&self) -> StatusCode {
         match self {

@@ -165,9 +165,14 @@ where
             break;
         }
     }
-    if let Some(write) = in_flight {
-        write.await?;
-    }
+    let (file, _) = match in_flight {
+        Some(write) => write.await?,
+        None => unreachable!("the last chunk always starts a write"),
+    };
+    // On the disk before the 202: an accepted job's archive survives a power cut.
+    web::block(move || file.sync_all())
+        .await?
+        .map_err(|e| upload_failed(&e))?;
     Ok(size)
 }
 
@@ -248,7 +253,7 @@ async fn submit_job(
             name,
             bytes,
         };
-        return accepted(&fleet, id, model, options.partition, settings, input);
+        return accepted(&fleet, id, model, options.partition, settings, input).await;
     }
 
     let limit = fleet.args.max_upload_bytes;
@@ -301,7 +306,7 @@ async fn submit_job(
         name,
         bytes,
     };
-    accepted(&fleet, id, model, options.partition, settings, input)
+    accepted(&fleet, id, model, options.partition, settings, input).await
 }
 
 /// The one file of a multipart form, streamed to `target`: its size and file name. Any other
@@ -358,7 +363,7 @@ fn file_name(path: &Path) -> String {
         .unwrap_or_else(|| "archive.h5".into())
 }
 
-fn accepted(
+async fn accepted(
     fleet: &Fleet,
     id: String,
     model: String,
@@ -373,10 +378,16 @@ fn accepted(
         settings,
         input,
     );
-    let record = fleet.jobs.submit(record).map_err(|e| {
-        let _ = fleet.jobs.store().remove(&id);
-        ApiError::Internal(format!("cannot queue the job: {e:#}"))
-    })?;
+    // Off the HTTP worker: the record is flushed to the disk.
+    let jobs = fleet.jobs.clone();
+    let record = web::block(move || {
+        jobs.submit(record).map_err(|e| {
+            let _ = jobs.store().remove(&id);
+            ApiError::Internal(format!("cannot queue the job: {e:#}"))
+        })
+    })
+    .await??;
+    let id = &record.id;
     Ok(HttpResponse::Accepted()
         .insert_header(("Location", format!("/v1/jobs/{id}")))
         .json(job_json(&record)))
@@ -441,14 +452,23 @@ async fn cancel_job(
     path: web::Path<String>,
     query: web::Query<CancelQuery>,
 ) -> Result<HttpResponse, ApiError> {
-    let fleet = fleet(&state)?;
+    let jobs = fleet(&state)?.jobs.clone();
     let id = path.into_inner();
-    match fleet.jobs.cancel(&id) {
+    // Off the HTTP worker: both flush to the disk.
+    let (jobs, cancelled) = {
+        let id = id.clone();
+        web::block(move || {
+            let outcome = jobs.cancel(&id);
+            (jobs, outcome)
+        })
+        .await?
+    };
+    match cancelled {
         None => Err(ApiError::NotFound(format!("no job {id}"))),
         Some(CancelOutcome::Finished(record)) if query.purge => {
-            fleet
-                .jobs
-                .purge(&id)
+            let purged = id.clone();
+            web::block(move || jobs.purge(&purged))
+                .await?
                 .map_err(|e| ApiError::Internal(format!("cannot remove job {id}: {e:#}")))?;
             let mut body = job_json(&record);
             body["purged"] = json!(true);
@@ -544,8 +564,7 @@ async fn job_result(
         // whole; the next start runs the job again. The details (with paths) go to the log.
         let (source, rows) = (h5.clone(), record.rows_done);
         web::block(move || results::check(&source, rows))
-            .await
-            .map_err(|e| ApiError::Internal(e.to_string()))?
+            .await?
             .map_err(|e| {
                 tracing::error!(job = %record.id, error = %format!("{e:#}"), "damaged result");
                 ApiError::Internal(format!(
@@ -558,8 +577,7 @@ async fn job_result(
     if export_missing {
         let (source, target, view) = (h5.clone(), file.clone(), query.view);
         web::block(move || results::export(&source, format, view, &target))
-            .await
-            .map_err(|e| ApiError::Internal(e.to_string()))?
+            .await?
             .map_err(|e| ApiError::Internal(format!("cannot export the result: {e:#}")))?;
     }
     stream_file(
