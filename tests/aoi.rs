@@ -258,7 +258,14 @@ async fn reject_threshold_is_per_board() {
     let (_repository, _data, server) = start(&[]);
     let clean = synthetic::board(&[], (0, 0));
     let defective = synthetic::board(&DefectKind::ALL, (0, 0));
-    put_template(&server, "strict", png(&clean.template), "").await;
+    let (_, strict_info) = put_template(&server, "strict", png(&clean.template), "").await;
+    // Without its own threshold a board rejects at the model's operating threshold.
+    assert_eq!(strict_info["reject_threshold"], serde_json::Value::Null);
+    let model_threshold = strict_info["effective_reject_threshold"].as_f64().unwrap();
+    assert!(
+        model_threshold > 0.0 && model_threshold < 1.0,
+        "{strict_info}"
+    );
     let (status, info) = put_template(
         &server,
         "lenient",
@@ -268,6 +275,7 @@ async fn reject_threshold_is_per_board() {
     .await;
     assert_eq!(status, 201, "{info}");
     assert_eq!(info["reject_threshold"], 1.0);
+    assert_eq!(info["effective_reject_threshold"], 1.0);
     let (_, strict) = inspect(&server, "strict", png(&defective.test)).await;
     let (_, lenient) = inspect(&server, "lenient", png(&defective.test)).await;
     assert_eq!(strict["verdict"], "REJECT");

@@ -22,6 +22,8 @@ pub enum ImageError {
     },
     #[error("corrupt or truncated {format} image: {reason}")]
     Corrupt { format: String, reason: String },
+    #[error("the image is empty (0 bytes)")]
+    Empty,
 }
 
 /// An 8-bit grey image.
@@ -40,6 +42,9 @@ const ACCEPTED: [ImageFormat; 4] = [
 ];
 
 pub fn decode_gray(bytes: &[u8], max_pixels: u64) -> Result<GrayImage, ImageError> {
+    if bytes.is_empty() {
+        return Err(ImageError::Empty);
+    }
     let reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| ImageError::Unsupported(format!(": {e}")))?;
@@ -73,8 +78,10 @@ pub fn decode_gray(bytes: &[u8], max_pixels: u64) -> Result<GrayImage, ImageErro
     }
     let mut reader = reader;
     let mut limits = Limits::default();
-    // Room for the largest pixel type (RGBA, 16 bits per channel) of an allowed image.
-    limits.max_alloc = Some(pixels.saturating_mul(8).max(1 << 20));
+    // Room for the largest pixel type (RGBA, 16 bits per channel) of an allowed image, and as
+    // much again for a decoder's working buffers (TIFF's strips: the image crate hands the
+    // TIFF decoder only what is left beside the output buffer).
+    limits.max_alloc = Some(pixels.saturating_mul(16).saturating_add(16 << 20));
     reader.limits(limits);
     let image = reader.decode().map_err(|e| corrupt(e.to_string()))?;
     Ok(to_gray(image))
@@ -191,5 +198,34 @@ mod tests {
         assert_eq!(luma(255, 0, 0), 76);
         assert_eq!(luma(0, 255, 0), 150);
         assert_eq!(luma(0, 0, 255), 29);
+    }
+
+    /// `image` as an uncompressed TIFF.
+    fn tiff(image: DynamicImage) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        image
+            .write_to(&mut Cursor::new(&mut bytes), ImageFormat::Tiff)
+            .unwrap();
+        bytes
+    }
+
+    #[test]
+    fn colour_tiffs_of_a_board_size_decode() {
+        let grey = image::GrayImage::from_fn(640, 640, |x, y| image::Luma([((x ^ y) & 255) as u8]));
+        let grey = DynamicImage::ImageLuma8(grey);
+        for colour in [
+            DynamicImage::ImageRgb8(grey.to_rgb8()),
+            DynamicImage::ImageRgba8(grey.to_rgba8()),
+            DynamicImage::ImageRgb16(grey.to_rgb16()),
+        ] {
+            let decoded = decode_gray(&tiff(colour.clone()), 50_000_000)
+                .unwrap_or_else(|e| panic!("{:?}: {e}", colour.color()));
+            assert_eq!(
+                decoded.pixels,
+                grey.to_luma8().into_raw(),
+                "{:?}",
+                colour.color()
+            );
+        }
     }
 }

@@ -39,10 +39,15 @@ impl AoiService {
         })
     }
 
-    /// PASS unless a defect reaches the board's reject threshold (default: the model's
-    /// operating threshold).
+    /// The confidence at which a defect rejects a board: its own reject threshold, or the
+    /// model's operating threshold.
+    pub fn reject_threshold(&self, board_threshold: Option<f32>) -> f32 {
+        board_threshold.unwrap_or(self.inspector.params.score_threshold)
+    }
+
+    /// PASS unless a defect reaches the board's reject threshold.
     pub fn verdict(&self, inspection: &Inspection, reject_threshold: Option<f32>) -> &'static str {
-        let threshold = reject_threshold.unwrap_or(self.inspector.params.score_threshold);
+        let threshold = self.reject_threshold(reject_threshold);
         if inspection.defects.iter().any(|d| d.confidence >= threshold) {
             "REJECT"
         } else {

@@ -19,6 +19,7 @@ use std::io::Read;
 use std::path::Path;
 
 use hdf5::types::{FixedAscii, FixedUnicode, TypeDescriptor, VarLenAscii, VarLenUnicode};
+use hdf5::{IndexType, IterationOrder, LinkType};
 use serde::{Deserialize, Serialize};
 
 use crate::sensors::channels::ChannelMap;
@@ -363,8 +364,40 @@ impl Archive {
     }
 
     fn dataset(file: &hdf5::File, name: &str) -> Result<hdf5::Dataset, ArchiveError> {
-        file.dataset(name)
-            .map_err(|e| invalid(format!("dataset {name} cannot be opened: {e}")))
+        let elsewhere = |how: &str| {
+            invalid(format!(
+                "dataset {name} {how}; an archive must hold its data itself (the server reads \
+                 no other file on behalf of an archive)"
+            ))
+        };
+        // Checked before opening: following an external link opens the file it names.
+        let external = file
+            .find_link(IndexType::Name, IterationOrder::Native, |link, info| {
+                Ok((link == name && info.link_type == LinkType::External).then_some(()))
+            })
+            .map_err(hdf5_error("listing the archive"))?;
+        if external.is_some() {
+            return Err(elsewhere("is an external link to another file"));
+        }
+        let dataset = file
+            .dataset(name)
+            .map_err(|e| invalid(format!("dataset {name} cannot be opened: {e}")))?;
+        // A soft link can still lead through an external link further down.
+        if dataset.filename() != file.filename() {
+            return Err(elsewhere("lies in another file"));
+        }
+        let creation = dataset
+            .dcpl()
+            .map_err(|e| invalid(format!("reading the storage of dataset {name}: {e}")))?;
+        if creation.layout() == hdf5::dataset::Layout::Virtual {
+            return Err(elsewhere(
+                "is a virtual dataset (its data lie in other files)",
+            ));
+        }
+        if !creation.external().is_empty() {
+            return Err(elsewhere("keeps its values in external raw files"));
+        }
+        Ok(dataset)
     }
 
     fn generic_part(file: &hdf5::File) -> Result<Part, ArchiveError> {
@@ -780,6 +813,107 @@ mod tests {
         assert_eq!(read_names(&array).unwrap(), ["T24", "Nf"]);
         let numbers = file.new_attr::<f32>().shape(2).create("numbers").unwrap();
         assert!(read_names(&numbers).is_err());
+    }
+
+    /// A generic archive of 4 rows whose `unit` dataset `make_unit` creates.
+    fn archive_with_unit(path: &Path, make_unit: impl FnOnce(&hdf5::File)) {
+        let file = hdf5::File::create(path).unwrap();
+        make_unit(&file);
+        file.new_dataset::<i64>()
+            .shape(4)
+            .create("cycle")
+            .unwrap()
+            .write_raw(&[1i64, 2, 3, 4])
+            .unwrap();
+        let features = file
+            .new_dataset::<f64>()
+            .shape([4, 1])
+            .create("features")
+            .unwrap();
+        features.write_raw(&[0.0, 1.0, 2.0, 3.0]).unwrap();
+        let names: VarLenUnicode = "x".parse().unwrap();
+        features
+            .new_attr::<VarLenUnicode>()
+            .create("channels")
+            .unwrap()
+            .write_scalar(&names)
+            .unwrap();
+    }
+
+    #[test]
+    fn data_kept_in_other_files_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        // Another file on the server that an archive points at.
+        let secret = dir.path().join("secret.h5");
+        let other = hdf5::File::create(&secret).unwrap();
+        other
+            .new_dataset::<i64>()
+            .shape(4)
+            .create("unit")
+            .unwrap()
+            .write_raw(&[7i64, 7, 7, 7])
+            .unwrap();
+        drop(other);
+        let raw = dir.path().join("secret.bin");
+        std::fs::write(&raw, [7u8; 32]).unwrap();
+        let secret_name = secret.to_str().unwrap().to_string();
+        let raw_name = raw.to_str().unwrap().to_string();
+        let cases: Vec<(&str, Box<dyn FnOnce(&hdf5::File)>, &str)> = vec![
+            (
+                "link.h5",
+                Box::new(|file: &hdf5::File| {
+                    file.link_external(&secret_name, "unit", "unit").unwrap()
+                }),
+                "dataset unit is an external link to another file",
+            ),
+            (
+                "soft.h5",
+                Box::new(|file: &hdf5::File| {
+                    file.link_external(&secret_name, "/", "elsewhere").unwrap();
+                    file.link_soft("/elsewhere/unit", "unit").unwrap();
+                }),
+                "dataset unit lies in another file",
+            ),
+            (
+                "raw.h5",
+                Box::new(|file: &hdf5::File| {
+                    file.new_dataset::<i64>()
+                        .shape(4)
+                        .external(&raw_name, 0, 32)
+                        .create("unit")
+                        .unwrap();
+                }),
+                "dataset unit keeps its values in external raw files",
+            ),
+            (
+                "virtual.h5",
+                Box::new(|file: &hdf5::File| {
+                    file.new_dataset::<i64>()
+                        .shape(4)
+                        .virtual_map(&secret_name, "unit", 4, .., 4, ..)
+                        .create("unit")
+                        .unwrap();
+                }),
+                "dataset unit is a virtual dataset",
+            ),
+        ];
+        for (name, make_unit, expected) in cases {
+            let path = dir.path().join(name);
+            archive_with_unit(&path, make_unit);
+            let error = Archive::open(&path, Partition::All).err().unwrap().0;
+            assert!(error.contains(expected), "{name}: {error}");
+        }
+        // The same archive holding its own ids opens.
+        let own = dir.path().join("own.h5");
+        archive_with_unit(&own, |file| {
+            file.new_dataset::<i64>()
+                .shape(4)
+                .create("unit")
+                .unwrap()
+                .write_raw(&[1i64, 1, 1, 1])
+                .unwrap();
+        });
+        assert!(Archive::open(&own, Partition::All).is_ok());
     }
 
     #[test]

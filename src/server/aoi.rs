@@ -60,9 +60,8 @@ impl From<AoiError> for ApiError {
             AoiError::Image(ImageError::TooLarge { .. }) => {
                 ApiError::PayloadTooLarge(error.to_string())
             }
-            AoiError::Image(ImageError::Corrupt { .. }) | AoiError::SizeMismatch { .. } => {
-                ApiError::Unprocessable(error.to_string())
-            }
+            AoiError::Image(ImageError::Corrupt { .. } | ImageError::Empty)
+            | AoiError::SizeMismatch { .. } => ApiError::Unprocessable(error.to_string()),
             AoiError::Infer(infer) => infer.into(),
             AoiError::Setup(message) => ApiError::Internal(message),
             AoiError::Preprocess(preprocess) => ApiError::Internal(preprocess.to_string()),
@@ -155,16 +154,37 @@ async fn list_templates(
     _query: NoQuery,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
+    let service = service(&state)?;
+    let templates = service.templates.list();
     Ok(HttpResponse::Ok().json(TemplateList {
-        templates: service(&state)?.templates.list(),
+        templates: templates
+            .iter()
+            .map(|t| template_view(service, t))
+            .collect(),
     }))
 }
 
 // Responses are typed structs rather than `json!` values: those widen f32 to f64 and print
 // 0.999 as 0.9990000128746033.
 #[derive(Serialize)]
-struct TemplateList {
-    templates: Vec<TemplateInfo>,
+struct TemplateList<'a> {
+    templates: Vec<TemplateView<'a>>,
+}
+
+/// A template as the API shows it: its record, and the threshold its verdicts use.
+#[derive(Serialize)]
+struct TemplateView<'a> {
+    #[serde(flatten)]
+    info: &'a TemplateInfo,
+    /// The board's `reject_threshold`, or the model's operating threshold when it has none.
+    effective_reject_threshold: f32,
+}
+
+fn template_view<'a>(service: &AoiService, info: &'a TemplateInfo) -> TemplateView<'a> {
+    TemplateView {
+        info,
+        effective_reject_threshold: service.reject_threshold(info.reject_threshold),
+    }
 }
 
 #[derive(Serialize)]
@@ -230,18 +250,21 @@ async fn put_template(
     }
     let (_, bytes) = images.remove(0);
     let threshold = query.reject_threshold;
-    let (replaced, info) = web::block(move || {
-        service
-            .templates
-            .put(&board, &bytes, threshold, &service.inspector)
-    })
-    .await??;
+    let (replaced, info) = {
+        let service = service.clone();
+        web::block(move || {
+            service
+                .templates
+                .put(&board, &bytes, threshold, &service.inspector)
+        })
+        .await??
+    };
     let mut response = if replaced {
         HttpResponse::Ok()
     } else {
         HttpResponse::Created()
     };
-    Ok(response.json(info))
+    Ok(response.json(template_view(&service, &info)))
 }
 
 async fn get_template(
@@ -250,11 +273,12 @@ async fn get_template(
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let board = board_name(&path)?;
-    let found = service(&state)?
+    let service = service(&state)?;
+    let found = service
         .templates
         .get(&board)
         .ok_or_else(|| unknown_board(&board))?;
-    Ok(HttpResponse::Ok().json(&found.info))
+    Ok(HttpResponse::Ok().json(template_view(service, &found.info)))
 }
 
 async fn template_image(
