@@ -874,6 +874,38 @@ fn shards_merge_to_exactly_the_one_run_result() {
             && stderr.contains("part-1-of-3.h5)"),
         "{stderr}"
     );
+    // Shards of another archive with the same name and row count (its units cut one row
+    // earlier) do not join with these: rows would be lost or scored twice.
+    let mut shifted = table.clone();
+    let width = table.columns.len();
+    shifted.unit.remove(0);
+    shifted.cycle.remove(0);
+    shifted.rul.remove(0);
+    shifted.values.drain(..width);
+    shifted.unit.push(*table.unit.last().unwrap());
+    shifted.cycle.push(table.cycle.last().unwrap() + 1);
+    shifted.rul.push(table.rul.last().unwrap() - 1.0);
+    shifted
+        .values
+        .extend_from_slice(&table.values[table.values.len() - width..]);
+    let elsewhere = tempfile::tempdir().unwrap();
+    let other = write_generic(elsewhere.path(), "fleet.h5", &shifted);
+    let other_part = setup.file("other-1-of-2.h5");
+    setup.job_run(&other, &other_part, &["--shard", "1/2"]);
+    let output = run_cli(&[
+        "job",
+        "merge",
+        setup.file("part-0-of-2.h5").to_str().unwrap(),
+        other_part.to_str().unwrap(),
+        "--out",
+        setup.file("crossed.h5").to_str().unwrap(),
+    ]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("the shards come from different archives"),
+        "{stderr}"
+    );
     // CSV and JSON straight from the command.
     let csv = setup.file("whole.csv");
     setup.job_run(&archive, &csv, &[]);

@@ -18,7 +18,7 @@ use std::collections::HashSet;
 use std::io::Read;
 use std::path::Path;
 
-use hdf5::types::{FixedAscii, FixedUnicode, TypeDescriptor, VarLenAscii, VarLenUnicode};
+use hdf5::types::{FixedAscii, FixedUnicode, IntSize, TypeDescriptor, VarLenAscii, VarLenUnicode};
 use hdf5::{IndexType, IterationOrder, LinkType};
 use serde::{Deserialize, Serialize};
 
@@ -87,15 +87,94 @@ impl Layout {
 
 /// An integer column: a 1-D dataset, or one column of a 2-D one.
 struct IdColumn {
+    /// What the column holds, for messages: "unit id" or "cycle".
+    what: &'static str,
     dataset: hdf5::Dataset,
     column: Option<usize>,
+    stored: IdType,
+}
+
+/// How ids are stored, which decides what HDF5's conversion to i64 would hide.
+#[derive(Clone, Copy)]
+enum IdType {
+    /// Signed integers, or unsigned ones of up to 32 bits: every value converts exactly.
+    Exact,
+    /// 64-bit unsigned: values above i64::MAX would be clipped to it.
+    Unsigned64,
+    /// Floating point (N-CMAPSS stores its ids so): fractions would be cut, NaN made up.
+    Float,
+}
+
+impl IdType {
+    fn of(dataset: &hdf5::Dataset) -> Result<IdType, hdf5::Error> {
+        Ok(match dataset.dtype()?.to_descriptor()? {
+            TypeDescriptor::Float(_) => IdType::Float,
+            TypeDescriptor::Unsigned(IntSize::U8) => IdType::Unsigned64,
+            _ => IdType::Exact,
+        })
+    }
 }
 
 impl IdColumn {
-    fn read(&self, start: usize, end: usize) -> Result<Vec<i64>, hdf5::Error> {
+    fn new(
+        what: &'static str,
+        dataset: hdf5::Dataset,
+        column: Option<usize>,
+    ) -> Result<Self, ArchiveError> {
+        let stored = IdType::of(&dataset).map_err(hdf5_error(what))?;
+        Ok(IdColumn {
+            what,
+            dataset,
+            column,
+            stored,
+        })
+    }
+
+    /// Rows `[start, end)` of the column; `row_offset` turns them into archive rows for
+    /// messages. A value that is not a whole number within i64 is refused with its row.
+    fn read(&self, start: usize, end: usize, row_offset: usize) -> Result<Vec<i64>, ArchiveError> {
+        let failed = hdf5_error(self.what);
+        let not_whole = |i: usize, value: String| {
+            invalid(format!(
+                "{} {value} at row {} is not a whole number within the signed 64-bit range \
+                 (unit ids and cycles are integers)",
+                self.what,
+                row_offset + start + i,
+            ))
+        };
+        match self.stored {
+            IdType::Exact => self.slice::<i64>(start, end).map_err(failed),
+            IdType::Unsigned64 => {
+                let values = self.slice::<u64>(start, end).map_err(failed)?;
+                values
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &v)| i64::try_from(v).map_err(|_| not_whole(i, v.to_string())))
+                    .collect()
+            }
+            IdType::Float => {
+                let values = self.slice::<f64>(start, end).map_err(failed)?;
+                // 2^63 is exact in f64; every whole f64 below it in magnitude fits an i64.
+                let limit = 9_223_372_036_854_775_808.0;
+                values
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &v)| {
+                        if v.fract() == 0.0 && v.abs() < limit {
+                            Ok(v as i64)
+                        } else {
+                            Err(not_whole(i, v.to_string()))
+                        }
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    fn slice<T: hdf5::H5Type>(&self, start: usize, end: usize) -> Result<Vec<T>, hdf5::Error> {
         let values = match self.column {
-            None => self.dataset.read_slice_1d::<i64, _>(start..end)?,
-            Some(column) => self.dataset.read_slice_1d::<i64, _>((start..end, column))?,
+            None => self.dataset.read_slice_1d::<T, _>(start..end)?,
+            Some(column) => self.dataset.read_slice_1d::<T, _>((start..end, column))?,
         };
         Ok(values.into_raw_vec_and_offset().0)
     }
@@ -451,14 +530,8 @@ impl Archive {
             label: "archive".into(),
             offset: 0,
             rows,
-            unit: IdColumn {
-                dataset: unit,
-                column: None,
-            },
-            cycle: IdColumn {
-                dataset: cycle,
-                column: None,
-            },
+            unit: IdColumn::new("unit id", unit, None)?,
+            cycle: IdColumn::new("cycle", cycle, None)?,
             blocks: vec![Block {
                 dataset: features,
                 names,
@@ -560,14 +633,8 @@ impl Archive {
                 label: (*suffix).to_string(),
                 offset,
                 rows,
-                unit: IdColumn {
-                    dataset: a.clone(),
-                    column: Some(unit_column),
-                },
-                cycle: IdColumn {
-                    dataset: a,
-                    column: Some(cycle_column),
-                },
+                unit: IdColumn::new("unit id", a.clone(), Some(unit_column))?,
+                cycle: IdColumn::new("cycle", a, Some(cycle_column))?,
                 blocks,
             });
             offset += rows;
@@ -608,16 +675,8 @@ impl Archive {
         let mut units = Vec::with_capacity(end - start);
         let mut cycles = Vec::with_capacity(end - start);
         for (part, from, to) in self.pieces(start, end) {
-            units.extend(
-                part.unit
-                    .read(from, to)
-                    .map_err(hdf5_error(&format!("reading unit ids of {}", part.label)))?,
-            );
-            cycles.extend(
-                part.cycle
-                    .read(from, to)
-                    .map_err(hdf5_error(&format!("reading cycles of {}", part.label)))?,
-            );
+            units.extend(part.unit.read(from, to, part.offset)?);
+            cycles.extend(part.cycle.read(from, to, part.offset)?);
         }
         Ok((units, cycles))
     }
@@ -914,6 +973,78 @@ mod tests {
                 .unwrap();
         });
         assert!(Archive::open(&own, Partition::All).is_ok());
+    }
+
+    #[test]
+    fn ids_that_are_not_whole_numbers_are_refused_with_the_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let scan = |name: &str, make_unit: Box<dyn FnOnce(&hdf5::File)>| {
+            let path = dir.path().join(name);
+            archive_with_unit(&path, make_unit);
+            let archive = Archive::open(&path, Partition::All).unwrap();
+            archive.scan_units(&|| true).map_err(|e| e.0)
+        };
+        let floats = |values: [f64; 4]| -> Box<dyn FnOnce(&hdf5::File)> {
+            Box::new(move |file: &hdf5::File| {
+                let unit = file.new_dataset::<f64>().shape(4).create("unit").unwrap();
+                unit.write_raw(&values).unwrap();
+            })
+        };
+        // Whole numbers stored as floats (N-CMAPSS does so) are ids like any other.
+        let spans = scan("whole.h5", floats([1.0, 1.0, 2.0, 2.0])).unwrap();
+        assert_eq!(spans.iter().map(|s| s.unit).collect::<Vec<_>>(), [1, 2]);
+        for (name, values, expected) in [
+            (
+                "half.h5",
+                [1.0, 1.0, 1.5, 2.0],
+                "unit id 1.5 at row 2 is not a whole number",
+            ),
+            (
+                "nan.h5",
+                [1.0, f64::NAN, 2.0, 2.0],
+                "unit id NaN at row 1 is not a whole number",
+            ),
+            (
+                "huge.h5",
+                [1.0, 1.0, 1e19, 1e19],
+                "unit id 10000000000000000000 at row 2",
+            ),
+        ] {
+            let error = scan(name, floats(values)).unwrap_err();
+            assert!(error.contains(expected), "{name}: {error}");
+        }
+        let beyond = scan(
+            "u64.h5",
+            Box::new(|file: &hdf5::File| {
+                let unit = file.new_dataset::<u64>().shape(4).create("unit").unwrap();
+                unit.write_raw(&[1u64, 1, 1 << 63, 1 << 63]).unwrap();
+            }),
+        )
+        .unwrap_err();
+        assert!(
+            beyond.contains("unit id 9223372036854775808 at row 2"),
+            "{beyond}"
+        );
+    }
+
+    #[test]
+    fn lzf_compressed_archives_read() {
+        // h5py's own compression, common in archives written from Python.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lzf.h5");
+        archive_with_unit(&path, |file| {
+            file.new_dataset::<i64>()
+                .shape(4)
+                .chunk(2)
+                .lzf()
+                .create("unit")
+                .unwrap()
+                .write_raw(&[3i64, 3, 4, 4])
+                .unwrap();
+        });
+        let archive = Archive::open(&path, Partition::All).unwrap();
+        let spans = archive.scan_units(&|| true).unwrap();
+        assert_eq!(spans.iter().map(|s| s.unit).collect::<Vec<_>>(), [3, 4]);
     }
 
     #[test]

@@ -633,6 +633,26 @@ pub fn merge(parts: &[std::path::PathBuf], out: &Path) -> anyhow::Result<ResultM
         "the shards do not cover 0..{count} exactly once: {}",
         described()
     );
+    // Shards of one archive cut it into consecutive row ranges; shards of two archives that
+    // share a name and a row count cut it elsewhere (rows would be lost or doubled).
+    let source_rows = shards[0].1.meta.source_rows;
+    let mut next_row = 0;
+    for (shard, _, path) in &shards {
+        anyhow::ensure!(
+            shard.rows_start == next_row,
+            "{} scored rows {}..{} but the shards before it end at row {next_row}: the shards \
+             come from different archives (or versions of one)",
+            path.display(),
+            shard.rows_start,
+            shard.rows_end
+        );
+        next_row = shard.rows_end;
+    }
+    anyhow::ensure!(
+        next_row == source_rows,
+        "the shards end at row {next_row} but the archive has {source_rows} rows: they come \
+         from different archives (or versions of one)"
+    );
     let mut meta = shards[0].1.meta.clone();
     meta.shard = None;
     for (_, reader, path) in &shards {
