@@ -874,6 +874,9 @@ mod tests {
         assert!(read_names(&numbers).is_err());
     }
 
+    /// Creates the `unit` dataset of a test archive.
+    type MakeUnit<'a> = Box<dyn FnOnce(&hdf5::File) + 'a>;
+
     /// A generic archive of 4 rows whose `unit` dataset `make_unit` creates.
     fn archive_with_unit(path: &Path, make_unit: impl FnOnce(&hdf5::File)) {
         let file = hdf5::File::create(path).unwrap();
@@ -917,7 +920,7 @@ mod tests {
         std::fs::write(&raw, [7u8; 32]).unwrap();
         let secret_name = secret.to_str().unwrap().to_string();
         let raw_name = raw.to_str().unwrap().to_string();
-        let cases: Vec<(&str, Box<dyn FnOnce(&hdf5::File)>, &str)> = vec![
+        let cases: Vec<(&str, MakeUnit<'_>, &str)> = vec![
             (
                 "link.h5",
                 Box::new(|file: &hdf5::File| {
@@ -978,13 +981,13 @@ mod tests {
     #[test]
     fn ids_that_are_not_whole_numbers_are_refused_with_the_row() {
         let dir = tempfile::tempdir().unwrap();
-        let scan = |name: &str, make_unit: Box<dyn FnOnce(&hdf5::File)>| {
+        let scan = |name: &str, make_unit: MakeUnit<'static>| {
             let path = dir.path().join(name);
             archive_with_unit(&path, make_unit);
             let archive = Archive::open(&path, Partition::All).unwrap();
             archive.scan_units(&|| true).map_err(|e| e.0)
         };
-        let floats = |values: [f64; 4]| -> Box<dyn FnOnce(&hdf5::File)> {
+        let floats = |values: [f64; 4]| -> MakeUnit<'static> {
             Box::new(move |file: &hdf5::File| {
                 let unit = file.new_dataset::<f64>().shape(4).create("unit").unwrap();
                 unit.write_raw(&values).unwrap();
