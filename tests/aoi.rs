@@ -372,13 +372,19 @@ async fn templates_survive_a_restart() {
             .0,
             201
         );
-        assert_eq!(
-            put_template(&server, "cut", png(&clean.template), "")
-                .await
-                .0,
-            201
-        );
+        for board in ["cut", "damaged"] {
+            assert_eq!(
+                put_template(&server, board, png(&clean.template), "")
+                    .await
+                    .0,
+                201
+            );
+        }
     }
+    // A template image damaged while the server was down.
+    let damaged = data.path().join("templates").join("damaged.image");
+    let bytes = std::fs::read(&damaged).unwrap();
+    std::fs::write(&damaged, &bytes[..bytes.len() / 2]).unwrap();
     // A replacement of "cut" stopped between its image and its record: the new image, 320x240,
     // sits beside the old record.
     let mut smaller = Vec::new();
@@ -414,6 +420,21 @@ async fn templates_survive_a_restart() {
     assert!(list.contains("\"reject_threshold\":0.6,"), "{list}");
     let (_, result) = inspect(&server, "kept", png(&defective.test)).await;
     assert_eq!(result["verdict"], "REJECT", "{result}");
+    // The damaged board is not served, and says why rather than "no template".
+    let (status, error) = inspect(&server, "damaged", png(&clean.test)).await;
+    assert_eq!(status, 404, "{error}");
+    let message = error["error"].as_str().unwrap();
+    assert!(
+        message.contains("stored template could not be loaded at start")
+            && message.contains("damaged.image")
+            && message.contains("corrupt or truncated PNG"),
+        "{message}"
+    );
+    // Registering it again serves it.
+    let (status, info) = put_template(&server, "damaged", png(&clean.template), "").await;
+    assert_eq!(status, 201, "{info}");
+    let (status, result) = inspect(&server, "damaged", png(&clean.test)).await;
+    assert_eq!((status, &result["verdict"]), (200, &json!("PASS")), "{result}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -34,6 +34,9 @@ pub struct Board {
 pub struct TemplateStore {
     dir: PathBuf,
     boards: RwLock<BTreeMap<String, Arc<Board>>>,
+    /// Boards whose stored template failed to load at start, with the reason; their files stay
+    /// until the board is registered again or deleted.
+    unloaded: RwLock<BTreeMap<String, String>>,
     /// Held across a change's file writes and its map update, so concurrent PUTs and DELETEs
     /// apply one after the other and the folder always matches what is served.
     changes: Mutex<()>,
@@ -63,6 +66,7 @@ impl TemplateStore {
         std::fs::create_dir_all(dir)
             .map_err(|e| anyhow::anyhow!("cannot create template folder {}: {e}", dir.display()))?;
         let mut boards = BTreeMap::new();
+        let mut unloaded = BTreeMap::new();
         for entry in std::fs::read_dir(dir)?.flatten() {
             let path = entry.path();
             match path.extension().and_then(|e| e.to_str()) {
@@ -85,13 +89,24 @@ impl TemplateStore {
                 Ok(board) => {
                     boards.insert(board.info.board.clone(), Arc::new(board));
                 }
-                Err(error) => tracing::error!(%error, "template skipped"),
+                Err(error) => {
+                    let board = path.file_stem().unwrap_or_default().to_string_lossy();
+                    let reason = format!("{error:#}");
+                    tracing::error!(%board, %reason, "stored template not loaded");
+                    unloaded.insert(board.to_string(), reason);
+                }
             }
         }
-        tracing::info!(count = boards.len(), dir = %dir.display(), "templates loaded");
+        tracing::info!(
+            count = boards.len(),
+            not_loaded = unloaded.len(),
+            dir = %dir.display(),
+            "templates loaded"
+        );
         Ok(TemplateStore {
             dir: dir.to_path_buf(),
             boards: RwLock::new(boards),
+            unloaded: RwLock::new(unloaded),
             changes: Mutex::new(()),
         })
     }
@@ -144,6 +159,15 @@ impl TemplateStore {
 
     pub fn get(&self, board: &str) -> Option<Arc<Board>> {
         self.boards
+            .read()
+            .expect("templates lock")
+            .get(board)
+            .cloned()
+    }
+
+    /// Why a board's stored template was not loaded at start, if it was not.
+    pub fn unloaded(&self, board: &str) -> Option<String> {
+        self.unloaded
             .read()
             .expect("templates lock")
             .get(board)
@@ -205,6 +229,10 @@ impl TemplateStore {
                 }),
             )
             .is_some();
+        self.unloaded
+            .write()
+            .expect("templates lock")
+            .remove(board);
         Ok((replaced, info))
     }
 
@@ -218,12 +246,19 @@ impl TemplateStore {
             Err(e) if !not_found(&e) => return Err(e),
             _ => {}
         }
-        let existed = self
+        let loaded = self
             .boards
             .write()
             .expect("templates lock")
             .remove(board)
             .is_some();
+        let unloaded = self
+            .unloaded
+            .write()
+            .expect("templates lock")
+            .remove(board)
+            .is_some();
+        let existed = loaded || unloaded;
         let image = self.image_path(board);
         match std::fs::remove_file(&image) {
             Err(error) if !not_found(&error) => {

@@ -83,10 +83,16 @@ fn board_name(path: &web::Path<String>) -> Result<String, ApiError> {
     Ok(path.to_string())
 }
 
-fn unknown_board(board: &str) -> ApiError {
-    ApiError::NotFound(format!(
-        "board {board} has no template; register one with PUT /v1/templates/{board}"
-    ))
+fn unknown_board(service: &AoiService, board: &str) -> ApiError {
+    match service.templates.unloaded(board) {
+        Some(reason) => ApiError::NotFound(format!(
+            "board {board}'s stored template could not be loaded at start ({reason}); register \
+             it again with PUT /v1/templates/{board}"
+        )),
+        None => ApiError::NotFound(format!(
+            "board {board} has no template; register one with PUT /v1/templates/{board}"
+        )),
+    }
 }
 
 /// The images of a request: the raw body, or every part of a multipart form, each a file.
@@ -277,7 +283,7 @@ async fn get_template(
     let found = service
         .templates
         .get(&board)
-        .ok_or_else(|| unknown_board(&board))?;
+        .ok_or_else(|| unknown_board(service, &board))?;
     Ok(HttpResponse::Ok().json(template_view(service, &found.info)))
 }
 
@@ -291,14 +297,14 @@ async fn template_image(
     service
         .templates
         .get(&board)
-        .ok_or_else(|| unknown_board(&board))?;
+        .ok_or_else(|| unknown_board(service, &board))?;
     let image = service.templates.image_path(&board);
     // Off the HTTP worker: a template can be tens of megabytes.
     let bytes = match web::block(move || std::fs::read(image)).await {
         Ok(Ok(bytes)) => bytes,
         // Deleted between the lookup and the read.
         Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(unknown_board(&board));
+            return Err(unknown_board(service, &board));
         }
         Ok(Err(e)) => {
             return Err(ApiError::Internal(format!(
@@ -320,14 +326,14 @@ async fn delete_template(
 ) -> Result<HttpResponse, ApiError> {
     let board = board_name(&path)?;
     let service = service(&state)?.clone();
-    let name = board.clone();
-    let existed = web::block(move || service.templates.delete(&name))
+    let (deleting, name) = (service.clone(), board.clone());
+    let existed = web::block(move || deleting.templates.delete(&name))
         .await?
         .map_err(|e| ApiError::Internal(format!("cannot delete template {board}: {e}")))?;
     if existed {
         Ok(HttpResponse::NoContent().finish())
     } else {
-        Err(unknown_board(&board))
+        Err(unknown_board(&service, &board))
     }
 }
 
@@ -340,7 +346,7 @@ async fn inspect_one(
     let found = service
         .templates
         .get(board)
-        .ok_or_else(|| unknown_board(board))?;
+        .ok_or_else(|| unknown_board(service, board))?;
     let inspector = service.inspector.clone();
     let template = found.template.clone();
     let prepared = web::block(move || inspector.prepare(&bytes, &template)).await??;
@@ -370,7 +376,7 @@ async fn inspect_request(
     service
         .templates
         .get(&board)
-        .ok_or_else(|| unknown_board(&board))?;
+        .ok_or_else(|| unknown_board(&service, &board))?;
     Ok((service, board, images))
 }
 
