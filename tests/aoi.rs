@@ -434,7 +434,11 @@ async fn templates_survive_a_restart() {
     let (status, info) = put_template(&server, "damaged", png(&clean.template), "").await;
     assert_eq!(status, 201, "{info}");
     let (status, result) = inspect(&server, "damaged", png(&clean.test)).await;
-    assert_eq!((status, &result["verdict"]), (200, &json!("PASS")), "{result}");
+    assert_eq!(
+        (status, &result["verdict"]),
+        (200, &json!("PASS")),
+        "{result}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -161,6 +161,9 @@ fn detect_names_a_missing_image_and_still_writes_the_other_pairs() {
     let list = write_dataset(root.path());
     std::fs::remove_file(root.path().join("group1/1/1001_test.jpg")).unwrap();
     let out = root.path().join("det");
+    // An earlier run's file for the pair that now fails must not be scored as this run's.
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(out.join("1001.txt"), "1,2,3,4,0.9,short\n").unwrap();
     let output = detect(root.path(), &list, &out, &repository, &[]);
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);

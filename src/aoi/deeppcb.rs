@@ -28,10 +28,12 @@ const IMAGE_EXTENSIONS: [&str; 6] = ["jpg", "jpeg", "png", "bmp", "tif", "tiff"]
 pub fn read_list(list: &Path, root: &Path) -> anyhow::Result<Vec<PairEntry>> {
     let text = std::fs::read_to_string(list)
         .map_err(|e| anyhow::anyhow!("cannot read list {}: {e}", list.display()))?;
-    let mut entries = Vec::new();
+    let mut entries: Vec<PairEntry> = Vec::new();
+    // Line of each id: detections are written per id, so an id listed twice would be one file.
+    let mut lines_of_ids = std::collections::HashMap::new();
     for (number, line) in text.lines().enumerate() {
         let line = line.trim();
-        if line.is_empty() {
+        if line.is_empty() || line.starts_with('#') {
             continue;
         }
         let mut fields = line.split_whitespace();
@@ -64,6 +66,14 @@ pub fn read_list(list: &Path, root: &Path) -> anyhow::Result<Vec<PairEntry>> {
                     IMAGE_EXTENSIONS.join(", ")
                 )
             })?;
+        if let Some(first) = lines_of_ids.insert(stem.to_string(), number + 1) {
+            anyhow::bail!(
+                "{}:{}: pair {stem} is already listed on line {first} (its detections are one \
+                 file, ID.txt)",
+                list.display(),
+                number + 1
+            );
+        }
         let folder = root.join(image.parent().unwrap_or(Path::new("")));
         entries.push(PairEntry {
             id: stem.to_string(),
@@ -72,6 +82,11 @@ pub fn read_list(list: &Path, root: &Path) -> anyhow::Result<Vec<PairEntry>> {
             annotation: root.join(annotation),
         });
     }
+    anyhow::ensure!(
+        !entries.is_empty(),
+        "{} lists no pairs (lines `groupX/X/ID.jpg groupX/X_not/ID.txt`)",
+        list.display()
+    );
     Ok(entries)
 }
 
@@ -125,14 +140,26 @@ pub fn read_detections(path: &Path) -> anyhow::Result<Vec<LabeledBox>> {
                 .map(|f| f.parse::<f64>())
                 .collect::<Result<_, _>>()
                 .map_err(|_| bad())?;
+            let [x1, y1, x2, y2, confidence] = numbers[..] else {
+                unreachable!("five numbers were parsed")
+            };
+            let refuse = |problem: &str| {
+                anyhow::anyhow!("{}:{}: {problem}, got {line:?}", path.display(), number + 1)
+            };
+            if !(0.0..=1.0).contains(&confidence) {
+                return Err(refuse("the confidence must be within 0..1"));
+            }
+            if !numbers.iter().all(|v| v.is_finite()) || x2 < x1 || y2 < y1 {
+                return Err(refuse("the box must be finite with x1 <= x2 and y1 <= y2"));
+            }
             let class_index = match DEFECT_CLASSES.iter().position(|c| *c == fields[5]) {
                 Some(i) => i + 1,
                 None => class_index(fields[5].parse::<f64>().map_err(|_| bad())?, path, number)?,
             };
             Ok(LabeledBox {
-                bbox: [numbers[0], numbers[1], numbers[2], numbers[3]],
+                bbox: [x1, y1, x2, y2],
                 class_index,
-                confidence: numbers[4],
+                confidence,
             })
         })
         .collect()
@@ -184,10 +211,21 @@ mod tests {
                 annotation: "/data/group1/1_not/1000.txt".into(),
             }]
         );
+        // Comment lines are skipped; an empty list and an id listed twice are refused.
+        std::fs::write(
+            &list,
+            "# held-out pairs\ngroup1/1/1000.jpg group1/1_not/1000.txt\n",
+        )
+        .unwrap();
+        assert_eq!(read_list(&list, Path::new("/data")).unwrap().len(), 1);
+        std::fs::write(&list, "\n# nothing\n").unwrap();
+        let error = read_list(&list, Path::new("/d")).unwrap_err().to_string();
+        assert!(error.contains("lists no pairs"), "{error}");
         for bad in [
             "only-one-field\n",
             "garbage line\n",
             "group1/1/1000.jpg group1/1_not/1000.jpg\n",
+            "group2/2/1.png group2/2_not/1.txt\n",
         ] {
             std::fs::write(&list, format!("group1/1/1.png group1/1_not/1.txt\n{bad}")).unwrap();
             let error = read_list(&list, Path::new("/d")).unwrap_err().to_string();
@@ -211,5 +249,18 @@ mod tests {
         let found = read_detections(&det).unwrap();
         assert_eq!((found[0].class_index, found[1].class_index), (2, 6));
         assert_eq!(found[0].confidence, 0.9);
+        for (bad, problem) in [
+            ("1,2,3,4,NaN,short", "confidence"),
+            ("1,2,3,4,-0.5,short", "confidence"),
+            ("5,5,1,1,0.9,short", "x1 <= x2"),
+            ("1,2,inf,4,0.9,short", "finite"),
+        ] {
+            std::fs::write(&det, format!("1,2,3,4,0.9,short\n{bad}\n")).unwrap();
+            let error = read_detections(&det).unwrap_err().to_string();
+            assert!(
+                error.contains("d.txt:2") && error.contains(problem),
+                "{bad}: {error}"
+            );
+        }
     }
 }

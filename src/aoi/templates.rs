@@ -229,10 +229,7 @@ impl TemplateStore {
                 }),
             )
             .is_some();
-        self.unloaded
-            .write()
-            .expect("templates lock")
-            .remove(board);
+        self.unloaded.write().expect("templates lock").remove(board);
         Ok((replaced, info))
     }
 

@@ -174,14 +174,25 @@ fn detect(args: &DetectArgs) -> anyhow::Result<()> {
             .map(|pair| {
                 let id = pair.id.clone();
                 let inspected = inspect_pair(inspector.clone(), pair, args.min_score);
-                async move { inspected.await.with_context(|| format!("pair {id}")) }
+                async move {
+                    let result = inspected.await.with_context(|| format!("pair {id}"));
+                    (id, result)
+                }
             })
             .buffer_unordered(args.concurrency.max(1));
-        while let Some(result) = results.next().await {
+        while let Some((id, result)) = results.next().await {
             progress.inc(1);
             let (pair, inspection, template_ms) = match result {
                 Ok(inspected) => inspected,
                 Err(error) => {
+                    // A file left from an earlier run would be scored as this run's answer.
+                    let stale = args.out.join(format!("{id}.txt"));
+                    match std::fs::remove_file(&stale) {
+                        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                            failures.push(format!("cannot remove {}: {e}", stale.display()))
+                        }
+                        _ => {}
+                    }
                     failures.push(format!("{error:#}"));
                     continue;
                 }
