@@ -42,7 +42,8 @@ pub struct TemplateStore {
     changes: Mutex<()>,
 }
 
-/// Board names: 1–128 characters of letters, digits, `.`, `_`, `-`, not starting with `.`.
+/// Board names: 1–128 ASCII letters, digits, `.`, `_`, `-`, not starting with `.` (they name
+/// files on every file system).
 pub fn validate_board_name(name: &str) -> Result<(), String> {
     let ok = !name.is_empty()
         && name.len() <= 128
@@ -51,12 +52,19 @@ pub fn validate_board_name(name: &str) -> Result<(), String> {
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
     if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "board name {name:?} is invalid: use 1-128 letters, digits, '.', '_' or '-', not starting with '.'"
-        ))
+        return Ok(());
     }
+    // A long name is quoted by its start only.
+    let shown: String = name.chars().take(40).collect();
+    let shown = if shown.len() < name.len() {
+        format!("{shown:?}... ({} characters)", name.chars().count())
+    } else {
+        format!("{shown:?}")
+    };
+    Err(format!(
+        "board name {shown} is invalid: use 1-128 ASCII letters (a-z, A-Z), digits, '.', '_' or \
+         '-', not starting with '.'"
+    ))
 }
 
 impl TemplateStore {
@@ -276,8 +284,24 @@ mod tests {
         for good in ["board-1", "A.B_c", "x"] {
             assert!(validate_board_name(good).is_ok(), "{good}");
         }
-        for bad in ["", ".hidden", "a/b", "../x", "sp ace", &"x".repeat(129)] {
+        for bad in [
+            "",
+            ".hidden",
+            "a/b",
+            "../x",
+            "sp ace",
+            "café",
+            &"x".repeat(129),
+        ] {
             assert!(validate_board_name(bad).is_err(), "{bad}");
         }
+        let error = validate_board_name(&"y".repeat(300)).unwrap_err();
+        assert!(
+            error.starts_with(&format!(
+                "board name \"{}\"... (300 characters)",
+                "y".repeat(40)
+            )),
+            "{error}"
+        );
     }
 }
