@@ -55,6 +55,10 @@ pub struct Metrics {
     pub stage_duration: HistogramVec,
     pub model_info: IntGaugeVec,
     pub preprocess_info: IntGaugeVec,
+    pub http_responses: IntCounterVec,
+    pub aoi_inspections: IntCounterVec,
+    pub aoi_defects: IntCounterVec,
+    pub aoi_templates: IntGaugeVec,
 }
 
 impl Metrics {
@@ -161,6 +165,26 @@ impl Metrics {
                 "linescan_preprocess_backend_info",
                 "The preprocessing backend in use (1) and its device",
                 &["backend", "device"],
+            ),
+            http_responses: counter(
+                "linescan_http_responses_total",
+                "HTTP responses by route (its pattern, or \"unmatched\") and status",
+                &["route", "status"],
+            ),
+            aoi_inspections: counter(
+                "linescan_aoi_inspections_total",
+                "Inspected boards by verdict",
+                &["verdict"],
+            ),
+            aoi_defects: counter(
+                "linescan_aoi_defects_total",
+                "Defects reported on inspected boards, by class",
+                &["class"],
+            ),
+            aoi_templates: gauge(
+                "linescan_aoi_templates",
+                "Registered templates: served (loaded) and found on disk but not loadable",
+                &["state"],
             ),
             registry,
         }

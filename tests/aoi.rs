@@ -148,6 +148,30 @@ async fn template_lifecycle_and_inspection_verdicts() {
 
     let metrics = server.metrics_text().await;
     assert!(metrics.contains("linescan_stage_duration_seconds_bucket{backend=\"cpu\",pipeline=\"aoi\",stage=\"align\""), "{metrics}");
+    // One clean and one defective board; every reported defect counted by class; the board
+    // deleted, so no template is left.
+    let reported = result["defects"].as_array().unwrap();
+    let mut expected = vec![
+        "linescan_aoi_inspections_total{verdict=\"PASS\"} 1".to_string(),
+        "linescan_aoi_inspections_total{verdict=\"REJECT\"} 1".to_string(),
+        "linescan_aoi_templates{state=\"loaded\"} 0".to_string(),
+        "linescan_http_responses_total{route=\"/v1/inspect/{board}\",status=\"404\"} 1".to_string(),
+        "linescan_http_responses_total{route=\"/v1/templates/{board}\",status=\"201\"} 1"
+            .to_string(),
+    ];
+    for kind in DefectKind::ALL {
+        let class = kind.class_name();
+        let count = reported.iter().filter(|d| d["class"] == class).count();
+        expected.push(format!(
+            "linescan_aoi_defects_total{{class=\"{class}\"}} {count}"
+        ));
+    }
+    for line in expected {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "{line} not in:\n{metrics}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

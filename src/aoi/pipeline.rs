@@ -264,7 +264,7 @@ pub struct Inspection {
 pub struct Inspector {
     model: Arc<ServedModel>,
     pub params: PipelineParams,
-    metrics: Arc<Metrics>,
+    pub(crate) metrics: Arc<Metrics>,
     pub max_image_pixels: u64,
     preprocess: Arc<dyn Preprocess>,
     /// Where the crops stay for the classifier: the CUDA device of both the preprocessing and

@@ -182,6 +182,14 @@ impl TemplateStore {
             .cloned()
     }
 
+    /// Boards served, and boards on disk whose template did not load.
+    pub fn counts(&self) -> (usize, usize) {
+        (
+            self.boards.read().expect("templates lock").len(),
+            self.unloaded.read().expect("templates lock").len(),
+        )
+    }
+
     pub fn list(&self) -> Vec<TemplateInfo> {
         self.boards
             .read()

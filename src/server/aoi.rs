@@ -354,9 +354,18 @@ async fn inspect_one(
         .inspector
         .finish(prepared, service.inspector.params.score_threshold)
         .await?;
+    let verdict = service.verdict(&inspection, found.info.reject_threshold);
+    let metrics = &service.inspector.metrics;
+    metrics.aoi_inspections.with_label_values(&[verdict]).inc();
+    for defect in &inspection.defects {
+        metrics
+            .aoi_defects
+            .with_label_values(&[defect.class_name])
+            .inc();
+    }
     Ok(InspectResult {
         board: board.to_string(),
-        verdict: service.verdict(&inspection, found.info.reject_threshold),
+        verdict,
         defects: inspection.defects,
         timings_ms: inspection.timings_ms,
     })

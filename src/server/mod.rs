@@ -62,8 +62,10 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let state = web::Data::new(AppState::new(metrics.clone(), args.max_body_bytes));
     let api_key = args.api_key.clone();
     let app_state = state.clone();
+    let response_metrics = metrics.clone();
     let mut server = HttpServer::new(move || {
         let api_key = api_key.clone();
+        let metrics = response_metrics.clone();
         App::new()
             .app_data(app_state.clone())
             .app_data(web::QueryConfig::default().error_handler(|error, request| {
@@ -100,6 +102,23 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                         request.into_parts().0,
                         response,
                     ))))
+                }
+            })
+            // Outermost: counts every response, refusals of the API key included.
+            .wrap_fn(move |request, service| {
+                let metrics = metrics.clone();
+                let response = service.call(request);
+                async move {
+                    let response = response.await?;
+                    let route = response.request().match_pattern();
+                    metrics
+                        .http_responses
+                        .with_label_values(&[
+                            route.as_deref().unwrap_or("unmatched"),
+                            response.status().as_str(),
+                        ])
+                        .inc();
+                    Ok(response)
                 }
             })
             .configure(v2::routes)
@@ -269,6 +288,14 @@ pub struct NoParameters {}
 pub type NoQuery = web::Query<NoParameters>;
 
 async fn render_metrics(_query: NoQuery, state: web::Data<AppState>) -> HttpResponse {
+    if let Some(aoi) = state.aoi() {
+        let (loaded, not_loaded) = aoi.templates.counts();
+        let templates = &state.metrics.aoi_templates;
+        templates.with_label_values(&["loaded"]).set(loaded as i64);
+        templates
+            .with_label_values(&["not_loaded"])
+            .set(not_loaded as i64);
+    }
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")
         .body(state.metrics.render())
