@@ -184,6 +184,26 @@ async fn misregistered_and_grey_boards_are_still_inspected() {
     let (_, result) = inspect(&server, "b", png(&shifted.test)).await;
     assert_eq!(result["verdict"], "REJECT", "{result}");
     assert_finds_every_defect(&shifted, &result);
+    // The response says how the board was registered, and how well.
+    let alignment = &result["alignment"];
+    assert_eq!(
+        (
+            &alignment["dx"],
+            &alignment["dy"],
+            &alignment["at_search_limit"]
+        ),
+        (&json!(3), &json!(-2), &json!(false)),
+        "{result}"
+    );
+    assert!(alignment["mismatch"].as_f64().unwrap() < 0.05, "{result}");
+    // An inverted image (the wrong polarity) registers badly, and says so.
+    let mut inverted = clean.test.clone();
+    inverted.pixels.iter_mut().for_each(|p| *p = 255 - *p);
+    let (_, result) = inspect(&server, "b", png(&inverted)).await;
+    assert!(
+        result["alignment"]["mismatch"].as_f64().unwrap() > 0.3,
+        "{result}"
+    );
     let (_, result) = inspect(&server, "b", png(&synthetic::board(&[], (2, 2)).test)).await;
     assert_eq!(result["verdict"], "PASS", "a shifted clean board: {result}");
 

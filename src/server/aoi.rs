@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::aoi::detections::Detection;
 use crate::aoi::image_io::ImageError;
-use crate::aoi::pipeline::StageTimings;
+use crate::aoi::pipeline::{Alignment, StageTimings};
 use crate::aoi::templates::{TemplateInfo, validate_board_name};
 use crate::aoi::{AoiError, AoiService};
 use crate::server::NoQuery;
@@ -198,6 +198,7 @@ struct InspectResult {
     board: String,
     verdict: &'static str,
     defects: Vec<Detection>,
+    alignment: Alignment,
     timings_ms: StageTimings,
 }
 
@@ -367,6 +368,7 @@ async fn inspect_one(
         board: board.to_string(),
         verdict,
         defects: inspection.defects,
+        alignment: inspection.alignment,
         timings_ms: inspection.timings_ms,
     })
 }
