@@ -418,7 +418,10 @@ async fn inspect_batch(
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let (service, board, images) = inspect_request(&state, &path, &request, payload).await?;
-    let results = futures_util::future::join_all(images.into_iter().enumerate().map(
+    // A few images at a time, in order: enough to keep every core and the classifier's batches
+    // busy, while a batch of large images never holds all its decoded pixels at once.
+    let in_flight = std::thread::available_parallelism().map_or(2, |n| n.get()) * 2;
+    let results: Vec<BatchItem> = futures_util::stream::iter(images.into_iter().enumerate().map(
         |(index, (name, bytes))| {
             let service = service.clone();
             let board = board.clone();
@@ -442,6 +445,8 @@ async fn inspect_batch(
             }
         },
     ))
+    .buffered(in_flight)
+    .collect()
     .await;
     Ok(HttpResponse::Ok().json(BatchResult { board, results }))
 }
