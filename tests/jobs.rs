@@ -207,6 +207,12 @@ async fn job_lifecycle_with_results_in_every_format() {
         .await
         .unwrap();
     assert_eq!(purged.status(), 200);
+    let purged: Value = purged.json().await.unwrap();
+    assert_eq!(
+        (&purged["purged"], &purged["result"]),
+        (&Value::Bool(true), &Value::Null),
+        "no link to a result that is gone: {purged}"
+    );
     assert_eq!(
         get(format!("{}/v1/jobs/{id}", server.url)).await.status(),
         404

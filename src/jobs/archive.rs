@@ -661,6 +661,14 @@ impl Archive {
         &self.channels
     }
 
+    /// The label of the part holding archive row `row`.
+    fn part_of(&self, row: usize) -> &str {
+        self.parts
+            .iter()
+            .find(|part| (part.offset..part.offset + part.rows).contains(&row))
+            .map_or("", |part| part.label.as_str())
+    }
+
     /// The parts overlapping `[start, end)` with the local row range of each.
     fn pieces(&self, start: usize, end: usize) -> impl Iterator<Item = (&Part, usize, usize)> {
         self.parts.iter().filter_map(move |part| {
@@ -697,8 +705,10 @@ impl Archive {
             let (units, cycles) = self.read_ids(start, end)?;
             for (i, (&unit, &cycle)) in units.iter().zip(&cycles).enumerate() {
                 let row = start + i;
+                // A unit never runs on from one partition into the next.
+                let part_starts = row > 0 && self.parts.iter().any(|part| part.offset == row);
                 match spans.last_mut() {
-                    Some(span) if span.unit == unit => {
+                    Some(span) if span.unit == unit && !part_starts => {
                         if cycle < last_cycle {
                             return Err(invalid(format!(
                                 "cycles of unit {unit} go back at row {row} (cycle {cycle} after \
@@ -710,6 +720,15 @@ impl Archive {
                     _ => {
                         if !seen.insert(unit) {
                             let earlier = spans.iter().find(|s| s.unit == unit).expect("seen");
+                            let (before, now) =
+                                (self.part_of(earlier.first_row), self.part_of(row));
+                            if before != now {
+                                return Err(invalid(format!(
+                                    "unit {unit} is in both partitions {before} and {now}: \
+                                     score them apart, with partition={before} and \
+                                     partition={now}"
+                                )));
+                            }
                             return Err(invalid(format!(
                                 "rows of unit {unit} are not contiguous: rows {}..{} and again \
                                  from row {row}; sort the archive by unit, then cycle",
@@ -1048,6 +1067,27 @@ mod tests {
         let archive = Archive::open(&path, Partition::All).unwrap();
         let spans = archive.scan_units(&|| true).unwrap();
         assert_eq!(spans.iter().map(|s| s.unit).collect::<Vec<_>>(), [3, 4]);
+    }
+
+    #[test]
+    fn a_unit_in_both_ncmapss_partitions_is_named_with_them() {
+        use crate::jobs::synthetic::{self, UnitPlan};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("overlap.h5");
+        let plan = UnitPlan {
+            unit: 1,
+            observed: 5,
+            life: 100,
+        };
+        let table = synthetic::fleet(&[plan], 1);
+        synthetic::write_ncmapss(&path, &table, Some(&table)).unwrap();
+        let archive = Archive::open(&path, Partition::All).unwrap();
+        let error = archive.scan_units(&|| true).unwrap_err().0;
+        assert!(
+            error.contains("unit 1 is in both partitions dev and test")
+                && error.contains("partition=dev and partition=test"),
+            "{error}"
+        );
     }
 
     #[test]

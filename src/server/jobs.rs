@@ -472,6 +472,8 @@ async fn cancel_job(
                 .map_err(|e| ApiError::Internal(format!("cannot remove job {id}: {e:#}")))?;
             let mut body = job_json(&record);
             body["purged"] = json!(true);
+            // Its files are gone with it.
+            body["result"] = json!(null);
             Ok(HttpResponse::Ok().json(body))
         }
         Some(CancelOutcome::Cancelled(record) | CancelOutcome::Finished(record)) => {
