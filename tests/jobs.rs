@@ -547,6 +547,26 @@ async fn jobs_survive_restarts() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn finished_jobs_are_removed_after_the_retention_period() {
+    let setup = setup();
+    let archive = write_generic(setup.files.path(), "fleet.h5", &small_fleet());
+    let done = {
+        let server = setup.server(&[]);
+        let id = submit_file(&server.url, &archive).await;
+        assert_eq!(wait_job(&server.url, &id, is_final).await["state"], "done");
+        id
+    };
+    // 0.0002 hours = 0.72 s: the job ended longer ago than that once the server is back.
+    std::thread::sleep(std::time::Duration::from_millis(800));
+    let server = setup.server(&["--job-retention-hours", "0.0002"]);
+    assert_eq!(
+        get(format!("{}/v1/jobs/{done}", server.url)).await.status(),
+        404
+    );
+    assert!(!setup.data.path().join("jobs").join(&done).exists());
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn damaged_job_files_are_recovered_at_start() {
     let setup = setup();
     let archive = write_generic(setup.files.path(), "fleet.h5", &fleet_of(12, 9));

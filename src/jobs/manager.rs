@@ -131,8 +131,39 @@ impl JobManager {
                     .spawn(move || worker_loop(weak, receiver, stop))?,
             );
         }
+        if let Some(hours) = manager.args.retention_hours {
+            let retention = Duration::from_secs_f64(hours * 3600.0);
+            // Before the server is ready, so nothing expired is served.
+            manager.purge_expired(retention);
+            let weak = Arc::downgrade(&manager);
+            let stop = manager.stop.clone();
+            workers.push(
+                std::thread::Builder::new()
+                    .name("job-retention".into())
+                    .spawn(move || retention_loop(weak, stop, retention))?,
+            );
+        }
         drop(workers);
         Ok(manager)
+    }
+
+    /// Purges finished jobs that ended more than `retention` ago.
+    fn purge_expired(&self, retention: Duration) {
+        let cutoff = now_unix() - retention.as_secs_f64();
+        let expired: Vec<String> = self
+            .list()
+            .into_iter()
+            .filter(|r| r.state.is_final() && r.finished_unix.unwrap_or(r.created_unix) < cutoff)
+            .map(|r| r.id)
+            .collect();
+        for id in expired {
+            match self.purge(&id) {
+                Ok(()) => tracing::info!(job = %id, "finished job removed (--job-retention-hours)"),
+                Err(error) => {
+                    tracing::warn!(job = %id, error = %format!("{error:#}"), "cannot remove an expired job")
+                }
+            }
+        }
     }
 
     pub fn store(&self) -> &JobStore {
@@ -380,6 +411,27 @@ fn worker_loop(
             Err(crossbeam_channel::RecvTimeoutError::Timeout) => continue,
             Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
         }
+    }
+}
+
+/// Removes expired jobs every quarter of the retention (10 s to a minute) until the manager
+/// stops.
+fn retention_loop(
+    manager: std::sync::Weak<JobManager>,
+    stop: Arc<AtomicBool>,
+    retention: Duration,
+) {
+    let every = (retention / 4).clamp(Duration::from_secs(10), Duration::from_secs(60));
+    let mut next = Instant::now() + every;
+    while !stop.load(Ordering::Acquire) {
+        if Instant::now() >= next {
+            let Some(manager) = manager.upgrade() else {
+                return;
+            };
+            manager.purge_expired(retention);
+            next = Instant::now() + every;
+        }
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 

@@ -21,7 +21,7 @@ use serde::Serialize;
 
 pub use manager::JobManager;
 
-use crate::config::at_least_one;
+use crate::config::{at_least_one, positive};
 use crate::sensors::SensorService;
 
 /// Job settings of the server; every flag is also an environment variable.
@@ -49,6 +49,14 @@ pub struct JobArgs {
         value_parser = at_least_one::<usize>
     )]
     pub chunk_rows: usize,
+    /// Remove finished jobs (done, failed or cancelled) with their files this many hours after
+    /// they ended, e.g. 72 (fractions allowed). Unset: kept until `DELETE ...?purge=true`.
+    #[arg(
+        long = "job-retention-hours",
+        env = "LINESCAN_JOB_RETENTION_HOURS",
+        value_parser = positive
+    )]
+    pub retention_hours: Option<f64>,
     /// Pause after each chunk, in milliseconds (for tests and demos of progress and cancel).
     #[arg(
         long = "job-throttle-ms",
@@ -66,6 +74,7 @@ impl Default for JobArgs {
             allow_path: None,
             max_upload_bytes: 16 * 1024 * 1024 * 1024,
             chunk_rows: 16_384,
+            retention_hours: None,
             throttle_ms: 0,
         }
     }
