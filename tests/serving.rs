@@ -393,6 +393,10 @@ async fn a_passed_deadline_answers_504() {
         error["error"].as_str().unwrap().contains("deadline"),
         "{error}"
     );
+    // As in Triton, 0 is no timeout of the request's own.
+    body["parameters"] = json!({"timeout": 0});
+    let response = post_json(&infer_url(&server), &body).await;
+    assert_eq!(response.status(), 200);
     let text = server.metrics_text().await;
     assert_eq!(
         metric(

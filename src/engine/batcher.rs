@@ -10,7 +10,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -64,7 +64,7 @@ impl BatchClose {
 pub enum InferError {
     #[error("the queue of model {0} is full; retry later")]
     QueueFull(String),
-    #[error("the request passed its deadline before it completed")]
+    #[error("the request waited in the queue past its deadline and was not run")]
     Timeout,
     #[error("the server is shutting down")]
     ShuttingDown,
@@ -141,7 +141,16 @@ struct QueuedRequest {
     enqueued: Instant,
     deadline: Instant,
     reply: oneshot::Sender<Result<InferResponse, InferError>>,
+    /// Who has the request: its caller and a session race for it once the deadline is near.
+    claim: Arc<AtomicU8>,
 }
+
+/// `QueuedRequest::claim`: waiting in the queue, taken by a session (it runs, and its caller
+/// waits for the result even past the deadline), or given up by its caller at the deadline (a
+/// session drops it unrun). The deadline bounds the wait in the queue, as Triton's does.
+const WAITING: u8 = 0;
+const TAKEN: u8 = 1;
+const GIVEN_UP: u8 = 2;
 
 impl QueuedRequest {
     /// Requests can share a batch when every input agrees on all but the batch dimension.
@@ -316,13 +325,15 @@ impl Batcher {
         if self.stop.load(Ordering::Acquire) {
             return Err(InferError::ShuttingDown);
         }
-        let (reply, response) = oneshot::channel();
+        let (reply, mut response) = oneshot::channel();
+        let claim = Arc::new(AtomicU8::new(WAITING));
         let request = QueuedRequest {
             inputs,
             rows,
             enqueued: Instant::now(),
             deadline,
             reply,
+            claim: claim.clone(),
         };
         match self.sender.try_send(request) {
             Ok(()) => {}
@@ -333,11 +344,18 @@ impl Batcher {
             .queue_depth
             .with_label_values(&[self.model.as_str(), self.version.as_str()])
             .set(self.sender.len() as i64);
-        match tokio::time::timeout_at(deadline.into(), response).await {
-            Ok(Ok(outcome)) => outcome,
-            Ok(Err(_)) => Err(InferError::ShuttingDown),
-            Err(_) => Err(InferError::Timeout),
-        }
+        let answered = match tokio::time::timeout_at(deadline.into(), &mut response).await {
+            Ok(answered) => answered,
+            // Past the deadline: given up unless a session has taken it, then its result.
+            Err(_) => {
+                match claim.compare_exchange(WAITING, GIVEN_UP, Ordering::AcqRel, Ordering::Acquire)
+                {
+                    Ok(_) => return Err(InferError::Timeout),
+                    Err(_) => response.await,
+                }
+            }
+        };
+        answered.unwrap_or(Err(InferError::ShuttingDown))
     }
 
     /// Stops taking requests, lets the workers finish everything already queued, and joins them.
@@ -500,7 +518,8 @@ impl Worker {
     fn execute(&mut self, mut batch: Vec<QueuedRequest>) {
         let started = Instant::now();
         let labels = self.label_refs();
-        // Expired requests are answered here, not run.
+        // Expired requests are answered here, not run; the others are taken, unless their
+        // caller gave up on them at this very moment.
         batch.retain_mut(|request| {
             if started >= request.deadline {
                 let (closed_reply, _) = oneshot::channel();
@@ -508,7 +527,10 @@ impl Worker {
                 let _ = reply.send(Err(InferError::Timeout));
                 return false;
             }
-            true
+            request
+                .claim
+                .compare_exchange(WAITING, TAKEN, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
         });
         if batch.is_empty() {
             return;

@@ -96,12 +96,27 @@ impl ModelRepository {
             Some(file) => Some(Arc::new(read_labels(&dir.join(file))?)),
             None => None,
         };
-        let mut available: Vec<u64> = std::fs::read_dir(dir)
+        // Every numbered folder is a version; one without its model is an error, not a
+        // version quietly left out (which would move "latest" to an older one).
+        let mut available: Vec<u64> = Vec::new();
+        for entry in std::fs::read_dir(dir)
             .map_err(|e| problem(format!("cannot list versions: {e}")))?
             .flatten()
-            .filter(|e| e.path().join("model.onnx").is_file())
-            .filter_map(|e| e.file_name().to_str()?.parse().ok())
-            .collect();
+        {
+            let Some(version) = entry.file_name().to_str().and_then(|n| n.parse().ok()) else {
+                continue;
+            };
+            if !entry.path().is_dir() {
+                continue;
+            }
+            if !entry.path().join("model.onnx").is_file() {
+                return Err(problem(format!(
+                    "version folder {} has no model.onnx",
+                    entry.path().display()
+                )));
+            }
+            available.push(version);
+        }
         available.sort_unstable();
         if available.is_empty() {
             return Err(problem(format!(
@@ -185,6 +200,15 @@ mod tests {
         write_model(root.path(), "a", &[], "");
         let error = ModelRepository::scan(root.path()).unwrap_err().to_string();
         assert!(error.contains("no versions"), "{error}");
+
+        let root = tempfile::tempdir().unwrap();
+        write_model(root.path(), "a", &[1, 2], "");
+        std::fs::remove_file(root.path().join("a/2/model.onnx")).unwrap();
+        let error = ModelRepository::scan(root.path()).unwrap_err().to_string();
+        assert!(
+            error.contains("version folder") && error.contains("has no model.onnx"),
+            "{error}"
+        );
 
         let root = tempfile::tempdir().unwrap();
         write_model(root.path(), "a", &[1], "labels = \"missing.txt\"");

@@ -167,11 +167,16 @@ pub fn decode(
     };
     let timeout = match request.parameters.get("timeout") {
         None => None,
-        Some(v) => Some(Duration::from_micros(v.as_u64().ok_or_else(|| {
-            ApiError::Unprocessable(format!(
-                "parameters.timeout must be a whole number of microseconds, got {v}"
-            ))
-        })?)),
+        Some(v) => match v.as_u64() {
+            // As in Triton: 0 is no timeout of the request's own (the model's default).
+            Some(0) => None,
+            Some(micros) => Some(Duration::from_micros(micros)),
+            None => {
+                return Err(ApiError::Unprocessable(format!(
+                    "parameters.timeout must be a whole number of microseconds, got {v}"
+                )));
+            }
+        },
     };
     Ok(DecodedRequest {
         id: request.id,
