@@ -96,6 +96,42 @@ async fn health_metadata_and_json_inference() {
             .unwrap()
             .contains(&json!("binary_tensor_data"))
     );
+    // A body encoding other than gzip or deflate is named in a 415.
+    let brotli = reqwest::Client::new()
+        .post(infer_url(&server))
+        .header("Content-Type", "application/json")
+        .header("Content-Encoding", "br")
+        .body(vec![0u8; 16])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(brotli.status(), 415);
+    let error: Value = brotli.json().await.unwrap();
+    assert!(
+        error["error"]
+            .as_str()
+            .unwrap()
+            .contains("Content-Encoding \"br\""),
+        "{error}"
+    );
+    // Model control is not offered, and says so rather than "no route".
+    let unload = reqwest::Client::new()
+        .post(format!(
+            "{}/v2/repository/models/{MODEL}/unload",
+            server.url
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unload.status(), 501);
+    let error: Value = unload.json().await.unwrap();
+    assert!(
+        error["error"]
+            .as_str()
+            .unwrap()
+            .contains("restart the server"),
+        "{error}"
+    );
 
     // Triton's repository index: an empty body or {"ready": bool}; anything else is refused.
     let client = reqwest::Client::new();

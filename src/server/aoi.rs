@@ -15,7 +15,7 @@ use crate::aoi::pipeline::{Alignment, StageTimings};
 use crate::aoi::templates::{TemplateInfo, validate_board_name};
 use crate::aoi::{AoiError, AoiService};
 use crate::server::NoQuery;
-use crate::server::body::{MAX_BODY_FLAG, drain_form, media_type, read_limited};
+use crate::server::body::{MAX_BODY_FLAG, decoded, drain_form, media_type, read_limited};
 use crate::server::error::ApiError;
 use crate::server::routing::resource;
 use crate::server::state::AppState;
@@ -110,7 +110,7 @@ async fn read_images(
         }
         return Ok(vec![(None, body)]);
     }
-    let mut form = Multipart::new(request.headers(), payload.into_inner());
+    let mut form = Multipart::new(request.headers(), decoded(request, payload)?);
     let mut images = Vec::new();
     let mut total = 0usize;
     while let Some(field) = form.next().await {

@@ -1,6 +1,7 @@
 //! Request bodies read under a size limit, so an oversized upload is refused with 413 before it
 //! is buffered whole.
 
+use actix_web::dev::Decompress;
 use actix_web::{HttpRequest, http::header, web};
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
@@ -36,6 +37,8 @@ pub async fn read_limited(
         drain(&mut payload, size).await;
         return Err(too_large(Some(size)));
     }
+    // The limit holds for the decompressed body, so a small gzip bomb is refused too.
+    let mut payload = decoded(request, payload)?;
     let mut body = BytesMut::with_capacity(declared.unwrap_or(8192).min(limit));
     while let Some(chunk) = payload.next().await {
         let chunk = chunk.map_err(|e| ApiError::BadRequest(format!("reading the body: {e}")))?;
@@ -57,8 +60,32 @@ pub fn declared_length(request: &HttpRequest) -> Option<u64> {
         .and_then(|v| v.parse::<u64>().ok())
 }
 
+/// The body as sent without `Content-Encoding`, or as gzip or deflate (decompressed as it is
+/// read, as Triton does); other encodings are refused with 415.
+pub fn decoded(
+    request: &HttpRequest,
+    payload: web::Payload,
+) -> Result<Decompress<web::Payload>, ApiError> {
+    let encoding = request
+        .headers()
+        .get(header::CONTENT_ENCODING)
+        .map(|v| v.to_str().unwrap_or("").trim().to_ascii_lowercase());
+    match encoding.as_deref() {
+        None | Some("identity" | "gzip" | "x-gzip" | "deflate") => {
+            Ok(Decompress::from_headers(payload, request.headers()))
+        }
+        Some(other) => Err(ApiError::UnsupportedMediaType(format!(
+            "Content-Encoding {other:?} is not accepted (send the body as it is, or as gzip or \
+             deflate)"
+        ))),
+    }
+}
+
 /// Reads and drops the rest of a body when it is small enough to be worth it.
-pub async fn drain(payload: &mut web::Payload, declared: usize) {
+pub async fn drain<S, E>(payload: &mut S, declared: usize)
+where
+    S: futures_util::Stream<Item = Result<Bytes, E>> + Unpin,
+{
     if declared <= DRAIN_LIMIT {
         drop_chunks(payload, 0).await;
     }

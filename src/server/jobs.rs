@@ -24,7 +24,7 @@ use crate::jobs::store::{InputKind, JobInput, JobRecord, JobState};
 use crate::jobs::{Fleet, PathRefused};
 use crate::sensors::AssessSettings;
 use crate::server::NoQuery;
-use crate::server::body::{declared_length, drain, drain_form, media_type, read_limited};
+use crate::server::body::{declared_length, decoded, drain, drain_form, media_type, read_limited};
 use crate::server::error::ApiError;
 use crate::server::routing::resource;
 use crate::server::sensors::{fleet, sensor_model, settings};
@@ -277,9 +277,12 @@ async fn submit_job(
     let saved = if media.as_deref() == Some("multipart/form-data") {
         save_multipart(&request, payload, &target, limit).await
     } else {
-        save_stream(payload, &target, limit)
-            .await
-            .map(|size| (size, None))
+        match decoded(&request, payload) {
+            Ok(payload) => save_stream(payload, &target, limit)
+                .await
+                .map(|size| (size, None)),
+            Err(refused) => Err(refused),
+        }
     };
     let (bytes, filename) = match saved {
         Ok(saved) => saved,
@@ -317,7 +320,7 @@ async fn save_multipart(
     target: &Path,
     limit: u64,
 ) -> Result<(u64, Option<String>), ApiError> {
-    let mut form = Multipart::new(request.headers(), payload.into_inner());
+    let mut form = Multipart::new(request.headers(), decoded(request, payload)?);
     let mut saved = None;
     while let Some(field) = form.next().await {
         let field =

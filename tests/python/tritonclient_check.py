@@ -1,5 +1,5 @@
 """Talks to a running linescan with NVIDIA's unmodified tritonclient: health, metadata, config,
-repository index, and infer with JSON and binary tensors. Usage: tritonclient_check.py HOST:PORT MODEL"""
+repository index, and infer with JSON and binary tensors, plain and compressed. Usage: tritonclient_check.py HOST:PORT MODEL"""
 import sys
 
 import numpy as np
@@ -22,20 +22,28 @@ inputs_numpy = {
     for i in metadata["inputs"]
 }
 results = {}
-for binary in (False, True):
+# JSON and binary tensors, and bodies sent compressed both ways.
+for binary, compression in ((False, None), (True, None), (True, "gzip"), (False, "deflate")):
     inputs = []
     for name, array in inputs_numpy.items():
         tensor = httpclient.InferInput(name, list(array.shape), "FP32")
         tensor.set_data_from_numpy(array, binary_data=binary)
         inputs.append(tensor)
     outputs = [httpclient.InferRequestedOutput(o["name"], binary_data=binary) for o in metadata["outputs"]]
-    result = client.infer(model, inputs, outputs=outputs)
-    results[binary] = {o["name"]: result.as_numpy(o["name"]) for o in metadata["outputs"]}
-    for name, array in results[binary].items():
+    result = client.infer(
+        model,
+        inputs,
+        outputs=outputs,
+        request_compression_algorithm=compression,
+        response_compression_algorithm=compression,
+    )
+    results[binary, compression] = {o["name"]: result.as_numpy(o["name"]) for o in metadata["outputs"]}
+    for name, array in results[binary, compression].items():
         assert array.shape[0] == 2, (name, array.shape)
 
-for name in results[False]:
-    np.testing.assert_allclose(results[False][name], results[True][name], rtol=1e-6, atol=1e-6)
+for key in results:
+    for name in results[key]:
+        np.testing.assert_allclose(results[False, None][name], results[key][name], rtol=1e-6, atol=1e-6)
 
 try:
     client.get_model_metadata("no-such-model")

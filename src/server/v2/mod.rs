@@ -61,6 +61,10 @@ pub fn routes(config: &mut web::ServiceConfig) {
             "/v2/repository/index",
             [(Method::POST, web::route().to(repository_index))],
         ))
+        .service(resource(
+            "/v2/repository/models/{model}/{action:load|unload}",
+            [(Method::POST, web::route().to(load_or_unload))],
+        ))
         .service(
             per_model(web::scope("/v2/models/{model}"))
                 .service(per_model(web::scope("/versions/{version}"))),
@@ -83,8 +87,31 @@ async fn server_metadata(_query: NoQuery) -> HttpResponse {
     HttpResponse::Ok().json(json!({
         "name": "linescan",
         "version": env!("CARGO_PKG_VERSION"),
-        "extensions": ["binary_tensor_data", "model_configuration", "model_repository"],
+        // Not "model_repository": models are loaded at start, never loaded or unloaded later.
+        "extensions": ["binary_tensor_data", "model_configuration"],
     }))
+}
+
+/// Triton's model control: linescan serves what its repository held at start.
+async fn load_or_unload(
+    path: web::Path<(String, String)>,
+    request: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    // The body first: an answer sent with the body unread makes actix drop the connection.
+    read_limited(
+        &request,
+        payload,
+        64 * 1024,
+        "a model control request's limit",
+    )
+    .await?;
+    let (model, action) = path.into_inner();
+    Err(ApiError::NotImplemented(format!(
+        "cannot {action} model {model}: linescan loads its model repository at start and \
+         serves it unchanged; change the repository and restart the server (SIGTERM lets \
+         requests in flight finish)"
+    )))
 }
 
 async fn live(_query: NoQuery) -> HttpResponse {
