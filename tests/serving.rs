@@ -463,6 +463,12 @@ async fn bad_requests_get_the_right_4xx_and_the_server_stays_healthy() {
     wrong_dtype["inputs"][0]["datatype"] = json!("INT32");
     let mut unknown_output = good.clone();
     unknown_output["outputs"] = json!([{"name": "nope"}]);
+    let first_output = metadata["outputs"][0]["name"].clone();
+    let mut output_twice = good.clone();
+    output_twice["outputs"] = json!([{"name": first_output}, {"name": first_output}]);
+    let mut classification = good.clone();
+    classification["outputs"] =
+        json!([{"name": first_output, "parameters": {"classification": 2}}]);
     let mut beyond_fp32 = good.clone();
     beyond_fp32["inputs"][0]["data"][0] = json!(1e39);
     let mut too_many = good.clone();
@@ -506,6 +512,16 @@ async fn bad_requests_get_the_right_4xx_and_the_server_stays_healthy() {
             client.post(&url).json(&unknown_output),
             422,
             "unknown output".into(),
+        ),
+        (
+            client.post(&url).json(&output_twice),
+            422,
+            "is requested twice".into(),
+        ),
+        (
+            client.post(&url).json(&classification),
+            422,
+            "classification".into(),
         ),
         (
             client.post(&url).json(&too_many),

@@ -103,7 +103,8 @@ pub enum NamedPolicy {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DynamicBatching {
-    /// How long the first request of a batch waits for company.
+    /// How long the first request of a batch waits for company (default 0, as in Triton: a
+    /// batch takes what is already waiting and runs).
     pub max_queue_delay_us: u64,
     /// A forming batch also closes once no request has arrived for this long, so a batch that
     /// has gathered everything in flight does not sit out the rest of `max_queue_delay_us`
@@ -118,7 +119,7 @@ pub struct DynamicBatching {
 impl Default for DynamicBatching {
     fn default() -> Self {
         DynamicBatching {
-            max_queue_delay_us: 1000,
+            max_queue_delay_us: 0,
             max_arrival_gap_us: 0,
             max_queue_size: 1024,
             default_timeout_ms: 30_000,

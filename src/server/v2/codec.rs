@@ -160,11 +160,27 @@ pub fn decode(
                             names(&config.outputs)
                         ))
                     })?;
+                if wanted.parameters.contains_key("classification") {
+                    return Err(ApiError::Unprocessable(format!(
+                        "output \"{}\" asks for classification (top-k labels), which linescan \
+                         does not offer: ask for the output itself and take the top classes from \
+                         its values (labels: GET /v2/models/{}/config)",
+                        wanted.name, config.name
+                    )));
+                }
                 let binary = flag(&wanted.parameters, "binary_data")?.unwrap_or(binary_default);
                 Ok((index, binary))
             })
-            .collect::<Result<_, ApiError>>()?
+            .collect::<Result<Vec<_>, ApiError>>()?
     };
+    let mut asked: Vec<usize> = outputs.iter().map(|(index, _)| *index).collect();
+    asked.sort_unstable();
+    if let Some(twice) = asked.windows(2).find(|pair| pair[0] == pair[1]) {
+        return Err(ApiError::Unprocessable(format!(
+            "output \"{}\" is requested twice",
+            config.outputs[twice[0]].name
+        )));
+    }
     let timeout = match request.parameters.get("timeout") {
         None => None,
         Some(v) => match v.as_u64() {
