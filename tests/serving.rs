@@ -707,6 +707,31 @@ async fn api_key_guards_everything_but_probes_and_metrics() {
     );
     let keyed = bench(&["--api-key", "k3y"]);
     assert!(keyed.status.success(), "{keyed:?}");
+    // A URL with a trailing slash is the same server.
+    let slashed = format!("{}/", server.url);
+    let mut args = vec!["bench", "infer", "--url", &slashed, "--model", MODEL];
+    args.extend_from_slice(&["--concurrency", "1", "--duration", "0.3", "--warmup", "0"]);
+    args.extend_from_slice(&["--api-key", "k3y"]);
+    let output = common::run_cli(&args);
+    assert!(output.status.success(), "{output:?}");
+    // Batches the model cannot take, and a report that could not be written, fail up front.
+    for (extra, expected) in [
+        (vec!["--batch", "100000"], "max_batch_size"),
+        (
+            vec!["--report", "/nonexistent-folder/r.json"],
+            "cannot write the report",
+        ),
+    ] {
+        let mut args = vec!["bench", "infer", "--url", &server.url, "--model", MODEL];
+        args.extend_from_slice(&["--duration", "30", "--api-key", "k3y"]);
+        args.extend_from_slice(&extra);
+        let output = common::run_cli(&args);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            !output.status.success() && stderr.contains(expected),
+            "{stderr}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -19,6 +19,12 @@ struct Metadata {
     inputs: Vec<TensorMetadata>,
 }
 
+/// What the load generator needs of `GET .../config`.
+#[derive(Deserialize)]
+struct ConfigLimits {
+    max_batch_size: usize,
+}
+
 #[derive(Deserialize)]
 struct TensorMetadata {
     name: String,
@@ -60,6 +66,27 @@ impl InferWorkload {
             response.text().await.unwrap_or_default()
         );
         let metadata: Metadata = response.json().await.context("model metadata")?;
+        // Refused here rather than by every request of the run.
+        let config: ConfigLimits = client
+            .get(format!("{path}/config"))
+            .send()
+            .await
+            .with_context(|| format!("cannot reach {path}/config"))?
+            .json()
+            .await
+            .context("model configuration")?;
+        match config.max_batch_size {
+            0 => anyhow::ensure!(
+                batch == 1,
+                "model {model} does not batch (max_batch_size = 0: a request is one whole \
+                 input), so --batch must be 1, not {batch}"
+            ),
+            limit => anyhow::ensure!(
+                batch <= limit,
+                "model {model} takes at most {limit} rows per request (max_batch_size), not \
+                 --batch {batch}"
+            ),
+        }
         let bodies = (0..BODY_VARIANTS as u64)
             .map(|seed| build_body(&metadata, batch, binary, seed))
             .collect::<anyhow::Result<_>>()?;

@@ -34,11 +34,32 @@ pub enum BenchCommand {
 #[derive(Args)]
 pub struct ServerArgs {
     /// Server base URL.
-    #[arg(long, env = "LINESCAN_URL", default_value = "http://127.0.0.1:8000")]
+    #[arg(long, env = "LINESCAN_URL", default_value = "http://127.0.0.1:8000", value_parser = base_url)]
     pub url: String,
     /// Key of a server started with --api-key, sent as `Authorization: Bearer <key>`.
     #[arg(long, env = "LINESCAN_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
+}
+
+/// An http(s) base URL without its trailing slashes (paths are appended to it).
+fn base_url(text: &str) -> Result<String, String> {
+    let url = text.trim().trim_end_matches('/');
+    if !(url.starts_with("http://") || url.starts_with("https://")) {
+        return Err("must start with http:// or https:// (e.g. http://127.0.0.1:8000)".into());
+    }
+    Ok(url.to_string())
+}
+
+/// Fails before a run whose report could not be written afterwards.
+fn check_report_path(report: &Option<PathBuf>) -> anyhow::Result<()> {
+    if let Some(path) = report {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .with_context(|| format!("cannot write the report to {}", path.display()))?;
+    }
+    Ok(())
 }
 
 impl ServerArgs {
@@ -185,6 +206,7 @@ impl LoadArgs {
     where
         F: AsyncFnOnce() -> anyhow::Result<Arc<dyn load::Workload>>,
     {
+        check_report_path(&self.report)?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(self.client_threads.max(1))
             .enable_all()
@@ -266,6 +288,7 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
             })
         }
         BenchCommand::Inprocess(args) => {
+            check_report_path(&args.report)?;
             let report = inprocess::run(&inprocess::InProcessPlan {
                 repository: &args.model_repository,
                 model: &args.model,

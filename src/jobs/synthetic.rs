@@ -425,7 +425,9 @@ mod tests {
         assert_eq!(both.rows(), 124);
         let error = both.scan_units(&|| true).unwrap_err();
         assert!(
-            error.0.contains("unit 1 is in both partitions dev and test"),
+            error
+                .0
+                .contains("unit 1 is in both partitions dev and test"),
             "{}",
             error.0
         );
