@@ -77,7 +77,10 @@ fn header_number(response: &reqwest::Response, name: &str) -> u64 {
 #[tokio::test(flavor = "multi_thread")]
 async fn health_metadata_and_json_inference() {
     let repository = Repository::with_models(&[MODEL]);
-    let server = Server::start(repository.path(), &[]);
+    let server = Server::start(
+        repository.path(),
+        &["--instances", "3", "--providers", "cpu"],
+    );
 
     assert_eq!(
         get_json(&format!("{}/v2/health/live", server.url)).await.0,
@@ -166,6 +169,9 @@ async fn health_metadata_and_json_inference() {
     let (status, config) = get_json(&format!("{}/v2/models/{MODEL}/config", server.url)).await;
     assert_eq!(status, 200);
     assert!(config["max_batch_size"].as_u64().unwrap() >= 1);
+    // The configuration as it runs: the flags' instances and providers, not the file's.
+    assert_eq!(config["instance_group"]["count"], 3, "{config}");
+    assert_eq!(config["runtime"]["execution_providers"], json!(["cpu"]));
 
     let response = post_json(&infer_url(&server), &json_request(&metadata, 3, 1)).await;
     assert_eq!(response.status(), 200);

@@ -66,13 +66,29 @@ impl ModelRegistry {
         metrics: &Arc<Metrics>,
     ) -> Result<ServedModel, RuntimeError> {
         let started = Instant::now();
-        let config = &spec.config;
         let plan = ProviderPlan::new(
-            &config.runtime.execution_providers,
+            &spec.config.runtime.execution_providers,
             options.providers.as_deref(),
         );
-        let instances = options.instances.unwrap_or(config.instance_group.count);
-        let threads = options.threads.unwrap_or(config.instance_group.threads);
+        let instances = options
+            .instances
+            .unwrap_or(spec.config.instance_group.count);
+        let threads = options
+            .threads
+            .unwrap_or(spec.config.instance_group.threads);
+        // The configuration as it runs, flags applied, is what the API shows.
+        let mut running = (*spec.config).clone();
+        running.instance_group.count = instances;
+        running.instance_group.threads = threads;
+        if let Some(kinds) = &options.providers {
+            running.runtime.execution_providers =
+                kinds.iter().map(|k| k.name().to_string()).collect();
+        }
+        let spec = &ModelVersionSpec {
+            config: Arc::new(running),
+            ..spec.clone()
+        };
+        let config = &spec.config;
         let mut sessions = Vec::with_capacity(instances);
         for _ in 0..instances {
             let mut session = ModelSession::load(spec, &plan, threads)?;
