@@ -93,9 +93,40 @@ fn main() -> ExitCode {
     }
 }
 
+/// Log levels when `LINESCAN_LOG` is unset; ONNX Runtime's graph optimiser is chatty at info.
+const DEFAULT_LOG: &str = "info,ort=warn";
+
+/// The filter from `LINESCAN_LOG` (ONNX Runtime kept at warn unless it names `ort`), or why
+/// the value is not a filter a user meant.
+fn log_filter(value: Option<&str>) -> Result<tracing_subscriber::EnvFilter, String> {
+    const LEVELS: [&str; 6] = ["error", "warn", "info", "debug", "trace", "off"];
+    let Some(value) = value else {
+        return Ok(tracing_subscriber::EnvFilter::new(DEFAULT_LOG));
+    };
+    // A bare word is a target to EnvFilter: "warnn" would silence every other line.
+    let stray = value.split(',').map(str::trim).find(|d| {
+        !d.is_empty() && !d.contains('=') && !LEVELS.contains(&d.to_ascii_lowercase().as_str())
+    });
+    if let Some(word) = stray {
+        return Err(format!("{word:?} is not a level"));
+    }
+    let directives = if value.contains("ort") {
+        value.to_string()
+    } else {
+        format!("{value},ort=warn")
+    };
+    tracing_subscriber::EnvFilter::try_new(directives).map_err(|e| e.to_string())
+}
+
 fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("LINESCAN_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,ort=warn"));
+    let value = std::env::var("LINESCAN_LOG").ok();
+    let filter = log_filter(value.as_deref()).unwrap_or_else(|problem| {
+        eprintln!(
+            "warning: LINESCAN_LOG={value:?} ignored ({problem}; use a level such as info or \
+             debug, or target=level pairs such as linescan=debug); logging at {DEFAULT_LOG}"
+        );
+        tracing_subscriber::EnvFilter::new(DEFAULT_LOG)
+    });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -104,5 +135,33 @@ fn init_logging(format: LogFormat) {
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_filters_refuse_what_would_silence_the_log() {
+        for good in [
+            None,
+            Some("info"),
+            Some("linescan=debug,warn"),
+            Some("info,ort=info"),
+        ] {
+            assert!(log_filter(good).is_ok(), "{good:?}");
+        }
+        assert!(
+            log_filter(Some("warnn"))
+                .unwrap_err()
+                .contains("\"warnn\" is not a level")
+        );
+        assert!(log_filter(Some("x=[")).is_err());
+        // ONNX Runtime stays at warn unless asked for.
+        assert_eq!(
+            log_filter(Some("info")).unwrap().to_string(),
+            "ort=warn,info"
+        );
     }
 }
