@@ -96,6 +96,26 @@ impl ModelRepository {
             Some(file) => Some(Arc::new(read_labels(&dir.join(file))?)),
             None => None,
         };
+        // Labels name the classes of an output: one of them must have that many.
+        if let Some(labels) = &labels {
+            let count = labels.len() as i64;
+            if !config
+                .outputs
+                .iter()
+                .any(|o| o.shape.last() == Some(&count))
+            {
+                let widths: Vec<String> = config
+                    .outputs
+                    .iter()
+                    .map(|o| format!("{} {:?}", o.name, o.shape))
+                    .collect();
+                return Err(problem(format!(
+                    "the labels file holds {count} labels but no output has {count} classes in \
+                     its last dimension (outputs: {})",
+                    widths.join(", ")
+                )));
+            }
+        }
         // Every numbered folder is a version; one without its model is an error, not a
         // version quietly left out (which would move "latest" to an older one).
         let mut available: Vec<u64> = Vec::new();
@@ -209,6 +229,17 @@ mod tests {
             error.contains("version folder") && error.contains("has no model.onnx"),
             "{error}"
         );
+
+        let root = tempfile::tempdir().unwrap();
+        write_model(root.path(), "a", &[1], "labels = \"labels.txt\"");
+        std::fs::write(root.path().join("a/labels.txt"), "x\ny\nz\n").unwrap();
+        let error = ModelRepository::scan(root.path()).unwrap_err().to_string();
+        assert!(
+            error.contains("holds 3 labels but no output has 3"),
+            "{error}"
+        );
+        std::fs::write(root.path().join("a/labels.txt"), "x\ny\n").unwrap();
+        assert!(ModelRepository::scan(root.path()).is_ok());
 
         let root = tempfile::tempdir().unwrap();
         write_model(root.path(), "a", &[1], "labels = \"missing.txt\"");
