@@ -794,12 +794,12 @@ fn the_load_generator_reports_latency_and_stops_on_total_failure() {
     let server = Server::start(repository.path(), &[]);
     let files = tempfile::tempdir().unwrap();
     let report = files.path().join("report.json");
-    let bench = |batch: &str| {
-        common::run_cli(&[
+    let bench = |batch: &str, url: &str, rate: &[&str]| {
+        let mut args = vec![
             "bench",
             "infer",
             "--url",
-            &server.url,
+            url,
             "--model",
             MODEL,
             "--binary",
@@ -813,9 +813,11 @@ fn the_load_generator_reports_latency_and_stops_on_total_failure() {
             "0",
             "--report",
             report.to_str().unwrap(),
-        ])
+        ];
+        args.extend_from_slice(rate);
+        common::run_cli(&args)
     };
-    let output = bench("2");
+    let output = bench("2", &server.url, &[]);
     assert!(output.status.success(), "{output:?}");
     let figures: Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
     assert!(figures["requests_ok"].as_u64().unwrap() > 0, "{figures}");
@@ -838,12 +840,22 @@ fn the_load_generator_reports_latency_and_stops_on_total_failure() {
         figures["cpu"]["bench_cores"].as_f64().unwrap() >= 0.0,
         "{figures}"
     );
-    // Every request refused: the run fails and says why.
-    let output = bench("65");
+    assert_eq!(figures["requests_unanswered"], Value::Null, "closed loop");
+    // Open loop: what the rate asked for and did not get answered is counted.
+    let output = bench("2", &server.url, &["--rate", "100000"]);
+    assert!(output.status.success(), "{output:?}");
+    let figures: Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    assert!(
+        figures["requests_unanswered"].as_u64().unwrap() > 0,
+        "2 in flight cannot answer 100,000 requests/s: {figures}"
+    );
+    // Every request refused (bodies above a tiny limit): the run fails and says why.
+    let strict = Server::start(repository.path(), &["--max-body-bytes", "1000"]);
+    let output = bench("2", &strict.url, &[]);
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
-        stderr.contains("every request failed") && stderr.contains("exceeds max_batch_size 64"),
+        stderr.contains("every request failed") && stderr.contains("exceeds the limit of 1000"),
         "{stderr}"
     );
 }

@@ -153,6 +153,7 @@ pub fn run(plan: &InProcessPlan<'_>) -> anyhow::Result<Report> {
         duration_s: seconds,
         requests_ok: runs,
         requests_failed: 0,
+        requests_unanswered: None,
         failures: Default::default(),
         first_errors: Default::default(),
         requests_per_s: runs as f64 / seconds,

@@ -112,6 +112,8 @@ struct Tally {
     stages: BTreeMap<&'static str, Histogram<u64>>,
     batch_rows_sum: u64,
     batch_rows_count: u64,
+    /// Open loop: requests due within the measured window.
+    scheduled: Option<u64>,
 }
 
 impl Tally {
@@ -225,6 +227,9 @@ pub async fn run(
         duration_s: elapsed,
         requests_ok: tally.ok,
         requests_failed: failed,
+        requests_unanswered: tally
+            .scheduled
+            .map(|scheduled| scheduled.saturating_sub(tally.ok + failed)),
         failures: tally.failures,
         first_errors: tally.first_errors,
         requests_per_s: tally.ok as f64 / elapsed,
@@ -307,6 +312,12 @@ async fn open_loop(
         }
         tally
     });
+    // Requests due in the measured window: sequence numbers from the first due at or after
+    // `measure_from` to the first due at or after `end`.
+    let due_from = |at: Instant| {
+        (at.saturating_duration_since(start).as_secs_f64() / interval.as_secs_f64()).ceil() as u64
+    };
+    let scheduled = due_from(end) - due_from(measure_from);
     let mut sequence = 0u64;
     loop {
         let intended = start + interval.mul_f64(sequence as f64);
@@ -317,6 +328,10 @@ async fn open_loop(
         let Ok(permit) = permits.clone().acquire_owned().await else {
             break;
         };
+        // Behind the rate: what is still due once the run is over stays unsent (and counted).
+        if Instant::now() >= end {
+            break;
+        }
         let workload = workload.clone();
         let client = client.clone();
         let sender = sender.clone();
@@ -332,5 +347,7 @@ async fn open_loop(
     drop(sender);
     // Requests still in flight at the end report until the collector closes.
     let _ = permits.acquire_many(max_in_flight.max(1) as u32).await;
-    collector.await.unwrap_or_default()
+    let mut tally = collector.await.unwrap_or_default();
+    tally.scheduled = Some(scheduled);
+    tally
 }

@@ -52,6 +52,9 @@ pub struct Report {
     pub duration_s: f64,
     pub requests_ok: u64,
     pub requests_failed: u64,
+    /// Open loop: requests due in the measured window that got no answer within it (started
+    /// late for want of a free --concurrency slot, or still in flight at the end).
+    pub requests_unanswered: Option<u64>,
     /// Failed requests by HTTP status (or "connection").
     pub failures: BTreeMap<String, u64>,
     /// The first error message of each failure kind.
@@ -90,6 +93,17 @@ impl Report {
         );
         for (reason, error) in &self.first_errors {
             println!("  first {reason} failure: {error}");
+        }
+        // Up to --concurrency requests can just be in flight when the run ends.
+        if let Some(behind) = self
+            .requests_unanswered
+            .filter(|n| *n > self.concurrency as u64)
+        {
+            println!(
+                "  behind the rate: {behind} requests due in the run got no answer within it (the \
+                 server or --concurrency {} in flight could not keep up)",
+                self.concurrency
+            );
         }
         println!(
             "  throughput: {:.1} requests/s, {:.1} inferences/s",
