@@ -278,7 +278,17 @@ fn decode_input(
                     binary.len()
                 )));
             }
-            binary.split_to(size)
+            let data = binary.split_to(size);
+            // One byte per BOOL, 0 or 1, as the JSON form allows only false and true.
+            if dtype == DataType::Bool
+                && let Some(at) = data.iter().position(|b| *b > 1)
+            {
+                return Err(ApiError::Unprocessable(format!(
+                    "input \"{name}\": BOOL element {at} is byte {}, not 0 or 1",
+                    data[at]
+                )));
+            }
+            data
         }
         (None, Some(value)) => {
             Bytes::from(json_to_bytes(&value, dtype, byte_len / dtype.size(), name)?)
@@ -573,6 +583,38 @@ mod tests {
         assert_eq!(decoded.inputs[0].to_f32_vec().unwrap(), vec![0.5, -1.0]);
         assert_eq!(&decoded.inputs[1].data[..], &[9]);
         assert_eq!(decoded.outputs, vec![(0, true)]);
+    }
+
+    #[test]
+    fn binary_bools_are_0_or_1() {
+        let config: ModelConfig = toml::from_str(
+            r#"
+            name = "b"
+            max_batch_size = 4
+            [[input]]
+            name = "flags"
+            datatype = "BOOL"
+            shape = [3]
+            [[output]]
+            name = "y"
+            datatype = "FP32"
+            shape = [1]
+            "#,
+        )
+        .unwrap();
+        let header = r#"{"inputs":[{"name":"flags","shape":[1,3],"datatype":"BOOL",
+            "parameters":{"binary_data_size":3}}]}"#;
+        let request = |flags: [u8; 3]| {
+            let mut body = header.as_bytes().to_vec();
+            body.extend_from_slice(&flags);
+            decode(Bytes::from(body), Some(header.len()), &config)
+        };
+        assert!(request([0, 1, 1]).is_ok());
+        let error = request([0, 2, 1]).err().unwrap().to_string();
+        assert!(
+            error.contains("BOOL element 1 is byte 2, not 0 or 1"),
+            "{error}"
+        );
     }
 
     #[test]
