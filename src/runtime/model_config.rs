@@ -79,7 +79,10 @@ impl TensorSpec {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(untagged)]
+#[serde(
+    untagged,
+    expecting = "\"latest\", \"all\" or a list of version numbers such as [1, 3]"
+)]
 pub enum VersionPolicy {
     /// "latest" (the default) or "all".
     Named(NamedPolicy),
@@ -316,6 +319,8 @@ mod tests {
         assert_eq!(all.version_policy, VersionPolicy::Named(NamedPolicy::All));
         let some = parse(&format!("version_policy = [1, 3]\n{MINIMAL}")).unwrap();
         assert_eq!(some.version_policy, VersionPolicy::Specific(vec![1, 3]));
+        let error = parse(&format!("version_policy = \"newest\"\n{MINIMAL}")).unwrap_err();
+        assert!(error.contains("\"latest\", \"all\" or a list"), "{error}");
     }
 
     #[test]
