@@ -896,16 +896,8 @@ mod tests {
     /// Creates the `unit` dataset of a test archive.
     type MakeUnit<'a> = Box<dyn FnOnce(&hdf5::File) + 'a>;
 
-    /// A generic archive of 4 rows whose `unit` dataset `make_unit` creates.
-    fn archive_with_unit(path: &Path, make_unit: impl FnOnce(&hdf5::File)) {
-        let file = hdf5::File::create(path).unwrap();
-        make_unit(&file);
-        file.new_dataset::<i64>()
-            .shape(4)
-            .create("cycle")
-            .unwrap()
-            .write_raw(&[1i64, 2, 3, 4])
-            .unwrap();
+    /// The 4 x 1 `features` dataset of a test archive, with its channel name.
+    fn add_features(file: &hdf5::File) {
         let features = file
             .new_dataset::<f64>()
             .shape([4, 1])
@@ -919,6 +911,19 @@ mod tests {
             .unwrap()
             .write_scalar(&names)
             .unwrap();
+    }
+
+    /// A generic archive of 4 rows whose `unit` dataset `make_unit` creates.
+    fn archive_with_unit(path: &Path, make_unit: impl FnOnce(&hdf5::File)) {
+        let file = hdf5::File::create(path).unwrap();
+        make_unit(&file);
+        file.new_dataset::<i64>()
+            .shape(4)
+            .create("cycle")
+            .unwrap()
+            .write_raw(&[1i64, 2, 3, 4])
+            .unwrap();
+        add_features(&file);
     }
 
     #[test]
@@ -1105,20 +1110,7 @@ mod tests {
         };
         put("unit", &[1, 1, 1, 2]);
         put("cycle", &[1, 3, 2, 1]);
-        let features = file
-            .new_dataset::<f64>()
-            .shape([4, 1])
-            .create("features")
-            .unwrap();
-        features.write_raw(&[0.0, 1.0, 2.0, 3.0]).unwrap();
-        let names: VarLenUnicode = "x".parse().unwrap();
-        features
-            .new_attr::<VarLenUnicode>()
-            .create("channels")
-            .unwrap()
-            .write_scalar(&names)
-            .unwrap();
-        drop(features);
+        add_features(&file);
         drop(file);
         let archive = Archive::open(&path, Partition::All).unwrap();
         assert_eq!(archive.channels(), ["x"]);
