@@ -64,6 +64,13 @@ fn unloadable_provider_is_an_error_not_a_silent_cpu_fallback() {
 fn missing_model_file_and_empty_repository_are_reported() {
     let repository = Repository::with_models(&[MODEL]);
     std::fs::remove_file(repository.path().join(MODEL).join("1").join("model.onnx")).unwrap();
+    let error = serve_error(&repository);
+    assert!(
+        error.contains("version folder") && error.contains("has no model.onnx"),
+        "{error}"
+    );
+    // Without the folder the model has no versions at all.
+    std::fs::remove_dir(repository.path().join(MODEL).join("1")).unwrap();
     assert!(serve_error(&repository).contains("no versions"));
     let empty = tempfile::tempdir().unwrap();
     let output = run_cli(&[
