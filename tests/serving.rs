@@ -154,6 +154,20 @@ async fn health_metadata_and_json_inference() {
         }
     }
 
+    // The model's series exist before its first request.
+    let text = server.metrics_text().await;
+    for series in [
+        "linescan_inference_count_total",
+        "linescan_inference_exec_count_total",
+        "linescan_inference_request_success_total",
+    ] {
+        let model_label = format!("model=\"{MODEL}\"");
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with(series) && l.contains(&model_label) && l.ends_with(" 0")),
+            "{series} of {MODEL} at 0 missing:\n{text}"
+        );
+    }
     let metadata = metadata(&server).await;
     assert_eq!(metadata["name"], MODEL);
     assert_eq!(

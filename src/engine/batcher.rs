@@ -185,6 +185,17 @@ impl Batcher {
         let stop = Arc::new(AtomicBool::new(false));
         let idle = Arc::new(AtomicUsize::new(0));
         let version = version.to_string();
+        // Every series of the model exists from the start, at 0, so rates and alerts see it
+        // before its first request.
+        let labels = [config.name.as_str(), version.as_str()];
+        for counter in [
+            &metrics.request_success,
+            &metrics.inference_count,
+            &metrics.execution_count,
+        ] {
+            counter.with_label_values(&labels);
+        }
+        metrics.queue_depth.with_label_values(&labels).set(0);
         let on_cuda = |session: &ModelSession| {
             matches!(
                 session.providers().first(),
