@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::aoi::detections::Detection;
 use crate::aoi::image_io::ImageError;
 use crate::aoi::pipeline::{Alignment, StageTimings};
-use crate::aoi::templates::{TemplateInfo, validate_board_name};
+use crate::aoi::templates::{Board, TemplateInfo, validate_board_name};
 use crate::aoi::{AoiError, AoiService};
 use crate::server::NoQuery;
 use crate::server::body::{MAX_BODY_FLAG, decoded, drain_form, media_type, read_limited};
@@ -93,6 +93,14 @@ fn unknown_board(service: &AoiService, board: &str) -> ApiError {
             "board {board} has no template; register one with PUT /v1/templates/{board}"
         )),
     }
+}
+
+/// The board's registered template, or the 404 that says why it has none.
+fn find_board(service: &AoiService, board: &str) -> Result<Arc<Board>, ApiError> {
+    service
+        .templates
+        .get(board)
+        .ok_or_else(|| unknown_board(service, board))
 }
 
 /// The images of a request: the raw body, or every part of a multipart form, each a file.
@@ -281,10 +289,7 @@ async fn get_template(
 ) -> Result<HttpResponse, ApiError> {
     let board = board_name(&path)?;
     let service = service(&state)?;
-    let found = service
-        .templates
-        .get(&board)
-        .ok_or_else(|| unknown_board(service, &board))?;
+    let found = find_board(service, &board)?;
     Ok(HttpResponse::Ok().json(template_view(service, &found.info)))
 }
 
@@ -295,10 +300,7 @@ async fn template_image(
 ) -> Result<HttpResponse, ApiError> {
     let board = board_name(&path)?;
     let service = service(&state)?;
-    service
-        .templates
-        .get(&board)
-        .ok_or_else(|| unknown_board(service, &board))?;
+    find_board(service, &board)?;
     let image = service.templates.image_path(&board);
     // Off the HTTP worker: a template can be tens of megabytes.
     let bytes = match web::block(move || std::fs::read(image)).await {
@@ -344,10 +346,7 @@ async fn inspect_one(
     board: &str,
     bytes: Bytes,
 ) -> Result<InspectResult, ApiError> {
-    let found = service
-        .templates
-        .get(board)
-        .ok_or_else(|| unknown_board(service, board))?;
+    let found = find_board(service, board)?;
     let inspector = service.inspector.clone();
     let template = found.template.clone();
     let prepared = web::block(move || inspector.prepare(&bytes, &template)).await??;
@@ -384,10 +383,7 @@ async fn inspect_request(
     let images = read_images(request, payload, state.max_body_bytes).await?;
     let service = service(state)?.clone();
     let board = board_name(path)?;
-    service
-        .templates
-        .get(&board)
-        .ok_or_else(|| unknown_board(&service, &board))?;
+    find_board(&service, &board)?;
     Ok((service, board, images))
 }
 

@@ -165,10 +165,9 @@ where
             break;
         }
     }
-    let (file, _) = match in_flight {
-        Some(write) => write.await?,
-        None => unreachable!("the last chunk always starts a write"),
-    };
+    let (file, _) = in_flight
+        .expect("the last chunk always starts a write")
+        .await?;
     // On the disk before the 202: an accepted job's archive survives a power cut.
     web::block(move || file.sync_all())
         .await?
@@ -458,13 +457,9 @@ async fn cancel_job(
     let jobs = fleet(&state)?.jobs.clone();
     let id = path.into_inner();
     // Off the HTTP worker: both flush to the disk.
-    let (jobs, cancelled) = {
-        let id = id.clone();
-        web::block(move || {
-            let outcome = jobs.cancel(&id);
-            (jobs, outcome)
-        })
-        .await?
+    let cancelled = {
+        let (jobs, id) = (jobs.clone(), id.clone());
+        web::block(move || jobs.cancel(&id)).await?
     };
     match cancelled {
         None => Err(ApiError::NotFound(format!("no job {id}"))),
