@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use linescan::engine::ModelRegistry;
+use linescan::engine::{ModelRegistry, Priority};
 use linescan::engine::registry::LoadOptions;
 use linescan::jobs::runner::{self, RunOptions, Unmonitored};
 use linescan::jobs::synthetic;
@@ -109,6 +109,7 @@ fn sensors(c: &mut Criterion) {
                         data.clone(),
                         batch,
                         Instant::now() + Duration::from_secs(60),
+                        Priority::Bulk,
                     )
                 });
                 for outcome in futures_util::future::join_all(calls).await {

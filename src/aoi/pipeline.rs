@@ -15,7 +15,7 @@ use crate::aoi::components::Component;
 use crate::aoi::detections::{Detection, decode_detections};
 use crate::aoi::image_io::{GrayImage, ImageError, decode_gray};
 use crate::aoi::params::PipelineParams;
-use crate::engine::{InferError, ModelRegistry, ServedModel};
+use crate::engine::{InferError, ModelRegistry, Priority, ServedModel};
 use crate::metrics::Metrics;
 use crate::preprocess::{Preprocess, PreprocessError, handoff_device};
 use crate::runtime::device::{DeviceBytes, PlacedBytes};
@@ -426,6 +426,7 @@ impl Inspector {
                 crops.slice(first * row_bytes..(first + rows) * row_bytes),
                 rows,
                 deadline,
+                Priority::Live,
             )
         });
         let mut probabilities = Vec::with_capacity(count * 7);

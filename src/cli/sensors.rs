@@ -13,7 +13,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::config::{ModelArgs, at_least_one};
-use crate::engine::ModelRegistry;
+use crate::engine::{ModelRegistry, Priority};
 use crate::jobs::archive::Partition;
 use crate::jobs::results::{self, Format, View};
 use crate::jobs::runner::{self, Control, Monitor, RunOptions, Shard};
@@ -498,6 +498,7 @@ fn cmapss(args: &CmapssArgs) -> anyhow::Result<()> {
                     PlacedBytes::Host(f32_bytes(chunk.to_vec())),
                     rows,
                     model.default_deadline(),
+                    Priority::Bulk,
                 )
                 .await?;
             for index in 0..rows {

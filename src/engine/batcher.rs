@@ -1,7 +1,8 @@
 //! Dynamic batching for one model version.
 //!
-//! Requests go into a bounded crossbeam channel (lock-free array queue); a full queue is refused
-//! at once so callers can answer 503 instead of piling up latency. Each worker thread owns one
+//! Requests go into bounded crossbeam channels (lock-free array queues), one lane for live
+//! requests and one for bulk work that a live request always jumps ([`lanes`]); a full queue is
+//! refused at once so callers can answer 503 instead of piling up latency. Each worker thread owns one
 //! session and forms batches: it takes the first waiting request, then keeps taking requests
 //! until the batch holds `max_batch_size` rows, `max_queue_delay` has passed, (when set) no
 //! request has arrived for `max_arrival_gap`, or another session of the model is idle (waiting
@@ -14,9 +15,10 @@ use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
+use crossbeam_channel::{RecvTimeoutError, TrySendError};
 use tokio::sync::oneshot;
 
+use super::lanes::{self, LaneReceivers, LaneSenders, Priority};
 use crate::metrics::{FailureReason, Metrics};
 use crate::runtime::device::{DeviceBytes, DeviceGather, DeviceTensor, PlacedBytes};
 use crate::runtime::model_config::ModelConfig;
@@ -140,6 +142,7 @@ struct QueuedRequest {
     rows: usize,
     enqueued: Instant,
     deadline: Instant,
+    priority: Priority,
     reply: oneshot::Sender<Result<InferResponse, InferError>>,
     /// Who has the request: its caller and a session race for it once the deadline is near.
     claim: Arc<AtomicU8>,
@@ -165,7 +168,7 @@ pub struct Batcher {
     version: String,
     config: Arc<ModelConfig>,
     sessions: usize,
-    sender: Sender<QueuedRequest>,
+    sender: LaneSenders<QueuedRequest>,
     /// The CUDA device whose memory every session reads in place (CUDA or TensorRT provider).
     device: Option<i32>,
     stop: Arc<AtomicBool>,
@@ -181,7 +184,7 @@ impl Batcher {
         sessions: Vec<ModelSession>,
         metrics: Arc<Metrics>,
     ) -> Batcher {
-        let (sender, receiver) = crossbeam_channel::bounded(config.dynamic_batching.max_queue_size);
+        let (sender, receiver) = lanes::lanes(config.dynamic_batching.max_queue_size);
         let stop = Arc::new(AtomicBool::new(false));
         let idle = Arc::new(AtomicUsize::new(0));
         let version = version.to_string();
@@ -250,7 +253,7 @@ impl Batcher {
         self.device
     }
 
-    /// Queues the request and waits for its outputs or its deadline. `inputs` are in config
+    /// Queues a live request and waits for its outputs or its deadline. `inputs` are in config
     /// order and already validated against the config; `rows` is their batch dimension.
     pub async fn infer(
         &self,
@@ -259,7 +262,7 @@ impl Batcher {
         deadline: Instant,
     ) -> Result<InferResponse, InferError> {
         self.count(
-            self.submit_and_wait(RequestInputs::Host(inputs), rows, deadline)
+            self.submit_and_wait(RequestInputs::Host(inputs), rows, deadline, Priority::Live)
                 .await,
         )
     }
@@ -272,17 +275,12 @@ impl Batcher {
         rows: usize,
         deadline: Instant,
     ) -> Result<InferResponse, InferError> {
-        if let Some(problem) = device_input_problem(&self.config, self.device, &inputs, rows) {
-            return self.count(Err(InferError::Invalid(problem)));
-        }
-        self.count(
-            self.submit_and_wait(RequestInputs::Device(inputs), rows, deadline)
-                .await,
-        )
+        self.infer_device_with(inputs, rows, deadline, Priority::Live)
+            .await
     }
 
-    /// A one-input request, by where its bytes are: [`Batcher::infer`] for host memory,
-    /// [`Batcher::infer_on_device`] for device memory.
+    /// A one-input request in the given lane, its bytes in host or device memory (the latter
+    /// as [`Batcher::infer_on_device`]).
     pub async fn infer_single(
         &self,
         dtype: DataType,
@@ -290,17 +288,33 @@ impl Batcher {
         data: PlacedBytes,
         rows: usize,
         deadline: Instant,
+        priority: Priority,
     ) -> Result<InferResponse, InferError> {
         match data {
             PlacedBytes::Host(data) => {
-                let tensor = Tensor { dtype, shape, data };
-                self.infer(vec![tensor], rows, deadline).await
+                let inputs = RequestInputs::Host(vec![Tensor { dtype, shape, data }]);
+                self.count(self.submit_and_wait(inputs, rows, deadline, priority).await)
             }
             PlacedBytes::Device(data) => {
                 let tensor = DeviceTensor { dtype, shape, data };
-                self.infer_on_device(vec![tensor], rows, deadline).await
+                self.infer_device_with(vec![tensor], rows, deadline, priority)
+                    .await
             }
         }
+    }
+
+    async fn infer_device_with(
+        &self,
+        inputs: Vec<DeviceTensor>,
+        rows: usize,
+        deadline: Instant,
+        priority: Priority,
+    ) -> Result<InferResponse, InferError> {
+        if let Some(problem) = device_input_problem(&self.config, self.device, &inputs, rows) {
+            return self.count(Err(InferError::Invalid(problem)));
+        }
+        let inputs = RequestInputs::Device(inputs);
+        self.count(self.submit_and_wait(inputs, rows, deadline, priority).await)
     }
 
     /// Counts a finished request in `/metrics`.
@@ -325,6 +339,7 @@ impl Batcher {
         inputs: RequestInputs,
         rows: usize,
         deadline: Instant,
+        priority: Priority,
     ) -> Result<InferResponse, InferError> {
         let limit = self.config.max_batch_size;
         if limit > 0 && (rows == 0 || rows > limit) {
@@ -343,10 +358,11 @@ impl Batcher {
             rows,
             enqueued: Instant::now(),
             deadline,
+            priority,
             reply,
             claim: claim.clone(),
         };
-        match self.sender.try_send(request) {
+        match self.sender.try_send(request, priority) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => return Err(InferError::QueueFull(self.model.clone())),
             Err(TrySendError::Disconnected(_)) => return Err(InferError::ShuttingDown),
@@ -388,7 +404,7 @@ impl Drop for Batcher {
 struct Worker {
     config: Arc<ModelConfig>,
     labels: [String; 2],
-    receiver: Receiver<QueuedRequest>,
+    receiver: LaneReceivers<QueuedRequest>,
     stop: Arc<AtomicBool>,
     /// Workers of this model waiting for a first request.
     idle: Arc<AtomicUsize>,
@@ -413,7 +429,7 @@ impl Worker {
     /// The next live request, or None once stopped with nothing left to drain.
     fn next_request(&mut self) -> Option<QueuedRequest> {
         loop {
-            let request = match self.pending.pop_front() {
+            let request = match self.next_pending() {
                 Some(request) => request,
                 None => match self.wait_idle() {
                     Ok(request) => request,
@@ -432,10 +448,23 @@ impl Worker {
         }
     }
 
+    /// The request set aside by the last batch, unless it is bulk work and a live request
+    /// waits: that one goes first.
+    fn next_pending(&mut self) -> Option<QueuedRequest> {
+        let bulk_first = self
+            .pending
+            .front()
+            .is_some_and(|request| request.priority == Priority::Bulk);
+        if bulk_first && let Some(live) = self.receiver.try_live() {
+            return Some(live);
+        }
+        self.pending.pop_front()
+    }
+
     /// Waits for a request while counted as idle, so forming batches know a session is free.
     fn wait_idle(&self) -> Result<QueuedRequest, RecvTimeoutError> {
         self.idle.fetch_add(1, Ordering::AcqRel);
-        let received = self.receiver.recv_timeout(IDLE_POLL);
+        let received = self.receiver.recv_deadline(Instant::now() + IDLE_POLL);
         self.idle.fetch_sub(1, Ordering::AcqRel);
         received
     }
@@ -460,7 +489,7 @@ impl Worker {
             if self.idle.load(Ordering::Acquire) > 0 {
                 break BatchClose::Idle;
             }
-            let next = match self.pending.pop_front() {
+            let next = match self.next_pending() {
                 Some(request) => request,
                 None => {
                     let now = Instant::now();

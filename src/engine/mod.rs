@@ -1,7 +1,9 @@
 //! Serving engine: the dynamic batcher per model version and the registry of loaded models.
 
 pub mod batcher;
+pub mod lanes;
 pub mod registry;
 
 pub use batcher::{Batcher, InferError, InferResponse};
+pub use lanes::Priority;
 pub use registry::{ModelRegistry, ServedModel};

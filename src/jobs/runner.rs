@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::engine::InferError;
+use crate::engine::{InferError, Priority};
 use crate::jobs::archive::{Archive, ArchiveError, Partition, UnitSpan};
 use crate::jobs::results::{Columns, ResultMeta, ResultWriter, ShardInfo};
 use crate::preprocess::{Preprocess, PreprocessError, handoff_device};
@@ -259,8 +259,8 @@ async fn score_batch(
 ) -> Result<Scores, InferError> {
     loop {
         let deadline = Instant::now() + BATCH_DEADLINE;
-        match model.score(windows.clone(), rows, deadline).await {
-            // Live traffic filled the queue: wait for room rather than fail the job.
+        match model.score(windows.clone(), rows, deadline, Priority::Bulk).await {
+            // Other jobs filled the bulk lane: wait for room rather than fail the job.
             Err(InferError::QueueFull(_)) => {
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::engine::{InferError, ModelRegistry, ServedModel};
+use crate::engine::{InferError, ModelRegistry, Priority, ServedModel};
 use crate::runtime::device::PlacedBytes;
 use crate::sensors::assess::{AssessSettings, Risk};
 use crate::sensors::params::{Calibration, RulCalibration, SensorParams};
@@ -192,12 +192,13 @@ impl SensorModel {
     }
 
     /// Runs both models on `rows` scaled windows (`rows × window × channels` values, at most
-    /// [`Self::batch_rows`] rows).
+    /// [`Self::batch_rows`] rows), in the batchers' `priority` lane.
     pub async fn score(
         &self,
         windows: PlacedBytes,
         rows: usize,
         deadline: Instant,
+        priority: Priority,
     ) -> Result<Scores, InferError> {
         let shape = vec![rows, self.params.window, self.params.channels.len()];
         let rul_call = self.rul.batcher.infer_single(
@@ -206,13 +207,14 @@ impl SensorModel {
             windows.clone(),
             rows,
             deadline,
+            priority,
         );
         let (rul, anomaly) = match &self.anomaly {
             Some(anomaly) => {
                 let anomaly_call =
                     anomaly
                         .batcher
-                        .infer_single(DataType::Fp32, shape, windows, rows, deadline);
+                        .infer_single(DataType::Fp32, shape, windows, rows, deadline, priority);
                 let (rul, anomaly) = futures_util::future::join(rul_call, anomaly_call).await;
                 (rul?, Some(anomaly?))
             }

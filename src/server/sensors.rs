@@ -11,6 +11,7 @@ use actix_web::{HttpRequest, HttpResponse, web};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use crate::engine::Priority;
 use crate::jobs::Fleet;
 use crate::runtime::device::PlacedBytes;
 use crate::sensors::{AssessSettings, SensorError, SensorModel, live};
@@ -188,7 +189,12 @@ async fn score_live(
     let scores = if infos.len() <= per_call {
         vec![
             model
-                .score(PlacedBytes::Host(f32_bytes(input)), infos.len(), deadline)
+                .score(
+                    PlacedBytes::Host(f32_bytes(input)),
+                    infos.len(),
+                    deadline,
+                    Priority::Live,
+                )
                 .await?,
         ]
     } else {
@@ -197,6 +203,7 @@ async fn score_live(
                 PlacedBytes::Host(f32_bytes(chunk.to_vec())),
                 chunk.len() / window_len,
                 deadline,
+                Priority::Live,
             )
         });
         futures_util::future::join_all(calls)
