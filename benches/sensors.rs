@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use linescan::engine::{ModelRegistry, Priority};
 use linescan::engine::registry::LoadOptions;
+use linescan::engine::{ModelRegistry, Priority};
 use linescan::jobs::runner::{self, RunOptions, Unmonitored};
 use linescan::jobs::synthetic;
 use linescan::metrics::Metrics;

@@ -115,7 +115,7 @@ async fn job_lifecycle_with_results_in_every_format() {
     let lines: Vec<&str> = csv.lines().collect();
     assert_eq!(
         lines[0],
-        "unit,cycle,rul,rul_std,rul_sigma,risk,anomaly,health,padded"
+        "unit,cycle,rul,rul_std,rul_sigma,risk,anomaly,health,padded,held"
     );
     assert_eq!(lines.len(), table.rows() + 1);
     let fields: Vec<&str> = lines[last + 1].split(',').collect();
@@ -1204,4 +1204,182 @@ fn sigterm_stops_job_run_without_leaving_a_partial_result() {
     assert!(!output.status.success(), "{stderr}");
     assert!(stderr.contains("cancelled"), "{stderr}");
     assert!(!partial.exists() && !out.exists(), "{stderr}");
+}
+
+/// A copy of `table` with each `(row, column)` cell set to `value`.
+fn with_value(table: &synthetic::Table, cells: &[(usize, usize)], value: f64) -> synthetic::Table {
+    let mut changed = table.clone();
+    let width = table.columns.len();
+    for &(row, column) in cells {
+        changed.values[row * width + column] = value;
+    }
+    changed
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn gaps_are_held_only_when_asked_and_counted_per_window() {
+    let setup = setup();
+    let table = fleet_of(30, 9);
+    let width = table.columns.len();
+    let column = |name: &str| table.columns.iter().position(|c| c == name).unwrap();
+    let (s_4, s_2, setting) = (column("s_4"), column("s_2"), column("setting_1"));
+    let unit_first = |row: usize| {
+        (0..=row)
+            .rev()
+            .find(|r| *r == 0 || table.unit[r - 1] != table.unit[*r])
+            .unwrap()
+    };
+    // A lone gap mid-unit, three rows of two channels out in another unit (one of them NaN in
+    // a column the model does not read), and an infinity.
+    let lone = 1000;
+    let run = 2500..2503;
+    assert!(unit_first(lone) + 40 < lone && unit_first(run.start) + 40 < run.start);
+    let mut cells = vec![(lone, s_4)];
+    cells.extend(run.clone().flat_map(|r| [(r, s_4), (r, s_2)]));
+    let mut gappy = with_value(&table, &cells, f64::NAN);
+    gappy.values[run.start * width + setting] = f64::NAN;
+    gappy.values[3000 * width + s_2] = f64::INFINITY;
+    let archive = write_generic(setup.files.path(), "gappy.h5", &gappy);
+
+    // By default the first gap fails the run.
+    let output = job_run_output(
+        setup.repository.path(),
+        &archive,
+        &setup.file("fail.h5"),
+        &[],
+    );
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&format!("NaN in channel s_4 at row {lone}")),
+        "{stderr}"
+    );
+
+    // Held: the same result as the archive with each gap filled by hand from the row before.
+    let held = setup.file("held.h5");
+    let printed = setup.job_run(&archive, &held, &["--missing", "hold"]);
+    assert!(
+        printed.contains("8 values were NaN or infinite"),
+        "{printed}"
+    );
+    let mut filled = gappy.clone();
+    for (row, column) in cells.iter().copied().chain([(3000, s_2)]) {
+        filled.values[row * width + column] = filled.values[(row - 1) * width + column];
+    }
+    let by_hand = setup.file("by-hand.h5");
+    setup.job_run(
+        &write_generic(setup.files.path(), "filled.h5", &filled),
+        &by_hand,
+        &[],
+    );
+    let (held_rows, by_hand_rows) = (read_result(&held), read_result(&by_hand));
+    assert_eq!(held_rows.rul, by_hand_rows.rul);
+    assert_eq!(held_rows.anomaly, by_hand_rows.anomaly);
+    // Each window counts the held values it read: the lone gap in the 30 windows that end at
+    // it and after it, the run's six values, the infinity.
+    let counts = hdf5::File::open(&held)
+        .unwrap()
+        .dataset("held")
+        .unwrap()
+        .read_raw::<u32>()
+        .unwrap();
+    let expected: Vec<u32> = (0..table.rows())
+        .map(|row| {
+            let oldest = (row + 1).saturating_sub(30).max(unit_first(row));
+            let window = oldest..=row;
+            let in_window = |r: usize| window.contains(&r) && table.unit[r] == table.unit[row];
+            cells.iter().filter(|(r, _)| in_window(*r)).count() as u32 + u32::from(in_window(3000))
+        })
+        .collect();
+    assert_eq!(counts, expected);
+    assert_eq!(counts.iter().filter(|c| **c > 0).count(), 30 + 32 + 30);
+    // ... and shards of a held run merge to it.
+    let parts: Vec<PathBuf> = (0..3)
+        .map(|index| {
+            let part = setup.file(&format!("held-{index}-of-3.h5"));
+            let shard = format!("{index}/3");
+            setup.job_run(
+                &archive,
+                &part,
+                &[
+                    "--missing",
+                    "hold",
+                    "--shard",
+                    &shard,
+                    "--chunk-rows",
+                    "777",
+                ],
+            );
+            part
+        })
+        .collect();
+    let merged = setup.file("held-merged.h5");
+    let mut args = vec!["job", "merge"];
+    args.extend(parts.iter().map(|p| p.to_str().unwrap()));
+    args.extend(["--out", merged.to_str().unwrap()]);
+    assert!(run_cli(&args).status.success());
+    assert_eq!(
+        result_fingerprint(&merged, &[]),
+        result_fingerprint(&held, &[])
+    );
+
+    // A unit's first value has nothing to hold over it.
+    let first = unit_first(lone);
+    let leading = write_generic(
+        setup.files.path(),
+        "leading.h5",
+        &with_value(&table, &[(first, s_2)], f64::NAN),
+    );
+    let output = job_run_output(
+        setup.repository.path(),
+        &leading,
+        &setup.file("leading-out.h5"),
+        &["--missing", "hold"],
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains(&format!("NaN in channel s_2 at row {first}"))
+            && stderr.contains("is the unit's first value of the channel"),
+        "{stderr}"
+    );
+
+    // Over HTTP: the option in the query string, the count in the job's status, the column in
+    // the CSV.
+    let server = setup.server(&[]);
+    let (status, accepted) = submit_bytes(
+        &server.url,
+        std::fs::read(&archive).unwrap(),
+        "?missing=hold",
+    )
+    .await;
+    assert_eq!(status, 202, "{accepted}");
+    assert_eq!(accepted["missing"], "hold");
+    let id = accepted["id"].as_str().unwrap();
+    let done = wait_job(&server.url, id, is_final).await;
+    assert_eq!(done["state"], "done", "{done}");
+    assert_eq!(done["values_held"], 8);
+    let csv = get(format!("{}/v1/jobs/{id}/result?format=csv", server.url))
+        .await
+        .text()
+        .await
+        .unwrap();
+    let header = csv.lines().next().unwrap();
+    assert!(header.ends_with(",padded,held"), "{header}");
+    let lone_line = csv.lines().nth(lone + 1).unwrap();
+    assert!(lone_line.ends_with(",0,1"), "{lone_line}");
+    let (status, refused) = submit_bytes(
+        &server.url,
+        std::fs::read(&archive).unwrap(),
+        "?missing=skip",
+    )
+    .await;
+    assert_eq!(status, 400, "{refused}");
+    assert!(
+        refused["error"]
+            .as_str()
+            .unwrap()
+            .contains("unknown variant `skip`, expected `fail` or `hold`"),
+        "{refused}"
+    );
 }

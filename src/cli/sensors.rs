@@ -15,6 +15,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::config::{ModelArgs, at_least_one};
 use crate::engine::{ModelRegistry, Priority};
 use crate::jobs::archive::Partition;
+use crate::jobs::gaps::MissingPolicy;
 use crate::jobs::results::{self, Format, View};
 use crate::jobs::runner::{self, Control, Monitor, RunOptions, Shard};
 use crate::metrics::Metrics;
@@ -64,6 +65,10 @@ pub struct JobRunArgs {
     /// N-CMAPSS partitions to score (a generic archive has one; only `all` applies to it).
     #[arg(long, value_enum, default_value = "all")]
     pub partition: Partition,
+    /// A NaN or infinite value in a model channel: `fail` the run naming it, or `hold` the
+    /// unit's last finite value of the channel over it (results count held values per window).
+    #[arg(long, value_enum, default_value = "fail")]
+    pub missing: MissingPolicy,
     /// Archive rows read per chunk.
     #[arg(long, default_value_t = 16_384, value_parser = at_least_one::<usize>)]
     pub chunk_rows: usize,
@@ -301,6 +306,7 @@ fn job_run(args: &JobRunArgs) -> anyhow::Result<()> {
         .unwrap_or_default();
     let mut options = RunOptions::new(args.assess, source, preprocess);
     options.partition = args.partition;
+    options.missing = args.missing;
     options.shard = args.shard;
     options.chunk_rows = args.chunk_rows;
     options.in_flight = args.in_flight.unwrap_or(2 * instances + 2);
@@ -353,6 +359,13 @@ fn job_run(args: &JobRunArgs) -> anyhow::Result<()> {
             .unwrap_or_default(),
         args.out.display()
     );
+    if summary.values_held > 0 {
+        println!(
+            "{} values were NaN or infinite and held the unit's last finite value \
+             (missing=hold); the result's `held` column counts them per window",
+            summary.values_held
+        );
+    }
     registry.shutdown();
     Ok(())
 }

@@ -314,6 +314,7 @@ impl JobManager {
                 self.sensors.preprocess.clone(),
             );
             options.partition = record.partition;
+            options.missing = record.missing;
             options.chunk_rows = self.args.chunk_rows;
             options.throttle = Duration::from_millis(self.args.throttle_ms);
             (record.model.clone(), options, record.input.path.clone())
@@ -358,6 +359,7 @@ impl JobManager {
                 record.rows_done = summary.rows as u64;
                 record.rows_total = summary.rows as u64;
                 record.units = Some(summary.units as u64);
+                record.values_held = summary.values_held;
                 record.rows_per_second = summary.rows_per_second;
                 record.finished_unix = Some(now_unix());
                 tracing::info!(job = %id, rows = summary.rows, seconds = summary.seconds, "job done");

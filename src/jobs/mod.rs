@@ -7,6 +7,7 @@
 //! pool, progress, cancellation, restart).
 
 pub mod archive;
+pub mod gaps;
 pub mod manager;
 pub mod results;
 pub mod runner;

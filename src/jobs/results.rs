@@ -4,8 +4,9 @@
 //! HDF5 layout: one row per archive row (in archive order) with datasets `unit` (i64), `cycle`
 //! (i64), `rul`, `rul_std` (ensemble spread), `rul_sigma` (calibrated error bar; f32, cycles), `risk` (u8: 0 normal, 1 warning, 2 critical, names in
 //! the attribute `risk_levels`), `anomaly` (f32 0..1, NaN without an anomaly model), `health`
-//! (f32 0..100) and `padded` (u16: rows repeated at the front of the window, 0 for full
-//! windows); the group `units` holds the same columns at each unit's latest cycle, plus `rows`.
+//! (f32 0..100), `padded` (u16: rows repeated at the front of the window, 0 for full
+//! windows) and `held` (u32: values of the window held over gaps); the group `units` holds the
+//! same columns at each unit's latest cycle, with `rows` for `padded`.
 //! Root attributes name the model and its version, the settings and the source; `linescan_meta`
 //! holds all of them as JSON.
 
@@ -17,6 +18,7 @@ use hdf5::types::VarLenUnicode;
 use serde::{Deserialize, Serialize};
 
 use crate::durable;
+use crate::jobs::gaps::MissingPolicy;
 use crate::sensors::{AssessSettings, Risk};
 
 /// Rows written to HDF5 per flush.
@@ -52,6 +54,9 @@ pub struct ResultMeta {
     pub source_rows: usize,
     pub layout: String,
     pub partition: String,
+    /// What the run did with gaps; results from before the option held none.
+    #[serde(default)]
+    pub missing: MissingPolicy,
     pub shard: Option<ShardInfo>,
 }
 
@@ -68,6 +73,8 @@ pub struct Columns {
     pub health: Vec<f32>,
     /// Rows table: padded rows of the window. Units table: rows scored for the unit.
     pub count: Vec<u64>,
+    /// Values of the window held over gaps (missing=hold).
+    pub held: Vec<u32>,
 }
 
 impl Columns {
@@ -89,6 +96,7 @@ impl Columns {
         self.anomaly.clear();
         self.health.clear();
         self.count.clear();
+        self.held.clear();
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -103,6 +111,7 @@ impl Columns {
         anomaly: Option<f32>,
         health: f32,
         count: u64,
+        held: u32,
     ) {
         self.unit.push(unit);
         self.cycle.push(cycle);
@@ -113,6 +122,7 @@ impl Columns {
         self.anomaly.push(anomaly.unwrap_or(f32::NAN));
         self.health.push(health);
         self.count.push(count);
+        self.held.push(held);
     }
 
     /// Row `i` copied from another table.
@@ -126,6 +136,7 @@ impl Columns {
         self.anomaly.push(other.anomaly[i]);
         self.health.push(other.health[i]);
         self.count.push(other.count[i]);
+        self.held.push(other.held[i]);
     }
 }
 
@@ -145,6 +156,7 @@ struct Table {
     anomaly: hdf5::Dataset,
     health: hdf5::Dataset,
     count: hdf5::Dataset,
+    held: hdf5::Dataset,
     len: usize,
     pending: Columns,
 }
@@ -189,6 +201,7 @@ impl Table {
             } else {
                 extensible::<u64>(group, count_name, chunk)?
             },
+            held: extensible::<u32>(group, "held", chunk)?,
             len: 0,
             pending: Columns::default(),
         })
@@ -222,6 +235,7 @@ impl Table {
         } else {
             append(&self.count, start, &p.count)?;
         }
+        append(&self.held, start, &p.held)?;
         self.len += p.len();
         self.pending.clear();
         Ok(())
@@ -337,6 +351,7 @@ fn write_meta(file: &hdf5::File, meta: &ResultMeta) -> anyhow::Result<()> {
     )?;
     string_attr(file, "source", &meta.source)?;
     string_attr(file, "layout", &meta.layout)?;
+    string_attr(file, "missing", meta.missing.name())?;
     if let Some(shard) = &meta.shard {
         string_attr(file, "shard", &format!("{}/{}", shard.index, shard.count))?;
     }
@@ -424,6 +439,12 @@ impl ResultReader {
             anomaly: column(&group, "anomaly", start, end)?,
             health: column(&group, "health", start, end)?,
             count: column(&group, count_name, start, end)?,
+            // Results written before gaps could be held have no `held`: none were.
+            held: if group.link_exists("held") {
+                column(&group, "held", start, end)?
+            } else {
+                vec![0; end - start]
+            },
         })
     }
 
@@ -484,7 +505,8 @@ fn risk_name(code: u8) -> &'static str {
     Risk::from_code(code).map_or("unknown", Risk::name)
 }
 
-/// CSV of one table: `unit,cycle,rul,rul_std,risk,anomaly,health,padded` (or `rows` for units);
+/// CSV of one table: `unit,cycle,rul,rul_std,rul_sigma,risk,anomaly,health,padded,held` (`rows`
+/// for `padded` in units);
 /// anomaly is empty without an anomaly model.
 pub fn write_csv(reader: &ResultReader, view: View, out: &mut dyn Write) -> anyhow::Result<()> {
     let count_name = match view {
@@ -493,7 +515,7 @@ pub fn write_csv(reader: &ResultReader, view: View, out: &mut dyn Write) -> anyh
     };
     writeln!(
         out,
-        "unit,cycle,rul,rul_std,rul_sigma,risk,anomaly,health,{count_name}"
+        "unit,cycle,rul,rul_std,rul_sigma,risk,anomaly,health,{count_name},held"
     )?;
     reader.for_each_chunk(view, |c| {
         for i in 0..c.len() {
@@ -504,7 +526,7 @@ pub fn write_csv(reader: &ResultReader, view: View, out: &mut dyn Write) -> anyh
             };
             writeln!(
                 out,
-                "{},{},{},{},{},{},{},{},{}",
+                "{},{},{},{},{},{},{},{},{},{}",
                 c.unit[i],
                 c.cycle[i],
                 c.rul[i],
@@ -513,7 +535,8 @@ pub fn write_csv(reader: &ResultReader, view: View, out: &mut dyn Write) -> anyh
                 risk_name(c.risk[i]),
                 anomaly,
                 c.health[i],
-                c.count[i]
+                c.count[i],
+                c.held[i]
             )?;
         }
         Ok(())
@@ -535,7 +558,7 @@ fn write_json_rows(reader: &ResultReader, view: View, out: &mut dyn Write) -> an
             };
             write!(
                 out,
-                "{}{{\"unit\":{},\"cycle\":{},\"rul\":{},\"rul_std\":{},\"rul_sigma\":{},\"risk\":\"{}\",\"anomaly\":{},\"health\":{},\"{count_name}\":{}}}",
+                "{}{{\"unit\":{},\"cycle\":{},\"rul\":{},\"rul_std\":{},\"rul_sigma\":{},\"risk\":\"{}\",\"anomaly\":{},\"health\":{},\"{count_name}\":{},\"held\":{}}}",
                 if first { "\n" } else { ",\n" },
                 c.unit[i],
                 c.cycle[i],
@@ -545,7 +568,8 @@ fn write_json_rows(reader: &ResultReader, view: View, out: &mut dyn Write) -> an
                 risk_name(c.risk[i]),
                 anomaly,
                 c.health[i],
-                c.count[i]
+                c.count[i],
+                c.held[i]
             )?;
             first = false;
         }
@@ -660,7 +684,7 @@ pub fn merge(parts: &[std::path::PathBuf], out: &Path) -> anyhow::Result<ResultM
         other.shard = None;
         anyhow::ensure!(
             other == meta,
-            "{} was computed differently (model, settings or source differ) from the other shards",
+            "{} was computed differently (model, settings, gap policy or source differ) from the other shards",
             path.display()
         );
     }

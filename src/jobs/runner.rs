@@ -12,6 +12,10 @@
 //! one-run result. **Sharding** (`--shard i/N`) is by unit range: shard i takes the units whose
 //! first row lies in `[i·n/N, (i+1)·n/N)`, so shards are contiguous runs of rows and merge by
 //! concatenation in shard order.
+//!
+//! **Gaps** (NaN, ±Inf) fail the run, or with [`MissingPolicy::Hold`] take the unit's last
+//! finite value of their channel ([`GapFiller`]); each result row counts the held values its
+//! window read (`held`).
 
 use std::collections::VecDeque;
 use std::path::Path;
@@ -22,10 +26,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::engine::{InferError, Priority};
 use crate::jobs::archive::{Archive, ArchiveError, Partition, UnitSpan};
+use crate::jobs::gaps::{GapFiller, MissingPolicy};
 use crate::jobs::results::{Columns, ResultMeta, ResultWriter, ShardInfo};
 use crate::preprocess::{Preprocess, PreprocessError, handoff_device};
 use crate::runtime::device::PlacedBytes;
-use crate::sensors::window::WindowSpan;
+use crate::sensors::window::{WindowSpan, describe_non_finite};
 use crate::sensors::{AssessSettings, Scores, SensorModel};
 use crate::tensor::f32_bytes;
 
@@ -63,6 +68,7 @@ impl std::str::FromStr for Shard {
 pub struct RunOptions {
     pub settings: AssessSettings,
     pub partition: Partition,
+    pub missing: MissingPolicy,
     pub shard: Option<Shard>,
     /// Archive rows read per hyperslab.
     pub chunk_rows: usize,
@@ -85,6 +91,7 @@ impl RunOptions {
         RunOptions {
             settings,
             partition: Partition::All,
+            missing: MissingPolicy::Fail,
             shard: None,
             chunk_rows: 16_384,
             in_flight: 4,
@@ -144,6 +151,8 @@ pub struct RunSummary {
     pub units: usize,
     pub seconds: f64,
     pub rows_per_second: f64,
+    /// Values held over gaps in the rows the run kept (0 unless `missing` is hold).
+    pub values_held: u64,
     pub meta: ResultMeta,
 }
 
@@ -153,6 +162,8 @@ struct BatchMeta {
     units: Vec<i64>,
     cycles: Vec<i64>,
     padded: Vec<u16>,
+    /// Held values the window read (derived with `padded`).
+    held: Vec<u32>,
     /// Per window: (archive row it ends at, archive row its unit starts at).
     ends: Vec<(usize, usize)>,
 }
@@ -160,6 +171,8 @@ struct BatchMeta {
 /// Scaled rows of the archive from row `base` on: the rows that pending windows still need.
 struct HeldRows {
     rows: Vec<f32>,
+    /// Per row: its values held over gaps.
+    held: Vec<u16>,
     base: usize,
     width: usize,
 }
@@ -171,6 +184,7 @@ impl HeldRows {
             .saturating_sub(self.base)
             .min(self.rows.len() / self.width);
         self.rows.drain(..drop * self.width);
+        self.held.drain(..drop);
         self.base += drop;
     }
 
@@ -215,6 +229,17 @@ impl HeldRows {
             })
             .collect();
         meta.padded = spans.iter().map(|s| s.padded(window) as u16).collect();
+        meta.held = meta
+            .ends
+            .iter()
+            .zip(&meta.padded)
+            .map(|(end, &padded)| {
+                let (oldest, last) = (oldest(end) - self.base, end.0 - self.base);
+                let read: u32 = self.held[oldest..=last].iter().map(|&h| h as u32).sum();
+                // Padding repeats the unit's first row, with its held values.
+                read + padded as u32 * self.held[oldest] as u32
+            })
+            .collect();
         let rows = &self.rows[(from - self.base) * self.width..(to - self.base) * self.width];
         if let Some(device) = device {
             // Padding windows repeat the last one there (their scores are never written).
@@ -259,7 +284,10 @@ async fn score_batch(
 ) -> Result<Scores, InferError> {
     loop {
         let deadline = Instant::now() + BATCH_DEADLINE;
-        match model.score(windows.clone(), rows, deadline, Priority::Bulk).await {
+        match model
+            .score(windows.clone(), rows, deadline, Priority::Bulk)
+            .await
+        {
             // Other jobs filled the bulk lane: wait for room rather than fail the job.
             Err(InferError::QueueFull(_)) => {
                 tokio::time::sleep(Duration::from_millis(2)).await;
@@ -306,6 +334,7 @@ impl Output<'_> {
                 a.anomaly,
                 a.health,
                 meta.padded[j] as u64,
+                meta.held[j],
             );
         }
         for i in 0..self.rows.len() {
@@ -392,6 +421,7 @@ pub fn run(
         settings: options.settings,
         source: options.source_name.clone(),
         source_rows: n,
+        missing: options.missing,
         layout: archive.layout().name().to_string(),
         partition: options.partition.name().to_string(),
         shard: options.shard.map(|s| ShardInfo {
@@ -414,6 +444,7 @@ pub fn run(
     let total = keep_end - keep_start;
     monitor.progress(0, total);
 
+    let mut values_held = 0u64;
     let outcome = (|| -> Result<(), RunError> {
         let mut in_flight: VecDeque<Pending> = VecDeque::new();
         let finish_front =
@@ -436,6 +467,7 @@ pub fn run(
             cycles: Vec::with_capacity(batch),
             // Derived from `ends` when the batch is stacked.
             padded: Vec::new(),
+            held: Vec::new(),
             ends: Vec::with_capacity(batch),
         };
         let mut current = new_batch(emit_start);
@@ -464,10 +496,12 @@ pub fn run(
 
         let mut held = HeldRows {
             rows: Vec::new(),
+            held: Vec::new(),
             base: stream_start,
             width,
         };
         let mut raw: Vec<f64> = Vec::new();
+        let mut gaps = GapFiller::new(width);
         let mut span_index = spans.partition_point(|s| s.end() <= stream_start);
         let mut chunk_start = stream_start;
         while chunk_start < emit_end {
@@ -476,6 +510,41 @@ pub fn run(
             features.read(chunk_start, chunk_end, &mut raw)?;
             let (_, cycles) = archive.read_ids(chunk_start, chunk_end)?;
             held.forget_before(current.first_row.saturating_sub(window - 1));
+            let unit_of = |row: usize| spans[spans.partition_point(|s| s.end() <= row)];
+            match options.missing {
+                MissingPolicy::Fail => held
+                    .held
+                    .resize(held.held.len() + chunk_end - chunk_start, 0),
+                MissingPolicy::Hold => {
+                    let before = held.held.len();
+                    let filled = gaps.fill(
+                        &mut raw,
+                        &features.map,
+                        |i| unit_of(chunk_start + i).first_row == chunk_start + i,
+                        |i| chunk_start + i < keep_start,
+                        &mut held.held,
+                    );
+                    if let Err(gap) = filled {
+                        let row = chunk_start + gap.row;
+                        let value = raw[gap.row * features.map.source_width
+                            + features.map.columns[gap.channel]];
+                        return Err(RunError::Archive(ArchiveError(format!(
+                            "{} in channel {} at row {row} (unit {}, cycle {}) is the unit's first value of the channel: missing=hold has no earlier value to hold over it",
+                            describe_non_finite(value),
+                            model.params.channels[gap.channel],
+                            unit_of(row).unit,
+                            cycles[gap.row]
+                        ))));
+                    }
+                    let kept = |i: &usize| (keep_start..keep_end).contains(&(chunk_start + i));
+                    values_held += held.held[before..]
+                        .iter()
+                        .enumerate()
+                        .filter(|(i, _)| kept(i))
+                        .map(|(_, &h)| h as u64)
+                        .sum::<u64>();
+                }
+            }
             let scaling = options.preprocess.scale_rows(
                 &model.scaler,
                 &raw,
@@ -532,6 +601,7 @@ pub fn run(
                 units,
                 seconds,
                 rows_per_second: rows as f64 / seconds.max(1e-9),
+                values_held,
                 meta,
             })
         }

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::durable;
 use crate::jobs::archive::Partition;
+use crate::jobs::gaps::MissingPolicy;
 use crate::sensors::AssessSettings;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -70,6 +71,9 @@ pub struct JobRecord {
     pub state: JobState,
     pub model: String,
     pub partition: Partition,
+    /// Gaps in the archive's values: fail the job, or hold the unit's last value over them.
+    #[serde(default)]
+    pub missing: MissingPolicy,
     pub settings: AssessSettings,
     pub input: JobInput,
     pub created_unix: f64,
@@ -81,6 +85,9 @@ pub struct JobRecord {
     pub rows_total: u64,
     pub rows_per_second: f64,
     pub units: Option<u64>,
+    /// Values held over gaps in the result's rows (missing=hold).
+    #[serde(default)]
+    pub values_held: u64,
     pub error: Option<String>,
     /// Times the job was started (more than one after a restart).
     pub attempts: u32,
@@ -104,6 +111,7 @@ impl JobRecord {
             state: JobState::Queued,
             model,
             partition,
+            missing: MissingPolicy::Fail,
             settings,
             input,
             created_unix: now_unix(),
@@ -114,6 +122,7 @@ impl JobRecord {
             rows_total: 0,
             rows_per_second: 0.0,
             units: None,
+            values_held: 0,
             error: None,
             attempts: 0,
             cancel_requested: false,

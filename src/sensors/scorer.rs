@@ -211,10 +211,14 @@ impl SensorModel {
         );
         let (rul, anomaly) = match &self.anomaly {
             Some(anomaly) => {
-                let anomaly_call =
-                    anomaly
-                        .batcher
-                        .infer_single(DataType::Fp32, shape, windows, rows, deadline, priority);
+                let anomaly_call = anomaly.batcher.infer_single(
+                    DataType::Fp32,
+                    shape,
+                    windows,
+                    rows,
+                    deadline,
+                    priority,
+                );
                 let (rul, anomaly) = futures_util::future::join(rul_call, anomaly_call).await;
                 (rul?, Some(anomaly?))
             }

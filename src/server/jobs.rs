@@ -18,6 +18,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::jobs::archive::Partition;
+use crate::jobs::gaps::MissingPolicy;
 use crate::jobs::manager::CancelOutcome;
 use crate::jobs::results::{self, Format, View};
 use crate::jobs::store::{InputKind, JobInput, JobRecord, JobState};
@@ -62,6 +63,7 @@ struct SubmitOptions {
     path: Option<String>,
     model: Option<String>,
     partition: Option<Partition>,
+    missing: Option<MissingPolicy>,
     critical: Option<f64>,
     warning: Option<f64>,
     /// Name recorded as the result's source.
@@ -213,7 +215,7 @@ async fn submit_job(
             }
             ApiError::Unprocessable(format!(
                 "a JSON submission is {{\"path\": \"...\", \"model\"?, \"partition\"?, \
-                 \"critical\"?, \"warning\"?, \"name\"?}}: {}",
+                 \"missing\"?, \"critical\"?, \"warning\"?, \"name\"?}}: {}",
                 crate::json_error::describe(&e)
             ))
         })?;
@@ -221,6 +223,7 @@ async fn submit_job(
             path: from_body.path,
             model: from_body.model.or(options.model),
             partition: from_body.partition.or(options.partition),
+            missing: from_body.missing.or(options.missing),
             critical: from_body.critical.or(options.critical),
             warning: from_body.warning.or(options.warning),
             name: from_body.name.or(options.name),
@@ -252,7 +255,7 @@ async fn submit_job(
             name,
             bytes,
         };
-        return accepted(&fleet, id, model, options.partition, settings, input).await;
+        return accepted(&fleet, id, model, &options, settings, input).await;
     }
 
     let limit = fleet.args.max_upload_bytes;
@@ -300,6 +303,7 @@ async fn submit_job(
     }
     let name = options
         .name
+        .clone()
         .or(filename)
         .unwrap_or_else(|| "upload.h5".into());
     let input = JobInput {
@@ -308,7 +312,7 @@ async fn submit_job(
         name,
         bytes,
     };
-    accepted(&fleet, id, model, options.partition, settings, input).await
+    accepted(&fleet, id, model, &options, settings, input).await
 }
 
 /// The one file of a multipart form, streamed to `target`: its size and file name. Any other
@@ -369,17 +373,18 @@ async fn accepted(
     fleet: &Fleet,
     id: String,
     model: String,
-    partition: Option<Partition>,
+    options: &SubmitOptions,
     settings: AssessSettings,
     input: JobInput,
 ) -> Result<HttpResponse, ApiError> {
-    let record = JobRecord::queued(
+    let mut record = JobRecord::queued(
         id.clone(),
         model,
-        partition.unwrap_or_default(),
+        options.partition.unwrap_or_default(),
         settings,
         input,
     );
+    record.missing = options.missing.unwrap_or_default();
     // Off the HTTP worker: the record is flushed to the disk.
     let jobs = fleet.jobs.clone();
     let record = web::block(move || {
@@ -409,6 +414,8 @@ fn job_json(record: &JobRecord) -> serde_json::Value {
         "source": record.input.name,
         "input_bytes": record.input.bytes,
         "partition": record.partition,
+        "missing": record.missing,
+        "values_held": record.values_held,
         "settings": record.settings,
         "created_unix": record.created_unix,
         "started_unix": record.started_unix,
