@@ -370,7 +370,7 @@ impl Batcher {
         self.metrics
             .queue_depth
             .with_label_values(&[self.model.as_str(), self.version.as_str()])
-            .set(self.sender.len() as i64);
+            .set(self.sender.waiting() as i64);
         let answered = match tokio::time::timeout_at(deadline.into(), &mut response).await {
             Ok(answered) => answered,
             // Past the deadline: given up unless a session has taken it, then its result.

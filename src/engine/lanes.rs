@@ -63,7 +63,7 @@ impl<T> LaneSenders<T> {
     }
 
     /// Requests waiting in both lanes.
-    pub fn len(&self) -> usize {
+    pub fn waiting(&self) -> usize {
         self.live.len() + self.bulk.len()
     }
 }
@@ -127,7 +127,7 @@ mod tests {
         senders.try_send("bulk 2", Priority::Bulk).unwrap();
         senders.try_send("live 1", Priority::Live).unwrap();
         senders.try_send("live 2", Priority::Live).unwrap();
-        assert_eq!(senders.len(), 4);
+        assert_eq!(senders.waiting(), 4);
         let soon = || Instant::now() + Duration::from_millis(10);
         let order: Vec<_> = (0..4)
             .map(|_| receivers.recv_deadline(soon()).unwrap())
