@@ -800,6 +800,51 @@ async fn merged_requests_of_several_rows_get_their_own_rows_back() {
             }
         }
     }
+    // Triton's statistics add up the same way: ten requests of 30 rows in six batches, one of
+    // 15 rows and one of each size 1..=5.
+    let (status, stats) = get_json(&format!("{}/v2/models/{MODEL}/stats", server.url)).await;
+    assert_eq!(status, 200, "{stats}");
+    let stats = &stats["model_stats"][0];
+    assert_eq!(
+        (&stats["name"], &stats["version"]),
+        (&json!(MODEL), &json!("1"))
+    );
+    assert_eq!(stats["inference_count"], 30);
+    assert_eq!(stats["execution_count"], 6);
+    for stage in [
+        "success",
+        "queue",
+        "compute_input",
+        "compute_infer",
+        "compute_output",
+    ] {
+        let tally = &stats["inference_stats"][stage];
+        assert_eq!(tally["count"], 10, "{stage}: {tally}");
+        assert!(tally["ns"].as_u64().unwrap() > 0, "{stage}: {tally}");
+    }
+    assert_eq!(stats["inference_stats"]["fail"]["count"], 0);
+    let sizes: Vec<(u64, u64)> = stats["batch_stats"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            let size = b["batch_size"].as_u64().unwrap();
+            (size, b["compute_infer"]["count"].as_u64().unwrap())
+        })
+        .collect();
+    assert_eq!(sizes, [(1, 1), (2, 1), (3, 1), (4, 1), (5, 1), (15, 1)]);
+    // Every model at once, and the extension is announced.
+    let (_, all) = get_json(&format!("{}/v2/models/stats", server.url)).await;
+    assert_eq!(all["model_stats"].as_array().unwrap().len(), 1, "{all}");
+    let (_, server_metadata) = get_json(&format!("{}/v2", server.url)).await;
+    assert!(
+        server_metadata["extensions"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("statistics"))
+    );
+    let (status, unknown) = get_json(&format!("{}/v2/models/nope/stats", server.url)).await;
+    assert_eq!(status, 404, "{unknown}");
 }
 
 #[test]

@@ -19,6 +19,7 @@ use crossbeam_channel::{RecvTimeoutError, TrySendError};
 use tokio::sync::oneshot;
 
 use super::lanes::{self, LaneReceivers, LaneSenders, Priority};
+use super::stats::{BatchTimes, ModelStats};
 use crate::metrics::{FailureReason, Metrics};
 use crate::runtime::device::{DeviceBytes, DeviceGather, DeviceTensor, PlacedBytes};
 use crate::runtime::model_config::ModelConfig;
@@ -174,6 +175,7 @@ pub struct Batcher {
     stop: Arc<AtomicBool>,
     workers: std::sync::Mutex<Vec<JoinHandle<()>>>,
     metrics: Arc<Metrics>,
+    stats: Arc<ModelStats>,
 }
 
 impl Batcher {
@@ -187,6 +189,7 @@ impl Batcher {
         let (sender, receiver) = lanes::lanes(config.dynamic_batching.max_queue_size);
         let stop = Arc::new(AtomicBool::new(false));
         let idle = Arc::new(AtomicUsize::new(0));
+        let stats = Arc::new(ModelStats::default());
         let version = version.to_string();
         // Every series of the model exists from the start, at 0, so rates and alerts see it
         // before its first request.
@@ -218,6 +221,7 @@ impl Batcher {
                     stop: stop.clone(),
                     idle: idle.clone(),
                     metrics: metrics.clone(),
+                    stats: stats.clone(),
                     session,
                     pending: VecDeque::new(),
                     scratch: Vec::new(),
@@ -239,7 +243,13 @@ impl Batcher {
             stop,
             workers: std::sync::Mutex::new(workers),
             metrics,
+            stats,
         }
+    }
+
+    /// Running totals in the shape of Triton's statistics extension.
+    pub fn stats(&self) -> &ModelStats {
+        &self.stats
     }
 
     /// Sessions (worker threads) taking batches from the queue.
@@ -261,10 +271,12 @@ impl Batcher {
         rows: usize,
         deadline: Instant,
     ) -> Result<InferResponse, InferError> {
-        self.count(
-            self.submit_and_wait(RequestInputs::Host(inputs), rows, deadline, Priority::Live)
-                .await,
-        )
+        let arrived = Instant::now();
+        let inputs = RequestInputs::Host(inputs);
+        let outcome = self
+            .submit_and_wait(inputs, rows, deadline, Priority::Live)
+            .await;
+        self.count(arrived, outcome)
     }
 
     /// [`Batcher::infer`] for inputs in CUDA device memory, which the sessions read in place;
@@ -292,8 +304,10 @@ impl Batcher {
     ) -> Result<InferResponse, InferError> {
         match data {
             PlacedBytes::Host(data) => {
+                let arrived = Instant::now();
                 let inputs = RequestInputs::Host(vec![Tensor { dtype, shape, data }]);
-                self.count(self.submit_and_wait(inputs, rows, deadline, priority).await)
+                let outcome = self.submit_and_wait(inputs, rows, deadline, priority).await;
+                self.count(arrived, outcome)
             }
             PlacedBytes::Device(data) => {
                 let tensor = DeviceTensor { dtype, shape, data };
@@ -310,18 +324,22 @@ impl Batcher {
         deadline: Instant,
         priority: Priority,
     ) -> Result<InferResponse, InferError> {
+        let arrived = Instant::now();
         if let Some(problem) = device_input_problem(&self.config, self.device, &inputs, rows) {
-            return self.count(Err(InferError::Invalid(problem)));
+            return self.count(arrived, Err(InferError::Invalid(problem)));
         }
         let inputs = RequestInputs::Device(inputs);
-        self.count(self.submit_and_wait(inputs, rows, deadline, priority).await)
+        let outcome = self.submit_and_wait(inputs, rows, deadline, priority).await;
+        self.count(arrived, outcome)
     }
 
-    /// Counts a finished request in `/metrics`.
+    /// Counts a finished request (arrived at `arrived`) in `/metrics` and the statistics.
     fn count(
         &self,
+        arrived: Instant,
         outcome: Result<InferResponse, InferError>,
     ) -> Result<InferResponse, InferError> {
+        self.stats.request(outcome.is_ok(), arrived.elapsed());
         let labels = [self.model.as_str(), self.version.as_str()];
         match &outcome {
             Ok(_) => self
@@ -409,6 +427,7 @@ struct Worker {
     /// Workers of this model waiting for a first request.
     idle: Arc<AtomicUsize>,
     metrics: Arc<Metrics>,
+    stats: Arc<ModelStats>,
     session: ModelSession,
     /// Requests taken from the queue that did not fit the batch being formed.
     pending: VecDeque<QueuedRequest>,
@@ -602,7 +621,10 @@ impl Worker {
             .with_label_values(&labels)
             .inc_by(rows as u64);
         match result {
-            Ok(outputs) => {
+            Ok((outputs, inputs_ready)) => {
+                let ran = started + compute_time;
+                let requests = batch.len();
+                let queued: Duration = batch.iter().map(|r| started - r.enqueued).sum();
                 let mut offset = 0;
                 for request in batch {
                     let own = split_rows(&outputs, offset, request.rows, rows, &self.config);
@@ -614,6 +636,12 @@ impl Worker {
                         batch_rows: rows,
                     }));
                 }
+                let times = BatchTimes {
+                    input: inputs_ready - started,
+                    infer: ran - inputs_ready,
+                    output: ran.elapsed(),
+                };
+                self.stats.batch(requests, rows, queued, times);
             }
             Err(error) => {
                 tracing::error!(model = %self.labels[0], %error, "batch failed");
@@ -626,7 +654,12 @@ impl Worker {
         }
     }
 
-    fn run_batch(&mut self, batch: &[QueuedRequest], rows: usize) -> Result<Vec<Tensor>, String> {
+    /// The batch's outputs, and when its inputs were ready for ONNX Runtime.
+    fn run_batch(
+        &mut self,
+        batch: &[QueuedRequest],
+        rows: usize,
+    ) -> Result<(Vec<Tensor>, Instant), String> {
         let shapes: Vec<Vec<usize>> = (0..self.config.inputs.len())
             .map(|index| {
                 let mut shape = batch[0].inputs.shape(index).to_vec();
@@ -652,7 +685,7 @@ impl Worker {
         &mut self,
         batch: &[QueuedRequest],
         shapes: &[Vec<usize>],
-    ) -> Result<Vec<Tensor>, String> {
+    ) -> Result<(Vec<Tensor>, Instant), String> {
         self.scratch
             .resize_with(self.config.inputs.len(), AlignedBytes::default);
         // A batch of one request whose buffer is aligned for its type (crops made in process,
@@ -683,7 +716,9 @@ impl Worker {
                 data: direct.unwrap_or(buffer.as_bytes()),
             })
             .collect();
-        self.session.run(&inputs).map_err(|e| e.to_string())
+        let ready = Instant::now();
+        let outputs = self.session.run(&inputs).map_err(|e| e.to_string())?;
+        Ok((outputs, ready))
     }
 
     /// Inputs in device memory: one request's are read where they are, several requests' are
@@ -693,7 +728,7 @@ impl Worker {
         batch: &[QueuedRequest],
         shapes: &[Vec<usize>],
         device: i32,
-    ) -> Result<Vec<Tensor>, String> {
+    ) -> Result<(Vec<Tensor>, Instant), String> {
         let mut parts: Vec<Vec<&DeviceBytes>> = vec![Vec::with_capacity(batch.len()); shapes.len()];
         for request in batch {
             let RequestInputs::Device(tensors) = &request.inputs else {
@@ -733,10 +768,13 @@ impl Worker {
                 address,
             })
             .collect();
+        let ready = Instant::now();
         // SAFETY: each address is a finished device buffer of that shape (the DeviceMemory
         // contract, or the gather that just completed), kept alive by `batch` and the
         // gatherers until the run returns.
-        unsafe { self.session.run_on_device(device, &inputs) }.map_err(|e| e.to_string())
+        let outputs =
+            unsafe { self.session.run_on_device(device, &inputs) }.map_err(|e| e.to_string())?;
+        Ok((outputs, ready))
     }
 }
 

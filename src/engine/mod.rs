@@ -3,6 +3,7 @@
 pub mod batcher;
 pub mod lanes;
 pub mod registry;
+pub mod stats;
 
 pub use batcher::{Batcher, InferError, InferResponse};
 pub use lanes::Priority;

@@ -1,5 +1,5 @@
 """Talks to a running linescan with NVIDIA's unmodified tritonclient: health, metadata, config,
-repository index, and infer with JSON and binary tensors, plain and compressed. Usage: tritonclient_check.py HOST:PORT MODEL"""
+repository index, infer with JSON and binary tensors, plain and compressed, and statistics. Usage: tritonclient_check.py HOST:PORT MODEL"""
 import sys
 
 import numpy as np
@@ -44,6 +44,12 @@ for binary, compression in ((False, None), (True, None), (True, "gzip"), (False,
 for key in results:
     for name in results[key]:
         np.testing.assert_allclose(results[False, None][name], results[key][name], rtol=1e-6, atol=1e-6)
+
+# Triton's statistics extension: the four requests of two rows above, at least.
+stats = client.get_inference_statistics(model)["model_stats"][0]
+assert stats["name"] == model, stats
+assert stats["inference_count"] >= 8 and stats["execution_count"] >= 1, stats
+assert stats["inference_stats"]["success"]["count"] >= 4, stats
 
 try:
     client.get_model_metadata("no-such-model")

@@ -43,6 +43,10 @@ pub fn routes(config: &mut web::ServiceConfig) {
                 "/config",
                 [(Method::GET, web::route().to(model_config))],
             ))
+            .service(resource(
+                "/stats",
+                [(Method::GET, web::route().to(model_stats))],
+            ))
     };
     config
         .service(resource(
@@ -64,6 +68,11 @@ pub fn routes(config: &mut web::ServiceConfig) {
         .service(resource(
             "/v2/repository/models/{model}/{action:load|unload}",
             [(Method::POST, web::route().to(load_or_unload))],
+        ))
+        // Before the per-model scope, which would take "stats" for a model's name.
+        .service(resource(
+            "/v2/models/stats",
+            [(Method::GET, web::route().to(all_stats))],
         ))
         .service(
             per_model(web::scope("/v2/models/{model}"))
@@ -88,7 +97,7 @@ async fn server_metadata(_query: NoQuery) -> HttpResponse {
         "name": "linescan",
         "version": env!("CARGO_PKG_VERSION"),
         // Not "model_repository": models are loaded at start, never loaded or unloaded later.
-        "extensions": ["binary_tensor_data", "model_configuration"],
+        "extensions": ["binary_tensor_data", "model_configuration", "statistics"],
     }))
 }
 
@@ -194,6 +203,40 @@ async fn model_ready(
 ) -> Result<HttpResponse, ApiError> {
     let model = path.resolve(&state)?;
     Ok(HttpResponse::Ok().json(json!({ "name": model.name(), "ready": true })))
+}
+
+/// Triton's statistics extension: every version of the model, or the one in the path.
+async fn model_stats(
+    _query: NoQuery,
+    state: web::Data<AppState>,
+    path: web::Path<ModelPath>,
+) -> Result<HttpResponse, ApiError> {
+    let stats: Vec<_> = match &path.version {
+        Some(_) => vec![stats_of(&*path.resolve(&state)?)],
+        None => {
+            path.resolve(&state)?; // a 404 naming the model when there is none
+            state
+                .registry()?
+                .models()
+                .filter(|m| m.name() == path.model)
+                .map(|m| stats_of(m))
+                .collect()
+        }
+    };
+    Ok(HttpResponse::Ok().json(json!({ "model_stats": stats })))
+}
+
+/// Every loaded model version's statistics.
+async fn all_stats(_query: NoQuery, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let stats: Vec<_> = state.registry()?.models().map(|m| stats_of(m)).collect();
+    Ok(HttpResponse::Ok().json(json!({ "model_stats": stats })))
+}
+
+fn stats_of(model: &ServedModel) -> serde_json::Value {
+    model
+        .batcher
+        .stats()
+        .json(model.name(), &model.spec.version.to_string())
 }
 
 async fn model_config(
