@@ -361,7 +361,7 @@ fn job_run(args: &JobRunArgs) -> anyhow::Result<()> {
     );
     if summary.values_held > 0 {
         println!(
-            "{} values were NaN or infinite and held the unit's last finite value \
+            "{} values were NaN, infinite or beyond float32 and held the unit's last finite value \
              (missing=hold); the result's `held` column counts them per window",
             summary.values_held
         );

@@ -37,6 +37,9 @@ enum BatchClose {
     Full,
     /// The next request differs on a variable dimension.
     Shape,
+    /// The batch serves live requests and the next one is bulk work, which waits for a batch
+    /// of its own (lanes never share a batch).
+    Priority,
     /// The next request's inputs live elsewhere (host memory against device memory).
     Placement,
     /// `max_queue_delay_us` passed.
@@ -54,6 +57,7 @@ impl BatchClose {
         match self {
             BatchClose::Full => "full",
             BatchClose::Shape => "shape",
+            BatchClose::Priority => "priority",
             BatchClose::Placement => "placement",
             BatchClose::Delay => "delay",
             BatchClose::Gap => "gap",
@@ -155,6 +159,36 @@ struct QueuedRequest {
 const WAITING: u8 = 0;
 const TAKEN: u8 = 1;
 const GIVEN_UP: u8 = 2;
+
+/// What a forming batch does with the next request.
+#[derive(Debug, Clone, Copy)]
+enum Company {
+    Join,
+    /// The batch closes without it; it leads the next one.
+    Close(BatchClose),
+    /// It is live and the batch so far is bulk work: it leads the batch instead.
+    Lead,
+}
+
+/// What the batch of `rows` rows that `first` leads does with `next`. Lanes never share a batch:
+/// a live request neither waits for a job's rows in its own batch nor rides in a large job batch.
+fn company(first: &QueuedRequest, rows: usize, next: &QueuedRequest, max_rows: usize) -> Company {
+    if first.priority != next.priority {
+        return match next.priority {
+            Priority::Live => Company::Lead,
+            Priority::Bulk => Company::Close(BatchClose::Priority),
+        };
+    }
+    if rows + next.rows > max_rows {
+        Company::Close(BatchClose::Full)
+    } else if first.inputs.device() != next.inputs.device() {
+        Company::Close(BatchClose::Placement)
+    } else if !first.same_shapes(next) {
+        Company::Close(BatchClose::Shape)
+    } else {
+        Company::Join
+    }
+}
 
 impl QueuedRequest {
     /// Requests can share a batch when every input agrees on all but the batch dimension.
@@ -445,7 +479,8 @@ impl Worker {
         }
     }
 
-    /// The next live request, or None once stopped with nothing left to drain.
+    /// The next request whose caller still waits, or None once stopped with nothing left to
+    /// drain.
     fn next_request(&mut self) -> Option<QueuedRequest> {
         loop {
             let request = match self.next_pending() {
@@ -529,16 +564,23 @@ impl Worker {
             if !self.admit(&next) {
                 continue;
             }
-            let closed_by = if rows + next.rows > max_rows {
-                BatchClose::Full
-            } else if batch[0].inputs.device() != next.inputs.device() {
-                BatchClose::Placement
-            } else if !batch[0].same_shapes(&next) {
-                BatchClose::Shape
-            } else {
-                rows += next.rows;
-                batch.push(next);
-                continue;
+            let closed_by = match company(&batch[0], rows, &next, max_rows) {
+                Company::Join => {
+                    rows += next.rows;
+                    batch.push(next);
+                    continue;
+                }
+                Company::Lead => {
+                    // Nothing has run yet: the bulk requests step back into pending, in
+                    // their order, and the live one leads the batch.
+                    for request in batch.drain(..).rev() {
+                        self.pending.push_front(request);
+                    }
+                    rows = next.rows;
+                    batch.push(next);
+                    continue;
+                }
+                Company::Close(reason) => reason,
             };
             // Keeps arrival order: it leads the next batch.
             self.pending.push_front(next);
@@ -941,6 +983,39 @@ mod tests {
         assert!(problem(&[on_device(0, 0x1000, vec![3, 4], 48)], Some(0)).contains("[3, 4]"));
         assert!(problem(&[on_device(0, 0x1000, vec![3, 2], 20)], Some(0)).contains("20 bytes"));
         assert!(problem(&[on_device(0, 0x1002, vec![3, 2], 24)], Some(0)).contains("aligned"));
+    }
+
+    fn queued(rows: usize, width: usize, priority: Priority) -> QueuedRequest {
+        let values = vec![0.0; rows * width];
+        QueuedRequest {
+            inputs: RequestInputs::Host(vec![Tensor::from_f32(vec![rows, width], &values)]),
+            rows,
+            enqueued: Instant::now(),
+            deadline: Instant::now() + Duration::from_secs(1),
+            priority,
+            reply: oneshot::channel().0,
+            claim: Arc::new(AtomicU8::new(WAITING)),
+        }
+    }
+
+    #[test]
+    fn lanes_never_share_a_batch_and_a_live_request_leads_a_forming_bulk_one() {
+        use Priority::{Bulk, Live};
+        let decide = |first: &QueuedRequest, next: &QueuedRequest| match company(
+            first, first.rows, next, 64,
+        ) {
+            Company::Join => "join",
+            Company::Lead => "lead",
+            Company::Close(reason) => reason.label(),
+        };
+        assert_eq!(decide(&queued(1, 2, Live), &queued(8, 2, Bulk)), "priority");
+        assert_eq!(decide(&queued(8, 2, Bulk), &queued(1, 2, Live)), "lead");
+        // Even where the live request would not fit or differs in shape: it runs first.
+        assert_eq!(decide(&queued(60, 2, Bulk), &queued(8, 3, Live)), "lead");
+        assert_eq!(decide(&queued(1, 2, Live), &queued(1, 2, Live)), "join");
+        assert_eq!(decide(&queued(8, 2, Bulk), &queued(8, 2, Bulk)), "join");
+        assert_eq!(decide(&queued(60, 2, Bulk), &queued(8, 2, Bulk)), "full");
+        assert_eq!(decide(&queued(1, 2, Live), &queued(1, 3, Live)), "shape");
     }
 
     #[test]

@@ -229,15 +229,14 @@ impl HeldRows {
             })
             .collect();
         meta.padded = spans.iter().map(|s| s.padded(window) as u16).collect();
+        // Padding repeats a unit's first row, which holds nothing (a gap there has no earlier
+        // value: the run fails, or the row's windows are not kept), so it adds nothing here.
         meta.held = meta
             .ends
             .iter()
-            .zip(&meta.padded)
-            .map(|(end, &padded)| {
+            .map(|end| {
                 let (oldest, last) = (oldest(end) - self.base, end.0 - self.base);
-                let read: u32 = self.held[oldest..=last].iter().map(|&h| h as u32).sum();
-                // Padding repeats the unit's first row, with its held values.
-                read + padded as u32 * self.held[oldest] as u32
+                self.held[oldest..=last].iter().map(|&h| h as u32).sum()
             })
             .collect();
         let rows = &self.rows[(from - self.base) * self.width..(to - self.base) * self.width];
@@ -521,7 +520,7 @@ pub fn run(
                         &mut raw,
                         &features.map,
                         |i| unit_of(chunk_start + i).first_row == chunk_start + i,
-                        |i| chunk_start + i < keep_start,
+                        |i| !(keep_start..keep_end).contains(&(chunk_start + i)),
                         &mut held.held,
                     );
                     if let Err(gap) = filled {
