@@ -1343,6 +1343,39 @@ async fn gaps_are_held_only_when_asked_and_counted_per_window() {
             && stderr.contains("is the unit's first value of the channel"),
         "{stderr}"
     );
+    // Only its own shard fails: the shard before it reads the unit's first rows to fill its
+    // last batch, and keeps none of them.
+    let before = setup.job_run(
+        &archive,
+        &setup.file("shard-0.h5"),
+        &["--missing", "hold", "--shard", "0/2"],
+    );
+    let shard_end: usize = before
+        .split("rows 0..")
+        .nth(1)
+        .and_then(|rest| rest.split(')').next())
+        .and_then(|end| end.parse().ok())
+        .unwrap_or_else(|| panic!("no row range in {before}"));
+    assert_eq!(unit_first(shard_end), shard_end);
+    assert_ne!(
+        shard_end % 1024,
+        0,
+        "the shard's last batch reads past its rows"
+    );
+    let next_unit = write_generic(
+        setup.files.path(),
+        "next-unit.h5",
+        &with_value(&table, &[(shard_end, s_2)], f64::NAN),
+    );
+    for (shard, fails) in [("0/2", false), ("1/2", true)] {
+        let output = job_run_output(
+            setup.repository.path(),
+            &next_unit,
+            &setup.file(&format!("next-unit-{}.h5", &shard[..1])),
+            &["--missing", "hold", "--shard", shard],
+        );
+        assert_eq!(!output.status.success(), fails, "shard {shard}: {output:?}");
+    }
 
     // Over HTTP: the option in the query string, the count in the job's status, the column in
     // the CSV.
