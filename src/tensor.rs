@@ -28,6 +28,10 @@ pub enum DataType {
     Int32,
     #[serde(rename = "INT64")]
     Int64,
+    #[serde(rename = "FP16")]
+    Fp16,
+    #[serde(rename = "BF16")]
+    Bf16,
     #[serde(rename = "FP32")]
     Fp32,
     #[serde(rename = "FP64")]
@@ -35,7 +39,7 @@ pub enum DataType {
 }
 
 impl DataType {
-    pub const ALL: [DataType; 11] = [
+    pub const ALL: [DataType; 13] = [
         DataType::Bool,
         DataType::Uint8,
         DataType::Uint16,
@@ -45,6 +49,8 @@ impl DataType {
         DataType::Int16,
         DataType::Int32,
         DataType::Int64,
+        DataType::Fp16,
+        DataType::Bf16,
         DataType::Fp32,
         DataType::Fp64,
     ];
@@ -60,6 +66,8 @@ impl DataType {
             DataType::Int16 => "INT16",
             DataType::Int32 => "INT32",
             DataType::Int64 => "INT64",
+            DataType::Fp16 => "FP16",
+            DataType::Bf16 => "BF16",
             DataType::Fp32 => "FP32",
             DataType::Fp64 => "FP64",
         }
@@ -72,7 +80,7 @@ impl DataType {
     pub fn size(self) -> usize {
         match self {
             DataType::Bool | DataType::Uint8 | DataType::Int8 => 1,
-            DataType::Uint16 | DataType::Int16 => 2,
+            DataType::Uint16 | DataType::Int16 | DataType::Fp16 | DataType::Bf16 => 2,
             DataType::Uint32 | DataType::Int32 | DataType::Fp32 => 4,
             DataType::Uint64 | DataType::Int64 | DataType::Fp64 => 8,
         }

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Repository, Server, get_json, json_request, metric};
+use common::{Repository, Server, get_json, json_request, metric, onnx};
 use serde_json::{Value, json};
 
 /// The bundled model the serving tests run (the AOI defect classifier).
@@ -916,5 +916,125 @@ fn the_load_generator_reports_latency_and_stops_on_total_failure() {
     assert!(
         stderr.contains("every request failed") && stderr.contains("exceeds the limit of 1000"),
         "{stderr}"
+    );
+}
+
+/// A repository with one model, `half`, made on the fly: FP16 input `x` and BF16 input `b`
+/// (`[batch, 3]`), each echoed in its own type and cast to FP32.
+fn half_precision_repository() -> Repository {
+    let repository = Repository::with_models(&[]);
+    let folder = repository.path().join("half");
+    std::fs::create_dir_all(folder.join("1")).unwrap();
+    let model = onnx::echo_and_cast_model(&[("x", onnx::FLOAT16), ("b", onnx::BFLOAT16)], 3);
+    std::fs::write(folder.join("1/model.onnx"), model).unwrap();
+    let tensor = |name: &str, datatype: &str| {
+        format!("name = \"{name}\"\ndatatype = \"{datatype}\"\nshape = [3]\n")
+    };
+    let mut config = String::from("name = \"half\"\nmax_batch_size = 8\n");
+    for (name, datatype) in [("x", "FP16"), ("b", "BF16")] {
+        config += &format!("[[input]]\n{}", tensor(name, datatype));
+    }
+    for (name, datatype) in [("x", "FP16"), ("b", "BF16")] {
+        config += &format!("[[output]]\n{}", tensor(&format!("{name}_echo"), datatype));
+        config += &format!("[[output]]\n{}", tensor(&format!("{name}_fp32"), "FP32"));
+    }
+    std::fs::write(folder.join("config.toml"), config).unwrap();
+    repository
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn fp16_and_bf16_tensors_in_json_and_binary() {
+    let repository = half_precision_repository();
+    let server = Server::start(repository.path(), &[]);
+    let url = format!("{}/v2/models/half/infer", server.url);
+    let (_, metadata) = get_json(&format!("{}/v2/models/half", server.url)).await;
+    assert_eq!(metadata["inputs"][0]["datatype"], "FP16", "{metadata}");
+    assert_eq!(metadata["inputs"][1]["datatype"], "BF16", "{metadata}");
+
+    // JSON: numbers are rounded to the type (0.1 is not an FP16 or BF16 number) and come back
+    // as the FP32 numbers they became.
+    let x = [0.5, 1.5, -2.25, 65504.0, 0.1, -0.0];
+    let b = [1.0, 3.0e38, -0.5, 0.1, 256.0, 2.0e-3];
+    let request = json!({"inputs": [
+        {"name": "x", "datatype": "FP16", "shape": [2, 3], "data": x},
+        {"name": "b", "datatype": "BF16", "shape": [2, 3], "data": b},
+    ]});
+    let response = post_json(&url, &request).await;
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    let output = |name: &str| -> Vec<f32> {
+        let output = body["outputs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|o| o["name"] == name)
+            .unwrap_or_else(|| panic!("no output {name} in {body}"));
+        output["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap() as f32)
+            .collect()
+    };
+    let x16: Vec<f32> = x.iter().map(|v| half::f16::from_f64(*v).to_f32()).collect();
+    let b16: Vec<f32> = b
+        .iter()
+        .map(|v| half::bf16::from_f64(*v).to_f32())
+        .collect();
+    assert_eq!(x16[4], 0.099975586);
+    assert_eq!(output("x_echo"), x16);
+    assert_eq!(output("x_fp32"), x16);
+    assert_eq!(output("b_echo"), b16);
+    assert_eq!(output("b_fp32"), b16);
+
+    // Binary: the 16-bit patterns go through untouched, both ways.
+    let x_bits: Vec<u8> = x
+        .iter()
+        .flat_map(|v| half::f16::from_f64(*v).to_le_bytes())
+        .collect();
+    let b_bits: Vec<u8> = b
+        .iter()
+        .flat_map(|v| half::bf16::from_f64(*v).to_le_bytes())
+        .collect();
+    let header = serde_json::to_vec(&json!({
+        "inputs": [
+            {"name": "x", "datatype": "FP16", "shape": [2, 3], "parameters": {"binary_data_size": 12}},
+            {"name": "b", "datatype": "BF16", "shape": [2, 3], "parameters": {"binary_data_size": 12}},
+        ],
+        "outputs": [{"name": "x_echo", "parameters": {"binary_data": true}},
+                    {"name": "b_echo", "parameters": {"binary_data": true}}],
+    }))
+    .unwrap();
+    let body: Vec<u8> = [header.as_slice(), &x_bits, &b_bits].concat();
+    let response = reqwest::Client::new()
+        .post(&url)
+        .header("Inference-Header-Content-Length", header.len().to_string())
+        .header("Content-Type", "application/octet-stream")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let header_length = header_number(&response, "Inference-Header-Content-Length") as usize;
+    let bytes = response.bytes().await.unwrap();
+    let reply: Value = serde_json::from_slice(&bytes[..header_length]).unwrap();
+    assert_eq!(reply["outputs"][0]["datatype"], "FP16", "{reply}");
+    assert_eq!(reply["outputs"][1]["datatype"], "BF16", "{reply}");
+    assert_eq!(
+        &bytes[header_length..],
+        [x_bits, b_bits].concat().as_slice()
+    );
+
+    // Beyond the type's range: named, 422.
+    let too_big = json!({"inputs": [
+        {"name": "x", "datatype": "FP16", "shape": [1, 3], "data": [1.0, 70000.0, 2.0]},
+        {"name": "b", "datatype": "BF16", "shape": [1, 3], "data": [1.0, 1.0, 1.0]},
+    ]});
+    let response = post_json(&url, &too_big).await;
+    assert_eq!(response.status(), 422);
+    let message = response.json::<Value>().await.unwrap()["error"].to_string();
+    assert!(
+        message.contains("70000.0 is beyond the FP16 range (±65504)"),
+        "{message}"
     );
 }

@@ -127,7 +127,7 @@ fn build_body(
         let count: usize = shape.iter().product();
         let values: Vec<f64> = (0..count)
             .map(|_| match dtype {
-                DataType::Fp32 | DataType::Fp64 => rng.f64(),
+                DataType::Fp16 | DataType::Bf16 | DataType::Fp32 | DataType::Fp64 => rng.f64(),
                 DataType::Bool => rng.bool() as u8 as f64,
                 _ => rng.u8(0..10) as f64,
             })
@@ -136,6 +136,12 @@ fn build_body(
             let start = blobs.len();
             for v in &values {
                 match dtype {
+                    DataType::Fp16 => {
+                        blobs.extend_from_slice(&half::f16::from_f64(*v).to_le_bytes())
+                    }
+                    DataType::Bf16 => {
+                        blobs.extend_from_slice(&half::bf16::from_f64(*v).to_le_bytes())
+                    }
                     DataType::Fp32 => blobs.extend_from_slice(&(*v as f32).to_le_bytes()),
                     DataType::Fp64 => blobs.extend_from_slice(&v.to_le_bytes()),
                     DataType::Int64 => blobs.extend_from_slice(&(*v as i64).to_le_bytes()),
@@ -145,7 +151,7 @@ fn build_body(
             }
             anyhow::ensure!(
                 blobs.len() - start == count * dtype.size(),
-                "binary bench inputs support FP32, FP64, INT32, INT64 and 1-byte types"
+                "binary bench inputs support FP16, BF16, FP32, FP64, INT32, INT64 and 1-byte types"
             );
             inputs.push(
                 json!({"name": input.name, "datatype": input.datatype, "shape": shape,
@@ -155,7 +161,7 @@ fn build_body(
             let data: Vec<serde_json::Value> = values
                 .iter()
                 .map(|v| match dtype {
-                    DataType::Fp32 | DataType::Fp64 => json!(v),
+                    DataType::Fp16 | DataType::Bf16 | DataType::Fp32 | DataType::Fp64 => json!(v),
                     DataType::Bool => json!(*v != 0.0),
                     _ => json!(*v as i64),
                 })

@@ -224,6 +224,8 @@ impl ModelSession {
                 DataType::Int16 => tensor_ref::<i16>(input.shape, cast(input.data)?)?,
                 DataType::Int32 => tensor_ref::<i32>(input.shape, cast(input.data)?)?,
                 DataType::Int64 => tensor_ref::<i64>(input.shape, cast(input.data)?)?,
+                DataType::Fp16 => tensor_ref::<half::f16>(input.shape, cast(input.data)?)?,
+                DataType::Bf16 => tensor_ref::<half::bf16>(input.shape, cast(input.data)?)?,
                 DataType::Fp32 => tensor_ref::<f32>(input.shape, cast(input.data)?)?,
                 DataType::Fp64 => tensor_ref::<f64>(input.shape, cast(input.data)?)?,
             };
@@ -266,6 +268,8 @@ impl ModelSession {
                     DataType::Int16 => device_ref::<i16>(memory, input.address, shape),
                     DataType::Int32 => device_ref::<i32>(memory, input.address, shape),
                     DataType::Int64 => device_ref::<i64>(memory, input.address, shape),
+                    DataType::Fp16 => device_ref::<half::f16>(memory, input.address, shape),
+                    DataType::Bf16 => device_ref::<half::bf16>(memory, input.address, shape),
                     DataType::Fp32 => device_ref::<f32>(memory, input.address, shape),
                     DataType::Fp64 => device_ref::<f64>(memory, input.address, shape),
                 }
@@ -310,6 +314,8 @@ impl ModelSession {
                     DataType::Int16 => owned::<i16>(value)?,
                     DataType::Int32 => owned::<i32>(value)?,
                     DataType::Int64 => owned::<i64>(value)?,
+                    DataType::Fp16 => owned::<half::f16>(value)?,
+                    DataType::Bf16 => owned::<half::bf16>(value)?,
                     DataType::Fp32 => owned::<f32>(value)?,
                     DataType::Fp64 => owned::<f64>(value)?,
                 };
@@ -380,6 +386,8 @@ pub fn element_type(dtype: DataType) -> TensorElementType {
         DataType::Int16 => TensorElementType::Int16,
         DataType::Int32 => TensorElementType::Int32,
         DataType::Int64 => TensorElementType::Int64,
+        DataType::Fp16 => TensorElementType::Float16,
+        DataType::Bf16 => TensorElementType::Bfloat16,
         DataType::Fp32 => TensorElementType::Float32,
         DataType::Fp64 => TensorElementType::Float64,
     }

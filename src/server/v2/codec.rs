@@ -378,6 +378,22 @@ fn json_to_bytes(
             }
         };
     }
+    // Rounded to the nearest value of the type; JSON numbers are finite, so one that became
+    // infinite lay beyond the type's range.
+    macro_rules! narrow_floats {
+        ($convert:expr, $range:literal) => {
+            for v in &elements {
+                let x = ($convert)(v.as_f64().ok_or_else(|| bad(v))?);
+                if x.is_infinite() {
+                    return Err(ApiError::Unprocessable(format!(
+                        "input \"{name}\": {v} is beyond the {dtype} range ({})",
+                        $range
+                    )));
+                }
+                out.extend_from_slice(&x.to_le_bytes());
+            }
+        };
+    }
     match dtype {
         DataType::Bool => {
             for v in &elements {
@@ -392,18 +408,9 @@ fn json_to_bytes(
         DataType::Int16 => integers!(i16),
         DataType::Int32 => integers!(i32),
         DataType::Int64 => integers!(i64),
-        DataType::Fp32 => {
-            for v in &elements {
-                let x = v.as_f64().ok_or_else(|| bad(v))? as f32;
-                // JSON numbers are finite; one beyond FP32's range became infinity.
-                if x.is_infinite() {
-                    return Err(ApiError::Unprocessable(format!(
-                        "input \"{name}\": {v} is beyond the FP32 range (±3.4e38)"
-                    )));
-                }
-                out.extend_from_slice(&x.to_le_bytes());
-            }
-        }
+        DataType::Fp16 => narrow_floats!(half::f16::from_f64, "±65504"),
+        DataType::Bf16 => narrow_floats!(half::bf16::from_f64, "±3.39e38"),
+        DataType::Fp32 => narrow_floats!(|x| x as f32, "±3.4e38"),
         DataType::Fp64 => {
             for v in &elements {
                 out.extend_from_slice(&v.as_f64().ok_or_else(|| bad(v))?.to_le_bytes());
@@ -428,6 +435,15 @@ impl Serialize for JsonData<'_> {
                 }
             };
         }
+        // 16-bit floats are written as the FP32 numbers they are exactly.
+        macro_rules! halves {
+            ($t:ty) => {
+                for chunk in tensor.data.chunks_exact(2) {
+                    let x = <$t>::from_le_bytes([chunk[0], chunk[1]]);
+                    seq.serialize_element(&x.to_f32())?;
+                }
+            };
+        }
         match tensor.dtype {
             DataType::Bool => {
                 for b in tensor.data.iter() {
@@ -442,6 +458,8 @@ impl Serialize for JsonData<'_> {
             DataType::Int16 => each!(i16, 2),
             DataType::Int32 => each!(i32, 4),
             DataType::Int64 => each!(i64, 8),
+            DataType::Fp16 => halves!(half::f16),
+            DataType::Bf16 => halves!(half::bf16),
             DataType::Fp32 => each!(f32, 4),
             DataType::Fp64 => each!(f64, 8),
         }

@@ -1,0 +1,98 @@
+//! Tiny ONNX models written on the fly for datatype tests: a protobuf writer for the few fields
+//! of `ModelProto` such graphs need (onnx.proto3 field numbers), so no Python or model file is
+//! involved.
+
+/// ONNX `TensorProto.DataType` codes.
+pub const FLOAT: i64 = 1;
+pub const FLOAT16: i64 = 10;
+pub const BFLOAT16: i64 = 16;
+
+fn varint(mut value: u64, out: &mut Vec<u8>) {
+    while value >= 0x80 {
+        out.push((value as u8 & 0x7f) | 0x80);
+        value >>= 7;
+    }
+    out.push(value as u8);
+}
+
+fn int_field(field: u64, value: i64, out: &mut Vec<u8>) {
+    varint(field << 3, out);
+    varint(value as u64, out);
+}
+
+fn bytes_field(field: u64, bytes: &[u8], out: &mut Vec<u8>) {
+    varint((field << 3) | 2, out);
+    varint(bytes.len() as u64, out);
+    out.extend_from_slice(bytes);
+}
+
+/// `ValueInfoProto` of a tensor `[batch, width]` whose first dimension is symbolic.
+fn value_info(name: &str, elem_type: i64, width: i64) -> Vec<u8> {
+    let mut batch = Vec::new();
+    bytes_field(2, b"batch", &mut batch); // Dimension.dim_param
+    let mut fixed = Vec::new();
+    int_field(1, width, &mut fixed); // Dimension.dim_value
+    let mut shape = Vec::new();
+    bytes_field(1, &batch, &mut shape); // TensorShapeProto.dim
+    bytes_field(1, &fixed, &mut shape);
+    let mut tensor = Vec::new();
+    int_field(1, elem_type, &mut tensor); // TypeProto.Tensor.elem_type
+    bytes_field(2, &shape, &mut tensor); // .shape
+    let mut type_proto = Vec::new();
+    bytes_field(1, &tensor, &mut type_proto); // TypeProto.tensor_type
+    let mut info = Vec::new();
+    bytes_field(1, name.as_bytes(), &mut info); // ValueInfoProto.name
+    bytes_field(2, &type_proto, &mut info); // .type
+    info
+}
+
+/// A graph node: `Identity(input)`, or `Cast(input, to)` when `cast_to` is given.
+fn node(input: &str, output: &str, cast_to: Option<i64>) -> Vec<u8> {
+    let mut node = Vec::new();
+    bytes_field(1, input.as_bytes(), &mut node); // NodeProto.input
+    bytes_field(2, output.as_bytes(), &mut node); // .output
+    bytes_field(3, output.as_bytes(), &mut node); // .name
+    let op = if cast_to.is_some() {
+        "Cast"
+    } else {
+        "Identity"
+    };
+    bytes_field(4, op.as_bytes(), &mut node); // .op_type
+    if let Some(to) = cast_to {
+        let mut attribute = Vec::new();
+        bytes_field(1, b"to", &mut attribute); // AttributeProto.name
+        int_field(3, to, &mut attribute); // .i
+        int_field(20, 2, &mut attribute); // .type = INT
+        bytes_field(5, &attribute, &mut node); // NodeProto.attribute
+    }
+    node
+}
+
+/// A model whose every input `(name, type)` of shape `[batch, width]` comes back twice: as
+/// `<name>_echo` (the same type, Identity) and as `<name>_fp32` (Cast to FLOAT).
+pub fn echo_and_cast_model(inputs: &[(&str, i64)], width: i64) -> Vec<u8> {
+    let mut graph = Vec::new();
+    for (name, _) in inputs {
+        let (echo, fp32) = (format!("{name}_echo"), format!("{name}_fp32"));
+        bytes_field(1, &node(name, &echo, None), &mut graph); // GraphProto.node
+        bytes_field(1, &node(name, &fp32, Some(FLOAT)), &mut graph);
+    }
+    bytes_field(2, b"echo_and_cast", &mut graph); // GraphProto.name
+    for (name, elem_type) in inputs {
+        bytes_field(11, &value_info(name, *elem_type, width), &mut graph); // .input
+    }
+    for (name, elem_type) in inputs {
+        let echo = value_info(&format!("{name}_echo"), *elem_type, width);
+        bytes_field(12, &echo, &mut graph); // .output
+        let fp32 = value_info(&format!("{name}_fp32"), FLOAT, width);
+        bytes_field(12, &fp32, &mut graph);
+    }
+    let mut opset = Vec::new();
+    bytes_field(1, b"", &mut opset); // OperatorSetIdProto.domain (the default one)
+    int_field(2, 17, &mut opset); // .version
+    let mut model = Vec::new();
+    int_field(1, 8, &mut model); // ModelProto.ir_version
+    bytes_field(7, &graph, &mut model); // .graph
+    bytes_field(8, &opset, &mut model); // .opset_import
+    model
+}
