@@ -221,7 +221,7 @@ mod tests {
         for dtype in DataType::ALL {
             assert_eq!(DataType::parse(dtype.name()), Some(dtype));
         }
-        assert_eq!(DataType::parse("FP16"), None);
+        assert_eq!(DataType::parse("BYTES"), None);
         assert_eq!(DataType::parse("fp32"), None);
     }
 

@@ -31,6 +31,10 @@ use crate::server::routing::resource;
 use crate::server::sensors::{fleet, sensor_model, settings};
 use crate::server::state::AppState;
 
+/// The columns of CSV and JSON exports, in the names of their cached files: a server that adds
+/// a column (v2: `held`) exports a finished job's result again rather than serve the old file.
+const EXPORT_COLUMNS: &str = "v2";
+
 /// Largest `{"path": ...}` submission body.
 const PATH_BODY_LIMIT: usize = 64 * 1024;
 
@@ -559,11 +563,16 @@ async fn job_result(
     }
     let store = fleet.jobs.store();
     let h5 = store.result_path(&record.id);
+    let export = |suffix: &str| {
+        store
+            .dir(&record.id)
+            .join(format!("result.{EXPORT_COLUMNS}.{suffix}"))
+    };
     let (file, suffix) = match (format, query.view) {
         (Format::H5, _) => (h5.clone(), "h5"),
-        (Format::Json, _) => (store.dir(&record.id).join("result.json"), "json"),
-        (Format::Csv, View::Rows) => (store.dir(&record.id).join("result.csv"), "csv"),
-        (Format::Csv, View::Units) => (store.dir(&record.id).join("result.units.csv"), "units.csv"),
+        (Format::Json, _) => (export("json"), "json"),
+        (Format::Csv, View::Rows) => (export("csv"), "csv"),
+        (Format::Csv, View::Units) => (export("units.csv"), "units.csv"),
     };
     let export_missing = !file.exists();
     if format == Format::H5 || export_missing {

@@ -644,7 +644,7 @@ mod tests {
                 "unknown input \"z\"",
             ),
             (
-                r#"{"inputs":[{"name":"x","shape":[1,2],"datatype":"FP16","data":[1,2]}]}"#,
+                r#"{"inputs":[{"name":"x","shape":[1,2],"datatype":"BYTES","data":[1,2]}]}"#,
                 "not supported",
             ),
             (
