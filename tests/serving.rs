@@ -26,6 +26,18 @@ async fn metadata(server: &Server) -> Value {
     metadata
 }
 
+/// A binary tensor request: the JSON `header`, then the tensors' bytes.
+async fn post_binary(url: &str, header: &[u8], tensors: &[u8]) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(url)
+        .header("Inference-Header-Content-Length", header.len().to_string())
+        .header("Content-Type", "application/octet-stream")
+        .body([header, tensors].concat())
+        .send()
+        .await
+        .expect("POST")
+}
+
 fn infer_url(server: &Server) -> String {
     format!("{}/v2/models/{MODEL}/infer", server.url)
 }
@@ -246,16 +258,7 @@ async fn binary_tensors_give_the_same_answer_as_json() {
     let header =
         serde_json::to_vec(&json!({"inputs": inputs, "parameters": {"binary_data_output": true}}))
             .unwrap();
-    let mut body = header.clone();
-    body.extend_from_slice(&blobs);
-    let response = reqwest::Client::new()
-        .post(infer_url(&server))
-        .header("Inference-Header-Content-Length", header.len().to_string())
-        .header("Content-Type", "application/octet-stream")
-        .body(body)
-        .send()
-        .await
-        .unwrap();
+    let response = post_binary(&infer_url(&server), &header, &blobs).await;
     assert_eq!(response.status(), 200);
     let header_length: usize = response.headers()["Inference-Header-Content-Length"]
         .to_str()
@@ -1005,15 +1008,7 @@ async fn fp16_and_bf16_tensors_in_json_and_binary() {
                     {"name": "b_echo", "parameters": {"binary_data": true}}],
     }))
     .unwrap();
-    let body: Vec<u8> = [header.as_slice(), &x_bits, &b_bits].concat();
-    let response = reqwest::Client::new()
-        .post(&url)
-        .header("Inference-Header-Content-Length", header.len().to_string())
-        .header("Content-Type", "application/octet-stream")
-        .body(body)
-        .send()
-        .await
-        .unwrap();
+    let response = post_binary(&url, &header, &[x_bits.as_slice(), &b_bits].concat()).await;
     assert_eq!(response.status(), 200);
     let header_length = header_number(&response, "Inference-Header-Content-Length") as usize;
     let bytes = response.bytes().await.unwrap();
