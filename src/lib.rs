@@ -11,6 +11,7 @@ pub mod durable;
 pub mod engine;
 pub mod jobs;
 pub mod json_error;
+pub mod json_tokens;
 pub mod metrics;
 pub mod preprocess;
 pub mod process_stats;

@@ -1020,6 +1020,22 @@ async fn fp16_and_bf16_tensors_in_json_and_binary() {
         [x_bits, b_bits].concat().as_slice()
     );
 
+    // NaN and ±Infinity in JSON, both ways, as Triton writes them (bare tokens).
+    let body = r#"{"inputs": [
+        {"name": "x", "datatype": "FP16", "shape": [1, 3], "data": [NaN, -Infinity, 1]},
+        {"name": "b", "datatype": "BF16", "shape": [1, 3], "data": [Infinity, 0, 2]}]}"#;
+    let response = reqwest::Client::new()
+        .post(&url)
+        .header("Content-Type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let text = response.text().await.unwrap();
+    assert!(text.contains(r#""data":[NaN,-Infinity,1.0]"#), "{text}");
+    assert!(text.contains(r#""data":[Infinity,0.0,2.0]"#), "{text}");
+
     // Beyond the type's range: named, 422.
     let too_big = json!({"inputs": [
         {"name": "x", "datatype": "FP16", "shape": [1, 3], "data": [1.0, 70000.0, 2.0]},

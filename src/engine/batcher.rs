@@ -373,7 +373,10 @@ impl Batcher {
         arrived: Instant,
         outcome: Result<InferResponse, InferError>,
     ) -> Result<InferResponse, InferError> {
-        self.stats.request(outcome.is_ok(), arrived.elapsed());
+        // Successes are counted by the session that answered them, with their batch.
+        if outcome.is_err() {
+            self.stats.failed(arrived.elapsed());
+        }
         let labels = [self.model.as_str(), self.version.as_str()];
         match &outcome {
             Ok(_) => self
@@ -665,12 +668,17 @@ impl Worker {
         match result {
             Ok((outputs, inputs_ready)) => {
                 let ran = started + compute_time;
-                let requests = batch.len();
-                let queued: Duration = batch.iter().map(|r| started - r.enqueued).sum();
+                // Per request answered with outputs: arrival to answer; and their queue waits.
+                let mut succeeded = Vec::with_capacity(batch.len());
+                let mut queued = Duration::ZERO;
                 let mut offset = 0;
                 for request in batch {
                     let own = split_rows(&outputs, offset, request.rows, rows, &self.config);
                     offset += request.rows;
+                    if own.is_ok() {
+                        succeeded.push(request.enqueued.elapsed());
+                        queued += started - request.enqueued;
+                    }
                     let _ = request.reply.send(own.map(|outputs| InferResponse {
                         outputs,
                         queue_time: started - request.enqueued,
@@ -683,7 +691,7 @@ impl Worker {
                     infer: ran - inputs_ready,
                     output: ran.elapsed(),
                 };
-                self.stats.batch(requests, rows, queued, times);
+                self.stats.batch(&succeeded, rows, queued, times);
             }
             Err(error) => {
                 tracing::error!(model = %self.labels[0], %error, "batch failed");

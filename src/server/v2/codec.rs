@@ -9,6 +9,7 @@ use serde::ser::{SerializeSeq, Serializer};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use crate::json_tokens::{JsonFloat, relax_non_standard_numbers, to_vec_with_tokens};
 use crate::runtime::model_config::{ModelConfig, TensorSpec};
 use crate::server::error::ApiError;
 use crate::tensor::{DataType, Tensor};
@@ -70,10 +71,17 @@ pub fn decode(
         Some(n) => (body.slice(..n), body.slice(n..)),
         None => (body, Bytes::new()),
     };
-    let request: InferRequestJson = serde_json::from_slice(&json).map_err(|e| {
-        let e = crate::json_error::describe(&e);
-        ApiError::BadRequest(format!("malformed inference request JSON: {e}"))
-    })?;
+    // Bare NaN and ±Infinity (tritonclient and Python's json write them) are quoted and parsed
+    // again; anything else wrong is reported as first found.
+    let request: InferRequestJson = serde_json::from_slice(&json)
+        .or_else(|error| match relax_non_standard_numbers(&json) {
+            Some(relaxed) if error.is_syntax() => serde_json::from_slice(&relaxed),
+            _ => Err(error),
+        })
+        .map_err(|e| {
+            let e = crate::json_error::describe(&e);
+            ApiError::BadRequest(format!("malformed inference request JSON: {e}"))
+        })?;
 
     let mut slots: Vec<Option<Tensor>> = vec![None; config.inputs.len()];
     for input in request.inputs {
@@ -378,13 +386,14 @@ fn json_to_bytes(
             }
         };
     }
-    // Rounded to the nearest value of the type; JSON numbers are finite, so one that became
-    // infinite lay beyond the type's range.
+    // Rounded to the nearest value of the type; a finite number that became infinite lay beyond
+    // the type's range.
     macro_rules! narrow_floats {
         ($convert:expr, $range:literal) => {
             for v in &elements {
-                let x = ($convert)(v.as_f64().ok_or_else(|| bad(v))?);
-                if x.is_infinite() {
+                let wide = float_value(v).ok_or_else(|| bad(v))?;
+                let x = ($convert)(wide);
+                if x.is_infinite() && wide.is_finite() {
                     return Err(ApiError::Unprocessable(format!(
                         "input \"{name}\": {v} is beyond the {dtype} range ({})",
                         $range
@@ -413,11 +422,21 @@ fn json_to_bytes(
         DataType::Fp32 => narrow_floats!(|x| x as f32, "±3.4e38"),
         DataType::Fp64 => {
             for v in &elements {
-                out.extend_from_slice(&v.as_f64().ok_or_else(|| bad(v))?.to_le_bytes());
+                out.extend_from_slice(&float_value(v).ok_or_else(|| bad(v))?.to_le_bytes());
             }
         }
     }
     Ok(out)
+}
+
+/// A JSON number, or NaN / ±Infinity (bare in the body, quoted once read).
+fn float_value(value: &Value) -> Option<f64> {
+    match value.as_str() {
+        Some("NaN") => Some(f64::NAN),
+        Some("Infinity") => Some(f64::INFINITY),
+        Some("-Infinity") => Some(f64::NEG_INFINITY),
+        _ => value.as_f64(),
+    }
 }
 
 /// Serialises a tensor's payload as a flat JSON array without an intermediate `Value`.
@@ -440,7 +459,15 @@ impl Serialize for JsonData<'_> {
             ($t:ty) => {
                 for chunk in tensor.data.chunks_exact(2) {
                     let x = <$t>::from_le_bytes([chunk[0], chunk[1]]);
-                    seq.serialize_element(&x.to_f32())?;
+                    seq.serialize_element(&JsonFloat(x.to_f32()))?;
+                }
+            };
+        }
+        macro_rules! floats {
+            ($t:ty, $n:literal) => {
+                for chunk in tensor.data.chunks_exact($n) {
+                    let x = <$t>::from_le_bytes(chunk.try_into().unwrap());
+                    seq.serialize_element(&JsonFloat(x))?;
                 }
             };
         }
@@ -460,8 +487,8 @@ impl Serialize for JsonData<'_> {
             DataType::Int64 => each!(i64, 8),
             DataType::Fp16 => halves!(half::f16),
             DataType::Bf16 => halves!(half::bf16),
-            DataType::Fp32 => each!(f32, 4),
-            DataType::Fp64 => each!(f64, 8),
+            DataType::Fp32 => floats!(f32, 4),
+            DataType::Fp64 => floats!(f64, 8),
         }
         seq.end()
     }
@@ -516,7 +543,7 @@ pub fn encode(
             })
             .collect(),
     };
-    let header = serde_json::to_vec(&json).expect("response JSON serialises");
+    let header = to_vec_with_tokens(&json).expect("response JSON serialises");
     let binary_len: usize = outputs
         .iter()
         .filter(|(_, _, binary)| *binary)
@@ -586,6 +613,33 @@ mod tests {
         assert_eq!(&decoded.inputs[1].data[..], &[1, 2, 3, 252, 5, 6]);
         assert_eq!(decoded.outputs, vec![(0, false)]);
         assert_eq!(decoded.timeout, Some(Duration::from_micros(1500)));
+    }
+
+    #[test]
+    fn nan_and_infinity_are_read_and_written_as_triton_does() {
+        let decoded = json(
+            r#"{"inputs":[
+                {"name":"k","shape":[1,3],"datatype":"INT8","data":[1,2,3]},
+                {"name":"x","shape":[1,2],"datatype":"FP32","data":[NaN,-Infinity]}]}"#,
+        )
+        .unwrap();
+        let x = decoded.inputs[0].to_f32_vec().unwrap();
+        assert!(x[0].is_nan());
+        assert_eq!(x[1], f32::NEG_INFINITY);
+        // Not in integers, nor as a finite number's overflow.
+        let error = json(
+            r#"{"inputs":[
+                {"name":"k","shape":[1,3],"datatype":"INT8","data":[1,NaN,3]},
+                {"name":"x","shape":[1,2],"datatype":"FP32","data":[1,1e39]}]}"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("\"NaN\" is not a valid INT8"), "{error}");
+        let spec = &config().outputs[0];
+        let tensor = Tensor::from_f32(vec![1, 3], &[f32::NAN, f32::INFINITY, 0.5]);
+        let text = encode("m", 1, None, &[(spec, &tensor, false)]);
+        let body = std::str::from_utf8(&text.body).unwrap();
+        assert!(body.contains(r#""data":[NaN,Infinity,0.5]"#), "{body}");
     }
 
     #[test]
