@@ -36,6 +36,9 @@ use crate::tensor::f32_bytes;
 
 /// How far a job's batch may wait for a busy batcher before giving up.
 const BATCH_DEADLINE: Duration = Duration::from_secs(600);
+/// How often a run waiting for a batch looks for a cancel or a stop: live traffic can keep a
+/// job's batch waiting in the bulk lane for long.
+const CONTROL_POLL: Duration = Duration::from_millis(100);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Shard {
@@ -258,10 +261,17 @@ impl HeldRows {
     }
 }
 
-type Pending = (
-    tokio::task::JoinHandle<Result<Scores, InferError>>,
-    BatchMeta,
-);
+/// A batch being scored; dropped unfinished (the run was cancelled or failed), it stops, and
+/// its requests leave the batchers' queues unrun.
+struct ScoringTask(tokio::task::JoinHandle<Result<Scores, InferError>>);
+
+impl Drop for ScoringTask {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+type Pending = (ScoringTask, BatchMeta);
 
 /// The rows a shard keeps: whole units whose first row falls in its share of the rows.
 pub fn shard_rows(spans: &[UnitSpan], rows: usize, shard: Shard) -> (usize, usize) {
@@ -448,9 +458,16 @@ pub fn run(
         let mut in_flight: VecDeque<Pending> = VecDeque::new();
         let finish_front =
             |in_flight: &mut VecDeque<Pending>, output: &mut Output<'_>| -> Result<(), RunError> {
-                let (handle, meta) = in_flight.pop_front().expect("a batch in flight");
-                let scores = runtime
-                    .block_on(handle)
+                let (mut task, meta) = in_flight.pop_front().expect("a batch in flight");
+                let joined = runtime.block_on(async {
+                    loop {
+                        tokio::select! {
+                            joined = &mut task.0 => return Ok::<_, RunError>(joined),
+                            () = tokio::time::sleep(CONTROL_POLL) => check()?,
+                        }
+                    }
+                })?;
+                let scores = joined
                     .map_err(|e| RunError::Output(anyhow::anyhow!("scoring task failed: {e}")))?
                     .map_err(|e| match e {
                         InferError::ShuttingDown => RunError::Interrupted,
@@ -484,9 +501,9 @@ pub fn run(
          -> Result<(), RunError> {
             let windows =
                 held.stack(options.preprocess.as_ref(), window, current, batch, device)?;
-            let handle = runtime.spawn(score_batch(model.clone(), windows, batch));
+            let task = ScoringTask(runtime.spawn(score_batch(model.clone(), windows, batch)));
             let next = new_batch(current.first_row + batch);
-            in_flight.push_back((handle, std::mem::replace(current, next)));
+            in_flight.push_back((task, std::mem::replace(current, next)));
             while in_flight.len() >= options.in_flight.max(1) {
                 finish_front(in_flight, output)?;
             }
