@@ -305,12 +305,8 @@ impl Batcher {
         rows: usize,
         deadline: Instant,
     ) -> Result<InferResponse, InferError> {
-        let arrived = Instant::now();
-        let inputs = RequestInputs::Host(inputs);
-        let outcome = self
-            .submit_and_wait(inputs, rows, deadline, Priority::Live)
-            .await;
-        self.count(arrived, outcome)
+        self.infer_host_with(inputs, rows, deadline, Priority::Live)
+            .await
     }
 
     /// [`Batcher::infer`] for inputs in CUDA device memory, which the sessions read in place;
@@ -338,10 +334,9 @@ impl Batcher {
     ) -> Result<InferResponse, InferError> {
         match data {
             PlacedBytes::Host(data) => {
-                let arrived = Instant::now();
-                let inputs = RequestInputs::Host(vec![Tensor { dtype, shape, data }]);
-                let outcome = self.submit_and_wait(inputs, rows, deadline, priority).await;
-                self.count(arrived, outcome)
+                let tensor = Tensor { dtype, shape, data };
+                self.infer_host_with(vec![tensor], rows, deadline, priority)
+                    .await
             }
             PlacedBytes::Device(data) => {
                 let tensor = DeviceTensor { dtype, shape, data };
@@ -349,6 +344,19 @@ impl Batcher {
                     .await
             }
         }
+    }
+
+    async fn infer_host_with(
+        &self,
+        inputs: Vec<Tensor>,
+        rows: usize,
+        deadline: Instant,
+        priority: Priority,
+    ) -> Result<InferResponse, InferError> {
+        let arrived = Instant::now();
+        let inputs = RequestInputs::Host(inputs);
+        let outcome = self.submit_and_wait(inputs, rows, deadline, priority).await;
+        self.count(arrived, outcome)
     }
 
     async fn infer_device_with(
@@ -575,7 +583,8 @@ impl Worker {
                 }
                 Company::Lead => {
                     // Nothing has run yet: the bulk requests step back into pending, in
-                    // their order, and the live one leads the batch.
+                    // their order, and the live one leads the batch. This session runs them
+                    // next (they are no longer in the lanes for the others, nor in the gauge).
                     for request in batch.drain(..).rev() {
                         self.pending.push_front(request);
                     }
@@ -602,10 +611,11 @@ impl Worker {
         self.metrics
             .queue_depth
             .with_label_values(&self.label_refs())
-            .set(self.receiver.len() as i64);
+            .set(self.receiver.waiting() as i64);
         if request.reply.is_closed() {
-            // The caller went away (client disconnect, or its own deadline already answered 504).
-            if Instant::now() < request.deadline {
+            // The caller went away: a client disconnect, its own deadline already answered 504,
+            // or a cancelled job (not a failed request).
+            if request.priority == Priority::Live && Instant::now() < request.deadline {
                 let [model, version] = self.label_refs();
                 self.metrics
                     .failure(model, version, FailureReason::Cancelled);
@@ -625,6 +635,10 @@ impl Worker {
         // Expired requests are answered here, not run; the others are taken, unless their
         // caller gave up on them at this very moment.
         batch.retain_mut(|request| {
+            // Callers may have left while the batch formed (a cancelled job's batches).
+            if !self.admit(request) {
+                return false;
+            }
             if started >= request.deadline {
                 let (closed_reply, _) = oneshot::channel();
                 let reply = std::mem::replace(&mut request.reply, closed_reply);

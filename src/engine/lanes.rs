@@ -70,7 +70,7 @@ impl<T> LaneSenders<T> {
 
 impl<T> LaneReceivers<T> {
     /// Requests waiting in both lanes.
-    pub fn len(&self) -> usize {
+    pub fn waiting(&self) -> usize {
         self.live.len() + self.bulk.len()
     }
 

@@ -64,9 +64,8 @@ impl GapFiller {
         held: &mut Vec<u16>,
     ) -> Result<(), LeadingGap> {
         let width = map.source_width;
-        if width == 0 {
-            return Ok(());
-        }
+        // A map feeds at least one model channel; every row must get its count.
+        assert!(width > 0, "an archive row of no columns");
         for (row, values) in raw.chunks_exact_mut(width).enumerate() {
             if unit_starts(row) {
                 self.last.fill(None);

@@ -518,6 +518,17 @@ pub fn run(
         };
         let mut raw: Vec<f64> = Vec::new();
         let mut gaps = GapFiller::new(width);
+        let unit_of = |row: usize| spans[spans.partition_point(|s| s.end() <= row)];
+        // Rows whose results this run writes; the others are read for their windows only.
+        let kept = |row: usize| (keep_start..keep_end).contains(&row);
+        // Where a value the model cannot take is: "NaN in channel s_4 at row 100 (unit 11, cycle 101)".
+        let gap_at = |what: &str, channel: usize, row: usize, cycle: i64| {
+            format!(
+                "{what} in channel {} at row {row} (unit {}, cycle {cycle})",
+                model.params.channels[channel],
+                unit_of(row).unit
+            )
+        };
         let mut span_index = spans.partition_point(|s| s.end() <= stream_start);
         let mut chunk_start = stream_start;
         while chunk_start < emit_end {
@@ -526,7 +537,6 @@ pub fn run(
             features.read(chunk_start, chunk_end, &mut raw)?;
             let (_, cycles) = archive.read_ids(chunk_start, chunk_end)?;
             held.forget_before(current.first_row.saturating_sub(window - 1));
-            let unit_of = |row: usize| spans[spans.partition_point(|s| s.end() <= row)];
             match options.missing {
                 MissingPolicy::Fail => held
                     .held
@@ -537,26 +547,22 @@ pub fn run(
                         &mut raw,
                         &features.map,
                         |i| unit_of(chunk_start + i).first_row == chunk_start + i,
-                        |i| !(keep_start..keep_end).contains(&(chunk_start + i)),
+                        |i| !kept(chunk_start + i),
                         &mut held.held,
                     );
                     if let Err(gap) = filled {
-                        let row = chunk_start + gap.row;
-                        let value = raw[gap.row * features.map.source_width
-                            + features.map.columns[gap.channel]];
+                        let map = &features.map;
+                        let value = raw[gap.row * map.source_width + map.columns[gap.channel]];
+                        let (row, cycle) = (chunk_start + gap.row, cycles[gap.row]);
                         return Err(RunError::Archive(ArchiveError(format!(
-                            "{} in channel {} at row {row} (unit {}, cycle {}) is the unit's first value of the channel: missing=hold has no earlier value to hold over it",
-                            describe_non_finite(value),
-                            model.params.channels[gap.channel],
-                            unit_of(row).unit,
-                            cycles[gap.row]
+                            "{} is the unit's first value of the channel: missing=hold has no \
+                             earlier value to hold over it",
+                            gap_at(&describe_non_finite(value), gap.channel, row, cycle)
                         ))));
                     }
-                    let kept = |i: &usize| (keep_start..keep_end).contains(&(chunk_start + i));
-                    values_held += held.held[before..]
-                        .iter()
-                        .enumerate()
-                        .filter(|(i, _)| kept(i))
+                    values_held += (chunk_start..)
+                        .zip(&held.held[before..])
+                        .filter(|(row, _)| kept(*row))
                         .map(|(_, &h)| h as u64)
                         .sum::<u64>();
                 }
@@ -568,14 +574,10 @@ pub fn run(
                 &mut held.rows,
             )?;
             if let Err(bad) = scaling {
-                let row = chunk_start + bad.row;
-                let span = spans[spans.partition_point(|s| s.end() <= row)];
+                let (row, cycle) = (chunk_start + bad.row, cycles[bad.row]);
                 return Err(RunError::Archive(ArchiveError(format!(
-                    "{} in channel {} at row {row} (unit {}, cycle {}); the model needs finite values",
-                    bad.what(),
-                    model.params.channels[bad.channel],
-                    span.unit,
-                    cycles[bad.row]
+                    "{}; the model needs finite values",
+                    gap_at(&bad.what(), bad.channel, row, cycle)
                 ))));
             }
             for (i, row) in (chunk_start..chunk_end).enumerate() {

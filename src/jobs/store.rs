@@ -1,6 +1,6 @@
 //! Jobs on disk: `<data_dir>/jobs/<id>/` holds the uploaded archive (`input.h5`; server-side
 //! path jobs point at their file instead), `state.json` (written durably, see [`crate::durable`],
-//! so it is always whole) and the results (`result.h5`, and `result.v2.csv` / `result.v2.json` once
+//! so it is always whole) and the results (`result.h5`, and `result.cols2.csv` / `result.cols2.json` once
 //! asked for).
 
 use std::path::{Path, PathBuf};

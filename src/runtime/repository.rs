@@ -44,6 +44,9 @@ pub struct ModelRepository {
     pub versions: Vec<ModelVersionSpec>,
 }
 
+/// The model name the Open Inference Protocol's routes take for themselves.
+const RESERVED_NAME: &str = "stats";
+
 impl ModelRepository {
     /// Reads every model's config and lists the versions its policy selects.
     pub fn scan(root: &Path) -> Result<ModelRepository, RuntimeError> {
@@ -90,6 +93,12 @@ impl ModelRepository {
             return Err(problem(format!(
                 "name \"{}\" differs from its folder \"{dir_name}\"",
                 config.name
+            )));
+        }
+        if config.name == RESERVED_NAME {
+            return Err(problem(format!(
+                "a model cannot be named \"{RESERVED_NAME}\": /v2/models/{RESERVED_NAME} is the \
+                 statistics of every model (Triton's statistics extension)"
             )));
         }
         let labels = match &config.labels {
@@ -245,6 +254,11 @@ mod tests {
         write_model(root.path(), "a", &[1], "labels = \"missing.txt\"");
         let error = ModelRepository::scan(root.path()).unwrap_err().to_string();
         assert!(error.contains("missing.txt"), "{error}");
+
+        let root = tempfile::tempdir().unwrap();
+        write_model(root.path(), "stats", &[1], "");
+        let error = ModelRepository::scan(root.path()).unwrap_err().to_string();
+        assert!(error.contains("cannot be named \"stats\""), "{error}");
 
         let empty = tempfile::tempdir().unwrap();
         assert!(ModelRepository::scan(empty.path()).is_err());

@@ -32,8 +32,8 @@ use crate::server::sensors::{fleet, sensor_model, settings};
 use crate::server::state::AppState;
 
 /// The columns of CSV and JSON exports, in the names of their cached files: a server that adds
-/// a column (v2: `held`) exports a finished job's result again rather than serve the old file.
-const EXPORT_COLUMNS: &str = "v2";
+/// a column (cols2: `held`) exports a finished job's result again rather than serve the old file.
+const EXPORT_COLUMNS: &str = "cols2";
 
 /// Largest `{"path": ...}` submission body.
 const PATH_BODY_LIMIT: usize = 64 * 1024;

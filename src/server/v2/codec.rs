@@ -72,7 +72,7 @@ pub fn decode(
         None => (body, Bytes::new()),
     };
     // Bare NaN and ±Infinity (tritonclient and Python's json write them) are quoted and parsed
-    // again; anything else wrong is reported as first found.
+    // again; an error found then is reported from the rewritten body.
     let request: InferRequestJson = serde_json::from_slice(&json)
         .or_else(|error| match relax_non_standard_numbers(&json) {
             Some(relaxed) if error.is_syntax() => serde_json::from_slice(&relaxed),
@@ -417,8 +417,8 @@ fn json_to_bytes(
         DataType::Int16 => integers!(i16),
         DataType::Int32 => integers!(i32),
         DataType::Int64 => integers!(i64),
-        DataType::Fp16 => narrow_floats!(half::f16::from_f64, "±65504"),
-        DataType::Bf16 => narrow_floats!(half::bf16::from_f64, "±3.39e38"),
+        DataType::Fp16 => narrow_floats!(|x| half::f16::from_f32(round_to_odd(x)), "±65504"),
+        DataType::Bf16 => narrow_floats!(|x| half::bf16::from_f32(round_to_odd(x)), "±3.39e38"),
         DataType::Fp32 => narrow_floats!(|x| x as f32, "±3.4e38"),
         DataType::Fp64 => {
             for v in &elements {
@@ -427,6 +427,21 @@ fn json_to_bytes(
         }
     }
     Ok(out)
+}
+
+/// `x` as an FP32 rounded to odd: toward zero, with the last bit set when inexact. Rounding
+/// that again to nearest-even at 16 bits gives the correctly rounded result, which rounding
+/// twice to nearest (what `half`'s f64 conversions do) misses near ties.
+fn round_to_odd(x: f64) -> f32 {
+    let nearest = x as f32;
+    if !nearest.is_finite() || f64::from(nearest) == x {
+        return nearest;
+    }
+    let mut bits = nearest.to_bits();
+    if f64::from(nearest).abs() > x.abs() {
+        bits -= 1; // one step toward zero, in either sign
+    }
+    f32::from_bits(bits | 1)
 }
 
 /// A JSON number, or NaN / ±Infinity (bare in the body, quoted once read).
@@ -447,27 +462,14 @@ impl Serialize for JsonData<'_> {
         let tensor = self.0;
         let size = tensor.dtype.size();
         let mut seq = serializer.serialize_seq(Some(tensor.data.len() / size))?;
+        // Each element as read, or through `$write` (floats: NaN and ±Infinity as tokens,
+        // 16-bit floats as the FP32 numbers they are exactly).
         macro_rules! each {
-            ($t:ty, $n:literal) => {
-                for chunk in tensor.data.chunks_exact($n) {
-                    seq.serialize_element(&<$t>::from_le_bytes(chunk.try_into().unwrap()))?;
-                }
-            };
-        }
-        // 16-bit floats are written as the FP32 numbers they are exactly.
-        macro_rules! halves {
-            ($t:ty) => {
-                for chunk in tensor.data.chunks_exact(2) {
-                    let x = <$t>::from_le_bytes([chunk[0], chunk[1]]);
-                    seq.serialize_element(&JsonFloat(x.to_f32()))?;
-                }
-            };
-        }
-        macro_rules! floats {
-            ($t:ty, $n:literal) => {
+            ($t:ty, $n:literal $(, $write:expr)?) => {
                 for chunk in tensor.data.chunks_exact($n) {
                     let x = <$t>::from_le_bytes(chunk.try_into().unwrap());
-                    seq.serialize_element(&JsonFloat(x))?;
+                    $(let x = ($write)(x);)?
+                    seq.serialize_element(&x)?;
                 }
             };
         }
@@ -485,10 +487,10 @@ impl Serialize for JsonData<'_> {
             DataType::Int16 => each!(i16, 2),
             DataType::Int32 => each!(i32, 4),
             DataType::Int64 => each!(i64, 8),
-            DataType::Fp16 => halves!(half::f16),
-            DataType::Bf16 => halves!(half::bf16),
-            DataType::Fp32 => floats!(f32, 4),
-            DataType::Fp64 => floats!(f64, 8),
+            DataType::Fp16 => each!(half::f16, 2, |x: half::f16| JsonFloat(x.to_f32())),
+            DataType::Bf16 => each!(half::bf16, 2, |x: half::bf16| JsonFloat(x.to_f32())),
+            DataType::Fp32 => each!(f32, 4, JsonFloat),
+            DataType::Fp64 => each!(f64, 8, JsonFloat),
         }
         seq.end()
     }
@@ -613,6 +615,34 @@ mod tests {
         assert_eq!(&decoded.inputs[1].data[..], &[1, 2, 3, 252, 5, 6]);
         assert_eq!(decoded.outputs, vec![(0, false)]);
         assert_eq!(decoded.timeout, Some(Duration::from_micros(1500)));
+    }
+
+    #[test]
+    fn sixteen_bit_floats_are_rounded_once_to_nearest() {
+        let tiny = 2f64.powi(-40);
+        // Just above the tie between two BF16 neighbours of 1: up, not down to the even one.
+        assert_eq!(
+            half::bf16::from_f32(round_to_odd(1.00390625 + tiny)).to_f64(),
+            1.0078125
+        );
+        assert_eq!(half::bf16::from_f64(1.00390625 + tiny).to_f64(), 1.0);
+        // The same for FP16 (its neighbours of 1 are 2^-10 apart), both signs.
+        let above_tie = 1.0 + 2f64.powi(-11) + tiny;
+        assert_eq!(
+            half::f16::from_f32(round_to_odd(above_tie)).to_f64(),
+            1.0 + 2f64.powi(-10)
+        );
+        assert_eq!(
+            half::f16::from_f32(round_to_odd(-above_tie)).to_f64(),
+            -1.0 - 2f64.powi(-10)
+        );
+        // Exact ties still go to even, exact values stay, and overflow stays overflow.
+        assert_eq!(
+            half::f16::from_f32(round_to_odd(1.0 + 2f64.powi(-11))).to_f64(),
+            1.0
+        );
+        assert_eq!(round_to_odd(0.5), 0.5);
+        assert!(round_to_odd(1e39).is_infinite());
     }
 
     #[test]
