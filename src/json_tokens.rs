@@ -6,6 +6,21 @@ use std::io;
 
 use serde::{Serialize, Serializer};
 
+/// The tokens and their values, "-Infinity" before "Infinity" so the longer one matches first.
+const TOKENS: [(&str, f64); 3] = [
+    ("-Infinity", f64::NEG_INFINITY),
+    ("Infinity", f64::INFINITY),
+    ("NaN", f64::NAN),
+];
+
+/// The value of a token (as read: quoted), or None for any other text.
+pub fn token_value(text: &str) -> Option<f64> {
+    TOKENS
+        .iter()
+        .find(|(token, _)| *token == text)
+        .map(|(_, value)| *value)
+}
+
 /// Rewrites bare `NaN`, `Infinity` and `-Infinity` outside strings as quoted strings (Python's
 /// `json.dumps` writes them); None when there is none.
 pub fn relax_non_standard_numbers(body: &[u8]) -> Option<Vec<u8>> {
@@ -33,8 +48,9 @@ pub fn relax_non_standard_numbers(body: &[u8]) -> Option<Vec<u8>> {
             i += 1;
             continue;
         }
-        let token = [&b"-Infinity"[..], b"Infinity", b"NaN"]
-            .into_iter()
+        let token = TOKENS
+            .iter()
+            .map(|(token, _)| token.as_bytes())
             .find(|t| body[i..].starts_with(t));
         match token {
             Some(token) => {

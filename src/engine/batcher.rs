@@ -612,15 +612,19 @@ impl Worker {
             .queue_depth
             .with_label_values(&self.label_refs())
             .set(self.receiver.waiting() as i64);
-        if request.reply.is_closed() {
-            // The caller went away: a client disconnect, its own deadline already answered 504,
-            // or a cancelled job (not a failed request).
-            if request.priority == Priority::Live && Instant::now() < request.deadline {
-                let [model, version] = self.label_refs();
-                self.metrics
-                    .failure(model, version, FailureReason::Cancelled);
-            }
+        !self.caller_left(request)
+    }
+
+    /// Whether nobody waits for the request any more: a client disconnect, its own deadline
+    /// already answered 504 (a cancelled live request), or a cancelled job (no failure).
+    fn caller_left(&self, request: &QueuedRequest) -> bool {
+        if !request.reply.is_closed() {
             return false;
+        }
+        if request.priority == Priority::Live && Instant::now() < request.deadline {
+            let [model, version] = self.label_refs();
+            self.metrics
+                .failure(model, version, FailureReason::Cancelled);
         }
         true
     }
@@ -636,7 +640,7 @@ impl Worker {
         // caller gave up on them at this very moment.
         batch.retain_mut(|request| {
             // Callers may have left while the batch formed (a cancelled job's batches).
-            if !self.admit(request) {
+            if self.caller_left(request) {
                 return false;
             }
             if started >= request.deadline {

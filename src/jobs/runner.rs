@@ -165,7 +165,7 @@ struct BatchMeta {
     units: Vec<i64>,
     cycles: Vec<i64>,
     padded: Vec<u16>,
-    /// Held values the window read (derived with `padded`).
+    /// Held values the window read (derived from `ends` when the batch is stacked).
     held: Vec<u32>,
     /// Per window: (archive row it ends at, archive row its unit starts at).
     ends: Vec<(usize, usize)>,

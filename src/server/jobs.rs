@@ -563,16 +563,17 @@ async fn job_result(
     }
     let store = fleet.jobs.store();
     let h5 = store.result_path(&record.id);
-    let export = |suffix: &str| {
-        store
-            .dir(&record.id)
-            .join(format!("result.{EXPORT_COLUMNS}.{suffix}"))
+    let suffix = match (format, query.view) {
+        (Format::H5, _) => "h5",
+        (Format::Json, _) => "json",
+        (Format::Csv, View::Rows) => "csv",
+        (Format::Csv, View::Units) => "units.csv",
     };
-    let (file, suffix) = match (format, query.view) {
-        (Format::H5, _) => (h5.clone(), "h5"),
-        (Format::Json, _) => (export("json"), "json"),
-        (Format::Csv, View::Rows) => (export("csv"), "csv"),
-        (Format::Csv, View::Units) => (export("units.csv"), "units.csv"),
+    let file = match format {
+        Format::H5 => h5.clone(),
+        _ => store
+            .dir(&record.id)
+            .join(format!("result.{EXPORT_COLUMNS}.{suffix}")),
     };
     let export_missing = !file.exists();
     if format == Format::H5 || export_missing {

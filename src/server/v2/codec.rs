@@ -9,7 +9,7 @@ use serde::ser::{SerializeSeq, Serializer};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::json_tokens::{JsonFloat, relax_non_standard_numbers, to_vec_with_tokens};
+use crate::json_tokens::{JsonFloat, relax_non_standard_numbers, to_vec_with_tokens, token_value};
 use crate::runtime::model_config::{ModelConfig, TensorSpec};
 use crate::server::error::ApiError;
 use crate::tensor::{DataType, Tensor};
@@ -447,10 +447,8 @@ fn round_to_odd(x: f64) -> f32 {
 /// A JSON number, or NaN / ±Infinity (bare in the body, quoted once read).
 fn float_value(value: &Value) -> Option<f64> {
     match value.as_str() {
-        Some("NaN") => Some(f64::NAN),
-        Some("Infinity") => Some(f64::INFINITY),
-        Some("-Infinity") => Some(f64::NEG_INFINITY),
-        _ => value.as_f64(),
+        Some(text) => token_value(text),
+        None => value.as_f64(),
     }
 }
 
