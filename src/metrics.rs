@@ -147,8 +147,8 @@ impl Metrics {
             ),
             queue_depth: gauge(
                 "linescan_queue_depth",
-                "Requests waiting in the batcher queue",
-                model,
+                "Requests waiting in the batcher queue, by lane (live requests, bulk job work)",
+                &["model", "version", "lane"],
             ),
             stage_duration: histogram(
                 "linescan_stage_duration_seconds",

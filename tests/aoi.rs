@@ -348,6 +348,36 @@ async fn reject_threshold_is_per_board() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_board_stricter_than_the_model_lists_and_rejects_what_it_would_miss() {
+    // A model threshold above every confidence the synthetic defects get (0.97-0.99).
+    let repository = Repository::with_models(&[MODEL]);
+    repository.set(MODEL, "score_threshold", "0.999");
+    let data = tempfile::tempdir().unwrap();
+    let server = Server::start(
+        repository.path(),
+        &["--data-dir", data.path().to_str().unwrap()],
+    );
+    let clean = synthetic::board(&[], (0, 0));
+    let defective = synthetic::board(&DefectKind::ALL, (0, 0));
+    put_template(&server, "model", png(&clean.template), "").await;
+    let (status, info) = put_template(
+        &server,
+        "strict",
+        png(&clean.template),
+        "?reject_threshold=0.5",
+    )
+    .await;
+    assert_eq!(status, 201, "{info}");
+    assert_eq!(info["effective_reject_threshold"], 0.5);
+    let (_, by_model) = inspect(&server, "model", png(&defective.test)).await;
+    assert_eq!(by_model["verdict"], "PASS", "{by_model}");
+    assert_eq!(by_model["defects"], json!([]));
+    let (_, strict) = inspect(&server, "strict", png(&defective.test)).await;
+    assert_eq!(strict["verdict"], "REJECT", "{strict}");
+    assert_finds_every_defect(&defective, &strict);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn every_error_path_answers_with_the_right_status() {
     let (_repository, _data, server) = start(&["--max-image-pixels", "500000"]);
     let clean = synthetic::board(&[], (0, 0));

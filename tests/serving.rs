@@ -324,7 +324,10 @@ async fn concurrent_requests_form_batches_larger_than_one() {
     assert!(text.contains("linescan_queue_duration_seconds_bucket"));
     assert!(text.contains("linescan_compute_duration_seconds_bucket"));
     assert!(text.contains("linescan_request_duration_seconds_bucket"));
-    assert!(text.contains("linescan_queue_depth"));
+    for lane in ["live", "bulk"] {
+        let series = format!("linescan_queue_depth{{lane=\"{lane}\",{model}");
+        assert!(text.contains(&series), "no {series} in {text}");
+    }
     assert!(
         metric(&text, "process_cpu_seconds_total", &[]) > 0.0,
         "{text}"
@@ -922,27 +925,69 @@ fn the_load_generator_reports_latency_and_stops_on_total_failure() {
     );
 }
 
-/// A repository with one model, `half`, made on the fly: FP16 input `x` and BF16 input `b`
-/// (`[batch, 3]`), each echoed in its own type and cast to FP32.
-fn half_precision_repository() -> Repository {
+/// A repository with one echo model made on the fly: every input `(name, ONNX type, datatype)`
+/// of shape `[batch, width]` (width -1: variable) comes back as `<name>_echo` in its own type
+/// and as `<name>_fp32`.
+fn echo_repository(model: &str, inputs: &[(&str, i64, &str)], width: i64) -> Repository {
     let repository = Repository::with_models(&[]);
-    let folder = repository.path().join("half");
+    let folder = repository.path().join(model);
     std::fs::create_dir_all(folder.join("1")).unwrap();
-    let model = onnx::echo_and_cast_model(&[("x", onnx::FLOAT16), ("b", onnx::BFLOAT16)], 3);
-    std::fs::write(folder.join("1/model.onnx"), model).unwrap();
+    let types: Vec<_> = inputs
+        .iter()
+        .map(|(name, kind, _)| (*name, *kind))
+        .collect();
+    let onnx_model = onnx::echo_and_cast_model(&types, width);
+    std::fs::write(folder.join("1/model.onnx"), onnx_model).unwrap();
     let tensor = |name: &str, datatype: &str| {
-        format!("name = \"{name}\"\ndatatype = \"{datatype}\"\nshape = [3]\n")
+        format!("name = \"{name}\"\ndatatype = \"{datatype}\"\nshape = [{width}]\n")
     };
-    let mut config = String::from("name = \"half\"\nmax_batch_size = 8\n");
-    for (name, datatype) in [("x", "FP16"), ("b", "BF16")] {
+    let mut config = format!("name = \"{model}\"\nmax_batch_size = 8\n");
+    for (name, _, datatype) in inputs {
         config += &format!("[[input]]\n{}", tensor(name, datatype));
     }
-    for (name, datatype) in [("x", "FP16"), ("b", "BF16")] {
+    for (name, _, datatype) in inputs {
         config += &format!("[[output]]\n{}", tensor(&format!("{name}_echo"), datatype));
         config += &format!("[[output]]\n{}", tensor(&format!("{name}_fp32"), "FP32"));
     }
     std::fs::write(folder.join("config.toml"), config).unwrap();
     repository
+}
+
+/// `half`: FP16 input `x` and BF16 input `b` (`[batch, 3]`).
+fn half_precision_repository() -> Repository {
+    echo_repository(
+        "half",
+        &[("x", onnx::FLOAT16, "FP16"), ("b", onnx::BFLOAT16, "BF16")],
+        3,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_variable_dimension_is_sized_by_the_values_sent_not_the_declared_shape() {
+    let repository = echo_repository("var", &[("x", onnx::FLOAT, "FP32")], -1);
+    let server = Server::start(repository.path(), &[]);
+    let url = format!("{}/v2/models/var/infer", server.url);
+    let request = |shape: Value, data: Value| json!({"inputs": [{"name": "x", "datatype": "FP32", "shape": shape, "data": data}]});
+    // Declared shapes far beyond the one value sent: refused, not allocated.
+    for width in [1_000_000_000_000_i64, 2_305_843_009_213_693_951] {
+        let response = post_json(&url, &request(json!([1, width]), json!([1.0]))).await;
+        assert_eq!(response.status(), 422, "width {width}");
+        let body: Value = response.json().await.unwrap();
+        let message = body["error"].as_str().unwrap();
+        assert!(
+            message.contains("1 values given") || message.contains("too large"),
+            "{message}"
+        );
+    }
+    // The server is still up, and a variable width works.
+    let response = post_json(&url, &request(json!([2, 3]), json!([1, 2, 3, 4, 5, 6]))).await;
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["outputs"][0]["shape"], json!([2, 3]), "{body}");
+    assert_eq!(
+        body["outputs"][0]["data"],
+        json!([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

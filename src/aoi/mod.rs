@@ -45,6 +45,14 @@ impl AoiService {
         board_threshold.unwrap_or(self.inspector.params.score_threshold)
     }
 
+    /// The confidence from which a board's defects are listed: the model's operating threshold,
+    /// or the board's reject threshold where that is lower, so every defect that rejects a
+    /// board is also listed.
+    pub fn listing_threshold(&self, board_threshold: Option<f32>) -> f32 {
+        self.reject_threshold(board_threshold)
+            .min(self.inspector.params.score_threshold)
+    }
+
     /// PASS unless a defect reaches the board's reject threshold.
     pub fn verdict(&self, inspection: &Inspection, reject_threshold: Option<f32>) -> &'static str {
         let threshold = self.reject_threshold(reject_threshold);

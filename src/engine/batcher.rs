@@ -235,7 +235,7 @@ impl Batcher {
         ] {
             counter.with_label_values(&labels);
         }
-        metrics.queue_depth.with_label_values(&labels).set(0);
+        record_queue_depth(&metrics, labels, |_| 0);
         let on_cuda = |session: &ModelSession| {
             matches!(
                 session.providers().first(),
@@ -430,10 +430,11 @@ impl Batcher {
             Err(TrySendError::Full(_)) => return Err(InferError::QueueFull(self.model.clone())),
             Err(TrySendError::Disconnected(_)) => return Err(InferError::ShuttingDown),
         }
-        self.metrics
-            .queue_depth
-            .with_label_values(&[self.model.as_str(), self.version.as_str()])
-            .set(self.sender.waiting() as i64);
+        record_queue_depth(
+            &self.metrics,
+            [self.model.as_str(), self.version.as_str()],
+            |lane| self.sender.waiting(lane),
+        );
         let answered = match tokio::time::timeout_at(deadline.into(), &mut response).await {
             Ok(answered) => answered,
             // Past the deadline: given up unless a session has taken it, then its result.
@@ -608,10 +609,9 @@ impl Worker {
 
     /// Drops requests nobody waits for any more; answers those past their deadline.
     fn admit(&self, request: &QueuedRequest) -> bool {
-        self.metrics
-            .queue_depth
-            .with_label_values(&self.label_refs())
-            .set(self.receiver.waiting() as i64);
+        record_queue_depth(&self.metrics, self.label_refs(), |lane| {
+            self.receiver.waiting(lane)
+        });
         !self.caller_left(request)
     }
 
@@ -952,6 +952,20 @@ fn split_rows(
             })
         })
         .collect()
+}
+
+/// Sets the queue-depth gauge of each lane, so a job's backlog and live requests read apart.
+fn record_queue_depth(
+    metrics: &Metrics,
+    [model, version]: [&str; 2],
+    waiting: impl Fn(Priority) -> usize,
+) {
+    for lane in Priority::ALL {
+        metrics
+            .queue_depth
+            .with_label_values(&[model, version, lane.label()])
+            .set(waiting(lane) as i64);
+    }
 }
 
 #[cfg(test)]

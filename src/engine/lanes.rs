@@ -16,6 +16,18 @@ pub enum Priority {
     Bulk,
 }
 
+impl Priority {
+    pub const ALL: [Priority; 2] = [Priority::Live, Priority::Bulk];
+
+    /// The `lane` label in `/metrics`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Priority::Live => "live",
+            Priority::Bulk => "bulk",
+        }
+    }
+}
+
 /// The sending side, held by the batcher.
 pub struct LaneSenders<T> {
     live: Sender<T>,
@@ -62,16 +74,22 @@ impl<T> LaneSenders<T> {
         }
     }
 
-    /// Requests waiting in both lanes.
-    pub fn waiting(&self) -> usize {
-        self.live.len() + self.bulk.len()
+    /// Requests waiting in one lane.
+    pub fn waiting(&self, lane: Priority) -> usize {
+        match lane {
+            Priority::Live => self.live.len(),
+            Priority::Bulk => self.bulk.len(),
+        }
     }
 }
 
 impl<T> LaneReceivers<T> {
-    /// Requests waiting in both lanes.
-    pub fn waiting(&self) -> usize {
-        self.live.len() + self.bulk.len()
+    /// Requests waiting in one lane.
+    pub fn waiting(&self, lane: Priority) -> usize {
+        match lane {
+            Priority::Live => self.live.len(),
+            Priority::Bulk => self.bulk.len(),
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -127,13 +145,15 @@ mod tests {
         senders.try_send("bulk 2", Priority::Bulk).unwrap();
         senders.try_send("live 1", Priority::Live).unwrap();
         senders.try_send("live 2", Priority::Live).unwrap();
-        assert_eq!(senders.waiting(), 4);
+        assert_eq!(senders.waiting(Priority::Live), 2);
+        assert_eq!(senders.waiting(Priority::Bulk), 2);
         let soon = || Instant::now() + Duration::from_millis(10);
         let order: Vec<_> = (0..4)
             .map(|_| receivers.recv_deadline(soon()).unwrap())
             .collect();
         assert_eq!(order, ["live 1", "live 2", "bulk 1", "bulk 2"]);
         assert!(receivers.is_empty());
+        assert_eq!(receivers.waiting(Priority::Live), 0);
         assert_eq!(
             receivers.recv_deadline(soon()),
             Err(RecvTimeoutError::Timeout)

@@ -352,7 +352,10 @@ async fn inspect_one(
     let prepared = web::block(move || inspector.prepare(&bytes, &template)).await??;
     let inspection = service
         .inspector
-        .finish(prepared, service.inspector.params.score_threshold)
+        .finish(
+            prepared,
+            service.listing_threshold(found.info.reject_threshold),
+        )
         .await?;
     let verdict = service.verdict(&inspection, found.info.reject_threshold);
     let metrics = &service.inspector.metrics;

@@ -26,15 +26,20 @@ fn bytes_field(field: u64, bytes: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(bytes);
 }
 
-/// `ValueInfoProto` of a tensor `[batch, width]` whose first dimension is symbolic.
+/// `ValueInfoProto` of a tensor `[batch, width]` whose first dimension is symbolic, and the
+/// second too when `width` is -1.
 fn value_info(name: &str, elem_type: i64, width: i64) -> Vec<u8> {
     let mut batch = Vec::new();
     bytes_field(2, b"batch", &mut batch); // Dimension.dim_param
-    let mut fixed = Vec::new();
-    int_field(1, width, &mut fixed); // Dimension.dim_value
+    let mut second = Vec::new();
+    if width < 0 {
+        bytes_field(2, b"width", &mut second);
+    } else {
+        int_field(1, width, &mut second); // Dimension.dim_value
+    }
     let mut shape = Vec::new();
     bytes_field(1, &batch, &mut shape); // TensorShapeProto.dim
-    bytes_field(1, &fixed, &mut shape);
+    bytes_field(1, &second, &mut shape);
     let mut tensor = Vec::new();
     int_field(1, elem_type, &mut tensor); // TypeProto.Tensor.elem_type
     bytes_field(2, &shape, &mut tensor); // .shape
@@ -68,8 +73,8 @@ fn node(input: &str, output: &str, cast_to: Option<i64>) -> Vec<u8> {
     node
 }
 
-/// A model whose every input `(name, type)` of shape `[batch, width]` comes back twice: as
-/// `<name>_echo` (the same type, Identity) and as `<name>_fp32` (Cast to FLOAT).
+/// A model whose every input `(name, type)` of shape `[batch, width]` (width -1: variable) comes
+/// back twice: as `<name>_echo` (the same type, Identity) and as `<name>_fp32` (Cast to FLOAT).
 pub fn echo_and_cast_model(inputs: &[(&str, i64)], width: i64) -> Vec<u8> {
     let mut graph = Vec::new();
     for (name, _) in inputs {

@@ -360,7 +360,8 @@ fn json_to_bytes(
     count: usize,
     name: &str,
 ) -> Result<Vec<u8>, ApiError> {
-    let mut elements = Vec::with_capacity(count);
+    // Sized by what was sent, not by the declared shape, which the client chose.
+    let mut elements = Vec::new();
     flatten(value, &mut elements);
     if elements.len() != count {
         return Err(ApiError::Unprocessable(format!(
