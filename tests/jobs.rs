@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use common::{Repository, Server, run_cli};
 use fleet::*;
 use linescan::jobs::synthetic::{self, XS_VARS};
-use serde_json::Value;
+use serde_json::{Value, json};
 
 struct Setup {
     repository: Repository,
@@ -353,6 +353,36 @@ async fn multipart_and_server_side_path_submissions() {
     assert_eq!(code, 404, "{body}");
     let (code, _) = submit_bytes(&server.url, Vec::new(), "").await;
     assert_eq!(code, 422);
+    // A name that cannot be stored is refused at submission, in the query or the body.
+    let (code, body) =
+        submit_bytes(&server.url, std::fs::read(&inside).unwrap(), "?name=a%00b").await;
+    assert_eq!(code, 422, "{body}");
+    let error = body["error"].as_str().unwrap();
+    assert!(error.contains("control character"), "{body}");
+    // An option in both the query and the body must agree.
+    for (query, body, fragment) in [
+        (
+            "?missing=hold",
+            serde_json::json!({"path": "inside.h5", "missing": "fail"}),
+            "\"missing\" is \"hold\" in the query and \"fail\" in the body",
+        ),
+        (
+            "",
+            serde_json::json!({"path": "inside.h5", "name": "a\u{0}b"}),
+            "\"name\" holds the control character",
+        ),
+    ] {
+        let response = client
+            .post(format!("{}/v1/jobs{query}", server.url))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 422, "{body}");
+        let answer: Value = response.json().await.unwrap();
+        let error = answer["error"].as_str().unwrap();
+        assert!(error.contains(fragment), "{body}: {error}");
+    }
     // JSON that does not parse is a 400; JSON of the wrong shape a 422 in the client's words.
     for (body, expected, fragment) in [
         ("{\"path\": ", 400, "not valid JSON"),
@@ -401,6 +431,34 @@ async fn progress_and_cancellation() {
         .await
         .unwrap();
     assert_eq!(cancelled["state"], "cancelled");
+    // A queued job purged in the same call is stopped at once, so it goes with its files.
+    let purged_at_once = submit_file(&server.url, &archive).await;
+    let response: Value = client
+        .delete(format!(
+            "{}/v1/jobs/{purged_at_once}?purge=true",
+            server.url
+        ))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (&response["state"], &response["purged"]),
+        (&json!("cancelled"), &json!(true)),
+        "{response}"
+    );
+    assert!(
+        !setup
+            .data
+            .path()
+            .join("jobs")
+            .join(&purged_at_once)
+            .exists()
+    );
+    let gone = get(format!("{}/v1/jobs/{purged_at_once}", server.url)).await;
+    assert_eq!(gone.status(), 404);
 
     // The running one reports progress, then stops at its next chunk.
     let status = wait_job(&server.url, &running, |s| {
@@ -1110,6 +1168,11 @@ fn rul_cmapss_predicts_the_last_window_of_every_unit() {
             format!("{first_row}\n{first_row}\n"),
             format!("has cycle {cycle} twice"),
         ),
+        (
+            format!("1.5 {}\n", first_row.split_once(' ').unwrap().1),
+            "line 1, column 1 (unit): 1.5 is not a whole number".to_string(),
+        ),
+        ("\n".to_string(), "holds no rows".to_string()),
     ] {
         std::fs::write(&input, &content).unwrap();
         let output = rul_cmapss();
@@ -1117,6 +1180,10 @@ fn rul_cmapss_predicts_the_last_window_of_every_unit() {
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(stderr.contains(&fragment), "{fragment}: {stderr}");
     }
+    // An archive given where text belongs is named as such.
+    std::fs::copy(&archive, &input).unwrap();
+    let stderr = String::from_utf8_lossy(&rul_cmapss().stderr).to_string();
+    assert!(stderr.contains("is an HDF5 archive"), "{stderr}");
 }
 
 #[test]

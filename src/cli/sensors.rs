@@ -398,13 +398,27 @@ pub fn cmapss_columns() -> Vec<String> {
     columns
 }
 
+/// The first bytes of every HDF5 file.
+const HDF5_SIGNATURE: &[u8] = b"\x89HDF\r\n\x1a\n";
+
 /// A unit's rows of a C-MAPSS file: (cycle, all 26 values).
 type UnitRows = Vec<(f64, Vec<f64>)>;
 
 /// Reads a C-MAPSS text file into rows per unit (whitespace separated, 26 columns).
 pub fn read_cmapss(path: &Path) -> anyhow::Result<BTreeMap<i64, UnitRows>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    anyhow::ensure!(
+        !bytes.starts_with(HDF5_SIGNATURE),
+        "{} is an HDF5 archive, not C-MAPSS text: score it with `linescan job run`",
+        path.display()
+    );
+    let text = String::from_utf8(bytes).map_err(|e| {
+        anyhow::anyhow!(
+            "{} is not C-MAPSS text (whitespace-separated numbers): byte {} is not UTF-8",
+            path.display(),
+            e.utf8_error().valid_up_to()
+        )
+    })?;
     let columns = cmapss_columns();
     let width = columns.len();
     let mut units: BTreeMap<i64, UnitRows> = BTreeMap::new();
@@ -436,6 +450,18 @@ pub fn read_cmapss(path: &Path) -> anyhow::Result<BTreeMap<i64, UnitRows>> {
             index + 1,
             values.len()
         );
+        // A fractional unit id would merge units when truncated, a fractional cycle misorder them.
+        for (column, value) in values[..2].iter().enumerate() {
+            anyhow::ensure!(
+                value.fract() == 0.0 && value.abs() < 2f64.powi(53),
+                "{} line {}, column {} ({}): {value} is not a whole number (unit ids and cycles \
+                 are integers)",
+                path.display(),
+                index + 1,
+                column + 1,
+                columns[column]
+            );
+        }
         units
             .entry(values[0] as i64)
             .or_default()

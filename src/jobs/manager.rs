@@ -41,15 +41,6 @@ pub struct JobManager {
     args: JobArgs,
 }
 
-/// What cancelling found.
-#[derive(Debug, Clone, PartialEq)]
-pub enum CancelOutcome {
-    /// The job was queued (now cancelled) or running (stops at its next chunk).
-    Cancelled(JobRecord),
-    /// Already finished; nothing changed.
-    Finished(JobRecord),
-}
-
 impl JobManager {
     /// Opens the store, re-queues what was queued or running, and starts the workers.
     pub fn open(
@@ -228,7 +219,9 @@ impl JobManager {
         records
     }
 
-    pub fn cancel(&self, id: &str) -> Option<CancelOutcome> {
+    /// Cancels a job: a queued one at once, a running one at its next chunk; a finished one is
+    /// left as it is. The record as it stands after the call.
+    pub fn cancel(&self, id: &str) -> Option<JobRecord> {
         let entry = self.entry(id)?;
         entry.cancel.store(true, Ordering::Release);
         let mut record = entry.record.lock().expect("record lock");
@@ -236,22 +229,17 @@ impl JobManager {
             JobState::Queued => {
                 record.state = JobState::Cancelled;
                 record.finished_unix = Some(now_unix());
-                if let Err(error) = self.store.save(&record) {
-                    tracing::error!(job = %id, %error, "cannot save job state");
-                }
-                Some(CancelOutcome::Cancelled(record.clone()))
+                self.save_logged(&record);
             }
             // The worker sees the flag at its next chunk; the record keeps the request in case
             // the process stops first.
             JobState::Running => {
                 record.cancel_requested = true;
-                if let Err(error) = self.store.save(&record) {
-                    tracing::error!(job = %id, %error, "cannot save job state");
-                }
-                Some(CancelOutcome::Cancelled(record.clone()))
+                self.save_logged(&record);
             }
-            _ => Some(CancelOutcome::Finished(record.clone())),
+            _ => {}
         }
+        Some(record.clone())
     }
 
     /// Removes a finished job and its files (an unknown id has nothing to remove).

@@ -14,12 +14,11 @@ use actix_web::http::Method;
 use actix_web::{HttpRequest, HttpResponse, web};
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::jobs::archive::Partition;
 use crate::jobs::gaps::MissingPolicy;
-use crate::jobs::manager::CancelOutcome;
 use crate::jobs::results::{self, Format, View};
 use crate::jobs::store::{InputKind, JobInput, JobRecord, JobState};
 use crate::jobs::{Fleet, PathRefused};
@@ -72,6 +71,57 @@ struct SubmitOptions {
     warning: Option<f64>,
     /// Name recorded as the result's source.
     name: Option<String>,
+}
+
+/// An option given in the query and the JSON body: once, or the same in both.
+fn either<T: PartialEq + Serialize>(
+    field: &str,
+    query: Option<T>,
+    body: Option<T>,
+) -> Result<Option<T>, ApiError> {
+    match (query, body) {
+        (Some(q), Some(b)) if q != b => {
+            let show = |v: &T| serde_json::to_string(v).unwrap_or_default();
+            Err(ApiError::Unprocessable(format!(
+                "\"{field}\" is {} in the query and {} in the body; give it once",
+                show(&q),
+                show(&b)
+            )))
+        }
+        (q, b) => Ok(b.or(q)),
+    }
+}
+
+/// Longest job name, in bytes.
+const MAX_NAME_BYTES: usize = 255;
+
+/// A job's name is stored as the result's source (an HDF5 string attribute, a CSV and JSON
+/// field): printable text of bounded length.
+fn check_name(what: &str, name: &str) -> Result<(), ApiError> {
+    if let Some(bad) = name.chars().find(|c| c.is_control()) {
+        return Err(ApiError::Unprocessable(format!(
+            "{what} holds the control character {bad:?}; a job name is printable text"
+        )));
+    }
+    if name.is_empty() || name.len() > MAX_NAME_BYTES {
+        return Err(ApiError::Unprocessable(format!(
+            "{what} is {} bytes; a job name is 1 to {MAX_NAME_BYTES}",
+            name.len()
+        )));
+    }
+    Ok(())
+}
+
+/// A client's file name made a valid job name: control characters dropped, cut to length.
+fn printable_name(filename: &str) -> String {
+    let mut name = String::new();
+    for c in filename.chars().filter(|c| !c.is_control()) {
+        if name.len() + c.len_utf8() > MAX_NAME_BYTES {
+            break;
+        }
+        name.push(c);
+    }
+    name
 }
 
 /// The model a submission names, or the only one.
@@ -225,13 +275,16 @@ async fn submit_job(
         })?;
         options = SubmitOptions {
             path: from_body.path,
-            model: from_body.model.or(options.model),
-            partition: from_body.partition.or(options.partition),
-            missing: from_body.missing.or(options.missing),
-            critical: from_body.critical.or(options.critical),
-            warning: from_body.warning.or(options.warning),
-            name: from_body.name.or(options.name),
+            model: either("model", options.model, from_body.model)?,
+            partition: either("partition", options.partition, from_body.partition)?,
+            missing: either("missing", options.missing, from_body.missing)?,
+            critical: either("critical", options.critical, from_body.critical)?,
+            warning: either("warning", options.warning, from_body.warning)?,
+            name: either("name", options.name, from_body.name)?,
         };
+        if let Some(name) = &options.name {
+            check_name("\"name\"", name)?;
+        }
         let requested = options
             .path
             .clone()
@@ -266,7 +319,11 @@ async fn submit_job(
     if let Some(size) = declared.filter(|size| *size > limit) {
         return Err(too_large(Some(size), limit));
     }
-    let checked = job_model(&fleet, options.model.as_deref())
+    let checked = options
+        .name
+        .as_deref()
+        .map_or(Ok(()), |name| check_name("?name=", name))
+        .and_then(|()| job_model(&fleet, options.model.as_deref()))
         .and_then(|model| Ok((model, settings(&fleet, options.critical, options.warning)?)));
     let (model, settings) = match checked {
         Ok(checked) => checked,
@@ -308,7 +365,8 @@ async fn submit_job(
     let name = options
         .name
         .clone()
-        .or(filename)
+        .or(filename.as_deref().map(printable_name))
+        .filter(|name| !name.is_empty())
         .unwrap_or_else(|| "upload.h5".into());
     let input = JobInput {
         kind: InputKind::Upload,
@@ -369,7 +427,8 @@ async fn save_multipart(
 
 fn file_name(path: &Path) -> String {
     path.file_name()
-        .map(|n| n.to_string_lossy().to_string())
+        .map(|n| printable_name(&n.to_string_lossy()))
+        .filter(|name| !name.is_empty())
         .unwrap_or_else(|| "archive.h5".into())
 }
 
@@ -472,28 +531,21 @@ async fn cancel_job(
         let (jobs, id) = (jobs.clone(), id.clone());
         web::block(move || jobs.cancel(&id)).await?
     };
-    match cancelled {
-        None => Err(ApiError::NotFound(format!("no job {id}"))),
-        Some(CancelOutcome::Finished(record)) if query.purge => {
-            let purged = id.clone();
-            web::block(move || jobs.purge(&purged))
-                .await?
-                .map_err(|e| ApiError::Internal(format!("cannot remove job {id}: {e:#}")))?;
-            let mut body = job_json(&record);
-            body["purged"] = json!(true);
+    let record = cancelled.ok_or_else(|| ApiError::NotFound(format!("no job {id}")))?;
+    let mut body = job_json(&record);
+    if query.purge {
+        // A job still stopping keeps its files; the caller repeats the purge once it stopped.
+        let stopped = record.state.is_final();
+        if stopped {
+            web::block(move || jobs.purge(&id)).await?.map_err(|e| {
+                ApiError::Internal(format!("cannot remove job {}: {e:#}", record.id))
+            })?;
             // Its files are gone with it.
             body["result"] = json!(null);
-            Ok(HttpResponse::Ok().json(body))
         }
-        Some(CancelOutcome::Cancelled(record) | CancelOutcome::Finished(record)) => {
-            let mut body = job_json(&record);
-            // A job still stopping keeps its files; the caller repeats the purge once it stopped.
-            if query.purge {
-                body["purged"] = json!(false);
-            }
-            Ok(HttpResponse::Ok().json(body))
-        }
+        body["purged"] = json!(stopped);
     }
+    Ok(HttpResponse::Ok().json(body))
 }
 
 #[derive(Deserialize)]

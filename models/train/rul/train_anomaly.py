@@ -1,13 +1,18 @@
 """Train, cross-validate and export the FD001 anomaly autoencoder.
 
-  python train_anomaly.py cv     [--data PATH] [--epochs 100] [--out-json cv_anomaly.json]
-  python train_anomaly.py final  [--data PATH] [--cv-json cv_anomaly.json]   # -> models/anomaly_fd001/
+  python train_anomaly.py cv     [--data PATH] [--epochs 100] [--pad-aug 1] [--out-json cv_anomaly.json]
+  python train_anomaly.py final  [--data PATH] [--pad-aug 1] [--cv-json cv_anomaly.json]   # -> models/anomaly_fd001/
 
-Healthy windows: full 30-cycle windows whose last cycle has (uncapped) RUL >= 125, i.e. the flat
-part of the piecewise-linear target. The AE (dense 420-64-8-64-420) is trained on healthy windows
-of the training units only; the exported graph outputs the mean squared reconstruction error.
-Failure windows for evaluation: windows whose last cycle is within the last 20 cycles before failure
-(RUL 0..19). CV: the same 5 folds over unit ids as train_rul.py (data.folds).
+Healthy windows: 30-cycle windows whose last cycle has (uncapped) RUL >= 125, i.e. the flat
+part of the piecewise-linear target: every full window, plus (--pad-aug N, default 1) the
+front-padded windows ending at cycles N..29 (data.window_at's policy), which the server scores
+for young units; --pad-aug 0 is the earlier full-windows-only recipe. The AE (dense
+420-64-8-64-420) is trained, and p50/p99 calibrated, on the healthy windows of the training units
+only; the exported graph outputs the mean squared reconstruction error.
+Failure windows for evaluation: full windows whose last cycle is within the last 20 cycles before
+failure (RUL 0..19). CV: the same 5 folds over unit ids as train_rul.py (data.folds); held-out
+metrics on full windows as before, plus the false-alarm rate of held-out healthy windows by number
+of padded rows (all padded windows ending at cycles 1..29 are scored, whatever --pad-aug).
 """
 from __future__ import annotations
 
@@ -31,9 +36,13 @@ HEALTHY_MIN_RUL = 125
 FAIL_MAX_RUL = 19
 
 
-def all_windows(units, scaler):
-    """All full windows with their end-cycle uncapped RUL and unit id."""
-    xs, rs, us = [], [], []
+PAD_BINS = [(0, 0), (1, 9), (10, 19), (20, 29)]   # padded rows, for the false-alarm breakdown
+
+
+def all_windows(units, scaler, pad_min=0):
+    """All full windows, plus (pad_min > 0) the front-padded windows ending at cycles pad_min..29,
+    with their end-cycle uncapped RUL, unit id and number of padded rows (0 for full windows)."""
+    xs, rs, us, ps = [], [], [], []
     for u in units:
         xu = scaler(u.x)
         n = u.life - D.WINDOW + 1
@@ -41,7 +50,23 @@ def all_windows(units, scaler):
         xs.append(xu[idx])
         rs.append(u.rul(capped=False)[D.WINDOW - 1:])
         us.append(np.full(n, u.uid))
-    return np.concatenate(xs).astype(np.float32), np.concatenate(rs), np.concatenate(us)
+        ps.append(np.zeros(n, int))
+        if pad_min:
+            # the server scores young units on padded windows: without these in the healthy set
+            # the AE reconstructs them badly and they alarm (up to 25 % at 29 padded rows)
+            ends = np.arange(pad_min, D.WINDOW)
+            xs.append(np.stack([scaler(D.window_at(u, e)) for e in ends]))
+            rs.append((u.life - ends).astype(np.float64))
+            us.append(np.full(len(ends), u.uid))
+            ps.append(D.WINDOW - ends)
+    return (np.concatenate(xs).astype(np.float32), np.concatenate(rs), np.concatenate(us),
+            np.concatenate(ps))
+
+
+def false_alarm_by_pad(s01_healthy, pad_healthy):
+    """Share of healthy windows with score01 >= 0.5, by number of padded rows."""
+    return {(f"{a}" if a == b else f"{a}-{b}"): float(np.mean(s01_healthy[(pad_healthy >= a) & (pad_healthy <= b)] >= 0.5))
+            for a, b in PAD_BINS}
 
 
 def train_ae(x, seed, epochs, lr=2e-3, batch=128, ae_kw=None):
@@ -101,15 +126,20 @@ def cmd_cv(args):
         test_u = [units[i] for i in fl[k]]
         train_u = [units[i] for i in units if i not in fl[k]]
         scaler = D.Scaler.fit(train_u)
-        xtr, rtr, _ = all_windows(train_u, scaler)
-        xte, rte, _ = all_windows(test_u, scaler)
-        ae = train_ae(xtr[rtr >= HEALTHY_MIN_RUL], seed=k, epochs=args.epochs, lr=args.lr,
-                      ae_kw=json.loads(args.ae_kw))
-        cal = calibrate(errors(ae, xtr[rtr >= HEALTHY_MIN_RUL]), errors(ae, xtr[rtr <= FAIL_MAX_RUL]))
-        e = errors(ae, xte)
+        xtr, rtr, _, ptr = all_windows(train_u, scaler, args.pad_aug)
+        xte_all, rte_all, _, pte_all = all_windows(test_u, scaler, pad_min=1)
+        htr = rtr >= HEALTHY_MIN_RUL
+        ae = train_ae(xtr[htr], seed=k, epochs=args.epochs, lr=args.lr, ae_kw=json.loads(args.ae_kw))
+        cal = calibrate(errors(ae, xtr[htr]), errors(ae, xtr[(rtr <= FAIL_MAX_RUL) & (ptr == 0)]))
+        e_all = errors(ae, xte_all)
+        hte = rte_all >= HEALTHY_MIN_RUL
+        fa_pad = false_alarm_by_pad(score01(e_all[hte], cal), pte_all[hte])
+        full = pte_all == 0     # the metrics below are on full windows, as before padding was studied
+        e, rte = e_all[full], rte_all[full]
         h, f = e[rte >= HEALTHY_MIN_RUL], e[rte <= FAIL_MAX_RUL]
         sc = score01(e, cal)
         r = {"fold": k, "auc": D.auc(h, f), "train_cal": cal, "heldout_healthy_cal": calibrate(h),
+             "heldout_false_alarm_by_padded_rows": fa_pad,
              "auc_vs_healthy_by_rul": {f"{a}-{b - 1}": D.auc(h, e[(rte >= a) & (rte < b)])
                                        for a, b in bins if b <= HEALTHY_MIN_RUL},
              "heldout_false_alarm_at_p99": float(np.mean(score01(h, cal) >= 0.5)),
@@ -120,17 +150,21 @@ def cmd_cv(args):
         print(f"fold {k}: auc {r['auc']:.4f}  train p50/p99 {cal['p50']:.5f}/{cal['p99']:.5f}  heldout "
               f"p50/p99 {r['heldout_healthy_cal']['p50']:.5f}/{r['heldout_healthy_cal']['p99']:.5f}  "
               f"fail median {r['fail_err_median']:.5f}  FA {r['heldout_false_alarm_at_p99']:.3f}  "
-              f"detect {r['heldout_fail_detect_at_p99']:.3f}  ({time.time() - t0:.0f}s)")
+              f"detect {r['heldout_fail_detect_at_p99']:.3f}  FA by padded rows "
+              f"{' '.join(f'{b}:{v:.3f}' for b, v in fa_pad.items())}  ({time.time() - t0:.0f}s)")
     aucs = np.array([r["auc"] for r in res])
     summary = {
         "auc": {"mean": float(aucs.mean()), "std": float(aucs.std()), "per_fold": aucs.round(4).tolist()},
         "heldout_false_alarm_at_p99": float(np.mean([r["heldout_false_alarm_at_p99"] for r in res])),
         "heldout_fail_detect_at_p99": float(np.mean([r["heldout_fail_detect_at_p99"] for r in res])),
+        "heldout_false_alarm_by_padded_rows": {b: float(np.mean([r["heldout_false_alarm_by_padded_rows"][b] for r in res]))
+                                               for b in res[0]["heldout_false_alarm_by_padded_rows"]},
         "mean_score_by_rul": {b: float(np.mean([r["mean_score_by_rul"][b] for r in res]))
                               for b in res[0]["mean_score_by_rul"]},
         "auc_vs_healthy_by_rul": {b: float(np.mean([r["auc_vs_healthy_by_rul"][b] for r in res]))
                                   for b in res[0]["auc_vs_healthy_by_rul"]},
-        "epochs": args.epochs, "lr": args.lr, "ae_kw": json.loads(args.ae_kw), "per_fold": res,
+        "epochs": args.epochs, "lr": args.lr, "pad_aug": args.pad_aug, "ae_kw": json.loads(args.ae_kw),
+        "per_fold": res,
         "seconds": time.time() - t0,
     }
     print(json.dumps({k2: v for k2, v in summary.items() if k2 != "per_fold"}, indent=1))
@@ -144,13 +178,19 @@ def cmd_final(args):
     units = D.load_units(args.data)
     all_u = [units[i] for i in sorted(units)]
     scaler = D.Scaler.fit(all_u)
-    x, r, _ = all_windows(all_u, scaler)
+    x, r, _, pad = all_windows(all_u, scaler, args.pad_aug)
     xh = x[r >= HEALTHY_MIN_RUL]
     t0 = time.time()
     ae = train_ae(xh, seed=FINAL_SEED, epochs=args.epochs, lr=args.lr, ae_kw=json.loads(args.ae_kw))
-    print(f"trained AE on {len(xh)} healthy windows in {time.time() - t0:.0f}s")
+    print(f"trained AE on {len(xh)} healthy windows ({int(np.sum(pad[r >= HEALTHY_MIN_RUL] > 0))} padded) "
+          f"in {time.time() - t0:.0f}s")
     eh = errors(ae, xh)
-    cal = calibrate(eh, errors(ae, x[r <= FAIL_MAX_RUL]))
+    cal = calibrate(eh, errors(ae, x[(r <= FAIL_MAX_RUL) & (pad == 0)]))
+    # in-sample check of the padding fix: every padded window ending at cycles 1..29
+    xp, rp, _, pp = all_windows(all_u, scaler, pad_min=1)
+    hp = rp >= HEALTHY_MIN_RUL
+    print("in-sample false alarms by padded rows", false_alarm_by_pad(score01(errors(ae, xp[hp]), cal), pp[hp]))
+    x = x[pad == 0]     # parity check and timing on full windows, as before
     model = nets.AEScore(ae).eval()
     onnx_path = os.path.join(args.out, "1", "model.onnx")
     X.export(model, onnx_path, ["score"])
@@ -160,7 +200,8 @@ def cmd_final(args):
     print("calibration", cal, "\nverify", check, "\ntiming us/window", timing)
     cv = json.load(open(args.cv_json)) if args.cv_json else None
     write_config(os.path.join(args.out, "config.toml"), scaler, cal, args, cv, check, timing,
-                 n_healthy=len(xh), onnx_bytes=os.path.getsize(onnx_path))
+                 n_healthy=len(xh), n_padded=int(np.sum(pad[r >= HEALTHY_MIN_RUL] > 0)),
+                 onnx_bytes=os.path.getsize(onnx_path))
     torch.save({"state_dict": ae.state_dict(), "ae_kw": json.loads(args.ae_kw), "calibration": cal},
                os.path.join(args.work_dir, "anomaly_ae.pt"))
 
@@ -168,7 +209,7 @@ def cmd_final(args):
 FINAL_SEED = 90000
 
 
-def write_config(path, scaler, cal, args, cv, check, timing, n_healthy, onnx_bytes):
+def write_config(path, scaler, cal, args, cv, check, timing, n_healthy, n_padded, onnx_bytes):
     import export_util as X
     s = X.header("anomaly_fd001", ["score"],
                  "FD001 anomaly model: dense autoencoder (420-64-8-64-420) trained on healthy windows.\n"
@@ -183,7 +224,10 @@ def write_config(path, scaler, cal, args, cv, check, timing, n_healthy, onnx_byt
         ("#", "  p99 <= raw < fail_p50 -> 0.5 + 0.5 * ln(raw / p99) / ln(fail_p50 / p99)"),
         ("#", "  raw >= fail_p50       -> 1"),
         ("#", f"p50/p99: quantiles of the raw error over the {n_healthy} healthy training windows"),
-        ("#", f"(window end RUL >= {HEALTHY_MIN_RUL} cycles); fail_p50: median raw error of the training windows"),
+        ("#", f"(window end RUL >= {HEALTHY_MIN_RUL} cycles; {n_padded} of them front-padded, ending at cycles "
+              f"{args.pad_aug}..{D.WINDOW - 1})" if n_padded else
+              f"(window end RUL >= {HEALTHY_MIN_RUL} cycles)"),
+        ("#", "fail_p50: median raw error of the full training windows"),
         ("#", f"ending in the last 20 cycles before failure (RUL <= {FAIL_MAX_RUL}); all from the shipped model."),
         ("formula", "log_piecewise_linear"),
         ("p50", cal["p50"]),
@@ -194,12 +238,14 @@ def write_config(path, scaler, cal, args, cv, check, timing, n_healthy, onnx_byt
     ]) + "\n"
     items = [
         ("#", f"{D.N_FOLDS}-fold CV over unit ids (data.folds, seed {D.FOLD_SEED}); AE trained per fold on the"),
-        ("#", "training units' healthy windows, calibrated on them, evaluated on ALL full windows of the held-out units."),
+        ("#", "training units' healthy windows, calibrated on them, evaluated on ALL full windows of the held-out units"),
+        ("#", "(and, for the false alarms by padded rows, on their padded windows ending at cycles 1..29)."),
         ("#", f"AUC: healthy windows (end RUL >= {HEALTHY_MIN_RUL}) vs last 20 cycles before failure (end RUL <= {FAIL_MAX_RUL})."),
         ("date", X.today()),
         ("train_seed", FINAL_SEED),
         ("epochs", args.epochs),
         ("healthy_train_windows", n_healthy),
+        ("healthy_train_windows_padded", n_padded),
         ("onnx_opset", X.OPSET),
         ("onnx_bytes", onnx_bytes),
         ("ort_parity_max_abs_diff", check["max_abs_diff"], "torch vs onnxruntime, batches 1/7/256"),
@@ -220,6 +266,9 @@ def write_config(path, scaler, cal, args, cv, check, timing, n_healthy, onnx_byt
              "held-out healthy windows with score01 >= 0.5"),
             ("cv_heldout_detection_rate", round(cv["heldout_fail_detect_at_p99"], 4),
              "held-out last-20-cycle windows with score01 >= 0.5"),
+            ("#", "held-out healthy windows with score01 >= 0.5, by number of front-padded rows:"),
+        ] + [(f"cv_heldout_false_alarm_rate_pad_{k.replace('-', '_')}", round(v, 4))
+             for k, v in cv["heldout_false_alarm_by_padded_rows"].items()] + [
             ("#", "mean score01 on held-out windows by end-of-window RUL (cycles):"),
         ] + [(f"cv_mean_score_rul_{k.replace('-', '_')}", round(v, 4)) for k, v in cv["mean_score_by_rul"].items()]
         items += [("#", "AUC of held-out healthy windows vs held-out windows ending at these RULs (earlier detection):")]
@@ -235,6 +284,8 @@ def main():
     ap.add_argument("--epochs", type=int, default=100)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--ae-kw", default="{}")
+    ap.add_argument("--pad-aug", type=int, default=1,
+                    help="also train and calibrate on healthy front-padded windows ending at cycles PAD_AUG..29 (0: none)")
     ap.add_argument("--out-json", default=None)
     ap.add_argument("--out", default=os.path.join(D.REPO_ROOT, "models", "anomaly_fd001"))
     ap.add_argument("--cv-json", default=None, help="final: CV metrics json (from cv --out-json) to quote")
