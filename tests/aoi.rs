@@ -492,6 +492,18 @@ async fn templates_survive_a_restart() {
         .await
         .unwrap();
     assert!(list.contains("\"reject_threshold\":0.6,"), "{list}");
+    // The listing shows the damaged board apart, with its reason.
+    let list: Value = serde_json::from_str(&list).unwrap();
+    let not_loaded = list["not_loaded"].as_array().unwrap();
+    assert_eq!(not_loaded.len(), 1, "{list}");
+    assert_eq!(not_loaded[0]["board"], "damaged");
+    assert!(
+        not_loaded[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("corrupt or truncated PNG"),
+        "{list}"
+    );
     let (_, result) = inspect(&server, "kept", png(&defective.test)).await;
     assert_eq!(result["verdict"], "REJECT", "{result}");
     // The damaged board is not served, and says why rather than "no template".

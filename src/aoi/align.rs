@@ -1,7 +1,10 @@
 //! Misregistration: the integer shift of the template that best explains the test image.
 //!
 //! Exhaustive over `[-R, R]²`; the answer is the first minimum in a fixed order (by dx²+dy²,
-//! then dy, then dx). Branch-and-bound: a shift is abandoned as soon as its running XOR count
+//! then dy, then dx). Every shift is scored on the same pixels: the image less a margin of R on
+//! each side, which a template shifted by up to R still covers. Scored on the whole image, the
+//! strip a shift brings in from outside the template would count as background and penalise
+//! every true shift of a board that is mostly copper. Branch-and-bound: a shift is abandoned as soon as its running XOR count
 //! shows it cannot win. Counts only grow, so the answer is exactly the exhaustive one, and on
 //! aligned boards almost every shift is abandoned after a few rows.
 
@@ -11,8 +14,10 @@ use crate::aoi::bitimage::{BitImage, shift_row};
 pub struct Shift {
     pub dx: isize,
     pub dy: isize,
-    /// XOR pixel count at this shift (on the sampling grid).
+    /// XOR pixel count at this shift (on the sampling grid, within the compared window).
     pub xor_count: u64,
+    /// Pixels compared at every shift.
+    pub compared: u64,
 }
 
 /// The seeding pass counts one pixel in `COARSE`² of the exact pass's grid.
@@ -27,9 +32,10 @@ pub fn shift_order(radius: isize) -> Vec<(isize, isize)> {
     shifts
 }
 
-/// The shift (dx, dy) of `template` minimising `#(test XOR template shifted)`, where the shifted
-/// template is background outside its source. `step` > 1 counts only pixels with
-/// `x % step == 0 && y % step == 0`.
+/// The shift (dx, dy) of `template` minimising `#(test XOR template shifted)` over the
+/// compared window ([`window_margins`]); where an image too small for the margins lets a shift
+/// reach past the template, the template is background there. `step` > 1 counts only pixels
+/// with `x % step == 0 && y % step == 0`.
 pub fn estimate_shift(test: &BitImage, template: &BitImage, radius: usize, step: usize) -> Shift {
     // The search is nothing but XOR population counts, which the portable build can only
     // emulate with SSE2: compile it once more for the CPU's own popcount instructions.
@@ -74,14 +80,15 @@ fn estimate_shift_portable(
     let mut visits: Vec<usize> = (0..order.len()).collect();
     visits.sort_by_key(|&index| (order[index].0, index));
     let step = step.max(1);
+    let margins = window_margins(test.width(), test.height(), radius);
     let mut counter = Counter::new(test, template);
-    let grid = Grid::new(test, step);
+    let grid = Grid::new(test, step, margins);
     // A coarse pass on a sparser grid finds a likely winner whose exact count then bounds
     // the exact pass from its first shift on. Only speed depends on it, never the answer.
     let seed = if step < 4 {
         // The coarse pass is seeded in turn with the unshifted count (order index 0): boards
         // are usually close to aligned, so far shifts are abandoned after a few rows.
-        let coarse_grid = Grid::new(test, COARSE * step);
+        let coarse_grid = Grid::new(test, COARSE * step, margins);
         let unshifted = counter.count(&coarse_grid, 0, 0, u64::MAX);
         let coarse = search(
             &mut counter,
@@ -99,7 +106,18 @@ fn estimate_shift_portable(
     } else {
         None
     };
-    search(&mut counter, &grid, &order, &visits, seed)
+    let mut shift = search(&mut counter, &grid, &order, &visits, seed);
+    shift.compared = grid.pixels();
+    shift
+}
+
+/// The margins (x, y) left out of the comparison: the search radius, or less where the image
+/// is too small to keep a row or column inside them.
+pub fn window_margins(width: usize, height: usize, radius: usize) -> (usize, usize) {
+    (
+        radius.min(width.saturating_sub(1) / 2),
+        radius.min(height.saturating_sub(1) / 2),
+    )
 }
 
 /// First minimum in `order`, visiting the shifts at the `visits` indices of `order`. `seed` =
@@ -133,27 +151,41 @@ fn search(
         dx,
         dy,
         xor_count: best_count,
+        compared: 0,
     }
 }
 
-/// The pixels counted: the sampled rows, those richest in edges first (a wrong shift piles up
-/// XOR pixels fastest there, so it is recognised after a small fraction of the rows; the order
-/// of rows cannot change a total), and a mask of the sampled columns.
+/// The pixels counted: the sampled rows inside the window, those richest in edges first (a
+/// wrong shift piles up XOR pixels fastest there, so it is recognised after a small fraction of
+/// the rows; the order of rows cannot change a total), and a mask of the sampled columns inside
+/// the window.
 struct Grid {
     rows: Vec<usize>,
     column_mask: Vec<u64>,
 }
 
 impl Grid {
-    fn new(image: &BitImage, step: usize) -> Grid {
-        let mut rows: Vec<usize> = (0..image.height()).step_by(step).collect();
+    fn new(image: &BitImage, step: usize, (margin_x, margin_y): (usize, usize)) -> Grid {
+        let (width, height) = (image.width(), image.height());
+        let inside = |v: usize, margin: usize, size: usize| v >= margin && v + margin < size;
+        let mut rows: Vec<usize> = (0..height)
+            .step_by(step)
+            .filter(|&y| inside(y, margin_y, height))
+            .collect();
         rows.sort_by_cached_key(|&y| std::cmp::Reverse(edge_count(image, y)));
-        let words = image.words_per_row();
-        let mut column_mask = vec![0u64; words];
-        for x in (0..words * 64).step_by(step) {
+        let mut column_mask = vec![0u64; image.words_per_row()];
+        for x in (0..width)
+            .step_by(step)
+            .filter(|&x| inside(x, margin_x, width))
+        {
             column_mask[x / 64] |= 1 << (x % 64);
         }
         Grid { rows, column_mask }
+    }
+
+    fn pixels(&self) -> u64 {
+        let columns: u64 = self.column_mask.iter().map(|m| m.count_ones() as u64).sum();
+        self.rows.len() as u64 * columns
     }
 }
 
@@ -262,15 +294,24 @@ mod tests {
         image
     }
 
-    fn exhaustive(test: &BitImage, template: &BitImage, radius: isize) -> Shift {
+    /// The definition, pixel by pixel.
+    fn exhaustive(test: &BitImage, template: &BitImage, radius: usize) -> Shift {
+        let (width, height) = (test.width(), test.height());
+        let (mx, my) = window_margins(width, height, radius);
+        let compared = ((width - 2 * mx) * (height - 2 * my)) as u64;
         let mut best: Option<Shift> = None;
-        for (dx, dy) in shift_order(radius) {
-            let count = test.xor(&template.shifted(dx, dy)).count_ones();
+        for (dx, dy) in shift_order(radius as isize) {
+            let xor = test.xor(&template.shifted(dx, dy));
+            let count = (my..height - my)
+                .flat_map(|y| (mx..width - mx).map(move |x| (x, y)))
+                .filter(|&(x, y)| xor.get(x, y))
+                .count() as u64;
             if best.is_none_or(|b| count < b.xor_count) {
                 best = Some(Shift {
                     dx,
                     dy,
                     xor_count: count,
+                    compared,
                 });
             }
         }
@@ -302,7 +343,7 @@ mod tests {
             test.set(x, 21);
         }
         for step in [1usize, 3] {
-            let mut rows = Grid::new(&test, step).rows;
+            let mut rows = Grid::new(&test, step, (0, 0)).rows;
             // Row 21 alternates (70 transitions, 35 differences below); row 20 differs from
             // it in 35 pixels; every other row is blank.
             assert_eq!(&rows[..2], if step == 1 { &[21, 20] } else { &[21, 0] });
@@ -326,6 +367,54 @@ mod tests {
                 assert_eq!(popcnt, portable);
             }
         }
+    }
+
+    #[test]
+    fn a_board_moved_on_a_larger_panel_is_found_despite_what_moves_in() {
+        // Template and test are two views of one larger board, the test moved by (dx, dy):
+        // the strip that comes in is board, not background, and must not pull the answer
+        // towards (0, 0). The board is mostly copper in vertical traces, with a few small
+        // holes, so a vertical shift costs little and a scored strip would outweigh it.
+        let mut rng = fastrand::Rng::with_seed(3);
+        let holes: Vec<(usize, usize)> = (0..8)
+            .map(|_| (rng.usize(0..137), rng.usize(0..117)))
+            .collect();
+        let copper = |x: usize, y: usize| {
+            x % 10 >= 2
+                && !holes
+                    .iter()
+                    .any(|&(hx, hy)| (hx..hx + 3).contains(&x) && (hy..hy + 3).contains(&y))
+        };
+        let view = |x0: usize, y0: usize| {
+            let mut image = BitImage::new(100, 80);
+            for y in 0..80 {
+                for x in 0..100 {
+                    if copper(x0 + x, y0 + y) {
+                        image.set(x, y);
+                    }
+                }
+            }
+            image
+        };
+        let template = view(20, 20);
+        for (dx, dy) in [(0isize, -10isize), (8, 8), (-7, 0), (3, -5)] {
+            let test = view((20 - dx) as usize, (20 - dy) as usize);
+            let found = estimate_shift(&test, &template, 12, 1);
+            assert_eq!((found.dx, found.dy, found.xor_count), (dx, dy, 0));
+            assert_eq!(found, exhaustive(&test, &template, 12));
+            assert_eq!(found.compared, (100 - 24) * (80 - 24));
+        }
+    }
+
+    #[test]
+    fn images_smaller_than_the_margins_keep_a_window() {
+        assert_eq!(window_margins(640, 640, 12), (12, 12));
+        assert_eq!(window_margins(10, 1, 12), (4, 0));
+        let template = random_board(30, 14, 4);
+        let test = template.shifted(1, -1);
+        let found = estimate_shift(&test, &template, 12, 1);
+        assert_eq!(found, exhaustive(&test, &template, 12));
+        assert_eq!(found.compared, (30 - 24) * (14 - 12));
     }
 
     #[test]

@@ -267,14 +267,13 @@ pub struct Alignment {
 }
 
 impl Alignment {
-    fn of(shift: &Shift, width: usize, height: usize, params: &PipelineParams) -> Alignment {
+    fn of(shift: &Shift, params: &PipelineParams) -> Alignment {
         let radius = params.align_radius as isize;
-        let compared = width.div_ceil(params.align_step) * height.div_ceil(params.align_step);
         Alignment {
             dx: shift.dx,
             dy: shift.dy,
             at_search_limit: shift.dx.abs() == radius || shift.dy.abs() == radius,
-            mismatch: (shift.xor_count as f64 / compared.max(1) as f64) as f32,
+            mismatch: (shift.xor_count as f64 / shift.compared.max(1) as f64) as f32,
         }
     }
 }
@@ -383,7 +382,9 @@ impl Inspector {
             min_score,
         );
         timings.detections = ms(t.elapsed());
-        timings.total = timings.values().iter().sum();
+        // Whole microseconds like the stages, not the float noise of adding their decimals.
+        let total: f64 = timings.values().iter().sum();
+        timings.total = (total * 1000.0).round() / 1000.0;
         for (stage, value) in StageTimings::STAGES.iter().zip(timings.values()) {
             self.metrics
                 .stage_duration
@@ -392,7 +393,7 @@ impl Inspector {
         }
         Ok(Inspection {
             defects,
-            alignment: Alignment::of(&board.shift, board.width, board.height, &self.params),
+            alignment: Alignment::of(&board.shift, &self.params),
             candidates: board.candidates.len(),
             timings_ms: timings,
         })

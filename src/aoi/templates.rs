@@ -182,6 +182,15 @@ impl TemplateStore {
             .cloned()
     }
 
+    /// Boards on disk whose template did not load at start, with the reason, by name.
+    pub fn unloaded_list(&self) -> Vec<(String, String)> {
+        let unloaded = self.unloaded.read().expect("templates lock");
+        unloaded
+            .iter()
+            .map(|(b, r)| (b.clone(), r.clone()))
+            .collect()
+    }
+
     /// Boards served, and boards on disk whose template did not load.
     pub fn counts(&self) -> (usize, usize) {
         (

@@ -170,10 +170,15 @@ async fn list_templates(
 ) -> Result<HttpResponse, ApiError> {
     let service = service(&state)?;
     let templates = service.templates.list();
+    let unloaded = service.templates.unloaded_list();
     Ok(HttpResponse::Ok().json(TemplateList {
         templates: templates
             .iter()
             .map(|t| template_view(service, t))
+            .collect(),
+        not_loaded: unloaded
+            .iter()
+            .map(|(board, reason)| NotLoaded { board, reason })
             .collect(),
     }))
 }
@@ -183,6 +188,14 @@ async fn list_templates(
 #[derive(Serialize)]
 struct TemplateList<'a> {
     templates: Vec<TemplateView<'a>>,
+    /// Stored boards whose template did not load at start: not served until replaced.
+    not_loaded: Vec<NotLoaded<'a>>,
+}
+
+#[derive(Serialize)]
+struct NotLoaded<'a> {
+    board: &'a str,
+    reason: &'a str,
 }
 
 /// A template as the API shows it: its record, and the threshold its verdicts use.

@@ -135,22 +135,31 @@ def shift_order(R: int):
                   key=lambda s: (s[0] * s[0] + s[1] * s[1], s[1], s[0]))
 
 
-def xor_count(A: np.ndarray, B: np.ndarray, dx: int, dy: int, step: int = 1) -> int:
-    """#{(y, x) on the sampling grid : A[y, x] != Bs[y, x]} where
+def window_margins(H: int, W: int, R: int):
+    """Margins (mx, my) left out of the comparison: R, or less where the image is too small
+    to keep a row or column inside them."""
+    return min(R, (W - 1) // 2), min(R, (H - 1) // 2)
+
+
+def xor_count(A: np.ndarray, B: np.ndarray, dx: int, dy: int, step: int = 1,
+              R: int = DEFAULT.align_radius) -> int:
+    """#{(y, x) in the compared window, on the sampling grid : A[y, x] != Bs[y, x]} where
     Bs[y, x] = B[y - dy, x - dx] if that pixel is inside B, else False (background).
-    Sampling grid: y % step == 0 and x % step == 0 (step 1 = every pixel)."""
+    Compared window: my <= y < H - my, mx <= x < W - mx (window_margins), the same pixels for
+    every shift, which a template shifted by up to R covers. Sampling grid: y % step == 0 and
+    x % step == 0 (step 1 = every pixel)."""
     H, W = A.shape
-    if step != 1:
-        Bs, _ = shift_template(B, dx, dy)
-        return int(np.count_nonzero(A[::step, ::step] != Bs[::step, ::step]))
-    y0, y1 = max(dy, 0), H + min(dy, 0)
-    x0, x1 = max(dx, 0), W + min(dx, 0)
-    if y0 >= y1 or x0 >= x1:
-        return int(np.count_nonzero(A))
-    inner_a = A[y0:y1, x0:x1]
-    inner = np.count_nonzero(inner_a != B[y0 - dy:y1 - dy, x0 - dx:x1 - dx])
-    # outside the overlap the shifted template is background, so XOR == A there
-    return int(inner + np.count_nonzero(A) - np.count_nonzero(inner_a))
+    mx, my = window_margins(H, W, R)
+    if step == 1 and abs(dx) <= mx and abs(dy) <= my:
+        # the window lies inside the shifted template: compare the two slices directly
+        a = A[my:H - my, mx:W - mx]
+        b = B[my - dy:H - my - dy, mx - dx:W - mx - dx]
+        return int(np.count_nonzero(a != b))
+    Bs, _ = shift_template(B, dx, dy)
+    ys = np.arange(my, H - my)
+    xs = np.arange(mx, W - mx)
+    grid = np.ix_(ys[ys % step == 0], xs[xs % step == 0])
+    return int(np.count_nonzero(A[grid] != Bs[grid]))
 
 
 def estimate_shift(A: np.ndarray, B: np.ndarray, R: int = DEFAULT.align_radius,
@@ -158,7 +167,7 @@ def estimate_shift(A: np.ndarray, B: np.ndarray, R: int = DEFAULT.align_radius,
     """Integer (dx, dy) minimising xor_count; first minimum in shift_order wins."""
     best = None
     for dx, dy in shift_order(R):
-        c = xor_count(A, B, dx, dy, step)
+        c = xor_count(A, B, dx, dy, step, R)
         if best is None or c < best[0]:
             best = (c, dx, dy)
     return best[1], best[2], best[0]

@@ -9,7 +9,8 @@ use serde::ser::{SerializeSeq, Serializer};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::json_tokens::{JsonFloat, relax_non_standard_numbers, to_vec_with_tokens, token_value};
+use super::json_data::{FlatData, JsonScalar};
+use crate::json_tokens::{JsonFloat, relax_non_standard_numbers, to_vec_with_tokens};
 use crate::runtime::model_config::{ModelConfig, TensorSpec};
 use crate::server::error::ApiError;
 use crate::tensor::{DataType, Tensor};
@@ -35,7 +36,7 @@ struct InputJson {
     #[serde(default)]
     parameters: Map<String, Value>,
     #[serde(default)]
-    data: Option<Value>,
+    data: Option<FlatData>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -298,9 +299,12 @@ fn decode_input(
             }
             data
         }
-        (None, Some(value)) => {
-            Bytes::from(json_to_bytes(&value, dtype, byte_len / dtype.size(), name)?)
-        }
+        (None, Some(FlatData(elements))) => Bytes::from(json_to_bytes(
+            &elements,
+            dtype,
+            byte_len / dtype.size(),
+            name,
+        )?),
     };
     Ok(Tensor { dtype, shape, data })
 }
@@ -347,22 +351,12 @@ fn check_shape(
     Ok(given.iter().map(|d| *d as usize).collect())
 }
 
-fn flatten<'a>(value: &'a Value, out: &mut Vec<&'a Value>) {
-    match value {
-        Value::Array(items) => items.iter().for_each(|item| flatten(item, out)),
-        other => out.push(other),
-    }
-}
-
 fn json_to_bytes(
-    value: &Value,
+    elements: &[JsonScalar],
     dtype: DataType,
     count: usize,
     name: &str,
 ) -> Result<Vec<u8>, ApiError> {
-    // Sized by what was sent, not by the declared shape, which the client chose.
-    let mut elements = Vec::new();
-    flatten(value, &mut elements);
     if elements.len() != count {
         return Err(ApiError::Unprocessable(format!(
             "input \"{name}\": {} values given, its shape holds {count}",
@@ -370,14 +364,14 @@ fn json_to_bytes(
         )));
     }
     let mut out = Vec::with_capacity(count * dtype.size());
-    let bad = |v: &Value| {
+    let bad = |v: &JsonScalar| {
         ApiError::Unprocessable(format!(
             "input \"{name}\": {v} is not a valid {dtype} value"
         ))
     };
     macro_rules! integers {
         ($t:ty) => {
-            for v in &elements {
+            for v in elements {
                 let x = v
                     .as_i64()
                     .and_then(|i| <$t>::try_from(i).ok())
@@ -391,8 +385,8 @@ fn json_to_bytes(
     // the type's range.
     macro_rules! narrow_floats {
         ($convert:expr, $range:literal) => {
-            for v in &elements {
-                let wide = float_value(v).ok_or_else(|| bad(v))?;
+            for v in elements {
+                let wide = v.as_float().ok_or_else(|| bad(v))?;
                 let x = ($convert)(wide);
                 if x.is_infinite() && wide.is_finite() {
                     return Err(ApiError::Unprocessable(format!(
@@ -406,7 +400,7 @@ fn json_to_bytes(
     }
     match dtype {
         DataType::Bool => {
-            for v in &elements {
+            for v in elements {
                 out.push(v.as_bool().ok_or_else(|| bad(v))? as u8);
             }
         }
@@ -422,8 +416,8 @@ fn json_to_bytes(
         DataType::Bf16 => narrow_floats!(|x| half::bf16::from_f32(round_to_odd(x)), "±3.39e38"),
         DataType::Fp32 => narrow_floats!(|x| x as f32, "±3.4e38"),
         DataType::Fp64 => {
-            for v in &elements {
-                out.extend_from_slice(&float_value(v).ok_or_else(|| bad(v))?.to_le_bytes());
+            for v in elements {
+                out.extend_from_slice(&v.as_float().ok_or_else(|| bad(v))?.to_le_bytes());
             }
         }
     }
@@ -443,14 +437,6 @@ fn round_to_odd(x: f64) -> f32 {
         bits -= 1; // one step toward zero, in either sign
     }
     f32::from_bits(bits | 1)
-}
-
-/// A JSON number, or NaN / ±Infinity (bare in the body, quoted once read).
-fn float_value(value: &Value) -> Option<f64> {
-    match value.as_str() {
-        Some(text) => token_value(text),
-        None => value.as_f64(),
-    }
 }
 
 /// Serialises a tensor's payload as a flat JSON array without an intermediate `Value`.

@@ -2,6 +2,7 @@
 //! `perf_analyzer` and KServe tooling work unchanged.
 
 pub mod codec;
+mod json_data;
 
 use std::time::{Duration, Instant};
 
