@@ -990,6 +990,27 @@ fn shards_merge_to_exactly_the_one_run_result() {
         stderr.contains("the shards come from different archives"),
         "{stderr}"
     );
+    // A shard computed with other settings is refused, naming what differs.
+    let lenient_part = setup.file("lenient-1-of-2.h5");
+    setup.job_run(
+        &archive,
+        &lenient_part,
+        &["--shard", "1/2", "--missing", "hold"],
+    );
+    let output = run_cli(&[
+        "job",
+        "merge",
+        setup.file("part-0-of-2.h5").to_str().unwrap(),
+        lenient_part.to_str().unwrap(),
+        "--out",
+        setup.file("unlike.h5").to_str().unwrap(),
+    ]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("computed differently") && stderr.contains("missing \"fail\" vs \"hold\""),
+        "{stderr}"
+    );
     // CSV and JSON straight from the command.
     let csv = setup.file("whole.csv");
     setup.job_run(&archive, &csv, &[]);

@@ -506,19 +506,35 @@ impl Archive {
                 )));
             }
         }
-        let names = match features.attr("channels") {
-            Ok(attribute) => read_names(&attribute),
-            Err(_) => match file.attr("channels") {
-                Ok(attribute) => read_names(&attribute),
-                Err(_) => {
-                    return Err(invalid(
-                        "missing attribute: features needs a string attribute \"channels\" \
-                         naming its columns",
-                    ));
-                }
-            },
-        }
-        .map_err(|e| invalid(format!("attribute channels: {e}")))?;
+        let named = |attribute: hdf5::Result<hdf5::Attribute>, on: &str| {
+            attribute
+                .ok()
+                .map(|a| {
+                    read_names(&a).map_err(|e| invalid(format!("attribute channels {on}: {e}")))
+                })
+                .transpose()
+        };
+        let names = match (
+            named(features.attr("channels"), "on features")?,
+            named(file.attr("channels"), "on the file")?,
+        ) {
+            // Two lists that disagree leave the columns' meaning open: refuse to guess.
+            (Some(on_features), Some(on_file)) if on_features != on_file => {
+                return Err(invalid(format!(
+                    "the channels attribute on features ({}) and on the file ({}) differ; keep \
+                     one, or make them equal",
+                    on_features.join(","),
+                    on_file.join(",")
+                )));
+            }
+            (Some(names), _) | (None, Some(names)) => names,
+            (None, None) => {
+                return Err(invalid(
+                    "missing attribute: features needs a string attribute \"channels\" \
+                     naming its columns",
+                ));
+            }
+        };
         if names.len() != feature_shape[1] {
             return Err(invalid(format!(
                 "attribute channels names {} columns but features has {}",
@@ -1122,5 +1138,35 @@ mod tests {
             "{}",
             error.0
         );
+    }
+
+    #[test]
+    fn channel_lists_on_features_and_on_the_file_must_agree() {
+        let dir = tempfile::tempdir().unwrap();
+        for (on_file, expected) in [
+            ("x", Ok(["x"])),
+            ("y", Err("(x) and on the file (y) differ")),
+        ] {
+            let path = dir.path().join(format!("{on_file}.h5"));
+            archive_with_unit(&path, |file| {
+                file.new_dataset::<i64>()
+                    .shape(4)
+                    .create("unit")
+                    .unwrap()
+                    .write_raw(&[1i64, 1, 1, 1])
+                    .unwrap();
+                let names: VarLenUnicode = on_file.parse().unwrap();
+                file.new_attr::<VarLenUnicode>()
+                    .create("channels")
+                    .unwrap()
+                    .write_scalar(&names)
+                    .unwrap();
+            });
+            match (Archive::open(&path, Partition::All), expected) {
+                (Ok(archive), Ok(names)) => assert_eq!(archive.channels(), names),
+                (Err(error), Err(fragment)) => assert!(error.0.contains(fragment), "{}", error.0),
+                (got, _) => panic!("{on_file}: {:?}", got.map(|a| a.channels().to_vec())),
+            }
+        }
     }
 }

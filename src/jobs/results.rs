@@ -60,6 +60,27 @@ pub struct ResultMeta {
     pub shard: Option<ShardInfo>,
 }
 
+/// The fields in which two results' metadata differ, e.g. `missing "fail" vs "hold"`.
+fn differences(a: &ResultMeta, b: &ResultMeta) -> String {
+    let fields = |meta: &ResultMeta| match serde_json::to_value(meta) {
+        Ok(serde_json::Value::Object(fields)) => fields,
+        _ => serde_json::Map::new(),
+    };
+    let (a, b) = (fields(a), fields(b));
+    let mut found: Vec<String> = a
+        .iter()
+        .filter(|(key, value)| b.get(*key) != Some(value))
+        .map(|(key, value)| {
+            let other = b.get(key).unwrap_or(&serde_json::Value::Null);
+            format!("{key} {value} vs {other}")
+        })
+        .collect();
+    if found.is_empty() {
+        found.push("their metadata".into());
+    }
+    found.join(", ")
+}
+
 /// Result columns for a run of rows (or of units).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Columns {
@@ -684,8 +705,9 @@ pub fn merge(parts: &[std::path::PathBuf], out: &Path) -> anyhow::Result<ResultM
         other.shard = None;
         anyhow::ensure!(
             other == meta,
-            "{} was computed differently (model, settings, gap policy or source differ) from the other shards",
-            path.display()
+            "{} was computed differently from the shards before it: {}",
+            path.display(),
+            differences(&meta, &other)
         );
     }
     let readers: Vec<ResultReader> = shards.into_iter().map(|(_, reader, _)| reader).collect();
