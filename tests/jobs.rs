@@ -941,17 +941,21 @@ fn shards_merge_to_exactly_the_one_run_result() {
         assert!(!output.status.success());
         assert!(String::from_utf8_lossy(&output.stderr).contains("exactly once"));
     }
+    // A merge of the first of two shards with `second`, refused: what it printed.
+    let refused_merge = |second: &Path, out: &str| {
+        let output = run_cli(&[
+            "job",
+            "merge",
+            setup.file("part-0-of-2.h5").to_str().unwrap(),
+            second.to_str().unwrap(),
+            "--out",
+            setup.file(out).to_str().unwrap(),
+        ]);
+        assert!(!output.status.success());
+        String::from_utf8_lossy(&output.stderr).to_string()
+    };
     // Shards of different splits are named with their split.
-    let output = run_cli(&[
-        "job",
-        "merge",
-        setup.file("part-0-of-2.h5").to_str().unwrap(),
-        setup.file("part-1-of-3.h5").to_str().unwrap(),
-        "--out",
-        setup.file("mixed.h5").to_str().unwrap(),
-    ]);
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr = refused_merge(&setup.file("part-1-of-3.h5"), "mixed.h5");
     assert!(
         stderr.contains("different splits: 0/2 (")
             && stderr.contains("part-0-of-2.h5), 1/3 (")
@@ -976,16 +980,7 @@ fn shards_merge_to_exactly_the_one_run_result() {
     let other = write_generic(elsewhere.path(), "fleet.h5", &shifted);
     let other_part = setup.file("other-1-of-2.h5");
     setup.job_run(&other, &other_part, &["--shard", "1/2"]);
-    let output = run_cli(&[
-        "job",
-        "merge",
-        setup.file("part-0-of-2.h5").to_str().unwrap(),
-        other_part.to_str().unwrap(),
-        "--out",
-        setup.file("crossed.h5").to_str().unwrap(),
-    ]);
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr = refused_merge(&other_part, "crossed.h5");
     assert!(
         stderr.contains("the shards come from different archives"),
         "{stderr}"
@@ -997,16 +992,7 @@ fn shards_merge_to_exactly_the_one_run_result() {
         &lenient_part,
         &["--shard", "1/2", "--missing", "hold"],
     );
-    let output = run_cli(&[
-        "job",
-        "merge",
-        setup.file("part-0-of-2.h5").to_str().unwrap(),
-        lenient_part.to_str().unwrap(),
-        "--out",
-        setup.file("unlike.h5").to_str().unwrap(),
-    ]);
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr = refused_merge(&lenient_part, "unlike.h5");
     assert!(
         stderr.contains("computed differently") && stderr.contains("missing \"fail\" vs \"hold\""),
         "{stderr}"

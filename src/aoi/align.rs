@@ -4,8 +4,8 @@
 //! then dy, then dx). Every shift is scored on the same pixels: the image less a margin of R on
 //! each side, which a template shifted by up to R still covers. Scored on the whole image, the
 //! strip a shift brings in from outside the template would count as background and penalise
-//! every true shift of a board that is mostly copper. Branch-and-bound: a shift is abandoned as soon as its running XOR count
-//! shows it cannot win. Counts only grow, so the answer is exactly the exhaustive one, and on
+//! every true shift of a board that is mostly copper. Branch-and-bound: a shift is abandoned as
+//! soon as its running XOR count shows it cannot win. Counts only grow, so the answer is exactly the exhaustive one, and on
 //! aligned boards almost every shift is abandoned after a few rows.
 
 use crate::aoi::bitimage::{BitImage, shift_row};
@@ -294,18 +294,19 @@ mod tests {
         image
     }
 
-    /// The definition, pixel by pixel.
-    fn exhaustive(test: &BitImage, template: &BitImage, radius: usize) -> Shift {
+    /// The definition, pixel by pixel: the window's pixels with `x % step == 0 && y % step == 0`.
+    fn exhaustive(test: &BitImage, template: &BitImage, radius: usize, step: usize) -> Shift {
         let (width, height) = (test.width(), test.height());
         let (mx, my) = window_margins(width, height, radius);
-        let compared = ((width - 2 * mx) * (height - 2 * my)) as u64;
+        let pixels: Vec<(usize, usize)> = (my..height - my)
+            .flat_map(|y| (mx..width - mx).map(move |x| (x, y)))
+            .filter(|&(x, y)| x % step == 0 && y % step == 0)
+            .collect();
+        let compared = pixels.len() as u64;
         let mut best: Option<Shift> = None;
         for (dx, dy) in shift_order(radius as isize) {
             let xor = test.xor(&template.shifted(dx, dy));
-            let count = (my..height - my)
-                .flat_map(|y| (mx..width - mx).map(move |x| (x, y)))
-                .filter(|&(x, y)| xor.get(x, y))
-                .count() as u64;
+            let count = pixels.iter().filter(|&&(x, y)| xor.get(x, y)).count() as u64;
             if best.is_none_or(|b| count < b.xor_count) {
                 best = Some(Shift {
                     dx,
@@ -332,7 +333,7 @@ mod tests {
             let test = template.shifted(dx, dy);
             let found = estimate_shift(&test, &template, 5, 1);
             assert_eq!((found.dx, found.dy), (dx, dy));
-            assert_eq!(found, exhaustive(&test, &template, 5));
+            assert_eq!(found, exhaustive(&test, &template, 5, 1));
         }
     }
 
@@ -401,7 +402,7 @@ mod tests {
             let test = view((20 - dx) as usize, (20 - dy) as usize);
             let found = estimate_shift(&test, &template, 12, 1);
             assert_eq!((found.dx, found.dy, found.xor_count), (dx, dy, 0));
-            assert_eq!(found, exhaustive(&test, &template, 12));
+            assert_eq!(found, exhaustive(&test, &template, 12, 1));
             assert_eq!(found.compared, (100 - 24) * (80 - 24));
         }
     }
@@ -413,8 +414,31 @@ mod tests {
         let template = random_board(30, 14, 4);
         let test = template.shifted(1, -1);
         let found = estimate_shift(&test, &template, 12, 1);
-        assert_eq!(found, exhaustive(&test, &template, 12));
+        assert_eq!(found, exhaustive(&test, &template, 12, 1));
         assert_eq!(found.compared, (30 - 24) * (14 - 12));
+    }
+
+    #[test]
+    fn a_sampled_grid_keeps_image_coordinates_inside_the_window() {
+        let template = random_board(90, 60, 9);
+        let mut test = template.shifted(2, -3);
+        test.set(45, 30);
+        test.set(7, 50);
+        for (step, radius) in [(2usize, 5usize), (3, 5), (3, 12)] {
+            let found = estimate_shift(&test, &template, radius, step);
+            assert_eq!(
+                found,
+                exhaustive(&test, &template, radius, step),
+                "step {step}"
+            );
+        }
+        // Tiny: the margins shrink and shifts reach past the template.
+        let small = random_board(20, 16, 2);
+        let moved = small.shifted(-1, 2);
+        for step in [1usize, 2, 3] {
+            let found = estimate_shift(&moved, &small, 12, step);
+            assert_eq!(found, exhaustive(&moved, &small, 12, step), "step {step}");
+        }
     }
 
     #[test]

@@ -452,10 +452,15 @@ pub fn read_cmapss(path: &Path) -> anyhow::Result<BTreeMap<i64, UnitRows>> {
         );
         // A fractional unit id would merge units when truncated, a fractional cycle misorder them.
         for (column, value) in values[..2].iter().enumerate() {
-            anyhow::ensure!(
-                value.fract() == 0.0 && value.abs() < 2f64.powi(53),
-                "{} line {}, column {} ({}): {value} is not a whole number (unit ids and cycles \
-                 are integers)",
+            let problem = if value.fract() != 0.0 {
+                "is not a whole number (unit ids and cycles are integers)"
+            } else if value.abs() >= 2f64.powi(53) {
+                "is beyond the integers a C-MAPSS file can hold exactly (2^53)"
+            } else {
+                continue;
+            };
+            anyhow::bail!(
+                "{} line {}, column {} ({}): {value} {problem}",
                 path.display(),
                 index + 1,
                 column + 1,

@@ -929,6 +929,16 @@ mod tests {
             .unwrap();
     }
 
+    /// The `unit` dataset of a test archive whose 4 rows are one unit.
+    fn one_unit(file: &hdf5::File) {
+        file.new_dataset::<i64>()
+            .shape(4)
+            .create("unit")
+            .unwrap()
+            .write_raw(&[1i64, 1, 1, 1])
+            .unwrap();
+    }
+
     /// A generic archive of 4 rows whose `unit` dataset `make_unit` creates.
     fn archive_with_unit(path: &Path, make_unit: impl FnOnce(&hdf5::File)) {
         let file = hdf5::File::create(path).unwrap();
@@ -1007,14 +1017,7 @@ mod tests {
         }
         // The same archive holding its own ids opens.
         let own = dir.path().join("own.h5");
-        archive_with_unit(&own, |file| {
-            file.new_dataset::<i64>()
-                .shape(4)
-                .create("unit")
-                .unwrap()
-                .write_raw(&[1i64, 1, 1, 1])
-                .unwrap();
-        });
+        archive_with_unit(&own, one_unit);
         assert!(Archive::open(&own, Partition::All).is_ok());
     }
 
@@ -1149,12 +1152,7 @@ mod tests {
         ] {
             let path = dir.path().join(format!("{on_file}.h5"));
             archive_with_unit(&path, |file| {
-                file.new_dataset::<i64>()
-                    .shape(4)
-                    .create("unit")
-                    .unwrap()
-                    .write_raw(&[1i64, 1, 1, 1])
-                    .unwrap();
+                one_unit(file);
                 let names: VarLenUnicode = on_file.parse().unwrap();
                 file.new_attr::<VarLenUnicode>()
                     .create("channels")

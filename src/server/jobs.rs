@@ -96,11 +96,12 @@ fn either<T: PartialEq + Serialize>(
 const MAX_NAME_BYTES: usize = 255;
 
 /// A job's name is stored as the result's source (an HDF5 string attribute, a CSV and JSON
-/// field): printable text of bounded length.
+/// field): text without control characters, of bounded length.
 fn check_name(what: &str, name: &str) -> Result<(), ApiError> {
     if let Some(bad) = name.chars().find(|c| c.is_control()) {
         return Err(ApiError::Unprocessable(format!(
-            "{what} holds the control character {bad:?}; a job name is printable text"
+            "{what} holds the control character {bad:?}; a job name is text without control \
+             characters"
         )));
     }
     if name.is_empty() || name.len() > MAX_NAME_BYTES {
@@ -112,8 +113,9 @@ fn check_name(what: &str, name: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// A client's file name made a valid job name: control characters dropped, cut to length.
-fn printable_name(filename: &str) -> String {
+/// A file name made a valid job name: control characters dropped, cut to length; None when
+/// nothing is left.
+fn printable_name(filename: &str) -> Option<String> {
     let mut name = String::new();
     for c in filename.chars().filter(|c| !c.is_control()) {
         if name.len() + c.len_utf8() > MAX_NAME_BYTES {
@@ -121,7 +123,7 @@ fn printable_name(filename: &str) -> String {
         }
         name.push(c);
     }
-    name
+    (!name.is_empty()).then_some(name)
 }
 
 /// The model a submission names, or the only one.
@@ -365,8 +367,7 @@ async fn submit_job(
     let name = options
         .name
         .clone()
-        .or(filename.as_deref().map(printable_name))
-        .filter(|name| !name.is_empty())
+        .or(filename.as_deref().and_then(printable_name))
         .unwrap_or_else(|| "upload.h5".into());
     let input = JobInput {
         kind: InputKind::Upload,
@@ -427,8 +428,7 @@ async fn save_multipart(
 
 fn file_name(path: &Path) -> String {
     path.file_name()
-        .map(|n| printable_name(&n.to_string_lossy()))
-        .filter(|name| !name.is_empty())
+        .and_then(|n| printable_name(&n.to_string_lossy()))
         .unwrap_or_else(|| "archive.h5".into())
 }
 

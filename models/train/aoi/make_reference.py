@@ -62,7 +62,7 @@ def main():
             "otsu_test": pr.t_test, "otsu_template": pr.t_temp,
             "foreground_test": int(pr.A.sum()), "foreground_template": int((temp > pr.t_temp).sum()),
             "shift_dx": pr.dx, "shift_dy": pr.dy, "xor_count_at_shift": pr.xor_min,
-            "xor_count_at_zero": P.xor_count(pr.A, P.binarize(temp, pr.t_temp), 0, 0),
+            "xor_count_at_zero": P.xor_count(pr.A, P.binarize(temp, pr.t_temp), 0, 0, 1, p.align_radius),
             "xor_pixels": int(pr.D.sum()), "opened_pixels": int(O.sum()),
             "xor_sha256": packed_sha256(pr.D), "opened_sha256": packed_sha256(O),
             "num_candidates": int(len(pr.cands)),

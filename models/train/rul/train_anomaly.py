@@ -284,7 +284,7 @@ def main():
     ap.add_argument("--epochs", type=int, default=100)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--ae-kw", default="{}")
-    ap.add_argument("--pad-aug", type=int, default=1,
+    ap.add_argument("--pad-aug", type=int, default=1, choices=range(0, D.WINDOW), metavar="0..29",
                     help="also train and calibrate on healthy front-padded windows ending at cycles PAD_AUG..29 (0: none)")
     ap.add_argument("--out-json", default=None)
     ap.add_argument("--out", default=os.path.join(D.REPO_ROOT, "models", "anomaly_fd001"))
