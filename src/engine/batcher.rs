@@ -690,6 +690,7 @@ impl Worker {
                 let mut succeeded = Vec::with_capacity(batch.len());
                 let mut queued = Duration::ZERO;
                 let mut offset = 0;
+                let mut answers = Vec::with_capacity(batch.len());
                 for request in batch {
                     let own = split_rows(&outputs, offset, request.rows, rows, &self.config);
                     offset += request.rows;
@@ -697,19 +698,25 @@ impl Worker {
                         succeeded.push(request.enqueued.elapsed());
                         queued += started - request.enqueued;
                     }
-                    let _ = request.reply.send(own.map(|outputs| InferResponse {
+                    let answer = own.map(|outputs| InferResponse {
                         outputs,
                         queue_time: started - request.enqueued,
                         compute_time,
                         batch_rows: rows,
-                    }));
+                    });
+                    answers.push((request.reply, answer));
                 }
                 let times = BatchTimes {
                     input: inputs_ready - started,
                     infer: ran - inputs_ready,
                     output: ran.elapsed(),
                 };
+                // Counted before anyone is answered, so a caller that reads the statistics
+                // right after its answer finds its request in them.
                 self.stats.batch(&succeeded, rows, queued, times);
+                for (reply, answer) in answers {
+                    let _ = reply.send(answer);
+                }
             }
             Err(error) => {
                 tracing::error!(model = %self.labels[0], %error, "batch failed");
