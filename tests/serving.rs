@@ -1095,3 +1095,50 @@ async fn fp16_and_bf16_tensors_in_json_and_binary() {
         "{message}"
     );
 }
+
+/// A KServe v2 server without Triton's `/config` extension (like the FastAPI reference): model
+/// metadata and an infer route that answers every request.
+async fn server_without_config() -> (String, actix_web::dev::ServerHandle) {
+    use actix_web::{App, HttpResponse, HttpServer, web};
+    let server = HttpServer::new(|| {
+        App::new()
+            .route(
+                "/v2/models/plain",
+                web::get().to(|| async {
+                    HttpResponse::Ok().json(json!({"name": "plain", "inputs": [
+                        {"name": "x", "datatype": "FP32", "shape": [-1, 3]}]}))
+                }),
+            )
+            .route(
+                "/v2/models/plain/infer",
+                web::post().to(|| async { HttpResponse::Ok().json(json!({"outputs": []})) }),
+            )
+    })
+    .workers(1)
+    .bind(("127.0.0.1", 0))
+    .unwrap();
+    let url = format!("http://{}", server.addrs()[0]);
+    let running = server.run();
+    let handle = running.handle();
+    tokio::spawn(running);
+    (url, handle)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_load_generator_runs_against_a_server_without_the_config_extension() {
+    let (url, handle) = server_without_config().await;
+    let output = tokio::task::spawn_blocking(move || {
+        let mut args = vec!["bench", "infer", "--url", url.as_str(), "--model", "plain"];
+        args.extend_from_slice(&["--batch", "2", "--concurrency", "1"]);
+        args.extend_from_slice(&["--duration", "0.3", "--warmup", "0"]);
+        common::run_cli(&args)
+    })
+    .await
+    .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    handle.stop(false).await;
+}

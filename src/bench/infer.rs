@@ -19,10 +19,11 @@ struct Metadata {
     inputs: Vec<TensorMetadata>,
 }
 
-/// What the load generator needs of `GET .../config`.
-#[derive(Deserialize)]
+/// What the load generator needs of `GET .../config` (Triton's extension; a server without it,
+/// like the FastAPI reference, leaves the batch unchecked).
+#[derive(Deserialize, Default)]
 struct ConfigLimits {
-    max_batch_size: usize,
+    max_batch_size: Option<usize>,
 }
 
 #[derive(Deserialize)]
@@ -67,21 +68,24 @@ impl InferWorkload {
         );
         let metadata: Metadata = response.json().await.context("model metadata")?;
         // Refused here rather than by every request of the run.
-        let config: ConfigLimits = client
+        let response = client
             .get(format!("{path}/config"))
             .send()
             .await
-            .with_context(|| format!("cannot reach {path}/config"))?
-            .json()
-            .await
-            .context("model configuration")?;
+            .with_context(|| format!("cannot reach {path}/config"))?;
+        let config: ConfigLimits = if response.status().is_success() {
+            response.json().await.context("model configuration")?
+        } else {
+            ConfigLimits::default()
+        };
         match config.max_batch_size {
-            0 => anyhow::ensure!(
+            None => {}
+            Some(0) => anyhow::ensure!(
                 batch == 1,
                 "model {model} does not batch (max_batch_size = 0: a request is one whole \
                  input), so --batch must be 1, not {batch}"
             ),
-            limit => anyhow::ensure!(
+            Some(limit) => anyhow::ensure!(
                 batch <= limit,
                 "model {model} takes at most {limit} rows per request (max_batch_size), not \
                  --batch {batch}"
