@@ -47,6 +47,17 @@ async fn get(url: String) -> reqwest::Response {
     reqwest::get(url).await.expect("GET")
 }
 
+/// `DELETE /v1/jobs/{job}` (`job` may carry a query), answered 200: its JSON.
+async fn delete_job(server_url: &str, job: &str) -> Value {
+    let response = reqwest::Client::new()
+        .delete(format!("{server_url}/v1/jobs/{job}"))
+        .send()
+        .await
+        .expect("DELETE");
+    assert_eq!(response.status(), 200, "DELETE {job}");
+    response.json().await.unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn job_lifecycle_with_results_in_every_format() {
     let setup = setup();
@@ -191,23 +202,9 @@ async fn job_lifecycle_with_results_in_every_format() {
         .await
         .unwrap();
     assert_eq!(list["jobs"][0]["id"], id.as_str());
-    let client = reqwest::Client::new();
-    let kept: Value = client
-        .delete(format!("{}/v1/jobs/{id}", server.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let kept = delete_job(&server.url, &id).await;
     assert_eq!(kept["state"], "done");
-    let purged = client
-        .delete(format!("{}/v1/jobs/{id}?purge=true", server.url))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(purged.status(), 200);
-    let purged: Value = purged.json().await.unwrap();
+    let purged = delete_job(&server.url, &format!("{id}?purge=true")).await;
     assert_eq!(
         (&purged["purged"], &purged["result"]),
         (&Value::Bool(true), &Value::Null),
@@ -421,29 +418,11 @@ async fn progress_and_cancellation() {
     let queued = submit_file(&server.url, &archive).await;
 
     // The queued job is cancelled at once.
-    let client = reqwest::Client::new();
-    let cancelled: Value = client
-        .delete(format!("{}/v1/jobs/{queued}", server.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let cancelled = delete_job(&server.url, &queued).await;
     assert_eq!(cancelled["state"], "cancelled");
     // A queued job purged in the same call is stopped at once, so it goes with its files.
     let purged_at_once = submit_file(&server.url, &archive).await;
-    let response: Value = client
-        .delete(format!(
-            "{}/v1/jobs/{purged_at_once}?purge=true",
-            server.url
-        ))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let response = delete_job(&server.url, &format!("{purged_at_once}?purge=true")).await;
     assert_eq!(
         (&response["state"], &response["purged"]),
         (&json!("cancelled"), &json!(true)),
@@ -472,14 +451,7 @@ async fn progress_and_cancellation() {
     assert_eq!(not_ready.status(), 503);
     assert!(not_ready.headers().contains_key("retry-after"));
     // A purge of a job still running cancels it and says it purged nothing yet.
-    let response: Value = client
-        .delete(format!("{}/v1/jobs/{running}?purge=true", server.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let response = delete_job(&server.url, &format!("{running}?purge=true")).await;
     assert_eq!(response["purged"], false, "{response}");
     // The answer says the stop is on its way, not only that the job still runs.
     assert_eq!(response["cancel_requested"], true, "{response}");
@@ -575,12 +547,7 @@ async fn jobs_survive_restarts() {
     let server = setup.server(&slow);
     let id = submit_file(&server.url, &archive).await;
     wait_job(&server.url, &id, |s| s["state"] == "running").await;
-    let cancel = reqwest::Client::new()
-        .delete(format!("{}/v1/jobs/{id}", server.url))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(cancel.status(), 200);
+    delete_job(&server.url, &id).await;
     drop(server); // SIGKILL
     let server = setup.server(&[]);
     let status = wait_job(&server.url, &id, is_final).await;
@@ -680,12 +647,7 @@ async fn damaged_job_files_are_recovered_at_start() {
         "{error}"
     );
     assert!(jobs.join(&unreadable).join("state.json.damaged").exists());
-    let purged = reqwest::Client::new()
-        .delete(format!("{}/v1/jobs/{unreadable}?purge=true", server.url))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(purged.status(), 200);
+    delete_job(&server.url, &format!("{unreadable}?purge=true")).await;
     assert!(!jobs.join(&unreadable).exists());
 }
 
