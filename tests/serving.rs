@@ -992,6 +992,41 @@ async fn a_variable_dimension_is_sized_by_the_values_sent_not_the_declared_shape
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn json_data_far_beyond_the_model_is_refused_while_it_is_read() {
+    // At most 8 rows of 3 values: 24 in a legal request.
+    let repository = echo_repository("fixed", &[("x", onnx::FLOAT, "FP32")], 3);
+    let server = Server::start(repository.path(), &[]);
+    let url = format!("{}/v2/models/fixed/infer", server.url);
+    let request = |rows: usize| {
+        let data: Vec<f32> = (0..rows * 3).map(|i| i as f32).collect();
+        json!({"inputs": [{"name": "x", "datatype": "FP32", "shape": [rows, 3], "data": data}]})
+    };
+    // Just over the limit: the shape check says which limit.
+    let response = post_json(&url, &request(9)).await;
+    assert_eq!(response.status(), 422);
+    let body: Value = response.json().await.unwrap();
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("exceeds max_batch_size 8"),
+        "{body}"
+    );
+    // Far over it: refused as too large before the rest of the data is held.
+    let response = post_json(&url, &request(1000)).await;
+    assert_eq!(response.status(), 413);
+    let body: Value = response.json().await.unwrap();
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("holds more than 48 values, twice what model fixed takes"),
+        "{body}"
+    );
+    assert_eq!(post_json(&url, &request(8)).await.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn fp16_and_bf16_tensors_in_json_and_binary() {
     let repository = half_precision_repository();
     let server = Server::start(repository.path(), &[]);

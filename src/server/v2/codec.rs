@@ -9,7 +9,7 @@ use serde::ser::{SerializeSeq, Serializer};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use super::json_data::{FlatData, JsonScalar};
+use super::json_data::{FlatData, JsonScalar, with_budget};
 use crate::json_tokens::{JsonFloat, relax_non_standard_numbers, to_vec_with_tokens};
 use crate::runtime::model_config::{ModelConfig, TensorSpec};
 use crate::server::error::ApiError;
@@ -74,15 +74,27 @@ pub fn decode(
     };
     // Bare NaN and ±Infinity (tritonclient and Python's json write them) are quoted and parsed
     // again; an error found then is reported from the rewritten body.
-    let request: InferRequestJson = serde_json::from_slice(&json)
-        .or_else(|error| match relax_non_standard_numbers(&json) {
-            Some(relaxed) if error.is_syntax() => serde_json::from_slice(&relaxed),
-            _ => Err(error),
-        })
-        .map_err(|e| {
-            let e = crate::json_error::describe(&e);
-            ApiError::BadRequest(format!("malformed inference request JSON: {e}"))
-        })?;
+    let budget = value_budget(config);
+    let parse = |body: &[u8]| with_budget(budget, || serde_json::from_slice(body));
+    let (parsed, exceeded) = match parse(&json) {
+        (Err(error), false) if error.is_syntax() => match relax_non_standard_numbers(&json) {
+            Some(relaxed) => parse(&relaxed),
+            None => (Err(error), false),
+        },
+        first => first,
+    };
+    if exceeded {
+        return Err(ApiError::PayloadTooLarge(format!(
+            "the request's \"data\" holds more than {} values, twice what model {} takes in \
+             one request; send fewer rows per request",
+            budget.unwrap_or_default(),
+            config.name
+        )));
+    }
+    let request: InferRequestJson = parsed.map_err(|e| {
+        let e = crate::json_error::describe(&e);
+        ApiError::BadRequest(format!("malformed inference request JSON: {e}"))
+    })?;
 
     let mut slots: Vec<Option<Tensor>> = vec![None; config.inputs.len()];
     for input in request.inputs {
@@ -307,6 +319,27 @@ fn decode_input(
         )?),
     };
     Ok(Tensor { dtype, shape, data })
+}
+
+/// Twice the values a legal request to the model holds (each input once, at the largest
+/// batch), or None when an input has a variable dimension. The slack leaves a request just
+/// over the limits to the shape checks, whose messages say which limit.
+fn value_budget(config: &ModelConfig) -> Option<usize> {
+    let rows = if config.batching() {
+        config.max_batch_size
+    } else {
+        1
+    };
+    config
+        .inputs
+        .iter()
+        .try_fold(0usize, |sum, spec| {
+            let row = spec.shape.iter().try_fold(1usize, |product, d| {
+                product.checked_mul(usize::try_from(*d).ok()?)
+            })?;
+            sum.checked_add(row.checked_mul(rows)?)
+        })?
+        .checked_mul(2)
 }
 
 fn check_shape(

@@ -1,8 +1,11 @@
 //! The `data` of a JSON input, read flat: nested arrays are walked as they are parsed and each
 //! element kept as a 24-byte scalar. A `serde_json::Value` tree costs 32 bytes an element, plus
 //! the list of references that flattened it, and multiplied a large body about twenty-fold in
-//! memory before its element count could be checked against the shape.
+//! memory before its element count could be checked against the shape. A parse can also be
+//! given a budget of elements ([`with_budget`]), so a body holding far more values than its
+//! model takes stops being read at the budget instead of being held whole.
 
+use std::cell::Cell;
 use std::fmt;
 
 use serde::de::{Deserialize, Deserializer, Error, SeqAccess, Visitor};
@@ -74,6 +77,23 @@ impl fmt::Display for JsonScalar {
     }
 }
 
+thread_local! {
+    /// Elements the parse running on this thread may still read, and whether it ran out.
+    static BUDGET: Cell<Option<usize>> = const { Cell::new(None) };
+    static EXCEEDED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `parse` (a synchronous deserialisation on this thread) reading at most `limit` data
+/// elements in all (None: no limit); the flag says whether a `data` array went past it, which
+/// failed the parse.
+pub fn with_budget<T>(limit: Option<usize>, parse: impl FnOnce() -> T) -> (T, bool) {
+    BUDGET.set(limit);
+    EXCEEDED.set(false);
+    let parsed = parse();
+    BUDGET.set(None);
+    (parsed, EXCEEDED.replace(false))
+}
+
 /// Every scalar of a `data` value, depth first (a lone scalar is one element).
 #[derive(Debug, Default)]
 pub struct FlatData(pub Vec<JsonScalar>);
@@ -89,6 +109,20 @@ impl<'de> Deserialize<'de> for FlatData {
 /// Appends what it visits to the vector; arrays recurse (serde_json bounds the depth).
 struct Flatten<'a>(&'a mut Vec<JsonScalar>);
 
+impl Flatten<'_> {
+    fn push<E: Error>(self, element: JsonScalar) -> Result<(), E> {
+        if let Some(left) = BUDGET.get() {
+            if left == 0 {
+                EXCEEDED.set(true);
+                return Err(E::custom("more tensor values than the model takes"));
+            }
+            BUDGET.set(Some(left - 1));
+        }
+        self.0.push(element);
+        Ok(())
+    }
+}
+
 impl<'de> Visitor<'de> for Flatten<'_> {
     type Value = ();
 
@@ -97,33 +131,27 @@ impl<'de> Visitor<'de> for Flatten<'_> {
     }
 
     fn visit_bool<E: Error>(self, v: bool) -> Result<(), E> {
-        self.0.push(JsonScalar::Bool(v));
-        Ok(())
+        self.push(JsonScalar::Bool(v))
     }
 
     fn visit_i64<E: Error>(self, v: i64) -> Result<(), E> {
-        self.0.push(JsonScalar::Int(v));
-        Ok(())
+        self.push(JsonScalar::Int(v))
     }
 
     fn visit_u64<E: Error>(self, v: u64) -> Result<(), E> {
-        self.0.push(JsonScalar::Uint(v));
-        Ok(())
+        self.push(JsonScalar::Uint(v))
     }
 
     fn visit_f64<E: Error>(self, v: f64) -> Result<(), E> {
-        self.0.push(JsonScalar::Float(v));
-        Ok(())
+        self.push(JsonScalar::Float(v))
     }
 
     fn visit_str<E: Error>(self, v: &str) -> Result<(), E> {
-        self.0.push(JsonScalar::Text(v.into()));
-        Ok(())
+        self.push(JsonScalar::Text(v.into()))
     }
 
     fn visit_unit<E: Error>(self) -> Result<(), E> {
-        self.0.push(JsonScalar::Null);
-        Ok(())
+        self.push(JsonScalar::Null)
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
@@ -193,6 +221,17 @@ mod tests {
     fn objects_are_not_tensor_data() {
         let error = read(r#"[1, {"a": 2}]"#).unwrap_err().to_string();
         assert!(error.contains("NaN/Infinity tokens"), "{error}");
+    }
+
+    #[test]
+    fn a_budget_stops_the_parse_and_is_not_left_behind() {
+        let (parsed, exceeded) = with_budget(Some(3), || read("[[1, 2], [3, 4]]"));
+        assert!(parsed.is_err() && exceeded);
+        let (parsed, exceeded) = with_budget(Some(4), || read("[[1, 2], [3, 4]]"));
+        assert_eq!(parsed.unwrap().len(), 4);
+        assert!(!exceeded);
+        // Outside a budgeted parse nothing is counted.
+        assert_eq!(read("[1, 2, 3, 4, 5]").unwrap().len(), 5);
     }
 
     #[test]
