@@ -122,7 +122,7 @@ impl Metrics {
             ),
             batch_close: counter(
                 "linescan_batch_close_total",
-                "Formed batches by what closed them: full, shape, placement, delay, gap, idle, unbatched",
+                "Formed batches by what closed them: full, shape, placement, priority, delay, gap, idle, unbatched",
                 &["model", "version", "reason"],
             ),
             request_success: counter(
