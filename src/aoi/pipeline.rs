@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::aoi::align::{Shift, estimate_shift};
-use crate::aoi::binarize::{histogram, otsu_from_histogram, otsu_threshold};
+use crate::aoi::binarize::{otsu_from_histogram, otsu_threshold};
 use crate::aoi::bitimage::BitImage;
 use crate::aoi::candidates::candidates_in_masks;
 use crate::aoi::components::Component;
@@ -37,52 +37,12 @@ pub enum AoiError {
         template_width: usize,
         template_height: usize,
     },
-    #[error(
-        "the template shows no board: 99 % of its pixels lie within grey levels {low}..{high} \
-         (a template needs at least {MIN_TEMPLATE_CONTRAST} levels between copper and \
-         substrate); check the camera's lens cap, focus and lighting"
-    )]
-    BlankTemplate { low: u8, high: u8 },
     #[error(transparent)]
     Infer(#[from] InferError),
     #[error(transparent)]
     Preprocess(#[from] PreprocessError),
     #[error("{0}")]
     Setup(String),
-}
-
-/// Grey levels a template must span between its 0.5th and 99.5th percentile pixels: a lens
-/// cap, an unlit or a saturated frame spans a few levels of noise, a board's copper and
-/// substrate tens.
-pub const MIN_TEMPLATE_CONTRAST: u8 = 24;
-
-/// The grey levels of the 0.5th and 99.5th percentile pixels.
-fn contrast_span(gray: &GrayImage) -> (u8, u8) {
-    let counts = histogram(&gray.pixels);
-    let tail = (gray.pixels.len() as u64).div_ceil(200);
-    let level_at = |levels: Vec<usize>| {
-        let mut seen = 0u64;
-        levels
-            .into_iter()
-            .find(|&v| {
-                seen += u64::from(counts[v]);
-                seen >= tail
-            })
-            .unwrap_or(0) as u8
-    };
-    (
-        level_at((0..256).collect()),
-        level_at((0..256).rev().collect()),
-    )
-}
-
-/// Refuses a template whose pixels hardly vary: it cannot show a board.
-pub fn check_template_contrast(gray: &GrayImage) -> Result<(), AoiError> {
-    let (low, high) = contrast_span(gray);
-    if high.saturating_sub(low) < MIN_TEMPLATE_CONTRAST {
-        return Err(AoiError::BlankTemplate { low, high });
-    }
-    Ok(())
 }
 
 /// A template binarised once at registration, reused for every test image of its board.

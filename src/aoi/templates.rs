@@ -9,7 +9,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use crate::aoi::pipeline::{AoiError, Inspector, PreparedTemplate, check_template_contrast};
+use crate::aoi::pipeline::{AoiError, Inspector, PreparedTemplate};
 use crate::durable;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -221,7 +221,6 @@ impl TemplateStore {
         inspector: &Inspector,
     ) -> Result<(bool, TemplateInfo), AoiError> {
         let gray = inspector.decode(bytes)?;
-        check_template_contrast(&gray)?;
         let template = inspector.prepare_template(&gray);
         let info = TemplateInfo {
             board: board.to_string(),

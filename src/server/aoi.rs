@@ -61,8 +61,7 @@ impl From<AoiError> for ApiError {
                 ApiError::PayloadTooLarge(error.to_string())
             }
             AoiError::Image(ImageError::Corrupt { .. } | ImageError::Empty)
-            | AoiError::SizeMismatch { .. }
-            | AoiError::BlankTemplate { .. } => ApiError::Unprocessable(error.to_string()),
+            | AoiError::SizeMismatch { .. } => ApiError::Unprocessable(error.to_string()),
             AoiError::Infer(infer) => infer.into(),
             AoiError::Setup(message) => ApiError::Internal(message),
             AoiError::Preprocess(preprocess) => ApiError::Internal(preprocess.to_string()),
