@@ -398,8 +398,19 @@ pub fn cmapss_columns() -> Vec<String> {
     columns
 }
 
-/// The first bytes of every HDF5 file.
+/// The first bytes of an HDF5 superblock.
 const HDF5_SIGNATURE: &[u8] = b"\x89HDF\r\n\x1a\n";
+
+/// Whether `bytes` are an HDF5 file: its superblock starts at 0, or at 512, 1024, 2048, … after
+/// a user block.
+fn is_hdf5(bytes: &[u8]) -> bool {
+    std::iter::once(0)
+        .chain(std::iter::successors(Some(512usize), |at| {
+            at.checked_mul(2)
+        }))
+        .take_while(|&at| at < bytes.len())
+        .any(|at| bytes[at..].starts_with(HDF5_SIGNATURE))
+}
 
 /// A unit's rows of a C-MAPSS file: (cycle, all 26 values).
 type UnitRows = Vec<(f64, Vec<f64>)>;
@@ -408,7 +419,7 @@ type UnitRows = Vec<(f64, Vec<f64>)>;
 pub fn read_cmapss(path: &Path) -> anyhow::Result<BTreeMap<i64, UnitRows>> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
     anyhow::ensure!(
-        !bytes.starts_with(HDF5_SIGNATURE),
+        !is_hdf5(&bytes),
         "{} is an HDF5 archive, not C-MAPSS text: score it with `linescan job run`",
         path.display()
     );
@@ -579,4 +590,25 @@ fn cmapss(args: &CmapssArgs) -> anyhow::Result<()> {
     );
     registry.shutdown();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hdf5_is_recognised_after_a_user_block_too() {
+        let at = |offset: usize| {
+            let mut bytes = vec![b' '; offset];
+            bytes.extend_from_slice(HDF5_SIGNATURE);
+            bytes.extend_from_slice(&[0; 64]);
+            bytes
+        };
+        assert!(is_hdf5(&at(0)) && is_hdf5(&at(512)) && is_hdf5(&at(4096)));
+        assert!(
+            !is_hdf5(&at(100)),
+            "the superblock is only at 0 or 512 * 2^k"
+        );
+        assert!(!is_hdf5(b"1 1 -0.0007 -0.0004 100.0 518.67\n"));
+    }
 }
