@@ -182,15 +182,6 @@ impl TemplateStore {
             .cloned()
     }
 
-    /// Boards on disk whose template did not load at start, with the reason, by name.
-    pub fn unloaded_list(&self) -> Vec<(String, String)> {
-        let unloaded = self.unloaded.read().expect("templates lock");
-        unloaded
-            .iter()
-            .map(|(b, r)| (b.clone(), r.clone()))
-            .collect()
-    }
-
     /// Boards served, and boards on disk whose template did not load.
     pub fn counts(&self) -> (usize, usize) {
         (
@@ -199,13 +190,20 @@ impl TemplateStore {
         )
     }
 
-    pub fn list(&self) -> Vec<TemplateInfo> {
-        self.boards
-            .read()
-            .expect("templates lock")
-            .values()
-            .map(|b| b.info.clone())
-            .collect()
+    /// The boards served, and those on disk whose template did not load at start (with the
+    /// reason), by name. Both maps are read at one instant (writers hold one lock at a time, so
+    /// this cannot deadlock): a PUT that moves a board from the second to the first never shows
+    /// it in neither.
+    pub fn list(&self) -> (Vec<TemplateInfo>, Vec<(String, String)>) {
+        let boards = self.boards.read().expect("templates lock");
+        let unloaded = self.unloaded.read().expect("templates lock");
+        (
+            boards.values().map(|b| b.info.clone()).collect(),
+            unloaded
+                .iter()
+                .map(|(b, r)| (b.clone(), r.clone()))
+                .collect(),
+        )
     }
 
     pub fn image_path(&self, board: &str) -> PathBuf {

@@ -169,8 +169,7 @@ async fn list_templates(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let service = service(&state)?;
-    let templates = service.templates.list();
-    let unloaded = service.templates.unloaded_list();
+    let (templates, unloaded) = service.templates.list();
     Ok(HttpResponse::Ok().json(TemplateList {
         templates: templates
             .iter()
