@@ -1194,7 +1194,8 @@ async fn an_upload_above_the_limit_is_refused_with_both_sizes() {
     let error = body["error"].as_str().unwrap();
     assert!(
         error.contains(&format!(
-            "archive of {size} bytes above the limit of 1000 bytes"
+            "request body of {size} bytes (the archive, or the form that holds it) above the \
+             limit of 1000 bytes"
         )),
         "{error}"
     );

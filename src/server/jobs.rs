@@ -144,8 +144,11 @@ fn job_model(fleet: &Fleet, name: Option<&str>) -> Result<String, ApiError> {
 }
 
 /// The 413 of an archive upload; `size` when the request declared it.
-fn too_large(size: Option<u64>, limit: u64) -> ApiError {
-    let archive = size.map_or("archive".into(), |size| format!("archive of {size} bytes"));
+/// `declared`: the request's Content-Length, which for a form includes its framing.
+fn too_large(declared: Option<u64>, limit: u64) -> ApiError {
+    let archive = declared.map_or("archive".into(), |size| {
+        format!("request body of {size} bytes (the archive, or the form that holds it)")
+    });
     ApiError::PayloadTooLarge(format!(
         "{archive} above the limit of {limit} bytes (--job-max-upload-bytes / \
          LINESCAN_JOB_MAX_UPLOAD_BYTES); large archives can be submitted by path with \
