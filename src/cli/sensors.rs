@@ -14,7 +14,7 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::config::{ModelArgs, at_least_one};
 use crate::engine::{ModelRegistry, Priority};
-use crate::jobs::archive::Partition;
+use crate::jobs::archive::{Partition, has_signature};
 use crate::jobs::gaps::MissingPolicy;
 use crate::jobs::results::{self, Format, View};
 use crate::jobs::runner::{self, Control, Monitor, RunOptions, Shard};
@@ -398,31 +398,17 @@ pub fn cmapss_columns() -> Vec<String> {
     columns
 }
 
-/// The first bytes of an HDF5 superblock.
-const HDF5_SIGNATURE: &[u8] = b"\x89HDF\r\n\x1a\n";
-
-/// Whether `bytes` are an HDF5 file: its superblock starts at 0, or at 512, 1024, 2048, … after
-/// a user block.
-fn is_hdf5(bytes: &[u8]) -> bool {
-    std::iter::once(0)
-        .chain(std::iter::successors(Some(512usize), |at| {
-            at.checked_mul(2)
-        }))
-        .take_while(|&at| at < bytes.len())
-        .any(|at| bytes[at..].starts_with(HDF5_SIGNATURE))
-}
-
 /// A unit's rows of a C-MAPSS file: (cycle, all 26 values).
 type UnitRows = Vec<(f64, Vec<f64>)>;
 
 /// Reads a C-MAPSS text file into rows per unit (whitespace separated, 26 columns).
 pub fn read_cmapss(path: &Path) -> anyhow::Result<BTreeMap<i64, UnitRows>> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
     anyhow::ensure!(
-        !is_hdf5(&bytes),
+        !has_signature(path).unwrap_or(false),
         "{} is an HDF5 archive, not C-MAPSS text: score it with `linescan job run`",
         path.display()
     );
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
     let text = String::from_utf8(bytes).map_err(|e| {
         anyhow::anyhow!(
             "{} is not C-MAPSS text (whitespace-separated numbers): byte {} is not UTF-8",
@@ -590,25 +576,4 @@ fn cmapss(args: &CmapssArgs) -> anyhow::Result<()> {
     );
     registry.shutdown();
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn hdf5_is_recognised_after_a_user_block_too() {
-        let at = |offset: usize| {
-            let mut bytes = vec![b' '; offset];
-            bytes.extend_from_slice(HDF5_SIGNATURE);
-            bytes.extend_from_slice(&[0; 64]);
-            bytes
-        };
-        assert!(is_hdf5(&at(0)) && is_hdf5(&at(512)) && is_hdf5(&at(4096)));
-        assert!(
-            !is_hdf5(&at(100)),
-            "the superblock is only at 0 or 512 * 2^k"
-        );
-        assert!(!is_hdf5(b"1 1 -0.0007 -0.0004 100.0 518.67\n"));
-    }
 }

@@ -226,7 +226,7 @@ fn hdf5_error(context: &str) -> impl Fn(hdf5::Error) -> ArchiveError + '_ {
 
 /// Whether the file carries the HDF5 signature (at 0 or a power of two from 512, for files with
 /// a user block).
-fn has_signature(path: &Path) -> std::io::Result<bool> {
+pub fn has_signature(path: &Path) -> std::io::Result<bool> {
     let mut file = std::fs::File::open(path)?;
     let size = file.metadata()?.len();
     let mut offset = 0u64;
@@ -1166,5 +1166,20 @@ mod tests {
                 (got, _) => panic!("{on_file}: {:?}", got.map(|a| a.channels().to_vec())),
             }
         }
+    }
+
+    #[test]
+    fn the_signature_is_found_after_a_user_block_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let at = |offset: usize| {
+            let path = dir.path().join(format!("at-{offset}"));
+            let mut bytes = vec![b' '; offset];
+            bytes.extend_from_slice(HDF5_SIGNATURE);
+            bytes.extend_from_slice(&[0; 64]);
+            std::fs::write(&path, bytes).unwrap();
+            has_signature(&path).unwrap()
+        };
+        assert!(at(0) && at(512) && at(4096));
+        assert!(!at(100), "the superblock is only at 0 or 512 * 2^k");
     }
 }
