@@ -179,11 +179,11 @@ def cmd_final(args):
     all_u = [units[i] for i in sorted(units)]
     scaler = D.Scaler.fit(all_u)
     x, r, _, pad = all_windows(all_u, scaler, args.pad_aug)
-    xh = x[r >= HEALTHY_MIN_RUL]
+    healthy = r >= HEALTHY_MIN_RUL
+    xh, n_padded = x[healthy], int(np.sum(pad[healthy] > 0))
     t0 = time.time()
     ae = train_ae(xh, seed=FINAL_SEED, epochs=args.epochs, lr=args.lr, ae_kw=json.loads(args.ae_kw))
-    print(f"trained AE on {len(xh)} healthy windows ({int(np.sum(pad[r >= HEALTHY_MIN_RUL] > 0))} padded) "
-          f"in {time.time() - t0:.0f}s")
+    print(f"trained AE on {len(xh)} healthy windows ({n_padded} padded) in {time.time() - t0:.0f}s")
     eh = errors(ae, xh)
     cal = calibrate(eh, errors(ae, x[(r <= FAIL_MAX_RUL) & (pad == 0)]))
     # in-sample check of the padding fix: every padded window ending at cycles 1..29
@@ -200,7 +200,7 @@ def cmd_final(args):
     print("calibration", cal, "\nverify", check, "\ntiming us/window", timing)
     cv = json.load(open(args.cv_json)) if args.cv_json else None
     write_config(os.path.join(args.out, "config.toml"), scaler, cal, args, cv, check, timing,
-                 n_healthy=len(xh), n_padded=int(np.sum(pad[r >= HEALTHY_MIN_RUL] > 0)),
+                 n_healthy=len(xh), n_padded=n_padded,
                  onnx_bytes=os.path.getsize(onnx_path))
     torch.save({"state_dict": ae.state_dict(), "ae_kw": json.loads(args.ae_kw), "calibration": cal},
                os.path.join(args.work_dir, "anomaly_ae.pt"))
