@@ -1,6 +1,7 @@
 //! Board images in: PNG, JPEG, BMP or TIFF, checked against a pixel limit from the header before
 //! anything is decoded (decompression bombs), then turned into 8-bit grey the way the training
-//! pipeline did (ITU-R 601-2 luma in 16.16 fixed point; 16-bit samples shifted right by 8).
+//! pipeline does (ITU-R 601-2 luma in 16.16 fixed point; 16-bit samples scaled by the depth they
+//! use, see `depth_shift`).
 
 use std::io::Cursor;
 
@@ -115,8 +116,11 @@ fn to_gray(image: DynamicImage) -> GrayImage {
     let (width, height) = (image.width() as usize, image.height() as usize);
     let pixels = match image {
         DynamicImage::ImageLuma8(gray) => gray.into_raw(),
-        DynamicImage::ImageLuma16(gray) => gray.into_raw().iter().map(|v| (v >> 8) as u8).collect(),
         DynamicImage::ImageLumaA8(gray) => gray.into_raw().chunks_exact(2).map(|p| p[0]).collect(),
+        DynamicImage::ImageLuma16(gray) => grey_from_16_bit(&gray.into_raw(), 1, 1),
+        DynamicImage::ImageLumaA16(gray) => grey_from_16_bit(&gray.into_raw(), 2, 1),
+        DynamicImage::ImageRgb16(rgb) => grey_from_16_bit(&rgb.into_raw(), 3, 3),
+        DynamicImage::ImageRgba16(rgba) => grey_from_16_bit(&rgba.into_raw(), 4, 3),
         other => other
             .to_rgb8()
             .into_raw()
@@ -131,6 +135,34 @@ fn to_gray(image: DynamicImage) -> GrayImage {
     }
 }
 
+/// Grey from 16-bit pixels of `stride` samples whose first `colours` are grey or RGB (the rest
+/// is alpha, ignored), each sample brought to 8 bits by the image's `depth_shift`.
+fn grey_from_16_bit(samples: &[u16], stride: usize, colours: usize) -> Vec<u8> {
+    let pixels = samples.chunks_exact(stride);
+    let max = pixels
+        .clone()
+        .flat_map(|p| &p[..colours])
+        .copied()
+        .max()
+        .unwrap_or(0);
+    let shift = depth_shift(max);
+    let eight_bit = |v: u16| (v >> shift) as u8;
+    match colours {
+        1 => pixels.map(|p| eight_bit(p[0])).collect(),
+        _ => pixels
+            .map(|p| luma(eight_bit(p[0]), eight_bit(p[1]), eight_bit(p[2])))
+            .collect(),
+    }
+}
+
+/// Right shift that brings 16-bit samples whose largest is `max` to 8 bits: the bits the image
+/// uses less 8. Cameras store 10- and 12-bit data in 16-bit files; a plain `>> 8` would leave
+/// 12-bit data 16 grey levels (and 8-bit data stored in 16 bits none). Each image is binarised by
+/// its own threshold, so the scale chosen per image does not shift test against template.
+fn depth_shift(max: u16) -> u32 {
+    (u16::BITS - max.leading_zeros()).saturating_sub(8)
+}
+
 /// ITU-R 601-2 luma, 16.16 fixed point, as Pillow's "L" conversion.
 fn luma(r: u8, g: u8, b: u8) -> u8 {
     ((r as u32 * 19595 + g as u32 * 38470 + b as u32 * 7471 + 0x8000) >> 16) as u8
@@ -140,14 +172,18 @@ fn luma(r: u8, g: u8, b: u8) -> u8 {
 mod tests {
     use super::*;
 
+    fn encoded(image: &DynamicImage, format: ImageFormat) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        image
+            .write_to(&mut Cursor::new(&mut bytes), format)
+            .unwrap();
+        bytes
+    }
+
     fn png(width: u32, height: u32) -> Vec<u8> {
         let image =
             image::GrayImage::from_fn(width, height, |x, y| image::Luma([((x + y) % 256) as u8]));
-        let mut bytes = Vec::new();
-        image
-            .write_to(&mut Cursor::new(&mut bytes), ImageFormat::Png)
-            .unwrap();
-        bytes
+        encoded(&DynamicImage::ImageLuma8(image), ImageFormat::Png)
     }
 
     #[test]
@@ -177,10 +213,7 @@ mod tests {
     #[test]
     fn a_jpeg_cut_short_is_refused() {
         let image = image::GrayImage::from_fn(64, 64, |x, y| image::Luma([(x * y % 251) as u8]));
-        let mut bytes = Vec::new();
-        image
-            .write_to(&mut Cursor::new(&mut bytes), ImageFormat::Jpeg)
-            .unwrap();
+        let bytes = encoded(&DynamicImage::ImageLuma8(image), ImageFormat::Jpeg);
         assert!(decode_gray(&bytes, 1 << 20).is_ok());
         // Data after the end-of-image marker is tolerated, as decoders do.
         let mut trailer = bytes.clone();
@@ -200,13 +233,42 @@ mod tests {
         assert_eq!(luma(0, 0, 255), 29);
     }
 
-    /// `image` as an uncompressed TIFF.
-    fn tiff(image: DynamicImage) -> Vec<u8> {
-        let mut bytes = Vec::new();
-        image
-            .write_to(&mut Cursor::new(&mut bytes), ImageFormat::Tiff)
-            .unwrap();
-        bytes
+    #[test]
+    fn sixteen_bit_samples_keep_the_range_of_the_depth_they_use() {
+        // 12-bit camera data in a 16-bit PNG: the full 12-bit range becomes the full 8-bit one.
+        let ramp = image::ImageBuffer::from_fn(64, 64, |x, y| image::Luma([(y * 64 + x) as u16]));
+        let decoded = decode_gray(
+            &encoded(&DynamicImage::ImageLuma16(ramp), ImageFormat::Png),
+            1 << 20,
+        )
+        .unwrap();
+        assert_eq!(decoded.pixels[0], 0);
+        assert_eq!(decoded.pixels[64 * 64 - 1], 255);
+        let levels: std::collections::BTreeSet<u8> = decoded.pixels.iter().copied().collect();
+        assert_eq!(levels.len(), 256);
+        // 8-bit data stored in 16 bits is used as it is, not shifted to black.
+        let small = image::ImageBuffer::from_fn(4, 1, |x, _| image::Luma([x as u16 * 80]));
+        let decoded = decode_gray(
+            &encoded(&DynamicImage::ImageLuma16(small), ImageFormat::Png),
+            100,
+        )
+        .unwrap();
+        assert_eq!(decoded.pixels, [0, 80, 160, 240]);
+        // Full 16-bit data loses its low byte, as before.
+        assert_eq!(depth_shift(u16::MAX), 8);
+        assert_eq!(depth_shift(0), 0);
+    }
+
+    #[test]
+    fn opaque_alpha_does_not_set_the_depth_of_16_bit_colour() {
+        let pixels: [[u16; 4]; 2] = [[4095, 4095, 4095, u16::MAX], [0, 0, 0, u16::MAX]];
+        let rgba = image::ImageBuffer::from_fn(2, 1, |x, _| image::Rgba(pixels[x as usize]));
+        let decoded = decode_gray(
+            &encoded(&DynamicImage::ImageRgba16(rgba), ImageFormat::Png),
+            100,
+        )
+        .unwrap();
+        assert_eq!(decoded.pixels, [255, 0]);
     }
 
     #[test]
@@ -218,7 +280,7 @@ mod tests {
             DynamicImage::ImageRgba8(grey.to_rgba8()),
             DynamicImage::ImageRgb16(grey.to_rgb16()),
         ] {
-            let decoded = decode_gray(&tiff(colour.clone()), 50_000_000)
+            let decoded = decode_gray(&encoded(&colour, ImageFormat::Tiff), 50_000_000)
                 .unwrap_or_else(|e| panic!("{:?}: {e}", colour.color()));
             assert_eq!(
                 decoded.pixels,

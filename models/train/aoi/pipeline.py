@@ -68,11 +68,17 @@ def rgb_to_gray(rgb: np.ndarray) -> np.ndarray:
     return ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16).astype(np.uint8)
 
 
+def depth_shift(max_sample: int) -> int:
+    """Right shift from 16 to 8 bits by the depth the image uses (10- and 12-bit camera data
+    stored in 16-bit files keeps its full range): the bits of its largest sample, less 8."""
+    return max(0, int(max_sample).bit_length() - 8)
+
+
 def load_gray(path) -> np.ndarray:
     """Decode an image file to an HxW uint8 array.
 
     Grayscale files are used as decoded; RGB(A) files are converted with
-    rgb_to_gray (alpha ignored); 16-bit files are reduced with >> 8.
+    rgb_to_gray (alpha ignored); 16-bit grey files are reduced with >> depth_shift.
     """
     from PIL import Image
 
@@ -82,7 +88,7 @@ def load_gray(path) -> np.ndarray:
         return np.asarray(im, dtype=np.uint8).copy()
     if im.mode in ("I;16", "I;16B", "I;16L", "I"):
         a = np.asarray(im).astype(np.int64)
-        return np.clip(a >> 8, 0, 255).astype(np.uint8)
+        return np.clip(a >> depth_shift(int(a.max(initial=0))), 0, 255).astype(np.uint8)
     if im.mode == "1":
         return (np.asarray(im, dtype=np.uint8) * 255).astype(np.uint8)
     return rgb_to_gray(np.asarray(im.convert("RGB")))
