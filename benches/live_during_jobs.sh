@@ -4,13 +4,16 @@
 # Jobs queue their batches in the batchers' bulk lane, so a live window should wait only for
 # the batches already running. Prints the live p50/p99 and the wall time of the jobs.
 # JSON report in bench-results/. Usage: benches/live_during_jobs.sh [JOBS] [SECONDS]
+# (the server listens on port $BENCH_PORT, default 8091)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 JOBS=${1:-3}
 SECONDS_=${2:-8}
 BIN=target/release/linescan
-PORT=8091
+PORT=${BENCH_PORT:-8091}
+. benches/server.sh
 deploy/setup.sh >/dev/null
+port_free "$PORT"
 mkdir -p bench-results/live_during_jobs
 WORK=$(mktemp -d)
 ARCHIVE=$WORK/fleet-1m.h5
@@ -19,7 +22,7 @@ $BIN serve --port $PORT --data-dir "$WORK/data" --jobs-allow-path "$WORK" --job-
     >/dev/null 2>bench-results/live_during_jobs/server.log &
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null || true; rm -rf "$WORK"' EXIT
-until curl -sf http://127.0.0.1:$PORT/v2/health/ready >/dev/null; do sleep 0.5; done
+wait_ready "http://127.0.0.1:$PORT/v2/health/ready" $SERVER bench-results/live_during_jobs/server.log
 STARTED=$(date +%s.%N)
 for _ in $(seq "$JOBS"); do
     curl -sf -X POST http://127.0.0.1:$PORT/v1/jobs -H 'content-type: application/json' \

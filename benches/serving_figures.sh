@@ -7,6 +7,7 @@
 # then the server/in-process ratios: of throughput, and of inferences per CPU second (the
 # server's CPU read from its /metrics, so the load generator's share is left out).
 # JSON reports go to bench-results/. Usage: benches/serving_figures.sh [BATCH] [CONCURRENCY] [SECONDS]
+# (the server listens on port $BENCH_PORT, default 8090; compare.sh uses it and the next one)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BATCH=${1:-8}
@@ -14,25 +15,28 @@ CONCURRENCY=${2:-16}
 SECONDS_=${3:-15}
 MODEL=aoi_defect
 BIN=target/release/linescan
+PORT=${BENCH_PORT:-8090}
+. benches/server.sh
 deploy/setup.sh >/dev/null
+port_free "$PORT"
 mkdir -p bench-results
-LINESCAN_PORT=8090 $BIN serve --instances 2 --threads 1 >/dev/null 2>bench-results/server.log &
+LINESCAN_PORT=$PORT $BIN serve --instances 2 --threads 1 >/dev/null 2>bench-results/server.log &
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null || true' EXIT
-until curl -sf http://127.0.0.1:8090/v2/health/ready >/dev/null; do sleep 0.5; done
+wait_ready "http://127.0.0.1:$PORT/v2/health/ready" $SERVER bench-results/server.log
 json() { .venv/bin/python -c "import json,sys; print(json.load(open(sys.argv[1]))$2)" "$1"; }
 
 echo "== 1. in-process, batch $BATCH, 2 sessions x 1 thread"
 $BIN bench inprocess --model $MODEL --batch "$BATCH" --sessions 2 --threads 1 --duration "$SECONDS_" --report bench-results/inprocess.json
 echo "== 2. server, binary tensors, 1 row per request, concurrency $CONCURRENCY"
-$BIN bench infer --url http://127.0.0.1:8090 --model $MODEL --binary --concurrency "$CONCURRENCY" --duration "$SECONDS_" --report bench-results/server_binary.json
+$BIN bench infer --url http://127.0.0.1:$PORT --model $MODEL --binary --concurrency "$CONCURRENCY" --duration "$SECONDS_" --report bench-results/server_binary.json
 echo "== 3. server, JSON tensors, concurrency $CONCURRENCY"
-$BIN bench infer --url http://127.0.0.1:8090 --model $MODEL --concurrency "$CONCURRENCY" --duration "$SECONDS_" --report bench-results/server_json.json
+$BIN bench infer --url http://127.0.0.1:$PORT --model $MODEL --concurrency "$CONCURRENCY" --duration "$SECONDS_" --report bench-results/server_json.json
 MAX=$(json bench-results/server_binary.json "['requests_per_s']")
 for share in 50 90; do
     RATE=$(.venv/bin/python -c "print(round($MAX * $share / 100, 1))")
     echo "== 4. open loop at $share% of $MAX req/s = $RATE req/s"
-    $BIN bench infer --url http://127.0.0.1:8090 --model $MODEL --binary --rate "$RATE" --concurrency 512 --duration "$SECONDS_" --report "bench-results/open_$share.json"
+    $BIN bench infer --url http://127.0.0.1:$PORT --model $MODEL --binary --rate "$RATE" --concurrency 512 --duration "$SECONDS_" --report "bench-results/open_$share.json"
 done
 kill $SERVER; wait $SERVER 2>/dev/null || true
 echo "== 5. FastAPI + onnxruntime reference vs linescan, JSON, concurrency $CONCURRENCY"

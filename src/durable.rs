@@ -22,6 +22,14 @@ pub fn write(path: &Path, bytes: &[u8]) -> io::Result<()> {
     replace(&temporary, path)
 }
 
+/// Checks that `write` can write `path` (its folder takes files) without touching a file
+/// already there: creates and removes the temporary.
+pub fn check_writable(path: &Path) -> io::Result<()> {
+    let temporary = temporary_path(path);
+    std::fs::write(&temporary, b"")?;
+    std::fs::remove_file(temporary)
+}
+
 /// Moves the finished file `written` over `path` durably (its data first, then the rename).
 pub fn replace(written: &Path, path: &Path) -> io::Result<()> {
     File::open(written)?.sync_all()?;
@@ -51,6 +59,10 @@ mod tests {
         assert_eq!(temporary_path(&path), folder.path().join("state.json.tmp"));
         assert!(!temporary_path(&path).exists());
         assert_eq!(std::fs::read_dir(folder.path()).unwrap().count(), 1);
+        check_writable(&path).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"second");
+        assert_eq!(std::fs::read_dir(folder.path()).unwrap().count(), 1);
+        assert!(check_writable(&folder.path().join("missing/state.json")).is_err());
     }
 
     #[test]

@@ -758,6 +758,14 @@ async fn api_key_guards_everything_but_probes_and_metrics() {
             "{stderr}"
         );
     }
+    // A run that fails leaves no report behind, not even an empty one.
+    let folder = tempfile::tempdir().unwrap();
+    let report = folder.path().join("r.json");
+    let mut args = vec!["bench", "infer", "--url", &server.url, "--model", "nope"];
+    args.extend_from_slice(&["--api-key", "k3y", "--report", report.to_str().unwrap()]);
+    let output = common::run_cli(&args);
+    assert!(!output.status.success(), "{output:?}");
+    assert_eq!(std::fs::read_dir(folder.path()).unwrap().count(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -905,7 +913,11 @@ fn the_load_generator_reports_latency_and_stops_on_total_failure() {
         figures["cpu"]["bench_cores"].as_f64().unwrap() >= 0.0,
         "{figures}"
     );
-    assert_eq!(figures["requests_unanswered"], Value::Null, "closed loop");
+    // Closed loop: at most the 2 clients' last requests are unanswered when the run ends.
+    assert!(
+        figures["requests_unanswered"].as_u64().unwrap() <= 2,
+        "{figures}"
+    );
     // Open loop: what the rate asked for and did not get answered is counted.
     let output = bench("2", &server.url, &["--rate", "100000"]);
     assert!(output.status.success(), "{output:?}");

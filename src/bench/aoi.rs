@@ -81,25 +81,38 @@ pub struct HttpAoiWorkload {
 }
 
 /// Deletes the templates a run registered; one that cannot be deleted is reported, not fatal.
+/// Deletes the templates a run registered; stops at the first failure and says how many are
+/// left (a server that went away would fail every one the same way).
 pub async fn remove_templates(client: &reqwest::Client, url: &str, boards: &[String]) {
-    for board in boards {
+    for (done, board) in boards.iter().enumerate() {
         let deleted = client
             .delete(format!("{url}/v1/templates/{board}"))
             .send()
-            .await
-            .map(|response| response.status());
-        if !matches!(deleted, Ok(status) if status.is_success() || status.as_u16() == 404) {
-            eprintln!("could not delete the benchmark's template {board}: {deleted:?}");
-        }
+            .await;
+        let failure = match deleted {
+            Ok(response) if response.status().is_success() || response.status() == 404 => continue,
+            Ok(response) => format!("it answered {}", response.status()),
+            Err(error) => crate::bench::load::error_chain(&error),
+        };
+        eprintln!(
+            "could not delete the benchmark's templates from {url}: {} of {} left, named \
+             bench-{}-* ({failure})",
+            boards.len() - done,
+            boards.len(),
+            std::process::id()
+        );
+        return;
     }
 }
 
 impl HttpAoiWorkload {
-    /// Registers every board's template on the server.
+    /// Registers every board's template on the server, adding each name to `registered` once
+    /// the server has it.
     pub async fn prepare(
         client: &reqwest::Client,
         url: &str,
         boards: Vec<BoardImages>,
+        registered: &std::sync::Mutex<Vec<String>>,
     ) -> anyhow::Result<HttpAoiWorkload> {
         for board in &boards {
             let response = client
@@ -115,6 +128,10 @@ impl HttpAoiWorkload {
                 response.status(),
                 response.text().await.unwrap_or_default()
             );
+            registered
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(board.board.clone());
         }
         Ok(HttpAoiWorkload {
             url: url.to_string(),

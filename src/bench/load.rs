@@ -1,6 +1,13 @@
 //! The load generator: closed loop (N clients, each sending its next request when the last one
 //! answered) or open loop (requests started at a fixed rate whatever the answers, with latency
 //! measured from the intended start so a stalled server cannot hide its queueing).
+//!
+//! What counts: every answer that arrives inside the measured window, whenever its request was
+//! sent (so an overloaded server's backlog from the warm-up is not thrown away). At the end of the
+//! window the run stops waiting: a request still unanswered then (in flight, or in open loop due
+//! and not yet sent) is counted as unanswered and enters the latency percentiles with the time it
+//! had waited by then, a lower bound, so a server that stalls cannot leave its slowest requests
+//! out of the figures.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -57,7 +64,7 @@ pub async fn send_timed(request: reqwest::RequestBuilder) -> Outcome {
         failure: failed.then(|| status.as_u16().to_string()),
         detail: failed.then(|| match &body {
             Ok(body) => error_text(body),
-            Err(error) => format!("reading the answer: {error}"),
+            Err(error) => format!("reading the answer: {}", error_chain(error)),
         }),
         stages,
         batch_rows,
@@ -68,10 +75,23 @@ impl Outcome {
     pub fn connection_failed(error: &reqwest::Error) -> Outcome {
         Outcome {
             failure: Some("connection".into()),
-            detail: Some(error.to_string()),
+            detail: Some(error_chain(error)),
             ..Outcome::default()
         }
     }
+}
+
+/// An error followed by its causes: reqwest's own message alone ("error sending request for
+/// url ...") does not say whether the connection was refused, reset or timed out.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(inner) = cause {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        cause = inner.source();
+    }
+    text
 }
 
 /// The `error` of a JSON error body, else the body's start as text.
@@ -110,10 +130,13 @@ struct Tally {
     first_errors: BTreeMap<String, String>,
     latency: Option<Histogram<u64>>,
     stages: BTreeMap<&'static str, Histogram<u64>>,
-    batch_rows_sum: u64,
-    batch_rows_count: u64,
-    /// Open loop: requests due within the measured window.
-    scheduled: Option<u64>,
+    /// Answers that said the size of the batch they rode in, and the sum of 1 / that size:
+    /// requests of equal rows, so their count over this sum is the mean rows per executed batch
+    /// (a batch of 8 answers 8 requests and must count once, not 8 times).
+    batch_answers: u64,
+    batch_shares: f64,
+    /// Requests still unanswered at the end of the window.
+    unanswered: u64,
 }
 
 impl Tally {
@@ -139,12 +162,25 @@ impl Tally {
                         time,
                     );
                 }
-                if let Some(rows) = outcome.batch_rows {
-                    self.batch_rows_sum += rows as u64;
-                    self.batch_rows_count += 1;
+                if let Some(rows) = outcome.batch_rows.filter(|rows| *rows > 0) {
+                    self.batch_answers += 1;
+                    self.batch_shares += 1.0 / rows as f64;
                 }
             }
         }
+    }
+
+    /// A request given up at the end of the window after waiting `waited`.
+    fn give_up(&mut self, waited: Duration) {
+        self.unanswered += 1;
+        report::record(
+            self.latency.get_or_insert_with(report::new_histogram),
+            waited,
+        );
+    }
+
+    fn mean_batch_rows(&self) -> Option<f64> {
+        (self.batch_answers > 0).then(|| self.batch_answers as f64 / self.batch_shares)
     }
 
     fn merge(&mut self, other: Tally) {
@@ -166,8 +202,22 @@ impl Tally {
                 .add(histogram)
                 .expect("same histogram bounds");
         }
-        self.batch_rows_sum += other.batch_rows_sum;
-        self.batch_rows_count += other.batch_rows_count;
+        self.batch_answers += other.batch_answers;
+        self.batch_shares += other.batch_shares;
+        self.unanswered += other.unanswered;
+    }
+}
+
+/// The measured part of a run: answers arriving in `[from, end]` count.
+#[derive(Debug, Clone, Copy)]
+struct Window {
+    from: Instant,
+    end: Instant,
+}
+
+impl Window {
+    fn holds(&self, at: Instant) -> bool {
+        at >= self.from && at <= self.end
     }
 }
 
@@ -177,8 +227,10 @@ pub async fn run(
     client: reqwest::Client,
 ) -> anyhow::Result<Report> {
     let started = Instant::now();
-    let measure_from = started + plan.warmup;
-    let end = measure_from + plan.duration;
+    let window = Window {
+        from: started + plan.warmup,
+        end: started + plan.warmup + plan.duration,
+    };
     let cpu_sampler = {
         let client = client.clone();
         let server = workload.server().map(str::to_owned);
@@ -187,24 +239,16 @@ pub async fn run(
                 Some(server) => CpuSample::with_server(&client, server).await,
                 None => CpuSample::own(),
             };
-            tokio::time::sleep_until(measure_from.into()).await;
+            tokio::time::sleep_until(window.from.into()).await;
             let first = sample().await;
-            tokio::time::sleep_until(end.into()).await;
+            tokio::time::sleep_until(window.end.into()).await;
             first.until(&sample().await)
         })
     };
     let tally = match plan.rate {
-        None => closed_loop(&workload, &client, plan.concurrency, measure_from, end).await,
+        None => closed_loop(&workload, &client, plan.concurrency, window).await,
         Some(rate) => {
-            open_loop(
-                &workload,
-                &client,
-                plan.concurrency,
-                rate,
-                measure_from,
-                end,
-            )
-            .await
+            open_loop(&workload, &client, plan.concurrency, rate, started, window).await?
         }
     };
     let cpu = cpu_sampler.await?;
@@ -227,11 +271,7 @@ pub async fn run(
         duration_s: elapsed,
         requests_ok: tally.ok,
         requests_failed: failed,
-        requests_unanswered: tally
-            .scheduled
-            .map(|scheduled| scheduled.saturating_sub(tally.ok + failed)),
-        failures: tally.failures,
-        first_errors: tally.first_errors,
+        requests_unanswered: tally.unanswered,
         requests_per_s: tally.ok as f64 / elapsed,
         inferences_per_s,
         inferences_per_cpu_s: cpu::inferences_per_cpu_second(
@@ -239,18 +279,15 @@ pub async fn run(
             cpu.inference_cores(workload.server().is_some()),
         ),
         cpu,
-        latency: tally
-            .latency
-            .as_ref()
-            .map(Percentiles::of)
-            .unwrap_or_else(|| Percentiles::of(&report::new_histogram())),
+        latency: tally.latency.as_ref().map(Percentiles::of),
         stages: tally
             .stages
             .iter()
             .map(|(stage, h)| (stage.to_string(), Percentiles::of(h)))
             .collect(),
-        mean_batch_rows: (tally.batch_rows_count > 0)
-            .then(|| tally.batch_rows_sum as f64 / tally.batch_rows_count as f64),
+        mean_batch_rows: tally.mean_batch_rows(),
+        failures: tally.failures,
+        first_errors: tally.first_errors,
         machine: report::machine_description(),
     })
 }
@@ -259,8 +296,7 @@ async fn closed_loop(
     workload: &Arc<dyn Workload>,
     client: &reqwest::Client,
     concurrency: usize,
-    measure_from: Instant,
-    end: Instant,
+    window: Window,
 ) -> Tally {
     let tasks: Vec<_> = (0..concurrency.max(1))
         .map(|client_index| {
@@ -271,14 +307,24 @@ async fn closed_loop(
                 let mut sequence = client_index as u64;
                 loop {
                     let sent = Instant::now();
-                    if sent >= end {
+                    if sent >= window.end {
                         break;
                     }
-                    let outcome = workload.send(&client, sequence).await;
-                    sequence += concurrency as u64;
-                    if sent >= measure_from && Instant::now() <= end {
-                        tally.add(outcome, sent.elapsed());
+                    let send = workload.send(&client, sequence);
+                    let Ok(outcome) = tokio::time::timeout_at(window.end.into(), send).await else {
+                        tally.give_up(window.end - sent);
+                        break;
+                    };
+                    let answered = Instant::now();
+                    if answered > window.end {
+                        // Answered while the timer that ends the window was firing.
+                        tally.give_up(window.end - sent);
+                        break;
                     }
+                    if window.holds(answered) {
+                        tally.add(outcome, answered - sent);
+                    }
+                    sequence += concurrency as u64;
                 }
                 tally
             })
@@ -293,61 +339,174 @@ async fn closed_loop(
     total
 }
 
+/// What became of one open-loop request.
+enum Fate {
+    Answered(Outcome, Duration),
+    GivenUp(Duration),
+}
+
 async fn open_loop(
     workload: &Arc<dyn Workload>,
     client: &reqwest::Client,
     max_in_flight: usize,
     rate: f64,
-    measure_from: Instant,
-    end: Instant,
-) -> Tally {
-    let interval = Duration::from_secs_f64(1.0 / rate.max(0.001));
+    start: Instant,
+    window: Window,
+) -> anyhow::Result<Tally> {
+    let interval = Duration::from_secs_f64(1.0 / rate);
+    let intended = move |sequence: u64| start + interval.mul_f64(sequence as f64);
     let permits = Arc::new(Semaphore::new(max_in_flight.max(1)));
-    let (sender, mut receiver) = tokio::sync::mpsc::unbounded_channel::<(Outcome, Duration)>();
-    let start = Instant::now();
+    let (sender, mut receiver) = tokio::sync::mpsc::unbounded_channel::<Fate>();
     let collector = tokio::spawn(async move {
         let mut tally = Tally::default();
-        while let Some((outcome, latency)) = receiver.recv().await {
-            tally.add(outcome, latency);
+        while let Some(fate) = receiver.recv().await {
+            match fate {
+                Fate::Answered(outcome, latency) => tally.add(outcome, latency),
+                Fate::GivenUp(waited) => tally.give_up(waited),
+            }
         }
         tally
     });
-    // Requests due in the measured window: sequence numbers from the first due at or after
-    // `measure_from` to the first due at or after `end`.
-    let due_from = |at: Instant| {
-        (at.saturating_duration_since(start).as_secs_f64() / interval.as_secs_f64()).ceil() as u64
-    };
-    let scheduled = due_from(end) - due_from(measure_from);
-    let mut sequence = 0u64;
-    loop {
-        let intended = start + interval.mul_f64(sequence as f64);
-        if intended >= end {
-            break;
-        }
-        tokio::time::sleep_until(intended.into()).await;
-        let Ok(permit) = permits.clone().acquire_owned().await else {
-            break;
-        };
-        // Behind the rate: what is still due once the run is over stays unsent (and counted).
-        if Instant::now() >= end {
-            break;
-        }
-        let workload = workload.clone();
-        let client = client.clone();
-        let sender = sender.clone();
-        tokio::spawn(async move {
-            let outcome = workload.send(&client, sequence).await;
-            drop(permit);
-            if intended >= measure_from && Instant::now() <= end {
-                let _ = sender.send((outcome, intended.elapsed()));
+    // Requests are started from a thread of their own that sleeps to each start time: tokio's
+    // timers round up to whole milliseconds, and latency counts from the intended start, so
+    // that lateness would be charged to the server.
+    let runtime = tokio::runtime::Handle::current();
+    let workload = workload.clone();
+    let client = client.clone();
+    let first_unsent = tokio::task::spawn_blocking(move || {
+        let mut sequence = 0u64;
+        loop {
+            let due = intended(sequence);
+            if due >= window.end {
+                break;
             }
-        });
+            std::thread::sleep(due.saturating_duration_since(Instant::now()));
+            let free_slot =
+                tokio::time::timeout_at(window.end.into(), permits.clone().acquire_owned());
+            let Ok(Ok(permit)) = runtime.block_on(free_slot) else {
+                break;
+            };
+            let workload = workload.clone();
+            let client = client.clone();
+            let sender = sender.clone();
+            runtime.spawn(async move {
+                let send = workload.send(&client, sequence);
+                let fate = match tokio::time::timeout_at(window.end.into(), send).await {
+                    Ok(outcome) => {
+                        let answered = Instant::now();
+                        if answered > window.end {
+                            Some(Fate::GivenUp(window.end - due))
+                        } else {
+                            window
+                                .holds(answered)
+                                .then(|| Fate::Answered(outcome, answered - due))
+                        }
+                    }
+                    Err(_) => Some(Fate::GivenUp(window.end - due)),
+                };
+                drop(permit);
+                if let Some(fate) = fate {
+                    let _ = sender.send(fate);
+                }
+            });
+            sequence += 1;
+        }
+        sequence
+    })
+    .await?;
+    // Every request in flight gives up at the end of the window, so the collector ends then.
+    let mut tally = collector.await?;
+    // Behind the rate: what was due before the end and never started.
+    let mut sequence = first_unsent;
+    while intended(sequence) < window.end {
+        tally.give_up(window.end - intended(sequence));
         sequence += 1;
     }
-    drop(sender);
-    // Requests still in flight at the end report until the collector closes.
-    let _ = permits.acquire_many(max_in_flight.max(1) as u32).await;
-    let mut tally = collector.await.unwrap_or_default();
-    tally.scheduled = Some(scheduled);
-    tally
+    Ok(tally)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A server that never answers: every request hangs until the run gives up on it.
+    struct Silent;
+
+    impl Workload for Silent {
+        fn send<'a>(&'a self, _: &'a reqwest::Client, _: u64) -> BoxFuture<'a, Outcome> {
+            Box::pin(std::future::pending())
+        }
+        fn rows(&self) -> usize {
+            1
+        }
+        fn describe(&self) -> (String, String) {
+            ("nowhere".into(), "none".into())
+        }
+        fn server(&self) -> Option<&str> {
+            None
+        }
+    }
+
+    fn plan(rate: Option<f64>) -> LoadPlan {
+        LoadPlan {
+            concurrency: 3,
+            rate,
+            duration: Duration::from_millis(200),
+            warmup: Duration::from_millis(50),
+        }
+    }
+
+    async fn run_silent(rate: Option<f64>) -> Report {
+        run(Arc::new(Silent), &plan(rate), reqwest::Client::new())
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_silent_server_shows_in_the_latency_in_closed_loop() {
+        let report = run_silent(None).await;
+        assert_eq!(report.requests_ok, 0);
+        assert_eq!(report.requests_unanswered, 3, "{report:?}");
+        // Each client waited from its start (the run's, give or take scheduling) to the end of
+        // the window, 250 ms later, and that wait is its latency.
+        let latency = report.latency.unwrap();
+        assert_eq!(latency.count, 3);
+        assert!(latency.p50_ms >= 150.0, "{latency:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_silent_server_shows_in_the_latency_in_open_loop() {
+        // 100 requests/s over 250 ms: 25 due, 3 started (the cap), 22 never started.
+        let report = run_silent(Some(100.0)).await;
+        assert_eq!(report.requests_ok, 0);
+        assert_eq!(report.requests_unanswered, 25, "{report:?}");
+        let latency = report.latency.unwrap();
+        assert_eq!(latency.count, 25);
+        // The first request, due at the start, waited the whole 250 ms.
+        assert!(latency.max_ms >= 240.0, "{latency:?}");
+    }
+
+    #[test]
+    fn mean_batch_rows_counts_each_batch_once() {
+        let mut tally = Tally::default();
+        let answer = |rows| Outcome {
+            batch_rows: Some(rows),
+            ..Outcome::default()
+        };
+        // One batch of 8 requests (8 answers) and one of a single request.
+        for _ in 0..8 {
+            tally.add(answer(8), Duration::from_millis(1));
+        }
+        tally.add(answer(1), Duration::from_millis(1));
+        assert_eq!(tally.mean_batch_rows(), Some(4.5));
+    }
+
+    #[test]
+    fn an_error_is_told_with_its_causes() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("sending failed")]
+        struct Sending(#[source] std::io::Error);
+        let error = Sending(std::io::Error::other("connection reset"));
+        assert_eq!(error_chain(&error), "sending failed: connection reset");
+    }
 }

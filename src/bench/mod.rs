@@ -17,6 +17,33 @@ use clap::{Args, Subcommand};
 
 use crate::config::{at_least_one, non_negative, positive};
 
+/// The longest run or warm-up: a week. Longer is a typo (and would overflow the clock).
+const MAX_RUN_SECONDS: f64 = 7.0 * 24.0 * 3600.0;
+
+fn run_seconds(text: &str) -> Result<f64, String> {
+    at_most(positive(text)?, MAX_RUN_SECONDS, "seconds (a week)")
+}
+
+fn warmup_seconds(text: &str) -> Result<f64, String> {
+    at_most(non_negative(text)?, MAX_RUN_SECONDS, "seconds (a week)")
+}
+
+/// Requests per second: from one every 1,000 s to one per microsecond.
+fn request_rate(text: &str) -> Result<f64, String> {
+    let rate = at_most(positive(text)?, 1e6, "requests per second")?;
+    if rate < 1e-3 {
+        return Err("must be at least 0.001 requests per second".into());
+    }
+    Ok(rate)
+}
+
+fn at_most(value: f64, limit: f64, unit: &str) -> Result<f64, String> {
+    if value > limit {
+        return Err(format!("must be at most {limit} {unit}"));
+    }
+    Ok(value)
+}
+
 #[derive(Subcommand)]
 pub enum BenchCommand {
     /// Send Open Inference Protocol infer requests to a server (linescan or any KServe v2 server).
@@ -51,12 +78,17 @@ fn base_url(text: &str) -> Result<String, String> {
 }
 
 /// Fails before a run whose report could not be written afterwards.
+/// The report is written beside its path and renamed over it at the end, so a run that fails
+/// leaves no empty or partial file. Checks now, without touching an existing report, that it
+/// can be written, so a long run is not wasted.
 fn check_report_path(report: &Option<PathBuf>) -> anyhow::Result<()> {
     if let Some(path) = report {
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
+        anyhow::ensure!(
+            !path.is_dir(),
+            "cannot write the report to {}: it is a folder",
+            path.display()
+        );
+        crate::durable::check_writable(path)
             .with_context(|| format!("cannot write the report to {}", path.display()))?;
     }
     Ok(())
@@ -95,7 +127,8 @@ pub struct AoiArgs {
     /// Data root of the list.
     #[arg(long)]
     pub root: Option<PathBuf>,
-    /// Boards used (read into memory before measuring).
+    /// Boards used (read into memory before measuring): the list's first N pairs, or up to 16
+    /// synthetic boards (16 distinct defect and shift mixes) without --list.
     #[arg(long, default_value_t = 200, value_parser = at_least_one::<usize>)]
     pub boards: usize,
     #[command(flatten)]
@@ -125,14 +158,14 @@ pub struct LoadArgs {
     /// Concurrent clients (closed loop), or the cap on requests in flight (open loop).
     #[arg(long, default_value_t = 8, value_parser = at_least_one::<usize>)]
     pub concurrency: usize,
-    /// Open loop: start this many requests per second whatever the answers.
-    #[arg(long, value_parser = positive)]
+    /// Open loop: start this many requests per second whatever the answers (0.001 to 1,000,000).
+    #[arg(long, value_parser = request_rate)]
     pub rate: Option<f64>,
     /// Seconds to measure.
-    #[arg(long, default_value_t = 10.0, value_parser = positive)]
+    #[arg(long, default_value_t = 10.0, value_parser = run_seconds)]
     pub duration: f64,
     /// Seconds to run before measuring.
-    #[arg(long, default_value_t = 2.0, value_parser = non_negative)]
+    #[arg(long, default_value_t = 2.0, value_parser = warmup_seconds)]
     pub warmup: f64,
     /// Write the report as JSON here.
     #[arg(long)]
@@ -180,10 +213,10 @@ pub struct InProcessArgs {
     #[arg(long, default_value_t = 1, value_parser = at_least_one::<usize>)]
     pub threads: usize,
     /// Seconds to measure.
-    #[arg(long, default_value_t = 10.0, value_parser = positive)]
+    #[arg(long, default_value_t = 10.0, value_parser = run_seconds)]
     pub duration: f64,
     /// Seconds to run before measuring.
-    #[arg(long, default_value_t = 1.0, value_parser = non_negative)]
+    #[arg(long, default_value_t = 1.0, value_parser = warmup_seconds)]
     pub warmup: f64,
     /// Write the report as JSON here.
     #[arg(long)]
@@ -212,8 +245,16 @@ impl LoadArgs {
             .enable_all()
             .build()?;
         let report = runtime.block_on(async {
-            let workload = prepare().await?;
-            load::run(workload, &self.plan(), client).await
+            let run = async {
+                let workload = prepare().await?;
+                load::run(workload, &self.plan(), client).await
+            };
+            tokio::select! {
+                report = run => report,
+                _ = tokio::signal::ctrl_c() => {
+                    anyhow::bail!("interrupted (Ctrl-C) before the run ended: no report")
+                }
+            }
         })?;
         report.print();
         if let Some(path) = &self.report {
@@ -264,17 +305,18 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
             } else {
                 let client = args.server.client(args.load.concurrency)?;
                 let url = &args.server.url;
-                let names: Vec<String> = boards.iter().map(|b| b.board.clone()).collect();
+                let registered = std::sync::Mutex::new(Vec::new());
                 let outcome = args.load.execute(client.clone(), async || {
-                    Ok(
-                        Arc::new(aoi::HttpAoiWorkload::prepare(&client, url, boards).await?)
-                            as Arc<dyn load::Workload>,
-                    )
+                    let workload =
+                        aoi::HttpAoiWorkload::prepare(&client, url, boards, &registered).await?;
+                    Ok(Arc::new(workload) as Arc<dyn load::Workload>)
                 });
+                // Also after a failure or Ctrl-C: what was registered is removed.
+                let registered = registered.into_inner().unwrap_or_else(|e| e.into_inner());
                 tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()?
-                    .block_on(aoi::remove_templates(&client, url, &names));
+                    .block_on(aoi::remove_templates(&client, url, &registered));
                 outcome
             }
         }

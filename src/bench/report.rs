@@ -52,9 +52,10 @@ pub struct Report {
     pub duration_s: f64,
     pub requests_ok: u64,
     pub requests_failed: u64,
-    /// Open loop: requests due in the measured window that got no answer within it (started
-    /// late for want of a free --concurrency slot, or still in flight at the end).
-    pub requests_unanswered: Option<u64>,
+    /// Requests with no answer when the measured window ended: in flight then, or in open loop
+    /// due and not yet started for want of a free --concurrency slot. Each is in `latency` with
+    /// the time it had waited by the end.
+    pub requests_unanswered: u64,
     /// Failed requests by HTTP status (or "connection").
     pub failures: BTreeMap<String, u64>,
     /// The first error message of each failure kind.
@@ -67,7 +68,9 @@ pub struct Report {
     /// Inferences per CPU second of whatever ran the model (the server, or this process
     /// in-process): what the throughput would be per core with no load generator beside it.
     pub inferences_per_cpu_s: Option<f64>,
-    pub latency: Percentiles,
+    /// Answered requests from their (open loop: intended) start to the end of the answer, and
+    /// unanswered ones with their wait at the end of the window; None when there were neither.
+    pub latency: Option<Percentiles>,
     /// Per-stage latencies reported by the server (queue, compute), when it reports them.
     pub stages: BTreeMap<String, Percentiles>,
     pub mean_batch_rows: Option<f64>,
@@ -88,17 +91,19 @@ impl Report {
                 .unwrap_or_default()
         );
         println!(
-            "  {:.1} s: {} ok, {} failed {:?}",
-            self.duration_s, self.requests_ok, self.requests_failed, self.failures
+            "  {:.1} s: {} ok, {} failed {:?}, {} unanswered at the end",
+            self.duration_s,
+            self.requests_ok,
+            self.requests_failed,
+            self.failures,
+            self.requests_unanswered
         );
         for (reason, error) in &self.first_errors {
             println!("  first {reason} failure: {error}");
         }
         // Up to --concurrency requests can just be in flight when the run ends.
-        if let Some(behind) = self
-            .requests_unanswered
-            .filter(|n| *n > self.concurrency as u64)
-        {
+        let behind = self.requests_unanswered;
+        if self.target_rate.is_some() && behind > self.concurrency as u64 {
             println!(
                 "  behind the rate: {behind} requests due in the run got no answer within it (the \
                  server or --concurrency {} in flight could not keep up)",
@@ -115,11 +120,18 @@ impl Report {
                 self.cpu.describe()
             ),
             None => println!(
-                "  cpu: {} (the server exports no process_cpu_seconds_total)",
-                self.cpu.describe()
+                "  cpu: {} (no per-CPU figure: {})",
+                self.cpu.describe(),
+                self.cpu
+                    .server_unknown
+                    .as_deref()
+                    .unwrap_or("too little CPU time was measured")
             ),
         }
-        print_percentiles("latency", &self.latency);
+        match &self.latency {
+            Some(latency) => print_percentiles("latency", latency),
+            None => println!("  latency: no request was answered or pending in the window"),
+        }
         for (stage, percentiles) in &self.stages {
             print_percentiles(stage, percentiles);
         }
@@ -130,7 +142,7 @@ impl Report {
     }
 
     pub fn write_json(&self, path: &std::path::Path) -> anyhow::Result<()> {
-        std::fs::write(path, serde_json::to_vec_pretty(self)?)
+        crate::durable::write(path, &serde_json::to_vec_pretty(self)?)
             .map_err(|e| anyhow::anyhow!("cannot write the report {}: {e}", path.display()))?;
         println!("  report written to {}", path.display());
         Ok(())
