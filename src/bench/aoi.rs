@@ -80,7 +80,6 @@ pub struct HttpAoiWorkload {
     boards: Vec<BoardImages>,
 }
 
-/// Deletes the templates a run registered; one that cannot be deleted is reported, not fatal.
 /// Deletes the templates a run registered; stops at the first failure and says how many are
 /// left (a server that went away would fail every one the same way).
 pub async fn remove_templates(client: &reqwest::Client, url: &str, boards: &[String]) {

@@ -132,7 +132,14 @@ impl Report {
             Some(latency) => print_percentiles("latency", latency),
             None => println!("  latency: no request was answered or pending in the window"),
         }
-        for (stage, percentiles) in &self.stages {
+        // In the order requests pass through them, not alphabetically.
+        let order = ["queue", "compute"]
+            .into_iter()
+            .chain(crate::aoi::pipeline::StageTimings::STAGES);
+        let rank = |stage: &str| order.clone().position(|s| s == stage);
+        let mut stages: Vec<_> = self.stages.iter().collect();
+        stages.sort_by_key(|(stage, _)| rank(stage).unwrap_or(usize::MAX));
+        for (stage, percentiles) in stages {
             print_percentiles(stage, percentiles);
         }
         if let Some(rows) = self.mean_batch_rows {
