@@ -14,7 +14,15 @@ pub fn new_histogram() -> Histogram<u64> {
 }
 
 pub fn record(histogram: &mut Histogram<u64>, value: Duration) {
-    histogram.saturating_record(value.as_micros().max(1) as u64);
+    record_many(histogram, value, 1);
+}
+
+/// Records `value` `count` times (values above the histogram's 60 s count as 60 s).
+pub fn record_many(histogram: &mut Histogram<u64>, value: Duration, count: u64) {
+    let micros = (value.as_micros().max(1) as u64).min(histogram.high());
+    histogram
+        .record_n(micros, count)
+        .expect("a value within the histogram's bounds");
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
