@@ -188,30 +188,6 @@ impl Tally {
     fn mean_batch_rows(&self) -> Option<f64> {
         (self.batch_answers > 0).then(|| self.batch_answers as f64 / self.batch_shares)
     }
-
-    fn merge(&mut self, other: Tally) {
-        self.ok += other.ok;
-        for (reason, count) in other.failures {
-            *self.failures.entry(reason).or_default() += count;
-        }
-        for (reason, detail) in other.first_errors {
-            self.first_errors.entry(reason).or_insert(detail);
-        }
-        if let Some(latency) = other.latency {
-            let mine = self.latency.get_or_insert_with(report::new_histogram);
-            mine.add(latency).expect("same histogram bounds");
-        }
-        for (stage, histogram) in other.stages {
-            self.stages
-                .entry(stage)
-                .or_insert_with(report::new_histogram)
-                .add(histogram)
-                .expect("same histogram bounds");
-        }
-        self.batch_answers += other.batch_answers;
-        self.batch_shares += other.batch_shares;
-        self.unanswered += other.unanswered;
-    }
 }
 
 /// The measured part of a run: answers arriving in `[from, end]` count.
@@ -252,7 +228,7 @@ pub async fn run(
         })
     };
     let tally = match plan.rate {
-        None => closed_loop(&workload, &client, plan.concurrency, window).await,
+        None => closed_loop(&workload, &client, plan.concurrency, window).await?,
         Some(rate) => {
             open_loop(&workload, &client, plan.concurrency, rate, started, window).await?
         }
@@ -303,52 +279,89 @@ async fn closed_loop(
     client: &reqwest::Client,
     concurrency: usize,
     window: Window,
-) -> Tally {
-    let tasks: Vec<_> = (0..concurrency.max(1))
+) -> anyhow::Result<Tally> {
+    let (sender, collector) = collector();
+    let clients: Vec<_> = (0..concurrency.max(1))
         .map(|client_index| {
             let workload = workload.clone();
             let client = client.clone();
+            let sender = sender.clone();
             tokio::spawn(async move {
-                let mut tally = Tally::default();
                 let mut sequence = client_index as u64;
                 loop {
                     let sent = Instant::now();
                     if sent >= window.end {
                         break;
                     }
-                    let send = workload.send(&client, sequence);
-                    let Ok(outcome) = tokio::time::timeout_at(window.end.into(), send).await else {
-                        tally.give_up(window.end - sent);
-                        break;
-                    };
-                    let answered = Instant::now();
-                    if answered > window.end {
-                        // Answered while the timer that ends the window was firing.
-                        tally.give_up(window.end - sent);
-                        break;
+                    let fate = send_within(&*workload, &client, sequence, sent, window).await;
+                    let given_up = matches!(fate, Some(Fate::GivenUp(_)));
+                    if let Some(fate) = fate {
+                        let _ = sender.send(fate);
                     }
-                    if window.holds(answered) {
-                        tally.add(outcome, answered - sent);
+                    if given_up {
+                        break;
                     }
                     sequence += concurrency as u64;
                 }
-                tally
             })
         })
         .collect();
-    let mut total = Tally::default();
-    for task in tasks {
-        if let Ok(tally) = task.await {
-            total.merge(tally);
-        }
+    drop(sender);
+    for client in clients {
+        client.await?;
     }
-    total
+    Ok(collector.await?)
 }
 
-/// What became of one open-loop request.
+/// What became of one request.
 enum Fate {
+    /// Answered inside the window, this long after its start.
     Answered(Outcome, Duration),
+    /// Unanswered at the end of the window, after waiting this long.
     GivenUp(Duration),
+}
+
+/// Sends request `sequence`, which started (open loop: was due) at `start`, waiting no later
+/// than the end of the window; None when it was answered before the window opened.
+async fn send_within(
+    workload: &dyn Workload,
+    client: &reqwest::Client,
+    sequence: u64,
+    start: Instant,
+    window: Window,
+) -> Option<Fate> {
+    let send = workload.send(client, sequence);
+    match tokio::time::timeout_at(window.end.into(), send).await {
+        // Also answered while the timer that ends the window was firing: too late.
+        Ok(_) if Instant::now() > window.end => Some(Fate::GivenUp(window.end - start)),
+        Ok(outcome) => {
+            let answered = Instant::now();
+            window
+                .holds(answered)
+                .then(|| Fate::Answered(outcome, answered - start))
+        }
+        Err(_) => Some(Fate::GivenUp(window.end - start)),
+    }
+}
+
+/// One tally for the whole run, fed by every client (a tally per client would hold three
+/// histograms each, about 0.4 MB, at thousands of clients).
+fn collector() -> (
+    tokio::sync::mpsc::UnboundedSender<Fate>,
+    tokio::task::JoinHandle<Tally>,
+) {
+    let (sender, mut receiver) = tokio::sync::mpsc::unbounded_channel::<Fate>();
+    let collector = tokio::spawn(async move {
+        let mut tally = Tally::default();
+        while let Some(fate) = receiver.recv().await {
+            match fate {
+                Fate::Answered(outcome, latency) => tally.add(outcome, latency),
+                Fate::GivenUp(waited) => tally.give_up(waited),
+            }
+        }
+        tally
+    });
+    (sender, collector)
 }
 
 async fn open_loop(
@@ -362,17 +375,7 @@ async fn open_loop(
     let interval = Duration::from_secs_f64(1.0 / rate);
     let intended = move |sequence: u64| start + interval.mul_f64(sequence as f64);
     let permits = Arc::new(Semaphore::new(max_in_flight.max(1)));
-    let (sender, mut receiver) = tokio::sync::mpsc::unbounded_channel::<Fate>();
-    let collector = tokio::spawn(async move {
-        let mut tally = Tally::default();
-        while let Some(fate) = receiver.recv().await {
-            match fate {
-                Fate::Answered(outcome, latency) => tally.add(outcome, latency),
-                Fate::GivenUp(waited) => tally.give_up(waited),
-            }
-        }
-        tally
-    });
+    let (sender, collector) = collector();
     // Requests are started from a thread of their own that sleeps to each start time: tokio's
     // timers round up to whole milliseconds, and latency counts from the intended start, so
     // that lateness would be charged to the server.
@@ -396,20 +399,7 @@ async fn open_loop(
             let client = client.clone();
             let sender = sender.clone();
             runtime.spawn(async move {
-                let send = workload.send(&client, sequence);
-                let fate = match tokio::time::timeout_at(window.end.into(), send).await {
-                    Ok(outcome) => {
-                        let answered = Instant::now();
-                        if answered > window.end {
-                            Some(Fate::GivenUp(window.end - due))
-                        } else {
-                            window
-                                .holds(answered)
-                                .then(|| Fate::Answered(outcome, answered - due))
-                        }
-                    }
-                    Err(_) => Some(Fate::GivenUp(window.end - due)),
-                };
+                let fate = send_within(&*workload, &client, sequence, due, window).await;
                 drop(permit);
                 if let Some(fate) = fate {
                     let _ = sender.send(fate);
