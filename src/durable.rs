@@ -23,11 +23,18 @@ pub fn write(path: &Path, bytes: &[u8]) -> io::Result<()> {
 }
 
 /// Checks that `write` can write `path` (its folder takes files) without touching a file
-/// already there: creates and removes the temporary.
+/// already there: creates and removes the temporary, or opens it for writing if it exists.
 pub fn check_writable(path: &Path) -> io::Result<()> {
     let temporary = temporary_path(path);
-    std::fs::write(&temporary, b"")?;
-    std::fs::remove_file(temporary)
+    let mut options = std::fs::OpenOptions::new();
+    match options.write(true).create_new(true).open(&temporary) {
+        Ok(_) => std::fs::remove_file(temporary),
+        // Someone else's file of that name is left as it is (`write` replaces it later).
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            options.create_new(false).open(&temporary).map(drop)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// Moves the finished file `written` over `path` durably (its data first, then the rename).
@@ -63,6 +70,10 @@ mod tests {
         assert_eq!(std::fs::read(&path).unwrap(), b"second");
         assert_eq!(std::fs::read_dir(folder.path()).unwrap().count(), 1);
         assert!(check_writable(&folder.path().join("missing/state.json")).is_err());
+        // A file that happens to have the temporary's name is not removed by the check.
+        std::fs::write(temporary_path(&path), b"someone's").unwrap();
+        check_writable(&path).unwrap();
+        assert_eq!(std::fs::read(temporary_path(&path)).unwrap(), b"someone's");
     }
 
     #[test]

@@ -24,8 +24,15 @@ pub struct BoardImages {
 
 /// Board names of this run: a prefix of its own, so that a benchmark against a live server
 /// neither replaces a line's templates nor meets another run's.
+/// A name of this run's own: a random run id, not the process id, which repeats across
+/// containers (PID 1) and would let two runs share, replace and delete each other's templates.
 fn board_name(name: &str) -> String {
-    format!("bench-{}-{name}", std::process::id())
+    format!("{}{name}", run_prefix())
+}
+
+fn run_prefix() -> &'static str {
+    static PREFIX: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    PREFIX.get_or_init(|| format!("bench-{:08x}-", fastrand::u32(..)))
 }
 
 /// Real DeepPCB-format pairs from a list, or synthetic boards when no list is given.
@@ -84,8 +91,10 @@ pub struct HttpAoiWorkload {
 /// left (a server that went away would fail every one the same way).
 pub async fn remove_templates(client: &reqwest::Client, url: &str, boards: &[String]) {
     for (done, board) in boards.iter().enumerate() {
+        // A bounded wait: a server that stopped answering must not hold the exit.
         let deleted = client
             .delete(format!("{url}/v1/templates/{board}"))
+            .timeout(Duration::from_secs(5))
             .send()
             .await;
         let failure = match deleted {
@@ -95,18 +104,18 @@ pub async fn remove_templates(client: &reqwest::Client, url: &str, boards: &[Str
         };
         eprintln!(
             "could not delete the benchmark's templates from {url}: {} of {} left, named \
-             bench-{}-* ({failure})",
+             {}* ({failure})",
             boards.len() - done,
             boards.len(),
-            std::process::id()
+            run_prefix()
         );
         return;
     }
 }
 
 impl HttpAoiWorkload {
-    /// Registers every board's template on the server, adding each name to `registered` once
-    /// the server has it.
+    /// Registers every board's template on the server (none may exist there already), adding
+    /// each name to `registered` as its upload starts.
     pub async fn prepare(
         client: &reqwest::Client,
         url: &str,
@@ -114,8 +123,25 @@ impl HttpAoiWorkload {
         registered: &std::sync::Mutex<Vec<String>>,
     ) -> anyhow::Result<HttpAoiWorkload> {
         for board in &boards {
+            let templates = format!("{url}/v1/templates/{}", board.board);
+            let existing = client
+                .get(&templates)
+                .send()
+                .await
+                .with_context(|| format!("cannot reach {url}"))?;
+            anyhow::ensure!(
+                existing.status() == reqwest::StatusCode::NOT_FOUND,
+                "{templates} answered {} before the benchmark registered it; it does not replace \
+                 or delete a template it did not make",
+                existing.status()
+            );
+            // Recorded before the upload: an upload cut short (Ctrl-C) may still land.
+            registered
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(board.board.clone());
             let response = client
-                .put(format!("{url}/v1/templates/{}", board.board))
+                .put(&templates)
                 .body(board.template.clone())
                 .send()
                 .await
@@ -127,10 +153,6 @@ impl HttpAoiWorkload {
                 response.status(),
                 response.text().await.unwrap_or_default()
             );
-            registered
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(board.board.clone());
         }
         Ok(HttpAoiWorkload {
             url: url.to_string(),

@@ -37,6 +37,10 @@ impl CpuUse {
                 "server {server:.2} cores, load generator {:.2} cores",
                 self.bench_cores
             ),
+            // Over HTTP this process is only the load generator; in-process it runs the model.
+            None if self.server_unknown.is_some() => {
+                format!("load generator {:.2} cores", self.bench_cores)
+            }
             None => format!("{:.2} cores", self.bench_cores),
         }
     }

@@ -11,6 +11,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::future::BoxFuture;
@@ -330,6 +331,11 @@ async fn send_within(
     start: Instant,
     window: Window,
 ) -> Option<Fate> {
+    // A task that first runs after the end sends nothing (tokio's timeout polls the request,
+    // which would open a connection, before it looks at the deadline).
+    if Instant::now() >= window.end {
+        return Some(Fate::GivenUp(window.end - start));
+    }
     let send = workload.send(client, sequence);
     match tokio::time::timeout_at(window.end.into(), send).await {
         // Also answered while the timer that ends the window was firing: too late.
@@ -372,27 +378,28 @@ async fn open_loop(
     start: Instant,
     window: Window,
 ) -> anyhow::Result<Tally> {
-    let interval = Duration::from_secs_f64(1.0 / rate);
-    let intended = move |sequence: u64| start + interval.mul_f64(sequence as f64);
+    // From the rate itself, not a whole-nanosecond interval whose error would add up.
+    let intended = move |sequence: u64| start + Duration::from_secs_f64(sequence as f64 / rate);
     let permits = Arc::new(Semaphore::new(max_in_flight.max(1)));
     let (sender, collector) = collector();
     // Requests are started from a thread of their own that sleeps to each start time: tokio's
     // timers round up to whole milliseconds, and latency counts from the intended start, so
-    // that lateness would be charged to the server.
+    // that lateness would be charged to the server. It never blocks on the runtime, and stops
+    // at the end of the window or as soon as the run is dropped (Ctrl-C).
     let runtime = tokio::runtime::Handle::current();
     let workload = workload.clone();
     let client = client.clone();
+    let stop = Arc::new(AtomicBool::new(false));
+    let _stop_when_dropped = StopWhenDropped(stop.clone());
     let first_unsent = tokio::task::spawn_blocking(move || {
+        let stopped = || stop.load(Ordering::Relaxed);
         let mut sequence = 0u64;
         loop {
             let due = intended(sequence);
-            if due >= window.end {
+            if due >= window.end || !sleep_until(due, &stopped) {
                 break;
             }
-            std::thread::sleep(due.saturating_duration_since(Instant::now()));
-            let free_slot =
-                tokio::time::timeout_at(window.end.into(), permits.clone().acquire_owned());
-            let Ok(Ok(permit)) = runtime.block_on(free_slot) else {
+            let Some(permit) = free_slot(&permits, window.end, &stopped) else {
                 break;
             };
             let workload = workload.clone();
@@ -430,6 +437,51 @@ async fn open_loop(
         sequence += count;
     }
     Ok(tally)
+}
+
+/// Sets its flag when dropped: a run dropped halfway (Ctrl-C) stops its scheduler thread.
+struct StopWhenDropped(Arc<AtomicBool>);
+
+impl Drop for StopWhenDropped {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// The longest the scheduler sleeps or waits before it looks at its stop flag again.
+const STOP_CHECK: Duration = Duration::from_millis(10);
+/// How often the scheduler looks for a free slot when all are taken.
+const SLOT_POLL: Duration = Duration::from_micros(100);
+
+/// Sleeps this thread until `at`; false when stopped first.
+fn sleep_until(at: Instant, stopped: &impl Fn() -> bool) -> bool {
+    loop {
+        if stopped() {
+            return false;
+        }
+        let left = at.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return true;
+        }
+        std::thread::sleep(left.min(STOP_CHECK));
+    }
+}
+
+/// One of the --concurrency slots, waiting for one to free; None at `end` or when stopped.
+fn free_slot(
+    permits: &Arc<Semaphore>,
+    end: Instant,
+    stopped: &impl Fn() -> bool,
+) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    loop {
+        if Instant::now() >= end || stopped() {
+            return None;
+        }
+        if let Ok(permit) = permits.clone().try_acquire_owned() {
+            return Some(permit);
+        }
+        std::thread::sleep(SLOT_POLL);
+    }
 }
 
 #[cfg(test)]

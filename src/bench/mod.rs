@@ -96,7 +96,9 @@ fn check_report_path(report: &Option<PathBuf>) -> anyhow::Result<()> {
 
 impl ServerArgs {
     /// An HTTP client that keeps up to `connections` idle connections and sends the key.
-    pub fn client(&self, connections: usize) -> anyhow::Result<reqwest::Client> {
+    /// A client for a load run: a request may wait until the run ends (the run, not the client,
+    /// gives up on it then, so a stall longer than any fixed timeout still counts as waiting).
+    pub fn client(&self, load: &LoadArgs) -> anyhow::Result<reqwest::Client> {
         let mut headers = reqwest::header::HeaderMap::new();
         if let Some(key) = &self.api_key {
             let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {key}"))
@@ -106,8 +108,8 @@ impl ServerArgs {
         }
         Ok(reqwest::Client::builder()
             .default_headers(headers)
-            .pool_max_idle_per_host(connections.max(1))
-            .timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(load.concurrency)
+            .timeout(Duration::from_secs_f64(load.warmup + load.duration + 60.0))
             .build()?)
     }
 }
@@ -268,6 +270,11 @@ impl LoadArgs {
                 .collect();
             anyhow::bail!("every request failed ({})", errors.join("; "));
         }
+        anyhow::ensure!(
+            report.requests_ok > 0,
+            "no request was answered in the measured window ({} unanswered at its end)",
+            report.requests_unanswered
+        );
         Ok(())
     }
 }
@@ -275,7 +282,7 @@ impl LoadArgs {
 pub fn run(command: BenchCommand) -> anyhow::Result<()> {
     match command {
         BenchCommand::Infer(args) => {
-            let client = args.server.client(args.load.concurrency)?;
+            let client = args.server.client(&args.load)?;
             args.load.execute(client.clone(), async || {
                 let workload = infer::InferWorkload::prepare(
                     &client,
@@ -303,7 +310,7 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
                 registry.shutdown();
                 outcome
             } else {
-                let client = args.server.client(args.load.concurrency)?;
+                let client = args.server.client(&args.load)?;
                 let url = &args.server.url;
                 let registered = std::sync::Mutex::new(Vec::new());
                 let outcome = args.load.execute(client.clone(), async || {
@@ -321,7 +328,7 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
             }
         }
         BenchCommand::Rul(args) => {
-            let client = args.server.client(args.load.concurrency)?;
+            let client = args.server.client(&args.load)?;
             args.load.execute(client.clone(), async || {
                 let workload =
                     rul::RulWorkload::prepare(&client, &args.server.url, &args.model, args.windows)

@@ -8,16 +8,18 @@ use serde::Serialize;
 
 use crate::bench::cpu::CpuUse;
 
-/// Microsecond histogram, 1 µs to 60 s at 3 significant digits.
+/// Microsecond histogram, 1 µs to two weeks (a week's warm-up and a week's run, the longest a
+/// request can wait) at 3 significant digits.
 pub fn new_histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds")
+    const TWO_WEEKS_US: u64 = 14 * 24 * 3600 * 1_000_000;
+    Histogram::new_with_bounds(1, TWO_WEEKS_US, 3).expect("valid histogram bounds")
 }
 
 pub fn record(histogram: &mut Histogram<u64>, value: Duration) {
     record_many(histogram, value, 1);
 }
 
-/// Records `value` `count` times (values above the histogram's 60 s count as 60 s).
+/// Records `value` `count` times (values above the histogram's bound count as the bound).
 pub fn record_many(histogram: &mut Histogram<u64>, value: Duration, count: u64) {
     let micros = (value.as_micros().max(1) as u64).min(histogram.high());
     histogram
@@ -114,7 +116,7 @@ impl Report {
         if self.target_rate.is_some() && behind > self.concurrency as u64 {
             println!(
                 "  behind the rate: {behind} requests due in the run got no answer within it (the \
-                 server or --concurrency {} in flight could not keep up)",
+                 server, the --concurrency {} slots or this load generator could not keep up)",
                 self.concurrency
             );
         }
