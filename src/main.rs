@@ -93,16 +93,18 @@ fn main() -> ExitCode {
     }
 }
 
-/// Log levels when `LINESCAN_LOG` is unset; ONNX Runtime's graph optimiser is chatty at info.
-const DEFAULT_LOG: &str = "info,ort=warn";
+/// Log levels when `LINESCAN_LOG` is unset.
+const DEFAULT_LOG: &str = "info";
 
-/// The filter from `LINESCAN_LOG` (ONNX Runtime kept at warn unless it names `ort`), or why
-/// the value is not a filter a user meant.
+/// Libraries kept at warn unless `LINESCAN_LOG` names them: ONNX Runtime's graph optimiser is
+/// chatty at info, and wgpu's shader compiler writes thousands of lines at debug.
+const CHATTY: [&str; 4] = ["ort", "naga", "wgpu_core", "wgpu_hal"];
+
+/// The filter from `LINESCAN_LOG` (the chatty libraries kept at warn unless named), or why the
+/// value is not a filter a user meant.
 fn log_filter(value: Option<&str>) -> Result<tracing_subscriber::EnvFilter, String> {
     const LEVELS: [&str; 6] = ["error", "warn", "info", "debug", "trace", "off"];
-    let Some(value) = value else {
-        return Ok(tracing_subscriber::EnvFilter::new(DEFAULT_LOG));
-    };
+    let value = value.unwrap_or(DEFAULT_LOG);
     // A bare word is a target to EnvFilter: "warnn" would silence every other line.
     let stray = value.split(',').map(str::trim).find(|d| {
         !d.is_empty() && !d.contains('=') && !LEVELS.contains(&d.to_ascii_lowercase().as_str())
@@ -110,11 +112,10 @@ fn log_filter(value: Option<&str>) -> Result<tracing_subscriber::EnvFilter, Stri
     if let Some(word) = stray {
         return Err(format!("{word:?} is not a level"));
     }
-    let directives = if value.contains("ort") {
-        value.to_string()
-    } else {
-        format!("{value},ort=warn")
-    };
+    let mut directives = value.to_string();
+    for library in CHATTY.iter().filter(|library| !value.contains(*library)) {
+        directives.push_str(&format!(",{library}=warn"));
+    }
     tracing_subscriber::EnvFilter::try_new(directives).map_err(|e| e.to_string())
 }
 
@@ -122,10 +123,11 @@ fn init_logging(format: LogFormat) {
     let value = std::env::var("LINESCAN_LOG").ok();
     let filter = log_filter(value.as_deref()).unwrap_or_else(|problem| {
         eprintln!(
-            "warning: LINESCAN_LOG={value:?} ignored ({problem}; use a level such as info or \
-             debug, or target=level pairs such as linescan=debug); logging at {DEFAULT_LOG}"
+            "warning: LINESCAN_LOG={:?} ignored ({problem}; use a level such as info or debug, \
+             or target=level pairs such as linescan=debug); logging at {DEFAULT_LOG}",
+            value.as_deref().unwrap_or_default()
         );
-        tracing_subscriber::EnvFilter::new(DEFAULT_LOG)
+        log_filter(None).expect("the default filter is valid")
     });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -158,10 +160,15 @@ mod tests {
                 .contains("\"warnn\" is not a level")
         );
         assert!(log_filter(Some("x=[")).is_err());
-        // ONNX Runtime stays at warn unless asked for.
-        assert_eq!(
-            log_filter(Some("info")).unwrap().to_string(),
-            "ort=warn,info"
+        // The chatty libraries stay at warn unless asked for.
+        let filter = log_filter(Some("debug")).unwrap().to_string();
+        for library in CHATTY {
+            assert!(filter.contains(&format!("{library}=warn")), "{filter}");
+        }
+        let filter = log_filter(Some("debug,naga=debug")).unwrap().to_string();
+        assert!(
+            filter.contains("naga=debug") && !filter.contains("naga=warn"),
+            "{filter}"
         );
     }
 }

@@ -56,6 +56,7 @@ pub struct Metrics {
     pub model_info: IntGaugeVec,
     pub preprocess_info: IntGaugeVec,
     pub http_responses: IntCounterVec,
+    pub http_duration: HistogramVec,
     pub aoi_inspections: IntCounterVec,
     pub aoi_defects: IntCounterVec,
     pub aoi_templates: IntGaugeVec,
@@ -170,6 +171,12 @@ impl Metrics {
                 "linescan_http_responses_total",
                 "HTTP responses by route (its pattern, or \"unmatched\") and status",
                 &["route", "status"],
+            ),
+            http_duration: histogram(
+                "linescan_http_request_duration_seconds",
+                "Time from a request's arrival to its response, by route (every route and status)",
+                &["route"],
+                LATENCY_BUCKETS,
             ),
             aoi_inspections: counter(
                 "linescan_aoi_inspections_total",

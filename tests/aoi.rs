@@ -148,6 +148,13 @@ async fn template_lifecycle_and_inspection_verdicts() {
 
     let metrics = server.metrics_text().await;
     assert!(metrics.contains("linescan_stage_duration_seconds_bucket{backend=\"cpu\",pipeline=\"aoi\",stage=\"align\""), "{metrics}");
+    // Every route's latency, failures included (the 404 above).
+    assert!(
+        metrics.contains(
+            "linescan_http_request_duration_seconds_count{route=\"/v1/inspect/{board}\"}"
+        ),
+        "{metrics}"
+    );
     // One clean and one defective board; every reported defect counted by class; the board
     // deleted, so no template is left.
     let reported = result["defects"].as_array().unwrap();

@@ -99,7 +99,10 @@ impl ResponseError for ApiError {
             }
             _ => {}
         }
-        response.json(serde_json::json!({ "error": self.to_string() }))
+        let text = self.to_string();
+        let mut response = response.json(serde_json::json!({ "error": text }));
+        crate::server::access_log::attach_error_text(&mut response, text);
+        response
     }
 }
 

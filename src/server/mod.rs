@@ -2,6 +2,7 @@
 //! on a background thread (readiness turns true when done), and on SIGTERM/Ctrl-C stops accepting,
 //! finishes in-flight requests and drains the batcher queues before exiting.
 
+pub mod access_log;
 pub mod aoi;
 pub mod body;
 pub mod error;
@@ -12,6 +13,7 @@ pub mod state;
 pub mod v2;
 
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use actix_web::dev::{Service, ServiceResponse};
 use actix_web::http::Method;
@@ -63,9 +65,11 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let api_key = args.api_key.clone();
     let app_state = state.clone();
     let response_metrics = metrics.clone();
+    let failure_log = Arc::new(access_log::FailureLog::default());
     let mut server = HttpServer::new(move || {
         let api_key = api_key.clone();
         let metrics = response_metrics.clone();
+        let failures = failure_log.clone();
         App::new()
             .app_data(app_state.clone())
             .app_data(web::QueryConfig::default().error_handler(|error, request| {
@@ -93,31 +97,26 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 if authorised {
                     Either::Left(service.call(request))
                 } else {
-                    let response = HttpResponse::Unauthorized()
+                    let refusal = "missing or wrong API key (send Authorization: Bearer <key>)";
+                    let mut response = HttpResponse::Unauthorized()
                         .insert_header(("WWW-Authenticate", "Bearer"))
-                        .json(serde_json::json!({
-                            "error": "missing or wrong API key (send Authorization: Bearer <key>)"
-                        }));
+                        .json(serde_json::json!({ "error": refusal }));
+                    access_log::attach_error_text(&mut response, refusal.into());
                     Either::Right(ready(Ok(ServiceResponse::new(
                         request.into_parts().0,
                         response,
                     ))))
                 }
             })
-            // Outermost: counts every response, refusals of the API key included.
+            // Outermost: counts, times and logs every response, refusals of the API key included.
             .wrap_fn(move |request, service| {
                 let metrics = metrics.clone();
+                let failures = failures.clone();
+                let started = Instant::now();
                 let response = service.call(request);
                 async move {
                     let response = response.await?;
-                    let route = response.request().match_pattern();
-                    metrics
-                        .http_responses
-                        .with_label_values(&[
-                            route.as_deref().unwrap_or("unmatched"),
-                            response.status().as_str(),
-                        ])
-                        .inc();
+                    access_log::record(&metrics, &failures, &response, started);
                     Ok(response)
                 }
             })

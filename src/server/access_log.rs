@@ -1,0 +1,143 @@
+//! What the outermost middleware records of every response: its count and latency by route in
+//! `/metrics`, and for a failure a log line with the route, the status and the error the client
+//! was given. Server errors (5xx) and refused API keys are logged at WARN, other client errors at
+//! DEBUG; at most one line per route and status a second, so a flood of 503s cannot flood the
+//! log (the line after a pause says how many were not logged).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use actix_web::HttpResponse;
+use actix_web::dev::ServiceResponse;
+use actix_web::http::StatusCode;
+
+use crate::metrics::Metrics;
+
+/// The error text of an error response, kept on it for the log (its body is already JSON).
+pub struct ErrorText(pub String);
+
+/// Puts `text` on `response` for the access log.
+pub fn attach_error_text(response: &mut HttpResponse, text: String) {
+    response.extensions_mut().insert(ErrorText(text));
+}
+
+/// The least time between two log lines of one route and status.
+const LOG_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Per route and status: when a line was last logged, and how many were left out since.
+#[derive(Default)]
+pub struct FailureLog {
+    last: Mutex<HashMap<(String, StatusCode), (Instant, u64)>>,
+}
+
+impl FailureLog {
+    /// Whether to log a failure of `route` with `status` now, and how many of them were left out
+    /// since the last line. Routes are patterns and statuses few, so the map stays small.
+    fn admit(&self, route: &str, status: StatusCode, now: Instant) -> Option<u64> {
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        match last.get_mut(&(route.to_owned(), status)) {
+            Some((at, left_out)) if now.duration_since(*at) < LOG_INTERVAL => {
+                *left_out += 1;
+                None
+            }
+            Some((at, left_out)) => {
+                *at = now;
+                Some(std::mem::take(left_out))
+            }
+            None => {
+                last.insert((route.to_owned(), status), (now, 0));
+                Some(0)
+            }
+        }
+    }
+}
+
+/// Counts and times `response`, begun at `started`, and logs it if it is a failure.
+pub fn record<B>(
+    metrics: &Metrics,
+    failures: &FailureLog,
+    response: &ServiceResponse<B>,
+    started: Instant,
+) {
+    let route = response.request().match_pattern();
+    let route = route.as_deref().unwrap_or("unmatched");
+    let status = response.status();
+    metrics
+        .http_responses
+        .with_label_values(&[route, status.as_str()])
+        .inc();
+    metrics
+        .http_duration
+        .with_label_values(&[route])
+        .observe(started.elapsed().as_secs_f64());
+    let loud = status.is_server_error() || status == StatusCode::UNAUTHORIZED;
+    let quiet = status.is_client_error() && !loud;
+    if !(loud || quiet) {
+        return;
+    }
+    let Some(left_out) = failures.admit(route, status, Instant::now()) else {
+        return;
+    };
+    let request = response.request();
+    let error = response.response().extensions();
+    let error = error.get::<ErrorText>().map_or("", |e| e.0.as_str());
+    let peer = request.peer_addr().map(|a| a.ip().to_string());
+    let peer = peer.as_deref().unwrap_or("unknown");
+    let method = request.method().as_str();
+    let status = status.as_u16();
+    if loud {
+        tracing::warn!(
+            route,
+            method,
+            status,
+            peer,
+            left_out,
+            error,
+            "request failed"
+        );
+    } else {
+        tracing::debug!(
+            route,
+            method,
+            status,
+            peer,
+            left_out,
+            error,
+            "request refused"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_flood_of_one_failure_is_logged_once_a_second_with_the_count_left_out() {
+        let log = FailureLog::default();
+        let t0 = Instant::now();
+        let busy = StatusCode::SERVICE_UNAVAILABLE;
+        assert_eq!(log.admit("/v1/rul/{model}", busy, t0), Some(0));
+        for i in 1..=5 {
+            assert_eq!(
+                log.admit("/v1/rul/{model}", busy, t0 + i * Duration::from_millis(100)),
+                None
+            );
+        }
+        // Another route or status is logged on its own clock.
+        assert_eq!(
+            log.admit("/v1/rul/{model}", StatusCode::GATEWAY_TIMEOUT, t0),
+            Some(0)
+        );
+        assert_eq!(log.admit("/metrics", busy, t0), Some(0));
+        assert_eq!(
+            log.admit("/v1/rul/{model}", busy, t0 + LOG_INTERVAL),
+            Some(5)
+        );
+        assert_eq!(
+            log.admit("/v1/rul/{model}", busy, t0 + 3 * LOG_INTERVAL),
+            Some(0)
+        );
+    }
+}
