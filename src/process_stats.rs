@@ -1,10 +1,10 @@
-//! This process's CPU time and memory, read from `/proc`, and exported to Prometheus under the
-//! standard `process_*` names. The `prometheus` crate's own process collector rounds CPU time
+//! This process's CPU time, memory, file descriptors, start time and threads, read from `/proc`,
+//! and exported to Prometheus under the standard `process_*` names. The `prometheus` crate's own process collector rounds CPU time
 //! down to whole seconds, too coarse to tell how a 10-second benchmark split the CPU.
 
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
-use prometheus::{Counter, IntGauge, Opts};
+use prometheus::{Counter, Gauge, IntGauge, Opts};
 
 /// One reading of `/proc/self/stat`.
 struct Usage {
@@ -26,10 +26,58 @@ pub fn cpu_seconds() -> Option<f64> {
     usage().map(|usage| usage.cpu_seconds)
 }
 
-/// `process_cpu_seconds_total` and `process_resident_memory_bytes`, read when scraped.
+/// The standard gauges beside CPU and memory, each read when scraped (None: not readable).
+const GAUGES: [(&str, &str); 5] = [
+    ("process_open_fds", "Number of open file descriptors."),
+    (
+        "process_max_fds",
+        "Maximum number of open file descriptors.",
+    ),
+    (
+        "process_start_time_seconds",
+        "Start time of the process since unix epoch in seconds.",
+    ),
+    (
+        "process_virtual_memory_bytes",
+        "Virtual memory size in bytes.",
+    ),
+    ("process_threads", "Number of OS threads in the process."),
+];
+
+/// The values of `GAUGES`, in their order.
+fn gauge_values() -> [Option<f64>; 5] {
+    let Ok(process) = procfs::process::Process::myself() else {
+        return [None; 5];
+    };
+    let stat = process.stat().ok();
+    let max_fds = process
+        .limits()
+        .ok()
+        .and_then(|limits| match limits.max_open_files.soft_limit {
+            procfs::process::LimitValue::Value(n) => Some(n as f64),
+            procfs::process::LimitValue::Unlimited => None,
+        });
+    let started = stat
+        .as_ref()
+        .zip(procfs::boot_time_secs().ok())
+        .map(|(stat, boot)| {
+            boot as f64 + stat.starttime as f64 / procfs::ticks_per_second() as f64
+        });
+    [
+        process.fd_count().ok().map(|n| n as f64),
+        max_fds,
+        started,
+        stat.as_ref().map(|stat| stat.vsize as f64),
+        stat.as_ref().map(|stat| stat.num_threads as f64),
+    ]
+}
+
+/// Prometheus' standard `process_*` series, read when scraped: CPU seconds (to the tick),
+/// resident and virtual memory, file descriptors, start time and threads.
 pub struct ProcessCollector {
     cpu: Counter,
     resident: IntGauge,
+    gauges: Vec<Gauge>,
     descs: Vec<Desc>,
 }
 
@@ -45,15 +93,21 @@ impl ProcessCollector {
             "Resident memory size in bytes.",
         ))
         .expect("valid gauge");
+        let gauges: Vec<Gauge> = GAUGES
+            .iter()
+            .map(|(name, help)| Gauge::with_opts(Opts::new(*name, *help)).expect("valid gauge"))
+            .collect();
         let descs = cpu
             .desc()
             .into_iter()
             .chain(resident.desc())
+            .chain(gauges.iter().flat_map(|gauge| gauge.desc()))
             .cloned()
             .collect();
         ProcessCollector {
             cpu,
             resident,
+            gauges,
             descs,
         }
     }
@@ -77,11 +131,16 @@ impl Collector for ProcessCollector {
                 .inc_by((usage.cpu_seconds - self.cpu.get()).max(0.0));
             self.resident.set(usage.resident_bytes as i64);
         }
-        self.cpu
-            .collect()
-            .into_iter()
-            .chain(self.resident.collect())
-            .collect()
+        let mut families = self.cpu.collect();
+        families.extend(self.resident.collect());
+        // A value that cannot be read leaves its series out rather than exporting a stale one.
+        for (gauge, value) in self.gauges.iter().zip(gauge_values()) {
+            if let Some(value) = value {
+                gauge.set(value);
+                families.extend(gauge.collect());
+            }
+        }
+        families
     }
 }
 
@@ -123,5 +182,19 @@ mod tests {
             value(&text, "process_resident_memory_bytes") > 1e6,
             "{text}"
         );
+        // Standard input, output and error at least; a limit above that; started before now.
+        assert!(value(&text, "process_open_fds") >= 3.0, "{text}");
+        assert!(value(&text, "process_max_fds") > value(&text, "process_open_fds"));
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        let started = value(&text, "process_start_time_seconds");
+        assert!(
+            started > now - 3600.0 && started <= now + 1.0,
+            "{started} vs {now}"
+        );
+        assert!(value(&text, "process_threads") >= 1.0, "{text}");
+        assert!(value(&text, "process_virtual_memory_bytes") > 1e6, "{text}");
     }
 }

@@ -468,6 +468,13 @@ async fn a_passed_deadline_answers_504() {
         ),
         1.0
     );
+    // The expired request's batch never ran, so it is not among the batches closed.
+    let model = format!("model=\"{MODEL}\"");
+    assert_eq!(
+        metric(&text, "linescan_batch_close_total", &[&model]),
+        metric(&text, "linescan_inference_exec_count_total", &[&model]),
+        "{text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -486,8 +486,8 @@ struct Worker {
 impl Worker {
     fn run(mut self) {
         while let Some(first) = self.next_request() {
-            let batch = self.form_batch(first);
-            self.execute(batch);
+            let (batch, closed_by) = self.form_batch(first);
+            self.execute(batch, closed_by);
         }
     }
 
@@ -535,7 +535,8 @@ impl Worker {
         received
     }
 
-    fn form_batch(&mut self, first: QueuedRequest) -> Vec<QueuedRequest> {
+    /// A batch led by `first`, and what closed it.
+    fn form_batch(&mut self, first: QueuedRequest) -> (Vec<QueuedRequest>, BatchClose) {
         let max_rows = self.config.max_batch_size;
         let mut rows = first.rows;
         let mut batch = vec![first];
@@ -599,12 +600,7 @@ impl Worker {
             self.pending.push_front(next);
             break closed_by;
         };
-        let [model, version] = self.label_refs();
-        self.metrics
-            .batch_close
-            .with_label_values(&[model, version, closed_by.label()])
-            .inc();
-        batch
+        (batch, closed_by)
     }
 
     /// Drops requests nobody waits for any more; answers those past their deadline.
@@ -633,7 +629,7 @@ impl Worker {
         [self.labels[0].as_str(), self.labels[1].as_str()]
     }
 
-    fn execute(&mut self, mut batch: Vec<QueuedRequest>) {
+    fn execute(&mut self, mut batch: Vec<QueuedRequest>, closed_by: BatchClose) {
         let started = Instant::now();
         let labels = self.label_refs();
         // Expired requests are answered here, not run; the others are taken, unless their
@@ -657,6 +653,11 @@ impl Worker {
         if batch.is_empty() {
             return;
         }
+        // Counted for batches that run only, so the reasons add up to the executions.
+        self.metrics
+            .batch_close
+            .with_label_values(&[labels[0], labels[1], closed_by.label()])
+            .inc();
         for request in &batch {
             self.metrics
                 .queue_duration
