@@ -57,6 +57,8 @@ pub struct Metrics {
     pub preprocess_info: IntGaugeVec,
     pub http_responses: IntCounterVec,
     pub http_duration: HistogramVec,
+    pub jobs_ended: IntCounterVec,
+    pub job_rows: IntCounterVec,
     pub aoi_inspections: IntCounterVec,
     pub aoi_defects: IntCounterVec,
     pub aoi_templates: IntGaugeVec,
@@ -177,6 +179,17 @@ impl Metrics {
                 "Time from a request's arrival to its response, by route (every route and status)",
                 &["route"],
                 LATENCY_BUCKETS,
+            ),
+            jobs_ended: counter(
+                "linescan_jobs_ended_total",
+                "Fleet job runs that ended since the server started, by model and state (done, failed, \
+                 cancelled while running)",
+                &["model", "state"],
+            ),
+            job_rows: counter(
+                "linescan_job_rows_total",
+                "Archive rows scored by fleet jobs that finished (done)",
+                &["model"],
             ),
             aoi_inspections: counter(
                 "linescan_aoi_inspections_total",

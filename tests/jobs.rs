@@ -74,6 +74,22 @@ async fn job_lifecycle_with_results_in_every_format() {
     assert!(status["rows_per_second"].as_f64().unwrap() > 0.0);
     assert_eq!(status["model"], RUL_MODEL);
     assert!(status["error"].is_null());
+    // The run ended and its rows were scored, in /metrics too.
+    let metrics = server.metrics_text().await;
+    let model = format!("model=\"{RUL_MODEL}\"");
+    assert_eq!(
+        common::metric(
+            &metrics,
+            "linescan_jobs_ended_total",
+            &[&model, "state=\"done\""]
+        ),
+        1.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        common::metric(&metrics, "linescan_job_rows_total", &[&model]),
+        table.rows() as f64
+    );
 
     // HDF5 (the default format).
     let response = get(format!("{}/v1/jobs/{id}/result", server.url)).await;

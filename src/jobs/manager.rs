@@ -39,6 +39,7 @@ pub struct JobManager {
     runtime: Mutex<Option<tokio::runtime::Runtime>>,
     sensors: Arc<SensorService>,
     args: JobArgs,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl JobManager {
@@ -47,6 +48,7 @@ impl JobManager {
         root: &Path,
         sensors: Arc<SensorService>,
         args: JobArgs,
+        metrics: Arc<crate::metrics::Metrics>,
     ) -> anyhow::Result<Arc<JobManager>> {
         let store = JobStore::open(root)
             .map_err(|e| anyhow::anyhow!("cannot open the job store {}: {e}", root.display()))?;
@@ -65,6 +67,7 @@ impl JobManager {
             runtime: Mutex::new(Some(runtime)),
             sensors,
             args,
+            metrics,
         });
         let mut requeued = 0;
         for mut record in manager.store.load_all() {
@@ -351,6 +354,10 @@ impl JobManager {
                 record.rows_per_second = summary.rows_per_second;
                 record.finished_unix = Some(now_unix());
                 tracing::info!(job = %id, rows = summary.rows, seconds = summary.seconds, "job done");
+                self.metrics
+                    .job_rows
+                    .with_label_values(&[&model_name])
+                    .inc_by(summary.rows as u64);
             }
             Err(RunError::Cancelled) => {
                 record.state = JobState::Cancelled;
@@ -373,6 +380,12 @@ impl JobManager {
                 self.store.clear_results(id);
                 tracing::warn!(job = %id, %error, "job failed");
             }
+        }
+        if record.state.is_final() {
+            self.metrics
+                .jobs_ended
+                .with_label_values(&[&model_name, record.state.name()])
+                .inc();
         }
         self.save_logged(&record);
     }

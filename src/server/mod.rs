@@ -243,6 +243,7 @@ fn load_services(
             &services.data_dir.join("jobs"),
             sensors.clone(),
             services.jobs.clone(),
+            metrics.clone(),
         )?;
         state.set_fleet(Arc::new(crate::jobs::Fleet {
             sensors,
