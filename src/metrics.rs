@@ -61,6 +61,7 @@ pub struct Metrics {
     pub job_rows: IntCounterVec,
     pub aoi_inspections: IntCounterVec,
     pub aoi_defects: IntCounterVec,
+    pub aoi_images_failed: IntCounterVec,
     pub aoi_templates: IntGaugeVec,
 }
 
@@ -200,6 +201,12 @@ impl Metrics {
                 "linescan_aoi_defects_total",
                 "Defects reported on inspected boards, by class",
                 &["class"],
+            ),
+            aoi_images_failed: counter(
+                "linescan_aoi_images_failed_total",
+                "Board images whose inspection failed, by the status they were given (alone or as \
+                 one image of a batch, whose own answer is 200)",
+                &["status"],
             ),
             aoi_templates: gauge(
                 "linescan_aoi_templates",

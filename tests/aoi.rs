@@ -302,6 +302,12 @@ async fn batch_and_multipart_forms() {
             .unwrap()
             .contains("not an image")
     );
+    // The batch was answered 200; its failed image is counted all the same.
+    let metrics = server.metrics_text().await;
+    assert!(
+        metrics.contains("linescan_aoi_images_failed_total{status=\"415\"} 1"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

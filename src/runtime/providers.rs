@@ -95,7 +95,13 @@ impl ProviderPlan {
         match self {
             ProviderPlan::Auto => [ProviderKind::TensorRt, ProviderKind::Cuda]
                 .into_iter()
-                .filter(|k| k.compiled_in())
+                .filter(|k| {
+                    let present = k.compiled_in();
+                    if !present {
+                        tracing::debug!(provider = %k, reason = NOT_COMPILED_IN, "auto skips a provider");
+                    }
+                    present
+                })
                 .map(|k| vec![k])
                 .chain([vec![ProviderKind::Cpu]])
                 .collect(),
@@ -103,6 +109,11 @@ impl ProviderPlan {
         }
     }
 }
+
+/// Why a GPU provider cannot be used with the library that was loaded.
+const NOT_COMPILED_IN: &str = "the loaded ONNX Runtime library was built without it (the CPU \
+                               package `onnxruntime` has only cpu; use `onnxruntime-gpu` for \
+                               cuda/tensorrt)";
 
 /// Settings a provider needs from the model (engine cache, profiles, device).
 pub struct ProviderSettings<'a> {
@@ -119,9 +130,7 @@ pub fn dispatch(
     if !kind.compiled_in() {
         return Err(RuntimeError::Provider {
             provider: kind.name().into(),
-            problem: "the loaded ONNX Runtime library was built without it (the CPU package \
-                      `onnxruntime` has only cpu; use `onnxruntime-gpu` for cuda/tensorrt)"
-                .into(),
+            problem: NOT_COMPILED_IN.into(),
         });
     }
     let runtime = &settings.config.runtime;

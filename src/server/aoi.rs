@@ -353,7 +353,27 @@ async fn delete_template(
 }
 
 /// Inspects one image of a board.
+/// Inspects one image; a failure is counted by its status, also within a batch (whose own
+/// answer is 200).
 async fn inspect_one(
+    service: &Arc<AoiService>,
+    board: &str,
+    bytes: Bytes,
+) -> Result<InspectResult, ApiError> {
+    let result = inspect_image(service, board, bytes).await;
+    if let Err(error) = &result {
+        use actix_web::ResponseError;
+        service
+            .inspector
+            .metrics
+            .aoi_images_failed
+            .with_label_values(&[error.status_code().as_str()])
+            .inc();
+    }
+    result
+}
+
+async fn inspect_image(
     service: &Arc<AoiService>,
     board: &str,
     bytes: Bytes,
