@@ -6,10 +6,11 @@ use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-/// Latency buckets in seconds: 50 µs to 10 s, dense where inference lives.
+/// Latency buckets in seconds: 10 µs to 10 s, dense where inference lives (a small model's
+/// compute and the cheap AOI stages take tens of microseconds).
 pub const LATENCY_BUCKETS: &[f64] = &[
-    0.00005, 0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05,
-    0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0025, 0.005, 0.0075,
+    0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
 const BATCH_BUCKETS: &[f64] = &[

@@ -45,7 +45,9 @@ impl ModelSession {
             max_batch: spec.config.max_batch_size.max(1),
         };
         let mut last_error = None;
-        for attempt in plan.attempts() {
+        let attempts = plan.attempts();
+        let last = attempts.len().saturating_sub(1);
+        for (index, attempt) in attempts.into_iter().enumerate() {
             let built = Self::build(spec, &environment, &attempt, &settings, threads);
             match (built, plan) {
                 (Ok(session), _) => {
@@ -57,12 +59,13 @@ impl ModelSession {
                     session.check_signature()?;
                     return Ok(session);
                 }
-                (Err(error), ProviderPlan::Auto) => {
+                (Err(error), ProviderPlan::Auto) if index < last => {
                     tracing::warn!(model = %spec.config.name, providers = ?attempt, %error,
                         "provider unavailable, trying the next");
                     last_error = Some(error);
                 }
-                (Err(error), ProviderPlan::Strict(_)) => return Err(error),
+                // The last one (CPU) failing is the model's problem, not a provider's.
+                (Err(error), _) => return Err(error),
             }
         }
         Err(last_error.unwrap_or_else(|| spec.error("no execution provider could be loaded")))
