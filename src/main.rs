@@ -87,7 +87,11 @@ fn main() -> ExitCode {
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("error: {error:#}");
+            match cli.log_format {
+                LogFormat::Text => eprintln!("error: {error:#}"),
+                // A log collector reading JSON lines gets the fatal error as one of them.
+                LogFormat::Json => tracing::error!(error = format!("{error:#}"), "exiting"),
+            }
             ExitCode::FAILURE
         }
     }
