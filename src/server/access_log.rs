@@ -86,26 +86,18 @@ pub fn record<B>(
     let peer = peer.as_deref().unwrap_or("unknown");
     let method = request.method().as_str();
     let status = status.as_u16();
+    // One field list for both levels (tracing's levels are fixed per call site).
+    macro_rules! failure {
+        ($level:expr, $message:literal) => {
+            tracing::event!(
+                $level, route, method, status, peer, left_out, error, $message
+            )
+        };
+    }
     if loud {
-        tracing::warn!(
-            route,
-            method,
-            status,
-            peer,
-            left_out,
-            error,
-            "request failed"
-        );
+        failure!(tracing::Level::WARN, "request failed");
     } else {
-        tracing::debug!(
-            route,
-            method,
-            status,
-            peer,
-            left_out,
-            error,
-            "request refused"
-        );
+        failure!(tracing::Level::DEBUG, "request refused");
     }
 }
 
