@@ -1,7 +1,9 @@
 //! This process's CPU time, memory, file descriptors, start time and threads, read from `/proc`,
-//! and exported to Prometheus under the standard `process_*` names. The `prometheus` crate's own process collector rounds CPU time
-//! down to whole seconds, too coarse to tell how a 10-second benchmark split the CPU.
+//! and exported to Prometheus under the standard `process_*` names. The `prometheus` crate's
+//! own process collector rounds CPU time down to whole seconds, too coarse to tell how a
+//! 10-second benchmark split the CPU.
 
+use procfs::process::{Process, Stat};
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
 use prometheus::{Counter, Gauge, IntGauge, Opts};
@@ -13,17 +15,17 @@ struct Usage {
     resident_bytes: u64,
 }
 
-fn usage() -> Option<Usage> {
-    let stat = procfs::process::Process::myself().ok()?.stat().ok()?;
-    Some(Usage {
+fn usage(stat: &Stat) -> Usage {
+    Usage {
         cpu_seconds: (stat.utime + stat.stime) as f64 / procfs::ticks_per_second() as f64,
         resident_bytes: stat.rss * procfs::page_size(),
-    })
+    }
 }
 
 /// User + system CPU seconds of every thread of this process so far, to the clock tick.
 pub fn cpu_seconds() -> Option<f64> {
-    usage().map(|usage| usage.cpu_seconds)
+    let stat = Process::myself().ok()?.stat().ok()?;
+    Some(usage(&stat).cpu_seconds)
 }
 
 /// The standard gauges beside CPU and memory, each read when scraped (None: not readable).
@@ -44,12 +46,8 @@ const GAUGES: [(&str, &str); 5] = [
     ("process_threads", "Number of OS threads in the process."),
 ];
 
-/// The values of `GAUGES`, in their order.
-fn gauge_values() -> [Option<f64>; 5] {
-    let Ok(process) = procfs::process::Process::myself() else {
-        return [None; 5];
-    };
-    let stat = process.stat().ok();
+/// The values of `GAUGES`, in their order, from the process and its `stat` read once.
+fn gauge_values(process: &Process, stat: Option<&Stat>) -> [Option<f64>; 5] {
     let max_fds = process
         .limits()
         .ok()
@@ -57,18 +55,15 @@ fn gauge_values() -> [Option<f64>; 5] {
             procfs::process::LimitValue::Value(n) => Some(n as f64),
             procfs::process::LimitValue::Unlimited => None,
         });
-    let started = stat
-        .as_ref()
-        .zip(procfs::boot_time_secs().ok())
-        .map(|(stat, boot)| {
-            boot as f64 + stat.starttime as f64 / procfs::ticks_per_second() as f64
-        });
+    let started = stat.zip(procfs::boot_time_secs().ok()).map(|(stat, boot)| {
+        boot as f64 + stat.starttime as f64 / procfs::ticks_per_second() as f64
+    });
     [
         process.fd_count().ok().map(|n| n as f64),
         max_fds,
         started,
-        stat.as_ref().map(|stat| stat.vsize as f64),
-        stat.as_ref().map(|stat| stat.num_threads as f64),
+        stat.map(|stat| stat.vsize as f64),
+        stat.map(|stat| stat.num_threads as f64),
     ]
 }
 
@@ -125,7 +120,9 @@ impl Collector for ProcessCollector {
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
-        if let Some(usage) = usage() {
+        let process = Process::myself().ok();
+        let stat = process.as_ref().and_then(|process| process.stat().ok());
+        if let Some(usage) = stat.as_ref().map(usage) {
             // A counter only goes up; two scrapes at once may both add, hence the floor at 0.
             self.cpu
                 .inc_by((usage.cpu_seconds - self.cpu.get()).max(0.0));
@@ -134,7 +131,10 @@ impl Collector for ProcessCollector {
         let mut families = self.cpu.collect();
         families.extend(self.resident.collect());
         // A value that cannot be read leaves its series out rather than exporting a stale one.
-        for (gauge, value) in self.gauges.iter().zip(gauge_values()) {
+        let values = process
+            .as_ref()
+            .map_or([None; 5], |process| gauge_values(process, stat.as_ref()));
+        for (gauge, value) in self.gauges.iter().zip(values) {
             if let Some(value) = value {
                 gauge.set(value);
                 families.extend(gauge.collect());

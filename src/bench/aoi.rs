@@ -23,9 +23,9 @@ pub struct BoardImages {
 }
 
 /// Board names of this run: a prefix of its own, so that a benchmark against a live server
-/// neither replaces a line's templates nor meets another run's.
-/// A name of this run's own: a random run id, not the process id, which repeats across
-/// containers (PID 1) and would let two runs share, replace and delete each other's templates.
+/// neither replaces a line's templates nor meets another run's. The prefix holds a random run
+/// id, not the process id, which repeats across containers (PID 1) and would let two runs
+/// share, replace and delete each other's templates.
 fn board_name(name: &str) -> String {
     format!("{}{name}", run_prefix())
 }

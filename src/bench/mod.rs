@@ -77,10 +77,9 @@ fn base_url(text: &str) -> Result<String, String> {
     Ok(url.to_string())
 }
 
-/// Fails before a run whose report could not be written afterwards.
-/// The report is written beside its path and renamed over it at the end, so a run that fails
-/// leaves no empty or partial file. Checks now, without touching an existing report, that it
-/// can be written, so a long run is not wasted.
+/// Fails before a run whose report could not be written afterwards, without touching an
+/// existing report. The report is written beside its path and renamed over it at the end, so a
+/// run that fails leaves no empty or partial file.
 fn check_report_path(report: &Option<PathBuf>) -> anyhow::Result<()> {
     if let Some(path) = report {
         anyhow::ensure!(
@@ -95,9 +94,9 @@ fn check_report_path(report: &Option<PathBuf>) -> anyhow::Result<()> {
 }
 
 impl ServerArgs {
-    /// An HTTP client that keeps up to `connections` idle connections and sends the key.
-    /// A client for a load run: a request may wait until the run ends (the run, not the client,
-    /// gives up on it then, so a stall longer than any fixed timeout still counts as waiting).
+    /// An HTTP client for a load run that keeps up to --concurrency idle connections and sends
+    /// the key. A request may wait until the run ends (the run, not the client, gives up on it
+    /// then, so a stall longer than any fixed timeout still counts as waiting).
     pub fn client(&self, load: &LoadArgs) -> anyhow::Result<reqwest::Client> {
         let mut headers = reqwest::header::HeaderMap::new();
         if let Some(key) = &self.api_key {

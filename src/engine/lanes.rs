@@ -66,30 +66,29 @@ pub fn lanes<T>(capacity: usize) -> (LaneSenders<T>, LaneReceivers<T>) {
     )
 }
 
+/// The one of a pair of channel ends that serves `lane`.
+fn pick<'a, C>(live: &'a C, bulk: &'a C, lane: Priority) -> &'a C {
+    match lane {
+        Priority::Live => live,
+        Priority::Bulk => bulk,
+    }
+}
+
 impl<T> LaneSenders<T> {
     pub fn try_send(&self, item: T, priority: Priority) -> Result<(), TrySendError<T>> {
-        match priority {
-            Priority::Live => self.live.try_send(item),
-            Priority::Bulk => self.bulk.try_send(item),
-        }
+        pick(&self.live, &self.bulk, priority).try_send(item)
     }
 
     /// Requests waiting in one lane.
     pub fn waiting(&self, lane: Priority) -> usize {
-        match lane {
-            Priority::Live => self.live.len(),
-            Priority::Bulk => self.bulk.len(),
-        }
+        pick(&self.live, &self.bulk, lane).len()
     }
 }
 
 impl<T> LaneReceivers<T> {
     /// Requests waiting in one lane.
     pub fn waiting(&self, lane: Priority) -> usize {
-        match lane {
-            Priority::Live => self.live.len(),
-            Priority::Bulk => self.bulk.len(),
-        }
+        pick(&self.live, &self.bulk, lane).len()
     }
 
     pub fn is_empty(&self) -> bool {

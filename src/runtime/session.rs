@@ -44,7 +44,6 @@ impl ModelSession {
             engine_cache: spec.engine_cache_dir(),
             max_batch: spec.config.max_batch_size.max(1),
         };
-        let mut last_error = None;
         let attempts = plan.attempts();
         let last = attempts.len().saturating_sub(1);
         for (index, attempt) in attempts.into_iter().enumerate() {
@@ -62,13 +61,13 @@ impl ModelSession {
                 (Err(error), ProviderPlan::Auto) if index < last => {
                     tracing::warn!(model = %spec.config.name, providers = ?attempt, %error,
                         "provider unavailable, trying the next");
-                    last_error = Some(error);
                 }
                 // The last one (CPU) failing is the model's problem, not a provider's.
                 (Err(error), _) => return Err(error),
             }
         }
-        Err(last_error.unwrap_or_else(|| spec.error("no execution provider could be loaded")))
+        // Only when there was nothing to try: the last attempt returns either way.
+        Err(spec.error("no execution provider could be loaded"))
     }
 
     fn build(

@@ -352,9 +352,8 @@ async fn delete_template(
     }
 }
 
-/// Inspects one image of a board.
-/// Inspects one image; a failure is counted by its status, also within a batch (whose own
-/// answer is 200).
+/// Inspects one image of a board; a failure is counted by its status, also within a batch
+/// (whose own answer is 200).
 async fn inspect_one(
     service: &Arc<AoiService>,
     board: &str,
