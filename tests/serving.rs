@@ -669,34 +669,64 @@ async fn bad_requests_get_the_right_4xx_and_the_server_stays_healthy() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn sigterm_finishes_in_flight_requests_then_exits() {
-    // Requests wait up to 3 s for company, so they are still in flight when SIGTERM lands 1 s in.
-    let (_repository, mut server) = batching_server(3_000_000, 0, &["--instances", "1"]);
+/// Starts a server whose requests wait up to `delay_us` for company, sends four, and gives them
+/// 1 s to be queued. Each request's task returns its status, or 0 without an answer.
+async fn server_with_requests_in_flight(
+    delay_us: u64,
+) -> (Repository, Server, Vec<tokio::task::JoinHandle<u16>>) {
+    let (repository, server) = batching_server(delay_us, 0, &["--instances", "1"]);
     let metadata = metadata(&server).await;
-    let requests: Vec<_> = (0..4)
+    let requests = (0..4)
         .map(|i| {
             let body = json_request(&metadata, 1, i);
             let url = infer_url(&server);
-            tokio::spawn(async move { post_json(&url, &body).await.status().as_u16() })
+            tokio::spawn(async move {
+                match reqwest::Client::new().post(&url).json(&body).send().await {
+                    Ok(response) => response.status().as_u16(),
+                    Err(_) => 0,
+                }
+            })
         })
         .collect();
     tokio::time::sleep(Duration::from_secs(1)).await;
-    server.terminate();
-    for request in requests {
+    (repository, server, requests)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_and_ctrl_c_finish_in_flight_requests_then_exit() {
+    // actix-web's own handler would drop in-flight requests on SIGINT.
+    for signal in ["TERM", "INT"] {
+        let (_repository, mut server, requests) = server_with_requests_in_flight(3_000_000).await;
+        server.signal(signal);
+        for request in requests {
+            assert_eq!(
+                request.await.unwrap(),
+                200,
+                "in-flight request lost at SIG{signal}"
+            );
+        }
+        let status = server.wait_exit(Duration::from_secs(20));
+        assert!(status.success(), "SIG{signal}: exit status {status:?}");
         assert_eq!(
-            request.await.unwrap(),
-            200,
-            "in-flight request lost at shutdown"
+            common::status_of(&server.url, "/v2/health/live"),
+            None,
+            "still accepting after SIG{signal}"
         );
     }
-    let status = server.wait_exit(Duration::from_secs(20));
-    assert!(status.success(), "exit status {status:?}");
-    assert_eq!(
-        common::status_of(&server.url, "/v2/health/live"),
-        None,
-        "still accepting"
-    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_stop_signal_exits_at_once() {
+    // The requests wait 25 s for company (the deadline is 30 s): an exit within 10 s is forced.
+    let (_repository, mut server, requests) = server_with_requests_in_flight(25_000_000).await;
+    server.signal("INT");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    server.signal("INT");
+    let status = server.wait_exit(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(130), "exit status {status:?}");
+    for request in requests {
+        assert_ne!(request.await.unwrap(), 200, "answered after a forced stop");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

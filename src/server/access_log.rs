@@ -2,7 +2,8 @@
 //! `/metrics`, and for a failure a log line with the route, the status and the error the client
 //! was given. Server errors (5xx) and refused API keys are logged at WARN, other client errors at
 //! DEBUG; at most one line per route and status a second, so a flood of 503s cannot flood the
-//! log (the line after a pause says how many were not logged).
+//! log (the line after a pause says how many were not logged). The readiness probe's 503 while
+//! models load is counted but not logged.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -21,6 +22,8 @@ pub struct ErrorText(pub String);
 pub fn attach_error_text(response: &mut HttpResponse, text: String) {
     response.extensions_mut().insert(ErrorText(text));
 }
+
+const READINESS_ROUTE: &str = "/v2/health/ready";
 
 /// The least time between two log lines of one route and status.
 const LOG_INTERVAL: Duration = Duration::from_secs(1);
@@ -71,6 +74,10 @@ pub fn record<B>(
         .http_duration
         .with_label_values(&[route])
         .observe(started.elapsed().as_secs_f64());
+    // "Not ready" is the readiness probe's answer while models load, not a failure.
+    if route == READINESS_ROUTE {
+        return;
+    }
     let loud = status.is_server_error() || status == StatusCode::UNAUTHORIZED;
     let quiet = status.is_client_error() && !loud;
     if !(loud || quiet) {

@@ -9,6 +9,7 @@ pub mod error;
 pub mod jobs;
 pub mod routing;
 pub mod sensors;
+pub mod shutdown;
 pub mod state;
 pub mod v2;
 
@@ -130,7 +131,8 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             ))
             .default_service(web::to(no_route))
     })
-    .shutdown_timeout(args.shutdown_timeout);
+    .shutdown_timeout(args.shutdown_timeout)
+    .disable_signals();
     if let Some(workers) = args.http_workers {
         server = server.workers(workers);
     }
@@ -141,8 +143,10 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         // Printed on stdout so scripts and tests can find an ephemeral port.
         println!("linescan listening on http://{address}");
     }
+    let stop_signals = shutdown::StopSignals::listen()?;
     let server = server.run();
     let handle = server.handle();
+    actix_web::rt::spawn(stop_signals.stop_on_signal(handle.clone(), args.shutdown_timeout));
 
     let load_error: Arc<Mutex<Option<anyhow::Error>>> = Arc::default();
     let loader_error = load_error.clone();

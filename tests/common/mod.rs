@@ -181,8 +181,14 @@ impl Server {
 
     /// Sends SIGTERM.
     pub fn terminate(&self) {
+        self.signal("TERM");
+    }
+
+    /// Sends the signal named as `kill` takes it: "TERM", "INT", ...
+    pub fn signal(&self, name: &str) {
         let status = command("kill")
-            .args(["-TERM", &self.child.id().to_string()])
+            .arg(format!("-{name}"))
+            .arg(self.child.id().to_string())
             .status()
             .expect("kill");
         assert!(status.success());
