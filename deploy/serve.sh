@@ -1,7 +1,24 @@
 #!/usr/bin/env bash
-# Sets the machine up if needed, then serves the bundled models on http://127.0.0.1:8000
-# (flags and LINESCAN_* variables pass through: see `linescan serve --help`).
+# Sets the machine up if needed, then serves the bundled models on http://127.0.0.1:8000.
+# Arguments and LINESCAN_* variables pass through to `linescan serve` and are read from the
+# folder you run this in; the model repository and the data folder default to the
+# repository's models/ and data/. `deploy/serve.sh --help` shows the server's flags.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-deploy/setup.sh
-exec target/release/linescan serve "$@"
+REPO="$(cd "$(dirname "$0")/.." && pwd)"
+BIN="$REPO/target/release/linescan"
+for argument in "$@"; do
+    if [ "$argument" = "--help" ] || [ "$argument" = "-h" ]; then
+        echo "deploy/serve.sh [FLAGS]: runs deploy/setup.sh (Debian packages, .venv, release build),"
+        echo "then 'linescan serve FLAGS' with the repository's models/ and data/ unless told otherwise."
+        if [ -x "$BIN" ]; then
+            echo
+            exec "$BIN" serve --help
+        fi
+        echo "The server's flags: 'linescan serve --help' once built."
+        exit 0
+    fi
+done
+"$REPO/deploy/setup.sh"
+export LINESCAN_MODEL_REPOSITORY="${LINESCAN_MODEL_REPOSITORY:-$REPO/models}"
+export LINESCAN_DATA_DIR="${LINESCAN_DATA_DIR:-$REPO/data}"
+exec "$BIN" serve "$@"

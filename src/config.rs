@@ -56,8 +56,9 @@ pub struct ServeArgs {
     #[serde(flatten)]
     pub jobs: crate::jobs::JobArgs,
 
-    /// Require `Authorization: Bearer <key>` on every route but health and metrics.
-    #[arg(long, env = "LINESCAN_API_KEY", hide_env_values = true)]
+    /// Require `Authorization: Bearer <key>` on every route but health and metrics (prefer the
+    /// environment variable: a flag's value shows in the process list).
+    #[arg(long, env = "LINESCAN_API_KEY", hide_env_values = true, value_parser = api_key)]
     #[serde(serialize_with = "redact")]
     pub api_key: Option<String>,
 }
@@ -83,15 +84,26 @@ pub struct ModelArgs {
 }
 
 impl ModelArgs {
-    pub fn load_options(&self) -> crate::engine::registry::LoadOptions {
-        crate::engine::registry::LoadOptions {
-            providers: self
-                .providers
-                .as_ref()
-                .map(|p| p.iter().map(|a| a.kind()).collect()),
+    /// The options, once `--providers` is a list a model can use.
+    pub fn load_options(&self) -> anyhow::Result<crate::engine::registry::LoadOptions> {
+        let providers = match &self.providers {
+            None => None,
+            Some(arguments) => {
+                let names: Vec<String> = arguments
+                    .iter()
+                    .map(|a| a.kind().name().to_owned())
+                    .collect();
+                Some(
+                    ProviderKind::parse_list(&names)
+                        .map_err(|problem| anyhow::anyhow!("--providers: {problem}"))?,
+                )
+            }
+        };
+        Ok(crate::engine::registry::LoadOptions {
+            providers,
             instances: self.instances,
             threads: self.threads,
-        }
+        })
     }
 }
 
@@ -116,6 +128,19 @@ impl ProviderArg {
 }
 
 /// Parses a count that must be at least 1 (sessions, threads, clients, rows, bytes).
+/// An API key a client can send: printable ASCII without spaces (an empty key, or one with a
+/// space from an env file, would lock every client out).
+fn api_key(text: &str) -> Result<String, String> {
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(
+            "an API key must be 1 or more printable ASCII characters, without spaces \
+                    (check for a stray space or newline in the environment file)"
+                .into(),
+        );
+    }
+    Ok(text.to_owned())
+}
+
 pub fn at_least_one<T>(text: &str) -> Result<T, String>
 where
     T: std::str::FromStr + From<u8> + PartialOrd,
@@ -210,7 +235,7 @@ mod tests {
         let printed = serde_json::to_string(&cli.serve).unwrap();
         assert!(!printed.contains("s3cret"), "{printed}");
         assert!(printed.contains("<redacted>"));
-        let options = cli.serve.models.load_options();
+        let options = cli.serve.models.load_options().unwrap();
         assert_eq!(
             options.providers,
             Some(vec![ProviderKind::Cuda, ProviderKind::Cpu])

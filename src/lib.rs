@@ -19,4 +19,5 @@ pub mod python_env;
 pub mod runtime;
 pub mod sensors;
 pub mod server;
+pub mod signals;
 pub mod tensor;

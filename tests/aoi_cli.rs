@@ -82,6 +82,22 @@ fn detect(
     run_cli(&args)
 }
 
+/// `linescan aoi eval` on the detections in `det`.
+fn eval(root: &Path, list: &Path, det: &Path, extra: &[&str]) -> std::process::Output {
+    let mut args = vec![
+        "aoi",
+        "eval",
+        "--list",
+        list.to_str().unwrap(),
+        "--root",
+        root.to_str().unwrap(),
+        "--det",
+        det.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    run_cli(&args)
+}
+
 #[test]
 fn detect_writes_deeppcb_files_and_eval_scores_them() {
     let repository = Repository::with_models(&["aoi_defect"]);
@@ -122,18 +138,7 @@ fn detect_writes_deeppcb_files_and_eval_scores_them() {
             );
         }
     }
-    let eval = run_cli(&[
-        "aoi",
-        "eval",
-        "--list",
-        list.to_str().unwrap(),
-        "--root",
-        root.path().to_str().unwrap(),
-        "--det",
-        out.to_str().unwrap(),
-        "--model-repository",
-        models,
-    ]);
+    let eval = eval(root.path(), &list, &out, &["--model-repository", models]);
     let report = String::from_utf8_lossy(&eval.stdout);
     assert!(
         eval.status.success(),
@@ -174,6 +179,14 @@ fn detect_names_a_missing_image_and_still_writes_the_other_pairs() {
     assert!(stderr.contains("1 of 3 pairs failed"), "{stderr}");
     assert!(out.join("1000.txt").is_file() && out.join("1002.txt").is_file());
     assert!(!out.join("1001.txt").exists());
+    // Scoring the run names the pair without a file and counts its defects as missed.
+    let eval = eval(root.path(), &list, &out, &["--score-threshold", "0.5"]);
+    let stderr = String::from_utf8_lossy(&eval.stderr);
+    assert!(eval.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("1 of 3 listed pairs have no detection file") && stderr.contains("1001"),
+        "{stderr}"
+    );
 }
 
 /// One detection line: box, confidence, class.

@@ -1,7 +1,9 @@
 //! The DeepPCB protocol: a detection is correct when its IoU with a not yet matched ground-truth
-//! box of the same class is above 0.33. AP is the VOC all-point interpolated area under the
-//! precision/recall curve of detections ranked by confidence; precision, recall and F-score are
-//! taken at an operating threshold.
+//! box of the same class is above 0.33 (detections in descending confidence; each takes the
+//! unmatched same-class box it overlaps most, as models/train/aoi/evaluate.py does). AP is the
+//! VOC all-point interpolated area under the precision/recall curve of detections ranked by
+//! confidence; mean AP averages the classes that have ground truth; precision, recall and
+//! F-score are taken at an operating threshold.
 
 use serde::Serialize;
 
@@ -22,7 +24,8 @@ pub struct Evaluation {
     pub ground_truth: usize,
     /// AP of all detections ranked together (matching still needs the same class).
     pub ap: f64,
-    pub per_class_ap: Vec<(String, f64)>,
+    pub per_class: Vec<ClassAp>,
+    /// Mean of the classes' AP, over the classes with ground truth.
     pub mean_ap: f64,
     pub score_threshold: f64,
     pub precision: f64,
@@ -31,6 +34,14 @@ pub struct Evaluation {
     pub true_positives: usize,
     pub false_positives: usize,
     pub false_negatives: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ClassAp {
+    pub class: &'static str,
+    pub ground_truth: usize,
+    /// None without ground truth of the class (its detections are all false positives).
+    pub ap: Option<f64>,
 }
 
 pub fn iou(a: &[f64; 4], b: &[f64; 4]) -> f64 {
@@ -75,11 +86,11 @@ fn match_ranked(
                 .truth
                 .iter()
                 .enumerate()
-                .filter(|(_, t)| t.class_index == detection.class_index)
+                .filter(|(j, t)| t.class_index == detection.class_index && !matched[image][*j])
                 .map(|(j, t)| (j, iou(&detection.bbox, &t.bbox)))
                 .max_by(|a, b| a.1.total_cmp(&b.1));
             match best {
-                Some((j, overlap)) if overlap > IOU_THRESHOLD && !matched[image][j] => {
+                Some((j, overlap)) if overlap > IOU_THRESHOLD => {
                     matched[image][j] = true;
                     true
                 }
@@ -119,15 +130,24 @@ fn average_precision(hits: &[bool], truth_count: usize) -> f64 {
 pub fn evaluate(results: &[ImageResult], score_threshold: f64) -> Evaluation {
     let (hits, truth_count) = match_ranked(results, None, f64::NEG_INFINITY);
     let ap = average_precision(&hits, truth_count);
-    let per_class_ap: Vec<(String, f64)> = DEFECT_CLASSES
+    let per_class: Vec<ClassAp> = DEFECT_CLASSES
         .iter()
         .enumerate()
-        .map(|(i, name)| {
-            let (hits, truth) = match_ranked(results, Some(i + 1), f64::NEG_INFINITY);
-            (name.to_string(), average_precision(&hits, truth))
+        .map(|(i, class)| {
+            let (hits, ground_truth) = match_ranked(results, Some(i + 1), f64::NEG_INFINITY);
+            ClassAp {
+                class,
+                ground_truth,
+                ap: (ground_truth > 0).then(|| average_precision(&hits, ground_truth)),
+            }
         })
         .collect();
-    let mean_ap = per_class_ap.iter().map(|(_, ap)| ap).sum::<f64>() / per_class_ap.len() as f64;
+    let class_aps: Vec<f64> = per_class.iter().filter_map(|c| c.ap).collect();
+    let mean_ap = if class_aps.is_empty() {
+        0.0
+    } else {
+        class_aps.iter().sum::<f64>() / class_aps.len() as f64
+    };
     let (hits, _) = match_ranked(results, None, score_threshold);
     let tp = hits.iter().filter(|h| **h).count();
     let fp = hits.len() - tp;
@@ -150,7 +170,7 @@ pub fn evaluate(results: &[ImageResult], score_threshold: f64) -> Evaluation {
         images: results.len(),
         ground_truth: truth_count,
         ap,
-        per_class_ap,
+        per_class,
         mean_ap,
         score_threshold,
         precision,
@@ -219,5 +239,35 @@ mod tests {
         assert!((e.precision - 0.5).abs() < 1e-12 && (e.recall - 0.5).abs() < 1e-12);
         // Ranked: TP, FP, FP, TP -> precision envelope 1.0 to recall 0.5, 0.5 to recall 1.0.
         assert!((e.ap - 0.75).abs() < 1e-12, "{}", e.ap);
+    }
+
+    #[test]
+    fn a_detection_takes_the_unmatched_box_it_overlaps_most() {
+        // The second detection overlaps the matched box more than the free one (IoU 0.67 and
+        // 0.43), and still counts: it takes the free one.
+        let truth = vec![
+            labeled([0.0, 0.0, 10.0, 10.0], 1, 1.0),
+            labeled([6.0, 0.0, 16.0, 10.0], 1, 1.0),
+        ];
+        let detections = vec![
+            labeled([0.0, 0.0, 10.0, 10.0], 1, 0.9),
+            labeled([2.0, 0.0, 12.0, 10.0], 1, 0.8),
+        ];
+        let e = evaluate(&[ImageResult { detections, truth }], 0.5);
+        assert_eq!((e.true_positives, e.false_positives), (2, 0));
+        assert_eq!(e.ap, 1.0);
+    }
+
+    #[test]
+    fn mean_ap_leaves_out_classes_without_ground_truth() {
+        let truth = vec![labeled([0.0, 0.0, 10.0, 10.0], 1, 1.0)];
+        let detections = vec![
+            labeled([0.0, 0.0, 10.0, 10.0], 1, 0.9),
+            labeled([50.0, 50.0, 60.0, 60.0], 2, 0.011),
+        ];
+        let e = evaluate(&[ImageResult { detections, truth }], 0.5);
+        assert_eq!(e.mean_ap, 1.0);
+        assert_eq!(e.per_class[0].ap, Some(1.0));
+        assert_eq!((e.per_class[1].ground_truth, e.per_class[1].ap), (0, None));
     }
 }

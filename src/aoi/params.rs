@@ -3,8 +3,10 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::runtime::model_config::read_table;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct PipelineParams {
     /// Threshold used when an image has a single grey level.
     pub otsu_fallback_threshold: u8,
@@ -73,19 +75,45 @@ impl PipelineParams {
         self.channels.len() * if self.fine_window > 0 { 2 } else { 1 }
     }
 
+    /// The defect model's `[preprocessing]`: every key this server reads, the keys that state
+    /// what it implements (each must hold exactly that), and notes. Keys left out take their
+    /// defaults; an unknown key is an error.
     pub fn from_table(table: Option<&toml::Table>) -> Result<PipelineParams, String> {
-        let params: PipelineParams = match table {
-            Some(table) => table
-                .clone()
-                .try_into()
-                .map_err(|e| format!("[preprocessing]: {e}"))?,
-            None => PipelineParams::default(),
-        };
+        let table = table.ok_or(
+            "[preprocessing]: missing (the defect model's config names the pipeline it was \
+             trained with; see models/train/aoi/PIPELINE.md)",
+        )?;
+        for (key, implemented) in FIXED {
+            if let Some(value) = table.get(key)
+                && *value != implemented.into_value()
+            {
+                return Err(format!(
+                    "[preprocessing]: {key} = {value} is not what this server implements ({key} \
+                     = {})",
+                    implemented.into_value()
+                ));
+            }
+        }
+        let notes: Vec<&str> = FIXED.iter().map(|(key, _)| *key).chain(NOTES).collect();
+        let params: PipelineParams =
+            read_table(table, &notes).map_err(|e| format!("[preprocessing]: {e}"))?;
         params.validate()?;
         Ok(params)
     }
 
     fn validate(&self) -> Result<(), String> {
+        for (name, value) in [
+            ("score_threshold", self.score_threshold as f64),
+            ("nms_iou", self.nms_iou),
+            ("nms_iomin", self.nms_iomin),
+        ] {
+            if !(0.0..=1.0).contains(&value) {
+                return Err(format!("[preprocessing]: {name} {value} is outside [0, 1]"));
+            }
+        }
+        if self.max_candidates == 0 || self.crop_size == 0 {
+            return Err("[preprocessing]: max_candidates and crop_size must be at least 1".into());
+        }
         if self.crop_window != self.crop_scale * self.crop_size {
             return Err(format!(
                 "[preprocessing]: crop_window {} must equal crop_scale {} x crop_size {}",
@@ -114,6 +142,45 @@ impl PipelineParams {
     }
 }
 
+/// A value a fixed key of `[preprocessing]` must hold.
+#[derive(Clone, Copy)]
+enum Fixed {
+    Text(&'static str),
+    Integer(i64),
+    Flag(bool),
+}
+
+impl Fixed {
+    fn into_value(self) -> toml::Value {
+        match self {
+            Fixed::Text(text) => toml::Value::String(text.into()),
+            Fixed::Integer(n) => toml::Value::Integer(n),
+            Fixed::Flag(b) => toml::Value::Boolean(b),
+        }
+    }
+}
+
+/// Keys that state what the pipeline does (models/train/aoi/PIPELINE.md): this server implements
+/// exactly these, so a config asking for anything else is refused rather than run differently.
+const FIXED: [(&str, Fixed); 10] = [
+    ("binarize", Fixed::Text("otsu")),
+    ("align_order", Fixed::Text("r2,dy,dx")),
+    ("shift_fill", Fixed::Integer(0)),
+    ("xor_mask_invalid", Fixed::Flag(true)),
+    ("connectivity", Fixed::Integer(8)),
+    (
+        "box_convention",
+        Fixed::Text("x1,y1 inclusive; x2,y2 exclusive"),
+    ),
+    ("crop_padding", Fixed::Text("zero")),
+    ("box_units", Fixed::Text("window")),
+    ("box_rounding", Fixed::Text("floor(v + 0.5)")),
+    ("nms", Fixed::Text("greedy")),
+];
+
+/// Keys kept for people, with any value.
+const NOTES: [&str; 1] = ["channel_values"];
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -126,6 +193,46 @@ mod tests {
     fn configs_without_the_split_and_merge_keys_keep_the_old_pipeline() {
         let params = parse("min_area = 6\nbinarize = \"otsu\"").unwrap();
         assert_eq!((params.split_size, params.merge_same_class), (0, false));
+    }
+
+    #[test]
+    fn the_shipped_table_reads_and_mistakes_in_it_are_refused() {
+        let config: toml::Table = toml::from_str(
+            &std::fs::read_to_string(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/models/aoi_defect/config.toml"
+            ))
+            .unwrap(),
+        )
+        .unwrap();
+        let shipped = config["preprocessing"].as_table().unwrap().clone();
+        assert_eq!(
+            PipelineParams::from_table(Some(&shipped))
+                .unwrap()
+                .split_size,
+            64
+        );
+        let with = |key: &str, value: toml::Value| {
+            let mut table = shipped.clone();
+            table.insert(key.into(), value);
+            PipelineParams::from_table(Some(&table)).unwrap_err()
+        };
+        for (key, value, expected) in [
+            ("score_treshold", toml::Value::Float(0.9), "score_treshold"),
+            ("binarize", toml::Value::String("adaptive".into()), "otsu"),
+            ("connectivity", toml::Value::Integer(4), "connectivity = 8"),
+            ("score_threshold", toml::Value::Float(7.5), "outside [0, 1]"),
+            ("nms_iou", toml::Value::Float(-3.0), "outside [0, 1]"),
+            ("max_candidates", toml::Value::Integer(0), "at least 1"),
+        ] {
+            let error = with(key, value);
+            assert!(error.contains(expected), "{key}: {error}");
+        }
+        assert!(
+            PipelineParams::from_table(None)
+                .unwrap_err()
+                .contains("missing")
+        );
     }
 
     #[test]

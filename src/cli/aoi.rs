@@ -20,6 +20,7 @@ use crate::engine::ModelRegistry;
 use crate::metrics::Metrics;
 use crate::preprocess::PreprocessArgs;
 use crate::runtime::ModelRepository;
+use crate::signals::{EXIT_INTERRUPTED, Stop, StopSignals};
 
 #[derive(Subcommand)]
 pub enum AoiCommand {
@@ -37,7 +38,9 @@ pub struct DetectArgs {
     /// Data root: images are ROOT/groupX/X/ID_test.jpg and ROOT/groupX/X/ID_temp.jpg.
     #[arg(long)]
     pub root: PathBuf,
-    /// Output folder: DIR/ID.txt with lines `x1,y1,x2,y2,confidence,type`.
+    /// Output folder: DIR/ID.txt with lines `x1,y1,x2,y2,confidence,type`. The listed pairs'
+    /// files are removed at start and each is written when its pair is done, so a run cut
+    /// short (Ctrl-C, a failed pair) never leaves an earlier run's answer in its place.
     #[arg(long)]
     pub out: PathBuf,
     /// Lowest confidence written (low keeps the ranking that AP needs).
@@ -66,7 +69,8 @@ pub struct EvalArgs {
     /// Folder of detection files written by `aoi detect`.
     #[arg(long)]
     pub det: PathBuf,
-    /// Operating threshold for precision, recall and F-score (default: the model's).
+    /// Operating threshold for precision, recall and F-score (default: the aoi_defect model's in
+    /// --model-repository, or 0.5 when there is none).
     #[arg(long, value_parser = unit_interval::<f64>)]
     pub score_threshold: Option<f64>,
     /// Also write the figures as JSON here.
@@ -103,7 +107,7 @@ pub fn load_inspector(
     let metrics = Arc::new(Metrics::new());
     let registry = Arc::new(ModelRegistry::load(
         &repository,
-        &models.load_options(),
+        &models.load_options()?,
         &metrics,
     )?);
     let inspector = Arc::new(Inspector::new(
@@ -146,15 +150,43 @@ async fn inspect_pair(
     Ok((pair, inspection, template_ms))
 }
 
+/// Creates the output folder and removes the listed pairs' files from an earlier run.
+fn prepare_output(out: &std::path::Path, pairs: &[PairEntry]) -> anyhow::Result<()> {
+    if out.exists() && !out.is_dir() {
+        anyhow::bail!("--out {} exists and is not a folder", out.display());
+    }
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    for pair in pairs {
+        let earlier = out.join(format!("{}.txt", pair.id));
+        match std::fs::remove_file(&earlier) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(e).with_context(|| {
+                    format!("cannot remove the earlier run's {}", earlier.display())
+                });
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 fn detect(args: &DetectArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.root.is_dir(),
+        "--root {} is not a folder (the data root the list's paths are under)",
+        args.root.display()
+    );
     let pairs = deeppcb::read_list(&args.list, &args.root)?;
-    std::fs::create_dir_all(&args.out)
-        .with_context(|| format!("cannot create {}", args.out.display()))?;
     let (registry, inspector) =
         load_inspector(&args.models, args.max_image_pixels, &args.preprocess)?;
+    prepare_output(&args.out, &pairs)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    let mut signals = {
+        let _context = runtime.enter();
+        StopSignals::listen()?
+    };
     let progress = ProgressBar::new(pairs.len() as u64);
     progress.set_style(
         ProgressStyle::with_template("{bar:40} {pos}/{len} pairs {per_sec} eta {eta}")
@@ -166,9 +198,11 @@ fn detect(args: &DetectArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let listed = pairs.len();
     let mut candidates = 0usize;
-    // A pair that cannot be read or inspected is reported at the end; the others are still
-    // written, so one bad image does not cost a whole evaluation run.
+    // A pair that cannot be read, inspected or written is reported at the end; the others are
+    // still written, so one bad image does not cost a whole evaluation run.
     let mut failures: Vec<String> = Vec::new();
+    let mut interrupted = None;
+    let mut written = 0usize;
     runtime.block_on(async {
         let mut results = futures_util::stream::iter(pairs)
             .map(|pair| {
@@ -180,26 +214,36 @@ fn detect(args: &DetectArgs) -> anyhow::Result<()> {
                 }
             })
             .buffer_unordered(args.concurrency.max(1));
-        while let Some((id, result)) = results.next().await {
+        loop {
+            let (id, result) = tokio::select! {
+                next = results.next() => match next {
+                    Some(next) => next,
+                    None => break,
+                },
+                stop = signals.next() => {
+                    interrupted = Some(stop);
+                    break;
+                }
+            };
             progress.inc(1);
-            let (pair, inspection, template_ms) = match result {
+            let (_, inspection, template_ms) = match result {
                 Ok(inspected) => inspected,
                 Err(error) => {
-                    // A file left from an earlier run would be scored as this run's answer.
-                    let stale = args.out.join(format!("{id}.txt"));
-                    match std::fs::remove_file(&stale) {
-                        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                            failures.push(format!("cannot remove {}: {e}", stale.display()))
-                        }
-                        _ => {}
-                    }
                     failures.push(format!("{error:#}"));
                     continue;
                 }
             };
-            let path = args.out.join(format!("{}.txt", pair.id));
-            std::fs::write(&path, deeppcb::format_detections(&inspection.defects))
-                .with_context(|| format!("cannot write {}", path.display()))?;
+            let path = args.out.join(format!("{id}.txt"));
+            if let Err(error) =
+                std::fs::write(&path, deeppcb::format_detections(&inspection.defects))
+            {
+                failures.push(format!(
+                    "pair {id}: cannot write {}: {error}",
+                    path.display()
+                ));
+                continue;
+            }
+            written += 1;
             candidates += inspection.candidates;
             let timings = &inspection.timings_ms;
             for (histogram, value) in stages.iter_mut().zip(
@@ -214,10 +258,25 @@ fn detect(args: &DetectArgs) -> anyhow::Result<()> {
                 );
             }
         }
-        anyhow::Ok(())
-    })?;
+    });
     progress.finish_and_clear();
     let seconds = started.elapsed().as_secs_f64();
+    if let Some(stop) = interrupted {
+        // The sessions stop before the process does: ONNX Runtime torn down under a running
+        // batch logs errors.
+        drop(runtime);
+        registry.shutdown();
+        eprintln!(
+            "interrupted ({}): {written} of {listed} pairs were written to {}; the others have no \
+             file, so `aoi eval` on this list scores them as missed",
+            match stop {
+                Stop::Clean(name) => name,
+                Stop::Now => "SIGQUIT",
+            },
+            args.out.display()
+        );
+        std::process::exit(EXIT_INTERRUPTED);
+    }
     let count = listed - failures.len();
     println!(
         "{count} pairs in {seconds:.2} s: {:.1} pairs/s (both images decoded per pair), detections in {}",
@@ -254,13 +313,39 @@ fn detect(args: &DetectArgs) -> anyhow::Result<()> {
 }
 
 fn eval(args: &EvalArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.det.is_dir(),
+        "--det {} is not a folder (the detection files `aoi detect` wrote)",
+        args.det.display()
+    );
     let pairs = deeppcb::read_list(&args.list, &args.root)?;
     let mut results = Vec::with_capacity(pairs.len());
+    // A pair without a file (it failed, or the run was cut short) found nothing: its defects
+    // count as missed, and the count is said, so a partial run is never scored silently.
+    let mut missing = Vec::new();
     for pair in &pairs {
+        let path = args.det.join(format!("{}.txt", pair.id));
+        let detections = if path.exists() {
+            deeppcb::read_detections(&path)?
+        } else {
+            missing.push(pair.id.as_str());
+            Vec::new()
+        };
         results.push(ImageResult {
             truth: deeppcb::read_annotations(&pair.annotation)?,
-            detections: deeppcb::read_detections(&args.det.join(format!("{}.txt", pair.id)))?,
+            detections,
         });
+    }
+    if !missing.is_empty() {
+        eprintln!(
+            "warning: {} of {} listed pairs have no detection file in {} (scored as finding \
+             nothing): {}{}",
+            missing.len(),
+            pairs.len(),
+            args.det.display(),
+            missing[..missing.len().min(10)].join(", "),
+            if missing.len() > 10 { ", ..." } else { "" }
+        );
     }
     let threshold = match args.score_threshold {
         Some(t) => t,
@@ -272,10 +357,19 @@ fn eval(args: &EvalArgs) -> anyhow::Result<()> {
         e.images, e.ground_truth
     );
     println!("AP (all detections ranked by confidence): {:.4}", e.ap);
-    for (class, ap) in &e.per_class_ap {
-        println!("  AP {class:<10} {ap:.4}");
+    for class in &e.per_class {
+        match class.ap {
+            Some(ap) => println!(
+                "  AP {:<10} {ap:.4}  ({} ground truth)",
+                class.class, class.ground_truth
+            ),
+            None => println!(
+                "  AP {:<10} -       (no ground truth in the list)",
+                class.class
+            ),
+        }
     }
-    println!("mean AP: {:.4}", e.mean_ap);
+    println!("mean AP (classes with ground truth): {:.4}", e.mean_ap);
     println!(
         "at confidence >= {:.3}: precision {:.4}  recall {:.4}  F-score {:.4}  (TP {}, FP {}, FN {})",
         e.score_threshold,
@@ -296,6 +390,16 @@ fn eval(args: &EvalArgs) -> anyhow::Result<()> {
 /// The defect model's operating threshold, from its config.
 fn model_score_threshold(repository: &std::path::Path) -> anyhow::Result<f64> {
     let path = repository.join(DEFECT_MODEL).join("config.toml");
+    if !path.exists() {
+        // Scoring files needs no model: the shipped model's threshold, said aloud.
+        let threshold = crate::aoi::params::PipelineParams::default().score_threshold as f64;
+        eprintln!(
+            "note: no {} here, so the operating threshold is {threshold} (the shipped model's); \
+             pass --score-threshold or --model-repository to choose it",
+            path.display()
+        );
+        return Ok(threshold);
+    }
     let read = || -> anyhow::Result<f64> {
         let config = crate::runtime::ModelConfig::load(&path)?;
         let params = crate::aoi::params::PipelineParams::from_table(config.preprocessing.as_ref())

@@ -14,14 +14,22 @@ use crate::sensors::{AssessSettings, SensorService};
 
 pub fn list(args: &ModelArgs) -> anyhow::Result<()> {
     let repository = ModelRepository::scan(&args.model_repository)?;
+    // What `serve` would use: the flags replace the configs' values.
+    let options = args.load_options()?;
     for spec in &repository.versions {
         let config = &spec.config;
+        let providers = match &options.providers {
+            Some(kinds) => kinds.iter().map(|k| k.name()).collect::<Vec<_>>().join(","),
+            None => config.runtime.execution_providers.join(","),
+        };
         println!(
-            "{} v{}  max_batch_size={}  providers={}  {}",
+            "{} v{}  max_batch_size={}  providers={}  instances={}  threads={}  {}",
             config.name,
             spec.version,
             config.max_batch_size,
-            config.runtime.execution_providers.join(","),
+            providers,
+            options.instances.unwrap_or(config.instance_group.count),
+            options.threads.unwrap_or(config.instance_group.threads),
             spec.model_path.display()
         );
         for (kind, tensors) in [("in ", &config.inputs), ("out", &config.outputs)] {
@@ -41,7 +49,7 @@ pub fn list(args: &ModelArgs) -> anyhow::Result<()> {
 pub fn check(args: &ModelArgs) -> anyhow::Result<()> {
     let repository = ModelRepository::scan(&args.model_repository)?;
     let metrics = Arc::new(Metrics::new());
-    let registry = ModelRegistry::load(&repository, &args.load_options(), &metrics)?;
+    let registry = ModelRegistry::load(&repository, &args.load_options()?, &metrics)?;
     let checked = check_domains(&registry, metrics);
     if let Err(error) = checked {
         registry.shutdown();

@@ -10,7 +10,6 @@ use std::time::Instant;
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
-use tokio::signal::unix::{SignalKind, signal};
 
 use crate::config::{ModelArgs, at_least_one};
 use crate::engine::{ModelRegistry, Priority};
@@ -24,6 +23,7 @@ use crate::runtime::device::PlacedBytes;
 use crate::sensors::channels::ChannelMap;
 use crate::sensors::window::single_window;
 use crate::sensors::{ANOMALY_PREFIX, AssessSettings, RUL_PREFIX, SensorModel};
+use crate::signals::{EXIT_INTERRUPTED, Stop, StopSignals};
 use crate::tensor::f32_bytes;
 
 #[derive(Subcommand)]
@@ -184,7 +184,7 @@ pub fn load_sensor_model(
     let metrics = Arc::new(Metrics::new());
     let registry = Arc::new(ModelRegistry::load(
         &repository,
-        &models.load_options(),
+        &models.load_options()?,
         &metrics,
     )?);
     let model = Arc::new(SensorModel::open(&registry, &name)?);
@@ -211,20 +211,14 @@ impl BarMonitor {
         let flag = stop.clone();
         // Registered here, before any output exists, not when the task first runs.
         let _context = runtime.enter();
-        let signals = signal(SignalKind::interrupt()).and_then(|interrupt| {
-            signal(SignalKind::terminate()).map(|terminate| (interrupt, terminate))
-        });
-        if let Ok((mut interrupt, mut terminate)) = signals {
+        if let Ok(mut signals) = StopSignals::listen() {
             runtime.spawn(async move {
-                tokio::select! {
-                    _ = interrupt.recv() => {}
-                    _ = terminate.recv() => {}
+                if signals.next().await != Stop::Now {
+                    flag.store(true, Ordering::Relaxed);
+                    // A second signal does not wait for the next chunk.
+                    signals.next().await;
                 }
-                flag.store(true, Ordering::Relaxed);
-                // A second Ctrl-C does not wait for the next chunk.
-                if interrupt.recv().await.is_some() {
-                    std::process::exit(130);
-                }
+                std::process::exit(EXIT_INTERRUPTED);
             });
         }
         BarMonitor { bar, stop }

@@ -48,6 +48,8 @@ enum BatchClose {
     Gap,
     /// Another session of the model was idle.
     Idle,
+    /// The server is shutting down: queued work runs without waiting for company.
+    Shutdown,
     /// The model does not batch (`max_batch_size = 0`).
     Unbatched,
 }
@@ -62,6 +64,7 @@ impl BatchClose {
             BatchClose::Delay => "delay",
             BatchClose::Gap => "gap",
             BatchClose::Idle => "idle",
+            BatchClose::Shutdown => "shutdown",
             BatchClose::Unbatched => "unbatched",
         }
     }
@@ -564,13 +567,10 @@ impl Worker {
                         Some(gap) if now + gap < close_at => (now + gap, BatchClose::Gap),
                         _ => (close_at, BatchClose::Delay),
                     };
-                    match self.receiver.recv_deadline(wait_until) {
-                        Ok(request) => request,
-                        // The sender lives as long as the batcher, which joins its workers
-                        // before dropping it: only the timeout happens here.
-                        Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => {
-                            break on_timeout;
-                        }
+                    match self.recv_unless_stopped(wait_until) {
+                        Some(request) => request,
+                        None if self.stop.load(Ordering::Acquire) => break BatchClose::Shutdown,
+                        None => break on_timeout,
                     }
                 }
             };
@@ -601,6 +601,28 @@ impl Worker {
             break closed_by;
         };
         (batch, closed_by)
+    }
+
+    /// The next request arriving before `until`; None at `until`, or once the batcher stops
+    /// (seen within IDLE_POLL), so draining at shutdown does not sit out a long
+    /// `max_queue_delay_us`.
+    fn recv_unless_stopped(&self, until: Instant) -> Option<QueuedRequest> {
+        loop {
+            if self.stop.load(Ordering::Acquire) {
+                return None;
+            }
+            let slice_end = until.min(Instant::now() + IDLE_POLL);
+            match self.receiver.recv_deadline(slice_end) {
+                Ok(request) => return Some(request),
+                // The sender lives as long as the batcher, which joins its workers before
+                // dropping it: only the timeout happens here.
+                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => {
+                    if Instant::now() >= until {
+                        return None;
+                    }
+                }
+            }
+        }
     }
 
     /// Drops requests nobody waits for any more; answers those past their deadline.

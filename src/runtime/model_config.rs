@@ -173,6 +173,17 @@ impl Default for RuntimeOptions {
 /// Upper bound on the batch the server accepts so a config cannot make warm-up or buffers unbounded.
 pub const MAX_BATCH_LIMIT: usize = 65_536;
 
+/// Upper bound on `max_queue_size`: the queue's slots are allocated at load (about 200 bytes
+/// each, so this is some 200 MB).
+pub const MAX_QUEUE_LIMIT: usize = 1 << 20;
+
+/// Upper bound on the values of one tensor in a full batch (variable dimensions counted as 1),
+/// which warm-up allocates: 2^28 values are 1 GiB of FP32.
+pub const MAX_BATCH_VALUES: u64 = 1 << 28;
+
+/// Upper bound on `default_timeout_ms`: a day.
+pub const MAX_TIMEOUT_MS: u64 = 86_400_000;
+
 impl ModelConfig {
     pub fn load(path: &Path) -> Result<ModelConfig, RuntimeError> {
         let text = std::fs::read_to_string(path).map_err(|e| RuntimeError::Config {
@@ -226,6 +237,21 @@ impl ModelConfig {
                     spec.name
                 ));
             }
+            let values = spec
+                .shape
+                .iter()
+                .try_fold(self.max_batch_size.max(1) as u64, |n, d| {
+                    n.checked_mul((*d).max(1) as u64)
+                })
+                .filter(|n| *n <= MAX_BATCH_VALUES);
+            if values.is_none() {
+                return Err(format!(
+                    "tensor \"{}\": shape {:?} at max_batch_size {} holds more than \
+                     {MAX_BATCH_VALUES} values per batch (the limit; variable dimensions count \
+                     as 1): lower the shape or max_batch_size",
+                    spec.name, spec.shape, self.max_batch_size
+                ));
+            }
         }
         let mut names: Vec<&str> = self
             .inputs
@@ -237,8 +263,20 @@ impl ModelConfig {
         if let Some(pair) = names.windows(2).find(|w| w[0] == w[1]) {
             return Err(format!("tensor name \"{}\" is used twice", pair[0]));
         }
-        if self.dynamic_batching.max_queue_size == 0 {
-            return Err("dynamic_batching.max_queue_size must be at least 1".into());
+        let batching = &self.dynamic_batching;
+        if !(1..=MAX_QUEUE_LIMIT).contains(&batching.max_queue_size) {
+            return Err(format!(
+                "dynamic_batching.max_queue_size {} is outside 1..={MAX_QUEUE_LIMIT} (its slots \
+                 are allocated at load)",
+                batching.max_queue_size
+            ));
+        }
+        if !(1..=MAX_TIMEOUT_MS).contains(&batching.default_timeout_ms) {
+            return Err(format!(
+                "dynamic_batching.default_timeout_ms {} is outside 1..={MAX_TIMEOUT_MS} (a \
+                 request's deadline; 0 would fail every request)",
+                batching.default_timeout_ms
+            ));
         }
         if self.instance_group.count == 0 || self.instance_group.threads == 0 {
             return Err(
@@ -248,16 +286,44 @@ impl ModelConfig {
         if self.runtime.execution_providers.is_empty() {
             return Err("runtime.execution_providers must name at least one provider".into());
         }
-        for provider in &self.runtime.execution_providers {
-            crate::runtime::providers::ProviderKind::parse(provider)?;
-        }
-        if let VersionPolicy::Specific(versions) = &self.version_policy
-            && versions.is_empty()
-        {
-            return Err("version_policy lists no versions".into());
+        crate::runtime::providers::ProviderKind::parse_list(&self.runtime.execution_providers)
+            .map_err(|problem| format!("runtime.execution_providers: {problem}"))?;
+        if let VersionPolicy::Specific(versions) = &self.version_policy {
+            if versions.is_empty() {
+                return Err("version_policy lists no versions".into());
+            }
+            let mut sorted = versions.clone();
+            sorted.sort_unstable();
+            if let Some(pair) = sorted.windows(2).find(|w| w[0] == w[1]) {
+                return Err(format!("version_policy lists version {} twice", pair[0]));
+            }
+            if sorted[0] == 0 {
+                return Err("version_policy lists version 0 (versions start at 1)".into());
+            }
         }
         Ok(())
     }
+}
+
+/// Reads a free-form table of config.toml (`[preprocessing]`, `[calibration]`) into `T`, a struct
+/// with `deny_unknown_fields` whose fields are the keys the server uses. `notes` are keys kept
+/// for people (a recipe's name, figures) and may hold anything; any other key is an error, so a
+/// typo does not silently leave a default in place.
+pub fn read_table<T: serde::de::DeserializeOwned>(
+    table: &toml::Table,
+    notes: &[&str],
+) -> Result<T, String> {
+    let mut used = table.clone();
+    for note in notes {
+        used.remove(*note);
+    }
+    used.try_into().map_err(|e: toml::de::Error| {
+        if notes.is_empty() {
+            e.message().to_string()
+        } else {
+            format!("{} (besides the notes {})", e.message(), notes.join(", "))
+        }
+    })
 }
 
 /// Reads a labels file: one label per line, blank lines kept out.
@@ -336,5 +402,31 @@ mod tests {
         assert!(parse(&dup).unwrap_err().contains("used twice"));
         let provider = format!("{MINIMAL}\n[runtime]\nexecution_providers = [\"tpu\"]");
         assert!(parse(&provider).unwrap_err().contains("tpu"));
+    }
+
+    #[test]
+    fn limits_that_would_break_the_server_at_load_or_later_are_refused() {
+        let with_batching = |line: &str| format!("{MINIMAL}\n[dynamic_batching]\n{line}");
+        for (line, expected) in [
+            ("default_timeout_ms = 0", "default_timeout_ms 0"),
+            ("max_queue_size = 0", "max_queue_size 0"),
+            ("max_queue_size = 100000000", "max_queue_size 100000000"),
+        ] {
+            let error = parse(&with_batching(line)).unwrap_err();
+            assert!(error.contains(expected), "{line}: {error}");
+        }
+        assert!(parse(&with_batching("max_queue_size = 1048576")).is_ok());
+        let huge = MINIMAL.replace("[3, -1]", "[1000000000000]");
+        assert!(parse(&huge).unwrap_err().contains("values per batch"));
+        let overflowing = MINIMAL.replace("[3, -1]", "[9223372036854775807, 9223372036854775807]");
+        assert!(
+            parse(&overflowing)
+                .unwrap_err()
+                .contains("values per batch")
+        );
+        for (policy, expected) in [("[1, 3, 1]", "twice"), ("[0]", "version 0")] {
+            let error = parse(&format!("version_policy = {policy}\n{MINIMAL}")).unwrap_err();
+            assert!(error.contains(expected), "{policy}: {error}");
+        }
     }
 }

@@ -38,6 +38,30 @@ impl ProviderKind {
         }
     }
 
+    /// A config's or flag's provider list: known names, none twice, and "auto" alone (it
+    /// already tries every provider in turn).
+    pub fn parse_list(names: &[String]) -> Result<Vec<ProviderKind>, String> {
+        let kinds = names
+            .iter()
+            .map(|name| ProviderKind::parse(name))
+            .collect::<Result<Vec<_>, _>>()?;
+        if kinds.len() > 1 && kinds.contains(&ProviderKind::Auto) {
+            return Err(format!(
+                "\"auto\" cannot be combined with other providers (got {}): it tries tensorrt, \
+                 cuda, then cpu by itself",
+                names.join(",")
+            ));
+        }
+        if let Some(twice) = kinds
+            .iter()
+            .enumerate()
+            .find_map(|(i, kind)| kinds[..i].contains(kind).then_some(kind))
+        {
+            return Err(format!("provider {twice} is listed twice"));
+        }
+        Ok(kinds)
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             ProviderKind::Auto => "auto",

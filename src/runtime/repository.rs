@@ -63,11 +63,15 @@ impl ModelRepository {
                 absolute.display()
             ))
         })?;
-        let mut model_dirs: Vec<PathBuf> = entries
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| p.join("config.toml").is_file())
-            .collect();
+        let mut model_dirs = Vec::new();
+        for entry in entries {
+            let dir = entry
+                .map_err(|e| not_found(format!("cannot list the model repository: {e}")))?
+                .path();
+            if is_model_dir(&dir)? {
+                model_dirs.push(dir);
+            }
+        }
         model_dirs.sort();
         if model_dirs.is_empty() {
             return Err(not_found(
@@ -105,51 +109,62 @@ impl ModelRepository {
             Some(file) => Some(Arc::new(read_labels(&dir.join(file))?)),
             None => None,
         };
-        // Labels name the classes of an output: one of them must have that many.
+        // Labels name the classes of the first output, along its last dimension.
         if let Some(labels) = &labels {
             let count = labels.len() as i64;
-            if !config
-                .outputs
-                .iter()
-                .any(|o| o.shape.last() == Some(&count))
-            {
-                let widths: Vec<String> = config
-                    .outputs
-                    .iter()
-                    .map(|o| format!("{} {:?}", o.name, o.shape))
-                    .collect();
+            let first = &config.outputs[0];
+            if first.shape.last() != Some(&count) {
                 return Err(problem(format!(
-                    "the labels file holds {count} labels but no output has {count} classes in \
-                     its last dimension (outputs: {})",
-                    widths.join(", ")
+                    "the labels file holds {count} labels, but they name the classes of the \
+                     first output, {} {:?}, whose last dimension is not {count}",
+                    first.name, first.shape
                 )));
             }
         }
-        // Every numbered folder is a version; one without its model is an error, not a
-        // version quietly left out (which would move "latest" to an older one).
+        // Every folder named by a number is a version; one without its model is an error, not
+        // a version quietly left out (which would move "latest" to an older one).
         let mut available: Vec<u64> = Vec::new();
-        for entry in std::fs::read_dir(dir)
-            .map_err(|e| problem(format!("cannot list versions: {e}")))?
-            .flatten()
+        let mut others: Vec<String> = Vec::new();
+        for entry in
+            std::fs::read_dir(dir).map_err(|e| problem(format!("cannot list versions: {e}")))?
         {
-            let Some(version) = entry.file_name().to_str().and_then(|n| n.parse().ok()) else {
+            let entry = entry.map_err(|e| problem(format!("cannot list versions: {e}")))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let path = entry.path();
+            let Some(version) = version_number(&name).map_err(problem)? else {
+                if path.is_dir() {
+                    others.push(name);
+                }
                 continue;
             };
-            if !entry.path().is_dir() {
-                continue;
+            let model = path.join("model.onnx");
+            match std::fs::metadata(&model) {
+                Ok(meta) if meta.is_file() => available.push(version),
+                Ok(_) => return Err(problem(format!("{} is not a file", model.display()))),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && !path.is_dir() => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Err(problem(format!(
+                        "version folder {} has no model.onnx",
+                        path.display()
+                    )));
+                }
+                Err(e) => return Err(problem(format!("cannot read {}: {e}", model.display()))),
             }
-            if !entry.path().join("model.onnx").is_file() {
-                return Err(problem(format!(
-                    "version folder {} has no model.onnx",
-                    entry.path().display()
-                )));
-            }
-            available.push(version);
         }
         available.sort_unstable();
         if available.is_empty() {
+            others.sort();
+            let ignored = if others.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " (folders not named by a version number: {})",
+                    others.join(", ")
+                )
+            };
             return Err(problem(format!(
-                "no versions: expected {}/<version>/model.onnx",
+                "no versions: expected {}/<version>/model.onnx, <version> a whole number from 1\
+                 {ignored}",
                 dir.display()
             )));
         }
@@ -176,6 +191,62 @@ impl ModelRepository {
                 labels: labels.clone(),
             })
             .collect())
+    }
+}
+
+/// Whether `dir` is a model folder (it holds config.toml). Folders without one are skipped,
+/// with a warning when they look like a Triton model; one that cannot be read is an error, not
+/// a model quietly left out.
+fn is_model_dir(dir: &Path) -> Result<bool, RuntimeError> {
+    let unreadable = |path: &Path, e: std::io::Error| RuntimeError::Config {
+        path: path.to_path_buf(),
+        problem: format!("cannot read: {e}"),
+    };
+    match std::fs::metadata(dir) {
+        Ok(meta) if meta.is_dir() => {}
+        Ok(_) => return Ok(false),
+        Err(e) => return Err(unreadable(dir, e)),
+    }
+    let config = dir.join("config.toml");
+    match std::fs::metadata(&config) {
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if std::fs::symlink_metadata(&config).is_ok() {
+                return Err(unreadable(&config, e));
+            }
+            if dir.join("config.pbtxt").exists() {
+                tracing::warn!(
+                    folder = %dir.display(),
+                    "not loaded: it has Triton's config.pbtxt, and linescan reads config.toml"
+                );
+            }
+            Ok(false)
+        }
+        Err(e) => Err(unreadable(&config, e)),
+    }
+}
+
+/// The version a folder name gives: `Ok(None)` for a name that is not a number (another kind of
+/// folder), an error for one that is a number but not a version (0, a leading zero or sign, too
+/// large), which would otherwise be read as another folder's version or dropped.
+fn version_number(name: &str) -> Result<Option<u64>, String> {
+    let digits = name.strip_prefix('+').unwrap_or(name);
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Ok(None);
+    }
+    let refuse = |why: &str| {
+        Err(format!(
+            "version folder \"{name}\" {why}: name versions 1, 2, 3, ... (no sign, no leading \
+             zero)"
+        ))
+    };
+    if digits != name || (digits.starts_with('0') && digits != "0") {
+        return refuse("is not written as a version number");
+    }
+    match digits.parse::<u64>() {
+        Ok(0) => refuse("is 0"),
+        Ok(version) => Ok(Some(version)),
+        Err(_) => refuse("is too large"),
     }
 }
 
@@ -243,10 +314,7 @@ mod tests {
         write_model(root.path(), "a", &[1], "labels = \"labels.txt\"");
         std::fs::write(root.path().join("a/labels.txt"), "x\ny\nz\n").unwrap();
         let error = ModelRepository::scan(root.path()).unwrap_err().to_string();
-        assert!(
-            error.contains("holds 3 labels but no output has 3"),
-            "{error}"
-        );
+        assert!(error.contains("holds 3 labels"), "{error}");
         std::fs::write(root.path().join("a/labels.txt"), "x\ny\n").unwrap();
         assert!(ModelRepository::scan(root.path()).is_ok());
 
@@ -254,6 +322,23 @@ mod tests {
         write_model(root.path(), "a", &[1], "labels = \"missing.txt\"");
         let error = ModelRepository::scan(root.path()).unwrap_err().to_string();
         assert!(error.contains("missing.txt"), "{error}");
+
+        let root = tempfile::tempdir().unwrap();
+        write_model(root.path(), "a", &[], "");
+        std::fs::create_dir(root.path().join("a/v1")).unwrap();
+        let error = ModelRepository::scan(root.path()).unwrap_err().to_string();
+        assert!(
+            error.contains("not named by a version number: v1"),
+            "{error}"
+        );
+        // Names that read as a number but are no version would alias another or be dropped.
+        for name in ["02", "+2", "0", "99999999999999999999"] {
+            let root = tempfile::tempdir().unwrap();
+            write_model(root.path(), "a", &[1], "");
+            std::fs::create_dir(root.path().join("a").join(name)).unwrap();
+            let error = ModelRepository::scan(root.path()).unwrap_err().to_string();
+            assert!(error.contains(&format!("\"{name}\"")), "{name}: {error}");
+        }
 
         let root = tempfile::tempdir().unwrap();
         write_model(root.path(), "stats", &[1], "");

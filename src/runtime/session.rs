@@ -139,17 +139,24 @@ impl ModelSession {
                     .error(format!("\"{}\" is not a tensor", spec.name)));
             };
             if element_type(spec.datatype) != *ty {
+                // The graph's type by the config's names where it has one.
+                let graph_type = DataType::ALL
+                    .iter()
+                    .find(|d| element_type(**d) == *ty)
+                    .map_or_else(|| format!("{ty:?}"), |d| d.name().to_string());
                 return Err(self.spec.error(format!(
-                    "\"{}\" is {} in config.toml but {ty:?} in the graph",
+                    "\"{}\" is {} in config.toml but {graph_type} in the graph",
                     spec.name, spec.datatype
                 )));
             }
+            // A size the graph fixes must be declared as that size (a -1 there would be fed
+            // batches of another size at warm-up).
             let declared = spec.full_shape(batching);
             let compatible = declared.len() == shape.len()
                 && declared
                     .iter()
                     .zip(shape.iter())
-                    .all(|(d, g)| *g < 0 || *d == *g || (*d == -1 && *g > 0 && !batching));
+                    .all(|(d, g)| *g < 0 || *d == *g);
             if !compatible {
                 return Err(self.spec.error(format!(
                     "\"{}\" has shape {:?} in the graph, config.toml declares {:?}{}",

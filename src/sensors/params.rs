@@ -5,6 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::runtime::model_config::read_table;
 use crate::sensors::SensorError;
 
 /// How a window is completed when a unit has fewer observed cycles than the window.
@@ -25,6 +26,7 @@ impl Padding {
 
 /// `[preprocessing]` of a sensor model.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct SensorParams {
     /// Cycles per window, oldest first; the last row is the current cycle.
     pub window: usize,
@@ -59,12 +61,13 @@ impl SensorParams {
             SensorError::Setup(format!("{model}/config.toml [preprocessing]: {problem}"))
         };
         let table = table.ok_or_else(|| {
-            setup("missing (a sensor model needs window, channels, offset, scale, rul_cap)".into())
+            setup(
+                "missing (models named rul_* or anomaly_* are sensor models, which need window, \
+                 channels, offset, scale and rul_cap)"
+                    .into(),
+            )
         })?;
-        let params: SensorParams = table
-            .clone()
-            .try_into()
-            .map_err(|e: toml::de::Error| setup(e.message().to_string()))?;
+        let params: SensorParams = read_table(table, &[]).map_err(setup)?;
         params.validate().map_err(setup)?;
         Ok(params)
     }
@@ -114,6 +117,10 @@ impl SensorParams {
     }
 }
 
+/// Keys of an anomaly model's `[calibration]` kept for people: the RUL above which training
+/// windows counted as healthy.
+const ANOMALY_CALIBRATION_NOTES: [&str; 1] = ["healthy_min_rul"];
+
 /// `[calibration]` of an anomaly model: maps the raw reconstruction error to 0..1.
 ///
 /// Formulas (`formula`):
@@ -121,6 +128,7 @@ impl SensorParams {
 /// - `log_piecewise_linear`: 0 up to p50, then linear in ln(raw) to 0.5 at p99 and to 1 at
 ///   `fail_p50` (the median error of windows just before failure), 1 beyond.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Calibration {
     #[serde(default = "default_formula")]
     pub formula: String,
@@ -154,10 +162,8 @@ impl Calibration {
         };
         let table =
             table.ok_or_else(|| setup("missing (an anomaly model needs p50 and p99)".into()))?;
-        let calibration: Calibration = table
-            .clone()
-            .try_into()
-            .map_err(|e: toml::de::Error| setup(e.message().to_string()))?;
+        let calibration: Calibration =
+            read_table(table, &ANOMALY_CALIBRATION_NOTES).map_err(setup)?;
         if !(calibration.p50 > 0.0
             && calibration.p99 > calibration.p50
             && calibration.p99.is_finite())
@@ -202,9 +208,19 @@ impl Calibration {
     }
 }
 
+/// Keys of a RUL model's `[calibration]` kept for people: the formula in words, the windows
+/// behind each knot and the coverage reached.
+const RUL_CALIBRATION_NOTES: [&str; 4] = [
+    "formula",
+    "sigma_count",
+    "cv_coverage_1sigma",
+    "cv_coverage_2sigma",
+];
+
 /// `[calibration]` of a RUL model: the out-of-fold RMS error by predicted RUL, so the error bar
 /// is `rul_sigma = sqrt(rul_std² + sigma(rul)²)` (the ensemble spread alone is too narrow).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RulCalibration {
     /// Predicted RUL at each knot, increasing.
     pub sigma_knots: Vec<f64>,
@@ -213,21 +229,22 @@ pub struct RulCalibration {
 }
 
 impl RulCalibration {
-    /// None when the table has no `sigma_knots` (the spread is then the only uncertainty).
+    /// None without a table, or one of notes only (the spread is then the only uncertainty).
     pub fn from_table(
         model: &str,
         table: Option<&toml::Table>,
     ) -> Result<Option<RulCalibration>, SensorError> {
-        let Some(table) = table.filter(|t| t.contains_key("sigma_knots")) else {
+        let Some(table) = table.filter(|t| {
+            t.keys()
+                .any(|k| !RUL_CALIBRATION_NOTES.contains(&k.as_str()))
+        }) else {
             return Ok(None);
         };
         let setup = |problem: String| {
             SensorError::Setup(format!("{model}/config.toml [calibration]: {problem}"))
         };
-        let calibration: RulCalibration = table
-            .clone()
-            .try_into()
-            .map_err(|e: toml::de::Error| setup(e.message().to_string()))?;
+        let calibration: RulCalibration =
+            read_table(table, &RUL_CALIBRATION_NOTES).map_err(setup)?;
         let (knots, sigma) = (&calibration.sigma_knots, &calibration.sigma);
         if knots.is_empty() || knots.len() != sigma.len() {
             return Err(setup(format!(
@@ -282,9 +299,15 @@ mod tests {
     #[test]
     fn reads_preprocessing_and_rejects_inconsistent_tables() {
         let good = table(
-            "window = 3\nchannels = [\"a\", \"b\"]\nscaling = \"minmax\"\noffset = [1.0, 2.0]\nscale = [0.5, 2.0]\nrul_cap = 125\npadding = \"repeat_first\"\nextra = 1\n",
+            "window = 3\nchannels = [\"a\", \"b\"]\nscaling = \"minmax\"\noffset = [1.0, 2.0]\nscale = [0.5, 2.0]\nrul_cap = 125\npadding = \"repeat_first\"\n",
         );
         let params = SensorParams::from_table("m", Some(&good)).unwrap();
+        let mut typo = good.clone();
+        typo.insert("paddng".into(), toml::Value::String("repeat_first".into()));
+        let error = SensorParams::from_table("m", Some(&typo))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("paddng"), "{error}");
         assert_eq!(params.window_len(), 6);
         assert_eq!(params.padding, Padding::RepeatFirst);
         let short = table(
@@ -323,10 +346,15 @@ mod tests {
         );
         assert!((c.total(15.0, 4.0) - 5.0).abs() < 1e-6);
         assert!(
-            RulCalibration::from_table("r", Some(&table("p50 = 1.0\n")))
+            RulCalibration::from_table("r", Some(&table("formula = \"x\"\n")))
                 .unwrap()
-                .is_none()
+                .is_none(),
+            "notes alone are no calibration"
         );
+        let error = RulCalibration::from_table("r", Some(&table("p50 = 1.0\n")))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("p50"), "{error}");
         assert!(
             RulCalibration::from_table(
                 "r",
@@ -349,6 +377,11 @@ mod tests {
         assert_eq!(c.score(0.0), 0.0);
         assert_eq!(c.score(10.0), 1.0);
         assert!(Calibration::from_table("a", Some(&table("p50 = 0.04\np99 = 0.01\n"))).is_err());
+        let typo = table("formla = \"log_piecewise_linear\"\np50 = 0.01\np99 = 0.04\n");
+        let error = Calibration::from_table("a", Some(&typo))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("formla"), "{error}");
         let piecewise = Calibration::from_table(
             "a",
             Some(&table(

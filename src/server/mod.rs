@@ -40,6 +40,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     );
     // Fail before binding on what can be checked at once: configs, files, the runtime library.
     let repository = ModelRepository::scan(&args.models.model_repository)?;
+    let options = args.models.load_options()?;
     library::environment()?;
     args.assess.validate().map_err(anyhow::Error::msg)?;
     std::fs::create_dir_all(&args.data_dir).with_context(|| {
@@ -143,15 +144,18 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         // Printed on stdout so scripts and tests can find an ephemeral port.
         println!("linescan listening on http://{address}");
     }
-    let stop_signals = shutdown::StopSignals::listen()?;
+    let stop_signals = crate::signals::StopSignals::listen()?;
     let server = server.run();
     let handle = server.handle();
-    actix_web::rt::spawn(stop_signals.stop_on_signal(handle.clone(), args.shutdown_timeout));
+    actix_web::rt::spawn(shutdown::stop_on_signal(
+        stop_signals,
+        handle.clone(),
+        args.shutdown_timeout,
+    ));
 
     let load_error: Arc<Mutex<Option<anyhow::Error>>> = Arc::default();
     let loader_error = load_error.clone();
     let loader_state = state.clone();
-    let options = args.models.load_options();
     let services = ServiceOptions {
         data_dir: args.data_dir.clone(),
         max_image_pixels: args.max_image_pixels,
