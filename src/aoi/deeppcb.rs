@@ -31,9 +31,12 @@ pub fn read_list(list: &Path, root: &Path) -> anyhow::Result<Vec<PairEntry>> {
     let mut entries: Vec<PairEntry> = Vec::new();
     // Line of each id: detections are written per id, so an id listed twice would be one file.
     let mut lines_of_ids = std::collections::HashMap::new();
+    // A byte-order mark (some editors write one) is not part of the first path.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
     for (number, line) in text.lines().enumerate() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
+        // `#` starts a comment, on its own line or after a pair.
+        let line = line.split('#').next().unwrap_or_default().trim();
+        if line.is_empty() {
             continue;
         }
         let mut fields = line.split_whitespace();
@@ -66,6 +69,14 @@ pub fn read_list(list: &Path, root: &Path) -> anyhow::Result<Vec<PairEntry>> {
                     IMAGE_EXTENSIONS.join(", ")
                 )
             })?;
+        // The annotation is the pair's own: ID.txt of the same id.
+        if Path::new(annotation).file_stem().and_then(|s| s.to_str()) != Some(stem) {
+            anyhow::bail!(
+                "{}:{}: the annotation {annotation} is not pair {stem}'s (expected {stem}.txt)",
+                list.display(),
+                number + 1
+            );
+        }
         if let Some(first) = lines_of_ids.insert(stem.to_string(), number + 1) {
             anyhow::bail!(
                 "{}:{}: pair {stem} is already listed on line {first} (its detections are one \
@@ -154,7 +165,16 @@ pub fn read_detections(path: &Path) -> anyhow::Result<Vec<LabeledBox>> {
             }
             let class_index = match DEFECT_CLASSES.iter().position(|c| *c == fields[5]) {
                 Some(i) => i + 1,
-                None => class_index(fields[5].parse::<f64>().map_err(|_| bad())?, path, number)?,
+                None => {
+                    let number_given = fields[5].parse::<f64>().map_err(|_| {
+                        refuse(&format!(
+                            "type {:?} is not a class name ({}) or number (1..6)",
+                            fields[5],
+                            DEFECT_CLASSES.join(", ")
+                        ))
+                    })?;
+                    class_index(number_given, path, number)?
+                }
             };
             Ok(LabeledBox {
                 bbox: [x1, y1, x2, y2],
@@ -211,13 +231,14 @@ mod tests {
                 annotation: "/data/group1/1_not/1000.txt".into(),
             }]
         );
-        // Comment lines are skipped; an empty list and an id listed twice are refused.
+        // Comments, a byte-order mark and CRLF are skipped; an empty list, an id listed twice
+        // and an annotation of another id are refused.
         std::fs::write(
             &list,
-            "# held-out pairs\ngroup1/1/1000.jpg group1/1_not/1000.txt\n",
+            "\u{feff}# held-out pairs\r\ngroup1/1/1000.jpg group1/1_not/1000.txt  # first\r\n",
         )
         .unwrap();
-        assert_eq!(read_list(&list, Path::new("/data")).unwrap().len(), 1);
+        assert_eq!(read_list(&list, Path::new("/data")).unwrap(), entries);
         std::fs::write(&list, "\n# nothing\n").unwrap();
         let error = read_list(&list, Path::new("/d")).unwrap_err().to_string();
         assert!(error.contains("lists no pairs"), "{error}");
@@ -226,6 +247,7 @@ mod tests {
             "garbage line\n",
             "group1/1/1000.jpg group1/1_not/1000.jpg\n",
             "group2/2/1.png group2/2_not/1.txt\n",
+            "group2/2/2.png group2/2_not/3.txt\n",
         ] {
             std::fs::write(&list, format!("group1/1/1.png group1/1_not/1.txt\n{bad}")).unwrap();
             let error = read_list(&list, Path::new("/d")).unwrap_err().to_string();
@@ -254,6 +276,10 @@ mod tests {
             ("1,2,3,4,-0.5,short", "confidence"),
             ("5,5,1,1,0.9,short", "x1 <= x2"),
             ("1,2,inf,4,0.9,short", "finite"),
+            (
+                "1,2,3,4,0.9,pinhole",
+                "mousebite, spur, copper, pin-hole) or number",
+            ),
         ] {
             std::fs::write(&det, format!("1,2,3,4,0.9,short\n{bad}\n")).unwrap();
             let error = read_detections(&det).unwrap_err().to_string();

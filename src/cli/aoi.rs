@@ -125,29 +125,28 @@ async fn inspect_pair(
     inspector: Arc<Inspector>,
     pair: PairEntry,
     min_score: f32,
-) -> anyhow::Result<(PairEntry, Inspection, f64)> {
+) -> anyhow::Result<(Inspection, f64)> {
     let prepared_by = inspector.clone();
-    let blocking_pair = pair.clone();
     let (board, template_ms) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
         let read = |path: &PathBuf| {
             std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
         };
-        let template_bytes = read(&blocking_pair.template)?;
-        let test_bytes = read(&blocking_pair.test)?;
+        let template_bytes = read(&pair.template)?;
+        let test_bytes = read(&pair.test)?;
         let t = Instant::now();
         let template_gray = prepared_by
             .decode(&template_bytes)
-            .with_context(|| blocking_pair.template.display().to_string())?;
+            .with_context(|| pair.template.display().to_string())?;
         let template = prepared_by.prepare_template(&template_gray);
         let template_ms = t.elapsed().as_secs_f64() * 1000.0;
         let board = prepared_by
             .prepare(&test_bytes, &template)
-            .with_context(|| blocking_pair.test.display().to_string())?;
+            .with_context(|| pair.test.display().to_string())?;
         Ok((board, template_ms))
     })
     .await??;
     let inspection = inspector.finish(board, min_score).await?;
-    Ok((pair, inspection, template_ms))
+    Ok((inspection, template_ms))
 }
 
 /// Creates the output folder and removes the listed pairs' files from an earlier run.
@@ -200,22 +199,23 @@ fn detect(args: &DetectArgs) -> anyhow::Result<()> {
     let mut candidates = 0usize;
     // A pair that cannot be read, inspected or written is reported at the end; the others are
     // still written, so one bad image does not cost a whole evaluation run.
-    let mut failures: Vec<String> = Vec::new();
+    // (position in the list, what went wrong), printed in list order.
+    let mut failures: Vec<(usize, String)> = Vec::new();
     let mut interrupted = None;
     let mut written = 0usize;
     runtime.block_on(async {
-        let mut results = futures_util::stream::iter(pairs)
-            .map(|pair| {
+        let mut results = futures_util::stream::iter(pairs.into_iter().enumerate())
+            .map(|(position, pair)| {
                 let id = pair.id.clone();
                 let inspected = inspect_pair(inspector.clone(), pair, args.min_score);
                 async move {
                     let result = inspected.await.with_context(|| format!("pair {id}"));
-                    (id, result)
+                    (position, id, result)
                 }
             })
             .buffer_unordered(args.concurrency.max(1));
         loop {
-            let (id, result) = tokio::select! {
+            let (position, id, result) = tokio::select! {
                 next = results.next() => match next {
                     Some(next) => next,
                     None => break,
@@ -226,10 +226,10 @@ fn detect(args: &DetectArgs) -> anyhow::Result<()> {
                 }
             };
             progress.inc(1);
-            let (_, inspection, template_ms) = match result {
+            let (inspection, template_ms) = match result {
                 Ok(inspected) => inspected,
                 Err(error) => {
-                    failures.push(format!("{error:#}"));
+                    failures.push((position, format!("{error:#}")));
                     continue;
                 }
             };
@@ -237,9 +237,9 @@ fn detect(args: &DetectArgs) -> anyhow::Result<()> {
             if let Err(error) =
                 std::fs::write(&path, deeppcb::format_detections(&inspection.defects))
             {
-                failures.push(format!(
-                    "pair {id}: cannot write {}: {error}",
-                    path.display()
+                failures.push((
+                    position,
+                    format!("pair {id}: cannot write {}: {error}", path.display()),
                 ));
                 continue;
             }
@@ -300,8 +300,9 @@ fn detect(args: &DetectArgs) -> anyhow::Result<()> {
         );
     }
     registry.shutdown();
-    for failure in &failures {
-        eprintln!("failed: {failure}");
+    failures.sort_unstable();
+    for (position, failure) in &failures {
+        eprintln!("failed: pair {} of the list: {failure}", position + 1);
     }
     anyhow::ensure!(
         failures.is_empty(),

@@ -107,7 +107,7 @@ pub struct CmapssArgs {
     /// C-MAPSS text file (train_FD001.txt layout: unit, cycle, 3 settings, 21 sensors).
     #[arg(long)]
     pub input: PathBuf,
-    /// CSV written with `unit,rul`, one line per unit, units in ascending order.
+    /// CSV written: a header line `unit,rul`, then one line per unit, in ascending order.
     #[arg(long)]
     pub out: PathBuf,
     /// Sensor model (default: the repository's only rul_* model).
@@ -147,10 +147,12 @@ pub fn run_rul(command: RulCommand) -> anyhow::Result<()> {
     }
 }
 
-/// Loads a RUL model and its anomaly twin (nothing else) and opens them for scoring.
+/// Loads a RUL model and, `with_anomaly`, its anomaly twin (nothing else) and opens them for
+/// scoring.
 pub fn load_sensor_model(
     models: &ModelArgs,
     name: Option<&str>,
+    with_anomaly: bool,
 ) -> anyhow::Result<(Arc<ModelRegistry>, Arc<SensorModel>)> {
     let mut repository = ModelRepository::scan(&models.model_repository)?;
     let mut candidates: Vec<String> = repository
@@ -180,7 +182,7 @@ pub fn load_sensor_model(
     );
     repository
         .versions
-        .retain(|v| v.config.name == name || v.config.name == anomaly);
+        .retain(|v| v.config.name == name || (with_anomaly && v.config.name == anomaly));
     let metrics = Arc::new(Metrics::new());
     let registry = Arc::new(ModelRegistry::load(
         &repository,
@@ -291,7 +293,7 @@ fn job_run(args: &JobRunArgs) -> anyhow::Result<()> {
         .instances
         .get_or_insert_with(|| std::thread::available_parallelism().map_or(1, |n| n.get().min(8)));
     let preprocess = args.preprocess.select()?;
-    let (registry, model) = load_sensor_model(&models, args.model.as_deref())?;
+    let (registry, model) = load_sensor_model(&models, args.model.as_deref(), true)?;
     let runtime = runtime()?;
     let source = args
         .archive
@@ -385,6 +387,13 @@ fn job_merge(args: &JobMergeArgs) -> anyhow::Result<()> {
 }
 
 /// Column names of C-MAPSS text files.
+/// Up to ten unit ids, for a message.
+fn some_units(units: &[i64]) -> String {
+    let shown: Vec<String> = units.iter().take(10).map(i64::to_string).collect();
+    let more = if units.len() > 10 { ", ..." } else { "" };
+    format!("{}{more}", shown.join(", "))
+}
+
 pub fn cmapss_columns() -> Vec<String> {
     let mut columns: Vec<String> = vec!["unit".into(), "cycle".into()];
     columns.extend((1..=3).map(|i| format!("setting_{i}")));
@@ -488,9 +497,12 @@ fn cmapss(args: &CmapssArgs) -> anyhow::Result<()> {
         args.out.display()
     );
     refuse_overwriting(&[&args.input], &args.out)?;
+    crate::durable::check_writable(&args.out)
+        .with_context(|| format!("cannot write {}", args.out.display()))?;
     let started = Instant::now();
     let units = read_cmapss(&args.input)?;
-    let (registry, model) = load_sensor_model(&args.models, args.model.as_deref())?;
+    // Only `rul` is written: the anomaly twin is not loaded.
+    let (registry, model) = load_sensor_model(&args.models, args.model.as_deref(), false)?;
     let params = &model.params;
     let map = ChannelMap::new(&params.channels, &cmapss_columns(), true).map_err(|p| {
         anyhow::anyhow!(
@@ -499,10 +511,14 @@ fn cmapss(args: &CmapssArgs) -> anyhow::Result<()> {
     })?;
     let width = params.channels.len();
     let mut windows = Vec::with_capacity(units.len() * params.window_len());
-    let mut padded_units = 0;
+    let mut padded_units = Vec::new();
+    let mut gapped_units = Vec::new();
     let mut scaled = Vec::new();
     for (unit, rows) in &units {
         let last = &rows[rows.len().saturating_sub(params.window)..];
+        if last.windows(2).any(|pair| pair[1].0 != pair[0].0 + 1.0) {
+            gapped_units.push(*unit);
+        }
         let flat: Vec<f64> = last.iter().flat_map(|(_, v)| v.iter().copied()).collect();
         scaled.clear();
         model
@@ -517,7 +533,7 @@ fn cmapss(args: &CmapssArgs) -> anyhow::Result<()> {
                 )
             })?;
         if single_window(&scaled, params.window, width, &mut windows) > 0 {
-            padded_units += 1;
+            padded_units.push(*unit);
         }
     }
     let runtime = runtime()?;
@@ -550,24 +566,35 @@ fn cmapss(args: &CmapssArgs) -> anyhow::Result<()> {
     for (unit, rul) in units.keys().zip(&predictions) {
         csv.push_str(&format!("{unit},{rul:.4}\n"));
     }
-    std::fs::write(&args.out, csv)
+    crate::durable::write(&args.out, csv.as_bytes())
         .with_context(|| format!("cannot write {}", args.out.display()))?;
     eprintln!(
         "{} units scored with {} in {:.2} s{} → {}",
         units.len(),
         model.name(),
         started.elapsed().as_secs_f64(),
-        if padded_units > 0 {
-            format!(
-                "; {padded_units} units had fewer than {} cycles and were padded ({})",
-                params.window,
-                params.padding.name()
-            )
-        } else {
+        if padded_units.is_empty() {
             String::new()
+        } else {
+            format!(
+                "; {} units had fewer than {} cycles and were padded ({}): {}",
+                padded_units.len(),
+                params.window,
+                params.padding.name(),
+                some_units(&padded_units)
+            )
         },
         args.out.display()
     );
+    if !gapped_units.is_empty() {
+        eprintln!(
+            "warning: the last {} rows of {} units skip cycles, so their windows span more time \
+             than the model was trained on: {}",
+            params.window,
+            gapped_units.len(),
+            some_units(&gapped_units)
+        );
+    }
     registry.shutdown();
     Ok(())
 }

@@ -31,4 +31,15 @@ pub enum RuntimeError {
     Provider { provider: String, problem: String },
     #[error("inference failed: {0}")]
     Inference(String),
+    /// Several models' problems, found in one pass so a repository is fixed in one round.
+    #[error("{} models have problems:\n{}", .0.len(), list(.0))]
+    Several(Vec<RuntimeError>),
+}
+
+fn list(errors: &[RuntimeError]) -> String {
+    errors
+        .iter()
+        .map(|e| format!("  - {e}"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }

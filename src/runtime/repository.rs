@@ -79,10 +79,18 @@ impl ModelRepository {
             ));
         }
         let mut versions = Vec::new();
+        let mut problems = Vec::new();
         for dir in model_dirs {
-            versions.extend(Self::scan_model(&dir)?);
+            match Self::scan_model(&dir) {
+                Ok(found) => versions.extend(found),
+                Err(problem) => problems.push(problem),
+            }
         }
-        Ok(ModelRepository { versions })
+        match problems.len() {
+            0 => Ok(ModelRepository { versions }),
+            1 => Err(problems.remove(0)),
+            _ => Err(RuntimeError::Several(problems)),
+        }
     }
 
     fn scan_model(dir: &Path) -> Result<Vec<ModelVersionSpec>, RuntimeError> {
@@ -339,6 +347,18 @@ mod tests {
             let error = ModelRepository::scan(root.path()).unwrap_err().to_string();
             assert!(error.contains(&format!("\"{name}\"")), "{name}: {error}");
         }
+
+        // Every model's problem at once.
+        let root = tempfile::tempdir().unwrap();
+        write_model(root.path(), "a", &[], "");
+        write_model(root.path(), "b", &[1], "version_policy = [3]");
+        let error = ModelRepository::scan(root.path()).unwrap_err().to_string();
+        assert!(
+            error.starts_with("2 models have problems")
+                && error.contains("no versions")
+                && error.contains("version 3"),
+            "{error}"
+        );
 
         let root = tempfile::tempdir().unwrap();
         write_model(root.path(), "stats", &[1], "");
