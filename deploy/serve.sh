@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Sets the machine up if needed, then serves the bundled models on http://127.0.0.1:8000.
 # Arguments and LINESCAN_* variables pass through to `linescan serve` and are read from the
-# folder you run this in; the model repository and the data folder default to the
-# repository's models/ and data/. `deploy/serve.sh --help` shows the server's flags.
+# folder you run this in; the model repository, the data folder and the ONNX Runtime library
+# default to the repository's models/, data/ and .venv. `deploy/serve.sh --help` shows the server's flags.
 set -euo pipefail
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 BIN="$REPO/target/release/linescan"
@@ -19,6 +19,12 @@ for argument in "$@"; do
     fi
 done
 "$REPO/deploy/setup.sh"
+# The repository's ONNX Runtime, not one of a .venv in the caller's folder.
+if [ -z "${LINESCAN_ORT_LIB:-}" ] && [ -z "${ORT_DYLIB_PATH:-}" ]; then
+    for library in "$REPO"/.venv/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so.1.31.1; do
+        [ -f "$library" ] && export LINESCAN_ORT_LIB="$library"
+    done
+fi
 export LINESCAN_MODEL_REPOSITORY="${LINESCAN_MODEL_REPOSITORY:-$REPO/models}"
 export LINESCAN_DATA_DIR="${LINESCAN_DATA_DIR:-$REPO/data}"
 exec "$BIN" serve "$@"

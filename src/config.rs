@@ -58,7 +58,7 @@ pub struct ServeArgs {
 
     /// Require `Authorization: Bearer <key>` on every route but health and metrics (prefer the
     /// environment variable: a flag's value shows in the process list).
-    #[arg(long, env = "LINESCAN_API_KEY", hide_env_values = true, value_parser = api_key)]
+    #[arg(long, env = "LINESCAN_API_KEY", hide_env_values = true)]
     #[serde(serialize_with = "redact")]
     pub api_key: Option<String>,
 }
@@ -81,6 +81,24 @@ pub struct ModelArgs {
     /// ONNX Runtime intra-op threads per session, replacing config.toml.
     #[arg(long, env = "LINESCAN_THREADS", value_parser = at_least_one::<usize>)]
     pub threads: Option<usize>,
+}
+
+impl ServeArgs {
+    /// An API key a client can send: printable ASCII without spaces (an empty key, or one with
+    /// a space from an env file, would lock every client out). The message never shows the key.
+    pub fn check_api_key(&self) -> anyhow::Result<()> {
+        if let Some(key) = &self.api_key
+            && (key.is_empty() || !key.bytes().all(|b| b.is_ascii_graphic()))
+        {
+            anyhow::bail!(
+                "--api-key / LINESCAN_API_KEY must be 1 or more printable ASCII characters without \
+                 spaces (the key given has {} characters; check for a stray space or newline in \
+                 the environment file)",
+                key.chars().count()
+            );
+        }
+        Ok(())
+    }
 }
 
 impl ModelArgs {
@@ -128,19 +146,6 @@ impl ProviderArg {
 }
 
 /// Parses a count that must be at least 1 (sessions, threads, clients, rows, bytes).
-/// An API key a client can send: printable ASCII without spaces (an empty key, or one with a
-/// space from an env file, would lock every client out).
-fn api_key(text: &str) -> Result<String, String> {
-    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(
-            "an API key must be 1 or more printable ASCII characters, without spaces \
-                    (check for a stray space or newline in the environment file)"
-                .into(),
-        );
-    }
-    Ok(text.to_owned())
-}
-
 pub fn at_least_one<T>(text: &str) -> Result<T, String>
 where
     T: std::str::FromStr + From<u8> + PartialOrd,

@@ -192,6 +192,8 @@ fn bad_settings_stop_serve_before_it_listens() {
             vec!["--jobs-allow-path", data_dir.to_str().unwrap()],
             "--jobs-allow-path",
         ),
+        // A key no client can send; the message must not repeat it.
+        (vec!["--api-key", "s3cret "], "7 characters"),
     ];
     for (flags, fragment) in cases {
         let mut args = vec![
@@ -208,5 +210,6 @@ fn bad_settings_stop_serve_before_it_listens() {
         assert!(!stdout.contains("listening"), "{args:?}: {stdout}");
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(stderr.contains(fragment), "{args:?}: {stderr}");
+        assert!(!stderr.contains("s3cret"), "{stderr}");
     }
 }

@@ -111,10 +111,20 @@ impl PipelineParams {
                 return Err(format!("[preprocessing]: {name} {value} is outside [0, 1]"));
             }
         }
-        if self.max_candidates == 0 || self.crop_size == 0 {
-            return Err("[preprocessing]: max_candidates and crop_size must be at least 1".into());
+        if self.max_candidates == 0 || self.crop_size == 0 || self.crop_scale == 0 {
+            return Err(
+                "[preprocessing]: max_candidates, crop_size and crop_scale must be at least 1"
+                    .into(),
+            );
         }
-        if self.crop_window != self.crop_scale * self.crop_size {
+        // Crops are small next to a board: a window this large is a mistake in the config.
+        if self.crop_window > MAX_CROP_WINDOW {
+            return Err(format!(
+                "[preprocessing]: crop_window {} is above {MAX_CROP_WINDOW} pixels",
+                self.crop_window
+            ));
+        }
+        if Some(self.crop_window) != self.crop_scale.checked_mul(self.crop_size) {
             return Err(format!(
                 "[preprocessing]: crop_window {} must equal crop_scale {} x crop_size {}",
                 self.crop_window, self.crop_scale, self.crop_size
@@ -141,6 +151,9 @@ impl PipelineParams {
         Ok(())
     }
 }
+
+/// The largest crop window side accepted, in pixels.
+const MAX_CROP_WINDOW: usize = 4096;
 
 /// A value a fixed key of `[preprocessing]` must hold.
 #[derive(Clone, Copy)]
@@ -224,6 +237,12 @@ mod tests {
             ("score_threshold", toml::Value::Float(7.5), "outside [0, 1]"),
             ("nms_iou", toml::Value::Float(-3.0), "outside [0, 1]"),
             ("max_candidates", toml::Value::Integer(0), "at least 1"),
+            ("crop_scale", toml::Value::Integer(0), "at least 1"),
+            (
+                "crop_scale",
+                toml::Value::Integer(288230376151711744),
+                "must equal crop_scale",
+            ),
         ] {
             let error = with(key, value);
             assert!(error.contains(expected), "{key}: {error}");

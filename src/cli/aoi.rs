@@ -76,9 +76,10 @@ pub struct EvalArgs {
     /// Also write the figures as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
-    /// Model repository whose aoi_defect config gives the default operating threshold.
-    #[arg(long, env = "LINESCAN_MODEL_REPOSITORY", default_value = "models")]
-    pub model_repository: PathBuf,
+    /// Model repository whose aoi_defect config gives the default operating threshold (when
+    /// neither this nor the variable is given: ./models if it exists, else 0.5).
+    #[arg(long, env = "LINESCAN_MODEL_REPOSITORY")]
+    pub model_repository: Option<PathBuf>,
 }
 
 pub fn run(command: AoiCommand) -> anyhow::Result<()> {
@@ -350,7 +351,7 @@ fn eval(args: &EvalArgs) -> anyhow::Result<()> {
     }
     let threshold = match args.score_threshold {
         Some(t) => t,
-        None => model_score_threshold(&args.model_repository)?,
+        None => model_score_threshold(args.model_repository.as_deref())?,
     };
     let e = evaluation::evaluate(&results, threshold);
     println!(
@@ -382,16 +383,33 @@ fn eval(args: &EvalArgs) -> anyhow::Result<()> {
         e.false_negatives
     );
     if let Some(path) = &args.json {
-        std::fs::write(path, serde_json::to_vec_pretty(&e)?)
+        let report = EvalReport {
+            evaluation: &e,
+            pairs_without_detection_file: &missing,
+        };
+        std::fs::write(path, serde_json::to_vec_pretty(&report)?)
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
     Ok(())
 }
 
-/// The defect model's operating threshold, from its config.
-fn model_score_threshold(repository: &std::path::Path) -> anyhow::Result<f64> {
-    let path = repository.join(DEFECT_MODEL).join("config.toml");
-    if !path.exists() {
+/// `aoi eval --json`: the figures, and which listed pairs had no file (scored as empty).
+#[derive(serde::Serialize)]
+struct EvalReport<'a> {
+    #[serde(flatten)]
+    evaluation: &'a evaluation::Evaluation,
+    pairs_without_detection_file: &'a [&'a str],
+}
+
+/// The defect model's operating threshold, from its config in `repository`; without one named,
+/// from ./models when it is there, else the shipped model's.
+fn model_score_threshold(repository: Option<&std::path::Path>) -> anyhow::Result<f64> {
+    let named = repository.is_some();
+    let path = repository
+        .unwrap_or(std::path::Path::new("models"))
+        .join(DEFECT_MODEL)
+        .join("config.toml");
+    if !named && !path.exists() {
         // Scoring files needs no model: the shipped model's threshold, said aloud.
         let threshold = crate::aoi::params::PipelineParams::default().score_threshold as f64;
         eprintln!(

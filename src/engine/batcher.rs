@@ -210,6 +210,8 @@ pub struct Batcher {
     /// The CUDA device whose memory every session reads in place (CUDA or TensorRT provider).
     device: Option<i32>,
     stop: Arc<AtomicBool>,
+    /// Set when the server begins to stop: batches close without waiting for company.
+    drain: Arc<AtomicBool>,
     workers: std::sync::Mutex<Vec<JoinHandle<()>>>,
     metrics: Arc<Metrics>,
     stats: Arc<ModelStats>,
@@ -225,6 +227,7 @@ impl Batcher {
     ) -> Batcher {
         let (sender, receiver) = lanes::lanes(config.dynamic_batching.max_queue_size);
         let stop = Arc::new(AtomicBool::new(false));
+        let drain = Arc::new(AtomicBool::new(false));
         let idle = Arc::new(AtomicUsize::new(0));
         let stats = Arc::new(ModelStats::default());
         let version = version.to_string();
@@ -256,6 +259,7 @@ impl Batcher {
                     labels: [config.name.clone(), version.clone()],
                     receiver: receiver.clone(),
                     stop: stop.clone(),
+                    drain: drain.clone(),
                     idle: idle.clone(),
                     metrics: metrics.clone(),
                     stats: stats.clone(),
@@ -278,6 +282,7 @@ impl Batcher {
             sender,
             device,
             stop,
+            drain,
             workers: std::sync::Mutex::new(workers),
             metrics,
             stats,
@@ -452,8 +457,15 @@ impl Batcher {
         answered.unwrap_or(Err(InferError::ShuttingDown))
     }
 
+    /// From now on batches run as soon as a session is free, without waiting for company: the
+    /// server is stopping, and the requests in flight should not sit out `max_queue_delay_us`.
+    pub fn begin_drain(&self) {
+        self.drain.store(true, Ordering::Release);
+    }
+
     /// Stops taking requests, lets the workers finish everything already queued, and joins them.
     pub fn shutdown(&self) {
+        self.begin_drain();
         self.stop.store(true, Ordering::Release);
         let workers = std::mem::take(&mut *self.workers.lock().expect("workers lock"));
         for worker in workers {
@@ -473,6 +485,7 @@ struct Worker {
     labels: [String; 2],
     receiver: LaneReceivers<QueuedRequest>,
     stop: Arc<AtomicBool>,
+    drain: Arc<AtomicBool>,
     /// Workers of this model waiting for a first request.
     idle: Arc<AtomicUsize>,
     metrics: Arc<Metrics>,
@@ -567,9 +580,9 @@ impl Worker {
                         Some(gap) if now + gap < close_at => (now + gap, BatchClose::Gap),
                         _ => (close_at, BatchClose::Delay),
                     };
-                    match self.recv_unless_stopped(wait_until) {
+                    match self.recv_unless_draining(wait_until) {
                         Some(request) => request,
-                        None if self.stop.load(Ordering::Acquire) => break BatchClose::Shutdown,
+                        None if self.drain.load(Ordering::Acquire) => break BatchClose::Shutdown,
                         None => break on_timeout,
                     }
                 }
@@ -603,12 +616,12 @@ impl Worker {
         (batch, closed_by)
     }
 
-    /// The next request arriving before `until`; None at `until`, or once the batcher stops
-    /// (seen within IDLE_POLL), so draining at shutdown does not sit out a long
+    /// The next request arriving before `until`; None at `until`, or once the server begins to
+    /// stop (seen within IDLE_POLL), so requests in flight then do not sit out a long
     /// `max_queue_delay_us`.
-    fn recv_unless_stopped(&self, until: Instant) -> Option<QueuedRequest> {
+    fn recv_unless_draining(&self, until: Instant) -> Option<QueuedRequest> {
         loop {
-            if self.stop.load(Ordering::Acquire) {
+            if self.drain.load(Ordering::Acquire) {
                 return None;
             }
             let slice_end = until.min(Instant::now() + IDLE_POLL);

@@ -131,6 +131,14 @@ impl ModelRegistry {
         self.models.values().flat_map(|v| v.values())
     }
 
+    /// Every batcher runs its batches without waiting for company from now on (the server is
+    /// stopping).
+    pub fn begin_drain(&self) {
+        for model in self.models() {
+            model.batcher.begin_drain();
+        }
+    }
+
     /// Drains every queue and stops the workers.
     pub fn shutdown(&self) {
         for model in self.models() {

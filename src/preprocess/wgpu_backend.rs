@@ -1,8 +1,10 @@
 //! The wgpu backend: the WGSL kernels in `shaders/` on any Vulkan, Metal or DX12 device (Mesa's
 //! lavapipe runs them on a CPU, which is how CI tests them).
 //!
-//! Buffers come from a pool keyed by size and usage, so steady traffic of same-size boards
-//! allocates nothing after the first few requests.
+//! Buffers come from a pool keyed by size class (powers of two) and usage, so traffic of
+//! varying board sizes and candidate counts allocates nothing after the first few requests;
+//! the pool holds at most `POOL_BYTES`, and a buffer the device cannot bind is an error, not a
+//! panic.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -12,6 +14,9 @@ use crate::preprocess::launch::LaunchParams;
 use crate::preprocess::{Backend, PreprocessError};
 
 const BACKEND: &str = "wgpu";
+
+/// The most bytes the buffer pool keeps for reuse; buffers beyond it are freed.
+const POOL_BYTES: u64 = 512 << 20;
 
 /// The kernels, each a shader file with `common.wgsl` prepended.
 const SHADERS: [(&str, &str, &str); 8] = [
@@ -75,7 +80,16 @@ pub struct WgpuPreprocessor {
     name: String,
     software: bool,
     pipelines: HashMap<&'static str, wgpu::ComputePipeline>,
-    pool: Mutex<HashMap<(u64, wgpu::BufferUsages), Vec<wgpu::Buffer>>>,
+    pool: Mutex<BufferPool>,
+    /// The largest buffer a kernel can bind on this device.
+    max_binding: u64,
+}
+
+/// Free buffers by (size class, usage), and their bytes in all.
+#[derive(Default)]
+struct BufferPool {
+    free: HashMap<(u64, wgpu::BufferUsages), Vec<wgpu::Buffer>>,
+    bytes: u64,
 }
 
 impl WgpuPreprocessor {
@@ -93,6 +107,9 @@ impl WgpuPreprocessor {
             ))
         })?;
         let info = adapter.get_info();
+        let limits = adapter.limits();
+        let max_binding =
+            (limits.max_storage_buffer_binding_size as u64).min(limits.max_buffer_size);
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("linescan preprocess"),
             required_limits: adapter.limits(),
@@ -127,7 +144,8 @@ impl WgpuPreprocessor {
             name: format!("{} ({:?}, {})", info.name, info.backend, info.driver),
             software: info.device_type == wgpu::DeviceType::Cpu,
             pipelines,
-            pool: Mutex::new(HashMap::new()),
+            pool: Mutex::new(BufferPool::default()),
+            max_binding,
         })
     }
 
@@ -136,14 +154,28 @@ impl WgpuPreprocessor {
         self.software
     }
 
+    /// The size a buffer of `bytes` is made with: the next power of two, or the bytes rounded to
+    /// 4 where that power would pass the device's binding limit.
+    fn size_class(&self, bytes: u64) -> u64 {
+        let exact = bytes.max(4).next_multiple_of(4);
+        let class = exact.next_power_of_two();
+        if class <= self.max_binding {
+            class
+        } else {
+            exact
+        }
+    }
+
     fn buffer(&self, size: u64, usage: wgpu::BufferUsages) -> wgpu::Buffer {
-        let size = size.max(4).next_multiple_of(4);
-        let pooled = self
-            .pool
-            .lock()
-            .expect("buffer pool lock")
-            .get_mut(&(size, usage))
-            .and_then(Vec::pop);
+        let size = self.size_class(size);
+        let pooled = {
+            let mut pool = self.pool.lock().expect("buffer pool lock");
+            let found = pool.free.get_mut(&(size, usage)).and_then(Vec::pop);
+            if found.is_some() {
+                pool.bytes -= size;
+            }
+            found
+        };
         pooled.unwrap_or_else(|| {
             self.device.create_buffer(&wgpu::BufferDescriptor {
                 label: None,
@@ -154,10 +186,17 @@ impl WgpuPreprocessor {
         })
     }
 
+    /// Keeps buffers for reuse while the pool has room; the others are freed.
     fn recycle(&self, buffers: impl IntoIterator<Item = wgpu::Buffer>) {
         let mut pool = self.pool.lock().expect("buffer pool lock");
         for buffer in buffers {
-            pool.entry((buffer.size(), buffer.usage()))
+            if pool.bytes + buffer.size() > POOL_BYTES {
+                buffer.destroy();
+                continue;
+            }
+            pool.bytes += buffer.size();
+            pool.free
+                .entry((buffer.size(), buffer.usage()))
                 .or_default()
                 .push(buffer);
         }
@@ -195,6 +234,21 @@ impl KernelRunner for WgpuPreprocessor {
         read: &[usize],
         finish: impl FnOnce(&[&[u8]]) -> T,
     ) -> Result<T, PreprocessError> {
+        if let Some(too_large) = args.iter().find(|a| a.byte_len() as u64 > self.max_binding) {
+            return Err(kernel_error(
+                steps[0].kernel,
+                format!(
+                    "the input needs a buffer of {} bytes, above this device's limit of {} bytes \
+                     per buffer; use --preprocess cpu for inputs this large (or smaller images \
+                     or job chunks)",
+                    too_large.byte_len(),
+                    self.max_binding
+                ),
+            ));
+        }
+        // Validation errors come back here instead of reaching wgpu's default handler, which
+        // panics.
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let buffers: Vec<wgpu::Buffer> = args.iter().map(|a| self.storage(a)).collect();
         let mut encoder = self
             .device
@@ -242,7 +296,7 @@ impl KernelRunner for WgpuPreprocessor {
         let readbacks: Vec<wgpu::Buffer> = read
             .iter()
             .map(|i| {
-                let size = buffers[*i].size();
+                let size = (args[*i].byte_len() as u64).max(4).next_multiple_of(4);
                 let staging = self.buffer(
                     size,
                     wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
@@ -261,6 +315,9 @@ impl KernelRunner for WgpuPreprocessor {
                 timeout: None,
             })
             .map_err(|e| kernel_error(steps[0].kernel, e))?;
+        if let Some(error) = pollster::block_on(scope.pop()) {
+            return Err(kernel_error(steps[0].kernel, error));
+        }
         let views = readbacks
             .iter()
             .map(|staging| staging.get_mapped_range(..))

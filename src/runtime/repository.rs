@@ -202,35 +202,35 @@ impl ModelRepository {
     }
 }
 
-/// Whether `dir` is a model folder (it holds config.toml). Folders without one are skipped,
-/// with a warning when they look like a Triton model; one that cannot be read is an error, not
-/// a model quietly left out.
+/// Whether `dir` is a model folder (it holds config.toml). Other entries are skipped: with a
+/// warning when they look like a Triton model or cannot be looked into (`lost+found`, a broken
+/// link), so nothing is left out unsaid. A config.toml that is a broken link is an error.
 fn is_model_dir(dir: &Path) -> Result<bool, RuntimeError> {
-    let unreadable = |path: &Path, e: std::io::Error| RuntimeError::Config {
-        path: path.to_path_buf(),
-        problem: format!("cannot read: {e}"),
+    let skip = |why: String| {
+        tracing::warn!(entry = %dir.display(), "not a model: {why}");
+        Ok(false)
     };
     match std::fs::metadata(dir) {
         Ok(meta) if meta.is_dir() => {}
         Ok(_) => return Ok(false),
-        Err(e) => return Err(unreadable(dir, e)),
+        Err(e) => return skip(format!("cannot read it ({e})")),
     }
     let config = dir.join("config.toml");
     match std::fs::metadata(&config) {
         Ok(_) => Ok(true),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             if std::fs::symlink_metadata(&config).is_ok() {
-                return Err(unreadable(&config, e));
+                return Err(RuntimeError::Config {
+                    path: config,
+                    problem: format!("cannot read: {e} (a link to nothing)"),
+                });
             }
             if dir.join("config.pbtxt").exists() {
-                tracing::warn!(
-                    folder = %dir.display(),
-                    "not loaded: it has Triton's config.pbtxt, and linescan reads config.toml"
-                );
+                return skip("it has Triton's config.pbtxt, and linescan reads config.toml".into());
             }
             Ok(false)
         }
-        Err(e) => Err(unreadable(&config, e)),
+        Err(e) => skip(format!("cannot look for its config.toml ({e})")),
     }
 }
 

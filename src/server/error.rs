@@ -59,10 +59,15 @@ impl From<InferError> for ApiError {
     }
 }
 
-/// A task on actix's blocking pool that panicked or was dropped.
+/// A task on actix's blocking pool that panicked or was dropped (actix-web's own message, "Blocking
+/// thread pool is shut down unexpectedly", says neither).
 impl From<actix_web::error::BlockingError> for ApiError {
-    fn from(error: actix_web::error::BlockingError) -> Self {
-        ApiError::Internal(format!("a background task failed: {error}"))
+    fn from(_: actix_web::error::BlockingError) -> Self {
+        ApiError::Internal(
+            "internal error: the request's background work stopped without an answer (a bug; \
+             the server log has the details)"
+                .into(),
+        )
     }
 }
 

@@ -43,6 +43,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let options = args.models.load_options()?;
     library::environment()?;
     args.assess.validate().map_err(anyhow::Error::msg)?;
+    args.check_api_key()?;
     std::fs::create_dir_all(&args.data_dir).with_context(|| {
         format!(
             "cannot create the data folder {} (--data-dir)",
@@ -150,6 +151,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     actix_web::rt::spawn(shutdown::stop_on_signal(
         stop_signals,
         handle.clone(),
+        state.clone(),
         args.shutdown_timeout,
     ));
 
