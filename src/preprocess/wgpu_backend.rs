@@ -15,6 +15,9 @@ use crate::preprocess::{Backend, PreprocessError};
 
 const BACKEND: &str = "wgpu";
 
+/// The longest a submission may take (lavapipe needs seconds for the largest images).
+const POLL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
 /// The most bytes the buffer pool keeps for reuse; buffers beyond it are freed.
 const POOL_BYTES: u64 = 512 << 20;
 
@@ -309,10 +312,11 @@ impl KernelRunner for WgpuPreprocessor {
         for staging in &readbacks {
             staging.map_async(wgpu::MapMode::Read, .., |_| {});
         }
+        // A device that never finishes (lost, hung) fails the request instead of holding it.
         self.device
             .poll(wgpu::PollType::Wait {
                 submission_index: None,
-                timeout: None,
+                timeout: Some(POLL_TIMEOUT),
             })
             .map_err(|e| kernel_error(steps[0].kernel, e))?;
         if let Some(error) = pollster::block_on(scope.pop()) {
