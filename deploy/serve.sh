@@ -9,7 +9,8 @@ BIN="$REPO/target/release/linescan"
 for argument in "$@"; do
     if [ "$argument" = "--help" ] || [ "$argument" = "-h" ]; then
         echo "deploy/serve.sh [FLAGS]: runs deploy/setup.sh (Debian packages, .venv, release build),"
-        echo "then 'linescan serve FLAGS' with the repository's models/ and data/ unless told otherwise."
+        echo "then 'linescan serve FLAGS' with the repository's models/, data/ and ONNX Runtime (.venv)"
+        echo "unless told otherwise."
         if [ -x "$BIN" ]; then
             echo
             exec "$BIN" serve --help
@@ -21,9 +22,8 @@ done
 "$REPO/deploy/setup.sh"
 # The repository's ONNX Runtime, not one of a .venv in the caller's folder.
 if [ -z "${LINESCAN_ORT_LIB:-}" ] && [ -z "${ORT_DYLIB_PATH:-}" ]; then
-    for library in "$REPO"/.venv/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so.1.31.1; do
-        [ -f "$library" ] && export LINESCAN_ORT_LIB="$library"
-    done
+    library="$("$REPO/.venv/bin/python" -c 'import onnxruntime, os; print(os.path.join(os.path.dirname(onnxruntime.__file__), "capi", "libonnxruntime.so." + onnxruntime.__version__))')"
+    [ -f "$library" ] && export LINESCAN_ORT_LIB="$library"
 fi
 export LINESCAN_MODEL_REPOSITORY="${LINESCAN_MODEL_REPOSITORY:-$REPO/models}"
 export LINESCAN_DATA_DIR="${LINESCAN_DATA_DIR:-$REPO/data}"

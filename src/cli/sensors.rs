@@ -23,7 +23,7 @@ use crate::runtime::device::PlacedBytes;
 use crate::sensors::channels::ChannelMap;
 use crate::sensors::window::single_window;
 use crate::sensors::{ANOMALY_PREFIX, AssessSettings, RUL_PREFIX, SensorModel};
-use crate::signals::{EXIT_INTERRUPTED, Stop, StopSignals};
+use crate::signals::{Stop, StopSignals, exit_now};
 use crate::tensor::f32_bytes;
 
 #[derive(Subcommand)]
@@ -220,7 +220,7 @@ impl BarMonitor {
                     // A second signal does not wait for the next chunk.
                     signals.next().await;
                 }
-                std::process::exit(EXIT_INTERRUPTED);
+                exit_now();
             });
         }
         BarMonitor { bar, stop }

@@ -64,22 +64,24 @@ impl ModelRepository {
             ))
         })?;
         let mut model_dirs = Vec::new();
+        let mut problems = Vec::new();
         for entry in entries {
             let dir = entry
                 .map_err(|e| not_found(format!("cannot list the model repository: {e}")))?
                 .path();
-            if is_model_dir(&dir)? {
-                model_dirs.push(dir);
+            match is_model_dir(&dir) {
+                Ok(true) => model_dirs.push(dir),
+                Ok(false) => {}
+                Err(problem) => problems.push(problem),
             }
         }
         model_dirs.sort();
-        if model_dirs.is_empty() {
+        if model_dirs.is_empty() && problems.is_empty() {
             return Err(not_found(
                 "no models: expected <model>/config.toml and <model>/<version>/model.onnx".into(),
             ));
         }
         let mut versions = Vec::new();
-        let mut problems = Vec::new();
         for dir in model_dirs {
             match Self::scan_model(&dir) {
                 Ok(found) => versions.extend(found),
@@ -147,7 +149,12 @@ impl ModelRepository {
             };
             let model = path.join("model.onnx");
             match std::fs::metadata(&model) {
-                Ok(meta) if meta.is_file() => available.push(version),
+                // Opened now, so an unreadable model is reported with the configs' problems.
+                Ok(meta) if meta.is_file() => {
+                    std::fs::File::open(&model)
+                        .map_err(|e| problem(format!("cannot read {}: {e}", model.display())))?;
+                    available.push(version);
+                }
                 Ok(_) => return Err(problem(format!("{} is not a file", model.display()))),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound && !path.is_dir() => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -202,18 +209,26 @@ impl ModelRepository {
     }
 }
 
-/// Whether `dir` is a model folder (it holds config.toml). Other entries are skipped: with a
-/// warning when they look like a Triton model or cannot be looked into (`lost+found`, a broken
-/// link), so nothing is left out unsaid. A config.toml that is a broken link is an error.
+/// Whether `dir` is a model folder (it holds config.toml). Other folders are skipped, with a
+/// warning when they look like a Triton model or are a link to nothing; a filesystem's
+/// `lost+found` is skipped unread. A folder that cannot be looked into is an error, not a model
+/// that may be left out.
 fn is_model_dir(dir: &Path) -> Result<bool, RuntimeError> {
-    let skip = |why: String| {
-        tracing::warn!(entry = %dir.display(), "not a model: {why}");
-        Ok(false)
+    let unreadable = |path: &Path, e: std::io::Error| RuntimeError::Config {
+        path: path.to_path_buf(),
+        problem: format!("cannot read: {e}"),
     };
+    if dir.file_name().is_some_and(|name| name == "lost+found") {
+        return Ok(false);
+    }
     match std::fs::metadata(dir) {
         Ok(meta) if meta.is_dir() => {}
         Ok(_) => return Ok(false),
-        Err(e) => return skip(format!("cannot read it ({e})")),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            tracing::warn!(entry = %dir.display(), "not a model: a link to nothing");
+            return Ok(false);
+        }
+        Err(e) => return Err(unreadable(dir, e)),
     }
     let config = dir.join("config.toml");
     match std::fs::metadata(&config) {
@@ -226,11 +241,14 @@ fn is_model_dir(dir: &Path) -> Result<bool, RuntimeError> {
                 });
             }
             if dir.join("config.pbtxt").exists() {
-                return skip("it has Triton's config.pbtxt, and linescan reads config.toml".into());
+                tracing::warn!(
+                    folder = %dir.display(),
+                    "not a model: it has Triton's config.pbtxt, and linescan reads config.toml"
+                );
             }
             Ok(false)
         }
-        Err(e) => skip(format!("cannot look for its config.toml ({e})")),
+        Err(e) => Err(unreadable(&config, e)),
     }
 }
 

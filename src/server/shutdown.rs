@@ -5,7 +5,7 @@ use actix_web::dev::ServerHandle;
 use actix_web::web;
 
 use crate::server::state::AppState;
-use crate::signals::{EXIT_INTERRUPTED, Stop, StopSignals};
+use crate::signals::{Stop, StopSignals, exit_now};
 
 /// Stops `server` on the signals: gracefully on the first SIGTERM or SIGINT (the listener
 /// closes, so probes see the server gone, and queued requests run without waiting for
@@ -30,5 +30,5 @@ pub async fn stop_on_signal(
         signals.next().await;
     }
     tracing::warn!("stopping now: in-flight requests get no answer");
-    std::process::exit(EXIT_INTERRUPTED);
+    exit_now();
 }
