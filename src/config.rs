@@ -104,19 +104,14 @@ impl ServeArgs {
 impl ModelArgs {
     /// The options, once `--providers` is a list a model can use.
     pub fn load_options(&self) -> anyhow::Result<crate::engine::registry::LoadOptions> {
-        let providers = match &self.providers {
-            None => None,
-            Some(arguments) => {
-                let names: Vec<String> = arguments
-                    .iter()
-                    .map(|a| a.kind().name().to_owned())
-                    .collect();
-                Some(
-                    ProviderKind::parse_list(&names)
-                        .map_err(|problem| anyhow::anyhow!("--providers: {problem}"))?,
-                )
-            }
-        };
+        let providers: Option<Vec<ProviderKind>> = self
+            .providers
+            .as_ref()
+            .map(|arguments| arguments.iter().map(|a| a.kind()).collect());
+        if let Some(kinds) = &providers {
+            ProviderKind::check_list(kinds)
+                .map_err(|problem| anyhow::anyhow!("--providers: {problem}"))?;
+        }
         Ok(crate::engine::registry::LoadOptions {
             providers,
             instances: self.instances,

@@ -47,7 +47,7 @@ const GAUGES: [(&str, &str); 5] = [
 ];
 
 /// The values of `GAUGES`, in their order, from the process and its `stat` read once.
-fn gauge_values(process: &Process, stat: Option<&Stat>) -> [Option<f64>; 5] {
+fn gauge_values(process: &Process, stat: Option<&Stat>) -> [Option<f64>; GAUGES.len()] {
     let max_fds = process
         .limits()
         .ok()
@@ -131,9 +131,9 @@ impl Collector for ProcessCollector {
         let mut families = self.cpu.collect();
         families.extend(self.resident.collect());
         // A value that cannot be read leaves its series out rather than exporting a stale one.
-        let values = process
-            .as_ref()
-            .map_or([None; 5], |process| gauge_values(process, stat.as_ref()));
+        let values = process.as_ref().map_or([None; GAUGES.len()], |process| {
+            gauge_values(process, stat.as_ref())
+        });
         for (gauge, value) in self.gauges.iter().zip(values) {
             if let Some(value) = value {
                 gauge.set(value);

@@ -38,14 +38,21 @@ impl ProviderKind {
         }
     }
 
-    /// A config's or flag's provider list: known names, none twice, and "auto" alone (it
-    /// already tries every provider in turn).
+    /// A config's provider list: known names, and a list `check_list` accepts.
     pub fn parse_list(names: &[String]) -> Result<Vec<ProviderKind>, String> {
         let kinds = names
             .iter()
             .map(|name| ProviderKind::parse(name))
             .collect::<Result<Vec<_>, _>>()?;
+        ProviderKind::check_list(&kinds)?;
+        Ok(kinds)
+    }
+
+    /// A config's or flag's provider list: none twice, and "auto" alone (it already tries
+    /// every provider in turn).
+    pub fn check_list(kinds: &[ProviderKind]) -> Result<(), String> {
         if kinds.len() > 1 && kinds.contains(&ProviderKind::Auto) {
+            let names: Vec<&str> = kinds.iter().map(|kind| kind.name()).collect();
             return Err(format!(
                 "\"auto\" cannot be combined with other providers (got {}): it tries tensorrt, \
                  cuda, then cpu by itself",
@@ -59,7 +66,7 @@ impl ProviderKind {
         {
             return Err(format!("provider {twice} is listed twice"));
         }
-        Ok(kinds)
+        Ok(())
     }
 
     pub fn name(self) -> &'static str {

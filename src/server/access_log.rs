@@ -23,8 +23,6 @@ pub fn attach_error_text(response: &mut HttpResponse, text: String) {
     response.extensions_mut().insert(ErrorText(text));
 }
 
-const READINESS_ROUTE: &str = "/v2/health/ready";
-
 /// The least time between two log lines of one route and status.
 const LOG_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -75,7 +73,7 @@ pub fn record<B>(
         .with_label_values(&[route])
         .observe(started.elapsed().as_secs_f64());
     // "Not ready" is the readiness probe's answer while models load, not a failure.
-    if route == READINESS_ROUTE {
+    if route == crate::server::v2::READY_PATH {
         return;
     }
     let loud = status.is_server_error() || status == StatusCode::UNAUTHORIZED;

@@ -30,7 +30,7 @@ use crate::server::error::ApiError;
 use crate::server::state::AppState;
 
 /// Paths that stay open without the API key (probes and scrapers).
-const OPEN_PATHS: &[&str] = &["/v2/health/live", "/v2/health/ready", "/metrics"];
+const OPEN_PATHS: &[&str] = &["/v2/health/live", v2::READY_PATH, "/metrics"];
 
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     tracing::info!(

@@ -59,7 +59,7 @@ pub fn routes(config: &mut web::ServiceConfig) {
             [(Method::GET, web::route().to(live))],
         ))
         .service(resource(
-            "/v2/health/ready",
+            READY_PATH,
             [(Method::GET, web::route().to(ready))],
         ))
         .service(resource(
@@ -80,6 +80,9 @@ pub fn routes(config: &mut web::ServiceConfig) {
                 .service(per_model(web::scope("/versions/{version}"))),
         );
 }
+
+/// The readiness probe's path.
+pub const READY_PATH: &str = "/v2/health/ready";
 
 #[derive(serde::Deserialize)]
 struct ModelPath {
