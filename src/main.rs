@@ -86,6 +86,13 @@ fn main() -> ExitCode {
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
+        Err(error) if error.is::<linescan::signals::Interrupted>() => {
+            match cli.log_format {
+                LogFormat::Text => eprintln!("{error}"),
+                LogFormat::Json => tracing::warn!(reason = error.to_string(), "exiting"),
+            }
+            ExitCode::from(linescan::signals::EXIT_INTERRUPTED)
+        }
         Err(error) => {
             match cli.log_format {
                 LogFormat::Text => eprintln!("error: {error:#}"),

@@ -573,6 +573,39 @@ async fn the_aoi_load_generator_inspects_and_removes_its_templates() {
         Value::Array(vec![]),
         "left behind: {list}"
     );
+    // Stopped by SIGTERM mid-run, it still removes its templates, and says it was interrupted.
+    let bench = common::command(common::BIN)
+        .args(["bench", "aoi", "--url", &server.url, "--boards", "3"])
+        .args(["--concurrency", "2", "--duration", "600", "--warmup", "0"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let registered = async || {
+        let (_, list) = common::get_json(&format!("{}/v1/templates", server.url)).await;
+        list["templates"].as_array().is_some_and(|t| t.len() == 3)
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !registered().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no templates registered"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    common::signal(bench.id(), "TERM");
+    let output = tokio::task::spawn_blocking(move || bench.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("interrupted (SIGTERM)"), "{stderr}");
+    let (_, list) = common::get_json(&format!("{}/v1/templates", server.url)).await;
+    assert_eq!(
+        list["templates"],
+        Value::Array(vec![]),
+        "left behind: {list}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -213,3 +213,42 @@ fn bad_settings_stop_serve_before_it_listens() {
         assert!(!stderr.contains("s3cret"), "{stderr}");
     }
 }
+
+#[test]
+fn a_stop_while_models_load_waits_for_the_loader_and_exits_cleanly() {
+    use std::io::BufRead;
+    let repository = Repository::with_models(&[MODEL]);
+    let data = tempfile::tempdir().unwrap();
+    // Eight sessions to load and warm up keep the loader busy when the signal comes.
+    let mut child = common::command(common::BIN)
+        .args([
+            "serve",
+            "--port",
+            "0",
+            "--instances",
+            "8",
+            "--model-repository",
+        ])
+        .arg(repository.path())
+        .arg("--data-dir")
+        .arg(data.path())
+        .env("LINESCAN_LOG", "info")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    assert!(line.contains("listening"), "{line}");
+    common::signal(child.id(), "TERM");
+    let output = child.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{:?}\n{log}", output.status);
+    // Exiting under a warm-up run would tear ONNX Runtime down beneath it and log its errors.
+    assert!(
+        log.contains("SIGTERM received while loading") && log.contains("shut down cleanly"),
+        "{log}"
+    );
+    assert!(!log.contains("ERROR"), "{log}");
+}

@@ -16,6 +16,7 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 
 use crate::config::{at_least_one, non_negative, positive};
+use crate::signals::{Interrupted, StopWatch};
 
 /// The longest run or warm-up: a week. Longer is a typo (and would overflow the clock).
 const MAX_RUN_SECONDS: f64 = 7.0 * 24.0 * 3600.0;
@@ -245,6 +246,7 @@ impl LoadArgs {
             .worker_threads(self.client_threads.max(1))
             .enable_all()
             .build()?;
+        let stop = StopWatch::start()?;
         let report = runtime.block_on(async {
             let run = async {
                 let workload = prepare().await?;
@@ -252,9 +254,10 @@ impl LoadArgs {
             };
             tokio::select! {
                 report = run => report,
-                _ = tokio::signal::ctrl_c() => {
-                    anyhow::bail!("interrupted (Ctrl-C) before the run ended: no report")
-                }
+                name = stop.wait() => Err(Interrupted(format!(
+                    "interrupted ({name}) before the run ended: no report"
+                ))
+                .into()),
             }
         })?;
         report.print();

@@ -20,7 +20,7 @@ use crate::engine::ModelRegistry;
 use crate::metrics::Metrics;
 use crate::preprocess::PreprocessArgs;
 use crate::runtime::ModelRepository;
-use crate::signals::{EXIT_INTERRUPTED, Stop, StopSignals};
+use crate::signals::{Interrupted, StopWatch};
 
 #[derive(Subcommand)]
 pub enum AoiCommand {
@@ -183,10 +183,7 @@ fn detect(args: &DetectArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let mut signals = {
-        let _context = runtime.enter();
-        StopSignals::listen()?
-    };
+    let stop = StopWatch::start()?;
     let progress = ProgressBar::new(pairs.len() as u64);
     progress.set_style(
         ProgressStyle::with_template("{bar:40} {pos}/{len} pairs {per_sec} eta {eta}")
@@ -221,8 +218,8 @@ fn detect(args: &DetectArgs) -> anyhow::Result<()> {
                     Some(next) => next,
                     None => break,
                 },
-                stop = signals.next() => {
-                    interrupted = Some(stop);
+                name = stop.wait() => {
+                    interrupted = Some(name);
                     break;
                 }
             };
@@ -262,21 +259,17 @@ fn detect(args: &DetectArgs) -> anyhow::Result<()> {
     });
     progress.finish_and_clear();
     let seconds = started.elapsed().as_secs_f64();
-    if let Some(stop) = interrupted {
+    if let Some(name) = interrupted {
         // The sessions stop before the process does: ONNX Runtime torn down under a running
         // batch logs errors.
         drop(runtime);
         registry.shutdown();
-        eprintln!(
-            "interrupted ({}): {written} of {listed} pairs were written to {}; the others have no \
-             file, so `aoi eval` on this list scores them as missed",
-            match stop {
-                Stop::Clean(name) => name,
-                Stop::Now => "SIGQUIT",
-            },
+        return Err(Interrupted(format!(
+            "interrupted ({name}): {written} of {listed} pairs were written to {}; the others \
+             have no file, so `aoi eval` on this list scores them as missed",
             args.out.display()
-        );
-        std::process::exit(EXIT_INTERRUPTED);
+        ))
+        .into());
     }
     let count = listed - failures.len();
     println!(

@@ -4,7 +4,6 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use anyhow::Context;
@@ -16,14 +15,14 @@ use crate::engine::{ModelRegistry, Priority};
 use crate::jobs::archive::{Partition, has_signature};
 use crate::jobs::gaps::MissingPolicy;
 use crate::jobs::results::{self, Format, View};
-use crate::jobs::runner::{self, Control, Monitor, RunOptions, Shard};
+use crate::jobs::runner::{self, Control, Monitor, RunError, RunOptions, Shard};
 use crate::metrics::Metrics;
 use crate::runtime::ModelRepository;
 use crate::runtime::device::PlacedBytes;
 use crate::sensors::channels::ChannelMap;
 use crate::sensors::window::single_window;
 use crate::sensors::{ANOMALY_PREFIX, AssessSettings, RUL_PREFIX, SensorModel};
-use crate::signals::{Stop, StopSignals, exit_now};
+use crate::signals::{Interrupted, StopWatch};
 use crate::tensor::f32_bytes;
 
 #[derive(Subcommand)]
@@ -204,27 +203,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 /// removes its partial output instead of dying with it half written.
 struct BarMonitor {
     bar: ProgressBar,
-    stop: Arc<AtomicBool>,
-}
-
-impl BarMonitor {
-    fn new(bar: ProgressBar, runtime: &tokio::runtime::Runtime) -> BarMonitor {
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        // Registered here, before any output exists, not when the task first runs.
-        let _context = runtime.enter();
-        if let Ok(mut signals) = StopSignals::listen() {
-            runtime.spawn(async move {
-                if signals.next().await != Stop::Now {
-                    flag.store(true, Ordering::Relaxed);
-                    // A second signal does not wait for the next chunk.
-                    signals.next().await;
-                }
-                exit_now();
-            });
-        }
-        BarMonitor { bar, stop }
-    }
+    stop: StopWatch,
 }
 
 impl Monitor for BarMonitor {
@@ -233,7 +212,7 @@ impl Monitor for BarMonitor {
         self.bar.set_position(done as u64);
     }
     fn control(&self) -> Control {
-        if self.stop.load(Ordering::Relaxed) {
+        if self.stop.requested().is_some() {
             Control::Cancel
         } else {
             Control::Go
@@ -319,16 +298,28 @@ fn job_run(args: &JobRunArgs) -> anyhow::Result<()> {
         ProgressStyle::with_template("{bar:40} {pos}/{len} rows {per_sec} eta {eta}")
             .expect("valid template"),
     );
-    let monitor = BarMonitor::new(bar, &runtime);
-    let summary = runner::run(
+    let monitor = BarMonitor {
+        bar,
+        stop: StopWatch::start()?,
+    };
+    let scored = runner::run(
         &args.archive,
         &model,
         &options,
         &h5,
         runtime.handle(),
         &monitor,
-    )
-    .with_context(|| format!("scoring {}", args.archive.display()))?;
+    );
+    if let (Err(RunError::Cancelled), Some(name)) = (&scored, monitor.stop.requested()) {
+        monitor.bar.finish_and_clear();
+        registry.shutdown();
+        return Err(Interrupted(format!(
+            "interrupted ({name}) before the end: {} was not written",
+            args.out.display()
+        ))
+        .into());
+    }
+    let summary = scored.with_context(|| format!("scoring {}", args.archive.display()))?;
     monitor.bar.finish_and_clear();
     deliver(&h5, &args.out, format)?;
     println!(

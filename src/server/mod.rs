@@ -28,6 +28,7 @@ use crate::metrics::Metrics;
 use crate::runtime::{ModelRepository, library};
 use crate::server::error::ApiError;
 use crate::server::state::AppState;
+use crate::signals::StopWatch;
 
 /// Paths that stay open without the API key (probes and scrapers).
 const OPEN_PATHS: &[&str] = &["/v2/health/live", v2::READY_PATH, "/metrics"];
@@ -63,6 +64,9 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // and remove its uploads and results.
     let _data_lock = lock_data_dir(&args.data_dir)?;
 
+    // From here on a stop signal is answered (not left to its default, which kills): scripts
+    // and tests may send one as soon as the address is printed.
+    let stop_watch = StopWatch::start()?;
     let metrics = Arc::new(Metrics::new());
     let state = web::Data::new(AppState::new(metrics.clone(), args.max_body_bytes));
     let api_key = args.api_key.clone();
@@ -145,11 +149,11 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         // Printed on stdout so scripts and tests can find an ephemeral port.
         println!("linescan listening on http://{address}");
     }
-    let stop_signals = crate::signals::StopSignals::listen()?;
+    let loader_stop = stop_watch.clone();
     let server = server.run();
     let handle = server.handle();
     actix_web::rt::spawn(shutdown::stop_on_signal(
-        stop_signals,
+        stop_watch,
         handle.clone(),
         state.clone(),
         args.shutdown_timeout,
@@ -165,13 +169,20 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         assess: args.assess,
         jobs: args.jobs.clone(),
     };
-    std::thread::Builder::new()
+    let loader = std::thread::Builder::new()
         .name("model-loader".into())
         .spawn(move || {
             // A panic while loading is a load failure too: otherwise the server would stay
             // live and never become ready.
             let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                load_services(&repository, &options, &services, &metrics, &loader_state)
+                load_services(
+                    &repository,
+                    &options,
+                    &services,
+                    &metrics,
+                    &loader_state,
+                    &loader_stop,
+                )
             }))
             .unwrap_or_else(|panic| {
                 let reason = panic
@@ -182,7 +193,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 Err(anyhow::anyhow!("model loading panicked: {reason}"))
             });
             match loaded {
-                Ok(()) => tracing::info!("all models loaded and warmed up: ready"),
+                Ok(()) => {}
                 Err(error) => {
                     tracing::error!(%error, "loading failed; stopping");
                     *loader_error.lock().expect("load error lock") = Some(error);
@@ -195,6 +206,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
     server.await.context("HTTP server failed")?;
     tracing::info!("HTTP stopped");
+    shutdown::await_loader(&loader, args.shutdown_timeout);
     if let Some(error) = load_error.lock().expect("load error lock").take() {
         return Err(error);
     }
@@ -226,10 +238,17 @@ fn load_services(
     services: &ServiceOptions,
     metrics: &Arc<Metrics>,
     state: &AppState,
+    stop: &StopWatch,
 ) -> anyhow::Result<()> {
     // The backend first: a GPU that is asked for and missing fails before minutes of warm-up.
     let preprocess = services.preprocess.select()?;
     let registry = Arc::new(ModelRegistry::load(repository, options, metrics)?);
+    if let Some(name) = stop.requested() {
+        // The job workers would only start re-queued jobs to stop them again.
+        tracing::info!("{name} received while loading: the AOI and job services are not opened");
+        state.set_registry(registry);
+        return Ok(());
+    }
     metrics.record_preprocess_backend(preprocess.as_ref());
     if registry
         .get(crate::aoi::pipeline::DEFECT_MODEL, None)
@@ -262,6 +281,7 @@ fn load_services(
         }));
     }
     state.set_registry(registry);
+    tracing::info!("all models loaded and warmed up: ready");
     Ok(())
 }
 

@@ -186,12 +186,7 @@ impl Server {
 
     /// Sends the signal named as `kill` takes it: "TERM", "INT", ...
     pub fn signal(&self, name: &str) {
-        let status = command("kill")
-            .arg(format!("-{name}"))
-            .arg(self.child.id().to_string())
-            .status()
-            .expect("kill");
-        assert!(status.success());
+        signal(self.child.id(), name);
     }
 
     pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
@@ -214,6 +209,16 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Sends process `pid` the signal named as `kill` takes it: "TERM", "INT", ...
+pub fn signal(pid: u32, name: &str) {
+    let status = command("kill")
+        .arg(format!("-{name}"))
+        .arg(pid.to_string())
+        .status()
+        .expect("kill");
+    assert!(status.success(), "kill -{name} {pid}");
 }
 
 /// The status of a GET, over a plain socket so polling needs no async runtime.
