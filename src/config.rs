@@ -38,6 +38,11 @@ pub struct ServeArgs {
     #[arg(long, env = "LINESCAN_MAX_BODY_BYTES", default_value_t = 64 * 1024 * 1024, value_parser = at_least_one::<usize>)]
     pub max_body_bytes: usize,
 
+    /// Seconds a request body may go without a byte before the request is refused with 408 (a
+    /// stalled client would hold its connection, its bytes and every graceful stop).
+    #[arg(long, env = "LINESCAN_BODY_TIMEOUT", default_value_t = 30, value_parser = at_least_one::<u64>)]
+    pub body_timeout: u64,
+
     /// HTTP worker threads (default: one per CPU core).
     #[arg(long, env = "LINESCAN_HTTP_WORKERS", value_parser = at_least_one::<usize>)]
     pub http_workers: Option<usize>,

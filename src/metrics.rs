@@ -184,8 +184,8 @@ impl Metrics {
             ),
             jobs_ended: counter(
                 "linescan_jobs_ended_total",
-                "Fleet job runs that ended since the server started, by model and state (done, failed, \
-                 cancelled while running)",
+                "Fleet jobs that ended since the server started, by model and state (done, failed, \
+                 cancelled while queued or running)",
                 &["model", "state"],
             ),
             job_rows: counter(

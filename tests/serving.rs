@@ -717,6 +717,33 @@ async fn sigterm_and_ctrl_c_finish_in_flight_requests_then_exit() {
 }
 
 #[test]
+fn a_stalled_request_body_is_refused_after_the_body_timeout() {
+    use std::io::{Read, Write};
+    let repository = Repository::with_models(&[MODEL]);
+    let mut server = Server::start(repository.path(), &["--body-timeout", "1"]);
+    let address = server.url.strip_prefix("http://").unwrap().to_owned();
+    let mut stalled = std::net::TcpStream::connect(address).unwrap();
+    stalled
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    write!(
+        stalled,
+        "POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{{"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    let _ = stalled.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(
+        answer.contains("no byte of the request body arrived for 1 s"),
+        "{answer}"
+    );
+    // Nothing holds a graceful stop any more.
+    server.terminate();
+    assert!(server.wait_exit(Duration::from_secs(10)).success());
+}
+
+#[test]
 fn a_second_stop_signal_or_sigquit_exits_at_once() {
     for signals in [&["INT", "INT"][..], &["TERM", "INT"], &["QUIT"]] {
         let repository = Repository::with_models(&[MODEL]);

@@ -7,6 +7,8 @@ use std::io::Cursor;
 
 use image::{DynamicImage, ImageFormat, ImageReader, Limits};
 
+use crate::aoi::decode_budget::DECODES;
+
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ImageError {
     #[error("not an image in a supported format (PNG, JPEG, BMP, TIFF){0}")]
@@ -82,8 +84,10 @@ pub fn decode_gray(bytes: &[u8], max_pixels: u64) -> Result<GrayImage, ImageErro
     // Room for the largest pixel type (RGBA, 16 bits per channel) of an allowed image, and as
     // much again for a decoder's working buffers (TIFF's strips: the image crate hands the
     // TIFF decoder only what is left beside the output buffer).
-    limits.max_alloc = Some(pixels.saturating_mul(16).saturating_add(16 << 20));
+    let most = pixels.saturating_mul(16).saturating_add(16 << 20);
+    limits.max_alloc = Some(most);
     reader.limits(limits);
+    let _claim = DECODES.claim(most);
     let image = reader.decode().map_err(|e| corrupt(e.to_string()))?;
     Ok(to_gray(image))
 }

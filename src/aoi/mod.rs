@@ -9,6 +9,7 @@ pub mod bitimage;
 pub mod candidates;
 pub mod components;
 pub mod crops;
+pub mod decode_budget;
 pub mod deeppcb;
 pub mod detections;
 pub mod evaluation;

@@ -33,6 +33,10 @@ fn invalid(message: impl Into<String>) -> ArchiveError {
     ArchiveError(message.into())
 }
 
+/// Units an archive may hold: each costs about 50 bytes of bookkeeping while it is scored, so
+/// ids that compress to nothing cannot run the server out of memory.
+const MAX_UNITS: usize = 1_000_000;
+
 /// Rows read per hyperslab when scanning ids.
 const SCAN_ROWS: usize = 65_536;
 
@@ -542,6 +546,7 @@ impl Archive {
                 feature_shape[1]
             )));
         }
+        check_width("features", feature_shape[1])?;
         Ok(Part {
             label: "archive".into(),
             offset: 0,
@@ -637,6 +642,7 @@ impl Archive {
                         shape[1]
                     )));
                 }
+                check_width(&name, shape[1])?;
                 blocks.push(Block { dataset, names });
             }
             if blocks.is_empty() {
@@ -752,6 +758,12 @@ impl Archive {
                                 earlier.end()
                             )));
                         }
+                        if spans.len() == MAX_UNITS {
+                            return Err(invalid(format!(
+                                "more than {MAX_UNITS} units (a new one at row {row}); split the \
+                                 archive by unit range and score the parts as separate jobs"
+                            )));
+                        }
                         spans.push(UnitSpan {
                             unit,
                             first_row: row,
@@ -793,6 +805,20 @@ impl Archive {
             map,
         })
     }
+}
+
+/// Columns a feature dataset may have: its rows are read whole, so a chunk's memory grows
+/// with the width (1,024 columns of 16,384 rows are 134 MB as f64).
+const MAX_COLUMNS: usize = 1024;
+
+fn check_width(dataset: &str, columns: usize) -> Result<(), ArchiveError> {
+    if columns > MAX_COLUMNS {
+        return Err(invalid(format!(
+            "{dataset} has {columns} columns; at most {MAX_COLUMNS} are accepted (rows are read \
+             whole): write the model's channels to an archive of their own"
+        )));
+    }
+    Ok(())
 }
 
 /// Reads the columns that feed a model, rows at a time.
@@ -1164,6 +1190,29 @@ mod tests {
                 (Ok(archive), Ok(names)) => assert_eq!(archive.channels(), names),
                 (Err(error), Err(fragment)) => assert!(error.0.contains(fragment), "{}", error.0),
                 (got, _) => panic!("{on_file}: {:?}", got.map(|a| a.channels().to_vec())),
+            }
+        }
+    }
+
+    #[test]
+    fn a_features_dataset_wider_than_the_limit_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        for (columns, refused) in [(MAX_COLUMNS, false), (MAX_COLUMNS + 1, true)] {
+            let table = crate::jobs::synthetic::Table {
+                unit: vec![1, 1],
+                cycle: vec![1, 2],
+                rul: vec![1.0, 0.0],
+                columns: (0..columns).map(|c| format!("c{c}")).collect(),
+                values: vec![0.0; 2 * columns],
+            };
+            let path = dir.path().join(format!("{columns}.h5"));
+            crate::jobs::synthetic::write_generic(&path, &table, true).unwrap();
+            match Archive::open(&path, Partition::All) {
+                Ok(_) => assert!(!refused, "{columns} columns accepted"),
+                Err(error) => {
+                    assert!(refused, "{}", error.0);
+                    assert!(error.0.contains("at most 1024"), "{}", error.0);
+                }
             }
         }
     }

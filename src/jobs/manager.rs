@@ -42,6 +42,9 @@ pub struct JobManager {
     metrics: Arc<crate::metrics::Metrics>,
 }
 
+/// Runs of one job the process may fail to outlive before the job is failed at start.
+const MAX_RUNS_LOST: u32 = 3;
+
 impl JobManager {
     /// Opens the store, re-queues what was queued or running, and starts the workers.
     pub fn open(
@@ -71,6 +74,10 @@ impl JobManager {
         });
         let mut requeued = 0;
         for mut record in manager.store.load_all() {
+            manager.store.remove_partial_results(&record.id);
+            if record.state == JobState::Running {
+                record.runs_lost += 1;
+            }
             let damaged_result = (record.state == JobState::Done)
                 .then(|| {
                     results::check(&manager.store.result_path(&record.id), record.rows_done).err()
@@ -84,6 +91,17 @@ impl JobManager {
             } else if record.cancel_requested {
                 tracing::info!(job = %record.id, "job cancelled before the restart; not run again");
                 manager.end_at_start(&mut record, JobState::Cancelled, None)?;
+            } else if record.runs_lost >= MAX_RUNS_LOST {
+                // An archive that crashes the HDF5 library (or runs the process out of
+                // memory) would otherwise take the server down at every start.
+                let message = format!(
+                    "not run again: the server stopped {} times while running it (a crash or a \
+                     kill each time, e.g. an archive that crashes the HDF5 library or runs the \
+                     server out of memory); check the archive, then submit it again",
+                    record.runs_lost
+                );
+                tracing::warn!(job = %record.id, "{message}");
+                manager.end_at_start(&mut record, JobState::Failed, Some(message))?;
             } else if let Some(refused) = (record.input.kind == InputKind::Path)
                 .then(|| manager.args.resolve(&record.input.path).err())
                 .flatten()
@@ -233,6 +251,7 @@ impl JobManager {
                 record.state = JobState::Cancelled;
                 record.finished_unix = Some(now_unix());
                 self.save_logged(&record);
+                self.count_ended(&record);
             }
             // The worker sees the flag at its next chunk; the record keeps the request in case
             // the process stops first.
@@ -308,16 +327,26 @@ impl JobManager {
             options.missing = record.missing;
             options.chunk_rows = self.args.chunk_rows;
             options.throttle = Duration::from_millis(self.args.throttle_ms);
-            (record.model.clone(), options, record.input.path.clone())
+            (record.model.clone(), options, record.input.clone())
         };
         tracing::info!(job = %id, model = %model_name, "job started");
-        let outcome = match (self.sensors.model(&model_name), self.runtime_handle()) {
-            (None, _) => Err(RunError::Output(anyhow::anyhow!(
+        let moved = (input.kind == InputKind::Path)
+            .then(|| self.path_moved(&input.path))
+            .flatten();
+        let outcome = match (
+            moved,
+            self.sensors.model(&model_name),
+            self.runtime_handle(),
+        ) {
+            (Some(problem), _, _) => Err(RunError::Output(anyhow::anyhow!(
+                "{problem}; the job reads only the file it was given: submit it again"
+            ))),
+            (None, None, _) => Err(RunError::Output(anyhow::anyhow!(
                 "model {model_name} is not loaded (sensor models: {})",
                 self.sensors.names().join(", ")
             ))),
-            (_, None) => Err(RunError::Interrupted),
-            (Some(model), Some(runtime)) => {
+            (None, _, None) => Err(RunError::Interrupted),
+            (None, Some(model), Some(runtime)) => {
                 let monitor = JobMonitor {
                     manager: self,
                     entry: &entry,
@@ -326,7 +355,14 @@ impl JobManager {
                 };
                 let result_path = self.store.result_path(id);
                 std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    runner::run(&input, model, &options, &result_path, &runtime, &monitor)
+                    runner::run(
+                        &input.path,
+                        model,
+                        &options,
+                        &result_path,
+                        &runtime,
+                        &monitor,
+                    )
                 }))
                 .unwrap_or_else(|_| {
                     Err(RunError::Output(anyhow::anyhow!(
@@ -382,12 +418,30 @@ impl JobManager {
             }
         }
         if record.state.is_final() {
-            self.metrics
-                .jobs_ended
-                .with_label_values(&[&model_name, record.state.name()])
-                .inc();
+            self.count_ended(&record);
         }
         self.save_logged(&record);
+    }
+
+    /// Why a path job's file is no longer the one accepted (a link or folder changed since,
+    /// or it is no longer a regular file under `--jobs-allow-path`), if it is not.
+    fn path_moved(&self, accepted: &Path) -> Option<String> {
+        match self.args.resolve(accepted) {
+            Ok(resolved) if resolved == accepted => None,
+            Ok(resolved) => Some(format!(
+                "{} now leads to {}",
+                accepted.display(),
+                resolved.display()
+            )),
+            Err(refused) => Some(refused.to_string()),
+        }
+    }
+
+    fn count_ended(&self, record: &JobRecord) {
+        self.metrics
+            .jobs_ended
+            .with_label_values(&[&record.model, record.state.name()])
+            .inc();
     }
 }
 

@@ -91,6 +91,9 @@ pub struct JobRecord {
     pub error: Option<String>,
     /// Times the job was started (more than one after a restart).
     pub attempts: u32,
+    /// Runs the process did not outlive (a crash or a kill): found running at a start.
+    #[serde(default)]
+    pub runs_lost: u32,
     /// A cancel arrived while the job ran: kept on disk, so a restart before the worker
     /// stopped cancels the job instead of running it again.
     #[serde(default)]
@@ -125,6 +128,7 @@ impl JobRecord {
             values_held: 0,
             error: None,
             attempts: 0,
+            runs_lost: 0,
             cancel_requested: false,
         }
     }
@@ -277,6 +281,21 @@ impl JobStore {
         };
         for entry in entries.flatten() {
             if entry.file_name().to_string_lossy().starts_with("result") {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+
+    /// Removes result files a process died writing (`result*.partial*`): only safe while no
+    /// export runs, i.e. at start.
+    pub fn remove_partial_results(&self, id: &str) {
+        let Ok(entries) = std::fs::read_dir(self.dir(id)) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with("result") && name.contains(".partial") {
+                tracing::info!(job = %id, file = %name, "removing a result left unfinished");
                 let _ = std::fs::remove_file(entry.path());
             }
         }

@@ -17,6 +17,10 @@ use crate::sensors::window::{Scaler, describe_non_finite, fits_f32, single_windo
 /// Windows refused in one message, at most.
 const MAX_REPORTED: usize = 10;
 
+/// Windows one request may hold: a request is parsed and scored whole, so a fleet's worth
+/// belongs in a job.
+pub const MAX_WINDOWS: usize = 10_000;
+
 /// A number that may arrive as NaN/Infinity (bare, as Python's json writes them, or quoted) or
 /// null, so such values can be refused by position instead of failing the whole parse.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -80,7 +84,58 @@ struct ObjectBody {
     unit: serde_json::Value,
     channels: Option<Vec<String>>,
     values: Option<Vec<Vec<Reading>>>,
-    windows: Option<Vec<LiveWindow>>,
+    windows: Option<BoundedWindows>,
+}
+
+/// A list of windows read up to `MAX_WINDOWS`; the rest is skipped unparsed and only counted.
+struct BoundedWindows {
+    windows: Vec<LiveWindow>,
+    sent: usize,
+}
+
+impl<'de> Deserialize<'de> for BoundedWindows {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ListVisitor;
+        impl<'de> Visitor<'de> for ListVisitor {
+            type Value = BoundedWindows;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a list of windows")
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                let mut windows = Vec::new();
+                while windows.len() < MAX_WINDOWS {
+                    match seq.next_element::<LiveWindow>()? {
+                        Some(window) => windows.push(window),
+                        None => {
+                            return Ok(BoundedWindows {
+                                sent: windows.len(),
+                                windows,
+                            });
+                        }
+                    }
+                }
+                let mut sent = windows.len();
+                while seq.next_element::<de::IgnoredAny>()?.is_some() {
+                    sent += 1;
+                }
+                Ok(BoundedWindows { windows, sent })
+            }
+        }
+        deserializer.deserialize_seq(ListVisitor)
+    }
+}
+
+impl BoundedWindows {
+    fn checked(self) -> Result<Vec<LiveWindow>, SensorError> {
+        if self.sent > MAX_WINDOWS {
+            return Err(SensorError::TooMany(format!(
+                "{} windows in one request; at most {MAX_WINDOWS} (score more as a job: POST \
+                 /v1/jobs with an archive)",
+                self.sent
+            )));
+        }
+        Ok(self.windows)
+    }
 }
 
 /// Parses a request body; Err is a message for 400 (not JSON at all) or 422 (JSON but not windows).
@@ -109,11 +164,11 @@ fn syntax(error: serde_json::Error) -> SensorError {
 fn parse_strict(body: &[u8]) -> Result<Result<Vec<LiveWindow>, SensorError>, serde_json::Error> {
     let first = body.iter().find(|b| !b.is_ascii_whitespace());
     if first == Some(&b'[') {
-        return serde_json::from_slice::<Vec<LiveWindow>>(body).map(Ok);
+        return serde_json::from_slice::<BoundedWindows>(body).map(BoundedWindows::checked);
     }
     let object: ObjectBody = serde_json::from_slice(body)?;
     Ok(match (object.windows, object.channels, object.values) {
-        (Some(windows), None, None) => Ok(windows),
+        (Some(windows), None, None) => windows.checked(),
         (None, Some(channels), Some(values)) => Ok(vec![LiveWindow {
             unit: object.unit,
             channels,
@@ -341,5 +396,26 @@ mod tests {
             parse_windows(b"{\"nope\": 1}"),
             Err(SensorError::Invalid(_))
         ));
+    }
+
+    #[test]
+    fn more_windows_than_a_request_may_hold_are_refused_with_their_count() {
+        let list = |count: usize| {
+            let window = r#"{"channels": ["a"], "values": [[1]]}"#;
+            format!("[{}]", vec![window; count].join(","))
+        };
+        let at_limit = parse_windows(list(MAX_WINDOWS).as_bytes()).unwrap();
+        assert_eq!(at_limit.len(), MAX_WINDOWS);
+        for body in [
+            list(MAX_WINDOWS + 5),
+            format!("{{\"windows\": {}}}", list(MAX_WINDOWS + 5)),
+        ] {
+            match parse_windows(body.as_bytes()) {
+                Err(SensorError::TooMany(message)) => {
+                    assert!(message.starts_with("10005 windows"), "{message}")
+                }
+                other => panic!("{other:?}"),
+            }
+        }
     }
 }

@@ -41,6 +41,9 @@ pub enum SensorError {
     /// Well-formed input that cannot be scored (names what is wrong).
     #[error("{0}")]
     Invalid(String),
+    /// More windows than one request may hold.
+    #[error("{0}")]
+    TooMany(String),
     #[error(transparent)]
     Infer(#[from] InferError),
 }

@@ -15,7 +15,9 @@ use crate::aoi::pipeline::{Alignment, StageTimings};
 use crate::aoi::templates::{Board, TemplateInfo, validate_board_name};
 use crate::aoi::{AoiError, AoiService};
 use crate::server::NoQuery;
-use crate::server::body::{MAX_BODY_FLAG, decoded, drain_form, media_type, read_limited};
+use crate::server::body::{
+    MAX_BODY_FLAG, decoded, drain_form, media_type, read_limited, unreadable,
+};
 use crate::server::error::ApiError;
 use crate::server::routing::resource;
 use crate::server::state::AppState;
@@ -122,8 +124,7 @@ async fn read_images(
     let mut images = Vec::new();
     let mut total = 0usize;
     while let Some(field) = form.next().await {
-        let mut field =
-            field.map_err(|e| ApiError::BadRequest(format!("malformed multipart body: {e}")))?;
+        let mut field = field.map_err(|e| unreadable("malformed multipart body", &e))?;
         let disposition = field.content_disposition();
         if disposition.and_then(|d| d.get_filename()).is_none() {
             let field_name = disposition.and_then(|d| d.get_name()).unwrap_or_default();
@@ -138,8 +139,7 @@ async fn read_images(
         let name = disposition.and_then(|d| d.get_filename().map(String::from));
         let mut bytes = BytesMut::new();
         while let Some(chunk) = field.next().await {
-            let chunk = chunk
-                .map_err(|e| ApiError::BadRequest(format!("malformed multipart body: {e}")))?;
+            let chunk = chunk.map_err(|e| unreadable("malformed multipart body", &e))?;
             total += chunk.len();
             if total > limit {
                 return Err(ApiError::PayloadTooLarge(format!(

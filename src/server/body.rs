@@ -1,12 +1,23 @@
 //! Request bodies read under a size limit, so an oversized upload is refused with 413 before it
 //! is buffered whole.
 
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
 use actix_web::dev::Decompress;
+use actix_web::error::PayloadError;
 use actix_web::{HttpRequest, http::header, web};
 use bytes::{Bytes, BytesMut};
-use futures_util::StreamExt;
+use futures_util::{Stream, StreamExt};
 
 use crate::server::error::ApiError;
+use crate::server::state::AppState;
+
+/// Bytes reserved up front for a body of declared size; a larger one grows as it arrives, so
+/// declaring a size without sending it reserves nothing much.
+const INITIAL_RESERVE: usize = 4 * 1024 * 1024;
 
 /// Oversized bodies up to this many bytes are read and dropped before the 413, so the client,
 /// which may still be sending, receives the answer instead of a reset connection.
@@ -39,9 +50,10 @@ pub async fn read_limited(
     }
     // The limit holds for the decompressed body, so a small gzip bomb is refused too.
     let mut payload = decoded(request, payload)?;
-    let mut body = BytesMut::with_capacity(declared.unwrap_or(8192).min(limit));
+    let mut body =
+        BytesMut::with_capacity(declared.unwrap_or(8192).min(limit).min(INITIAL_RESERVE));
     while let Some(chunk) = payload.next().await {
-        let chunk = chunk.map_err(|e| ApiError::BadRequest(format!("reading the body: {e}")))?;
+        let chunk = chunk.map_err(|e| unreadable("reading the body", &e))?;
         if body.len() + chunk.len() > limit {
             drain(&mut payload, body.len() + chunk.len()).await;
             return Err(too_large(None));
@@ -65,20 +77,29 @@ pub fn declared_length(request: &HttpRequest) -> Option<u64> {
 pub fn decoded(
     request: &HttpRequest,
     payload: web::Payload,
-) -> Result<Decompress<web::Payload>, ApiError> {
+) -> Result<StallLimited<Decompress<web::Payload>>, ApiError> {
     let encoding = request
         .headers()
         .get(header::CONTENT_ENCODING)
         .map(|v| v.to_str().unwrap_or("").trim().to_ascii_lowercase());
     match encoding.as_deref() {
-        None | Some("identity" | "gzip" | "x-gzip" | "deflate") => {
-            Ok(Decompress::from_headers(payload, request.headers()))
-        }
+        None | Some("identity" | "gzip" | "x-gzip" | "deflate") => Ok(StallLimited::new(
+            Decompress::from_headers(payload, request.headers()),
+            stall_limit(request),
+        )),
         Some(other) => Err(ApiError::UnsupportedMediaType(format!(
             "Content-Encoding {other:?} is not accepted (send the body as it is, or as gzip or \
              deflate)"
         ))),
     }
+}
+
+/// How long this server lets a body go without a byte (`--body-timeout`).
+fn stall_limit(request: &HttpRequest) -> Duration {
+    request
+        .app_data::<web::Data<AppState>>()
+        .map(|state| state.body_stall_limit)
+        .expect("the server registers its state for every route")
 }
 
 /// Reads and drops the rest of a body when it is small enough to be worth it.
@@ -130,4 +151,120 @@ pub fn media_type(request: &HttpRequest) -> Option<String> {
                 .trim()
                 .to_ascii_lowercase()
         })
+}
+
+/// An error of a body stream that may be the client's stall (`StallLimited`).
+pub trait BodyError: std::fmt::Display {
+    /// The stall, if that is what this is.
+    fn stall(&self) -> Option<&std::io::Error>;
+}
+
+impl BodyError for PayloadError {
+    fn stall(&self) -> Option<&std::io::Error> {
+        match self {
+            PayloadError::Io(e) if e.kind() == std::io::ErrorKind::TimedOut => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl BodyError for actix_multipart::MultipartError {
+    fn stall(&self) -> Option<&std::io::Error> {
+        match self {
+            actix_multipart::MultipartError::Payload(e) => e.stall(),
+            _ => None,
+        }
+    }
+}
+
+/// The answer to a body that could not be read: 408 when the client stalled, else 400 saying
+/// `what` failed.
+pub fn unreadable(what: &str, error: &impl BodyError) -> ApiError {
+    match error.stall() {
+        Some(stall) => ApiError::ClientTimeout(stall.to_string()),
+        None => ApiError::BadRequest(format!("{what}: {error}")),
+    }
+}
+
+/// A body stream that fails with `TimedOut` once `limit` passes without a byte, then ends.
+pub struct StallLimited<S> {
+    inner: S,
+    limit: Duration,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+    stalled: bool,
+}
+
+impl<S> StallLimited<S> {
+    fn new(inner: S, limit: Duration) -> StallLimited<S> {
+        StallLimited {
+            inner,
+            limit,
+            deadline: Box::pin(tokio::time::sleep(limit)),
+            stalled: false,
+        }
+    }
+}
+
+impl<S> Stream for StallLimited<S>
+where
+    S: Stream<Item = Result<Bytes, PayloadError>> + Unpin,
+{
+    type Item = Result<Bytes, PayloadError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        if this.stalled {
+            return Poll::Ready(None);
+        }
+        match this.inner.poll_next_unpin(cx) {
+            Poll::Ready(item) => {
+                let next = tokio::time::Instant::now() + this.limit;
+                this.deadline.as_mut().reset(next);
+                Poll::Ready(item)
+            }
+            Poll::Pending => match this.deadline.as_mut().poll(cx) {
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(()) => {
+                    this.stalled = true;
+                    Poll::Ready(Some(Err(PayloadError::Io(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!(
+                            "no byte of the request body arrived for {} s; the rest of it was \
+                             not waited for",
+                            this.limit.as_secs()
+                        ),
+                    )))))
+                }
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_body_fails_after_the_limit_and_a_slow_one_does_not() {
+        let limit = Duration::from_secs(30);
+        // A chunk every 20 s: never 30 s without a byte.
+        let slow = futures_util::stream::iter(0..4).then(|i| async move {
+            tokio::time::sleep(Duration::from_secs(20)).await;
+            Ok::<_, PayloadError>(Bytes::from(vec![i as u8]))
+        });
+        let chunks: Vec<_> = StallLimited::new(Box::pin(slow), limit).collect().await;
+        assert_eq!(chunks.len(), 4);
+        assert!(chunks.iter().all(Result::is_ok));
+        // One chunk, then nothing.
+        let stalled = futures_util::stream::iter([Ok(Bytes::from_static(b"x"))])
+            .chain(futures_util::stream::pending());
+        let started = tokio::time::Instant::now();
+        let chunks: Vec<_> = StallLimited::new(Box::pin(stalled), limit).collect().await;
+        assert_eq!(chunks.len(), 2);
+        match &chunks[1] {
+            Err(PayloadError::Io(e)) => assert_eq!(e.kind(), std::io::ErrorKind::TimedOut),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(started.elapsed(), limit);
+    }
 }

@@ -25,6 +25,9 @@ pub enum ApiError {
     Unavailable { message: String, retry_after: u32 },
     #[error("{0}")]
     Timeout(String),
+    /// 408: the client stopped sending its request.
+    #[error("{0}")]
+    ClientTimeout(String),
     #[error("{0}")]
     Internal(String),
     /// 501: a part of the protocol linescan does not offer.
@@ -82,6 +85,7 @@ impl ResponseError for ApiError {
             ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            ApiError::ClientTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
         }

@@ -24,7 +24,9 @@ use crate::jobs::store::{InputKind, JobInput, JobRecord, JobState};
 use crate::jobs::{Fleet, PathRefused};
 use crate::sensors::AssessSettings;
 use crate::server::NoQuery;
-use crate::server::body::{declared_length, decoded, drain, drain_form, media_type, read_limited};
+use crate::server::body::{
+    BodyError, declared_length, decoded, drain, drain_form, media_type, read_limited, unreadable,
+};
 use crate::server::error::ApiError;
 use crate::server::routing::resource;
 use crate::server::sensors::{fleet, sensor_model, settings};
@@ -182,7 +184,7 @@ fn upload_failed(error: &dyn std::fmt::Display) -> ApiError {
 async fn save_stream<S, E>(mut stream: S, path: &Path, limit: u64) -> Result<u64, ApiError>
 where
     S: Stream<Item = Result<Bytes, E>> + Unpin,
-    E: std::fmt::Display,
+    E: BodyError,
 {
     let target = path.to_path_buf();
     let file = web::block(move || std::fs::File::create(target))
@@ -199,8 +201,7 @@ where
         let chunk = stream.next().await;
         let last = chunk.is_none();
         if let Some(chunk) = chunk {
-            let chunk =
-                chunk.map_err(|e| ApiError::BadRequest(format!("reading the upload: {e}")))?;
+            let chunk = chunk.map_err(|e| unreadable("reading the upload", &e))?;
             size += chunk.len() as u64;
             if size > limit {
                 return Err(too_large(None, limit));
@@ -392,8 +393,7 @@ async fn save_multipart(
     let mut form = Multipart::new(request.headers(), decoded(request, payload)?);
     let mut saved = None;
     while let Some(field) = form.next().await {
-        let field =
-            field.map_err(|e| ApiError::BadRequest(format!("malformed multipart body: {e}")))?;
+        let field = field.map_err(|e| unreadable("malformed multipart body", &e))?;
         let disposition = field.content_disposition().cloned();
         let filename = disposition
             .as_ref()
@@ -487,6 +487,7 @@ fn job_json(record: &JobRecord) -> serde_json::Value {
         "started_unix": record.started_unix,
         "finished_unix": record.finished_unix,
         "attempts": record.attempts,
+        "runs_lost": record.runs_lost,
         // Set by a DELETE while the job runs: it stops at its next chunk.
         "cancel_requested": record.cancel_requested,
         "result": (record.state == JobState::Done).then(|| format!("/v1/jobs/{}/result", record.id)),

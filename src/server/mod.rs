@@ -68,7 +68,11 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // and tests may send one as soon as the address is printed.
     let stop_watch = StopWatch::start()?;
     let metrics = Arc::new(Metrics::new());
-    let state = web::Data::new(AppState::new(metrics.clone(), args.max_body_bytes));
+    let state = web::Data::new(AppState::new(
+        metrics.clone(),
+        args.max_body_bytes,
+        std::time::Duration::from_secs(args.body_timeout),
+    ));
     let api_key = args.api_key.clone();
     let app_state = state.clone();
     let response_metrics = metrics.clone();

@@ -43,6 +43,7 @@ impl From<SensorError> for ApiError {
             SensorError::Setup(message) => ApiError::Internal(message),
             SensorError::Syntax(message) => ApiError::BadRequest(message),
             SensorError::Invalid(message) => ApiError::Unprocessable(message),
+            SensorError::TooMany(message) => ApiError::PayloadTooLarge(message),
             SensorError::Infer(infer) => infer.into(),
         }
     }
@@ -171,9 +172,16 @@ async fn score_live(
     let model = sensor_model(fleet, &path)?;
     let settings = settings(fleet, query.critical, query.warning)?;
     let started = std::time::Instant::now();
-    let windows = live::parse_windows(&body)?;
-    let (input, infos) = live::prepare(&windows, &model.params, &model.scaler)?;
-    drop(windows);
+    // Off the HTTP workers: a large body takes a while to parse, and probes must not wait.
+    let prepared = {
+        let model = model.clone();
+        web::block(move || {
+            let windows = live::parse_windows(&body)?;
+            live::prepare(&windows, &model.params, &model.scaler)
+        })
+        .await?
+    };
+    let (input, infos) = prepared?;
     let stage = |name: &str, seconds: f64| {
         state
             .metrics

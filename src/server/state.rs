@@ -14,16 +14,23 @@ pub struct AppState {
     fleet: OnceLock<Arc<Fleet>>,
     pub metrics: Arc<Metrics>,
     pub max_body_bytes: usize,
+    /// How long a request body may go without a byte (`--body-timeout`).
+    pub body_stall_limit: std::time::Duration,
 }
 
 impl AppState {
-    pub fn new(metrics: Arc<Metrics>, max_body_bytes: usize) -> AppState {
+    pub fn new(
+        metrics: Arc<Metrics>,
+        max_body_bytes: usize,
+        body_stall_limit: std::time::Duration,
+    ) -> AppState {
         AppState {
             registry: OnceLock::new(),
             aoi: OnceLock::new(),
             fleet: OnceLock::new(),
             metrics,
             max_body_bytes,
+            body_stall_limit,
         }
     }
 
