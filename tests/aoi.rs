@@ -433,6 +433,16 @@ async fn every_error_path_answers_with_the_right_status() {
     }
     let (status, error) = put_template(&server, "e2", b"GIF89a".to_vec(), "").await;
     assert_eq!(status, 415, "{error}");
+    // A template the alignment could slide off itself is refused.
+    let strip = linescan::aoi::image_io::GrayImage {
+        width: 1000,
+        height: 63,
+        pixels: vec![0; 63_000],
+    };
+    let (status, error) = put_template(&server, "e3", png(&strip), "").await;
+    assert_eq!(status, 422, "{error}");
+    let message = error["error"].as_str().unwrap();
+    assert!(message.contains("1000x63 is too small"), "{message}");
     assert_eq!(
         common::status_of(&server.url, "/v2/health/ready"),
         Some(200)

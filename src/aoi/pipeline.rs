@@ -37,6 +37,11 @@ pub enum AoiError {
         template_width: usize,
         template_height: usize,
     },
+    #[error(
+        "a template of {width}x{height} is too small: at least {MIN_TEMPLATE_SIDE}x{MIN_TEMPLATE_SIDE} \
+         pixels (the alignment moves it up to 12 pixels each way)"
+    )]
+    TemplateTooSmall { width: usize, height: usize },
     #[error(transparent)]
     Infer(#[from] InferError),
     #[error(transparent)]
@@ -44,6 +49,10 @@ pub enum AoiError {
     #[error("{0}")]
     Setup(String),
 }
+
+/// The smallest template side: on fewer pixels the ±12-pixel alignment search can slide a board
+/// off itself and find no difference at all (a 25x25 board inverted passed).
+pub const MIN_TEMPLATE_SIDE: usize = 64;
 
 /// A template binarised once at registration, reused for every test image of its board.
 #[derive(Debug, Clone)]

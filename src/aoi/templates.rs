@@ -9,7 +9,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use crate::aoi::pipeline::{AoiError, Inspector, PreparedTemplate};
+use crate::aoi::pipeline::{AoiError, Inspector, MIN_TEMPLATE_SIDE, PreparedTemplate};
 use crate::durable;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -219,6 +219,12 @@ impl TemplateStore {
         inspector: &Inspector,
     ) -> Result<(bool, TemplateInfo), AoiError> {
         let gray = inspector.decode(bytes)?;
+        if gray.width.min(gray.height) < MIN_TEMPLATE_SIDE {
+            return Err(AoiError::TemplateTooSmall {
+                width: gray.width,
+                height: gray.height,
+            });
+        }
         let template = inspector.prepare_template(&gray);
         let info = TemplateInfo {
             board: board.to_string(),

@@ -1,5 +1,6 @@
 //! AOI routes: golden templates per board and inspection of test images against them.
 
+use std::io::{Read, Seek};
 use std::sync::Arc;
 
 use actix_multipart::Multipart;
@@ -19,6 +20,7 @@ use crate::server::body::{
     MAX_BODY_FLAG, decoded, drain_form, media_type, read_limited, unreadable,
 };
 use crate::server::error::ApiError;
+use crate::server::file_response::streamed;
 use crate::server::routing::resource;
 use crate::server::state::AppState;
 
@@ -63,7 +65,8 @@ impl From<AoiError> for ApiError {
                 ApiError::PayloadTooLarge(error.to_string())
             }
             AoiError::Image(ImageError::Corrupt { .. } | ImageError::Empty)
-            | AoiError::SizeMismatch { .. } => ApiError::Unprocessable(error.to_string()),
+            | AoiError::SizeMismatch { .. }
+            | AoiError::TemplateTooSmall { .. } => ApiError::Unprocessable(error.to_string()),
             AoiError::Infer(infer) => infer.into(),
             AoiError::Setup(message) => ApiError::Internal(message),
             AoiError::Preprocess(preprocess) => ApiError::Internal(preprocess.to_string()),
@@ -314,9 +317,18 @@ async fn template_image(
     let service = service(&state)?;
     find_board(service, &board)?;
     let image = service.templates.image_path(&board);
-    // Off the HTTP worker: a template can be tens of megabytes.
-    let bytes = match web::block(move || std::fs::read(image)).await {
-        Ok(Ok(bytes)) => bytes,
+    // Only the header is read here; the rest is streamed, since a template can be tens of
+    // megabytes and many clients may fetch it.
+    let opened = web::block(move || {
+        let mut file = std::fs::File::open(image)?;
+        let mut head = Vec::with_capacity(64);
+        (&mut file).take(64).read_to_end(&mut head)?;
+        file.seek(std::io::SeekFrom::Start(0))?;
+        Ok::<_, std::io::Error>((file, head))
+    })
+    .await;
+    let (file, head) = match opened {
+        Ok(Ok(opened)) => opened,
         // Deleted between the lookup and the read.
         Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => {
             return Err(unknown_board(service, &board));
@@ -328,10 +340,10 @@ async fn template_image(
         }
         Err(e) => return Err(e.into()),
     };
-    let kind = image::guess_format(&bytes)
+    let kind = image::guess_format(&head)
         .map(|f| f.to_mime_type())
         .unwrap_or("application/octet-stream");
-    Ok(HttpResponse::Ok().content_type(kind).body(bytes))
+    streamed(file, kind, None)
 }
 
 async fn delete_template(

@@ -6,7 +6,7 @@
 //! - `GET /v1/jobs/{id}/result?format=h5|csv|json[&view=rows|units]`.
 //! - `DELETE /v1/jobs/{id}[?purge=true]`: cancels (purge also removes a finished job's files).
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::Path;
 
 use actix_multipart::Multipart;
@@ -28,6 +28,7 @@ use crate::server::body::{
     BodyError, declared_length, decoded, drain, drain_form, media_type, read_limited, unreadable,
 };
 use crate::server::error::ApiError;
+use crate::server::file_response::streamed;
 use crate::server::routing::resource;
 use crate::server::sensors::{fleet, sensor_model, settings};
 use crate::server::state::AppState;
@@ -660,36 +661,9 @@ async fn job_result(
     )
 }
 
-/// A file as a streamed response (256 KiB reads on the blocking pool).
+/// A file as a streamed download.
 fn stream_file(path: &Path, content_type: &str, filename: &str) -> Result<HttpResponse, ApiError> {
     let file = std::fs::File::open(path)
         .map_err(|e| ApiError::Internal(format!("cannot open {}: {e}", path.display())))?;
-    let length = file
-        .metadata()
-        .map_err(|e| ApiError::Internal(e.to_string()))?
-        .len();
-    let stream = futures_util::stream::unfold(Some(file), |file| async move {
-        let mut file = file?;
-        let read = web::block(move || {
-            let mut buffer = vec![0u8; 256 * 1024];
-            let n = file.read(&mut buffer)?;
-            buffer.truncate(n);
-            Ok::<_, std::io::Error>((file, buffer))
-        })
-        .await;
-        match read {
-            Ok(Ok((_, buffer))) if buffer.is_empty() => None,
-            Ok(Ok((file, buffer))) => Some((Ok(Bytes::from(buffer)), Some(file))),
-            Ok(Err(e)) => Some((Err(actix_web::error::ErrorInternalServerError(e)), None)),
-            Err(e) => Some((Err(actix_web::error::ErrorInternalServerError(e)), None)),
-        }
-    });
-    Ok(HttpResponse::Ok()
-        .content_type(content_type)
-        .insert_header((
-            "Content-Disposition",
-            format!("attachment; filename=\"{filename}\""),
-        ))
-        .no_chunking(length)
-        .streaming(Box::pin(stream)))
+    streamed(file, content_type, Some(filename))
 }

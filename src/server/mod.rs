@@ -6,6 +6,7 @@ pub mod access_log;
 pub mod aoi;
 pub mod body;
 pub mod error;
+pub mod file_response;
 pub mod jobs;
 pub mod routing;
 pub mod sensors;
