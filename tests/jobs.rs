@@ -339,8 +339,11 @@ async fn multipart_and_server_side_path_submissions() {
     let server = setup.server(&["--jobs-allow-path", allowed.path().to_str().unwrap()]);
     for (path, fragment) in [
         (outside.to_str().unwrap().to_string(), "outside the folder"),
-        ("../outside.h5".to_string(), "cannot be read"),
+        // Whether a file outside exists is not told.
+        ("../outside.h5".to_string(), "outside the folder"),
+        ("/no/such/file.h5".to_string(), "outside the folder"),
         ("missing.h5".to_string(), "cannot be read"),
+        ("sub/../missing.h5".to_string(), "cannot be read"),
     ] {
         let response = client
             .post(format!("{}/v1/jobs", server.url))

@@ -107,21 +107,46 @@ impl JobArgs {
             PathRefused::Server(format!("--jobs-allow-path {}: {e}", root.display()))
         })?;
         let shown = requested.display();
-        let resolved = root
-            .join(requested)
-            .canonicalize()
-            .map_err(|e| PathRefused::Request(format!("path {shown} cannot be read: {e}")))?;
-        if !resolved.starts_with(&root) {
-            return Err(PathRefused::Request(format!(
+        let outside = || {
+            PathRefused::Request(format!(
                 "path {shown} is outside the folder jobs may read ({})",
                 root.display()
-            )));
+            ))
+        };
+        let joined = root.join(requested);
+        let resolved = match joined.canonicalize() {
+            Ok(resolved) => resolved,
+            // Whether a file outside the folder exists is not the client's to learn.
+            Err(_) if !lexically_normal(&joined).starts_with(&root) => return Err(outside()),
+            Err(e) => {
+                return Err(PathRefused::Request(format!(
+                    "path {shown} cannot be read: {e}"
+                )));
+            }
+        };
+        if !resolved.starts_with(&root) {
+            return Err(outside());
         }
         if !resolved.is_file() {
             return Err(PathRefused::Request(format!("path {shown} is not a file")));
         }
         Ok(resolved)
     }
+}
+
+/// `path` with `.` and `..` applied to its text, the file system not asked.
+fn lexically_normal(path: &Path) -> PathBuf {
+    let mut normal = PathBuf::new();
+    for component in path.components() {
+        match component {
+            std::path::Component::CurDir => {}
+            std::path::Component::ParentDir => {
+                normal.pop();
+            }
+            other => normal.push(other),
+        }
+    }
+    normal
 }
 
 /// What the sensor and job routes need once the models are loaded.
