@@ -36,6 +36,8 @@ struct Requested {
     /// The name of the signal that asked for the clean stop.
     by: OnceLock<&'static str>,
     changed: Notify,
+    /// Run just before an immediate exit.
+    last_words: OnceLock<Box<dyn Fn() + Send + Sync>>,
 }
 
 impl StopWatch {
@@ -72,6 +74,9 @@ impl StopWatch {
                         name = signals.next().await;
                     }
                     tracing::warn!("{name}: stopping now; work in flight is abandoned");
+                    if let Some(last_words) = watched.last_words.get() {
+                        last_words();
+                    }
                     exit_now();
                 })
             })
@@ -80,6 +85,12 @@ impl StopWatch {
             .recv()
             .context("the stop-signal thread ended before listening")??;
         Ok(StopWatch(requested))
+    }
+
+    /// Sets what runs just before an immediate exit (once; a second call is ignored). It must
+    /// be quick and must not wait on the work being abandoned.
+    pub fn before_exit_now(&self, last_words: impl Fn() + Send + Sync + 'static) {
+        let _ = self.0.last_words.set(Box::new(last_words));
     }
 
     /// The signal that asked for a clean stop, if one has.

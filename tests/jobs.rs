@@ -617,6 +617,24 @@ async fn jobs_survive_restarts() {
         error.contains("stopped 3 times while running it"),
         "{error}"
     );
+    drop(server);
+
+    // An exit its operator asked for (SIGQUIT, or a second stop signal) is not a run lost.
+    let mut server = setup.server(&throttled);
+    let id = submit_file(&server.url, &archive).await;
+    wait_job(&server.url, &id, |s| {
+        s["state"] == "running" && s["rows_done"].as_u64().unwrap() > 0
+    })
+    .await;
+    server.signal("QUIT");
+    assert_eq!(
+        server.wait_exit(std::time::Duration::from_secs(10)).code(),
+        Some(130)
+    );
+    let server = setup.server(&[]);
+    let status = wait_job(&server.url, &id, is_final).await;
+    assert_eq!(status["state"], "done", "{status}");
+    assert_eq!(status["runs_lost"], 0, "{status}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

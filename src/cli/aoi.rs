@@ -177,13 +177,20 @@ fn detect(args: &DetectArgs) -> anyhow::Result<()> {
         args.root.display()
     );
     let pairs = deeppcb::read_list(&args.list, &args.root)?;
+    let stop = StopWatch::start()?;
     let (registry, inspector) =
         load_inspector(&args.models, args.max_image_pixels, &args.preprocess)?;
+    if let Some(name) = stop.requested() {
+        registry.shutdown();
+        return Err(Interrupted(format!(
+            "interrupted ({name}) while the models loaded: nothing was written"
+        ))
+        .into());
+    }
     prepare_output(&args.out, &pairs)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let stop = StopWatch::start()?;
     let progress = ProgressBar::new(pairs.len() as u64);
     progress.set_style(
         ProgressStyle::with_template("{bar:40} {pos}/{len} pairs {per_sec} eta {eta}")

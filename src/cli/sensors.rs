@@ -272,7 +272,16 @@ fn job_run(args: &JobRunArgs) -> anyhow::Result<()> {
         .instances
         .get_or_insert_with(|| std::thread::available_parallelism().map_or(1, |n| n.get().min(8)));
     let preprocess = args.preprocess.select()?;
+    let stop = StopWatch::start()?;
     let (registry, model) = load_sensor_model(&models, args.model.as_deref(), true)?;
+    if let Some(name) = stop.requested() {
+        registry.shutdown();
+        return Err(Interrupted(format!(
+            "interrupted ({name}) while the models loaded: {} was not written",
+            args.out.display()
+        ))
+        .into());
+    }
     let runtime = runtime()?;
     let source = args
         .archive
@@ -298,10 +307,7 @@ fn job_run(args: &JobRunArgs) -> anyhow::Result<()> {
         ProgressStyle::with_template("{bar:40} {pos}/{len} rows {per_sec} eta {eta}")
             .expect("valid template"),
     );
-    let monitor = BarMonitor {
-        bar,
-        stop: StopWatch::start()?,
-    };
+    let monitor = BarMonitor { bar, stop };
     let scored = runner::run(
         &args.archive,
         &model,

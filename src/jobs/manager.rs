@@ -73,9 +73,10 @@ impl JobManager {
             metrics,
         });
         let mut requeued = 0;
+        let forced_stop = manager.store.take_forced_stop_mark();
         for mut record in manager.store.load_all() {
             manager.store.remove_partial_results(&record.id);
-            if record.state == JobState::Running {
+            if record.state == JobState::Running && !forced_stop {
                 record.runs_lost += 1;
             }
             let damaged_result = (record.state == JobState::Done)

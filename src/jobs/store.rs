@@ -157,6 +157,12 @@ impl JobStore {
         self.root.join(id)
     }
 
+    /// Whether the last server stopped at its operator's word (a second stop signal or
+    /// SIGQUIT) rather than by a crash or a kill; the mark is used up.
+    pub fn take_forced_stop_mark(&self) -> bool {
+        std::fs::remove_file(forced_stop_mark(&self.root)).is_ok()
+    }
+
     pub fn upload_path(&self, id: &str) -> PathBuf {
         self.dir(id).join("input.h5")
     }
@@ -342,4 +348,14 @@ mod tests {
         assert!(!store.dir(&cut_short).exists());
         assert!(!store.dir(&ids[0]).join("state.json.tmp").exists());
     }
+}
+
+/// Written by a server exiting at once on its operator's word, so the next start does not
+/// count the jobs it left running as runs lost to a crash.
+pub fn mark_forced_stop(root: &Path) {
+    let _ = std::fs::write(forced_stop_mark(root), b"");
+}
+
+fn forced_stop_mark(root: &Path) -> PathBuf {
+    root.join(".forced-stop")
 }

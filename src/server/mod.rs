@@ -68,6 +68,8 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // From here on a stop signal is answered (not left to its default, which kills): scripts
     // and tests may send one as soon as the address is printed.
     let stop_watch = StopWatch::start()?;
+    let jobs_dir = args.data_dir.join("jobs");
+    stop_watch.before_exit_now(move || crate::jobs::store::mark_forced_stop(&jobs_dir));
     let metrics = Arc::new(Metrics::new());
     let state = web::Data::new(AppState::new(
         metrics.clone(),
