@@ -312,6 +312,16 @@ impl JobStore {
     }
 }
 
+/// Written by a server exiting at once on its operator's word, so the next start does not
+/// count the jobs it left running as runs lost to a crash.
+pub fn mark_forced_stop(root: &Path) {
+    let _ = std::fs::write(forced_stop_mark(root), b"");
+}
+
+fn forced_stop_mark(root: &Path) -> PathBuf {
+    root.join(".forced-stop")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -348,14 +358,4 @@ mod tests {
         assert!(!store.dir(&cut_short).exists());
         assert!(!store.dir(&ids[0]).join("state.json.tmp").exists());
     }
-}
-
-/// Written by a server exiting at once on its operator's word, so the next start does not
-/// count the jobs it left running as runs lost to a crash.
-pub fn mark_forced_stop(root: &Path) {
-    let _ = std::fs::write(forced_stop_mark(root), b"");
-}
-
-fn forced_stop_mark(root: &Path) -> PathBuf {
-    root.join(".forced-stop")
 }
