@@ -1,12 +1,12 @@
 //! How the server answers stop signals. actix-web's own handlers treat Ctrl-C (SIGINT) as a
 //! forced stop that drops in-flight requests; here SIGTERM and SIGINT both stop gracefully.
 
+use std::time::{Duration, Instant};
+
 use actix_web::dev::ServerHandle;
 use actix_web::web;
 
 use crate::server::state::AppState;
-use std::time::{Duration, Instant};
-
 use crate::signals::{StopWatch, exit_now};
 
 /// Stops `server` gracefully on the first SIGTERM or SIGINT: the listener closes, so probes
