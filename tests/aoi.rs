@@ -450,6 +450,35 @@ async fn every_error_path_answers_with_the_right_status() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_stored_template_too_small_to_align_is_not_loaded() {
+    let repository = Repository::with_models(&[MODEL]);
+    let data = tempfile::tempdir().unwrap();
+    let args = ["--data-dir", data.path().to_str().unwrap()];
+    let clean = synthetic::board(&[], (0, 0));
+    {
+        let server = Server::start(repository.path(), &args);
+        let (status, _) = put_template(&server, "legacy", png(&clean.template), "").await;
+        assert_eq!(status, 201);
+    }
+    // As a server before the size limit could have stored it.
+    let strip = linescan::aoi::image_io::GrayImage {
+        width: 200,
+        height: 63,
+        pixels: vec![0; 200 * 63],
+    };
+    std::fs::write(
+        data.path().join("templates").join("legacy.image"),
+        png(&strip),
+    )
+    .unwrap();
+    let server = Server::start(repository.path(), &args);
+    let (_, list) = common::get_json(&format!("{}/v1/templates", server.url)).await;
+    assert_eq!(list["templates"], json!([]), "{list}");
+    let reason = list["not_loaded"][0]["reason"].as_str().unwrap();
+    assert!(reason.contains("200x63 is too small"), "{list}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn templates_survive_a_restart() {
     let repository = Repository::with_models(&[MODEL]);
     let data = tempfile::tempdir().unwrap();

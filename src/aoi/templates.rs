@@ -9,6 +9,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+use crate::aoi::image_io::GrayImage;
 use crate::aoi::pipeline::{AoiError, Inspector, MIN_TEMPLATE_SIDE, PreparedTemplate};
 use crate::durable;
 
@@ -139,9 +140,7 @@ impl TemplateStore {
         );
         let image_path = json_path.with_extension("image");
         let bytes = std::fs::read(&image_path).with_context(|| named(&image_path))?;
-        let gray = inspector
-            .decode(&bytes)
-            .with_context(|| named(&image_path))?;
+        let gray = decode_template(inspector, &bytes).with_context(|| named(&image_path))?;
         let template = inspector.prepare_template(&gray);
         // A replacement cut short between its two files leaves the new image with the old
         // record: what the image determines is taken from the image.
@@ -218,13 +217,7 @@ impl TemplateStore {
         reject_threshold: Option<f32>,
         inspector: &Inspector,
     ) -> Result<(bool, TemplateInfo), AoiError> {
-        let gray = inspector.decode(bytes)?;
-        if gray.width.min(gray.height) < MIN_TEMPLATE_SIDE {
-            return Err(AoiError::TemplateTooSmall {
-                width: gray.width,
-                height: gray.height,
-            });
-        }
+        let gray = decode_template(inspector, bytes)?;
         let template = inspector.prepare_template(&gray);
         let info = TemplateInfo {
             board: board.to_string(),
@@ -294,6 +287,19 @@ impl TemplateStore {
         }
         Ok(existed)
     }
+}
+
+/// A template image in grey, refused when it is too small to align (also one stored before
+/// the limit, so it is listed as not loaded rather than served).
+fn decode_template(inspector: &Inspector, bytes: &[u8]) -> Result<GrayImage, AoiError> {
+    let gray = inspector.decode(bytes)?;
+    if gray.width.min(gray.height) < MIN_TEMPLATE_SIDE {
+        return Err(AoiError::TemplateTooSmall {
+            width: gray.width,
+            height: gray.height,
+        });
+    }
+    Ok(gray)
 }
 
 #[cfg(test)]
