@@ -19,7 +19,7 @@ use crossbeam_channel::{Receiver, Sender};
 use crate::jobs::JobArgs;
 use crate::jobs::results;
 use crate::jobs::runner::{self, Control, Monitor, RunError, RunOptions};
-use crate::jobs::store::{InputKind, JobRecord, JobState, JobStore, now_unix};
+use crate::jobs::store::{InputKind, JobInput, JobRecord, JobState, JobStore, now_unix};
 use crate::sensors::SensorService;
 
 /// How often a running job's progress is written to disk.
@@ -103,12 +103,10 @@ impl JobManager {
                 );
                 tracing::warn!(job = %record.id, "{message}");
                 manager.end_at_start(&mut record, JobState::Failed, Some(message))?;
-            } else if let Some(refused) = (record.input.kind == InputKind::Path)
-                .then(|| manager.args.resolve(&record.input.path).err())
-                .flatten()
-            {
+            } else if let Some(refused) = manager.path_moved(&record.input) {
                 // The file was allowed when the job was submitted; this start's
-                // --jobs-allow-path (or the file system) says otherwise: not run behind its back.
+                // --jobs-allow-path (or the file system, a link that now leads elsewhere) says
+                // otherwise: not run behind its back.
                 let message =
                     format!("not run again after the restart: {refused}; submit the job again");
                 tracing::warn!(job = %record.id, "{message}");
@@ -331,11 +329,8 @@ impl JobManager {
             (record.model.clone(), options, record.input.clone())
         };
         tracing::info!(job = %id, model = %model_name, "job started");
-        let moved = (input.kind == InputKind::Path)
-            .then(|| self.path_moved(&input.path))
-            .flatten();
         let outcome = match (
-            moved,
+            self.path_moved(&input),
             self.sensors.model(&model_name),
             self.runtime_handle(),
         ) {
@@ -425,10 +420,15 @@ impl JobManager {
     }
 
     /// Why a path job's file is no longer the one accepted (a link or folder changed since,
-    /// or it is no longer a regular file under `--jobs-allow-path`), if it is not.
-    fn path_moved(&self, accepted: &Path) -> Option<String> {
+    /// or it is no longer a regular file under `--jobs-allow-path`), if it is not; None for an
+    /// upload.
+    fn path_moved(&self, input: &JobInput) -> Option<String> {
+        if input.kind != InputKind::Path {
+            return None;
+        }
+        let accepted = &input.path;
         match self.args.resolve(accepted) {
-            Ok(resolved) if resolved == accepted => None,
+            Ok(resolved) if resolved == *accepted => None,
             Ok(resolved) => Some(format!(
                 "{} now leads to {}",
                 accepted.display(),

@@ -21,6 +21,11 @@ const POLL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
 /// The most bytes the buffer pool keeps for reuse; buffers beyond it are freed.
 const POOL_BYTES: u64 = 512 << 20;
 
+/// `bytes` as a buffer holds them: at least one 4-byte word, in whole words.
+fn word_aligned(bytes: u64) -> u64 {
+    bytes.max(4).next_multiple_of(4)
+}
+
 /// The kernels, each a shader file with `common.wgsl` prepended.
 const SHADERS: [(&str, &str, &str); 8] = [
     (
@@ -160,7 +165,7 @@ impl WgpuPreprocessor {
     /// The size a buffer of `bytes` is made with: the next power of two, or the bytes rounded to
     /// 4 where that power would pass the device's binding limit.
     fn size_class(&self, bytes: u64) -> u64 {
-        let exact = bytes.max(4).next_multiple_of(4);
+        let exact = word_aligned(bytes);
         let class = exact.next_power_of_two();
         if class <= self.max_binding {
             class
@@ -299,7 +304,7 @@ impl KernelRunner for WgpuPreprocessor {
         let readbacks: Vec<wgpu::Buffer> = read
             .iter()
             .map(|i| {
-                let size = (args[*i].byte_len() as u64).max(4).next_multiple_of(4);
+                let size = word_aligned(args[*i].byte_len() as u64);
                 let staging = self.buffer(
                     size,
                     wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,

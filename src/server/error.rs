@@ -101,8 +101,9 @@ impl ResponseError for ApiError {
                 response.insert_header(("Allow", allow.as_str()));
             }
             // These may be answered with the body partly unread (a limit hit, a type refused
-            // from its header, a stalled client); what is left of it on the connection would otherwise be taken
-            // for the next request. A connection that read its body whole is closed needlessly.
+            // from its header, a stalled client); what is left of it on the connection would
+            // otherwise be taken for the next request. A connection that read its body whole is
+            // closed needlessly.
             ApiError::PayloadTooLarge(_)
             | ApiError::UnsupportedMediaType(_)
             | ApiError::ClientTimeout(_) => {
