@@ -34,6 +34,12 @@ pub struct ServeArgs {
     #[arg(long, env = "LINESCAN_MAX_IMAGE_PIXELS", default_value_t = 50_000_000, value_parser = at_least_one::<u64>)]
     pub max_image_pixels: u64,
 
+    /// Memory the registered templates may take, in bytes (1 bit per pixel: a 640x640 board
+    /// takes 51 kB). A PUT that would pass it is refused (507); at start, stored templates
+    /// beyond it (by board name) are listed as not loaded.
+    #[arg(long, env = "LINESCAN_MAX_TEMPLATE_BYTES", default_value_t = 2_000_000_000, value_parser = at_least_one::<u64>)]
+    pub max_template_bytes: u64,
+
     /// Largest request body accepted, in bytes (larger ones get 413).
     #[arg(long, env = "LINESCAN_MAX_BODY_BYTES", default_value_t = 64 * 1024 * 1024, value_parser = at_least_one::<usize>)]
     pub max_body_bytes: usize,

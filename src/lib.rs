@@ -12,6 +12,7 @@ pub mod engine;
 pub mod jobs;
 pub mod json_error;
 pub mod json_tokens;
+pub mod log_limit;
 pub mod metrics;
 pub mod preprocess;
 pub mod process_stats;

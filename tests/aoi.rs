@@ -450,6 +450,55 @@ async fn every_error_path_answers_with_the_right_status() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn templates_stay_within_the_memory_allowed() {
+    let repository = Repository::with_models(&[MODEL]);
+    let data = tempfile::tempdir().unwrap();
+    let clean = synthetic::board(&[], (0, 0));
+    let template = &clean.template;
+    // One bit per pixel, rows padded to 64 bits.
+    let each = (template.width.div_ceil(64) * 8 * template.height) as u64;
+    let start_with = |limit: u64| {
+        let limit = limit.to_string();
+        let args = [
+            "--data-dir",
+            data.path().to_str().unwrap(),
+            "--max-template-bytes",
+            &limit,
+        ];
+        Server::start(repository.path(), &args)
+    };
+    {
+        // Two fit, a third does not.
+        let server = start_with(2 * each + each / 2);
+        for board in ["a", "b"] {
+            let (status, body) = put_template(&server, board, png(template), "").await;
+            assert_eq!(status, 201, "{body}");
+        }
+        let (status, body) = put_template(&server, "c", png(template), "").await;
+        assert_eq!(status, 507, "{body}");
+        let error = body["error"].as_str().unwrap();
+        assert!(
+            error.contains("--max-template-bytes") && error.contains("DELETE /v1/templates"),
+            "{error}"
+        );
+        assert!(!data.path().join("templates").join("c.json").exists());
+        let missing = common::get_json(&format!("{}/v1/templates/c", server.url)).await;
+        assert_eq!(missing.0, 404, "{missing:?}");
+        // A replacement counts its board once.
+        let (status, body) = put_template(&server, "b", png(template), "").await;
+        assert_eq!(status, 200, "{body}");
+    }
+    // A lower limit at the next start serves what fits, by board name, and lists the rest.
+    let server = start_with(each + each / 2);
+    let (_, list) = common::get_json(&format!("{}/v1/templates", server.url)).await;
+    assert_eq!(list["templates"].as_array().unwrap().len(), 1, "{list}");
+    assert_eq!(list["templates"][0]["board"], "a", "{list}");
+    assert_eq!(list["not_loaded"][0]["board"], "b", "{list}");
+    let reason = list["not_loaded"][0]["reason"].as_str().unwrap();
+    assert!(reason.contains("--max-template-bytes"), "{reason}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_stored_template_too_small_to_align_is_not_loaded() {
     let repository = Repository::with_models(&[MODEL]);
     let data = tempfile::tempdir().unwrap();

@@ -430,11 +430,36 @@ async fn progress_and_cancellation() {
         "1000",
         "--job-throttle-ms",
         "150",
+        "--job-max-pending",
+        "2",
     ]);
     let table = fleet_of(60, 3);
     let archive = write_generic(setup.files.path(), "big.h5", &table);
     let running = submit_file(&server.url, &archive).await;
     let queued = submit_file(&server.url, &archive).await;
+
+    // A third waiting job is one more than --job-max-pending: refused, and nothing is stored.
+    let response = reqwest::Client::new()
+        .post(format!("{}/v1/jobs", server.url))
+        .body(std::fs::read(&archive).unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 503);
+    assert_eq!(response.headers()["retry-after"], "10");
+    let body: Value = response.json().await.unwrap();
+    let error = body["error"].as_str().unwrap();
+    assert!(
+        error.contains(
+            "2 jobs are queued or running, the most this server takes (--job-max-pending"
+        ),
+        "{error}"
+    );
+    assert_eq!(
+        job_folders(setup.data.path()),
+        2,
+        "the refused upload left a job folder"
+    );
 
     // The queued job is cancelled at once.
     let cancelled = delete_job(&server.url, &queued).await;
@@ -1304,6 +1329,148 @@ async fn an_upload_above_the_limit_is_refused_with_both_sizes() {
         )),
         "{error}"
     );
+}
+
+/// The archive with one byte pattern changed so that the HDF5 library (libhdf5 1.10) crashes
+/// reading its `channels` attribute: the first object of the global heap that holds the
+/// names claims 2^40 bytes.
+fn crashing_copy(archive: &Path) -> Vec<u8> {
+    let mut bytes = std::fs::read(archive).unwrap();
+    let heap = bytes
+        .windows(4)
+        .position(|w| w == b"GCOL")
+        .expect("the channel names are in a global heap");
+    // Signature, version, reserved, collection size (8), then the first object's index (2),
+    // reference count (2), reserved (4) and size (8).
+    let size = heap + 24;
+    bytes[size..size + 8].copy_from_slice(&(1u64 << 40).to_le_bytes());
+    bytes
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_archive_that_crashes_the_hdf5_library_fails_its_job_not_the_server() {
+    let setup = setup();
+    let good = write_generic(setup.files.path(), "fleet.h5", &small_fleet());
+    let crashing = setup.file("crashing.h5");
+    std::fs::write(&crashing, crashing_copy(&good)).unwrap();
+    // The library really does crash on it (outside the server).
+    let output = common::command(common::BIN)
+        .args(["job", "check"])
+        .arg(&crashing)
+        .output()
+        .unwrap();
+    assert!(
+        std::os::unix::process::ExitStatusExt::signal(&output.status).is_some(),
+        "{output:?}"
+    );
+    let output = run_cli(&["job", "check", good.to_str().unwrap()]);
+    let said = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{output:?}");
+    assert!(said.contains("generic layout"), "{said}");
+
+    let server = setup.server(&[]);
+    let crashed = submit_file(&server.url, &crashing).await;
+    let status = wait_job(&server.url, &crashed, is_final).await;
+    assert_eq!(status["state"], "failed", "{status}");
+    let error = status["error"].as_str().unwrap();
+    assert!(
+        error.contains("upload.h5 crashed the HDF5 library (SIGSEGV)"),
+        "{error}"
+    );
+    // The server lived through it and still scores.
+    let fine = submit_file(&server.url, &good).await;
+    let status = wait_job(&server.url, &fine, is_final).await;
+    assert_eq!(status["state"], "done", "{status}");
+}
+
+/// Job folders under the data folder (one per stored job).
+fn job_folders(data: &Path) -> usize {
+    std::fs::read_dir(data.join("jobs"))
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().path().is_dir())
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn submissions_stop_short_of_the_free_space_kept_on_the_disk() {
+    let setup = setup();
+    let archive = write_generic(setup.files.path(), "fleet.h5", &small_fleet());
+    {
+        // More kept free than any disk has: refused before anything is stored, path jobs too.
+        let server = setup.server(&[
+            "--job-min-free-bytes",
+            &u64::MAX.to_string(),
+            "--jobs-allow-path",
+            setup.files.path().to_str().unwrap(),
+        ]);
+        let (status, body) = submit_bytes(&server.url, std::fs::read(&archive).unwrap(), "").await;
+        assert_eq!(status, 507, "{body}");
+        let error = body["error"].as_str().unwrap();
+        assert!(
+            error.contains("MB free;") && error.contains("--job-min-free-bytes"),
+            "{error}"
+        );
+        let response = reqwest::Client::new()
+            .post(format!("{}/v1/jobs", server.url))
+            .json(&json!({"path": "fleet.h5"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 507);
+        assert_eq!(job_folders(setup.data.path()), 0);
+    }
+
+    // Room at the start but not for the whole upload: it stops when it would pass the
+    // reserve, and the part written is removed. The upload is streamed without a length, so
+    // only the writes can tell.
+    let free = rustix::fs::statvfs(setup.data.path()).unwrap();
+    let free = free.f_bavail * free.f_frsize;
+    let server = setup.server(&["--job-min-free-bytes", &(free - (16 << 20)).to_string()]);
+    let address = server.url.strip_prefix("http://").unwrap().to_owned();
+    let answer = tokio::task::spawn_blocking(move || chunked_upload(&address, 64 << 20))
+        .await
+        .unwrap();
+    // The server may close the connection before the client has sent all it streams, and
+    // then its answer can be lost with the connection.
+    if !answer.is_empty() {
+        assert!(answer.starts_with("HTTP/1.1 507"), "{answer}");
+        assert!(answer.contains(" MB more would leave less"), "{answer}");
+    }
+    assert_eq!(job_folders(setup.data.path()), 0);
+    let (status, body) = common::get_json(&format!("{}/v1/jobs", server.url)).await;
+    assert_eq!(
+        (status, body["jobs"].as_array().map(Vec::len)),
+        (200, Some(0)),
+        "{body}"
+    );
+}
+
+/// POSTs `size` zero bytes to /v1/jobs in 1 MiB chunks (no Content-Length), ignoring a
+/// connection closed under it; what came back.
+fn chunked_upload(address: &str, size: usize) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(address).unwrap();
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .unwrap();
+    let head =
+        format!("POST /v1/jobs HTTP/1.1\r\nHost: {address}\r\nTransfer-Encoding: chunked\r\n\r\n");
+    let chunk = [
+        format!("{:x}\r\n", 1 << 20).into_bytes(),
+        vec![0u8; 1 << 20],
+        b"\r\n".to_vec(),
+    ]
+    .concat();
+    let sent = stream.write_all(head.as_bytes()).and_then(|()| {
+        for _ in 0..size >> 20 {
+            stream.write_all(&chunk)?;
+        }
+        stream.write_all(b"0\r\n\r\n")
+    });
+    drop(sent);
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    String::from_utf8_lossy(&answer).into_owned()
 }
 
 #[test]

@@ -36,6 +36,11 @@ impl BitImage {
         self.width
     }
 
+    /// Bytes the pixels take in memory.
+    pub fn memory_bytes(&self) -> usize {
+        self.bits.len() * size_of::<u64>()
+    }
+
     pub fn height(&self) -> usize {
         self.height
     }

@@ -32,8 +32,12 @@ pub struct AoiService {
 }
 
 impl AoiService {
-    pub fn open(inspector: Inspector, template_dir: &Path) -> anyhow::Result<AoiService> {
-        let templates = TemplateStore::open(template_dir, &inspector)?;
+    pub fn open(
+        inspector: Inspector,
+        template_dir: &Path,
+        max_template_bytes: u64,
+    ) -> anyhow::Result<AoiService> {
+        let templates = TemplateStore::open(template_dir, &inspector, max_template_bytes)?;
         Ok(AoiService {
             inspector: Arc::new(inspector),
             templates,

@@ -37,6 +37,9 @@ pub enum AoiError {
         template_width: usize,
         template_height: usize,
     },
+    /// Registering it would pass the memory allowed for templates.
+    #[error("{0}")]
+    TemplatesFull(String),
     #[error(
         "a template of {width}x{height} is too small: at least {MIN_TEMPLATE_SIDE}x{MIN_TEMPLATE_SIDE} \
          pixels (the alignment moves it up to 12 pixels each way)"
@@ -72,6 +75,11 @@ impl PreparedTemplate {
             threshold,
             bits: BitImage::from_threshold(&gray.pixels, gray.width, gray.height, threshold),
         }
+    }
+
+    /// Bytes it keeps in memory while its board is registered.
+    pub fn memory_bytes(&self) -> u64 {
+        self.bits.memory_bytes() as u64
     }
 }
 

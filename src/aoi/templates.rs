@@ -32,6 +32,24 @@ pub struct Board {
     pub template: Arc<PreparedTemplate>,
 }
 
+impl Board {
+    fn memory_bytes(&self) -> u64 {
+        self.template.memory_bytes()
+    }
+}
+
+/// Why a template of `needed` bytes does not fit beside `used` under `limit`.
+fn over_budget(used: u64, needed: u64, limit: u64) -> String {
+    let mb = |bytes: u64| format!("{:.1} MB", bytes as f64 / 1e6);
+    format!(
+        "this template takes {} in memory and the other templates {}, above the {} allowed \
+         (--max-template-bytes / LINESCAN_MAX_TEMPLATE_BYTES)",
+        mb(needed),
+        mb(used),
+        mb(limit)
+    )
+}
+
 pub struct TemplateStore {
     dir: PathBuf,
     boards: RwLock<BTreeMap<String, Arc<Board>>>,
@@ -41,6 +59,8 @@ pub struct TemplateStore {
     /// Held across a change's file writes and its map update, so concurrent PUTs and DELETEs
     /// apply one after the other and the folder always matches what is served.
     changes: Mutex<()>,
+    /// Memory the served templates may take together (`--max-template-bytes`).
+    memory_limit: u64,
 }
 
 /// Board names: 1–128 ASCII letters, digits, `.`, `_`, `-`, not starting with `.` (they name
@@ -69,15 +89,25 @@ pub fn validate_board_name(name: &str) -> Result<(), String> {
 }
 
 impl TemplateStore {
-    /// Opens (creating) the folder and prepares every stored template. A stored template that no
-    /// longer decodes is reported and left out, so one bad file does not stop the line.
-    pub fn open(dir: &Path, inspector: &Inspector) -> anyhow::Result<TemplateStore> {
+    /// Opens (creating) the folder and prepares every stored template, in board name order
+    /// while they fit in `memory_limit` bytes. A stored template that no longer decodes, or
+    /// does not fit, is reported and left out, so one bad file does not stop the line.
+    pub fn open(
+        dir: &Path,
+        inspector: &Inspector,
+        memory_limit: u64,
+    ) -> anyhow::Result<TemplateStore> {
         std::fs::create_dir_all(dir)
             .map_err(|e| anyhow::anyhow!("cannot create template folder {}: {e}", dir.display()))?;
         let mut boards = BTreeMap::new();
         let mut unloaded = BTreeMap::new();
-        for entry in std::fs::read_dir(dir)?.flatten() {
-            let path = entry.path();
+        let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)?
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        paths.sort();
+        let mut memory = 0;
+        for path in paths {
             match path.extension().and_then(|e| e.to_str()) {
                 Some("json") => {}
                 // A write cut short by a crash; the file it was replacing is still whole.
@@ -94,7 +124,17 @@ impl TemplateStore {
                 }
                 _ => continue,
             }
-            match Self::load_board(&path, inspector) {
+            let loaded = Self::load_board(&path, inspector).and_then(|board| {
+                let total = memory + board.memory_bytes();
+                anyhow::ensure!(
+                    total <= memory_limit,
+                    "{}",
+                    over_budget(memory, board.memory_bytes(), memory_limit)
+                );
+                memory = total;
+                Ok(board)
+            });
+            match loaded {
                 Ok(board) => {
                     boards.insert(board.info.board.clone(), Arc::new(board));
                 }
@@ -109,6 +149,7 @@ impl TemplateStore {
         tracing::info!(
             count = boards.len(),
             not_loaded = unloaded.len(),
+            memory_bytes = memory,
             dir = %dir.display(),
             "templates loaded"
         );
@@ -117,6 +158,7 @@ impl TemplateStore {
             boards: RwLock::new(boards),
             unloaded: RwLock::new(unloaded),
             changes: Mutex::new(()),
+            memory_limit,
         })
     }
 
@@ -238,6 +280,23 @@ impl TemplateStore {
             )
         };
         let _change = self.changes.lock().expect("template changes lock");
+        // Checked under the change lock, against the boards it would stay beside.
+        let others: u64 = self
+            .boards
+            .read()
+            .expect("templates lock")
+            .values()
+            .filter(|b| b.info.board != board)
+            .map(|b| b.memory_bytes())
+            .sum();
+        let needed = template.memory_bytes();
+        if others + needed > self.memory_limit {
+            return Err(AoiError::TemplatesFull(format!(
+                "{}; delete boards no longer inspected (DELETE /v1/templates/{{board}}) or start \
+                 the server with a larger limit",
+                over_budget(others, needed, self.memory_limit)
+            )));
+        }
         write().map_err(|e| AoiError::Setup(format!("cannot store template {board}: {e}")))?;
         let replaced = self
             .boards

@@ -33,6 +33,19 @@ pub enum JobCommand {
     Merge(JobMergeArgs),
     /// Write a synthetic generic archive (C-MAPSS-like degradation series, 24 f32 channels).
     Synth(JobSynthArgs),
+    /// Read an archive whole without scoring it (layout, units, every value): exit 0 when a
+    /// job could read it, 1 with the reason when not. The server runs it in a child process
+    /// before each job, so an archive that crashes the HDF5 library fails only its job.
+    Check(JobCheckArgs),
+}
+
+#[derive(Args)]
+pub struct JobCheckArgs {
+    /// The HDF5 archive.
+    pub archive: PathBuf,
+    /// N-CMAPSS partitions to read (a generic archive has one; only `all` applies to it).
+    #[arg(long, value_enum, default_value = "all")]
+    pub partition: Partition,
 }
 
 #[derive(Args)]
@@ -120,6 +133,21 @@ pub fn run_job(command: JobCommand) -> anyhow::Result<()> {
     match command {
         JobCommand::Run(args) => job_run(&args),
         JobCommand::Merge(args) => job_merge(&args),
+        JobCommand::Check(args) => {
+            let started = Instant::now();
+            let checked = crate::jobs::check::read_whole(&args.archive, args.partition)
+                .with_context(|| format!("checking {}", args.archive.display()))?;
+            println!(
+                "{}: {} layout, {} rows of {} units x {} channels, read whole in {:.2} s",
+                args.archive.display(),
+                checked.layout.name(),
+                checked.rows,
+                checked.units,
+                checked.channels,
+                started.elapsed().as_secs_f64()
+            );
+            Ok(())
+        }
         JobCommand::Synth(args) => {
             anyhow::ensure!(
                 Format::from_path(&args.out) == Some(Format::H5),

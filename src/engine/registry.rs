@@ -49,22 +49,44 @@ impl ModelRegistry {
         options: &LoadOptions,
         metrics: &Arc<Metrics>,
     ) -> Result<ModelRegistry, RuntimeError> {
+        Self::load_until(repository, options, metrics, &|| false)
+    }
+
+    /// `load`, asking `stopped` before each session: once it answers true, what is left is not
+    /// loaded (a version with only some of its sessions is dropped) and the registry holds the
+    /// versions completed. A server stopped while it loads then waits for one session's
+    /// warm-up, not for every model's.
+    pub fn load_until(
+        repository: &ModelRepository,
+        options: &LoadOptions,
+        metrics: &Arc<Metrics>,
+        stopped: &dyn Fn() -> bool,
+    ) -> Result<ModelRegistry, RuntimeError> {
         let mut models: BTreeMap<String, BTreeMap<u64, Arc<ServedModel>>> = BTreeMap::new();
-        for spec in &repository.versions {
-            let served = Arc::new(Self::load_version(spec, options, metrics)?);
+        for (done, spec) in repository.versions.iter().enumerate() {
+            let Some(served) = Self::load_version(spec, options, metrics, stopped)? else {
+                tracing::info!(
+                    loaded = done,
+                    left = repository.versions.len() - done,
+                    "stop requested: the model versions left are not loaded"
+                );
+                break;
+            };
             models
                 .entry(spec.config.name.clone())
                 .or_default()
-                .insert(spec.version, served);
+                .insert(spec.version, Arc::new(served));
         }
         Ok(ModelRegistry { models })
     }
 
+    /// One version's sessions, warmed up, and its batcher; None when `stopped` says so first.
     fn load_version(
         spec: &ModelVersionSpec,
         options: &LoadOptions,
         metrics: &Arc<Metrics>,
-    ) -> Result<ServedModel, RuntimeError> {
+        stopped: &dyn Fn() -> bool,
+    ) -> Result<Option<ServedModel>, RuntimeError> {
         let started = Instant::now();
         let plan = ProviderPlan::new(
             &spec.config.runtime.execution_providers,
@@ -91,6 +113,9 @@ impl ModelRegistry {
         let config = &spec.config;
         let mut sessions = Vec::with_capacity(instances);
         for _ in 0..instances {
+            if stopped() {
+                return Ok(None);
+            }
             let mut session = ModelSession::load(spec, &plan, threads)?;
             session.warm_up()?;
             sessions.push(session);
@@ -111,11 +136,11 @@ impl ModelRegistry {
             .model_info
             .with_label_values(&[&config.name, &spec.version.to_string(), &provider_label])
             .set(1);
-        Ok(ServedModel {
+        Ok(Some(ServedModel {
             spec: spec.clone(),
             batcher: Batcher::start(config.clone(), spec.version, sessions, metrics.clone()),
             providers,
-        })
+        }))
     }
 
     /// A specific version, or the latest loaded one.

@@ -17,6 +17,9 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 
 use crate::jobs::JobArgs;
+use crate::jobs::archive::Partition;
+use crate::jobs::check::{self, ChildCheck};
+use crate::jobs::disk_reserve::DiskReserve;
 use crate::jobs::results;
 use crate::jobs::runner::{self, Control, Monitor, RunError, RunOptions};
 use crate::jobs::store::{InputKind, JobInput, JobRecord, JobState, JobStore, now_unix};
@@ -32,6 +35,7 @@ struct JobEntry {
 
 pub struct JobManager {
     store: JobStore,
+    reserve: DiskReserve,
     jobs: Mutex<HashMap<String, Arc<JobEntry>>>,
     sender: Sender<String>,
     stop: Arc<AtomicBool>,
@@ -44,6 +48,19 @@ pub struct JobManager {
 
 /// Runs of one job the process may fail to outlive before the job is failed at start.
 const MAX_RUNS_LOST: u32 = 3;
+
+/// Why a submission is not taken.
+#[derive(Debug, thiserror::Error)]
+pub enum Refused {
+    /// `--job-max-pending` jobs are queued or running.
+    #[error("{0}")]
+    Busy(String),
+    /// The disk has no room above `--job-min-free-bytes`.
+    #[error("{0}")]
+    LowDisk(String),
+    #[error("cannot queue the job: {0:#}")]
+    Store(anyhow::Error),
+}
 
 impl JobManager {
     /// Opens the store, re-queues what was queued or running, and starts the workers.
@@ -63,6 +80,7 @@ impl JobManager {
         let (sender, receiver) = crossbeam_channel::unbounded();
         let manager = Arc::new(JobManager {
             store,
+            reserve: DiskReserve::new(root.to_path_buf(), args.min_free_bytes),
             jobs: Mutex::new(HashMap::new()),
             sender,
             stop: Arc::new(AtomicBool::new(false)),
@@ -198,26 +216,67 @@ impl JobManager {
 
     fn insert(&self, record: JobRecord) {
         let id = record.id.clone();
-        self.jobs.lock().expect("jobs lock").insert(
-            id,
-            Arc::new(JobEntry {
-                record: Mutex::new(record),
-                cancel: AtomicBool::new(false),
-            }),
-        );
+        self.jobs
+            .lock()
+            .expect("jobs lock")
+            .insert(id, Self::new_entry(record));
+    }
+
+    fn new_entry(record: JobRecord) -> Arc<JobEntry> {
+        Arc::new(JobEntry {
+            record: Mutex::new(record),
+            cancel: AtomicBool::new(false),
+        })
     }
 
     fn entry(&self, id: &str) -> Option<Arc<JobEntry>> {
         self.jobs.lock().expect("jobs lock").get(id).cloned()
     }
 
-    /// Records and queues a job whose folder and input are ready.
-    pub fn submit(&self, record: JobRecord) -> anyhow::Result<JobRecord> {
-        self.store.save(&record)?;
-        self.insert(record.clone());
+    /// Whether a submission bringing `incoming` bytes is taken now; asked before an upload is
+    /// read, so a refused one is not stored first.
+    pub fn admit(&self, incoming: u64) -> Result<(), Refused> {
+        self.check_pending(&self.jobs.lock().expect("jobs lock"))?;
+        self.reserve.check(incoming).map_err(Refused::LowDisk)
+    }
+
+    /// The free space an upload in progress must leave.
+    pub fn reserve(&self) -> &DiskReserve {
+        &self.reserve
+    }
+
+    fn check_pending(&self, jobs: &HashMap<String, Arc<JobEntry>>) -> Result<(), Refused> {
+        let limit = self.args.max_pending;
+        let pending = jobs
+            .values()
+            .filter(|e| !e.record.lock().expect("record lock").state.is_final())
+            .count();
+        if pending < limit {
+            return Ok(());
+        }
+        Err(Refused::Busy(format!(
+            "{pending} jobs are queued or running, the most this server takes \
+             (--job-max-pending / LINESCAN_JOB_MAX_PENDING); submit again when some have ended"
+        )))
+    }
+
+    /// Records and queues a job whose folder and input are ready, unless `--job-max-pending`
+    /// jobs are already waiting (checked with the new one's entry, so concurrent submissions
+    /// cannot pass it together).
+    pub fn submit(&self, record: JobRecord) -> Result<JobRecord, Refused> {
+        let id = record.id.clone();
+        {
+            let mut jobs = self.jobs.lock().expect("jobs lock");
+            self.check_pending(&jobs)?;
+            jobs.insert(id.clone(), Self::new_entry(record.clone()));
+        }
+        if let Err(error) = self.store.save(&record) {
+            self.jobs.lock().expect("jobs lock").remove(&id);
+            return Err(Refused::Store(error.into()));
+        }
         self.sender
-            .send(record.id.clone())
-            .map_err(|_| anyhow::anyhow!("the job queue is closed"))?;
+            .send(id)
+            .map_err(|_| Refused::Store(anyhow::anyhow!("the job queue is closed")))?;
         Ok(record)
     }
 
@@ -350,21 +409,24 @@ impl JobManager {
                     last_save: Mutex::new(Instant::now()),
                 };
                 let result_path = self.store.result_path(id);
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    runner::run(
-                        &input.path,
-                        model,
-                        &options,
-                        &result_path,
-                        &runtime,
-                        &monitor,
-                    )
-                }))
-                .unwrap_or_else(|_| {
-                    Err(RunError::Output(anyhow::anyhow!(
-                        "internal error while scoring (see the server log)"
-                    )))
-                })
+                self.check_in_child(id, &input, options.partition, &monitor)
+                    .and_then(|()| {
+                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            runner::run(
+                                &input.path,
+                                model,
+                                &options,
+                                &result_path,
+                                &runtime,
+                                &monitor,
+                            )
+                        }))
+                        .unwrap_or_else(|_| {
+                            Err(RunError::Output(anyhow::anyhow!(
+                                "internal error while scoring (see the server log)"
+                            )))
+                        })
+                    })
             }
         };
         // Stopped by shutdown after a cancel arrived: the cancel wins.
@@ -417,6 +479,33 @@ impl JobManager {
             self.count_ended(&record);
         }
         self.save_logged(&record);
+    }
+
+    /// Reads the archive whole in a child process first (`jobs::check`), so one that crashes
+    /// the HDF5 library fails its job instead of taking the server down. A child that cannot
+    /// be started is logged and the job goes on without the check.
+    fn check_in_child(
+        &self,
+        id: &str,
+        input: &JobInput,
+        partition: Partition,
+        monitor: &dyn Monitor,
+    ) -> Result<(), RunError> {
+        match check::in_child(&input.path, partition, &|| monitor.control()) {
+            Ok(ChildCheck::Finished) => Ok(()),
+            Ok(ChildCheck::Stopped(Control::Cancel)) => Err(RunError::Cancelled),
+            Ok(ChildCheck::Stopped(_)) => Err(RunError::Interrupted),
+            Ok(ChildCheck::Crashed(signal)) => Err(RunError::Output(anyhow::anyhow!(
+                "{} crashed the HDF5 library ({}) in the process that checks archives before a \
+                 job reads them: the archive is damaged, and the server did not read it",
+                input.name,
+                check::signal_name(signal)
+            ))),
+            Err(error) => {
+                tracing::warn!(job = %id, %error, "cannot start the archive check; the job reads the archive without it");
+                Ok(())
+            }
+        }
     }
 
     /// Why a path job's file is no longer the one accepted (a link or folder changed since,

@@ -2,11 +2,15 @@
 //! state on disk so they survive restarts.
 //!
 //! `archive` (the two layouts, validation, chunked hyperslab reads), `runner` (one archive end
-//! to end, also used offline by `linescan job run`, sharding), `results` (HDF5 writer, CSV and
+//! to end, also used offline by `linescan job run`, sharding), `check` (an archive read whole,
+//! in a child process before a server job), `results` (HDF5 writer, CSV and
 //! JSON exports, shard merge), `store` (job folders and `state.json`), `manager` (queue, worker
-//! pool, progress, cancellation, restart).
+//! pool, progress, cancellation, restart, admission), `disk_reserve` (the free space uploads
+//! leave on the disk).
 
 pub mod archive;
+pub mod check;
+pub mod disk_reserve;
 pub mod gaps;
 pub mod manager;
 pub mod results;
@@ -42,6 +46,23 @@ pub struct JobArgs {
     /// Largest archive upload accepted, in bytes (larger: 413).
     #[arg(long = "job-max-upload-bytes", env = "LINESCAN_JOB_MAX_UPLOAD_BYTES", default_value_t = 16 * 1024 * 1024 * 1024, value_parser = at_least_one::<u64>)]
     pub max_upload_bytes: u64,
+    /// Jobs queued or running at most; a submission beyond is refused (503 with Retry-After)
+    /// before its upload is read.
+    #[arg(
+        long = "job-max-pending",
+        env = "LINESCAN_JOB_MAX_PENDING",
+        default_value_t = 1000,
+        value_parser = at_least_one::<usize>
+    )]
+    pub max_pending: usize,
+    /// Bytes kept free on the data folder's disk: a submission or upload that would leave less
+    /// is refused (507) and its partial upload removed. 0 turns the check off.
+    #[arg(
+        long = "job-min-free-bytes",
+        env = "LINESCAN_JOB_MIN_FREE_BYTES",
+        default_value_t = 1_000_000_000
+    )]
+    pub min_free_bytes: u64,
     /// Archive rows read per chunk.
     #[arg(
         long = "job-chunk-rows",
@@ -74,6 +95,8 @@ impl Default for JobArgs {
             workers: 2,
             allow_path: None,
             max_upload_bytes: 16 * 1024 * 1024 * 1024,
+            max_pending: 1000,
+            min_free_bytes: 1_000_000_000,
             chunk_rows: 16_384,
             retention_hours: None,
             throttle_ms: 0,

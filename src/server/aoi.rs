@@ -67,6 +67,7 @@ impl From<AoiError> for ApiError {
             AoiError::Image(ImageError::Corrupt { .. } | ImageError::Empty)
             | AoiError::SizeMismatch { .. }
             | AoiError::TemplateTooSmall { .. } => ApiError::Unprocessable(error.to_string()),
+            AoiError::TemplatesFull(message) => ApiError::InsufficientStorage(message),
             AoiError::Infer(infer) => infer.into(),
             AoiError::Setup(message) => ApiError::Internal(message),
             AoiError::Preprocess(preprocess) => ApiError::Internal(preprocess.to_string()),

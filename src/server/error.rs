@@ -20,6 +20,9 @@ pub enum ApiError {
     UnsupportedMediaType(String),
     #[error("{0}")]
     Unprocessable(String),
+    /// 507: the server's disk has no room for what the request would store.
+    #[error("{0}")]
+    InsufficientStorage(String),
     /// 503 with `Retry-After` seconds.
     #[error("{message}")]
     Unavailable { message: String, retry_after: u32 },
@@ -83,6 +86,7 @@ impl ResponseError for ApiError {
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::InsufficientStorage(_) => StatusCode::INSUFFICIENT_STORAGE,
             ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ApiError::ClientTimeout(_) => StatusCode::REQUEST_TIMEOUT,
@@ -106,6 +110,7 @@ impl ResponseError for ApiError {
             // closed needlessly.
             ApiError::PayloadTooLarge(_)
             | ApiError::UnsupportedMediaType(_)
+            | ApiError::InsufficientStorage(_)
             | ApiError::ClientTimeout(_) => {
                 response.force_close();
             }

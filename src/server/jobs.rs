@@ -18,7 +18,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::jobs::archive::Partition;
+use crate::jobs::disk_reserve::DiskReserve;
 use crate::jobs::gaps::MissingPolicy;
+use crate::jobs::manager::Refused;
 use crate::jobs::results::{self, Format, View};
 use crate::jobs::store::{InputKind, JobInput, JobRecord, JobState};
 use crate::jobs::{Fleet, PathRefused};
@@ -181,8 +183,27 @@ fn upload_failed(error: &dyn std::fmt::Display) -> ApiError {
     ApiError::Internal(format!("cannot store the upload: {error}"))
 }
 
-/// Streams an upload to `path` under `limit` bytes; returns its size.
-async fn save_stream<S, E>(mut stream: S, path: &Path, limit: u64) -> Result<u64, ApiError>
+impl From<Refused> for ApiError {
+    fn from(refused: Refused) -> Self {
+        match refused {
+            Refused::Busy(message) => ApiError::Unavailable {
+                message,
+                retry_after: 10,
+            },
+            Refused::LowDisk(message) => ApiError::InsufficientStorage(message),
+            Refused::Store(_) => ApiError::Internal(refused.to_string()),
+        }
+    }
+}
+
+/// Streams an upload to `path` under `limit` bytes, each write leaving `reserve` free on the
+/// disk; returns its size.
+async fn save_stream<S, E>(
+    mut stream: S,
+    path: &Path,
+    limit: u64,
+    reserve: &DiskReserve,
+) -> Result<u64, ApiError>
 where
     S: Stream<Item = Result<Bytes, E>> + Unpin,
     E: BodyError,
@@ -195,6 +216,7 @@ where
     // The file is either here or with the write in flight.
     let mut idle = Some(file);
     let mut in_flight = None;
+    let mut in_flight_bytes = 0;
     let mut buffer = Vec::with_capacity(UPLOAD_WRITE_BYTES);
     let mut spare = Vec::with_capacity(UPLOAD_WRITE_BYTES);
     let mut size = 0u64;
@@ -210,6 +232,13 @@ where
             buffer.extend_from_slice(&chunk);
         }
         if buffer.len() >= UPLOAD_WRITE_BYTES || last {
+            // Checked straight after a read, before waiting for the write in flight (its bytes
+            // may not be on the disk yet, so they count too): actix stops reading a body that
+            // nobody polls, and one dropped in that state is neither drained nor closed, so
+            // the client would wait on its send for ever.
+            reserve
+                .check((buffer.len() + in_flight_bytes) as u64)
+                .map_err(ApiError::InsufficientStorage)?;
             let file = match in_flight.take() {
                 Some(write) => {
                     let (file, mut done): (std::fs::File, Vec<u8>) = write.await?;
@@ -222,6 +251,7 @@ where
                     .expect("the file is idle when no write is in flight"),
             };
             let full = std::mem::replace(&mut buffer, std::mem::take(&mut spare));
+            in_flight_bytes = full.len();
             in_flight = Some(start_write(file, full));
         }
         if last {
@@ -306,6 +336,7 @@ async fn submit_job(
                     PathRefused::Server(message) => ApiError::Internal(message),
                     PathRefused::Request(message) => ApiError::Unprocessable(message),
                 })?;
+        fleet.jobs.admit(0)?;
         let bytes = std::fs::metadata(&resolved).map(|m| m.len()).unwrap_or(0);
         let id = fleet
             .jobs
@@ -331,7 +362,11 @@ async fn submit_job(
         .as_deref()
         .map_or(Ok(()), |name| check_name("?name=", name))
         .and_then(|()| job_model(&fleet, options.model.as_deref()))
-        .and_then(|model| Ok((model, settings(&fleet, options.critical, options.warning)?)));
+        .and_then(|model| Ok((model, settings(&fleet, options.critical, options.warning)?)))
+        .and_then(|checked| {
+            fleet.jobs.admit(declared.unwrap_or(0))?;
+            Ok(checked)
+        });
     let (model, settings) = match checked {
         Ok(checked) => checked,
         Err(error) => {
@@ -344,11 +379,12 @@ async fn submit_job(
         .create()
         .map_err(|e| ApiError::Internal(format!("cannot create the job: {e}")))?;
     let target = store.upload_path(&id);
+    let reserve = fleet.jobs.reserve();
     let saved = if media.as_deref() == Some("multipart/form-data") {
-        save_multipart(&request, payload, &target, limit).await
+        save_multipart(&request, payload, &target, limit, reserve).await
     } else {
         match decoded(&request, payload) {
-            Ok(payload) => save_stream(payload, &target, limit)
+            Ok(payload) => save_stream(payload, &target, limit, reserve)
                 .await
                 .map(|size| (size, None)),
             Err(refused) => Err(refused),
@@ -390,6 +426,7 @@ async fn save_multipart(
     payload: web::Payload,
     target: &Path,
     limit: u64,
+    reserve: &DiskReserve,
 ) -> Result<(u64, Option<String>), ApiError> {
     let mut form = Multipart::new(request.headers(), decoded(request, payload)?);
     let mut saved = None;
@@ -420,7 +457,7 @@ async fn save_multipart(
                  job per archive"
             )));
         }
-        let size = save_stream(field, target, limit).await?;
+        let size = save_stream(field, target, limit, reserve).await?;
         saved = Some((size, filename));
     }
     saved.ok_or_else(|| {
@@ -455,9 +492,9 @@ async fn accepted(
     // Off the HTTP worker: the record is flushed to the disk.
     let jobs = fleet.jobs.clone();
     let record = web::block(move || {
-        jobs.submit(record).map_err(|e| {
+        jobs.submit(record).map_err(|refused| {
             let _ = jobs.store().remove(&id);
-            ApiError::Internal(format!("cannot queue the job: {e:#}"))
+            ApiError::from(refused)
         })
     })
     .await??;

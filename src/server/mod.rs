@@ -105,7 +105,8 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                             || request
                                 .headers()
                                 .get("Authorization")
-                                .is_some_and(|v| bearer_token(v.as_bytes()) == Some(expected))
+                                .and_then(|v| bearer_token(v.as_bytes()))
+                                .is_some_and(|token| same_key(token, expected))
                     }
                 };
                 if authorised {
@@ -172,6 +173,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let services = ServiceOptions {
         data_dir: args.data_dir.clone(),
         max_image_pixels: args.max_image_pixels,
+        max_template_bytes: args.max_template_bytes,
         preprocess: args.preprocess,
         assess: args.assess,
         jobs: args.jobs.clone(),
@@ -233,6 +235,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 struct ServiceOptions {
     data_dir: std::path::PathBuf,
     max_image_pixels: u64,
+    max_template_bytes: u64,
     preprocess: crate::preprocess::PreprocessArgs,
     assess: crate::sensors::AssessSettings,
     jobs: crate::jobs::JobArgs,
@@ -249,7 +252,12 @@ fn load_services(
 ) -> anyhow::Result<()> {
     // The backend first: a GPU that is asked for and missing fails before minutes of warm-up.
     let preprocess = services.preprocess.select()?;
-    let registry = Arc::new(ModelRegistry::load(repository, options, metrics)?);
+    let registry = Arc::new(ModelRegistry::load_until(
+        repository,
+        options,
+        metrics,
+        &|| stop.requested().is_some(),
+    )?);
     if let Some(name) = stop.requested() {
         // The job workers would only start re-queued jobs to stop them again.
         tracing::info!("{name} received while loading: the AOI and job services are not opened");
@@ -267,8 +275,11 @@ fn load_services(
             services.max_image_pixels,
             preprocess.clone(),
         )?;
-        let service =
-            crate::aoi::AoiService::open(inspector, &services.data_dir.join("templates"))?;
+        let service = crate::aoi::AoiService::open(
+            inspector,
+            &services.data_dir.join("templates"),
+            services.max_template_bytes,
+        )?;
         state.set_aoi(Arc::new(service));
     }
     if let Some(sensors) =
@@ -347,6 +358,13 @@ fn bearer_token(header: &[u8]) -> Option<&str> {
         .then(|| token.trim_start())
 }
 
+/// Compares a presented API key in time that does not depend on where it first differs, so
+/// response times do not reveal the key a prefix at a time (only its length can show).
+fn same_key(presented: &str, expected: &str) -> bool {
+    use subtle::ConstantTimeEq;
+    presented.as_bytes().ct_eq(expected.as_bytes()).into()
+}
+
 async fn no_route(request: actix_web::HttpRequest) -> Result<HttpResponse, ApiError> {
     Err(ApiError::NotFound(format!(
         "no route for {} {} (see README: /v2 for inference, /metrics, /v1 for inspection and jobs)",
@@ -365,5 +383,14 @@ mod tests {
         assert_eq!(bearer_token(b"bearer  k3y"), Some("k3y"));
         assert_eq!(bearer_token(b"Basic k3y"), None);
         assert_eq!(bearer_token(b"k3y"), None);
+    }
+
+    #[test]
+    fn only_the_whole_key_matches() {
+        assert!(same_key("s3cret", "s3cret"));
+        assert!(!same_key("s3cre", "s3cret"));
+        assert!(!same_key("s3cret!", "s3cret"));
+        assert!(!same_key("S3cret", "s3cret"));
+        assert!(!same_key("", "s3cret"));
     }
 }

@@ -39,8 +39,9 @@ pub fn await_loader(loader: &std::thread::JoinHandle<()>, grace_seconds: u64) {
         return;
     }
     tracing::info!(
-        "waiting for the model being loaded to finish (up to {grace_seconds} s, \
-         --shutdown-timeout); another SIGTERM or Ctrl-C exits at once"
+        "waiting for the session being loaded to finish its warm-up (up to {grace_seconds} s, \
+         --shutdown-timeout; the models left are not loaded); another SIGTERM or Ctrl-C exits \
+         at once"
     );
     let deadline = Instant::now() + Duration::from_secs(grace_seconds);
     while !loader.is_finished() {

@@ -1,0 +1,158 @@
+//! Reading an archive whole without scoring it, and doing so in a child process before a
+//! server job runs. The HDF5 library can crash on a malformed file (a one-byte change in a
+//! global heap segfaults `H5Aread` in libhdf5 1.10): in the child, that ends the check, not
+//! the server and every job in it.
+
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::Duration;
+
+use crate::jobs::archive::{Archive, ArchiveError, Layout, Partition};
+use crate::jobs::runner::Control;
+
+/// Rows read at a time.
+const CHUNK_ROWS: usize = 16_384;
+
+/// What a whole read found.
+#[derive(Debug)]
+pub struct Checked {
+    pub layout: Layout,
+    pub rows: usize,
+    pub units: usize,
+    pub channels: usize,
+}
+
+/// Opens the archive and reads what a job reads: its layout and names, every unit and cycle,
+/// and every value of every channel.
+pub fn read_whole(path: &Path, partition: Partition) -> Result<Checked, ArchiveError> {
+    let archive = Archive::open(path, partition)?;
+    let units = archive.scan_units(&|| true)?.len();
+    let channels = archive.channels().to_vec();
+    let reader = archive.features(&channels)?;
+    let mut values = Vec::new();
+    let mut start = 0;
+    while start < archive.rows() {
+        let end = (start + CHUNK_ROWS).min(archive.rows());
+        reader.read(start, end, &mut values)?;
+        start = end;
+    }
+    Ok(Checked {
+        layout: archive.layout(),
+        rows: archive.rows(),
+        units,
+        channels: channels.len(),
+    })
+}
+
+/// How a check in a child process ended.
+#[derive(Debug, PartialEq)]
+pub enum ChildCheck {
+    /// The child read it all, or failed with an error of its own (the job's own read gives
+    /// that error with the job's context), or was stopped from outside: the job goes on.
+    Finished,
+    /// The child died of this crash signal while reading: the archive crashes the library.
+    Crashed(i32),
+    /// `control` said to stop; the child was killed.
+    Stopped(Control),
+}
+
+/// Runs `linescan job check` on the archive in a child process (this executable), asking
+/// `control` every 50 ms whether to stop. Fails only when the child cannot be started.
+pub fn in_child(
+    path: &Path,
+    partition: Partition,
+    control: &dyn Fn() -> Control,
+) -> std::io::Result<ChildCheck> {
+    let mut child = Command::new(std::env::current_exe()?)
+        .args(["job", "check", "--partition", partition.name()])
+        .arg(path)
+        // Its own process group: a Ctrl-C at the server's terminal is the server's to handle,
+        // not a crash of the check.
+        .process_group(0)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(verdict(status));
+        }
+        match control() {
+            Control::Go => std::thread::sleep(Duration::from_millis(50)),
+            stop => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Ok(ChildCheck::Stopped(stop));
+            }
+        }
+    }
+}
+
+/// The signals a crash ends a process with, by name.
+const CRASHES: [(i32, &str); 5] = [
+    (libc::SIGSEGV, "SIGSEGV"),
+    (libc::SIGABRT, "SIGABRT"),
+    (libc::SIGBUS, "SIGBUS"),
+    (libc::SIGFPE, "SIGFPE"),
+    (libc::SIGILL, "SIGILL"),
+];
+
+fn verdict(status: ExitStatus) -> ChildCheck {
+    use std::os::unix::process::ExitStatusExt;
+    match status.signal() {
+        Some(signal) if CRASHES.iter().any(|(s, _)| *s == signal) => ChildCheck::Crashed(signal),
+        _ => ChildCheck::Finished,
+    }
+}
+
+/// A crash signal's name, or its number.
+pub fn signal_name(signal: i32) -> String {
+    CRASHES
+        .iter()
+        .find(|(s, _)| *s == signal)
+        .map_or_else(|| format!("signal {signal}"), |(_, name)| name.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_whole_read_counts_rows_units_and_channels() {
+        let folder = tempfile::tempdir().unwrap();
+        let path = folder.path().join("fleet.h5");
+        let (rows, units) = crate::jobs::synthetic::write_large_generic(&path, 3000, 5).unwrap();
+        let checked = read_whole(&path, Partition::All).unwrap();
+        assert_eq!(
+            (checked.rows, checked.units, checked.channels),
+            (rows, units, 24)
+        );
+        assert_eq!(checked.layout, Layout::Generic);
+    }
+
+    #[test]
+    fn a_file_that_is_not_hdf5_is_refused_by_name() {
+        let folder = tempfile::tempdir().unwrap();
+        let path = folder.path().join("notes.h5");
+        std::fs::write(&path, b"not an archive").unwrap();
+        let error = read_whole(&path, Partition::All).unwrap_err().to_string();
+        assert!(error.contains("notes.h5 is not an HDF5 file"), "{error}");
+    }
+
+    #[test]
+    fn a_child_killed_by_a_signal_is_a_crash() {
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(
+            verdict(ExitStatus::from_raw(libc::SIGSEGV)),
+            ChildCheck::Crashed(libc::SIGSEGV)
+        );
+        assert_eq!(verdict(ExitStatus::from_raw(1 << 8)), ChildCheck::Finished);
+        // Killed from outside (an operator, a stopping server): not the archive's doing.
+        assert_eq!(
+            verdict(ExitStatus::from_raw(libc::SIGTERM)),
+            ChildCheck::Finished
+        );
+        assert_eq!(signal_name(libc::SIGSEGV), "SIGSEGV");
+    }
+}
