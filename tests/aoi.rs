@@ -203,16 +203,24 @@ async fn misregistered_and_grey_boards_are_still_inspected() {
         "{result}"
     );
     assert!(alignment["mismatch"].as_f64().unwrap() < 0.05, "{result}");
-    // An inverted image (the wrong polarity) registers badly, and says so.
+    assert_eq!(alignment["matches_template"], true, "{result}");
+    // An inverted image (the wrong polarity) or noise does not match the template: rejected,
+    // whatever the classifier makes of it.
     let mut inverted = clean.test.clone();
     inverted.pixels.iter_mut().for_each(|p| *p = 255 - *p);
-    let (_, result) = inspect(&server, "b", png(&inverted)).await;
-    assert!(
-        result["alignment"]["mismatch"].as_f64().unwrap() > 0.3,
-        "{result}"
-    );
+    let mut rng = fastrand::Rng::with_seed(7);
+    let mut noise = clean.test.clone();
+    noise.pixels.iter_mut().for_each(|p| *p = rng.u8(..));
+    for image in [inverted, noise] {
+        let (_, result) = inspect(&server, "b", png(&image)).await;
+        let alignment = &result["alignment"];
+        assert!(alignment["mismatch"].as_f64().unwrap() > 0.3, "{result}");
+        assert_eq!(alignment["matches_template"], false, "{result}");
+        assert_eq!(result["verdict"], "REJECT", "{result}");
+    }
     let (_, result) = inspect(&server, "b", png(&synthetic::board(&[], (2, 2)).test)).await;
     assert_eq!(result["verdict"], "PASS", "a shifted clean board: {result}");
+    assert_eq!(result["alignment"]["matches_template"], true, "{result}");
 
     let grey = synthetic::board(&DefectKind::ALL, (0, 0));
     let (_, result) = inspect(&server, "b", png(&synthetic::grey(&grey.test, 1))).await;

@@ -58,10 +58,13 @@ impl AoiService {
             .min(self.inspector.params.score_threshold)
     }
 
-    /// PASS unless a defect reaches the board's reject threshold.
+    /// PASS unless the image does not match its template or a defect reaches the board's
+    /// reject threshold.
     pub fn verdict(&self, inspection: &Inspection, reject_threshold: Option<f32>) -> &'static str {
         let threshold = self.reject_threshold(reject_threshold);
-        if inspection.defects.iter().any(|d| d.confidence >= threshold) {
+        if !inspection.alignment.matches_template
+            || inspection.defects.iter().any(|d| d.confidence >= threshold)
+        {
             "REJECT"
         } else {
             "PASS"

@@ -37,6 +37,9 @@ pub struct PipelineParams {
     pub channels: Vec<String>,
     /// Detections below this confidence are dropped.
     pub score_threshold: f32,
+    /// A board whose share of differing pixels after alignment is above this does not match its
+    /// template (another board, an inverted or blank image): REJECT whatever its defects.
+    pub max_mismatch: f32,
     /// NMS across classes: suppress when IoU > this.
     pub nms_iou: f64,
     /// NMS within a class: suppress when the intersection exceeds this share of the smaller box.
@@ -62,6 +65,7 @@ impl Default for PipelineParams {
             fine_window: 64,
             channels: vec!["test".into(), "template".into(), "xor".into()],
             score_threshold: 0.5,
+            max_mismatch: 0.2,
             nms_iou: 0.3,
             nms_iomin: 0.5,
             merge_same_class: false,
@@ -104,6 +108,7 @@ impl PipelineParams {
     fn validate(&self) -> Result<(), String> {
         for (name, value) in [
             ("score_threshold", self.score_threshold as f64),
+            ("max_mismatch", self.max_mismatch as f64),
             ("nms_iou", self.nms_iou),
             ("nms_iomin", self.nms_iomin),
         ] {
@@ -235,6 +240,11 @@ mod tests {
             ("binarize", toml::Value::String("adaptive".into()), "otsu"),
             ("connectivity", toml::Value::Integer(4), "connectivity = 8"),
             ("score_threshold", toml::Value::Float(7.5), "outside [0, 1]"),
+            (
+                "max_mismatch",
+                toml::Value::Float(1.5),
+                "max_mismatch 1.5 is outside [0, 1]",
+            ),
             ("nms_iou", toml::Value::Float(-3.0), "outside [0, 1]"),
             ("max_candidates", toml::Value::Integer(0), "at least 1"),
             ("crop_scale", toml::Value::Integer(0), "at least 1"),

@@ -277,20 +277,25 @@ pub struct Alignment {
     /// The shift reached the edge of the search (`align_radius`): the board may be misplaced
     /// by more than the search covers, and its differences read as defects.
     pub at_search_limit: bool,
-    /// Share of the compared pixels that still differ after the shift, 0..1: 0.4-5.4 % on 22
-    /// held-out DeepPCB pairs (defects included), 47 % for another board's image, more for an
-    /// inverted one.
+    /// Share of the compared pixels that still differ after the shift, 0..1: at most 7.9 %
+    /// on the 1,000 DeepPCB pairs (defects included), a median of 48 % for another board's
+    /// image, about half for an inverted or noise image.
     pub mismatch: f32,
+    /// `mismatch` is within `max_mismatch`: otherwise the image is not of this template's
+    /// board (or is inverted, blank, noise), and the board is rejected whatever its defects.
+    pub matches_template: bool,
 }
 
 impl Alignment {
     fn of(shift: &Shift, params: &PipelineParams) -> Alignment {
         let radius = params.align_radius as isize;
+        let mismatch = (shift.xor_count as f64 / shift.compared.max(1) as f64) as f32;
         Alignment {
             dx: shift.dx,
             dy: shift.dy,
             at_search_limit: shift.dx.abs() == radius || shift.dy.abs() == radius,
-            mismatch: (shift.xor_count as f64 / shift.compared.max(1) as f64) as f32,
+            mismatch,
+            matches_template: mismatch <= params.max_mismatch,
         }
     }
 }

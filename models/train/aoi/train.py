@@ -618,6 +618,7 @@ channel_values = "coarse: 2x2 block means of 0/1 images; fine: 0/1"
 box_units = "window"              # boxes = ((x1-wx0), (y1-wy0), (x2-wx0), (y2-wy0)) / crop_window, coarse window origin
 box_rounding = "floor(v + 0.5)"   # v = wx0 + crop_window * boxes[i] in binary64; then clamp to the image
 score_threshold = {p.score_threshold}         # report a candidate when max(class_probs[1..6]) >= this
+max_mismatch = 0.2              # REJECT when more of the aligned pixels differ (not this board's image)
 nms = "greedy"
 nms_iou = {p.nms_iou}                   # any class: suppress when inter > nms_iou * union
 nms_iomin = {p.nms_iomin}                 # same class: suppress when inter > nms_iomin * min(area)
