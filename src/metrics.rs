@@ -64,6 +64,7 @@ pub struct Metrics {
     pub aoi_defects: IntCounterVec,
     pub aoi_images_failed: IntCounterVec,
     pub aoi_templates: IntGaugeVec,
+    pub aoi_template_memory: IntGaugeVec,
 }
 
 impl Metrics {
@@ -213,6 +214,12 @@ impl Metrics {
                 "linescan_aoi_templates",
                 "Registered templates: served (loaded) and found on disk but not loadable",
                 &["state"],
+            ),
+            aoi_template_memory: gauge(
+                "linescan_aoi_template_memory_bytes",
+                "Memory the served templates take (used), and what --max-template-bytes allows \
+                 (limit)",
+                &["of"],
             ),
             registry,
         }

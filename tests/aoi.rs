@@ -495,6 +495,24 @@ async fn templates_stay_within_the_memory_allowed() {
         // A replacement counts its board once.
         let (status, body) = put_template(&server, "b", png(template), "").await;
         assert_eq!(status, 200, "{body}");
+        let metrics = reqwest::get(format!("{}/metrics", server.url))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        for line in [
+            format!(
+                "linescan_aoi_template_memory_bytes{{of=\"used\"}} {}",
+                2 * each
+            ),
+            format!(
+                "linescan_aoi_template_memory_bytes{{of=\"limit\"}} {}",
+                2 * each + each / 2
+            ),
+        ] {
+            assert!(metrics.contains(&line), "{line} not in\n{metrics}");
+        }
     }
     // A lower limit at the next start serves what fits, by board name, and lists the rest.
     let server = start_with(each + each / 2);

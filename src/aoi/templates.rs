@@ -231,6 +231,18 @@ impl TemplateStore {
         )
     }
 
+    /// Memory the served templates take, and the limit on it.
+    pub fn memory(&self) -> (u64, u64) {
+        let used = self
+            .boards
+            .read()
+            .expect("templates lock")
+            .values()
+            .map(|b| b.memory_bytes())
+            .sum();
+        (used, self.memory_limit)
+    }
+
     /// The boards served, and those on disk whose template did not load at start (with the
     /// reason), by name. Both maps are read at one instant (writers hold one lock at a time, so
     /// this cannot deadlock): a PUT that moves a board from the second to the first never shows

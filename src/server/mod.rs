@@ -343,6 +343,12 @@ async fn render_metrics(_query: NoQuery, state: web::Data<AppState>) -> HttpResp
         templates
             .with_label_values(&["not_loaded"])
             .set(not_loaded as i64);
+        let (used, limit) = aoi.templates.memory();
+        let memory = &state.metrics.aoi_template_memory;
+        for (of, bytes) in [("used", used), ("limit", limit)] {
+            let bytes = i64::try_from(bytes).unwrap_or(i64::MAX);
+            memory.with_label_values(&[of]).set(bytes);
+        }
     }
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")
