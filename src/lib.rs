@@ -5,6 +5,7 @@
 
 pub mod aoi;
 pub mod bench;
+pub mod byte_size;
 pub mod cli;
 pub mod config;
 pub mod durable;

@@ -1407,7 +1407,7 @@ async fn submissions_stop_short_of_the_free_space_kept_on_the_disk() {
         assert_eq!(status, 507, "{body}");
         let error = body["error"].as_str().unwrap();
         assert!(
-            error.contains("MB free;") && error.contains("--job-min-free-bytes"),
+            error.contains("B free; ") && error.contains("--job-min-free-bytes"),
             "{error}"
         );
         let response = reqwest::Client::new()

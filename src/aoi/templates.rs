@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::aoi::image_io::GrayImage;
 use crate::aoi::pipeline::{AoiError, Inspector, MIN_TEMPLATE_SIDE, PreparedTemplate};
+use crate::byte_size::readable;
 use crate::durable;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -38,15 +39,15 @@ impl Board {
     }
 }
 
-/// Why a template of `needed` bytes does not fit beside `used` under `limit`.
+/// Why a template of `needed` bytes does not fit beside `used` under `limit`, and what to do.
 fn over_budget(used: u64, needed: u64, limit: u64) -> String {
-    let mb = |bytes: u64| format!("{:.1} MB", bytes as f64 / 1e6);
     format!(
         "this template takes {} in memory and the other templates {}, above the {} allowed \
-         (--max-template-bytes / LINESCAN_MAX_TEMPLATE_BYTES)",
-        mb(needed),
-        mb(used),
-        mb(limit)
+         (--max-template-bytes / LINESCAN_MAX_TEMPLATE_BYTES); delete boards no longer inspected \
+         (DELETE /v1/templates/{{board}}) or start the server with a larger limit",
+        readable(needed),
+        readable(used),
+        readable(limit)
     )
 }
 
@@ -89,9 +90,9 @@ pub fn validate_board_name(name: &str) -> Result<(), String> {
 }
 
 impl TemplateStore {
-    /// Opens (creating) the folder and prepares every stored template, in board name order
-    /// while they fit in `memory_limit` bytes. A stored template that no longer decodes, or
-    /// does not fit, is reported and left out, so one bad file does not stop the line.
+    /// Opens (creating) the folder and prepares the stored templates in board name order, each
+    /// one that still fits in `memory_limit` bytes. A stored template that no longer decodes,
+    /// or does not fit, is reported and left out, so one bad file does not stop the line.
     pub fn open(
         dir: &Path,
         inspector: &Inspector,
@@ -105,7 +106,9 @@ impl TemplateStore {
             .flatten()
             .map(|e| e.path())
             .collect();
-        paths.sort();
+        // By board name, so which boards fit under the memory limit does not depend on the
+        // order of the folder's entries.
+        paths.sort_by(|a, b| a.file_stem().cmp(&b.file_stem()));
         let mut memory = 0;
         for path in paths {
             match path.extension().and_then(|e| e.to_str()) {
@@ -124,25 +127,22 @@ impl TemplateStore {
                 }
                 _ => continue,
             }
-            let loaded = Self::load_board(&path, inspector).and_then(|board| {
-                let total = memory + board.memory_bytes();
-                anyhow::ensure!(
-                    total <= memory_limit,
-                    "{}",
-                    over_budget(memory, board.memory_bytes(), memory_limit)
-                );
-                memory = total;
-                Ok(board)
-            });
-            match loaded {
+            let name = path.file_stem().unwrap_or_default().to_string_lossy();
+            match Self::load_board(&path, inspector) {
+                // A board that does not fit is left out; a smaller one after it may still fit.
+                Ok(board) if memory + board.memory_bytes() > memory_limit => {
+                    let reason = over_budget(memory, board.memory_bytes(), memory_limit);
+                    tracing::warn!(board = %name, %reason, "stored template not loaded");
+                    unloaded.insert(name.to_string(), reason);
+                }
                 Ok(board) => {
+                    memory += board.memory_bytes();
                     boards.insert(board.info.board.clone(), Arc::new(board));
                 }
                 Err(error) => {
-                    let board = path.file_stem().unwrap_or_default().to_string_lossy();
                     let reason = format!("{error:#}");
-                    tracing::error!(%board, %reason, "stored template not loaded");
-                    unloaded.insert(board.to_string(), reason);
+                    tracing::error!(board = %name, %reason, "stored template not loaded");
+                    unloaded.insert(name.to_string(), reason);
                 }
             }
         }
@@ -303,10 +303,10 @@ impl TemplateStore {
             .sum();
         let needed = template.memory_bytes();
         if others + needed > self.memory_limit {
-            return Err(AoiError::TemplatesFull(format!(
-                "{}; delete boards no longer inspected (DELETE /v1/templates/{{board}}) or start \
-                 the server with a larger limit",
-                over_budget(others, needed, self.memory_limit)
+            return Err(AoiError::TemplatesFull(over_budget(
+                others,
+                needed,
+                self.memory_limit,
             )));
         }
         write().map_err(|e| AoiError::Setup(format!("cannot store template {board}: {e}")))?;

@@ -6,7 +6,7 @@
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, ExitStatus, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::jobs::archive::{Archive, ArchiveError, Layout, Partition};
 use crate::jobs::runner::Control;
@@ -53,8 +53,16 @@ pub enum ChildCheck {
     Finished,
     /// The child died of this crash signal while reading: the archive crashes the library.
     Crashed(i32),
+    /// The child was still reading after this long (for the archive's size) and was killed.
+    TimedOut(Duration),
     /// `control` said to stop; the child was killed.
     Stopped(Control),
+}
+
+/// How long a check may take: two minutes, plus a second for every 5 MB (a disk reading
+/// 5 MB/s); a loop in the library on a damaged file would otherwise hold a job worker for ever.
+pub fn time_limit(archive_bytes: u64) -> Duration {
+    Duration::from_secs(120 + archive_bytes / 5_000_000)
 }
 
 /// Runs `linescan job check` on the archive in a child process (this executable), asking
@@ -64,7 +72,9 @@ pub fn in_child(
     partition: Partition,
     control: &dyn Fn() -> Control,
 ) -> std::io::Result<ChildCheck> {
-    let mut child = Command::new(std::env::current_exe()?)
+    let limit = time_limit(std::fs::metadata(path)?.len());
+    let mut command = Command::new(std::env::current_exe()?);
+    command
         .args(["job", "check", "--partition", partition.name()])
         .arg(path)
         // Its own process group: a Ctrl-C at the server's terminal is the server's to handle,
@@ -72,11 +82,28 @@ pub fn in_child(
         .process_group(0)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
+        .stderr(Stdio::null());
+    // SAFETY: prctl is async-signal-safe and touches no memory of this process. The child is
+    // killed when the thread that started it ends (a server killed outright included), so no
+    // check outlives its job.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = command.spawn()?;
+    let started = Instant::now();
     loop {
         if let Some(status) = child.try_wait()? {
             return Ok(verdict(status));
+        }
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Ok(ChildCheck::TimedOut(limit));
         }
         match control() {
             Control::Go => std::thread::sleep(Duration::from_millis(50)),
@@ -138,6 +165,12 @@ mod tests {
         std::fs::write(&path, b"not an archive").unwrap();
         let error = read_whole(&path, Partition::All).unwrap_err().to_string();
         assert!(error.contains("notes.h5 is not an HDF5 file"), "{error}");
+    }
+
+    #[test]
+    fn big_archives_get_more_time() {
+        assert_eq!(time_limit(0), Duration::from_secs(120));
+        assert_eq!(time_limit(16_000_000_000), Duration::from_secs(3320));
     }
 
     #[test]

@@ -4,6 +4,8 @@
 
 use std::path::PathBuf;
 
+use crate::byte_size::readable;
+
 #[derive(Debug, Clone)]
 pub struct DiskReserve {
     folder: PathBuf,
@@ -16,36 +18,34 @@ impl DiskReserve {
         DiskReserve { folder, keep_free }
     }
 
-    /// Whether `incoming` more bytes still leave the reserve free; why not otherwise. A file
-    /// system whose free space cannot be read is refused too: nothing says there is room.
+    /// Whether `incoming` more bytes (0: not known yet) still leave the reserve free; why not
+    /// otherwise, in words for the client (the folder is named in the server's log only). A
+    /// file system whose free space cannot be read is refused too: nothing says there is room.
     pub fn check(&self, incoming: u64) -> Result<(), String> {
         if self.keep_free == 0 {
             return Ok(());
         }
-        let folder = self.folder.display();
-        let stats = rustix::fs::statvfs(&self.folder)
-            .map_err(|e| format!("cannot read the free space of {folder}: {e}"))?;
+        let stats = rustix::fs::statvfs(&self.folder).map_err(|error| {
+            tracing::warn!(folder = %self.folder.display(), %error, "cannot read the free space");
+            format!("cannot read the free space of the data folder's disk: {error}")
+        })?;
         let available = stats.f_bavail.saturating_mul(stats.f_frsize);
         if available.saturating_sub(incoming) >= self.keep_free {
             return Ok(());
         }
         let what = if incoming == 0 {
-            "a job's results".to_string()
+            "a submission".to_string()
         } else {
-            format!("{} more", megabytes(incoming))
+            format!("{} more", readable(incoming))
         };
         Err(format!(
-            "the disk of the data folder ({folder}) has {} free; {what} would leave less than \
-             the {} kept free (--job-min-free-bytes / LINESCAN_JOB_MIN_FREE_BYTES); make room, \
-             e.g. remove finished jobs with DELETE /v1/jobs/{{id}}?purge=true",
-            megabytes(available),
-            megabytes(self.keep_free)
+            "the data folder's disk has {} free; {what} would leave less than the {} kept free \
+             (--job-min-free-bytes / LINESCAN_JOB_MIN_FREE_BYTES); make room, e.g. remove \
+             finished jobs with DELETE /v1/jobs/{{id}}?purge=true",
+            readable(available),
+            readable(self.keep_free)
         ))
     }
-}
-
-fn megabytes(bytes: u64) -> String {
-    format!("{:.1} MB", bytes as f64 / 1e6)
 }
 
 #[cfg(test)]
@@ -58,12 +58,11 @@ mod tests {
         let refused = DiskReserve::new(folder.path().into(), u64::MAX)
             .check(0)
             .unwrap_err();
-        assert!(refused.contains(" MB free;"), "{refused}");
-        assert!(refused.contains("a job's results"), "{refused}");
+        assert!(refused.contains("B free; a submission would"), "{refused}");
         let refused = DiskReserve::new(folder.path().into(), u64::MAX)
             .check(5_000_000)
             .unwrap_err();
-        assert!(refused.contains("5.0 MB more"), "{refused}");
+        assert!(refused.contains("5.00 MB more"), "{refused}");
     }
 
     #[test]

@@ -149,6 +149,14 @@ impl JobManager {
                 "re-queued jobs found queued or running on disk"
             );
         }
+        if requeued >= manager.args.max_pending {
+            tracing::warn!(
+                jobs = requeued,
+                max_pending = manager.args.max_pending,
+                "as many jobs re-queued as --job-max-pending allows, or more: new submissions \
+                 are refused (503) until fewer are queued or running"
+            );
+        }
         let mut workers = manager.workers.lock().expect("workers lock");
         for index in 0..manager.args.workers.max(1) {
             let weak = Arc::downgrade(&manager);
@@ -495,6 +503,13 @@ impl JobManager {
             Ok(ChildCheck::Finished) => Ok(()),
             Ok(ChildCheck::Stopped(Control::Cancel)) => Err(RunError::Cancelled),
             Ok(ChildCheck::Stopped(_)) => Err(RunError::Interrupted),
+            Ok(ChildCheck::TimedOut(limit)) => Err(RunError::Output(anyhow::anyhow!(
+                "reading {} whole took longer than {} s in the process that checks archives \
+                 before a job reads them (a damaged archive can make the HDF5 library loop): \
+                 the server did not read it",
+                input.name,
+                limit.as_secs()
+            ))),
             Ok(ChildCheck::Crashed(signal)) => Err(RunError::Output(anyhow::anyhow!(
                 "{} crashed the HDF5 library ({}) in the process that checks archives before a \
                  job reads them: the archive is damaged, and the server did not read it",

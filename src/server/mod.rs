@@ -35,6 +35,9 @@ use crate::signals::StopWatch;
 const OPEN_PATHS: &[&str] = &["/v2/health/live", v2::READY_PATH, "/metrics"];
 
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    // From here on a stop signal is answered (not left to its default, which kills): scripts
+    // and tests may send one as soon as the process exists, or the address is printed.
+    let stop_watch = StopWatch::start()?;
     tracing::info!(
         config = %serde_json::to_string(&args).unwrap_or_default(),
         "starting linescan {}",
@@ -65,9 +68,6 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // and remove its uploads and results.
     let _data_lock = lock_data_dir(&args.data_dir)?;
 
-    // From here on a stop signal is answered (not left to its default, which kills): scripts
-    // and tests may send one as soon as the address is printed.
-    let stop_watch = StopWatch::start()?;
     let jobs_dir = args.data_dir.join("jobs");
     stop_watch.before_exit_now(move || crate::jobs::store::mark_forced_stop(&jobs_dir));
     let metrics = Arc::new(Metrics::new());
