@@ -4,14 +4,24 @@
 //! its lines arrive as events of the `log` bridge, whose own target is only "log".
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tracing::{Event, Level, Subscriber};
 use tracing_log::NormalizeEvent;
 use tracing_subscriber::layer::{Context, Layer};
 
+/// Events dropped by every limit since the last `take_left_out`.
+static LEFT_OUT: AtomicU64 = AtomicU64::new(0);
+
+/// How many library lines were left out since the last call (the server logs the count now
+/// and then, so a flood shows its size).
+pub fn take_left_out() -> u64 {
+    LEFT_OUT.swap(0, Ordering::Relaxed)
+}
+
 /// Lets through at most one ERROR or WARN event a second from targets under `prefix`; the
-/// others are dropped for every layer. Other events pass untouched.
+/// others are dropped for every layer, and counted. Other events pass untouched.
 pub struct LibraryErrorLimit {
     prefix: &'static str,
     every: Duration,
@@ -38,6 +48,7 @@ impl<S: Subscriber> Layer<S> for LibraryErrorLimit {
         let now = Instant::now();
         let mut last = self.last.lock().expect("log limit lock");
         if last.is_some_and(|at| now.duration_since(at) < self.every) {
+            LEFT_OUT.fetch_add(1, Ordering::Relaxed);
             return false;
         }
         *last = Some(now);
@@ -86,6 +97,7 @@ mod tests {
                 tracing::error!(target: "actix_http::h1::dispatcher", "stream error");
             }
             assert_eq!(seen.load(Ordering::Relaxed), 1);
+            assert_eq!(take_left_out(), 199);
             for _ in 0..10 {
                 tracing::error!(target: "linescan::server", "ours");
                 bridged(log::Level::Error, "actix_server::worker");

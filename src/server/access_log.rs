@@ -3,7 +3,9 @@
 //! was given. Server errors (5xx) and refused API keys are logged at WARN, other client errors at
 //! DEBUG; at most one line per route and status a second, so a flood of 503s cannot flood the
 //! log (the line after a pause says how many were not logged). The readiness probe's 503 while
-//! models load is counted but not logged.
+//! models load is counted but not logged. Requests actix-web refuses itself (malformed ones)
+//! never reach this middleware: its own lines are limited by `log_limit`, and their count is
+//! logged here every 10 s.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -14,6 +16,28 @@ use actix_web::dev::ServiceResponse;
 use actix_web::http::StatusCode;
 
 use crate::metrics::Metrics;
+
+/// How often the count of actix-web's left-out lines is logged.
+const LIBRARY_REPORT_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Logs, every `LIBRARY_REPORT_INTERVAL` in which there were some, how many of actix-web's own
+/// error lines `log_limit` left out: a flood of malformed requests shows its size. Runs until
+/// the server's runtime ends.
+pub async fn report_library_lines_left_out() {
+    let mut every = tokio::time::interval(LIBRARY_REPORT_INTERVAL);
+    loop {
+        every.tick().await;
+        let left_out = crate::log_limit::take_left_out();
+        if left_out > 0 {
+            tracing::warn!(
+                left_out,
+                "actix-web error lines left out in the last {} s (at most one a second is \
+                 logged, e.g. one per malformed request)",
+                LIBRARY_REPORT_INTERVAL.as_secs()
+            );
+        }
+    }
+}
 
 /// The error text of an error response, kept on it for the log (its body is already JSON).
 pub struct ErrorText(pub String);
