@@ -1,7 +1,7 @@
 //! Byte counts written for people, in error messages and logs.
 
 /// `bytes` in B, kB, MB or GB (decimal), with enough digits that two limits near each other
-/// still read differently: 950 B, 51.2 kB, 4.19 MB, 79.3 GB.
+/// still read differently: 950 B, 51.20 kB, 4.19 MB, 79.33 GB, 123.4 GB.
 pub fn readable(bytes: u64) -> String {
     const UNITS: [(f64, &str); 3] = [(1e9, "GB"), (1e6, "MB"), (1e3, "kB")];
     let value = bytes as f64;

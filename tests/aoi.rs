@@ -451,6 +451,16 @@ async fn every_error_path_answers_with_the_right_status() {
     assert_eq!(status, 422, "{error}");
     let message = error["error"].as_str().unwrap();
     assert!(message.contains("1000x63 is too small"), "{message}");
+    // So is one of a single colour: a blank board would pass against it.
+    let blank = linescan::aoi::image_io::GrayImage {
+        width: 640,
+        height: 640,
+        pixels: vec![255; 640 * 640],
+    };
+    let (status, error) = put_template(&server, "e4", png(&blank), "").await;
+    assert_eq!(status, 422, "{error}");
+    let message = error["error"].as_str().unwrap();
+    assert!(message.contains("100.000 % one colour"), "{message}");
     assert_eq!(
         common::status_of(&server.url, "/v2/health/ready"),
         Some(200)
@@ -588,9 +598,12 @@ async fn templates_survive_a_restart() {
     let bytes = std::fs::read(&damaged).unwrap();
     std::fs::write(&damaged, &bytes[..bytes.len() / 2]).unwrap();
     // A replacement of "cut" stopped between its image and its record: the new image, 320x240,
-    // sits beside the old record.
+    // sits beside the old record (a pattern: a blank template is refused).
     let mut smaller = Vec::new();
-    image::DynamicImage::ImageLuma8(image::GrayImage::new(320, 240))
+    let checks = image::GrayImage::from_fn(320, 240, |x, y| {
+        image::Luma([((x / 16 + y / 16) % 2 * 255) as u8])
+    });
+    image::DynamicImage::ImageLuma8(checks)
         .write_to(
             &mut std::io::Cursor::new(&mut smaller),
             image::ImageFormat::Png,

@@ -1434,7 +1434,7 @@ async fn submissions_stop_short_of_the_free_space_kept_on_the_disk() {
     // then its answer can be lost with the connection.
     if !answer.is_empty() {
         assert!(answer.starts_with("HTTP/1.1 507"), "{answer}");
-        assert!(answer.contains(" MB more would leave less"), "{answer}");
+        assert!(answer.contains(" MB more would go "), "{answer}");
     }
     assert_eq!(job_folders(setup.data.path()), 0);
     let (status, body) = common::get_json(&format!("{}/v1/jobs", server.url)).await;

@@ -45,6 +45,12 @@ pub enum AoiError {
          pixels (the alignment moves it up to 12 pixels each way)"
     )]
     TemplateTooSmall { width: usize, height: usize },
+    #[error(
+        "the template is {percent:.3} % one colour once binarised: it has nothing to align a \
+         board on, and a blank image would pass against it; register an image of the board's \
+         pattern"
+    )]
+    TemplateUniform { percent: f64 },
     #[error(transparent)]
     Infer(#[from] InferError),
     #[error(transparent)]

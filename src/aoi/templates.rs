@@ -9,7 +9,6 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use crate::aoi::image_io::GrayImage;
 use crate::aoi::pipeline::{AoiError, Inspector, MIN_TEMPLATE_SIDE, PreparedTemplate};
 use crate::byte_size::readable;
 use crate::durable;
@@ -182,13 +181,12 @@ impl TemplateStore {
         );
         let image_path = json_path.with_extension("image");
         let bytes = std::fs::read(&image_path).with_context(|| named(&image_path))?;
-        let gray = decode_template(inspector, &bytes).with_context(|| named(&image_path))?;
-        let template = inspector.prepare_template(&gray);
+        let template = prepare(inspector, &bytes).with_context(|| named(&image_path))?;
         // A replacement cut short between its two files leaves the new image with the old
         // record: what the image determines is taken from the image.
         let measured = TemplateInfo {
-            width: gray.width,
-            height: gray.height,
+            width: template.width,
+            height: template.height,
             threshold: template.threshold,
             bytes: bytes.len(),
             ..info.clone()
@@ -271,12 +269,11 @@ impl TemplateStore {
         reject_threshold: Option<f32>,
         inspector: &Inspector,
     ) -> Result<(bool, TemplateInfo), AoiError> {
-        let gray = decode_template(inspector, bytes)?;
-        let template = inspector.prepare_template(&gray);
+        let template = prepare(inspector, bytes)?;
         let info = TemplateInfo {
             board: board.to_string(),
-            width: gray.width,
-            height: gray.height,
+            width: template.width,
+            height: template.height,
             threshold: template.threshold,
             reject_threshold,
             registered_at: SystemTime::now()
@@ -360,9 +357,15 @@ impl TemplateStore {
     }
 }
 
-/// A template image in grey, refused when it is too small to align (also one stored before
-/// the limit, so it is listed as not loaded rather than served).
-fn decode_template(inspector: &Inspector, bytes: &[u8]) -> Result<GrayImage, AoiError> {
+/// The smallest share of a template's pixels in its rarer colour, after binarisation (1 in
+/// 10,000: 41 pixels of a 640x640 board): below it the template is one colour, with nothing to
+/// align a board on, and any blank image would pass against it. Three DeepPCB templates are
+/// white throughout; the sparsest other one has 0.05 % copper.
+const MIN_MINORITY_SHARE: f64 = 0.0001;
+
+/// A template decoded and binarised, refused when it is too small to align or of one colour
+/// (also one stored before these limits, so it is listed as not loaded rather than served).
+fn prepare(inspector: &Inspector, bytes: &[u8]) -> Result<PreparedTemplate, AoiError> {
     let gray = inspector.decode(bytes)?;
     if gray.width.min(gray.height) < MIN_TEMPLATE_SIDE {
         return Err(AoiError::TemplateTooSmall {
@@ -370,7 +373,16 @@ fn decode_template(inspector: &Inspector, bytes: &[u8]) -> Result<GrayImage, Aoi
             height: gray.height,
         });
     }
-    Ok(gray)
+    let template = inspector.prepare_template(&gray);
+    let pixels = (template.width * template.height) as f64;
+    let foreground = template.bits.count_ones() as f64 / pixels;
+    let minority = foreground.min(1.0 - foreground);
+    if minority < MIN_MINORITY_SHARE {
+        return Err(AoiError::TemplateUniform {
+            percent: 100.0 * foreground.max(1.0 - foreground),
+        });
+    }
+    Ok(template)
 }
 
 #[cfg(test)]

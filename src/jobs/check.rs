@@ -83,13 +83,18 @@ pub fn in_child(
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
-    // SAFETY: prctl is async-signal-safe and touches no memory of this process. The child is
-    // killed when the thread that started it ends (a server killed outright included), so no
-    // check outlives its job.
+    let server = std::process::id();
+    // SAFETY: prctl and getppid are async-signal-safe and the closure allocates nothing. The
+    // child is killed when the thread that started it ends (a server killed outright
+    // included), so no check outlives its job; a server that died before the prctl took
+    // effect is seen as a changed parent.
     unsafe {
-        command.pre_exec(|| {
+        command.pre_exec(move || {
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
                 return Err(std::io::Error::last_os_error());
+            }
+            if libc::getppid() as u32 != server {
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
             }
             Ok(())
         });

@@ -30,7 +30,8 @@ impl DiskReserve {
             format!("cannot read the free space of the data folder's disk: {error}")
         })?;
         let available = stats.f_bavail.saturating_mul(stats.f_frsize);
-        if available.saturating_sub(incoming) >= self.keep_free {
+        let left = available.saturating_sub(incoming);
+        if left >= self.keep_free {
             return Ok(());
         }
         let what = if incoming == 0 {
@@ -38,11 +39,13 @@ impl DiskReserve {
         } else {
             format!("{} more", readable(incoming))
         };
+        // The shortfall, as the two sizes around it can read the same.
         Err(format!(
-            "the data folder's disk has {} free; {what} would leave less than the {} kept free \
+            "the data folder's disk has {} free; {what} would go {} into the {} kept free \
              (--job-min-free-bytes / LINESCAN_JOB_MIN_FREE_BYTES); make room, e.g. remove \
              finished jobs with DELETE /v1/jobs/{{id}}?purge=true",
             readable(available),
+            readable(self.keep_free - left),
             readable(self.keep_free)
         ))
     }
@@ -58,7 +61,10 @@ mod tests {
         let refused = DiskReserve::new(folder.path().into(), u64::MAX)
             .check(0)
             .unwrap_err();
-        assert!(refused.contains("B free; a submission would"), "{refused}");
+        assert!(
+            refused.contains("B free; a submission would go "),
+            "{refused}"
+        );
         let refused = DiskReserve::new(folder.path().into(), u64::MAX)
             .check(5_000_000)
             .unwrap_err();

@@ -66,7 +66,8 @@ impl From<AoiError> for ApiError {
             }
             AoiError::Image(ImageError::Corrupt { .. } | ImageError::Empty)
             | AoiError::SizeMismatch { .. }
-            | AoiError::TemplateTooSmall { .. } => ApiError::Unprocessable(error.to_string()),
+            | AoiError::TemplateTooSmall { .. }
+            | AoiError::TemplateUniform { .. } => ApiError::Unprocessable(error.to_string()),
             AoiError::TemplatesFull(message) => ApiError::InsufficientStorage(message),
             AoiError::Infer(infer) => infer.into(),
             AoiError::Setup(message) => ApiError::Internal(message),
