@@ -307,7 +307,7 @@ impl TemplateStore {
             )));
         }
         write().map_err(|e| AoiError::Setup(format!("cannot store template {board}: {e}")))?;
-        let replaced = self
+        let served = self
             .boards
             .write()
             .expect("templates lock")
@@ -319,8 +319,14 @@ impl TemplateStore {
                 }),
             )
             .is_some();
-        self.unloaded.write().expect("templates lock").remove(board);
-        Ok((replaced, info))
+        // A board listed as not loaded existed too: its template is replaced.
+        let listed = self
+            .unloaded
+            .write()
+            .expect("templates lock")
+            .remove(board)
+            .is_some();
+        Ok((served || listed, info))
     }
 
     /// Removes a board; returns whether it existed. Its record goes first: if that fails the
