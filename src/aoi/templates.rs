@@ -38,16 +38,20 @@ impl Board {
     }
 }
 
-/// Why a template of `needed` bytes does not fit beside `used` under `limit`, and what to do.
-fn over_budget(used: u64, needed: u64, limit: u64) -> String {
-    format!(
+/// Whether a template of `needed` bytes fits beside `used` under `limit`; why not, and what to
+/// do, otherwise.
+fn fits(used: u64, needed: u64, limit: u64) -> Result<(), String> {
+    if used + needed <= limit {
+        return Ok(());
+    }
+    Err(format!(
         "this template takes {} in memory and the other templates {}, above the {} allowed \
          (--max-template-bytes / LINESCAN_MAX_TEMPLATE_BYTES); delete boards no longer inspected \
          (DELETE /v1/templates/{{board}}) or start the server with a larger limit",
         readable(needed),
         readable(used),
         readable(limit)
-    )
+    ))
 }
 
 pub struct TemplateStore {
@@ -129,15 +133,16 @@ impl TemplateStore {
             let name = path.file_stem().unwrap_or_default().to_string_lossy();
             match Self::load_board(&path, inspector) {
                 // A board that does not fit is left out; a smaller one after it may still fit.
-                Ok(board) if memory + board.memory_bytes() > memory_limit => {
-                    let reason = over_budget(memory, board.memory_bytes(), memory_limit);
-                    tracing::warn!(board = %name, %reason, "stored template not loaded");
-                    unloaded.insert(name.to_string(), reason);
-                }
-                Ok(board) => {
-                    memory += board.memory_bytes();
-                    boards.insert(board.info.board.clone(), Arc::new(board));
-                }
+                Ok(board) => match fits(memory, board.memory_bytes(), memory_limit) {
+                    Ok(()) => {
+                        memory += board.memory_bytes();
+                        boards.insert(board.info.board.clone(), Arc::new(board));
+                    }
+                    Err(reason) => {
+                        tracing::warn!(board = %name, %reason, "stored template not loaded");
+                        unloaded.insert(name.to_string(), reason);
+                    }
+                },
                 Err(error) => {
                     let reason = format!("{error:#}");
                     tracing::error!(board = %name, %reason, "stored template not loaded");
@@ -231,14 +236,18 @@ impl TemplateStore {
 
     /// Memory the served templates take, and the limit on it.
     pub fn memory(&self) -> (u64, u64) {
-        let used = self
-            .boards
+        (self.memory_used_besides(None), self.memory_limit)
+    }
+
+    /// Memory the served templates take, `board`'s left out.
+    fn memory_used_besides(&self, board: Option<&str>) -> u64 {
+        self.boards
             .read()
             .expect("templates lock")
             .values()
+            .filter(|b| Some(b.info.board.as_str()) != board)
             .map(|b| b.memory_bytes())
-            .sum();
-        (used, self.memory_limit)
+            .sum()
     }
 
     /// The boards served, and those on disk whose template did not load at start (with the
@@ -290,22 +299,12 @@ impl TemplateStore {
         };
         let _change = self.changes.lock().expect("template changes lock");
         // Checked under the change lock, against the boards it would stay beside.
-        let others: u64 = self
-            .boards
-            .read()
-            .expect("templates lock")
-            .values()
-            .filter(|b| b.info.board != board)
-            .map(|b| b.memory_bytes())
-            .sum();
-        let needed = template.memory_bytes();
-        if others + needed > self.memory_limit {
-            return Err(AoiError::TemplatesFull(over_budget(
-                others,
-                needed,
-                self.memory_limit,
-            )));
-        }
+        fits(
+            self.memory_used_besides(Some(board)),
+            template.memory_bytes(),
+            self.memory_limit,
+        )
+        .map_err(AoiError::TemplatesFull)?;
         write().map_err(|e| AoiError::Setup(format!("cannot store template {board}: {e}")))?;
         let served = self
             .boards

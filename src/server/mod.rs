@@ -69,7 +69,8 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let _data_lock = lock_data_dir(&args.data_dir)?;
 
     let jobs_dir = args.data_dir.join("jobs");
-    stop_watch.before_exit_now(move || crate::jobs::store::mark_forced_stop(&jobs_dir));
+    let marked_dir = jobs_dir.clone();
+    stop_watch.before_exit_now(move || crate::jobs::store::mark_forced_stop(&marked_dir));
     let metrics = Arc::new(Metrics::new());
     let state = web::Data::new(AppState::new(
         metrics.clone(),
@@ -173,6 +174,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let loader_state = state.clone();
     let services = ServiceOptions {
         data_dir: args.data_dir.clone(),
+        jobs_dir,
         max_image_pixels: args.max_image_pixels,
         max_template_bytes: args.max_template_bytes,
         preprocess: args.preprocess,
@@ -235,6 +237,8 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 /// Domain settings the loader needs once the models are in.
 struct ServiceOptions {
     data_dir: std::path::PathBuf,
+    /// The job store's folder, also where a forced exit leaves its mark.
+    jobs_dir: std::path::PathBuf,
     max_image_pixels: u64,
     max_template_bytes: u64,
     preprocess: crate::preprocess::PreprocessArgs,
@@ -288,7 +292,7 @@ fn load_services(
     {
         let sensors = Arc::new(sensors);
         let jobs = crate::jobs::JobManager::open(
-            &services.data_dir.join("jobs"),
+            &services.jobs_dir,
             sensors.clone(),
             services.jobs.clone(),
             metrics.clone(),
