@@ -1367,6 +1367,23 @@ async fn an_archive_that_crashes_the_hdf5_library_fails_its_job_not_the_server()
     let said = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "{output:?}");
     assert!(said.contains("generic layout"), "{said}");
+    // `job run` checks in a child too: it exits with the reason, not with the crash.
+    let out = setup.file("crashing.csv");
+    let output = common::command(common::BIN)
+        .args(["job", "run", "--quiet", "--out"])
+        .arg(&out)
+        .arg(&crashing)
+        .arg("--model-repository")
+        .arg(setup.repository.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("crashed the HDF5 library (SIGSEGV)"),
+        "{stderr}"
+    );
+    assert!(!out.exists());
 
     let server = setup.server(&[]);
     let crashed = submit_file(&server.url, &crashing).await;

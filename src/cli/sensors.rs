@@ -13,6 +13,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use crate::config::{ModelArgs, at_least_one};
 use crate::engine::{ModelRegistry, Priority};
 use crate::jobs::archive::{Partition, has_signature};
+use crate::jobs::check::ChildCheck;
 use crate::jobs::gaps::MissingPolicy;
 use crate::jobs::results::{self, Format, View};
 use crate::jobs::runner::{self, Control, Monitor, RunError, RunOptions, Shard};
@@ -284,6 +285,32 @@ fn deliver(h5: &Path, out: &Path, format: Format) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Reads the archive whole in a child process first, as the server does before a job: an
+/// archive that crashes the HDF5 library is then refused with its reason instead of ending
+/// this process with a segmentation fault.
+fn check_in_child(args: &JobRunArgs, stop: &StopWatch) -> anyhow::Result<()> {
+    let control = || match stop.requested() {
+        Some(_) => Control::Cancel,
+        None => Control::Go,
+    };
+    match crate::jobs::check::in_child(&args.archive, args.partition, &control) {
+        Ok(ChildCheck::Stopped(_)) => Err(Interrupted(format!(
+            "interrupted ({}) while the archive was checked: {} was not written",
+            stop.requested().unwrap_or("a stop signal"),
+            args.out.display()
+        ))
+        .into()),
+        Ok(ended) => match ended.refusal(&args.archive.display().to_string()) {
+            Some(reason) => Err(anyhow::Error::msg(reason)),
+            None => Ok(()),
+        },
+        Err(error) => {
+            tracing::warn!(%error, "cannot start the archive check; reading the archive without it");
+            Ok(())
+        }
+    }
+}
+
 fn job_run(args: &JobRunArgs) -> anyhow::Result<()> {
     let format = output_format(&args.out)?;
     refuse_overwriting(&[&args.archive], &args.out)?;
@@ -301,6 +328,7 @@ fn job_run(args: &JobRunArgs) -> anyhow::Result<()> {
         .get_or_insert_with(|| std::thread::available_parallelism().map_or(1, |n| n.get().min(8)));
     let preprocess = args.preprocess.select()?;
     let stop = StopWatch::start()?;
+    check_in_child(args, &stop)?;
     let (registry, model) = load_sensor_model(&models, args.model.as_deref(), true)?;
     if let Some(name) = stop.requested() {
         registry.shutdown();

@@ -59,6 +59,27 @@ pub enum ChildCheck {
     Stopped(Control),
 }
 
+impl ChildCheck {
+    /// Why the archive (called `name`) must not be read: it crashed the library, or its check
+    /// ran out of time. None when the check finished or was stopped from outside.
+    pub fn refusal(&self, name: &str) -> Option<String> {
+        match self {
+            ChildCheck::Crashed(signal) => Some(format!(
+                "{name} crashed the HDF5 library ({}) in the process that checks archives before \
+                 they are read: the archive is damaged, and it was not read",
+                signal_name(*signal)
+            )),
+            ChildCheck::TimedOut(limit) => Some(format!(
+                "reading {name} whole took longer than {} s in the process that checks archives \
+                 before they are read (a damaged archive can make the HDF5 library loop): it was \
+                 not read",
+                limit.as_secs()
+            )),
+            ChildCheck::Finished | ChildCheck::Stopped(_) => None,
+        }
+    }
+}
+
 /// How long a check may take: two minutes, plus a second for every 5 MB (a disk reading
 /// 5 MB/s); a loop in the library on a damaged file would otherwise hold a job worker for ever.
 pub fn time_limit(archive_bytes: u64) -> Duration {
@@ -139,7 +160,7 @@ fn verdict(status: ExitStatus) -> ChildCheck {
 }
 
 /// A crash signal's name, or its number.
-pub fn signal_name(signal: i32) -> String {
+fn signal_name(signal: i32) -> String {
     CRASHES
         .iter()
         .find(|(s, _)| *s == signal)
@@ -192,5 +213,18 @@ mod tests {
             ChildCheck::Finished
         );
         assert_eq!(signal_name(libc::SIGSEGV), "SIGSEGV");
+    }
+
+    #[test]
+    fn only_a_crash_or_a_check_out_of_time_refuses_the_archive() {
+        let crash = ChildCheck::Crashed(libc::SIGBUS).refusal("a.h5").unwrap();
+        assert!(
+            crash.starts_with("a.h5 crashed the HDF5 library (SIGBUS)"),
+            "{crash}"
+        );
+        let slow = ChildCheck::TimedOut(Duration::from_secs(121));
+        assert!(slow.refusal("a.h5").unwrap().contains("longer than 121 s"));
+        assert_eq!(ChildCheck::Finished.refusal("a.h5"), None);
+        assert_eq!(ChildCheck::Stopped(Control::Cancel).refusal("a.h5"), None);
     }
 }

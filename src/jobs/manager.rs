@@ -500,22 +500,12 @@ impl JobManager {
         monitor: &dyn Monitor,
     ) -> Result<(), RunError> {
         match check::in_child(&input.path, partition, &|| monitor.control()) {
-            Ok(ChildCheck::Finished) => Ok(()),
             Ok(ChildCheck::Stopped(Control::Cancel)) => Err(RunError::Cancelled),
             Ok(ChildCheck::Stopped(_)) => Err(RunError::Interrupted),
-            Ok(ChildCheck::TimedOut(limit)) => Err(RunError::Output(anyhow::anyhow!(
-                "reading {} whole took longer than {} s in the process that checks archives \
-                 before a job reads them (a damaged archive can make the HDF5 library loop): \
-                 the server did not read it",
-                input.name,
-                limit.as_secs()
-            ))),
-            Ok(ChildCheck::Crashed(signal)) => Err(RunError::Output(anyhow::anyhow!(
-                "{} crashed the HDF5 library ({}) in the process that checks archives before a \
-                 job reads them: the archive is damaged, and the server did not read it",
-                input.name,
-                check::signal_name(signal)
-            ))),
+            Ok(ended) => match ended.refusal(&input.name) {
+                Some(reason) => Err(RunError::Output(anyhow::Error::msg(reason))),
+                None => Ok(()),
+            },
             Err(error) => {
                 tracing::warn!(job = %id, %error, "cannot start the archive check; the job reads the archive without it");
                 Ok(())
