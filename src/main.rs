@@ -162,6 +162,46 @@ fn init_logging(format: LogFormat) {
 mod tests {
     use super::*;
 
+    /// Every command's flags, by command path, with the variable each reads.
+    fn flags(
+        command: &clap::Command,
+        path: &str,
+        into: &mut Vec<(String, String, Option<String>)>,
+    ) {
+        for arg in command.get_arguments() {
+            let id = arg.get_id().as_str();
+            if arg.is_positional() || id == "help" || id == "version" {
+                continue;
+            }
+            let env = arg.get_env().map(|e| e.to_string_lossy().into_owned());
+            into.push((path.to_string(), id.to_string(), env));
+        }
+        for sub in command.get_subcommands() {
+            flags(sub, &format!("{path} {}", sub.get_name()), into);
+        }
+    }
+
+    #[test]
+    fn every_flag_is_also_an_environment_variable() {
+        use clap::CommandFactory;
+        let command = Cli::command();
+        command.clone().debug_assert();
+        let mut all = Vec::new();
+        flags(&command, "linescan", &mut all);
+        let without: Vec<_> = all
+            .iter()
+            .filter(|(_, _, env)| env.is_none())
+            .map(|(path, id, _)| format!("{path} --{id}"))
+            .collect();
+        assert!(without.is_empty(), "flags without a variable: {without:?}");
+        // Within one command a variable sets one flag.
+        let mut seen = std::collections::HashSet::new();
+        for (path, _, env) in &all {
+            assert!(seen.insert((path, env)), "{path}: {env:?} sets two flags");
+        }
+        assert!(all.len() > 100, "{} flags", all.len());
+    }
+
     #[test]
     fn log_filters_refuse_what_would_silence_the_log() {
         for good in [

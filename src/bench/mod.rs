@@ -121,17 +121,17 @@ pub struct AoiArgs {
     pub server: ServerArgs,
     /// Run the pipeline in this process instead (loads the aoi_defect model; the model and
     /// preprocessing flags below apply only then: a server's are set on `serve`).
-    #[arg(long)]
+    #[arg(long, env = "LINESCAN_BENCH_IN_PROCESS")]
     pub in_process: bool,
     /// DeepPCB-format list (`groupX/X/ID.jpg groupX/X_not/ID.txt` lines).
-    #[arg(long)]
+    #[arg(long, env = "LINESCAN_BENCH_LIST")]
     pub list: Option<PathBuf>,
     /// Data root of the list.
-    #[arg(long)]
+    #[arg(long, env = "LINESCAN_BENCH_ROOT")]
     pub root: Option<PathBuf>,
     /// Boards used (read into memory before measuring): the list's first N pairs, or up to 16
     /// synthetic boards (16 distinct defect and shift mixes) without --list.
-    #[arg(long, default_value_t = 200, value_parser = at_least_one::<usize>)]
+    #[arg(long, env = "LINESCAN_BENCH_BOARDS", default_value_t = 200, value_parser = at_least_one::<usize>)]
     pub boards: usize,
     #[command(flatten)]
     pub preprocess: crate::preprocess::PreprocessArgs,
@@ -146,10 +146,10 @@ pub struct RulArgs {
     #[command(flatten)]
     pub server: ServerArgs,
     /// Sensor model to call.
-    #[arg(long, default_value = "rul_fd001")]
+    #[arg(long, env = "LINESCAN_BENCH_MODEL", default_value = "rul_fd001")]
     pub model: String,
     /// Windows per request.
-    #[arg(long, default_value_t = 1, value_parser = at_least_one::<usize>)]
+    #[arg(long, env = "LINESCAN_BENCH_WINDOWS", default_value_t = 1, value_parser = at_least_one::<usize>)]
     pub windows: usize,
     #[command(flatten)]
     pub load: LoadArgs,
@@ -158,22 +158,22 @@ pub struct RulArgs {
 #[derive(Args)]
 pub struct LoadArgs {
     /// Concurrent clients (closed loop), or the cap on requests in flight (open loop).
-    #[arg(long, default_value_t = 8, value_parser = at_least_one::<usize>)]
+    #[arg(long, env = "LINESCAN_BENCH_CONCURRENCY", default_value_t = 8, value_parser = at_least_one::<usize>)]
     pub concurrency: usize,
     /// Open loop: start this many requests per second whatever the answers (0.001 to 1,000,000).
-    #[arg(long, value_parser = request_rate)]
+    #[arg(long, env = "LINESCAN_BENCH_RATE", value_parser = request_rate)]
     pub rate: Option<f64>,
     /// Seconds to measure.
-    #[arg(long, default_value_t = 10.0, value_parser = run_seconds)]
+    #[arg(long, env = "LINESCAN_BENCH_DURATION", default_value_t = 10.0, value_parser = run_seconds)]
     pub duration: f64,
     /// Seconds to run before measuring.
-    #[arg(long, default_value_t = 2.0, value_parser = warmup_seconds)]
+    #[arg(long, env = "LINESCAN_BENCH_WARMUP", default_value_t = 2.0, value_parser = warmup_seconds)]
     pub warmup: f64,
     /// Write the report as JSON here.
-    #[arg(long)]
+    #[arg(long, env = "LINESCAN_BENCH_REPORT")]
     pub report: Option<PathBuf>,
     /// Client threads of the load generator.
-    #[arg(long, default_value_t = 1, value_parser = at_least_one::<usize>)]
+    #[arg(long, env = "LINESCAN_BENCH_CLIENT_THREADS", default_value_t = 1, value_parser = at_least_one::<usize>)]
     pub client_threads: usize,
 }
 
@@ -182,16 +182,16 @@ pub struct InferArgs {
     #[command(flatten)]
     pub server: ServerArgs,
     /// Model to call.
-    #[arg(long)]
+    #[arg(long, env = "LINESCAN_BENCH_MODEL")]
     pub model: String,
     /// Model version (default: the server's latest).
-    #[arg(long)]
+    #[arg(long, env = "LINESCAN_BENCH_MODEL_VERSION")]
     pub model_version: Option<String>,
     /// Rows per request.
-    #[arg(long, default_value_t = 1, value_parser = at_least_one::<usize>)]
+    #[arg(long, env = "LINESCAN_BENCH_BATCH", default_value_t = 1, value_parser = at_least_one::<usize>)]
     pub batch: usize,
     /// Send and receive tensors with the binary extension instead of JSON arrays.
-    #[arg(long)]
+    #[arg(long, env = "LINESCAN_BENCH_BINARY")]
     pub binary: bool,
     #[command(flatten)]
     pub load: LoadArgs,
@@ -203,25 +203,25 @@ pub struct InProcessArgs {
     #[arg(long, env = "LINESCAN_MODEL_REPOSITORY", default_value = "models")]
     pub model_repository: PathBuf,
     /// Model to run (its latest version).
-    #[arg(long)]
+    #[arg(long, env = "LINESCAN_BENCH_MODEL")]
     pub model: String,
     /// Rows per run.
-    #[arg(long, default_value_t = 8, value_parser = at_least_one::<usize>)]
+    #[arg(long, env = "LINESCAN_BENCH_BATCH", default_value_t = 8, value_parser = at_least_one::<usize>)]
     pub batch: usize,
     /// Sessions run in parallel, one thread each.
-    #[arg(long, default_value_t = 1, value_parser = at_least_one::<usize>)]
+    #[arg(long, env = "LINESCAN_BENCH_SESSIONS", default_value_t = 1, value_parser = at_least_one::<usize>)]
     pub sessions: usize,
     /// Intra-op threads per session.
-    #[arg(long, default_value_t = 1, value_parser = at_least_one::<usize>)]
+    #[arg(long, env = "LINESCAN_BENCH_THREADS", default_value_t = 1, value_parser = at_least_one::<usize>)]
     pub threads: usize,
     /// Seconds to measure.
-    #[arg(long, default_value_t = 10.0, value_parser = run_seconds)]
+    #[arg(long, env = "LINESCAN_BENCH_DURATION", default_value_t = 10.0, value_parser = run_seconds)]
     pub duration: f64,
     /// Seconds to run before measuring.
-    #[arg(long, default_value_t = 1.0, value_parser = warmup_seconds)]
+    #[arg(long, env = "LINESCAN_BENCH_WARMUP", default_value_t = 1.0, value_parser = warmup_seconds)]
     pub warmup: f64,
     /// Write the report as JSON here.
-    #[arg(long)]
+    #[arg(long, env = "LINESCAN_BENCH_REPORT")]
     pub report: Option<PathBuf>,
 }
 

@@ -33,24 +33,24 @@ pub enum AoiCommand {
 #[derive(Args)]
 pub struct DetectArgs {
     /// List file with lines `groupX/X/ID.jpg groupX/X_not/ID.txt`.
-    #[arg(long)]
+    #[arg(long, env = "LINESCAN_AOI_LIST")]
     pub list: PathBuf,
     /// Data root: images are ROOT/groupX/X/ID_test.jpg and ROOT/groupX/X/ID_temp.jpg.
-    #[arg(long)]
+    #[arg(long, env = "LINESCAN_AOI_ROOT")]
     pub root: PathBuf,
     /// Output folder: DIR/ID.txt with lines `x1,y1,x2,y2,confidence,type`. The listed pairs'
     /// files are removed at start and each is written when its pair is done, so a run cut
     /// short (Ctrl-C, a failed pair) never leaves an earlier run's answer in its place.
-    #[arg(long)]
+    #[arg(long, env = "LINESCAN_AOI_OUT")]
     pub out: PathBuf,
     /// Lowest confidence written (low keeps the ranking that AP needs).
-    #[arg(long, default_value_t = 0.01, value_parser = unit_interval::<f32>)]
+    #[arg(long, env = "LINESCAN_AOI_MIN_SCORE", default_value_t = 0.01, value_parser = unit_interval::<f32>)]
     pub min_score: f32,
     /// Pairs in flight (their crops share classifier batches).
-    #[arg(long, default_value_t = 16, value_parser = at_least_one::<usize>)]
+    #[arg(long, env = "LINESCAN_AOI_CONCURRENCY", default_value_t = 16, value_parser = at_least_one::<usize>)]
     pub concurrency: usize,
     /// Largest image accepted, in pixels.
-    #[arg(long, default_value_t = 50_000_000, value_parser = at_least_one::<u64>)]
+    #[arg(long, env = "LINESCAN_MAX_IMAGE_PIXELS", default_value_t = 50_000_000, value_parser = at_least_one::<u64>)]
     pub max_image_pixels: u64,
     #[command(flatten)]
     pub preprocess: PreprocessArgs,
@@ -61,20 +61,20 @@ pub struct DetectArgs {
 #[derive(Args)]
 pub struct EvalArgs {
     /// DeepPCB-format list: lines `groupX/X/ID.jpg groupX/X_not/ID.txt`.
-    #[arg(long)]
+    #[arg(long, env = "LINESCAN_AOI_LIST")]
     pub list: PathBuf,
     /// Data root: ground truth is read from ROOT/groupX/X_not/ID.txt.
-    #[arg(long)]
+    #[arg(long, env = "LINESCAN_AOI_ROOT")]
     pub root: PathBuf,
     /// Folder of detection files written by `aoi detect`.
-    #[arg(long)]
+    #[arg(long, env = "LINESCAN_AOI_DET")]
     pub det: PathBuf,
     /// Operating threshold for precision, recall and F-score (default: the aoi_defect model's in
     /// --model-repository, or 0.5 when there is none).
-    #[arg(long, value_parser = unit_interval::<f64>)]
+    #[arg(long, env = "LINESCAN_AOI_SCORE_THRESHOLD", value_parser = unit_interval::<f64>)]
     pub score_threshold: Option<f64>,
     /// Also write the figures as JSON here.
-    #[arg(long)]
+    #[arg(long, env = "LINESCAN_AOI_JSON")]
     pub json: Option<PathBuf>,
     /// Model repository whose aoi_defect config gives the default operating threshold (when
     /// neither this nor the variable is given: ./models if it exists, else 0.5).

@@ -45,20 +45,25 @@ pub struct JobCheckArgs {
     /// The HDF5 archive.
     pub archive: PathBuf,
     /// N-CMAPSS partitions to read (a generic archive has one; only `all` applies to it).
-    #[arg(long, value_enum, default_value = "all")]
+    #[arg(
+        long,
+        env = "LINESCAN_JOB_PARTITION",
+        value_enum,
+        default_value = "all"
+    )]
     pub partition: Partition,
 }
 
 #[derive(Args)]
 pub struct JobSynthArgs {
     /// The archive to write.
-    #[arg(long)]
+    #[arg(long, env = "LINESCAN_JOB_SYNTH_OUT")]
     pub out: PathBuf,
     /// Rows (units of 128..362 cycles until the count is reached; the last may be cut short).
-    #[arg(long, default_value_t = 1_000_000, value_parser = at_least_one::<usize>)]
+    #[arg(long, env = "LINESCAN_JOB_SYNTH_ROWS", default_value_t = 1_000_000, value_parser = at_least_one::<usize>)]
     pub rows: usize,
     /// Random seed: the same seed and row count write the same archive.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, env = "LINESCAN_JOB_SYNTH_SEED", default_value_t = 1)]
     pub seed: u64,
 }
 
@@ -67,29 +72,34 @@ pub struct JobRunArgs {
     /// The HDF5 archive.
     pub archive: PathBuf,
     /// Result file; its extension picks the format (.h5, .csv, .json).
-    #[arg(long)]
+    #[arg(long, env = "LINESCAN_JOB_OUT")]
     pub out: PathBuf,
     /// Score only shard i of N (by unit range); `job merge` joins the shards.
-    #[arg(long)]
+    #[arg(long, env = "LINESCAN_JOB_SHARD")]
     pub shard: Option<Shard>,
     /// Sensor model (default: the repository's only rul_* model).
-    #[arg(long)]
+    #[arg(long, env = "LINESCAN_JOB_MODEL")]
     pub model: Option<String>,
     /// N-CMAPSS partitions to score (a generic archive has one; only `all` applies to it).
-    #[arg(long, value_enum, default_value = "all")]
+    #[arg(
+        long,
+        env = "LINESCAN_JOB_PARTITION",
+        value_enum,
+        default_value = "all"
+    )]
     pub partition: Partition,
     /// A NaN or infinite value in a model channel: `fail` the run naming it, or `hold` the
     /// unit's last finite value of the channel over it (results count held values per window).
-    #[arg(long, value_enum, default_value = "fail")]
+    #[arg(long, env = "LINESCAN_JOB_MISSING", value_enum, default_value = "fail")]
     pub missing: MissingPolicy,
     /// Archive rows read per chunk.
-    #[arg(long, default_value_t = 16_384, value_parser = at_least_one::<usize>)]
+    #[arg(long, env = "LINESCAN_JOB_CHUNK_ROWS", default_value_t = 16_384, value_parser = at_least_one::<usize>)]
     pub chunk_rows: usize,
     /// Model batches in flight (default: two per session, plus two).
-    #[arg(long, value_parser = at_least_one::<usize>)]
+    #[arg(long, env = "LINESCAN_JOB_IN_FLIGHT", value_parser = at_least_one::<usize>)]
     pub in_flight: Option<usize>,
     /// No progress bar.
-    #[arg(long)]
+    #[arg(long, env = "LINESCAN_JOB_QUIET")]
     pub quiet: bool,
     #[command(flatten)]
     pub assess: AssessSettings,
@@ -105,7 +115,7 @@ pub struct JobMergeArgs {
     #[arg(required = true)]
     pub parts: Vec<PathBuf>,
     /// Merged result; its extension picks the format (.h5, .csv, .json).
-    #[arg(long)]
+    #[arg(long, env = "LINESCAN_JOB_OUT")]
     pub out: PathBuf,
 }
 
@@ -118,13 +128,13 @@ pub enum RulCommand {
 #[derive(Args)]
 pub struct CmapssArgs {
     /// C-MAPSS text file (train_FD001.txt layout: unit, cycle, 3 settings, 21 sensors).
-    #[arg(long)]
+    #[arg(long, env = "LINESCAN_RUL_INPUT")]
     pub input: PathBuf,
     /// CSV written: a header line `unit,rul`, then one line per unit, in ascending order.
-    #[arg(long)]
+    #[arg(long, env = "LINESCAN_RUL_OUT")]
     pub out: PathBuf,
     /// Sensor model (default: the repository's only rul_* model).
-    #[arg(long)]
+    #[arg(long, env = "LINESCAN_RUL_MODEL")]
     pub model: Option<String>,
     #[command(flatten)]
     pub models: ModelArgs,
