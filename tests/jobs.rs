@@ -133,12 +133,14 @@ async fn job_lifecycle_with_results_in_every_format() {
         vec![11, 12, 13, 14, 15]
     );
 
-    // CSV rows and units, JSON.
-    let csv = get(format!("{}/v1/jobs/{id}/result?format=csv", server.url))
-        .await
-        .text()
-        .await
-        .unwrap();
+    // CSV rows and units, JSON; the models that scored them come as headers.
+    let csv = get(format!("{}/v1/jobs/{id}/result?format=csv", server.url)).await;
+    let header = |name: &str| csv.headers()[name].to_str().unwrap().to_string();
+    assert_eq!(header("x-linescan-model"), RUL_MODEL);
+    assert_eq!(header("x-linescan-model-version"), "1");
+    assert_eq!(header("x-linescan-anomaly-model"), ANOMALY_MODEL);
+    assert_eq!(header("x-linescan-anomaly-model-version"), "1");
+    let csv = csv.text().await.unwrap();
     let lines: Vec<&str> = csv.lines().collect();
     assert_eq!(
         lines[0],
@@ -1087,6 +1089,15 @@ fn shards_merge_to_exactly_the_one_run_result() {
     let stderr = refused_merge(&lenient_part, "unlike.h5");
     assert!(
         stderr.contains("computed differently") && stderr.contains("missing \"fail\" vs \"hold\""),
+        "{stderr}"
+    );
+    // A shard written as CSV is named, with the way to write one that merges.
+    let csv_part = setup.file("part-1-of-2.csv");
+    setup.job_run(&archive, &csv_part, &["--shard", "1/2"]);
+    let stderr = refused_merge(&csv_part, "from-csv.h5");
+    assert!(
+        stderr.contains("part-1-of-2.csv is not an HDF5 result")
+            && stderr.contains("--out NAME.h5"),
         "{stderr}"
     );
     // CSV and JSON straight from the command.

@@ -449,7 +449,6 @@ fn job_merge(args: &JobMergeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Column names of C-MAPSS text files.
 /// Up to ten unit ids, for a message.
 fn some_units(units: &[i64]) -> String {
     let shown: Vec<String> = units.iter().take(10).map(i64::to_string).collect();
@@ -457,6 +456,7 @@ fn some_units(units: &[i64]) -> String {
     format!("{}{more}", shown.join(", "))
 }
 
+/// Column names of C-MAPSS text files.
 pub fn cmapss_columns() -> Vec<String> {
     let mut columns: Vec<String> = vec!["unit".into(), "cycle".into()];
     columns.extend((1..=3).map(|i| format!("setting_{i}")));

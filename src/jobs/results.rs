@@ -394,16 +394,17 @@ pub enum View {
     Units,
 }
 
-/// Whether a finished job's result opens and holds its `rows` rows (a file damaged or removed
-/// while the server was down does not).
-pub fn check(path: &Path, rows: u64) -> anyhow::Result<()> {
-    let found = ResultReader::open(path)?.len(View::Rows)?;
+/// A finished job's result's metadata, when it opens and holds its `rows` rows (a file damaged
+/// or removed while the server was down does not).
+pub fn check(path: &Path, rows: u64) -> anyhow::Result<ResultMeta> {
+    let reader = ResultReader::open(path)?;
+    let found = reader.len(View::Rows)?;
     anyhow::ensure!(
         found as u64 == rows,
         "result {} holds {found} rows, the job wrote {rows}",
         path.display()
     );
-    Ok(())
+    Ok(reader.meta)
 }
 
 impl ResultReader {
@@ -650,6 +651,13 @@ pub fn merge(parts: &[std::path::PathBuf], out: &Path) -> anyhow::Result<ResultM
     // Each reader stays with its path, so messages name the right file after sorting.
     let mut shards = Vec::with_capacity(parts.len());
     for path in parts {
+        anyhow::ensure!(
+            crate::jobs::archive::has_signature(path)
+                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?,
+            "{} is not an HDF5 result: shards are merged from their .h5 results (write each \
+             shard with `job run --shard i/N --out NAME.h5`)",
+            path.display()
+        );
         let reader = ResultReader::open(path)?;
         let Some(shard) = reader.meta.shard.clone() else {
             anyhow::bail!(

@@ -174,10 +174,18 @@ fn parse_strict(body: &[u8]) -> Result<Result<Vec<LiveWindow>, SensorError>, ser
             channels,
             values,
         }]),
-        _ => Err(SensorError::Invalid(
-            "send {\"unit\", \"channels\", \"values\"}, a list of them, or {\"windows\": [...]}"
-                .into(),
-        )),
+        (windows, channels, values) => {
+            let problem = match (windows, channels, values) {
+                (Some(_), _, _) => "\"windows\" comes with \"channels\" or \"values\" beside it",
+                (None, Some(_), None) => "the window has \"channels\" but no \"values\"",
+                (None, None, Some(_)) => "the window has \"values\" but no \"channels\"",
+                _ => "the body has none of \"channels\", \"values\" and \"windows\"",
+            };
+            Err(SensorError::Invalid(format!(
+                "{problem}: send {{\"unit\", \"channels\", \"values\"}}, a list of them, or \
+                 {{\"windows\": [...]}}"
+            )))
+        }
     })
 }
 
@@ -388,14 +396,22 @@ mod tests {
             parse_windows(b"{not json"),
             Err(SensorError::Syntax(_))
         ));
-        assert!(matches!(
-            parse_windows(b"{\"channels\": [\"a\"]}"),
-            Err(SensorError::Invalid(_))
-        ));
-        assert!(matches!(
-            parse_windows(b"{\"nope\": 1}"),
-            Err(SensorError::Invalid(_))
-        ));
+        // What is missing is named.
+        let refused = |body: &[u8]| match parse_windows(body) {
+            Err(SensorError::Invalid(message)) => message,
+            other => panic!("{other:?}"),
+        };
+        assert!(
+            refused(b"{\"channels\": [\"a\"]}")
+                .starts_with("the window has \"channels\" but no \"values\"")
+        );
+        assert!(
+            refused(b"{\"values\": [[1]]}")
+                .starts_with("the window has \"values\" but no \"channels\"")
+        );
+        assert!(refused(b"{\"unit\": 1}").starts_with("the body has none of"));
+        assert!(refused(b"{\"nope\": 1}").contains("unknown field `nope`"));
+        assert!(refused(b"{\"windows\": [], \"values\": [[1]]}").contains("beside it"));
     }
 
     #[test]

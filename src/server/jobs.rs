@@ -11,6 +11,7 @@ use std::path::Path;
 
 use actix_multipart::Multipart;
 use actix_web::http::Method;
+use actix_web::http::header::{HeaderName, HeaderValue};
 use actix_web::{HttpRequest, HttpResponse, web};
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
@@ -21,7 +22,7 @@ use crate::jobs::archive::Partition;
 use crate::jobs::disk_reserve::DiskReserve;
 use crate::jobs::gaps::MissingPolicy;
 use crate::jobs::manager::Refused;
-use crate::jobs::results::{self, Format, View};
+use crate::jobs::results::{self, Format, ResultMeta, View};
 use crate::jobs::store::{InputKind, JobInput, JobRecord, JobState};
 use crate::jobs::{Fleet, PathRefused};
 use crate::sensors::AssessSettings;
@@ -669,33 +670,51 @@ async fn job_result(
             .dir(&record.id)
             .join(format!("result.{EXPORT_COLUMNS}.{suffix}")),
     };
-    let export_missing = !file.exists();
-    if format == Format::H5 || export_missing {
-        // A result damaged after the job finished is neither served nor exported as if it were
-        // whole; the next start runs the job again. The details (with paths) go to the log.
-        let (source, rows) = (h5.clone(), record.rows_done);
-        web::block(move || results::check(&source, rows))
-            .await?
-            .map_err(|e| {
-                tracing::error!(job = %record.id, error = %format!("{e:#}"), "damaged result");
-                ApiError::Internal(format!(
-                    "the result of job {} is damaged: it no longer opens or does not hold the rows \
-                     the job wrote; restarting the server runs the job again",
-                    record.id
-                ))
-            })?;
-    }
-    if export_missing {
+    // A result damaged after the job finished is neither served nor exported as if it were
+    // whole; the next start runs the job again. The details (with paths) go to the log.
+    let (source, rows) = (h5.clone(), record.rows_done);
+    let meta = web::block(move || results::check(&source, rows))
+        .await?
+        .map_err(|e| {
+            tracing::error!(job = %record.id, error = %format!("{e:#}"), "damaged result");
+            ApiError::Internal(format!(
+                "the result of job {} is damaged: it no longer opens or does not hold the rows \
+                 the job wrote; restarting the server runs the job again",
+                record.id
+            ))
+        })?;
+    if !file.exists() {
         let (source, target, view) = (h5.clone(), file.clone(), query.view);
         web::block(move || results::export(&source, format, view, &target))
             .await?
             .map_err(|e| ApiError::Internal(format!("cannot export the result: {e:#}")))?;
     }
-    stream_file(
+    let mut response = stream_file(
         &file,
         format.content_type(),
         &format!("{}.{suffix}", record.id),
-    )
+    )?;
+    // The models that scored it, which a CSV file has no place for (HDF5 and JSON carry them).
+    let headers = response.headers_mut();
+    for (name, value) in model_headers(&meta) {
+        if let Ok(value) = HeaderValue::try_from(value) {
+            headers.insert(HeaderName::from_static(name), value);
+        }
+    }
+    Ok(response)
+}
+
+/// `X-Linescan-Model` and `-Model-Version`, and the anomaly model's, of a result.
+fn model_headers(meta: &ResultMeta) -> Vec<(&'static str, String)> {
+    let mut headers = vec![
+        ("x-linescan-model", meta.model.clone()),
+        ("x-linescan-model-version", meta.model_version.to_string()),
+    ];
+    if let (Some(model), Some(version)) = (&meta.anomaly_model, meta.anomaly_model_version) {
+        headers.push(("x-linescan-anomaly-model", model.clone()));
+        headers.push(("x-linescan-anomaly-model-version", version.to_string()));
+    }
+    headers
 }
 
 /// A file as a streamed download.
