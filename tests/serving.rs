@@ -442,6 +442,59 @@ async fn a_full_queue_answers_503_with_retry_after() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn requests_whose_client_left_are_dropped_before_inference() {
+    use std::io::Write;
+    // One session that waits 3 s for company: the requests below sit in its forming batch.
+    let (_repository, server) = batching_server(3_000_000, 0, &["--instances", "1"]);
+    let metadata = metadata(&server).await;
+    let address = server.url.trim_start_matches("http://").to_string();
+    let path = format!("/v2/models/{MODEL}/infer");
+    let clients: Vec<std::net::TcpStream> = (0..8)
+        .map(|seed| {
+            let body = json_request(&metadata, 1, seed).to_string();
+            let mut client = std::net::TcpStream::connect(&address).unwrap();
+            write!(
+                client,
+                "POST {path} HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\n\
+                 Content-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .unwrap();
+            client
+        })
+        .collect();
+    // The requests reach the forming batch (which waits 3 s) before their clients go.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    drop(clients);
+    let cancelled = |text: &str| {
+        metric(
+            text,
+            "linescan_inference_request_failure_total",
+            &["reason=\"cancelled\""],
+        )
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let text = loop {
+        let text = server.metrics_text().await;
+        if cancelled(&text) >= 8.0 {
+            break text;
+        }
+        assert!(std::time::Instant::now() < deadline, "{text}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(cancelled(&text), 8.0, "{text}");
+    let model = format!("model=\"{MODEL}\"");
+    assert_eq!(
+        metric(&text, "linescan_inference_exec_count_total", &[&model]),
+        0.0,
+        "nothing ran for clients that left: {text}"
+    );
+    // The server goes on answering those who stay.
+    let response = post_json(&infer_url(&server), &json_request(&metadata, 1, 9)).await;
+    assert_eq!(response.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_passed_deadline_answers_504() {
     let repository = Repository::with_models(&[MODEL]);
     let server = Server::start(repository.path(), &[]);

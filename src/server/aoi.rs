@@ -19,6 +19,7 @@ use crate::server::NoQuery;
 use crate::server::body::{
     MAX_BODY_FLAG, decoded, drain_form, media_type, read_limited, unreadable,
 };
+use crate::server::client_gone::unless_client_leaves;
 use crate::server::error::ApiError;
 use crate::server::file_response::streamed;
 use crate::server::routing::resource;
@@ -450,7 +451,8 @@ async fn inspect(
         )));
     }
     let (_, bytes) = images.remove(0);
-    Ok(HttpResponse::Ok().json(inspect_one(&service, &board, bytes).await?))
+    let inspection = inspect_one(&service, &board, bytes);
+    Ok(HttpResponse::Ok().json(unless_client_leaves(&request, inspection).await??))
 }
 
 /// Several images of one board in one request; each gets its result or its own error.
@@ -465,7 +467,7 @@ async fn inspect_batch(
     // A few images at a time, in order: enough to keep every core and the classifier's batches
     // busy, while a batch of large images never holds all its decoded pixels at once.
     let in_flight = std::thread::available_parallelism().map_or(2, |n| n.get()) * 2;
-    let results: Vec<BatchItem> = futures_util::stream::iter(images.into_iter().enumerate().map(
+    let inspections = futures_util::stream::iter(images.into_iter().enumerate().map(
         |(index, (name, bytes))| {
             let service = service.clone();
             let board = board.clone();
@@ -490,7 +492,7 @@ async fn inspect_batch(
         },
     ))
     .buffered(in_flight)
-    .collect()
-    .await;
+    .collect::<Vec<BatchItem>>();
+    let results = unless_client_leaves(&request, inspections).await?;
     Ok(HttpResponse::Ok().json(BatchResult { board, results }))
 }

@@ -31,6 +31,10 @@ pub enum ApiError {
     /// 408: the client stopped sending its request.
     #[error("{0}")]
     ClientTimeout(String),
+    /// 499 (nginx's): the client closed its connection before the answer; nobody reads it, but
+    /// the access log and `/metrics` show it.
+    #[error("{0}")]
+    ClientClosedRequest(String),
     #[error("{0}")]
     Internal(String),
     /// 501: a part of the protocol linescan does not offer.
@@ -90,6 +94,9 @@ impl ResponseError for ApiError {
             ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ApiError::ClientTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            ApiError::ClientClosedRequest(_) => {
+                StatusCode::from_u16(499).expect("499 is a valid status")
+            }
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
         }
@@ -111,7 +118,8 @@ impl ResponseError for ApiError {
             ApiError::PayloadTooLarge(_)
             | ApiError::UnsupportedMediaType(_)
             | ApiError::InsufficientStorage(_)
-            | ApiError::ClientTimeout(_) => {
+            | ApiError::ClientTimeout(_)
+            | ApiError::ClientClosedRequest(_) => {
                 response.force_close();
             }
             _ => {}

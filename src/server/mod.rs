@@ -5,6 +5,7 @@
 pub mod access_log;
 pub mod aoi;
 pub mod body;
+pub mod client_gone;
 pub mod error;
 pub mod file_response;
 pub mod jobs;
@@ -146,6 +147,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             ))
             .default_service(web::to(no_route))
     })
+    .on_connect(client_gone::remember_socket)
     .shutdown_timeout(args.shutdown_timeout)
     .disable_signals();
     if let Some(workers) = args.http_workers {

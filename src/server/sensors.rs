@@ -17,6 +17,7 @@ use crate::runtime::device::PlacedBytes;
 use crate::sensors::{AssessSettings, SensorError, SensorModel, live};
 use crate::server::NoQuery;
 use crate::server::body::{MAX_BODY_FLAG, media_type, read_limited};
+use crate::server::client_gone::unless_client_leaves;
 use crate::server::error::ApiError;
 use crate::server::routing::resource;
 use crate::server::state::AppState;
@@ -194,31 +195,33 @@ async fn score_live(
     let deadline = model.default_deadline();
     let window_len = model.params.window_len();
     let per_call = model.batch_rows();
-    let scores = if infos.len() <= per_call {
-        vec![
-            model
+    let scoring_calls = async {
+        if infos.len() <= per_call {
+            let scores = model
                 .score(
                     PlacedBytes::Host(f32_bytes(input)),
                     infos.len(),
                     deadline,
                     Priority::Live,
                 )
-                .await?,
-        ]
-    } else {
-        let calls = input.chunks(per_call * window_len).map(|chunk| {
-            model.score(
-                PlacedBytes::Host(f32_bytes(chunk.to_vec())),
-                chunk.len() / window_len,
-                deadline,
-                Priority::Live,
-            )
-        });
-        futures_util::future::join_all(calls)
-            .await
-            .into_iter()
-            .collect::<Result<Vec<_>, _>>()?
+                .await?;
+            Ok(vec![scores])
+        } else {
+            let calls = input.chunks(per_call * window_len).map(|chunk| {
+                model.score(
+                    PlacedBytes::Host(f32_bytes(chunk.to_vec())),
+                    chunk.len() / window_len,
+                    deadline,
+                    Priority::Live,
+                )
+            });
+            futures_util::future::join_all(calls)
+                .await
+                .into_iter()
+                .collect::<Result<Vec<_>, _>>()
+        }
     };
+    let scores = unless_client_leaves(&request, scoring_calls).await??;
     stage("score", scoring.elapsed().as_secs_f64());
     let alarm = model.alarm_threshold();
     let mut results = Vec::with_capacity(infos.len());

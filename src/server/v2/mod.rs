@@ -13,6 +13,7 @@ use serde_json::json;
 use crate::engine::ServedModel;
 use crate::server::NoQuery;
 use crate::server::body::{MAX_BODY_FLAG, media_type, read_limited};
+use crate::server::client_gone::unless_client_leaves;
 use crate::server::error::ApiError;
 use crate::server::routing::resource;
 use crate::server::state::AppState;
@@ -306,10 +307,10 @@ async fn infer(
     let timeout = decoded.timeout.unwrap_or(Duration::from_millis(
         config.dynamic_batching.default_timeout_ms,
     ));
-    let response = model
+    let inference = model
         .batcher
-        .infer(decoded.inputs, decoded.rows, Instant::now() + timeout)
-        .await?;
+        .infer(decoded.inputs, decoded.rows, Instant::now() + timeout);
+    let response = unless_client_leaves(&request, inference).await??;
     let outputs: Vec<_> = decoded
         .outputs
         .iter()
