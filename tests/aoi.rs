@@ -693,6 +693,7 @@ async fn the_aoi_load_generator_inspects_and_removes_its_templates() {
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "{output:?}");
     assert!(stdout.contains(" 0 failed"), "{stdout}");
+    assert!(stdout.contains(" boards/s"), "{stdout}");
     // The stages the server reports come back per stage.
     assert!(stdout.contains("classify"), "{stdout}");
     let (_, list) = common::get_json(&format!("{}/v1/templates", server.url)).await;

@@ -38,6 +38,14 @@ fn config_that_disagrees_with_the_graph_fails_at_start() {
     let error = serve_error(&repository);
     assert!(error.contains(MODEL), "{error}");
     assert!(error.contains("INT64"), "{error}");
+    // Both files are named: either may be the one to fix.
+    let model_dir = repository.path().join(MODEL);
+    let files = format!(
+        "{} does not match {}",
+        model_dir.join("1").join("model.onnx").display(),
+        model_dir.join("config.toml").display()
+    );
+    assert!(error.contains(&files), "{error}");
 }
 
 #[test]

@@ -193,6 +193,9 @@ impl Workload for HttpAoiWorkload {
     fn rows(&self) -> usize {
         1
     }
+    fn row_name(&self) -> &'static str {
+        "board"
+    }
 
     fn describe(&self) -> (String, String) {
         (
@@ -264,6 +267,9 @@ impl Workload for InProcessAoiWorkload {
 
     fn rows(&self) -> usize {
         1
+    }
+    fn row_name(&self) -> &'static str {
+        "board"
     }
 
     fn describe(&self) -> (String, String) {

@@ -160,6 +160,7 @@ pub fn run(plan: &InProcessPlan<'_>) -> anyhow::Result<Report> {
         first_errors: Default::default(),
         requests_per_s: runs as f64 / seconds,
         inferences_per_s,
+        row_name: "inference".into(),
         inferences_per_cpu_s: cpu::inferences_per_cpu_second(
             inferences_per_s,
             cpu.inference_cores(false),

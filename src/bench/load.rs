@@ -109,6 +109,10 @@ pub trait Workload: Send + Sync + 'static {
     fn send<'a>(&'a self, client: &'a reqwest::Client, sequence: u64) -> BoxFuture<'a, Outcome>;
     /// Inferences (rows) each request carries.
     fn rows(&self) -> usize;
+    /// What one row is, for the report: "inference", or the domain's word ("board", "window").
+    fn row_name(&self) -> &'static str {
+        "inference"
+    }
     fn describe(&self) -> (String, String);
     /// Base URL of the server that runs the model, whose `/metrics` give its CPU time; None
     /// when this process runs it.
@@ -257,6 +261,7 @@ pub async fn run(
         requests_unanswered: tally.unanswered,
         requests_per_s: tally.ok as f64 / elapsed,
         inferences_per_s,
+        row_name: workload.row_name().into(),
         inferences_per_cpu_s: cpu::inferences_per_cpu_second(
             inferences_per_s,
             cpu.inference_cores(workload.server().is_some()),

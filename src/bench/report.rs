@@ -73,6 +73,8 @@ pub struct Report {
     pub requests_per_s: f64,
     /// Rows per second (requests × batch).
     pub inferences_per_s: f64,
+    /// What a row is: "inference", "board" (AOI) or "window" (sensors).
+    pub row_name: String,
     /// CPU used while measuring, by this process and by the server.
     pub cpu: CpuUse,
     /// Inferences per CPU second of whatever ran the model (the server, or this process
@@ -121,8 +123,8 @@ impl Report {
             );
         }
         println!(
-            "  throughput: {:.1} requests/s, {:.1} inferences/s",
-            self.requests_per_s, self.inferences_per_s
+            "  throughput: {:.1} requests/s, {:.1} {}s/s",
+            self.requests_per_s, self.inferences_per_s, self.row_name
         );
         match self.inferences_per_cpu_s {
             Some(per_cpu) => println!(

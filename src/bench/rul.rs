@@ -102,6 +102,9 @@ impl Workload for RulWorkload {
     fn rows(&self) -> usize {
         self.windows
     }
+    fn row_name(&self) -> &'static str {
+        "window"
+    }
 
     fn describe(&self) -> (String, String) {
         (self.url.clone(), self.model.clone())

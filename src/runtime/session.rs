@@ -111,9 +111,17 @@ impl ModelSession {
     fn check_signature(&self) -> Result<(), RuntimeError> {
         let config = &self.spec.config;
         let batching = config.batching();
+        // Named by both files: either may be the one to fix.
+        let mismatch = |problem: String| {
+            self.spec.error(format!(
+                "{} does not match {}: {problem}",
+                self.spec.model_path.display(),
+                self.spec.model_dir.join("config.toml").display()
+            ))
+        };
         for graph_input in self.session.inputs() {
             if !config.inputs.iter().any(|i| i.name == graph_input.name()) {
-                return Err(self.spec.error(format!(
+                return Err(mismatch(format!(
                     "the graph needs input \"{}\" that config.toml does not declare",
                     graph_input.name()
                 )));
@@ -128,15 +136,13 @@ impl ModelSession {
             .collect::<Vec<_>>();
         for spec in config.inputs.iter().chain(&config.outputs) {
             let Some((_, value_type)) = graph_tensors.iter().find(|(n, _)| *n == spec.name) else {
-                return Err(self.spec.error(format!(
+                return Err(mismatch(format!(
                     "config.toml declares \"{}\" but the graph has no such input or output",
                     spec.name
                 )));
             };
             let ValueType::Tensor { ty, shape, .. } = value_type else {
-                return Err(self
-                    .spec
-                    .error(format!("\"{}\" is not a tensor", spec.name)));
+                return Err(mismatch(format!("\"{}\" is not a tensor", spec.name)));
             };
             if element_type(spec.datatype) != *ty {
                 // The graph's type by the config's names where it has one.
@@ -144,7 +150,7 @@ impl ModelSession {
                     .iter()
                     .find(|d| element_type(**d) == *ty)
                     .map_or_else(|| format!("{ty:?}"), |d| d.name().to_string());
-                return Err(self.spec.error(format!(
+                return Err(mismatch(format!(
                     "\"{}\" is {} in config.toml but {graph_type} in the graph",
                     spec.name, spec.datatype
                 )));
@@ -158,7 +164,7 @@ impl ModelSession {
                     .zip(shape.iter())
                     .all(|(d, g)| *g < 0 || *d == *g);
             if !compatible {
-                return Err(self.spec.error(format!(
+                return Err(mismatch(format!(
                     "\"{}\" has shape {:?} in the graph, config.toml declares {:?}{}",
                     spec.name,
                     shape.iter().collect::<Vec<_>>(),
