@@ -20,6 +20,7 @@ use tokio::sync::oneshot;
 
 use super::lanes::{self, LaneReceivers, LaneSenders, Priority};
 use super::stats::{BatchTimes, ModelStats};
+use super::withdraw;
 use crate::metrics::{FailureReason, Metrics};
 use crate::runtime::device::{DeviceBytes, DeviceGather, DeviceTensor, PlacedBytes};
 use crate::runtime::model_config::ModelConfig;
@@ -76,6 +77,8 @@ pub enum InferError {
     QueueFull(String),
     #[error("the request waited in the queue past its deadline and was not run")]
     Timeout,
+    #[error("the caller withdrew the request before it ran (its client closed the connection)")]
+    Cancelled,
     #[error("the server is shutting down")]
     ShuttingDown,
     #[error("invalid request: {0}")]
@@ -89,6 +92,7 @@ impl InferError {
         match self {
             InferError::QueueFull(_) => FailureReason::QueueFull,
             InferError::Timeout => FailureReason::Timeout,
+            InferError::Cancelled => FailureReason::Cancelled,
             InferError::ShuttingDown => FailureReason::ShuttingDown,
             InferError::Invalid(_) => FailureReason::InvalidInput,
             InferError::Inference(_) => FailureReason::Inference,
@@ -443,13 +447,21 @@ impl Batcher {
             [self.model.as_str(), self.version.as_str()],
             |lane| self.sender.waiting(lane),
         );
-        let answered = match tokio::time::timeout_at(deadline.into(), &mut response).await {
-            Ok(answered) => answered,
-            // Past the deadline: given up unless a session has taken it, then its result.
-            Err(_) => {
+        let given_up = async {
+            tokio::select! {
+                () = tokio::time::sleep_until(deadline.into()) => InferError::Timeout,
+                () = withdraw::withdrawn() => InferError::Cancelled,
+            }
+        };
+        let answered = tokio::select! {
+            biased;
+            answered = &mut response => answered,
+            // Past the deadline, or withdrawn: given up unless a session has taken it, then
+            // its result.
+            why = given_up => {
                 match claim.compare_exchange(WAITING, GIVEN_UP, Ordering::AcqRel, Ordering::Acquire)
                 {
-                    Ok(_) => return Err(InferError::Timeout),
+                    Ok(_) => return Err(why),
                     Err(_) => response.await,
                 }
             }
@@ -646,13 +658,15 @@ impl Worker {
         !self.caller_left(request)
     }
 
-    /// Whether nobody waits for the request any more: a client disconnect, its own deadline
-    /// already answered 504 (a cancelled live request), or a cancelled job (no failure).
+    /// Whether nobody waits for the request any more: a caller that gave it up (its deadline
+    /// answered 504, or withdrawn: counted by the caller), a caller dropped without a word (a
+    /// connection reset: counted here as cancelled), or a cancelled job (no failure).
     fn caller_left(&self, request: &QueuedRequest) -> bool {
         if !request.reply.is_closed() {
             return false;
         }
-        if request.priority == Priority::Live && Instant::now() < request.deadline {
+        let counted = request.claim.load(Ordering::Acquire) == GIVEN_UP;
+        if !counted && request.priority == Priority::Live && Instant::now() < request.deadline {
             let [model, version] = self.label_refs();
             self.metrics
                 .failure(model, version, FailureReason::Cancelled);

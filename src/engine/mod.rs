@@ -4,6 +4,7 @@ pub mod batcher;
 pub mod lanes;
 pub mod registry;
 pub mod stats;
+pub mod withdraw;
 
 pub use batcher::{Batcher, InferError, InferResponse};
 pub use lanes::Priority;

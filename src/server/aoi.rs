@@ -452,7 +452,7 @@ async fn inspect(
     }
     let (_, bytes) = images.remove(0);
     let inspection = inspect_one(&service, &board, bytes);
-    Ok(HttpResponse::Ok().json(unless_client_leaves(&request, inspection).await??))
+    Ok(HttpResponse::Ok().json(unless_client_leaves(&request, inspection).await?))
 }
 
 /// Several images of one board in one request; each gets its result or its own error.
@@ -493,6 +493,6 @@ async fn inspect_batch(
     ))
     .buffered(in_flight)
     .collect::<Vec<BatchItem>>();
-    let results = unless_client_leaves(&request, inspections).await?;
+    let results = unless_client_leaves(&request, inspections).await;
     Ok(HttpResponse::Ok().json(BatchResult { board, results }))
 }

@@ -1,10 +1,11 @@
-//! Dropping work whose client has closed its connection. actix-web runs a handler to its end
+//! Withdrawing work whose client has closed its connection. actix-web runs a handler to its end
 //! even when the client has gone (actix/actix-web#3462), so a request queued for inference
 //! would still be computed for nobody. Each connection's socket is duplicated when it opens;
 //! a handler waiting on inference watches it, and when the client has closed it (end of
-//! stream, or a reset) the work is dropped: the batcher then skips the request before it runs
-//! (`linescan_inference_request_failure_total{reason="cancelled"}`) and the request is logged
-//! with nginx's 499. Only handlers without side effects are watched, never uploads or writes.
+//! stream, or a reset) the handler's requests that no session has taken yet are withdrawn from
+//! the batcher's queues (`linescan_inference_request_failure_total{reason="cancelled"}`, logged
+//! with nginx's 499); those already running finish and are answered as usual. Only handlers
+//! without side effects are watched, never uploads or writes.
 
 use std::any::Any;
 use std::future::Future;
@@ -17,7 +18,7 @@ use actix_web::dev::Extensions;
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
-use crate::server::error::ApiError;
+use crate::engine::withdraw::{self, Withdrawal};
 
 /// Work that ends sooner is never watched: watching costs two system calls, and leaving it to
 /// finish costs less than that. Requests that wait in a queue behind others are the ones worth
@@ -43,29 +44,25 @@ pub fn remember_socket(connection: &dyn Any, data: &mut Extensions) {
     }
 }
 
-/// `work`'s output, or `ApiError::ClientClosedRequest` when the client of `request` closes its
-/// connection first (then `work` is dropped).
-pub async fn unless_client_leaves<F: Future>(
-    request: &HttpRequest,
-    work: F,
-) -> Result<F::Output, ApiError> {
-    let socket = request.conn_data::<ClientSocket>().cloned();
-    let mut work = std::pin::pin!(work);
-    let Some(socket) = socket else {
-        return Ok(work.await);
+/// Runs `work`, withdrawing its queued inference requests if the client of `request` closes its
+/// connection meanwhile (they then fail with `InferError::Cancelled`).
+pub async fn unless_client_leaves<F: Future>(request: &HttpRequest, work: F) -> F::Output {
+    let Some(socket) = request.conn_data::<ClientSocket>().cloned() else {
+        return work.await;
     };
+    let withdrawal = Arc::new(Withdrawal::default());
+    let mut work = std::pin::pin!(withdraw::scope(withdrawal.clone(), work));
     tokio::select! {
         biased;
-        output = &mut work => return Ok(output),
+        output = &mut work => return output,
         () = tokio::time::sleep(WATCH_AFTER) => {}
     }
     tokio::select! {
         biased;
-        output = &mut work => Ok(output),
-        () = closed_by_client(socket.0) => Err(ApiError::ClientClosedRequest(
-            "the client closed the connection before the answer; the work was dropped".into(),
-        )),
+        output = &mut work => return output,
+        () = closed_by_client(socket.0) => withdrawal.give(),
     }
+    work.await
 }
 
 /// Ends when the client has closed the socket; pending for ever when it has not, or when that

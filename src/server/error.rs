@@ -31,8 +31,8 @@ pub enum ApiError {
     /// 408: the client stopped sending its request.
     #[error("{0}")]
     ClientTimeout(String),
-    /// 499 (nginx's): the client closed its connection before the answer; nobody reads it, but
-    /// the access log and `/metrics` show it.
+    /// 499 (nginx's): the client closed its connection and its request was withdrawn before it
+    /// ran; nobody reads the answer, but the access log and `/metrics` show it.
     #[error("{0}")]
     ClientClosedRequest(String),
     #[error("{0}")]
@@ -63,6 +63,7 @@ impl From<InferError> for ApiError {
                 retry_after: 5,
             },
             InferError::Timeout => ApiError::Timeout(error.to_string()),
+            InferError::Cancelled => ApiError::ClientClosedRequest(error.to_string()),
             InferError::Invalid(message) => ApiError::Unprocessable(message),
             InferError::Inference(message) => ApiError::Internal(message),
         }

@@ -9,6 +9,7 @@ pub mod client_gone;
 pub mod error;
 pub mod file_response;
 pub mod jobs;
+pub mod open_files;
 pub mod routing;
 pub mod sensors;
 pub mod shutdown;
@@ -44,6 +45,15 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         "starting linescan {}",
         env!("CARGO_PKG_VERSION")
     );
+    match open_files::raise_to_hard_limit() {
+        Ok(Some((before, after))) => tracing::info!(
+            before,
+            after,
+            "open-file limit raised to the hard limit (each client connection takes two)"
+        ),
+        Ok(None) => {}
+        Err(error) => tracing::warn!(%error, "cannot raise the open-file limit"),
+    }
     // Fail before binding on what can be checked at once: configs, files, the runtime library.
     let repository = ModelRepository::scan(&args.models.model_repository)?;
     let options = args.models.load_options()?;

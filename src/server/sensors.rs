@@ -221,7 +221,7 @@ async fn score_live(
                 .collect::<Result<Vec<_>, _>>()
         }
     };
-    let scores = unless_client_leaves(&request, scoring_calls).await??;
+    let scores = unless_client_leaves(&request, scoring_calls).await?;
     stage("score", scoring.elapsed().as_secs_f64());
     let alarm = model.alarm_threshold();
     let mut results = Vec::with_capacity(infos.len());

@@ -310,7 +310,7 @@ async fn infer(
     let inference = model
         .batcher
         .infer(decoded.inputs, decoded.rows, Instant::now() + timeout);
-    let response = unless_client_leaves(&request, inference).await??;
+    let response = unless_client_leaves(&request, inference).await?;
     let outputs: Vec<_> = decoded
         .outputs
         .iter()
