@@ -200,6 +200,12 @@ mod tests {
             assert!(seen.insert((path, env)), "{path}: {env:?} sets two flags");
         }
         assert!(all.len() > 100, "{} flags", all.len());
+        // An on/off flag can also be turned off, so the command line wins over a variable.
+        for quiet in ["--quiet", "--quiet=true", "--quiet=false", "--quiet=no"] {
+            let args = ["linescan", "job", "run", "a.h5", "--out", "r.csv", quiet];
+            assert!(Cli::try_parse_from(args).is_ok(), "{quiet}");
+        }
+        assert!(Cli::try_parse_from(["linescan", "job", "run", "a.h5", "--quiet=maybe"]).is_err());
     }
 
     #[test]

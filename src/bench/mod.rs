@@ -121,7 +121,7 @@ pub struct AoiArgs {
     pub server: ServerArgs,
     /// Run the pipeline in this process instead (loads the aoi_defect model; the model and
     /// preprocessing flags below apply only then: a server's are set on `serve`).
-    #[arg(long, env = "LINESCAN_BENCH_IN_PROCESS")]
+    #[arg(long, env = "LINESCAN_BENCH_IN_PROCESS", action = clap::ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value_t = false, value_parser = clap::builder::BoolishValueParser::new())]
     pub in_process: bool,
     /// DeepPCB-format list (`groupX/X/ID.jpg groupX/X_not/ID.txt` lines).
     #[arg(long, env = "LINESCAN_BENCH_LIST")]
@@ -146,7 +146,7 @@ pub struct RulArgs {
     #[command(flatten)]
     pub server: ServerArgs,
     /// Sensor model to call.
-    #[arg(long, env = "LINESCAN_BENCH_MODEL", default_value = "rul_fd001")]
+    #[arg(long, env = "LINESCAN_BENCH_RUL_MODEL", default_value = "rul_fd001")]
     pub model: String,
     /// Windows per request.
     #[arg(long, env = "LINESCAN_BENCH_WINDOWS", default_value_t = 1, value_parser = at_least_one::<usize>)]
@@ -191,7 +191,7 @@ pub struct InferArgs {
     #[arg(long, env = "LINESCAN_BENCH_BATCH", default_value_t = 1, value_parser = at_least_one::<usize>)]
     pub batch: usize,
     /// Send and receive tensors with the binary extension instead of JSON arrays.
-    #[arg(long, env = "LINESCAN_BENCH_BINARY")]
+    #[arg(long, env = "LINESCAN_BENCH_BINARY", action = clap::ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value_t = false, value_parser = clap::builder::BoolishValueParser::new())]
     pub binary: bool,
     #[command(flatten)]
     pub load: LoadArgs,
@@ -209,10 +209,10 @@ pub struct InProcessArgs {
     #[arg(long, env = "LINESCAN_BENCH_BATCH", default_value_t = 8, value_parser = at_least_one::<usize>)]
     pub batch: usize,
     /// Sessions run in parallel, one thread each.
-    #[arg(long, env = "LINESCAN_BENCH_SESSIONS", default_value_t = 1, value_parser = at_least_one::<usize>)]
+    #[arg(long, env = "LINESCAN_INSTANCES", default_value_t = 1, value_parser = at_least_one::<usize>)]
     pub sessions: usize,
     /// Intra-op threads per session.
-    #[arg(long, env = "LINESCAN_BENCH_THREADS", default_value_t = 1, value_parser = at_least_one::<usize>)]
+    #[arg(long, env = "LINESCAN_THREADS", default_value_t = 1, value_parser = at_least_one::<usize>)]
     pub threads: usize,
     /// Seconds to measure.
     #[arg(long, env = "LINESCAN_BENCH_DURATION", default_value_t = 10.0, value_parser = run_seconds)]

@@ -128,8 +128,9 @@ impl Report {
         );
         match self.inferences_per_cpu_s {
             Some(per_cpu) => println!(
-                "  cpu: {}; {per_cpu:.1} inferences per CPU second of the model's side",
-                self.cpu.describe()
+                "  cpu: {}; {per_cpu:.1} {}s per CPU second of the model's side",
+                self.cpu.describe(),
+                self.row_name
             ),
             None => println!(
                 "  cpu: {} (no per-CPU figure: {})",

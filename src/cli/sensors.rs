@@ -72,7 +72,7 @@ pub struct JobRunArgs {
     /// The HDF5 archive.
     pub archive: PathBuf,
     /// Result file; its extension picks the format (.h5, .csv, .json).
-    #[arg(long, env = "LINESCAN_JOB_OUT")]
+    #[arg(long, env = "LINESCAN_JOB_RUN_OUT")]
     pub out: PathBuf,
     /// Score only shard i of N (by unit range); `job merge` joins the shards.
     #[arg(long, env = "LINESCAN_JOB_SHARD")]
@@ -99,7 +99,7 @@ pub struct JobRunArgs {
     #[arg(long, env = "LINESCAN_JOB_IN_FLIGHT", value_parser = at_least_one::<usize>)]
     pub in_flight: Option<usize>,
     /// No progress bar.
-    #[arg(long, env = "LINESCAN_JOB_QUIET")]
+    #[arg(long, env = "LINESCAN_JOB_QUIET", action = clap::ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value_t = false, value_parser = clap::builder::BoolishValueParser::new())]
     pub quiet: bool,
     #[command(flatten)]
     pub assess: AssessSettings,
@@ -115,7 +115,7 @@ pub struct JobMergeArgs {
     #[arg(required = true)]
     pub parts: Vec<PathBuf>,
     /// Merged result; its extension picks the format (.h5, .csv, .json).
-    #[arg(long, env = "LINESCAN_JOB_OUT")]
+    #[arg(long, env = "LINESCAN_JOB_MERGE_OUT")]
     pub out: PathBuf,
 }
 
