@@ -1366,13 +1366,21 @@ async fn an_archive_that_crashes_the_hdf5_library_fails_its_job_not_the_server()
     std::fs::write(&crashing, crashing_copy(&good)).unwrap();
     // The library really does crash on it (outside the server).
     let output = common::command(common::BIN)
-        .args(["job", "check"])
+        .args(["job", "check-in-process"])
         .arg(&crashing)
         .output()
         .unwrap();
     assert!(
         std::os::unix::process::ExitStatusExt::signal(&output.status).is_some(),
         "{output:?}"
+    );
+    // `job check` reads it in a child and says so.
+    let output = run_cli(&["job", "check", crashing.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("crashing.h5 crashed the HDF5 library (SIGSEGV)"),
+        "{stderr}"
     );
     let output = run_cli(&["job", "check", good.to_str().unwrap()]);
     let said = String::from_utf8_lossy(&output.stdout);

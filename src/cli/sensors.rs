@@ -35,9 +35,13 @@ pub enum JobCommand {
     /// Write a synthetic generic archive (C-MAPSS-like degradation series, 24 f32 channels).
     Synth(JobSynthArgs),
     /// Read an archive whole without scoring it (layout, units, every value): exit 0 when a
-    /// job could read it, 1 with the reason when not. The server runs it in a child process
-    /// before each job, so an archive that crashes the HDF5 library fails only its job.
+    /// job could read it, 1 with the reason when not (a crash of the HDF5 library included:
+    /// the read runs in a child process, as before each server job).
     Check(JobCheckArgs),
+    /// `job check`'s read itself, in this process: the child process that `job check`, `job
+    /// run` and the server's jobs start.
+    #[command(hide = true)]
+    CheckInProcess(JobCheckArgs),
 }
 
 #[derive(Args)]
@@ -144,7 +148,8 @@ pub fn run_job(command: JobCommand) -> anyhow::Result<()> {
     match command {
         JobCommand::Run(args) => job_run(&args),
         JobCommand::Merge(args) => job_merge(&args),
-        JobCommand::Check(args) => {
+        JobCommand::Check(args) => job_check(&args),
+        JobCommand::CheckInProcess(args) => {
             let started = Instant::now();
             let checked = crate::jobs::check::read_whole(&args.archive, args.partition)
                 .with_context(|| format!("checking {}", args.archive.display()))?;
@@ -295,6 +300,37 @@ fn deliver(h5: &Path, out: &Path, format: Format) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The archive read whole in a child process that shows what it found; a crash of the HDF5
+/// library in it is reported instead of ending this process.
+fn job_check(args: &JobCheckArgs) -> anyhow::Result<()> {
+    let stop = StopWatch::start()?;
+    let control = || match stop.requested() {
+        Some(_) => Control::Cancel,
+        None => Control::Go,
+    };
+    let ended = crate::jobs::check::in_child(&args.archive, args.partition, &control, true)
+        .context("cannot start the process that reads the archive")?;
+    match ended {
+        ChildCheck::Finished { read: true } => Ok(()),
+        // The child printed its reason.
+        ChildCheck::Finished { read: false } => Err(anyhow::anyhow!(
+            "{} cannot be read whole (the reason is above)",
+            args.archive.display()
+        )),
+        ChildCheck::Stopped(_) => Err(Interrupted(format!(
+            "interrupted ({}) while {} was read",
+            stop.requested().unwrap_or("a stop signal"),
+            args.archive.display()
+        ))
+        .into()),
+        crashed_or_slow => Err(anyhow::Error::msg(
+            crashed_or_slow
+                .refusal(&args.archive.display().to_string())
+                .unwrap_or_default(),
+        )),
+    }
+}
+
 /// Reads the archive whole in a child process first, as the server does before a job: an
 /// archive that crashes the HDF5 library is then refused with its reason instead of ending
 /// this process with a segmentation fault.
@@ -303,7 +339,7 @@ fn check_in_child(args: &JobRunArgs, stop: &StopWatch) -> anyhow::Result<()> {
         Some(_) => Control::Cancel,
         None => Control::Go,
     };
-    match crate::jobs::check::in_child(&args.archive, args.partition, &control) {
+    match crate::jobs::check::in_child(&args.archive, args.partition, &control, false) {
         Ok(ChildCheck::Stopped(_)) => Err(Interrupted(format!(
             "interrupted ({}) while the archive was checked: {} was not written",
             stop.requested().unwrap_or("a stop signal"),

@@ -48,9 +48,9 @@ pub fn read_whole(path: &Path, partition: Partition) -> Result<Checked, ArchiveE
 /// How a check in a child process ended.
 #[derive(Debug, PartialEq)]
 pub enum ChildCheck {
-    /// The child read it all, or failed with an error of its own (the job's own read gives
-    /// that error with the job's context), or was stopped from outside: the job goes on.
-    Finished,
+    /// The child read it all (`read`), or failed with an error of its own (the job's own read
+    /// gives that error with the job's context), or was stopped from outside: the job goes on.
+    Finished { read: bool },
     /// The child died of this crash signal while reading: the archive crashes the library.
     Crashed(i32),
     /// The child was still reading after this long (for the archive's size) and was killed.
@@ -75,7 +75,7 @@ impl ChildCheck {
                  not read",
                 limit.as_secs()
             )),
-            ChildCheck::Finished | ChildCheck::Stopped(_) => None,
+            ChildCheck::Finished { .. } | ChildCheck::Stopped(_) => None,
         }
     }
 }
@@ -86,24 +86,27 @@ pub fn time_limit(archive_bytes: u64) -> Duration {
     Duration::from_secs(120 + archive_bytes / 5_000_000)
 }
 
-/// Runs `linescan job check` on the archive in a child process (this executable), asking
-/// `control` every 50 ms whether to stop. Fails only when the child cannot be started.
+/// Reads the archive whole in a child process (this executable's `job check-in-process`),
+/// asking `control` every 50 ms whether to stop; the child's output is shown with
+/// `show_output`, else discarded. Fails only when the child cannot be started.
 pub fn in_child(
     path: &Path,
     partition: Partition,
     control: &dyn Fn() -> Control,
+    show_output: bool,
 ) -> std::io::Result<ChildCheck> {
     let limit = time_limit(std::fs::metadata(path)?.len());
     let mut command = Command::new(std::env::current_exe()?);
     command
-        .args(["job", "check", "--partition", partition.name()])
+        .args(["job", "check-in-process", "--partition", partition.name()])
         .arg(path)
         // Its own process group: a Ctrl-C at the server's terminal is the server's to handle,
         // not a crash of the check.
         .process_group(0)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
+        .stdin(Stdio::null());
+    if !show_output {
+        command.stdout(Stdio::null()).stderr(Stdio::null());
+    }
     let server = std::process::id();
     // SAFETY: prctl and getppid are async-signal-safe and the closure allocates nothing. The
     // child is killed when the thread that started it ends (a server killed outright
@@ -155,7 +158,9 @@ fn verdict(status: ExitStatus) -> ChildCheck {
     use std::os::unix::process::ExitStatusExt;
     match status.signal() {
         Some(signal) if CRASHES.iter().any(|(s, _)| *s == signal) => ChildCheck::Crashed(signal),
-        _ => ChildCheck::Finished,
+        _ => ChildCheck::Finished {
+            read: status.success(),
+        },
     }
 }
 
@@ -206,11 +211,18 @@ mod tests {
             verdict(ExitStatus::from_raw(libc::SIGSEGV)),
             ChildCheck::Crashed(libc::SIGSEGV)
         );
-        assert_eq!(verdict(ExitStatus::from_raw(1 << 8)), ChildCheck::Finished);
+        assert_eq!(
+            verdict(ExitStatus::from_raw(1 << 8)),
+            ChildCheck::Finished { read: false }
+        );
+        assert_eq!(
+            verdict(ExitStatus::from_raw(0)),
+            ChildCheck::Finished { read: true }
+        );
         // Killed from outside (an operator, a stopping server): not the archive's doing.
         assert_eq!(
             verdict(ExitStatus::from_raw(libc::SIGTERM)),
-            ChildCheck::Finished
+            ChildCheck::Finished { read: false }
         );
         assert_eq!(signal_name(libc::SIGSEGV), "SIGSEGV");
     }
@@ -224,7 +236,7 @@ mod tests {
         );
         let slow = ChildCheck::TimedOut(Duration::from_secs(121));
         assert!(slow.refusal("a.h5").unwrap().contains("longer than 121 s"));
-        assert_eq!(ChildCheck::Finished.refusal("a.h5"), None);
+        assert_eq!(ChildCheck::Finished { read: true }.refusal("a.h5"), None);
         assert_eq!(ChildCheck::Stopped(Control::Cancel).refusal("a.h5"), None);
     }
 }

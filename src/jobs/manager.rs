@@ -499,7 +499,7 @@ impl JobManager {
         partition: Partition,
         monitor: &dyn Monitor,
     ) -> Result<(), RunError> {
-        match check::in_child(&input.path, partition, &|| monitor.control()) {
+        match check::in_child(&input.path, partition, &|| monitor.control(), false) {
             Ok(ChildCheck::Stopped(Control::Cancel)) => Err(RunError::Cancelled),
             Ok(ChildCheck::Stopped(_)) => Err(RunError::Interrupted),
             Ok(ended) => match ended.refusal(&input.name) {
