@@ -104,7 +104,11 @@ impl<'de> Deserialize<'de> for BoundedWindows {
             fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
                 let mut windows = Vec::new();
                 while windows.len() < MAX_WINDOWS {
-                    match seq.next_element::<LiveWindow>()? {
+                    let index = windows.len();
+                    match seq
+                        .next_element::<LiveWindow>()
+                        .map_err(|error| in_window(index, error))?
+                    {
                         Some(window) => windows.push(window),
                         None => {
                             return Ok(BoundedWindows {
@@ -123,6 +127,16 @@ impl<'de> Deserialize<'de> for BoundedWindows {
         }
         deserializer.deserialize_seq(ListVisitor)
     }
+}
+
+/// A window's error, named by its index in the list. serde_json adds the position to the error
+/// that reaches the top; the window's own is left out, so it is said once.
+fn in_window<E: de::Error>(index: usize, error: E) -> E {
+    let text = error.to_string();
+    let text = text
+        .rsplit_once(" at line ")
+        .map_or(text.as_str(), |(t, _)| t);
+    E::custom(format!("window {index}: {text}"))
 }
 
 impl BoundedWindows {
@@ -411,6 +425,14 @@ mod tests {
         );
         assert!(refused(b"{\"unit\": 1}").starts_with("the body has none of"));
         assert!(refused(b"{\"nope\": 1}").contains("unknown field `nope`"));
+        // In a list, the window is named by its index, and the position is said once.
+        let listed =
+            refused(b"[{\"channels\": [\"a\"], \"values\": [[1]]}, {\"channels\": [\"a\"]}]");
+        assert!(
+            listed.contains("window 1: missing field `values` at line 1 column"),
+            "{listed}"
+        );
+        assert_eq!(listed.matches(" at line ").count(), 1, "{listed}");
         assert!(refused(b"{\"windows\": [], \"values\": [[1]]}").contains("beside it"));
     }
 
