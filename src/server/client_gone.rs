@@ -22,7 +22,7 @@ use crate::engine::withdraw::{self, Withdrawal};
 
 /// Work that ends sooner is never watched: watching costs two system calls, and leaving it to
 /// finish costs less than that. Requests that wait in a queue behind others are the ones worth
-/// dropping.
+/// withdrawing.
 const WATCH_AFTER: Duration = Duration::from_millis(5);
 
 /// The connection's socket, duplicated, kept in the connection's data. Closed with the
