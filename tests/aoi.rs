@@ -506,12 +506,7 @@ async fn templates_stay_within_the_memory_allowed() {
         // A replacement counts its board once.
         let (status, body) = put_template(&server, "a-b", png(template), "").await;
         assert_eq!(status, 200, "{body}");
-        let metrics = reqwest::get(format!("{}/metrics", server.url))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let metrics = server.metrics_text().await;
         for line in [
             format!(
                 "linescan_aoi_template_memory_bytes{{of=\"used\"}} {}",

@@ -256,11 +256,15 @@ impl Monitor for BarMonitor {
         self.bar.set_position(done as u64);
     }
     fn control(&self) -> Control {
-        if self.stop.requested().is_some() {
-            Control::Cancel
-        } else {
-            Control::Go
-        }
+        cancel_on_stop(&self.stop)
+    }
+}
+
+/// Ctrl-C or SIGTERM as a cancel of the offline run or check.
+fn cancel_on_stop(stop: &StopWatch) -> Control {
+    match stop.requested() {
+        Some(_) => Control::Cancel,
+        None => Control::Go,
     }
 }
 
@@ -304,10 +308,7 @@ fn deliver(h5: &Path, out: &Path, format: Format) -> anyhow::Result<()> {
 /// library in it is reported instead of ending this process.
 fn job_check(args: &JobCheckArgs) -> anyhow::Result<()> {
     let stop = StopWatch::start()?;
-    let control = || match stop.requested() {
-        Some(_) => Control::Cancel,
-        None => Control::Go,
-    };
+    let control = || cancel_on_stop(&stop);
     let ended = crate::jobs::check::in_child(&args.archive, args.partition, &control, true)
         .context("cannot start the process that reads the archive")?;
     match ended {
@@ -335,10 +336,7 @@ fn job_check(args: &JobCheckArgs) -> anyhow::Result<()> {
 /// archive that crashes the HDF5 library is then refused with its reason instead of ending
 /// this process with a segmentation fault.
 fn check_in_child(args: &JobRunArgs, stop: &StopWatch) -> anyhow::Result<()> {
-    let control = || match stop.requested() {
-        Some(_) => Control::Cancel,
-        None => Control::Go,
-    };
+    let control = || cancel_on_stop(stop);
     match crate::jobs::check::in_child(&args.archive, args.partition, &control, false) {
         Ok(ChildCheck::Stopped(_)) => Err(Interrupted(format!(
             "interrupted ({}) while the archive was checked: {} was not written",

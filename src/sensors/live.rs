@@ -181,6 +181,12 @@ fn parse_strict(body: &[u8]) -> Result<Result<Vec<LiveWindow>, SensorError>, ser
         return serde_json::from_slice::<BoundedWindows>(body).map(BoundedWindows::checked);
     }
     let object: ObjectBody = serde_json::from_slice(body)?;
+    let refused = |problem: &str| {
+        Err(SensorError::Invalid(format!(
+            "{problem}: send {{\"unit\", \"channels\", \"values\"}}, a list of them, or \
+             {{\"windows\": [...]}}"
+        )))
+    };
     Ok(match (object.windows, object.channels, object.values) {
         (Some(windows), None, None) => windows.checked(),
         (None, Some(channels), Some(values)) => Ok(vec![LiveWindow {
@@ -188,17 +194,11 @@ fn parse_strict(body: &[u8]) -> Result<Result<Vec<LiveWindow>, SensorError>, ser
             channels,
             values,
         }]),
-        (windows, channels, values) => {
-            let problem = match (windows, channels, values) {
-                (Some(_), _, _) => "\"windows\" comes with \"channels\" or \"values\" beside it",
-                (None, Some(_), None) => "the window has \"channels\" but no \"values\"",
-                (None, None, Some(_)) => "the window has \"values\" but no \"channels\"",
-                _ => "the body has none of \"channels\", \"values\" and \"windows\"",
-            };
-            Err(SensorError::Invalid(format!(
-                "{problem}: send {{\"unit\", \"channels\", \"values\"}}, a list of them, or \
-                 {{\"windows\": [...]}}"
-            )))
+        (Some(_), _, _) => refused("\"windows\" comes with \"channels\" or \"values\" beside it"),
+        (None, Some(_), None) => refused("the window has \"channels\" but no \"values\""),
+        (None, None, Some(_)) => refused("the window has \"values\" but no \"channels\""),
+        (None, None, None) => {
+            refused("the body has none of \"channels\", \"values\" and \"windows\"")
         }
     })
 }
