@@ -1342,6 +1342,122 @@ async fn an_upload_above_the_limit_is_refused_with_both_sizes() {
     );
 }
 
+/// Sends a request head asking `Expect: 100-continue` for a body of `length` bytes, and reads
+/// the first answer: `100 Continue`, or a refusal read to the end of the connection it closes.
+fn ask_to_continue(
+    address: &str,
+    target: &str,
+    headers: &str,
+    length: usize,
+) -> (std::net::TcpStream, String) {
+    use std::io::Read;
+    use std::io::Write;
+    let mut stream = std::net::TcpStream::connect(address).unwrap();
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .unwrap();
+    let head = format!(
+        "POST {target} HTTP/1.1\r\nHost: {address}\r\n{headers}Content-Length: {length}\r\n\
+         Expect: 100-continue\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).unwrap();
+    let mut answer = Vec::new();
+    let mut byte = [0u8];
+    while !answer.ends_with(b"\r\n\r\n") {
+        assert_eq!(
+            stream.read(&mut byte).unwrap(),
+            1,
+            "closed after {answer:?}"
+        );
+        answer.push(byte[0]);
+    }
+    if !answer.starts_with(b"HTTP/1.1 100 ") {
+        // A refusal closes the connection, so its body ends with it.
+        stream.read_to_end(&mut answer).unwrap();
+    }
+    (stream, String::from_utf8_lossy(&answer).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn uploads_asking_to_continue_are_refused_before_the_body_is_sent() {
+    let setup = setup();
+    let archive = write_generic(setup.files.path(), "fleet.h5", &small_fleet());
+    let bytes = std::fs::read(&archive).unwrap();
+    let limit = (bytes.len() + 10).to_string();
+    let server = setup.server(&[
+        "--job-max-upload-bytes",
+        &limit,
+        "--max-body-bytes",
+        "5000",
+        "--api-key",
+        "k3y",
+    ]);
+    let address = server.url.trim_start_matches("http://").to_string();
+    let key = "Authorization: Bearer k3y\r\n";
+    let refusals = [
+        (
+            "/v1/jobs",
+            "",
+            bytes.len(),
+            "401",
+            "missing or wrong API key",
+        ),
+        ("/v1/jobs", key, 1 << 30, "413", "--job-max-upload-bytes"),
+        (
+            "/v1/jobs?model=nope",
+            key,
+            1000,
+            "404",
+            "no sensor model nope",
+        ),
+        ("/v1/jobs?modle=x", key, 1000, "400", "bad query string"),
+        (
+            "/v2/models/rul_fd001/infer",
+            key,
+            6000,
+            "413",
+            "--max-body-bytes",
+        ),
+    ];
+    for (target, headers, length, status, error) in refusals {
+        let address = address.clone();
+        let (_, answer) =
+            tokio::task::spawn_blocking(move || ask_to_continue(&address, target, headers, length))
+                .await
+                .unwrap();
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status} ")),
+            "{target}: {answer}"
+        );
+        assert!(answer.contains("connection: close"), "{target}: {answer}");
+        assert!(answer.contains(error), "{target}: {answer}");
+    }
+    // Counted like the routes' answers, under a route of their own.
+    let metrics = server.metrics_text().await;
+    let early = ["route=\"expect: 100-continue\""];
+    let counted = common::metric(&metrics, "linescan_http_responses_total", &early);
+    assert_eq!(counted, refusals.len() as f64, "{metrics}");
+
+    // A submission that may go on is told to continue, then answered as usual.
+    let (mut stream, answer) = tokio::task::spawn_blocking(move || {
+        ask_to_continue(&address, "/v1/jobs?model=rul_fd001", key, bytes.len())
+    })
+    .await
+    .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 100 Continue"), "{answer}");
+    let archive_bytes = std::fs::read(&archive).unwrap();
+    let answer = tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        stream.write_all(&archive_bytes).unwrap();
+        let mut answer = [0u8; 64];
+        let read = stream.read(&mut answer).unwrap();
+        String::from_utf8_lossy(&answer[..read]).into_owned()
+    })
+    .await
+    .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 202 "), "{answer}");
+}
+
 /// The archive with one byte pattern changed so that the HDF5 library (libhdf5 1.10) crashes
 /// reading its `channels` attribute: the first object of the global heap that holds the
 /// names claims 2^40 bytes.

@@ -8,6 +8,7 @@
 //! logged here every 10 s.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -85,9 +86,45 @@ pub fn record<B>(
     response: &ServiceResponse<B>,
     started: Instant,
 ) {
-    let route = response.request().match_pattern();
-    let route = route.as_deref().unwrap_or("unmatched");
-    let status = response.status();
+    let request = response.request();
+    let route = request.match_pattern();
+    let error = response.response().extensions();
+    record_answer(
+        metrics,
+        failures,
+        &Answered {
+            route: route.as_deref().unwrap_or("unmatched"),
+            method: request.method().as_str(),
+            status: response.status(),
+            peer: request.peer_addr(),
+            error: error.get::<ErrorText>().map_or("", |e| e.0.as_str()),
+            started,
+        },
+    );
+}
+
+/// One answered request, as the access log records it.
+pub struct Answered<'a> {
+    /// The route's pattern (a label of the metrics, so never the raw path).
+    pub route: &'a str,
+    pub method: &'a str,
+    pub status: StatusCode,
+    pub peer: Option<SocketAddr>,
+    /// The error text the client was given, for a failure.
+    pub error: &'a str,
+    pub started: Instant,
+}
+
+/// Counts and times an answer, and logs it if it is a failure.
+pub fn record_answer(metrics: &Metrics, failures: &FailureLog, answer: &Answered) {
+    let &Answered {
+        route,
+        method,
+        status,
+        peer,
+        error,
+        started,
+    } = answer;
     metrics
         .http_responses
         .with_label_values(&[route, status.as_str()])
@@ -108,12 +145,8 @@ pub fn record<B>(
     let Some(left_out) = failures.admit(route, status, Instant::now()) else {
         return;
     };
-    let request = response.request();
-    let error = response.response().extensions();
-    let error = error.get::<ErrorText>().map_or("", |e| e.0.as_str());
-    let peer = request.peer_addr().map(|a| a.ip().to_string());
+    let peer = peer.map(|a| a.ip().to_string());
     let peer = peer.as_deref().unwrap_or("unknown");
-    let method = request.method().as_str();
     let status = status.as_u16();
     // One field list for both levels (tracing's levels are fixed per call site).
     macro_rules! failure {

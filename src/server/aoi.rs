@@ -117,7 +117,7 @@ async fn read_images(
     payload: web::Payload,
     limit: usize,
 ) -> Result<Vec<(Option<String>, Bytes)>, ApiError> {
-    if media_type(request).as_deref() != Some("multipart/form-data") {
+    if media_type(request.headers()).as_deref() != Some("multipart/form-data") {
         let body = read_limited(request, payload, limit, MAX_BODY_FLAG).await?;
         if body.is_empty() {
             return Err(ApiError::Unprocessable(

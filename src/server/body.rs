@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use actix_web::dev::Decompress;
 use actix_web::error::PayloadError;
-use actix_web::{HttpRequest, http::header, web};
+use actix_web::http::header::{self, HeaderMap};
+use actix_web::{HttpRequest, web};
 use bytes::{Bytes, BytesMut};
 use futures_util::{Stream, StreamExt};
 
@@ -34,16 +35,8 @@ pub async fn read_limited(
     limit: usize,
     source: &str,
 ) -> Result<Bytes, ApiError> {
-    // A declared size is the body's; a streamed one is only what arrived before the limit.
-    let too_large = |size: Option<usize>| {
-        let body = size.map_or("request body".into(), |size| {
-            format!("request body of {size} bytes")
-        });
-        ApiError::PayloadTooLarge(format!(
-            "{body} exceeds the limit of {limit} bytes ({source})"
-        ))
-    };
-    let declared = declared_length(request).map(|size| size as usize);
+    let too_large = |size| too_large(size, limit, source);
+    let declared = declared_length(request.headers()).map(|size| size as usize);
     if let Some(size) = declared.filter(|size| *size > limit) {
         drain(&mut payload, size).await;
         return Err(too_large(Some(size)));
@@ -63,10 +56,20 @@ pub async fn read_limited(
     Ok(body.freeze())
 }
 
+/// The 413 of a body above `limit` bytes (`source` says where the limit comes from). A declared
+/// `size` is the body's; without one, the client streamed more than the limit.
+pub fn too_large(size: Option<usize>, limit: usize, source: &str) -> ApiError {
+    let body = size.map_or("request body".into(), |size| {
+        format!("request body of {size} bytes")
+    });
+    ApiError::PayloadTooLarge(format!(
+        "{body} exceeds the limit of {limit} bytes ({source})"
+    ))
+}
+
 /// The body size the client declared in `Content-Length`, if it did.
-pub fn declared_length(request: &HttpRequest) -> Option<u64> {
-    request
-        .headers()
+pub fn declared_length(headers: &HeaderMap) -> Option<u64> {
+    headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok())
@@ -139,9 +142,8 @@ where
 }
 
 /// The media type without parameters, lower-cased; None when the header is absent.
-pub fn media_type(request: &HttpRequest) -> Option<String> {
-    request
-        .headers()
+pub fn media_type(headers: &HeaderMap) -> Option<String> {
+    headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .map(|v| {

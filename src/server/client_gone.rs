@@ -7,7 +7,6 @@
 //! with nginx's 499); those already running finish and are answered as usual. Only handlers
 //! without side effects are watched, never uploads or writes.
 
-use std::any::Any;
 use std::future::Future;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::Arc;
@@ -15,6 +14,7 @@ use std::time::Duration;
 
 use actix_web::HttpRequest;
 use actix_web::dev::Extensions;
+use actix_web::rt::net::TcpStream;
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
@@ -30,11 +30,8 @@ const WATCH_AFTER: Duration = Duration::from_millis(5);
 #[derive(Clone)]
 struct ClientSocket(Arc<OwnedFd>);
 
-/// `HttpServer::on_connect`: keeps a duplicate of a TCP connection's socket.
-pub fn remember_socket(connection: &dyn Any, data: &mut Extensions) {
-    let Some(stream) = connection.downcast_ref::<actix_web::rt::net::TcpStream>() else {
-        return;
-    };
+/// Run as each connection opens: keeps a duplicate of its socket.
+pub fn remember_socket(stream: &TcpStream, data: &mut Extensions) {
     match stream.as_fd().try_clone_to_owned() {
         Ok(socket) => {
             data.insert(ClientSocket(Arc::new(socket)));

@@ -51,6 +51,18 @@ impl ApiError {
     }
 }
 
+/// The 400 of a query string that does not parse as the route's parameters.
+pub fn bad_query(error: &actix_web::error::QueryPayloadError, query: &str) -> ApiError {
+    // serde_urlencoded does not always name the parameter: show the query too.
+    let detail = match error {
+        actix_web::error::QueryPayloadError::Deserialize(e) => e
+            .to_string()
+            .replace(", there are no fields", " (this route takes no parameters)"),
+        other => other.to_string(),
+    };
+    ApiError::BadRequest(format!("bad query string {query:?}: {detail}"))
+}
+
 impl From<InferError> for ApiError {
     fn from(error: InferError) -> Self {
         match error {

@@ -8,10 +8,11 @@
 
 use std::io::Write;
 use std::path::Path;
+use std::sync::Arc;
 
 use actix_multipart::Multipart;
 use actix_web::http::Method;
-use actix_web::http::header::{HeaderName, HeaderValue};
+use actix_web::http::header::{HeaderMap, HeaderName, HeaderValue};
 use actix_web::{HttpRequest, HttpResponse, web};
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
@@ -30,7 +31,7 @@ use crate::server::NoQuery;
 use crate::server::body::{
     BodyError, declared_length, decoded, drain, drain_form, media_type, read_limited, unreadable,
 };
-use crate::server::error::ApiError;
+use crate::server::error::{ApiError, bad_query};
 use crate::server::file_response::streamed;
 use crate::server::routing::resource;
 use crate::server::sensors::{fleet, sensor_model, settings};
@@ -269,30 +270,87 @@ where
     Ok(size)
 }
 
+/// What the head of a submission decides before its body is read.
+struct Admitted {
+    fleet: Arc<Fleet>,
+    options: SubmitOptions,
+    /// An upload's model and settings; None for a JSON `{"path": ...}` submission, whose
+    /// options are only complete once its body is read.
+    upload: Option<(String, AssessSettings)>,
+}
+
+/// The refusals a submission's head (query, Content-Type, Content-Length) decides: the handler
+/// makes them before it reads the body, and the `Expect: 100-continue` hook before the client
+/// sends it, so a refused archive is not uploaded for nothing.
+fn admit_submission(
+    state: &AppState,
+    query: &str,
+    headers: &HeaderMap,
+) -> Result<Admitted, ApiError> {
+    let options = web::Query::<SubmitOptions>::from_query(query)
+        .map_err(|e| bad_query(&e, query))?
+        .into_inner();
+    let fleet = fleet(state)?.clone();
+    if options.path.is_some() {
+        return Err(ApiError::Unprocessable(
+            "send {\"path\": ...} as a JSON body, not in the query".into(),
+        ));
+    }
+    if media_type(headers).as_deref() == Some("application/json") {
+        return Ok(Admitted {
+            fleet,
+            options,
+            upload: None,
+        });
+    }
+    let declared = declared_length(headers);
+    let limit = fleet.args.max_upload_bytes;
+    if let Some(size) = declared.filter(|size| *size > limit) {
+        return Err(too_large(Some(size), limit));
+    }
+    if let Some(name) = &options.name {
+        check_name("?name=", name)?;
+    }
+    let model = job_model(&fleet, options.model.as_deref())?;
+    let settings = settings(&fleet, options.critical, options.warning)?;
+    fleet.jobs.admit(declared.unwrap_or(0))?;
+    Ok(Admitted {
+        fleet,
+        options,
+        upload: Some((model, settings)),
+    })
+}
+
+/// `admit_submission`'s refusal of a `POST /v1/jobs` head, if it refuses.
+pub(super) fn refuse_submission(
+    state: &AppState,
+    query: &str,
+    headers: &HeaderMap,
+) -> Option<ApiError> {
+    admit_submission(state, query, headers).err()
+}
+
 async fn submit_job(
     state: web::Data<AppState>,
-    query: web::Query<SubmitOptions>,
     request: HttpRequest,
     mut payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let declared = declared_length(&request);
-    let mut options = query.into_inner();
-    let fleet = match fleet(&state) {
-        Ok(fleet) if options.path.is_none() => fleet.clone(),
-        refused => {
-            let error = refused.err().unwrap_or_else(|| {
-                ApiError::Unprocessable(
-                    "send {\"path\": ...} as a JSON body, not in the query".into(),
-                )
-            });
+    let admitted = admit_submission(&state, request.query_string(), request.headers());
+    let Admitted {
+        fleet,
+        mut options,
+        upload,
+    } = match admitted {
+        Ok(admitted) => admitted,
+        Err(error) => {
             // Read off the refused body (when small enough), so the client gets this answer
             // rather than a connection closed under its feet.
-            drain(&mut payload, declared.unwrap_or(0) as usize).await;
+            let declared = declared_length(request.headers()).unwrap_or(0);
+            drain(&mut payload, declared as usize).await;
             return Err(error);
         }
     };
-    let media = media_type(&request);
-    if media.as_deref() == Some("application/json") {
+    let Some((model, settings)) = upload else {
         let body = read_limited(
             &request,
             payload,
@@ -352,29 +410,9 @@ async fn submit_job(
             bytes,
         };
         return accepted(&fleet, id, model, &options, settings, input).await;
-    }
-
-    let limit = fleet.args.max_upload_bytes;
-    if let Some(size) = declared.filter(|size| *size > limit) {
-        return Err(too_large(Some(size), limit));
-    }
-    let checked = options
-        .name
-        .as_deref()
-        .map_or(Ok(()), |name| check_name("?name=", name))
-        .and_then(|()| job_model(&fleet, options.model.as_deref()))
-        .and_then(|model| Ok((model, settings(&fleet, options.critical, options.warning)?)))
-        .and_then(|checked| {
-            fleet.jobs.admit(declared.unwrap_or(0))?;
-            Ok(checked)
-        });
-    let (model, settings) = match checked {
-        Ok(checked) => checked,
-        Err(error) => {
-            drain(&mut payload, declared.unwrap_or(0) as usize).await;
-            return Err(error);
-        }
     };
+    let limit = fleet.args.max_upload_bytes;
+    let media = media_type(request.headers());
     let store = fleet.jobs.store();
     let id = store
         .create()

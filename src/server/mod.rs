@@ -4,11 +4,14 @@
 
 pub mod access_log;
 pub mod aoi;
+pub mod api_key;
 pub mod body;
 pub mod client_gone;
+pub mod early_refusal;
 pub mod error;
 pub mod file_response;
 pub mod jobs;
+pub mod listener;
 pub mod open_files;
 pub mod routing;
 pub mod sensors;
@@ -21,7 +24,7 @@ use std::time::Instant;
 
 use actix_web::dev::{Service, ServiceResponse};
 use actix_web::http::Method;
-use actix_web::{App, HttpResponse, HttpServer, web};
+use actix_web::{App, HttpResponse, web};
 use anyhow::Context;
 use futures_util::future::{Either, ready};
 
@@ -29,12 +32,12 @@ use crate::config::ServeArgs;
 use crate::engine::ModelRegistry;
 use crate::metrics::Metrics;
 use crate::runtime::{ModelRepository, library};
-use crate::server::error::ApiError;
+use crate::server::api_key::ApiKey;
+use crate::server::early_refusal::EarlyRefusal;
+use crate::server::error::{ApiError, bad_query};
+use crate::server::listener::ListenOptions;
 use crate::server::state::AppState;
 use crate::signals::StopWatch;
-
-/// Paths that stay open without the API key (probes and scrapers).
-const OPEN_PATHS: &[&str] = &["/v2/health/live", v2::READY_PATH, "/metrics"];
 
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // From here on a stop signal is answered (not left to its default, which kills): scripts
@@ -88,90 +91,70 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         args.max_body_bytes,
         std::time::Duration::from_secs(args.body_timeout),
     ));
-    let api_key = args.api_key.clone();
+    let api_key = ApiKey::new(args.api_key.as_deref());
     let app_state = state.clone();
     let response_metrics = metrics.clone();
     let failure_log = Arc::new(access_log::FailureLog::default());
-    let mut server = HttpServer::new(move || {
-        let api_key = api_key.clone();
-        let metrics = response_metrics.clone();
-        let failures = failure_log.clone();
-        App::new()
-            .app_data(app_state.clone())
-            .app_data(web::QueryConfig::default().error_handler(|error, request| {
-                // serde_urlencoded does not always name the parameter: show the query too.
-                let detail = match &error {
-                    actix_web::error::QueryPayloadError::Deserialize(e) => e
-                        .to_string()
-                        .replace(", there are no fields", " (this route takes no parameters)"),
-                    other => other.to_string(),
-                };
-                let query = request.query_string();
-                ApiError::BadRequest(format!("bad query string {query:?}: {detail}")).into()
-            }))
-            .wrap_fn(move |request, service| {
-                let authorised = match &api_key {
-                    None => true,
-                    Some(expected) => {
-                        OPEN_PATHS.contains(&request.path())
-                            || request
-                                .headers()
-                                .get("Authorization")
-                                .and_then(|v| bearer_token(v.as_bytes()))
-                                .is_some_and(|token| same_key(token, expected))
+    let early = EarlyRefusal {
+        state: state.clone(),
+        api_key: api_key.clone(),
+        failures: failure_log.clone(),
+    };
+    let app =
+        move || {
+            let api_key = api_key.clone();
+            let metrics = response_metrics.clone();
+            let failures = failure_log.clone();
+            App::new()
+                .app_data(app_state.clone())
+                .app_data(web::QueryConfig::default().error_handler(|error, request| {
+                    bad_query(&error, request.query_string()).into()
+                }))
+                .wrap_fn(move |request, service| {
+                    if api_key.admits(request.path(), request.headers()) {
+                        Either::Left(service.call(request))
+                    } else {
+                        Either::Right(ready(Ok(ServiceResponse::new(
+                            request.into_parts().0,
+                            ApiKey::refusal(),
+                        ))))
                     }
-                };
-                if authorised {
-                    Either::Left(service.call(request))
-                } else {
-                    let refusal = "missing or wrong API key (send Authorization: Bearer <key>)";
-                    let mut response = HttpResponse::Unauthorized()
-                        .insert_header(("WWW-Authenticate", "Bearer"))
-                        .json(serde_json::json!({ "error": refusal }));
-                    access_log::attach_error_text(&mut response, refusal.into());
-                    Either::Right(ready(Ok(ServiceResponse::new(
-                        request.into_parts().0,
-                        response,
-                    ))))
-                }
-            })
-            // Outermost: counts, times and logs every response, refusals of the API key included.
-            .wrap_fn(move |request, service| {
-                let metrics = metrics.clone();
-                let failures = failures.clone();
-                let started = Instant::now();
-                let response = service.call(request);
-                async move {
-                    let response = response.await?;
-                    access_log::record(&metrics, &failures, &response, started);
-                    Ok(response)
-                }
-            })
-            .configure(v2::routes)
-            .configure(aoi::routes)
-            .configure(sensors::routes)
-            .configure(jobs::routes)
-            .service(routing::resource(
-                "/metrics",
-                [(Method::GET, web::route().to(render_metrics))],
-            ))
-            .default_service(web::to(no_route))
-    })
-    .on_connect(client_gone::remember_socket)
-    .shutdown_timeout(args.shutdown_timeout)
-    .disable_signals();
-    if let Some(workers) = args.http_workers {
-        server = server.workers(workers);
-    }
-    let server = server
-        .bind((args.host.as_str(), args.port))
+                })
+                // Outermost: counts, times and logs every response, refusals of the API key included.
+                .wrap_fn(move |request, service| {
+                    let metrics = metrics.clone();
+                    let failures = failures.clone();
+                    let started = Instant::now();
+                    let response = service.call(request);
+                    async move {
+                        let response = response.await?;
+                        access_log::record(&metrics, &failures, &response, started);
+                        Ok(response)
+                    }
+                })
+                .configure(v2::routes)
+                .configure(aoi::routes)
+                .configure(sensors::routes)
+                .configure(jobs::routes)
+                .service(routing::resource(
+                    "/metrics",
+                    [(Method::GET, web::route().to(render_metrics))],
+                ))
+                .default_service(web::to(no_route))
+        };
+    let listen = ListenOptions {
+        host: &args.host,
+        port: args.port,
+        workers: args.http_workers,
+        shutdown_timeout: args.shutdown_timeout,
+    };
+    let (server, addresses) = listener::serve_app(&listen, app, early)
         .with_context(|| format!("cannot listen on {}:{}", args.host, args.port))?;
-    for address in server.addrs() {
+    for address in addresses {
         // Printed on stdout so scripts and tests can find an ephemeral port.
         println!("linescan listening on http://{address}");
     }
     let loader_stop = stop_watch.clone();
-    let server = server.run();
     let handle = server.handle();
     actix_web::rt::spawn(access_log::report_library_lines_left_out());
     actix_web::rt::spawn(shutdown::stop_on_signal(
@@ -372,48 +355,10 @@ async fn render_metrics(_query: NoQuery, state: web::Data<AppState>) -> HttpResp
         .body(state.metrics.render())
 }
 
-/// The token of an `Authorization: Bearer <token>` header (the scheme is case-insensitive,
-/// RFC 9110 section 11.1).
-fn bearer_token(header: &[u8]) -> Option<&str> {
-    let (scheme, token) = std::str::from_utf8(header).ok()?.split_once(' ')?;
-    scheme
-        .eq_ignore_ascii_case("bearer")
-        .then(|| token.trim_start())
-}
-
-/// Compares a presented API key in time that does not depend on where it first differs, so
-/// response times do not reveal the key a prefix at a time (only its length can show).
-fn same_key(presented: &str, expected: &str) -> bool {
-    use subtle::ConstantTimeEq;
-    presented.as_bytes().ct_eq(expected.as_bytes()).into()
-}
-
 async fn no_route(request: actix_web::HttpRequest) -> Result<HttpResponse, ApiError> {
     Err(ApiError::NotFound(format!(
         "no route for {} {} (see README: /v2 for inference, /metrics, /v1 for inspection and jobs)",
         request.method(),
         request.path()
     )))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_bearer_scheme_is_case_insensitive() {
-        assert_eq!(bearer_token(b"Bearer k3y"), Some("k3y"));
-        assert_eq!(bearer_token(b"bearer  k3y"), Some("k3y"));
-        assert_eq!(bearer_token(b"Basic k3y"), None);
-        assert_eq!(bearer_token(b"k3y"), None);
-    }
-
-    #[test]
-    fn only_the_whole_key_matches() {
-        assert!(same_key("s3cret", "s3cret"));
-        assert!(!same_key("s3cre", "s3cret"));
-        assert!(!same_key("s3cret!", "s3cret"));
-        assert!(!same_key("S3cret", "s3cret"));
-        assert!(!same_key("", "s3cret"));
-    }
 }

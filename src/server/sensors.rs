@@ -161,7 +161,7 @@ async fn score_live(
     request: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    if let Some(kind) = media_type(&request).filter(|m| m != "application/json") {
+    if let Some(kind) = media_type(request.headers()).filter(|m| m != "application/json") {
         return Err(ApiError::UnsupportedMediaType(format!(
             "send windows as application/json, not {kind}"
         )));

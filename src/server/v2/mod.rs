@@ -269,7 +269,9 @@ async fn infer(
     let started = Instant::now();
     // The body is read before anything that can fail, so an early error never leaves part of
     // it on a kept-alive connection (413 and 415 close the connection instead).
-    if let Some(media) = media_type(&request).filter(|m| !INFER_MEDIA_TYPES.contains(&m.as_str())) {
+    if let Some(media) =
+        media_type(request.headers()).filter(|m| !INFER_MEDIA_TYPES.contains(&m.as_str()))
+    {
         return Err(ApiError::UnsupportedMediaType(format!(
             "Content-Type {media} is not accepted on infer (use one of: {})",
             INFER_MEDIA_TYPES.join(", ")
