@@ -20,9 +20,11 @@ PORT=${BENCH_PORT:-8090}
 deploy/setup.sh >/dev/null
 port_free "$PORT"
 mkdir -p bench-results
-LINESCAN_PORT=$PORT $BIN serve --instances 2 --threads 1 >/dev/null 2>bench-results/server.log &
+# A data folder of its own: a server started by deploy/serve.sh holds data/.
+DATA=$(mktemp -d)
+LINESCAN_PORT=$PORT $BIN serve --instances 2 --threads 1 --data-dir "$DATA" >/dev/null 2>bench-results/server.log &
 SERVER=$!
-trap 'kill $SERVER 2>/dev/null || true' EXIT
+trap 'kill $SERVER 2>/dev/null || true; wait $SERVER 2>/dev/null || true; rm -rf "$DATA"' EXIT
 wait_ready "http://127.0.0.1:$PORT/v2/health/ready" $SERVER bench-results/server.log
 json() { .venv/bin/python -c "import json,sys; print(json.load(open(sys.argv[1]))$2)" "$1"; }
 

@@ -128,7 +128,7 @@ impl Metrics {
             ),
             batch_close: counter(
                 "linescan_batch_close_total",
-                "Formed batches by what closed them: full, shape, placement, priority, delay, gap, idle, unbatched",
+                "Formed batches by what closed them: full, shape, placement, priority, delay, gap, idle, shutdown, unbatched",
                 &["model", "version", "reason"],
             ),
             request_success: counter(

@@ -17,12 +17,14 @@ port_free "$PORT"
 port_free "$FASTAPI_PORT"
 .venv/bin/pip install -q --disable-pip-version-check -r benches/reference/requirements.txt
 mkdir -p bench-results
-LINESCAN_PORT=$PORT target/release/linescan serve >/dev/null 2>bench-results/linescan.log &
+# A data folder of its own: a server started by deploy/serve.sh holds data/.
+DATA=$(mktemp -d)
+LINESCAN_PORT=$PORT target/release/linescan serve --data-dir "$DATA" >/dev/null 2>bench-results/linescan.log &
 LINESCAN_PID=$!
 (cd benches/reference && MODEL_DIR="../../models/$MODEL" ../../.venv/bin/uvicorn fastapi_server:app \
     --workers 2 --port "$FASTAPI_PORT" --log-level warning) 2>bench-results/fastapi.log &
 FASTAPI_PID=$!
-trap 'kill $LINESCAN_PID $FASTAPI_PID 2>/dev/null || true' EXIT
+trap 'kill $LINESCAN_PID $FASTAPI_PID 2>/dev/null || true; wait $LINESCAN_PID 2>/dev/null || true; rm -rf "$DATA"' EXIT
 wait_ready "http://127.0.0.1:$PORT/v2/models/$MODEL" $LINESCAN_PID bench-results/linescan.log
 wait_ready "http://127.0.0.1:$FASTAPI_PORT/v2/models/$MODEL" $FASTAPI_PID bench-results/fastapi.log
 run() {
