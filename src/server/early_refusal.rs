@@ -12,6 +12,7 @@ use std::time::Instant;
 
 use actix_http::body::BoxBody;
 use actix_http::{Method, Request, Response};
+use actix_web::dev::Url;
 use actix_web::http::header::HeaderMap;
 use actix_web::web;
 use actix_web::{HttpMessage, ResponseError};
@@ -39,13 +40,15 @@ impl EarlyRefusal {
     /// as the routes' answers are.
     pub fn check(&self, request: Request) -> Result<Request, Response<BoxBody>> {
         let started = Instant::now();
-        let path = request.path();
         let headers = request.headers();
-        let refusal = if !self.api_key.admits(path, headers) {
+        // The raw path, as the API key middleware sees it.
+        let refusal = if !self.api_key.admits(request.path(), headers) {
             ApiKey::refusal()
         } else {
+            // The path as the router sees it (percent-encoded unreserved characters decoded).
+            let url = Url::new(request.uri().clone());
             let query = request.uri().query().unwrap_or("");
-            match refusal(&self.state, request.method(), path, query, headers) {
+            match refusal(&self.state, request.method(), url.path(), query, headers) {
                 Some(error) => error.error_response(),
                 None => return Ok(request),
             }
@@ -79,14 +82,61 @@ fn refusal(
     query: &str,
     headers: &HeaderMap,
 ) -> Option<ApiError> {
-    if method == Method::POST && path == "/v1/jobs" {
+    let segments: Vec<&str> = path.strip_prefix('/')?.split('/').collect();
+    if method == Method::POST && segments == ["v1", "jobs"] {
         return jobs::refuse_submission(state, query, headers);
     }
-    // The repository index's body has a smaller limit of its own, said by its route.
-    if path.starts_with("/v2/repository/") {
+    if !limited_by_max_body(method, &segments) {
+        // Left to the route: its own limit, or its 404 or 405.
         return None;
     }
     let limit = state.max_body_bytes;
     let size = declared_length(headers)?;
     (size > limit as u64).then(|| too_large(Some(size as usize), limit, MAX_BODY_FLAG))
+}
+
+/// Whether the route of `method /segments` reads a body under `--max-body-bytes`: infer,
+/// inspect, live RUL, and template uploads.
+fn limited_by_max_body(method: &Method, segments: &[&str]) -> bool {
+    let named = |segment: &str| !segment.is_empty();
+    match (method.as_str(), segments) {
+        ("POST", ["v2", "models", model, "infer"]) => named(model),
+        ("POST", ["v2", "models", model, "versions", version, "infer"]) => {
+            named(model) && named(version)
+        }
+        ("POST", ["v1", "inspect", board] | ["v1", "inspect", board, "batch"]) => named(board),
+        ("POST", ["v1", "rul", model]) => named(model),
+        ("PUT", ["v1", "templates", board]) => named(board),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limited(method: Method, path: &str) -> bool {
+        let segments: Vec<&str> = path[1..].split('/').collect();
+        limited_by_max_body(&method, &segments)
+    }
+
+    #[test]
+    fn only_routes_that_read_a_body_under_the_flag_are_limited_here() {
+        assert!(limited(Method::POST, "/v2/models/aoi_defect/infer"));
+        assert!(limited(
+            Method::POST,
+            "/v2/models/aoi_defect/versions/1/infer"
+        ));
+        assert!(limited(Method::POST, "/v1/inspect/board-7"));
+        assert!(limited(Method::POST, "/v1/inspect/board-7/batch"));
+        assert!(limited(Method::POST, "/v1/rul/rul_fd001"));
+        assert!(limited(Method::PUT, "/v1/templates/board-7"));
+        // Unrouted, another method, or an empty name: the route answers (404, 405).
+        assert!(!limited(Method::POST, "/v2/models//infer"));
+        assert!(!limited(Method::POST, "/v1/inspect/board-7/"));
+        assert!(!limited(Method::PUT, "/v1/jobs"));
+        assert!(!limited(Method::POST, "/v2/repository/index"));
+        assert!(!limited(Method::POST, "/v1/templates/board-7"));
+        assert!(!limited(Method::GET, "/v2/models/aoi_defect/infer"));
+    }
 }
