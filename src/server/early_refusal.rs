@@ -8,6 +8,7 @@
 //! The refusal closes the connection: the client may have started sending anyway (RFC 9110
 //! section 10.1.1), and what it sends must not be read as the next request.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use actix_http::body::BoxBody;
@@ -25,14 +26,14 @@ use crate::server::jobs;
 use crate::server::state::AppState;
 
 /// The `route` label of answers given here: no route has matched yet.
-pub const ROUTE: &str = "expect: 100-continue";
+const ROUTE: &str = "expect: 100-continue";
 
 /// Decides, per request that asks `Expect: 100-continue`, whether it goes on.
 #[derive(Clone)]
 pub struct EarlyRefusal {
     pub state: web::Data<AppState>,
     pub api_key: ApiKey,
-    pub failures: std::sync::Arc<FailureLog>,
+    pub failures: Arc<FailureLog>,
 }
 
 impl EarlyRefusal {
@@ -42,7 +43,7 @@ impl EarlyRefusal {
         let started = Instant::now();
         let headers = request.headers();
         // The raw path, as the API key middleware sees it.
-        let refusal = if !self.api_key.admits(request.path(), headers) {
+        let mut refusal = if !self.api_key.admits(request.path(), headers) {
             ApiKey::refusal()
         } else {
             // The path as the router sees it (percent-encoded unreserved characters decoded).
@@ -53,7 +54,6 @@ impl EarlyRefusal {
                 None => return Ok(request),
             }
         };
-        let mut refusal = refusal;
         refusal
             .head_mut()
             .set_connection_type(actix_http::ConnectionType::Close);
