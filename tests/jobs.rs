@@ -1418,6 +1418,28 @@ async fn uploads_asking_to_continue_are_refused_before_the_body_is_sent() {
             "413",
             "--max-body-bytes",
         ),
+        (
+            "/v2/models/nope/infer",
+            key,
+            1000,
+            "404",
+            "model nope is not loaded",
+        ),
+        (
+            "/v2/models/rul_fd001/infer",
+            "Authorization: Bearer k3y\r\nContent-Type: image/png\r\n",
+            1000,
+            "415",
+            "Content-Type image/png is not accepted on infer",
+        ),
+        ("/v1/rul/nope", key, 1000, "404", "no sensor model nope"),
+        (
+            "/v1/inspect/board-7",
+            key,
+            1000,
+            "404",
+            "AOI is not enabled",
+        ),
     ];
     for (target, headers, length, status, error) in refusals {
         let address = address.clone();

@@ -15,18 +15,23 @@ use crate::aoi::image_io::ImageError;
 use crate::aoi::pipeline::{Alignment, StageTimings};
 use crate::aoi::templates::{Board, TemplateInfo, validate_board_name};
 use crate::aoi::{AoiError, AoiService};
-use crate::server::NoQuery;
 use crate::server::body::{
-    MAX_BODY_FLAG, decoded, drain_form, media_type, read_limited, unreadable,
+    MAX_BODY_FLAG, decoded, drain_form, media_type, read_limited, refuse_declared, unreadable,
 };
 use crate::server::client_gone::unless_client_leaves;
+use crate::server::early_refusal::{BodyRoute, Head};
 use crate::server::error::ApiError;
 use crate::server::file_response::streamed;
 use crate::server::routing::resource;
 use crate::server::state::AppState;
+use crate::server::{NoParameters, NoQuery};
 
 /// Images one batch request may carry.
 const MAX_BATCH_IMAGES: usize = 64;
+
+const TEMPLATE: &str = "/v1/templates/{board}";
+const INSPECT: &str = "/v1/inspect/{board}";
+const INSPECT_BATCH: &str = "/v1/inspect/{board}/batch";
 
 pub fn routes(config: &mut web::ServiceConfig) {
     config
@@ -35,7 +40,7 @@ pub fn routes(config: &mut web::ServiceConfig) {
             [(Method::GET, web::route().to(list_templates))],
         ))
         .service(resource(
-            "/v1/templates/{board}",
+            TEMPLATE,
             [
                 (Method::PUT, web::route().to(put_template)),
                 (Method::GET, web::route().to(get_template)),
@@ -47,13 +52,42 @@ pub fn routes(config: &mut web::ServiceConfig) {
             [(Method::GET, web::route().to(template_image))],
         ))
         .service(resource(
-            "/v1/inspect/{board}",
+            INSPECT,
             [(Method::POST, web::route().to(inspect))],
         ))
         .service(resource(
-            "/v1/inspect/{board}/batch",
+            INSPECT_BATCH,
             [(Method::POST, web::route().to(inspect_batch))],
         ));
+}
+
+/// Template uploads and inspections.
+pub(super) fn body_routes() -> Vec<BodyRoute> {
+    vec![
+        BodyRoute::new(Method::PUT, TEMPLATE, template_head),
+        BodyRoute::new(Method::POST, INSPECT, inspect_head),
+        BodyRoute::new(Method::POST, INSPECT_BATCH, inspect_head),
+    ]
+}
+
+/// `put_template`'s refusals before its body, in its order.
+fn template_head(state: &AppState, head: &Head) -> Result<(), ApiError> {
+    let query = head.query::<PutQuery>()?;
+    head.within_max_body(state)?;
+    match head.params::<String>() {
+        Some(board) => template_target(state, &board, &query).map(drop),
+        None => Ok(()),
+    }
+}
+
+/// `inspect`'s and `inspect_batch`'s refusals before their body, in their order.
+fn inspect_head(state: &AppState, head: &Head) -> Result<(), ApiError> {
+    head.query::<NoParameters>()?;
+    head.within_max_body(state)?;
+    match head.params::<String>() {
+        Some(board) => inspected_board(state, &board).map(drop),
+        None => Ok(()),
+    }
 }
 
 impl From<AoiError> for ApiError {
@@ -86,9 +120,9 @@ fn service(state: &AppState) -> Result<&Arc<AoiService>, ApiError> {
     })
 }
 
-fn board_name(path: &web::Path<String>) -> Result<String, ApiError> {
-    validate_board_name(path.as_str()).map_err(ApiError::Unprocessable)?;
-    Ok(path.to_string())
+fn board_name(board: &str) -> Result<String, ApiError> {
+    validate_board_name(board).map_err(ApiError::Unprocessable)?;
+    Ok(board.to_string())
 }
 
 fn unknown_board(service: &AoiService, board: &str) -> ApiError {
@@ -114,7 +148,7 @@ fn find_board(service: &AoiService, board: &str) -> Result<Arc<Board>, ApiError>
 /// The images of a request: the raw body, or every part of a multipart form, each a file.
 async fn read_images(
     request: &HttpRequest,
-    payload: web::Payload,
+    mut payload: web::Payload,
     limit: usize,
 ) -> Result<Vec<(Option<String>, Bytes)>, ApiError> {
     if media_type(request.headers()).as_deref() != Some("multipart/form-data") {
@@ -126,6 +160,8 @@ async fn read_images(
         }
         return Ok(vec![(None, body)]);
     }
+    // The form as sent is refused above the limit too, as a raw body is.
+    refuse_declared(request, &mut payload, limit, MAX_BODY_FLAG).await?;
     let mut form = Multipart::new(request.headers(), decoded(request, payload)?);
     let mut images = Vec::new();
     let mut total = 0usize;
@@ -260,6 +296,22 @@ struct PutQuery {
     reject_threshold: Option<f32>,
 }
 
+/// The service and the board name a template upload is for, or why it is refused.
+fn template_target(
+    state: &AppState,
+    board: &str,
+    query: &PutQuery,
+) -> Result<(Arc<AoiService>, String), ApiError> {
+    let service = service(state)?.clone();
+    let board = board_name(board)?;
+    if let Some(t) = query.reject_threshold.filter(|t| !(0.0..=1.0).contains(t)) {
+        return Err(ApiError::Unprocessable(format!(
+            "reject_threshold {t} must be within 0..1"
+        )));
+    }
+    Ok((service, board))
+}
+
 async fn put_template(
     state: web::Data<AppState>,
     path: web::Path<String>,
@@ -268,13 +320,7 @@ async fn put_template(
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let mut images = read_images(&request, payload, state.max_body_bytes).await?;
-    let service = service(&state)?.clone();
-    let board = board_name(&path)?;
-    if let Some(t) = query.reject_threshold.filter(|t| !(0.0..=1.0).contains(t)) {
-        return Err(ApiError::Unprocessable(format!(
-            "reject_threshold {t} must be within 0..1"
-        )));
-    }
+    let (service, board) = template_target(&state, &path, &query)?;
     if images.len() != 1 {
         return Err(ApiError::Unprocessable(format!(
             "a template is one image, got {}",
@@ -430,10 +476,16 @@ async fn inspect_request(
 ) -> Result<(Arc<AoiService>, String, Vec<(Option<String>, Bytes)>), ApiError> {
     // The body first: an answer sent with the body unread makes actix drop the connection.
     let images = read_images(request, payload, state.max_body_bytes).await?;
-    let service = service(state)?.clone();
-    let board = board_name(path)?;
-    find_board(&service, &board)?;
+    let (service, board) = inspected_board(state, path)?;
     Ok((service, board, images))
+}
+
+/// The service and the name of a board with a template, or why an inspection is refused.
+fn inspected_board(state: &AppState, board: &str) -> Result<(Arc<AoiService>, String), ApiError> {
+    let service = service(state)?.clone();
+    let board = board_name(board)?;
+    find_board(&service, &board)?;
+    Ok((service, board))
 }
 
 async fn inspect(

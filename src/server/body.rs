@@ -35,12 +35,7 @@ pub async fn read_limited(
     limit: usize,
     source: &str,
 ) -> Result<Bytes, ApiError> {
-    let too_large = |size| too_large(size, limit, source);
-    let declared = declared_length(request.headers()).map(|size| size as usize);
-    if let Some(size) = declared.filter(|size| *size > limit) {
-        drain(&mut payload, size).await;
-        return Err(too_large(Some(size)));
-    }
+    let declared = refuse_declared(request, &mut payload, limit, source).await?;
     // The limit holds for the decompressed body, so a small gzip bomb is refused too.
     let mut payload = decoded(request, payload)?;
     let mut body =
@@ -49,11 +44,36 @@ pub async fn read_limited(
         let chunk = chunk.map_err(|e| unreadable("reading the body", &e))?;
         if body.len() + chunk.len() > limit {
             drain(&mut payload, body.len() + chunk.len()).await;
-            return Err(too_large(None));
+            return Err(too_large(None, limit, source));
         }
         body.extend_from_slice(&chunk);
     }
     Ok(body.freeze())
+}
+
+/// The declared size of the body when it is within `limit`; otherwise the 413, once what the
+/// client sent of the body has been drained.
+pub async fn refuse_declared(
+    request: &HttpRequest,
+    payload: &mut web::Payload,
+    limit: usize,
+    source: &str,
+) -> Result<Option<usize>, ApiError> {
+    let declared = declared_length(request.headers()).map(|size| size as usize);
+    if let Some(size) = declared.filter(|size| *size > limit) {
+        drain(payload, size).await;
+        return Err(too_large(Some(size), limit, source));
+    }
+    Ok(declared)
+}
+
+/// What reading a body under `limit` refuses from the head alone, in the order reading does:
+/// a declared size above the limit (413), then an encoding that is not decoded (415).
+pub fn refused_head(headers: &HeaderMap, limit: usize, source: &str) -> Result<(), ApiError> {
+    if let Some(size) = declared_length(headers).filter(|size| *size > limit as u64) {
+        return Err(too_large(Some(size as usize), limit, source));
+    }
+    accepted_encoding(headers)
 }
 
 /// The 413 of a body above `limit` bytes (`source` says where the limit comes from). A declared
@@ -81,15 +101,20 @@ pub fn decoded(
     request: &HttpRequest,
     payload: web::Payload,
 ) -> Result<StallLimited<Decompress<web::Payload>>, ApiError> {
-    let encoding = request
-        .headers()
+    accepted_encoding(request.headers())?;
+    Ok(StallLimited::new(
+        Decompress::from_headers(payload, request.headers()),
+        stall_limit(request),
+    ))
+}
+
+/// The 415 of a `Content-Encoding` that `decoded` does not decode.
+fn accepted_encoding(headers: &HeaderMap) -> Result<(), ApiError> {
+    let encoding = headers
         .get(header::CONTENT_ENCODING)
         .map(|v| v.to_str().unwrap_or("").trim().to_ascii_lowercase());
     match encoding.as_deref() {
-        None | Some("identity" | "gzip" | "x-gzip" | "deflate") => Ok(StallLimited::new(
-            Decompress::from_headers(payload, request.headers()),
-            stall_limit(request),
-        )),
+        None | Some("identity" | "gzip" | "x-gzip" | "deflate") => Ok(()),
         Some(other) => Err(ApiError::UnsupportedMediaType(format!(
             "Content-Encoding {other:?} is not accepted (send the body as it is, or as gzip or \
              deflate)"

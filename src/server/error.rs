@@ -63,6 +63,13 @@ pub fn bad_query(error: &actix_web::error::QueryPayloadError, query: &str) -> Ap
     ApiError::BadRequest(format!("bad query string {query:?}: {detail}"))
 }
 
+/// `query` parsed as a route's `web::Query<T>` extractor parses it, and refused as it is.
+pub fn parse_query<T: serde::de::DeserializeOwned>(query: &str) -> Result<T, ApiError> {
+    actix_web::web::Query::<T>::from_query(query)
+        .map(actix_web::web::Query::into_inner)
+        .map_err(|error| bad_query(&error, query))
+}
+
 impl From<InferError> for ApiError {
     fn from(error: InferError) -> Self {
         match error {

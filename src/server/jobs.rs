@@ -31,7 +31,8 @@ use crate::server::NoQuery;
 use crate::server::body::{
     BodyError, declared_length, decoded, drain, drain_form, media_type, read_limited, unreadable,
 };
-use crate::server::error::{ApiError, bad_query};
+use crate::server::early_refusal::{BodyRoute, HeadCheck};
+use crate::server::error::{ApiError, parse_query};
 use crate::server::file_response::streamed;
 use crate::server::routing::resource;
 use crate::server::sensors::{fleet, sensor_model, settings};
@@ -44,10 +45,12 @@ const EXPORT_COLUMNS: &str = "cols2";
 /// Largest `{"path": ...}` submission body.
 const PATH_BODY_LIMIT: usize = 64 * 1024;
 
+const JOBS: &str = "/v1/jobs";
+
 pub fn routes(config: &mut web::ServiceConfig) {
     config
         .service(resource(
-            "/v1/jobs",
+            JOBS,
             [
                 (Method::POST, web::route().to(submit_job)),
                 (Method::GET, web::route().to(list_jobs)),
@@ -287,9 +290,7 @@ fn admit_submission(
     query: &str,
     headers: &HeaderMap,
 ) -> Result<Admitted, ApiError> {
-    let options = web::Query::<SubmitOptions>::from_query(query)
-        .map_err(|e| bad_query(&e, query))?
-        .into_inner();
+    let options: SubmitOptions = parse_query(query)?;
     let fleet = fleet(state)?.clone();
     if options.path.is_some() {
         return Err(ApiError::Unprocessable(
@@ -321,13 +322,11 @@ fn admit_submission(
     })
 }
 
-/// `admit_submission`'s refusal of a `POST /v1/jobs` head, if it refuses.
-pub(super) fn refuse_submission(
-    state: &AppState,
-    query: &str,
-    headers: &HeaderMap,
-) -> Option<ApiError> {
-    admit_submission(state, query, headers).err()
+/// Submissions, refused from the head as `submit_job` refuses them.
+pub(super) fn body_routes() -> Vec<BodyRoute> {
+    let check: HeadCheck =
+        |state, head| admit_submission(state, head.query_string(), head.headers).map(drop);
+    vec![BodyRoute::new(Method::POST, JOBS, check)]
 }
 
 async fn submit_job(

@@ -95,11 +95,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let app_state = state.clone();
     let response_metrics = metrics.clone();
     let failure_log = Arc::new(access_log::FailureLog::default());
-    let early = EarlyRefusal {
-        state: state.clone(),
-        api_key: api_key.clone(),
-        failures: failure_log.clone(),
-    };
+    let early = EarlyRefusal::new(state.clone(), api_key.clone(), failure_log.clone());
     let app =
         move || {
             let api_key = api_key.clone();

@@ -7,6 +7,7 @@
 use std::sync::Arc;
 
 use actix_web::http::Method;
+use actix_web::http::header::HeaderMap;
 use actix_web::{HttpRequest, HttpResponse, web};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -18,10 +19,13 @@ use crate::sensors::{AssessSettings, SensorError, SensorModel, live};
 use crate::server::NoQuery;
 use crate::server::body::{MAX_BODY_FLAG, media_type, read_limited};
 use crate::server::client_gone::unless_client_leaves;
+use crate::server::early_refusal::{BodyRoute, Head};
 use crate::server::error::ApiError;
 use crate::server::routing::resource;
 use crate::server::state::AppState;
 use crate::tensor::f32_bytes;
+
+const LIVE: &str = "/v1/rul/{model}";
 
 pub fn routes(config: &mut web::ServiceConfig) {
     config
@@ -30,12 +34,17 @@ pub fn routes(config: &mut web::ServiceConfig) {
             [(Method::GET, web::route().to(list_models))],
         ))
         .service(resource(
-            "/v1/rul/{model}",
+            LIVE,
             [
                 (Method::GET, web::route().to(model_info)),
                 (Method::POST, web::route().to(score_live)),
             ],
         ));
+}
+
+/// Live scoring.
+pub(super) fn body_routes() -> Vec<BodyRoute> {
+    vec![BodyRoute::new(Method::POST, LIVE, live_head)]
 }
 
 impl From<SensorError> for ApiError {
@@ -154,6 +163,39 @@ struct LiveResult {
     padded: usize,
 }
 
+/// Live scoring's refusals before its body, in its order.
+fn live_head(state: &AppState, head: &Head) -> Result<(), ApiError> {
+    let query = head.query::<LiveQuery>()?;
+    accepted_media_type(head.headers)?;
+    head.within_max_body(state)?;
+    match head.params::<String>() {
+        Some(model) => live_target(state, &model, &query).map(drop),
+        None => Ok(()),
+    }
+}
+
+/// The 415 of live windows sent as anything but JSON.
+fn accepted_media_type(headers: &HeaderMap) -> Result<(), ApiError> {
+    match media_type(headers).filter(|m| m != "application/json") {
+        Some(kind) => Err(ApiError::UnsupportedMediaType(format!(
+            "send windows as application/json, not {kind}"
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// The sensor model and the settings live windows are scored with, or why they are not.
+fn live_target(
+    state: &AppState,
+    model: &str,
+    query: &LiveQuery,
+) -> Result<(Arc<SensorModel>, AssessSettings), ApiError> {
+    let fleet = fleet(state)?;
+    let model = sensor_model(fleet, model)?;
+    let settings = settings(fleet, query.critical, query.warning)?;
+    Ok((model, settings))
+}
+
 async fn score_live(
     state: web::Data<AppState>,
     path: web::Path<String>,
@@ -161,17 +203,11 @@ async fn score_live(
     request: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    if let Some(kind) = media_type(request.headers()).filter(|m| m != "application/json") {
-        return Err(ApiError::UnsupportedMediaType(format!(
-            "send windows as application/json, not {kind}"
-        )));
-    }
+    accepted_media_type(request.headers())?;
     // The body before the checks: an answer sent with the body unread makes actix drop the
     // connection.
     let body = read_limited(&request, payload, state.max_body_bytes, MAX_BODY_FLAG).await?;
-    let fleet = fleet(&state)?;
-    let model = sensor_model(fleet, &path)?;
-    let settings = settings(fleet, query.critical, query.warning)?;
+    let (model, settings) = live_target(&state, &path, &query)?;
     let started = std::time::Instant::now();
     // Off the HTTP workers: a large body takes a while to parse, and probes must not wait.
     let prepared = {

@@ -11,12 +11,13 @@ use actix_web::{HttpRequest, HttpResponse, web};
 use serde_json::json;
 
 use crate::engine::ServedModel;
-use crate::server::NoQuery;
 use crate::server::body::{MAX_BODY_FLAG, media_type, read_limited};
 use crate::server::client_gone::unless_client_leaves;
+use crate::server::early_refusal::{BodyRoute, Head};
 use crate::server::error::ApiError;
 use crate::server::routing::resource;
 use crate::server::state::AppState;
+use crate::server::{NoParameters, NoQuery};
 
 /// Media types accepted on infer: JSON, the binary extension, and what curl sends by default.
 const INFER_MEDIA_TYPES: &[&str] = &[
@@ -26,13 +27,18 @@ const INFER_MEDIA_TYPES: &[&str] = &[
     "text/plain",
 ];
 
+/// The scope of a model's routes, and of a version's within it.
+const MODEL_SCOPE: &str = "/v2/models/{model}";
+const VERSION_SCOPE: &str = "/versions/{version}";
+const INFER: &str = "/infer";
+
 pub fn routes(config: &mut web::ServiceConfig) {
     // Per-model routes live under one scope: actix matches each dynamic pattern with a regex, so
     // an infer request costs one match for `{model}` and string compares for the rest, instead
     // of a regex for every per-model route registered before it.
     let per_model = |scope: actix_web::Scope| {
         scope
-            .service(resource("/infer", [(Method::POST, web::route().to(infer))]))
+            .service(resource(INFER, [(Method::POST, web::route().to(infer))]))
             .service(resource(
                 "",
                 [(Method::GET, web::route().to(model_metadata))],
@@ -76,10 +82,40 @@ pub fn routes(config: &mut web::ServiceConfig) {
             "/v2/models/stats",
             [(Method::GET, web::route().to(all_stats))],
         ))
-        .service(
-            per_model(web::scope("/v2/models/{model}"))
-                .service(per_model(web::scope("/versions/{version}"))),
-        );
+        .service(per_model(web::scope(MODEL_SCOPE)).service(per_model(web::scope(VERSION_SCOPE))));
+}
+
+/// Infer, of the latest version and of a given one.
+pub(super) fn body_routes() -> Vec<BodyRoute> {
+    [
+        format!("{MODEL_SCOPE}{INFER}"),
+        format!("{MODEL_SCOPE}{VERSION_SCOPE}{INFER}"),
+    ]
+    .iter()
+    .map(|pattern| BodyRoute::new(Method::POST, pattern, infer_head))
+    .collect()
+}
+
+/// `infer`'s refusals before its body, in its order.
+fn infer_head(state: &AppState, head: &Head) -> Result<(), ApiError> {
+    head.query::<NoParameters>()?;
+    accepted_media_type(head.headers)?;
+    head.within_max_body(state)?;
+    match head.params::<ModelPath>() {
+        Some(path) => path.resolve(state).map(drop),
+        None => Ok(()),
+    }
+}
+
+/// The 415 of an infer body of another media type than `INFER_MEDIA_TYPES`.
+fn accepted_media_type(headers: &actix_web::http::header::HeaderMap) -> Result<(), ApiError> {
+    match media_type(headers).filter(|m| !INFER_MEDIA_TYPES.contains(&m.as_str())) {
+        Some(media) => Err(ApiError::UnsupportedMediaType(format!(
+            "Content-Type {media} is not accepted on infer (use one of: {})",
+            INFER_MEDIA_TYPES.join(", ")
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// The readiness probe's path.
@@ -269,14 +305,7 @@ async fn infer(
     let started = Instant::now();
     // The body is read before anything that can fail, so an early error never leaves part of
     // it on a kept-alive connection (413 and 415 close the connection instead).
-    if let Some(media) =
-        media_type(request.headers()).filter(|m| !INFER_MEDIA_TYPES.contains(&m.as_str()))
-    {
-        return Err(ApiError::UnsupportedMediaType(format!(
-            "Content-Type {media} is not accepted on infer (use one of: {})",
-            INFER_MEDIA_TYPES.join(", ")
-        )));
-    }
+    accepted_media_type(request.headers())?;
     let body = read_limited(&request, payload, state.max_body_bytes, MAX_BODY_FLAG).await?;
     let model = path.resolve(&state)?;
     let config = &model.spec.config;
