@@ -3,14 +3,15 @@
 //! Submitted jobs are queued in memory and on disk; `--job-workers` threads take them in order
 //! and run them (`runner::run`), each job's windows going through the shared batchers. Progress
 //! and rows/s are kept in memory and written to `state.json` at most once a second; state
-//! changes are written at once. Cancellation is checked between chunks. A bad archive fails its
+//! changes are written at once, always outside the record's lock, so a status request never
+//! waits on a disk flush. Cancellation is checked between chunks. A bad archive fails its
 //! own job only. On start, jobs found queued or running on disk are re-queued from the
 //! beginning; on shutdown, running jobs stop at the next chunk and are left queued.
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -30,7 +31,33 @@ const SAVE_EVERY: Duration = Duration::from_secs(1);
 
 struct JobEntry {
     record: Mutex<JobRecord>,
+    /// Counts the record's changes that are to be written; taken under `record`'s lock, so
+    /// revisions follow the order of the changes.
+    revision: AtomicU64,
+    /// The revision last written, held while writing: a copy older than it is not written.
+    saved: Mutex<u64>,
     cancel: AtomicBool,
+}
+
+impl JobEntry {
+    fn record(&self) -> MutexGuard<'_, JobRecord> {
+        self.record.lock().expect("record lock")
+    }
+
+    /// Has `write` write the record as `record` holds it, once its lock is released (the write
+    /// flushes to disk, which may take long); returns the record written.
+    fn save(&self, record: MutexGuard<'_, JobRecord>, write: impl FnOnce(&JobRecord)) -> JobRecord {
+        let revision = self.revision.fetch_add(1, Ordering::AcqRel) + 1;
+        let copy = record.clone();
+        drop(record);
+        let mut saved = self.saved.lock().expect("save lock");
+        // A later change may have been written while this one waited for the lock.
+        if *saved < revision {
+            write(&copy);
+            *saved = revision;
+        }
+        copy
+    }
 }
 
 pub struct JobManager {
@@ -130,12 +157,7 @@ impl JobManager {
                 tracing::warn!(job = %record.id, "{message}");
                 manager.end_at_start(&mut record, JobState::Failed, Some(message))?;
             } else {
-                record.state = JobState::Queued;
-                record.progress = 0.0;
-                record.rows_done = 0;
-                record.rows_per_second = 0.0;
-                record.started_unix = None;
-                record.finished_unix = None;
+                record.requeue();
                 manager.store.clear_results(&record.id);
                 manager.store.save(&record)?;
                 let _ = manager.sender.send(record.id.clone());
@@ -233,6 +255,8 @@ impl JobManager {
     fn new_entry(record: JobRecord) -> Arc<JobEntry> {
         Arc::new(JobEntry {
             record: Mutex::new(record),
+            revision: AtomicU64::new(0),
+            saved: Mutex::new(0),
             cancel: AtomicBool::new(false),
         })
     }
@@ -257,7 +281,7 @@ impl JobManager {
         let limit = self.args.max_pending;
         let pending = jobs
             .values()
-            .filter(|e| !e.record.lock().expect("record lock").state.is_final())
+            .filter(|e| !e.record().state.is_final())
             .count();
         if pending < limit {
             return Ok(());
@@ -289,8 +313,7 @@ impl JobManager {
     }
 
     pub fn get(&self, id: &str) -> Option<JobRecord> {
-        self.entry(id)
-            .map(|e| e.record.lock().expect("record lock").clone())
+        self.entry(id).map(|e| e.record().clone())
     }
 
     /// Every job, oldest first.
@@ -300,7 +323,7 @@ impl JobManager {
             .lock()
             .expect("jobs lock")
             .values()
-            .map(|e| e.record.lock().expect("record lock").clone())
+            .map(|e| e.record().clone())
             .collect();
         records.sort_by(|a, b| a.created_unix.total_cmp(&b.created_unix));
         records
@@ -311,23 +334,22 @@ impl JobManager {
     pub fn cancel(&self, id: &str) -> Option<JobRecord> {
         let entry = self.entry(id)?;
         entry.cancel.store(true, Ordering::Release);
-        let mut record = entry.record.lock().expect("record lock");
+        let mut record = entry.record();
         match record.state {
             JobState::Queued => {
                 record.state = JobState::Cancelled;
                 record.finished_unix = Some(now_unix());
-                self.save_logged(&record);
                 self.count_ended(&record);
+                Some(self.save(&entry, record))
             }
             // The worker sees the flag at its next chunk; the record keeps the request in case
             // the process stops first.
             JobState::Running => {
                 record.cancel_requested = true;
-                self.save_logged(&record);
+                Some(self.save(&entry, record))
             }
-            _ => {}
+            _ => Some(record.clone()),
         }
-        Some(record.clone())
     }
 
     /// Removes a finished job and its files (an unknown id has nothing to remove).
@@ -335,7 +357,7 @@ impl JobManager {
         let Some(entry) = self.entry(id) else {
             return Ok(());
         };
-        let state = entry.record.lock().expect("record lock").state;
+        let state = entry.record().state;
         anyhow::ensure!(
             state.is_final(),
             "job {id} is {}; cancel it first",
@@ -364,10 +386,13 @@ impl JobManager {
             .map(|r| r.handle().clone())
     }
 
-    fn save_logged(&self, record: &JobRecord) {
-        if let Err(error) = self.store.save(record) {
-            tracing::error!(job = %record.id, %error, "cannot save job state");
-        }
+    /// Writes the entry's record as `record` holds it; returns the record written.
+    fn save(&self, entry: &JobEntry, record: MutexGuard<'_, JobRecord>) -> JobRecord {
+        entry.save(record, |copy| {
+            if let Err(error) = self.store.save(copy) {
+                tracing::error!(job = %copy.id, %error, "cannot save job state");
+            }
+        })
     }
 
     fn run_job(&self, id: &str) {
@@ -375,7 +400,7 @@ impl JobManager {
             return;
         };
         let (model_name, options, input) = {
-            let mut record = entry.record.lock().expect("record lock");
+            let mut record = entry.record();
             if record.state != JobState::Queued {
                 return; // cancelled while queued
             }
@@ -383,7 +408,7 @@ impl JobManager {
             record.started_unix = Some(now_unix());
             record.attempts += 1;
             record.error = None;
-            self.save_logged(&record);
+            let record = self.save(&entry, record);
             let mut options = RunOptions::new(
                 record.settings,
                 record.input.name.clone(),
@@ -413,7 +438,7 @@ impl JobManager {
                 let monitor = JobMonitor {
                     manager: self,
                     entry: &entry,
-                    started: Instant::now(),
+                    started: OnceLock::new(),
                     last_save: Mutex::new(Instant::now()),
                 };
                 let result_path = self.store.result_path(id);
@@ -444,7 +469,7 @@ impl JobManager {
             }
             other => other,
         };
-        let mut record = entry.record.lock().expect("record lock");
+        let mut record = entry.record();
         match outcome {
             Ok(summary) => {
                 record.state = JobState::Done;
@@ -468,10 +493,7 @@ impl JobManager {
                 tracing::info!(job = %id, "job cancelled");
             }
             Err(RunError::Interrupted) => {
-                record.state = JobState::Queued;
-                record.progress = 0.0;
-                record.rows_done = 0;
-                record.started_unix = None;
+                record.requeue();
                 self.store.clear_results(id);
                 tracing::info!(job = %id, "job interrupted by shutdown; it will run again at the next start");
             }
@@ -486,7 +508,7 @@ impl JobManager {
         if record.state.is_final() {
             self.count_ended(&record);
         }
-        self.save_logged(&record);
+        self.save(&entry, record);
     }
 
     /// Reads the archive whole in a child process first (`jobs::check`), so one that crashes
@@ -590,13 +612,15 @@ fn retention_loop(
 struct JobMonitor<'a> {
     manager: &'a JobManager,
     entry: &'a JobEntry,
-    started: Instant,
+    /// When scoring started (its first report), after the archive check: the rate is the
+    /// scoring's.
+    started: OnceLock<Instant>,
     last_save: Mutex<Instant>,
 }
 
 impl Monitor for JobMonitor<'_> {
     fn progress(&self, done: usize, total: usize) {
-        let mut record = self.entry.record.lock().expect("record lock");
+        let mut record = self.entry.record();
         record.rows_done = done as u64;
         record.rows_total = total as u64;
         record.progress = if total == 0 {
@@ -604,11 +628,13 @@ impl Monitor for JobMonitor<'_> {
         } else {
             done as f64 / total as f64
         };
-        record.rows_per_second = done as f64 / self.started.elapsed().as_secs_f64().max(1e-9);
+        let started = self.started.get_or_init(Instant::now);
+        record.rows_per_second = done as f64 / started.elapsed().as_secs_f64().max(1e-9);
         let mut last = self.last_save.lock().expect("save lock");
         if last.elapsed() >= SAVE_EVERY {
             *last = Instant::now();
-            self.manager.save_logged(&record);
+            drop(last);
+            self.manager.save(self.entry, record);
         }
     }
 
@@ -619,6 +645,81 @@ impl Monitor for JobMonitor<'_> {
             Control::Interrupt
         } else {
             Control::Go
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+
+    fn entry() -> Arc<JobEntry> {
+        let input = JobInput {
+            kind: InputKind::Upload,
+            path: "fleet.h5".into(),
+            name: "fleet.h5".into(),
+            bytes: 0,
+        };
+        let record = JobRecord::queued(
+            "j1".into(),
+            "rul_fd001".into(),
+            Partition::default(),
+            crate::sensors::AssessSettings::default(),
+            input,
+        );
+        JobManager::new_entry(record)
+    }
+
+    /// Sets `rows_done` and saves, the write recording what it wrote into `writes`.
+    fn change(entry: Arc<JobEntry>, rows: u64, writes: Arc<Mutex<Vec<u64>>>) {
+        let mut record = entry.record();
+        record.rows_done = rows;
+        entry.save(record, |copy| writes.lock().unwrap().push(copy.rows_done));
+    }
+
+    #[test]
+    fn a_record_is_free_to_read_while_it_is_written() {
+        let entry = entry();
+        let (started, is_started) = mpsc::channel();
+        let (release, is_released) = mpsc::channel::<()>();
+        let writer = {
+            let entry = entry.clone();
+            std::thread::spawn(move || {
+                entry.save(entry.record(), |_| {
+                    started.send(()).unwrap();
+                    is_released.recv().unwrap();
+                })
+            })
+        };
+        is_started.recv().unwrap();
+        assert!(entry.record.try_lock().is_ok(), "held during the write");
+        release.send(()).unwrap();
+        writer.join().unwrap();
+    }
+
+    #[test]
+    fn the_last_write_is_the_last_change() {
+        for _ in 0..20 {
+            let entry = entry();
+            let writes = Arc::new(Mutex::new(Vec::new()));
+            // Both changes wait for the write lock, the first made first; whichever gets the
+            // lock first, the newer change is what is on disk at the end.
+            let held = entry.saved.lock().unwrap();
+            let mut changes = Vec::new();
+            for (rows, revision) in [(1, 1), (2, 2)] {
+                let (entry_for, writes_for) = (entry.clone(), writes.clone());
+                changes.push(std::thread::spawn(move || {
+                    change(entry_for, rows, writes_for)
+                }));
+                while entry.revision.load(Ordering::Acquire) < revision {
+                    std::thread::yield_now();
+                }
+            }
+            drop(held);
+            changes.into_iter().for_each(|c| c.join().unwrap());
+            let writes = writes.lock().unwrap();
+            assert_eq!(writes.last(), Some(&2), "{writes:?}");
         }
     }
 }

@@ -132,6 +132,18 @@ impl JobRecord {
             cancel_requested: false,
         }
     }
+
+    /// Back in the queue to run again from the beginning (after a restart, or a shutdown
+    /// that interrupted it): nothing of the earlier run is reported as this one's.
+    pub fn requeue(&mut self) {
+        self.state = JobState::Queued;
+        self.progress = 0.0;
+        self.rows_done = 0;
+        self.rows_total = 0;
+        self.rows_per_second = 0.0;
+        self.started_unix = None;
+        self.finished_unix = None;
+    }
 }
 
 pub fn now_unix() -> f64 {
