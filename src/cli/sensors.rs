@@ -295,10 +295,17 @@ fn output_format(out: &Path) -> anyhow::Result<Format> {
     })
 }
 
-/// Writes `h5` (a finished result) to `out` in the format of `out`'s extension.
+/// Writes `h5` (a finished result) to `out` in the format of `out`'s extension. When that
+/// fails, `h5` is kept and named, so the scoring need not be run again.
 fn deliver(h5: &Path, out: &Path, format: Format) -> anyhow::Result<()> {
     if format != Format::H5 {
-        results::export(h5, format, View::Rows, out)?;
+        results::export(h5, format, View::Rows, out).with_context(|| {
+            format!(
+                "cannot write {}; the scored result is kept in {}",
+                out.display(),
+                h5.display()
+            )
+        })?;
         std::fs::remove_file(h5)?;
     }
     Ok(())

@@ -282,24 +282,48 @@ fn number_attr<T: H5Type>(location: &hdf5::Location, name: &str, value: T) -> an
         .map_err(h5(name))
 }
 
-/// Streams result rows into an HDF5 file (written to `<path>.partial`, renamed on finish).
+/// Streams result rows into an HDF5 file (written to `<path>.partial`, renamed on finish; a
+/// writer dropped unfinished, or failing, removes it).
 pub struct ResultWriter {
+    // Closed before the partial file is removed: fields drop in this order.
     file: hdf5::File,
     rows: Table,
     units: Table,
-    partial: std::path::PathBuf,
+    partial: PartialFile,
     path: std::path::PathBuf,
+}
+
+/// A file being written, removed when dropped unless it was kept.
+struct PartialFile(Option<std::path::PathBuf>);
+
+impl PartialFile {
+    fn path(&self) -> &Path {
+        self.0.as_deref().expect("a partial file not yet kept")
+    }
+
+    /// The file has been moved into place: nothing to remove.
+    fn kept(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for PartialFile {
+    fn drop(&mut self) {
+        if let Some(path) = self.0.take() {
+            let _ = std::fs::remove_file(path);
+        }
+    }
 }
 
 impl ResultWriter {
     pub fn create(path: &Path, meta: &ResultMeta) -> anyhow::Result<ResultWriter> {
-        let partial = path.with_extension("h5.partial");
-        let file = hdf5::File::create(&partial)
-            .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", partial.display()))?;
+        let partial = PartialFile(Some(path.with_extension("h5.partial")));
+        let file = hdf5::File::create(partial.path())
+            .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", partial.path().display()))?;
         write_meta(&file, meta)?;
-        let rows = Table::create(&file, "padded")?;
+        let rows = Table::create(&file, View::Rows.count_name())?;
         let units_group = file.create_group("units").map_err(h5("units"))?;
-        let units = Table::create(&units_group, "rows")?;
+        let units = Table::create(&units_group, View::Units.count_name())?;
         Ok(ResultWriter {
             file,
             rows,
@@ -333,16 +357,10 @@ impl ResultWriter {
         drop(rows);
         drop(units);
         file.close().map_err(h5("closing the result"))?;
-        durable::replace(&partial, &path)
+        durable::replace(partial.path(), &path)
             .map_err(|e| anyhow::anyhow!("cannot move the result to {}: {e}", path.display()))?;
+        partial.kept();
         Ok(())
-    }
-
-    /// Removes the unfinished file.
-    pub fn abandon(self) {
-        let partial = self.partial.clone();
-        drop(self);
-        let _ = std::fs::remove_file(partial);
     }
 }
 
@@ -392,6 +410,16 @@ pub enum View {
     #[default]
     Rows,
     Units,
+}
+
+impl View {
+    /// The name of the count column of this table: padded cycles per row, rows per unit.
+    fn count_name(self) -> &'static str {
+        match self {
+            View::Rows => "padded",
+            View::Units => "rows",
+        }
+    }
 }
 
 /// A finished job's result's metadata, when it opens and holds its `rows` rows (a file damaged
@@ -447,10 +475,7 @@ impl ResultReader {
                 .into_raw_vec_and_offset()
                 .0)
         }
-        let count_name = match view {
-            View::Rows => "padded",
-            View::Units => "rows",
-        };
+        let count_name = view.count_name();
         Ok(Columns {
             unit: column(&group, "unit", start, end)?,
             cycle: column(&group, "cycle", start, end)?,
@@ -531,10 +556,7 @@ fn risk_name(code: u8) -> &'static str {
 /// for `padded` in units);
 /// anomaly is empty without an anomaly model.
 pub fn write_csv(reader: &ResultReader, view: View, out: &mut dyn Write) -> anyhow::Result<()> {
-    let count_name = match view {
-        View::Rows => "padded",
-        View::Units => "rows",
-    };
+    let count_name = view.count_name();
     writeln!(
         out,
         "unit,cycle,rul,rul_std,rul_sigma,risk,anomaly,health,{count_name},held"
@@ -566,10 +588,7 @@ pub fn write_csv(reader: &ResultReader, view: View, out: &mut dyn Write) -> anyh
 }
 
 fn write_json_rows(reader: &ResultReader, view: View, out: &mut dyn Write) -> anyhow::Result<()> {
-    let count_name = match view {
-        View::Rows => "padded",
-        View::Units => "rows",
-    };
+    let count_name = view.count_name();
     let mut first = true;
     reader.for_each_chunk(view, |c| {
         for i in 0..c.len() {
@@ -730,4 +749,47 @@ pub fn merge(parts: &[std::path::PathBuf], out: &Path) -> anyhow::Result<ResultM
     }
     writer.finish()?;
     Ok(meta)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta() -> ResultMeta {
+        ResultMeta {
+            model: "rul_fd001".into(),
+            model_version: 1,
+            anomaly_model: None,
+            anomaly_model_version: None,
+            window: 30,
+            channels: vec!["s_2".into()],
+            padding: "repeat_first".into(),
+            batch_rows: 256,
+            settings: AssessSettings::default(),
+            source: "fleet.h5".into(),
+            source_rows: 0,
+            layout: "generic".into(),
+            partition: "all".into(),
+            missing: MissingPolicy::default(),
+            shard: None,
+        }
+    }
+
+    #[test]
+    fn an_unfinished_result_leaves_no_file_and_a_finished_one_only_its_own() {
+        let folder = tempfile::tempdir().unwrap();
+        let out = folder.path().join("result.h5");
+        let partial = folder.path().join("result.h5.partial");
+        let writer = ResultWriter::create(&out, &meta()).unwrap();
+        assert!(partial.exists());
+        // An error on the way (a `?` in a merge, a failed run) drops the writer.
+        drop(writer);
+        assert!(!partial.exists() && !out.exists());
+        ResultWriter::create(&out, &meta())
+            .unwrap()
+            .finish()
+            .unwrap();
+        assert!(!partial.exists() && out.exists());
+        assert_eq!(ResultReader::open(&out).unwrap().meta, meta());
+    }
 }

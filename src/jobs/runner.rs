@@ -623,10 +623,8 @@ pub fn run(
                 meta,
             })
         }
-        Err(error) => {
-            output.writer.abandon();
-            Err(error)
-        }
+        // The writer goes with `output`, removing its unfinished file.
+        Err(error) => Err(error),
     }
 }
 
