@@ -17,9 +17,30 @@ fn temporary_path(path: &Path) -> PathBuf {
 
 /// Writes `bytes` to `path` durably: readers see the old file or the new one, never a part.
 pub fn write(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let staged = stage(path, bytes)?;
+    move_into_place(&staged, path)
+}
+
+/// Writes `bytes` beside `path`, flushed to the disk, without touching `path`; returns the
+/// file that `move_into_place` then moves over it. A failure leaves nothing behind, so
+/// several files can be staged first and none replaced when one cannot be written.
+pub fn stage(path: &Path, bytes: &[u8]) -> io::Result<PathBuf> {
     let temporary = temporary_path(path);
-    std::fs::write(&temporary, bytes)?;
-    replace(&temporary, path)
+    let written =
+        std::fs::write(&temporary, bytes).and_then(|()| File::open(&temporary)?.sync_all());
+    match written {
+        Ok(()) => Ok(temporary),
+        Err(error) => {
+            let _ = std::fs::remove_file(&temporary);
+            Err(error)
+        }
+    }
+}
+
+/// Renames the flushed file `staged` over `path`, and flushes the rename.
+pub fn move_into_place(staged: &Path, path: &Path) -> io::Result<()> {
+    std::fs::rename(staged, path)?;
+    sync_folder_of(path)
 }
 
 /// Checks that `write` can write `path` (its folder takes files) without touching a file
@@ -40,8 +61,7 @@ pub fn check_writable(path: &Path) -> io::Result<()> {
 /// Moves the finished file `written` over `path` durably (its data first, then the rename).
 pub fn replace(written: &Path, path: &Path) -> io::Result<()> {
     File::open(written)?.sync_all()?;
-    std::fs::rename(written, path)?;
-    sync_folder_of(path)
+    move_into_place(written, path)
 }
 
 /// Flushes a folder's entries (a rename or a removal in it) to the disk.
@@ -85,5 +105,20 @@ mod tests {
         std::fs::create_dir(temporary_path(&path)).unwrap();
         assert!(write(&path, b"new").is_err());
         assert_eq!(std::fs::read(&path).unwrap(), b"old");
+    }
+
+    #[test]
+    fn a_staged_file_replaces_nothing_until_it_is_moved_into_place() {
+        let folder = tempfile::tempdir().unwrap();
+        let path = folder.path().join("b.image");
+        write(&path, b"old").unwrap();
+        let staged = stage(&path, b"new").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"old");
+        move_into_place(&staged, &path).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"new");
+        assert_eq!(std::fs::read_dir(folder.path()).unwrap().count(), 1);
+        // A file that cannot be written (here: its folder is gone) leaves nothing behind.
+        assert!(stage(&folder.path().join("gone/b.image"), b"x").is_err());
+        assert_eq!(std::fs::read_dir(folder.path()).unwrap().count(), 1);
     }
 }

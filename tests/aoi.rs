@@ -733,6 +733,49 @@ async fn the_aoi_load_generator_inspects_and_removes_its_templates() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_template_that_cannot_be_stored_leaves_the_stored_one_as_it_was() {
+    let repository = Repository::with_models(&[MODEL]);
+    let data = tempfile::tempdir().unwrap();
+    let args = ["--data-dir", data.path().to_str().unwrap()];
+    let image = |width: usize| {
+        png(&linescan::aoi::image_io::GrayImage {
+            width,
+            height: 64,
+            pixels: (0..width * 64).map(|p| ((p * 7) % 251) as u8).collect(),
+        })
+    };
+    let folder = data.path().join("templates");
+    let width = async |server: &Server| {
+        let (status, info) = common::get_json(&format!("{}/v1/templates/kept", server.url)).await;
+        assert_eq!(status, 200, "{info}");
+        info["width"].as_u64().unwrap()
+    };
+    {
+        let server = Server::start(repository.path(), &args);
+        let (status, body) = put_template(&server, "kept", image(96), "").await;
+        assert_eq!(status, 201, "{body}");
+        // The record cannot be written (a folder holds its temporary name), as on a full disk.
+        let blocker = folder.join("kept.json.tmp");
+        std::fs::create_dir(&blocker).unwrap();
+        let (status, body) = put_template(&server, "kept", image(128), "").await;
+        assert_eq!(status, 500, "{body}");
+        let error = body["error"].as_str().unwrap();
+        assert!(error.contains("cannot store template kept"), "{error}");
+        assert_eq!(width(&server).await, 96);
+        std::fs::remove_dir(&blocker).unwrap();
+    }
+    // Neither file was replaced, nor anything left: a restart serves the template kept.
+    let mut files: Vec<_> = std::fs::read_dir(&folder)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    files.sort();
+    assert_eq!(files, ["kept.image", "kept.json"]);
+    let server = Server::start(repository.path(), &args);
+    assert_eq!(width(&server).await, 96);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn racing_template_changes_leave_the_folder_as_served() {
     let repository = Repository::with_models(&[MODEL]);
     let data = tempfile::tempdir().unwrap();

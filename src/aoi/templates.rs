@@ -291,11 +291,19 @@ impl TemplateStore {
             bytes: bytes.len(),
         };
         let write = || -> std::io::Result<()> {
-            durable::write(&self.image_path(board), bytes)?;
-            durable::write(
-                &self.dir.join(format!("{board}.json")),
-                &serde_json::to_vec_pretty(&info).expect("template info serialises"),
-            )
+            let image = self.image_path(board);
+            let record = self.dir.join(format!("{board}.json"));
+            // Both files are written before either replaces the board's, so a failure (a full
+            // disk) leaves the stored template as it was, as the refusal says.
+            let staged_image = durable::stage(&image, bytes)?;
+            let record_bytes = serde_json::to_vec_pretty(&info).expect("template info serialises");
+            let staged_record = durable::stage(&record, &record_bytes).inspect_err(|_| {
+                let _ = std::fs::remove_file(&staged_image);
+            })?;
+            // The image first: a stop between the two renames leaves the new image with the
+            // old record, which loading recognises (`load_board`).
+            durable::move_into_place(&staged_image, &image)?;
+            durable::move_into_place(&staged_record, &record)
         };
         let _change = self.changes.lock().expect("template changes lock");
         // Checked under the change lock, against the boards it would stay beside.
