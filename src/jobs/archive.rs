@@ -299,10 +299,6 @@ fn truncation(message: &str) -> Option<(u64, u64)> {
     Some((number_after("eof =")?, number_after("stored_eof =")?))
 }
 
-fn shape_of(dataset: &hdf5::Dataset) -> Vec<usize> {
-    dataset.shape()
-}
-
 fn check_numeric(name: &str, dataset: &hdf5::Dataset) -> Result<(), ArchiveError> {
     let descriptor = dataset
         .dtype()
@@ -491,7 +487,7 @@ impl Archive {
             check_numeric(name, dataset)?;
         }
         let (unit_shape, cycle_shape, feature_shape) =
-            (shape_of(&unit), shape_of(&cycle), shape_of(&features));
+            (unit.shape(), cycle.shape(), features.shape());
         if unit_shape.len() != 1 || cycle_shape.len() != 1 {
             return Err(invalid(format!(
                 "unit and cycle must be 1-D (unit has shape {unit_shape:?}, cycle {cycle_shape:?})"
@@ -583,7 +579,8 @@ impl Archive {
                 )));
             }
             let a = Self::dataset(file, &auxiliary)?;
-            let a_shape = shape_of(&a);
+            check_numeric(&auxiliary, &a)?;
+            let a_shape = a.shape();
             let a_names = if members.contains("A_var") {
                 read_names(&*Self::dataset(file, "A_var")?)
                     .map_err(|e| invalid(format!("A_var: {e}")))?
@@ -612,7 +609,7 @@ impl Archive {
                 }
                 let dataset = Self::dataset(file, &name)?;
                 check_numeric(&name, &dataset)?;
-                let shape = shape_of(&dataset);
+                let shape = dataset.shape();
                 if shape.first() != Some(&rows) {
                     return Err(invalid(format!(
                         "mismatched lengths: {auxiliary} has {rows} rows but {name} has {}",

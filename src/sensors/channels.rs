@@ -83,12 +83,6 @@ impl ChannelMap {
             source_width: source.len(),
         })
     }
-
-    /// Whether the source already is in model order with nothing extra.
-    pub fn is_identity(&self) -> bool {
-        self.source_width == self.columns.len()
-            && self.columns.iter().enumerate().all(|(i, c)| i == *c)
-    }
 }
 
 #[cfg(test)]
@@ -104,12 +98,8 @@ mod tests {
         let model = names(&["a", "b", "c"]);
         let map = ChannelMap::new(&model, &names(&["c", "a", "b"]), false).unwrap();
         assert_eq!(map.columns, vec![1, 2, 0]);
-        assert!(!map.is_identity());
-        assert!(
-            ChannelMap::new(&model, &model, false)
-                .unwrap()
-                .is_identity()
-        );
+        let same = ChannelMap::new(&model, &model, false).unwrap();
+        assert_eq!(same.columns, vec![0, 1, 2]);
         let wide = ChannelMap::new(&model, &names(&["x", "a", "b", "c"]), true).unwrap();
         assert_eq!(wide.columns, vec![1, 2, 3]);
         assert_eq!(wide.source_width, 4);
