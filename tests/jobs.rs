@@ -1434,6 +1434,27 @@ async fn uploads_asking_to_continue_are_refused_before_the_body_is_sent() {
         ),
         ("/v1/rul/nope", key, 1000, "404", "no sensor model nope"),
         (
+            "/v1/jobs?model=rul_fd001",
+            "Authorization: Bearer k3y\r\nContent-Encoding: br\r\n",
+            1000,
+            "415",
+            "Content-Encoding \\\"br\\\" is not accepted",
+        ),
+        (
+            "/v1/jobs",
+            "Authorization: Bearer k3y\r\nContent-Type: application/json\r\n",
+            100_000,
+            "413",
+            "exceeds the limit of 65536 bytes",
+        ),
+        (
+            "/v2/repository/index",
+            key,
+            10_000,
+            "413",
+            "the repository index's limit",
+        ),
+        (
             "/v1/inspect/board-7",
             key,
             1000,

@@ -773,24 +773,46 @@ async fn sigterm_and_ctrl_c_finish_in_flight_requests_then_exit() {
 fn a_stalled_request_body_is_refused_after_the_body_timeout() {
     use std::io::{Read, Write};
     let repository = Repository::with_models(&[MODEL]);
-    let mut server = Server::start(repository.path(), &["--body-timeout", "1"]);
+    let args = ["--body-timeout", "1", "--max-body-bytes", "5000"];
+    let mut server = Server::start(repository.path(), &args);
     let address = server.url.strip_prefix("http://").unwrap().to_owned();
-    let mut stalled = std::net::TcpStream::connect(address).unwrap();
-    stalled
-        .set_read_timeout(Some(Duration::from_secs(20)))
+    let infer = format!("/v2/models/{MODEL}/infer");
+    let cases = [
+        // Read, until the client stops sending.
+        (
+            infer.as_str(),
+            1000,
+            "408",
+            "no byte of the request body arrived for 1 s",
+        ),
+        // Refused from the head, once what was sent of the body is drained: the drain gives
+        // up when the client stalls too.
+        (
+            infer.as_str(),
+            100_000,
+            "413",
+            "exceeds the limit of 5000 bytes",
+        ),
+        ("/v1/jobs", 10, "404", "sensors are not enabled"),
+    ];
+    for (target, length, status, error) in cases {
+        let mut stalled = std::net::TcpStream::connect(&address).unwrap();
+        stalled
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        write!(
+            stalled,
+            "POST {target} HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n\r\n{{"
+        )
         .unwrap();
-    write!(
-        stalled,
-        "POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{{"
-    )
-    .unwrap();
-    let mut answer = String::new();
-    let _ = stalled.read_to_string(&mut answer);
-    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
-    assert!(
-        answer.contains("no byte of the request body arrived for 1 s"),
-        "{answer}"
-    );
+        let mut answer = String::new();
+        let _ = stalled.read_to_string(&mut answer);
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status}")),
+            "{target}: {answer}"
+        );
+        assert!(answer.contains(error), "{target}: {answer}");
+    }
     // Nothing holds a graceful stop any more.
     server.terminate();
     assert!(server.wait_exit(Duration::from_secs(10)).success());

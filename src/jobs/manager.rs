@@ -2,9 +2,10 @@
 //!
 //! Submitted jobs are queued in memory and on disk; `--job-workers` threads take them in order
 //! and run them (`runner::run`), each job's windows going through the shared batchers. Progress
-//! and rows/s are kept in memory and written to `state.json` at most once a second; state
-//! changes are written at once, always outside the record's lock, so a status request never
-//! waits on a disk flush. Cancellation is checked between chunks. A bad archive fails its
+//! and rows/s are kept in memory and written to `state.json` at most once a second, outside the
+//! record's lock, so a status request never waits on a progress write; state changes are
+//! written at once, before anyone can read them, so a state seen is a state that survives a
+//! crash. Cancellation is checked between chunks. A bad archive fails its
 //! own job only. On start, jobs found queued or running on disk are re-queued from the
 //! beginning; on shutdown, running jobs stop at the next chunk and are left queued.
 
@@ -31,10 +32,11 @@ const SAVE_EVERY: Duration = Duration::from_secs(1);
 
 struct JobEntry {
     record: Mutex<JobRecord>,
-    /// Counts the record's changes that are to be written; taken under `record`'s lock, so
-    /// revisions follow the order of the changes.
+    /// Counts the record's writes; taken under `record`'s lock, so revisions follow the order
+    /// of the changes.
     revision: AtomicU64,
-    /// The revision last written, held while writing: a copy older than it is not written.
+    /// The revision last written, held while writing: a progress copy older than it is not
+    /// written.
     saved: Mutex<u64>,
     cancel: AtomicBool,
 }
@@ -44,19 +46,31 @@ impl JobEntry {
         self.record.lock().expect("record lock")
     }
 
-    /// Has `write` write the record as `record` holds it, once its lock is released (the write
-    /// flushes to disk, which may take long); returns the record written.
-    fn save(&self, record: MutexGuard<'_, JobRecord>, write: impl FnOnce(&JobRecord)) -> JobRecord {
+    /// Has `write` write `record`, whose lock the caller holds, so the change is on disk
+    /// before anyone can read it.
+    fn write_through<E>(
+        &self,
+        record: &JobRecord,
+        write: impl FnOnce(&JobRecord) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let revision = self.revision.fetch_add(1, Ordering::AcqRel) + 1;
+        let mut saved = self.saved.lock().expect("save lock");
+        write(record)?;
+        *saved = revision;
+        Ok(())
+    }
+
+    /// Has `write` write the record as `record` holds it once its lock is released (for
+    /// progress, which readers need not wait for), unless a later change is written first.
+    fn write_behind(&self, record: MutexGuard<'_, JobRecord>, write: impl FnOnce(&JobRecord)) {
         let revision = self.revision.fetch_add(1, Ordering::AcqRel) + 1;
         let copy = record.clone();
         drop(record);
         let mut saved = self.saved.lock().expect("save lock");
-        // A later change may have been written while this one waited for the lock.
         if *saved < revision {
             write(&copy);
             *saved = revision;
         }
-        copy
     }
 }
 
@@ -297,12 +311,16 @@ impl JobManager {
     /// cannot pass it together).
     pub fn submit(&self, record: JobRecord) -> Result<JobRecord, Refused> {
         let id = record.id.clone();
+        let entry = Self::new_entry(record.clone());
         {
             let mut jobs = self.jobs.lock().expect("jobs lock");
             self.check_pending(&jobs)?;
-            jobs.insert(id.clone(), Self::new_entry(record.clone()));
+            jobs.insert(id.clone(), entry.clone());
         }
-        if let Err(error) = self.store.save(&record) {
+        // Under the record's lock, like every state change: a cancel that comes at once is
+        // written after this.
+        let saved = entry.write_through(&entry.record(), |record| self.store.save(record));
+        if let Err(error) = saved {
             self.jobs.lock().expect("jobs lock").remove(&id);
             return Err(Refused::Store(error.into()));
         }
@@ -318,13 +336,15 @@ impl JobManager {
 
     /// Every job, oldest first.
     pub fn list(&self) -> Vec<JobRecord> {
-        let mut records: Vec<JobRecord> = self
+        let entries: Vec<Arc<JobEntry>> = self
             .jobs
             .lock()
             .expect("jobs lock")
             .values()
-            .map(|e| e.record().clone())
+            .cloned()
             .collect();
+        // Outside the map's lock: a record may be held while its change is written.
+        let mut records: Vec<JobRecord> = entries.iter().map(|e| e.record().clone()).collect();
         records.sort_by(|a, b| a.created_unix.total_cmp(&b.created_unix));
         records
     }
@@ -340,16 +360,17 @@ impl JobManager {
                 record.state = JobState::Cancelled;
                 record.finished_unix = Some(now_unix());
                 self.count_ended(&record);
-                Some(self.save(&entry, record))
+                self.save(&entry, &record);
             }
             // The worker sees the flag at its next chunk; the record keeps the request in case
             // the process stops first.
             JobState::Running => {
                 record.cancel_requested = true;
-                Some(self.save(&entry, record))
+                self.save(&entry, &record);
             }
-            _ => Some(record.clone()),
+            _ => {}
         }
+        Some(record.clone())
     }
 
     /// Removes a finished job and its files (an unknown id has nothing to remove).
@@ -386,13 +407,13 @@ impl JobManager {
             .map(|r| r.handle().clone())
     }
 
-    /// Writes the entry's record as `record` holds it; returns the record written.
-    fn save(&self, entry: &JobEntry, record: MutexGuard<'_, JobRecord>) -> JobRecord {
-        entry.save(record, |copy| {
-            if let Err(error) = self.store.save(copy) {
-                tracing::error!(job = %copy.id, %error, "cannot save job state");
-            }
-        })
+    /// Writes a state change of the entry's record, whose lock the caller holds.
+    fn save(&self, entry: &JobEntry, record: &JobRecord) {
+        let _ = entry.write_through(record, |record| {
+            self.store.save(record).inspect_err(|error| {
+                tracing::error!(job = %record.id, %error, "cannot save job state");
+            })
+        });
     }
 
     fn run_job(&self, id: &str) {
@@ -408,7 +429,7 @@ impl JobManager {
             record.started_unix = Some(now_unix());
             record.attempts += 1;
             record.error = None;
-            let record = self.save(&entry, record);
+            self.save(&entry, &record);
             let mut options = RunOptions::new(
                 record.settings,
                 record.input.name.clone(),
@@ -508,7 +529,7 @@ impl JobManager {
         if record.state.is_final() {
             self.count_ended(&record);
         }
-        self.save(&entry, record);
+        self.save(&entry, &record);
     }
 
     /// Reads the archive whole in a child process first (`jobs::check`), so one that crashes
@@ -634,7 +655,11 @@ impl Monitor for JobMonitor<'_> {
         if last.elapsed() >= SAVE_EVERY {
             *last = Instant::now();
             drop(last);
-            self.manager.save(self.entry, record);
+            self.entry.write_behind(record, |record| {
+                if let Err(error) = self.manager.store.save(record) {
+                    tracing::error!(job = %record.id, %error, "cannot save job progress");
+                }
+            });
         }
     }
 
@@ -671,22 +696,32 @@ mod tests {
         JobManager::new_entry(record)
     }
 
-    /// Sets `rows_done` and saves, the write recording what it wrote into `writes`.
-    fn change(entry: Arc<JobEntry>, rows: u64, writes: Arc<Mutex<Vec<u64>>>) {
+    /// Sets `rows_done` and writes it (as progress, or as a state change), the write recording
+    /// what it wrote into `writes`.
+    fn change(entry: Arc<JobEntry>, rows: u64, progress: bool, writes: Arc<Mutex<Vec<u64>>>) {
         let mut record = entry.record();
         record.rows_done = rows;
-        entry.save(record, |copy| writes.lock().unwrap().push(copy.rows_done));
+        let write = |copy: &JobRecord| writes.lock().unwrap().push(copy.rows_done);
+        if progress {
+            entry.write_behind(record, write);
+        } else {
+            let written = entry.write_through(&record, |copy| {
+                write(copy);
+                Ok::<(), std::convert::Infallible>(())
+            });
+            assert!(written.is_ok());
+        }
     }
 
     #[test]
-    fn a_record_is_free_to_read_while_it_is_written() {
+    fn a_record_is_free_to_read_while_its_progress_is_written() {
         let entry = entry();
         let (started, is_started) = mpsc::channel();
         let (release, is_released) = mpsc::channel::<()>();
         let writer = {
             let entry = entry.clone();
             std::thread::spawn(move || {
-                entry.save(entry.record(), |_| {
+                entry.write_behind(entry.record(), |_| {
                     started.send(()).unwrap();
                     is_released.recv().unwrap();
                 })
@@ -700,26 +735,28 @@ mod tests {
 
     #[test]
     fn the_last_write_is_the_last_change() {
-        for _ in 0..20 {
-            let entry = entry();
-            let writes = Arc::new(Mutex::new(Vec::new()));
-            // Both changes wait for the write lock, the first made first; whichever gets the
-            // lock first, the newer change is what is on disk at the end.
-            let held = entry.saved.lock().unwrap();
-            let mut changes = Vec::new();
-            for (rows, revision) in [(1, 1), (2, 2)] {
-                let (entry_for, writes_for) = (entry.clone(), writes.clone());
-                changes.push(std::thread::spawn(move || {
-                    change(entry_for, rows, writes_for)
-                }));
-                while entry.revision.load(Ordering::Acquire) < revision {
-                    std::thread::yield_now();
+        for (first_is_progress, second_is_progress) in [(true, true), (true, false)] {
+            for _ in 0..20 {
+                let entry = entry();
+                let writes = Arc::new(Mutex::new(Vec::new()));
+                // Both changes wait for the write lock, the first made first; whichever gets
+                // the lock first, the newer change is what is on disk at the end.
+                let held = entry.saved.lock().unwrap();
+                let mut changes = Vec::new();
+                for (rows, progress) in [(1, first_is_progress), (2, second_is_progress)] {
+                    let (entry_for, writes_for) = (entry.clone(), writes.clone());
+                    changes.push(std::thread::spawn(move || {
+                        change(entry_for, rows, progress, writes_for)
+                    }));
+                    while entry.revision.load(Ordering::Acquire) < rows {
+                        std::thread::yield_now();
+                    }
                 }
+                drop(held);
+                changes.into_iter().for_each(|c| c.join().unwrap());
+                let writes = writes.lock().unwrap();
+                assert_eq!(writes.last(), Some(&2), "{writes:?}");
             }
-            drop(held);
-            changes.into_iter().for_each(|c| c.join().unwrap());
-            let writes = writes.lock().unwrap();
-            assert_eq!(writes.last(), Some(&2), "{writes:?}");
         }
     }
 }

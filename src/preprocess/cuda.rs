@@ -84,6 +84,10 @@ pub struct CudaPreprocessor {
     functions: HashMap<&'static str, CudaFunction>,
     /// Idle lanes; a caller takes one (or makes one when all are busy) and gives it back.
     lanes: Mutex<Vec<Lane>>,
+    /// The most idle lanes kept: a burst of callers makes as many lanes, each holding the
+    /// pinned and device buffers its boards needed; past the burst, the ones beyond this are
+    /// freed.
+    idle_lanes: usize,
     /// Buffers handed to inference ([`KernelRunner::run_on_device`]), back once it is done.
     handed_off: Arc<BufferPool>,
 }
@@ -361,6 +365,7 @@ impl CudaPreprocessor {
             name,
             functions,
             lanes: Mutex::new(Vec::new()),
+            idle_lanes: std::thread::available_parallelism().map_or(2, |n| n.get()),
             handed_off: Arc::new(Mutex::new(HashMap::new())),
         })
     }
@@ -559,6 +564,17 @@ impl KernelRunner for CudaPreprocessor {
     }
 }
 
+/// Puts `item` back into `pool` unless the pool already holds `limit`; then returns it, to be
+/// dropped.
+fn keep_idle<T>(pool: &mut Vec<T>, item: T, limit: usize) -> Option<T> {
+    if pool.len() < limit {
+        pool.push(item);
+        None
+    } else {
+        Some(item)
+    }
+}
+
 impl CudaPreprocessor {
     /// Takes an idle lane (or makes one), queues the steps, waits for them, lets `take` use the
     /// buffers, and, when all went well, puts the lane back with what `take` left of them.
@@ -603,7 +619,13 @@ impl CudaPreprocessor {
         // failure was running out of it); a good one goes back with them.
         if outcome.is_ok() {
             lane.recycle(device, pinned);
-            self.lanes.lock().expect("lane pool lock").push(lane);
+            let excess = keep_idle(
+                &mut self.lanes.lock().expect("lane pool lock"),
+                lane,
+                self.idle_lanes,
+            );
+            // Freed outside the lock: freeing device memory may wait for the device.
+            drop(excess);
         }
         outcome
     }
@@ -612,6 +634,15 @@ impl CudaPreprocessor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn idle_lanes_beyond_the_limit_are_let_go() {
+        let mut pool = Vec::new();
+        assert_eq!(keep_idle(&mut pool, 1, 2), None);
+        assert_eq!(keep_idle(&mut pool, 2, 2), None);
+        assert_eq!(keep_idle(&mut pool, 3, 2), Some(3));
+        assert_eq!(pool, [1, 2]);
+    }
 
     #[test]
     fn cuda_kernels_match_the_cpu() {

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use actix_multipart::Multipart;
 use actix_web::http::Method;
+use actix_web::http::header::HeaderMap;
 use actix_web::{HttpRequest, HttpResponse, web};
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
@@ -16,7 +17,8 @@ use crate::aoi::pipeline::{Alignment, StageTimings};
 use crate::aoi::templates::{Board, TemplateInfo, validate_board_name};
 use crate::aoi::{AoiError, AoiService};
 use crate::server::body::{
-    MAX_BODY_FLAG, decoded, drain_form, media_type, read_limited, refuse_declared, unreadable,
+    MAX_BODY_FLAG, declared_length, decoded, drain_form, media_type, read_limited, refuse_declared,
+    too_large, unreadable,
 };
 use crate::server::client_gone::unless_client_leaves;
 use crate::server::early_refusal::{BodyRoute, Head};
@@ -73,7 +75,7 @@ pub(super) fn body_routes() -> Vec<BodyRoute> {
 /// `put_template`'s refusals before its body, in its order.
 fn template_head(state: &AppState, head: &Head) -> Result<(), ApiError> {
     let query = head.query::<PutQuery>()?;
-    head.within_max_body(state)?;
+    images_refused(state, head)?;
     match head.params::<String>() {
         Some(board) => template_target(state, &board, &query).map(drop),
         None => Ok(()),
@@ -83,7 +85,7 @@ fn template_head(state: &AppState, head: &Head) -> Result<(), ApiError> {
 /// `inspect`'s and `inspect_batch`'s refusals before their body, in their order.
 fn inspect_head(state: &AppState, head: &Head) -> Result<(), ApiError> {
     head.query::<NoParameters>()?;
-    head.within_max_body(state)?;
+    images_refused(state, head)?;
     match head.params::<String>() {
         Some(board) => inspected_board(state, &board).map(drop),
         None => Ok(()),
@@ -145,18 +147,36 @@ fn find_board(service: &AoiService, board: &str) -> Result<Arc<Board>, ApiError>
         .ok_or_else(|| unknown_board(service, board))
 }
 
+fn is_form(headers: &HeaderMap) -> bool {
+    media_type(headers).as_deref() == Some("multipart/form-data")
+}
+
+fn empty_body() -> ApiError {
+    ApiError::Unprocessable(
+        "the body is empty: send the image as the body or as multipart/form-data".into(),
+    )
+}
+
+/// What `read_images` refuses from the head: a body above `--max-body-bytes`, an encoding it
+/// does not decode, a raw body declared empty.
+fn images_refused(state: &AppState, head: &Head) -> Result<(), ApiError> {
+    head.within_max_body(state)?;
+    if !is_form(head.headers) && declared_length(head.headers) == Some(0) {
+        return Err(empty_body());
+    }
+    Ok(())
+}
+
 /// The images of a request: the raw body, or every part of a multipart form, each a file.
 async fn read_images(
     request: &HttpRequest,
     mut payload: web::Payload,
     limit: usize,
 ) -> Result<Vec<(Option<String>, Bytes)>, ApiError> {
-    if media_type(request.headers()).as_deref() != Some("multipart/form-data") {
+    if !is_form(request.headers()) {
         let body = read_limited(request, payload, limit, MAX_BODY_FLAG).await?;
         if body.is_empty() {
-            return Err(ApiError::Unprocessable(
-                "the body is empty: send the image as the body or as multipart/form-data".into(),
-            ));
+            return Err(empty_body());
         }
         return Ok(vec![(None, body)]);
     }
@@ -184,9 +204,7 @@ async fn read_images(
             let chunk = chunk.map_err(|e| unreadable("malformed multipart body", &e))?;
             total += chunk.len();
             if total > limit {
-                return Err(ApiError::PayloadTooLarge(format!(
-                    "request body exceeds the limit of {limit} bytes (--max-body-bytes)"
-                )));
+                return Err(too_large(None, limit, MAX_BODY_FLAG));
             }
             bytes.extend_from_slice(&chunk);
         }

@@ -61,7 +61,7 @@ pub async fn refuse_declared(
 ) -> Result<Option<usize>, ApiError> {
     let declared = declared_length(request.headers()).map(|size| size as usize);
     if let Some(size) = declared.filter(|size| *size > limit) {
-        drain(payload, size).await;
+        drain_unread(request, payload).await;
         return Err(too_large(Some(size), limit, source));
     }
     Ok(declared)
@@ -109,7 +109,7 @@ pub fn decoded(
 }
 
 /// The 415 of a `Content-Encoding` that `decoded` does not decode.
-fn accepted_encoding(headers: &HeaderMap) -> Result<(), ApiError> {
+pub fn accepted_encoding(headers: &HeaderMap) -> Result<(), ApiError> {
     let encoding = headers
         .get(header::CONTENT_ENCODING)
         .map(|v| v.to_str().unwrap_or("").trim().to_ascii_lowercase());
@@ -130,8 +130,20 @@ fn stall_limit(request: &HttpRequest) -> Duration {
         .expect("the server registers its state for every route")
 }
 
+/// Reads and drops a refused body, none of which has been read (see `drain`); a client that
+/// stops sending is given up on after `--body-timeout`, as when a body is read.
+pub async fn drain_unread(request: &HttpRequest, payload: &mut web::Payload) {
+    let declared = declared_length(request.headers()).unwrap_or(0);
+    let mut payload = StallLimited::new(payload, stall_limit(request));
+    drain(
+        &mut payload,
+        usize::try_from(declared).unwrap_or(usize::MAX),
+    )
+    .await;
+}
+
 /// Reads and drops the rest of a body when it is small enough to be worth it.
-pub async fn drain<S, E>(payload: &mut S, declared: usize)
+async fn drain<S, E>(payload: &mut S, declared: usize)
 where
     S: futures_util::Stream<Item = Result<Bytes, E>> + Unpin,
 {

@@ -197,6 +197,11 @@ mod tests {
             ("/v1/inspect/board-7/batch", "/v1/inspect/{board}/batch"),
             ("/v1/rul/rul_fd001", "/v1/rul/{model}"),
             ("/v1/jobs", "/v1/jobs"),
+            ("/v2/repository/index", "/v2/repository/index"),
+            (
+                "/v2/repository/models/m/load",
+                "/v2/repository/models/{model}/{action:load|unload}",
+            ),
         ];
         for (path, expected) in cases {
             assert_eq!(pattern(Method::POST, path).as_deref(), Some(expected));
@@ -209,7 +214,7 @@ mod tests {
         assert_eq!(pattern(Method::POST, "/v2/models//infer"), None);
         assert_eq!(pattern(Method::POST, "/v1/inspect/board-7/"), None);
         assert_eq!(pattern(Method::PUT, "/v1/jobs"), None);
-        assert_eq!(pattern(Method::POST, "/v2/repository/index"), None);
+        assert_eq!(pattern(Method::POST, "/v2/repository/models/m/drop"), None);
         assert_eq!(pattern(Method::POST, "/v1/templates/board-7"), None);
         assert_eq!(pattern(Method::GET, "/v2/models/aoi_defect/infer"), None);
     }

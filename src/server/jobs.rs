@@ -29,7 +29,8 @@ use crate::jobs::{Fleet, PathRefused};
 use crate::sensors::AssessSettings;
 use crate::server::NoQuery;
 use crate::server::body::{
-    BodyError, declared_length, decoded, drain, drain_form, media_type, read_limited, unreadable,
+    BodyError, accepted_encoding, declared_length, decoded, drain_form, drain_unread, media_type,
+    read_limited, refused_head, unreadable,
 };
 use crate::server::early_refusal::{BodyRoute, HeadCheck};
 use crate::server::error::{ApiError, parse_query};
@@ -42,8 +43,11 @@ use crate::server::state::AppState;
 /// a column (cols2: `held`) exports a finished job's result again rather than serve the old file.
 const EXPORT_COLUMNS: &str = "cols2";
 
-/// Largest `{"path": ...}` submission body.
+/// Largest `{"path": ...}` submission body, and where its 413 says the limit comes from.
 const PATH_BODY_LIMIT: usize = 64 * 1024;
+const PATH_BODY_SOURCE: &str = "a JSON {\"path\": ...} submission's; send the HDF5 archive \
+                                itself as the body (any type but application/json) or as a \
+                                multipart file";
 
 const JOBS: &str = "/v1/jobs";
 
@@ -298,6 +302,7 @@ fn admit_submission(
         ));
     }
     if media_type(headers).as_deref() == Some("application/json") {
+        refused_head(headers, PATH_BODY_LIMIT, PATH_BODY_SOURCE)?;
         return Ok(Admitted {
             fleet,
             options,
@@ -315,6 +320,7 @@ fn admit_submission(
     let model = job_model(&fleet, options.model.as_deref())?;
     let settings = settings(&fleet, options.critical, options.warning)?;
     fleet.jobs.admit(declared.unwrap_or(0))?;
+    accepted_encoding(headers)?;
     Ok(Admitted {
         fleet,
         options,
@@ -344,20 +350,12 @@ async fn submit_job(
         Err(error) => {
             // Read off the refused body (when small enough), so the client gets this answer
             // rather than a connection closed under its feet.
-            let declared = declared_length(request.headers()).unwrap_or(0);
-            drain(&mut payload, declared as usize).await;
+            drain_unread(&request, &mut payload).await;
             return Err(error);
         }
     };
     let Some((model, settings)) = upload else {
-        let body = read_limited(
-            &request,
-            payload,
-            PATH_BODY_LIMIT,
-            "a JSON {\"path\": ...} submission's; send the HDF5 archive itself as the body (any \
-             type but application/json) or as a multipart file",
-        )
-        .await?;
+        let body = read_limited(&request, payload, PATH_BODY_LIMIT, PATH_BODY_SOURCE).await?;
         let from_body: SubmitOptions = serde_json::from_slice(&body).map_err(|e| {
             if e.is_syntax() || e.is_eof() {
                 return ApiError::BadRequest(format!("the body is not valid JSON: {e}"));

@@ -11,9 +11,9 @@ use actix_web::{HttpRequest, HttpResponse, web};
 use serde_json::json;
 
 use crate::engine::ServedModel;
-use crate::server::body::{MAX_BODY_FLAG, media_type, read_limited};
+use crate::server::body::{MAX_BODY_FLAG, media_type, read_limited, refused_head};
 use crate::server::client_gone::unless_client_leaves;
-use crate::server::early_refusal::{BodyRoute, Head};
+use crate::server::early_refusal::{BodyRoute, Head, HeadCheck};
 use crate::server::error::ApiError;
 use crate::server::routing::resource;
 use crate::server::state::AppState;
@@ -26,6 +26,26 @@ const INFER_MEDIA_TYPES: &[&str] = &[
     "application/x-www-form-urlencoded",
     "text/plain",
 ];
+
+/// A route that reads a small body of its own limit.
+struct SmallBody {
+    path: &'static str,
+    limit: usize,
+    /// Where its 413 says the limit comes from.
+    source: &'static str,
+}
+
+const INDEX: SmallBody = SmallBody {
+    path: "/v2/repository/index",
+    limit: 4096,
+    source: "the repository index's limit",
+};
+
+const MODEL_CONTROL: SmallBody = SmallBody {
+    path: "/v2/repository/models/{model}/{action:load|unload}",
+    limit: 64 * 1024,
+    source: "a model control request's limit",
+};
 
 /// The scope of a model's routes, and of a version's within it.
 const MODEL_SCOPE: &str = "/v2/models/{model}";
@@ -70,11 +90,11 @@ pub fn routes(config: &mut web::ServiceConfig) {
             [(Method::GET, web::route().to(ready))],
         ))
         .service(resource(
-            "/v2/repository/index",
+            INDEX.path,
             [(Method::POST, web::route().to(repository_index))],
         ))
         .service(resource(
-            "/v2/repository/models/{model}/{action:load|unload}",
+            MODEL_CONTROL.path,
             [(Method::POST, web::route().to(load_or_unload))],
         ))
         // Before the per-model scope, which would take "stats" for a model's name.
@@ -85,15 +105,26 @@ pub fn routes(config: &mut web::ServiceConfig) {
         .service(per_model(web::scope(MODEL_SCOPE)).service(per_model(web::scope(VERSION_SCOPE))));
 }
 
-/// Infer, of the latest version and of a given one.
+/// Infer, of the latest version and of a given one, and the repository routes.
 pub(super) fn body_routes() -> Vec<BodyRoute> {
-    [
+    let index: HeadCheck = |_, head| {
+        head.query::<NoParameters>()?;
+        refused_head(head.headers, INDEX.limit, INDEX.source)
+    };
+    let control: HeadCheck =
+        |_, head| refused_head(head.headers, MODEL_CONTROL.limit, MODEL_CONTROL.source);
+    let infer = [
         format!("{MODEL_SCOPE}{INFER}"),
         format!("{MODEL_SCOPE}{VERSION_SCOPE}{INFER}"),
     ]
-    .iter()
-    .map(|pattern| BodyRoute::new(Method::POST, pattern, infer_head))
-    .collect()
+    .map(|pattern| BodyRoute::new(Method::POST, &pattern, infer_head));
+    infer
+        .into_iter()
+        .chain([
+            BodyRoute::new(Method::POST, INDEX.path, index),
+            BodyRoute::new(Method::POST, MODEL_CONTROL.path, control),
+        ])
+        .collect()
 }
 
 /// `infer`'s refusals before its body, in its order.
@@ -149,13 +180,7 @@ async fn load_or_unload(
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     // The body first: an answer sent with the body unread makes actix drop the connection.
-    read_limited(
-        &request,
-        payload,
-        64 * 1024,
-        "a model control request's limit",
-    )
-    .await?;
+    read_limited(&request, payload, MODEL_CONTROL.limit, MODEL_CONTROL.source).await?;
     let (model, action) = path.into_inner();
     Err(ApiError::NotImplemented(format!(
         "cannot {action} model {model}: linescan loads its model repository at start and \
@@ -193,7 +218,7 @@ async fn repository_index(
     request: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let body = read_limited(&request, payload, 4096, "the repository index's limit").await?;
+    let body = read_limited(&request, payload, INDEX.limit, INDEX.source).await?;
     if !body.iter().all(u8::is_ascii_whitespace) {
         serde_json::from_slice::<IndexRequest>(&body).map_err(|e| {
             ApiError::BadRequest(format!(
@@ -328,8 +353,10 @@ async fn infer(
                 .and_then(|v| v.trim().parse::<usize>().ok())
                 .ok_or_else(|| {
                     invalid(ApiError::BadRequest(format!(
-                        "{} must be a byte count",
-                        codec::HEADER_LENGTH
+                        "{} must be a byte count (the length of the JSON header that starts \
+                         the body), not {:?}",
+                        codec::HEADER_LENGTH,
+                        String::from_utf8_lossy(value.as_bytes())
                     )))
                 })?,
         ),
