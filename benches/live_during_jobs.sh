@@ -31,12 +31,28 @@ done
 echo "== live /v1/rul, 1 client, while $JOBS jobs of 1,000,000 rows run (2 at a time)"
 $BIN bench rul --url http://127.0.0.1:$PORT --concurrency 1 --duration "$SECONDS_" --warmup 0.5 \
     --report bench-results/live_during_jobs/rul.json
-if curl -s http://127.0.0.1:$PORT/v1/jobs | grep -q -E '"state": ?"(queued|running)"'; then
+# Reads the job list into JOB_LIST; the script stops when the server no longer answers (not in
+# a subshell, so that `exit` ends the script).
+read_jobs() {
+    if ! JOB_LIST=$(curl -sf "http://127.0.0.1:$PORT/v1/jobs"); then
+        echo "the server stopped answering; see bench-results/live_during_jobs/server.log" >&2
+        exit 1
+    fi
+}
+jobs_pending() {
+    read_jobs
+    grep -q -E '"state": ?"(queued|running)"' <<<"$JOB_LIST"
+}
+if jobs_pending; then
     echo "(jobs were still running when the live run ended, as they should be)"
 else
     echo "warning: the jobs finished before the live run did; raise JOBS for a fair figure"
 fi
-while curl -s http://127.0.0.1:$PORT/v1/jobs | grep -q -E '"state": ?"(queued|running)"'; do
+while jobs_pending; do
     sleep 0.1
 done
+if grep -q -E '"state": ?"(failed|cancelled)"' <<<"$JOB_LIST"; then
+    echo "some jobs did not finish: $JOB_LIST" >&2
+    exit 1
+fi
 echo "== $JOBS jobs done in $(awk "BEGIN { print $(date +%s.%N) - $STARTED }") s"

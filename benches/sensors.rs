@@ -122,7 +122,7 @@ fn sensors(c: &mut Criterion) {
     // An archive of 65,536 rows end to end: read in chunks, window, score, write HDF5.
     let dir = tempfile::tempdir().unwrap();
     let archive = dir.path().join("fleet.h5");
-    let (rows, _) = synthetic::write_large_generic(&archive, 65_536, 3).unwrap();
+    let (rows, _) = synthetic::write_large_generic(&archive, 65_536, 3, &|| false).unwrap();
     let out = dir.path().join("result.h5");
     let mut options = RunOptions::new(
         AssessSettings::default(),

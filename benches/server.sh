@@ -1,6 +1,9 @@
 # Sourced by the benchmark scripts: checks that a port is free before a server is started on it,
 # and waits, bounded, for that server to be ready.
 
+# The checks below ask with curl; without it every port would look free and no server ready.
+command -v curl >/dev/null || { echo "the benchmark scripts need curl (deploy/setup.sh installs it)" >&2; exit 1; }
+
 # Fails when something already answers on port $1: the figures would be that server's.
 port_free() {
     if curl -s -o /dev/null --max-time 2 "http://127.0.0.1:$1/"; then

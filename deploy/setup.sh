@@ -9,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(pkg-config python3-venv libhdf5-dev mesa-vulkan-drivers libvulkan1)
+APT_PACKAGES=(pkg-config python3-venv libhdf5-dev mesa-vulkan-drivers libvulkan1 curl)
 
 missing=()
 for package in "${APT_PACKAGES[@]}"; do

@@ -72,6 +72,33 @@ fn sync_folder_of(path: &Path) -> io::Result<()> {
     }
 }
 
+/// A file being written, removed when dropped unless it was kept: an error or a stop on the
+/// way leaves nothing behind.
+pub struct PartialFile(Option<PathBuf>);
+
+impl PartialFile {
+    pub fn new(path: PathBuf) -> PartialFile {
+        PartialFile(Some(path))
+    }
+
+    pub fn path(&self) -> &Path {
+        self.0.as_deref().expect("a partial file not yet kept")
+    }
+
+    /// The file has been moved into place: nothing to remove.
+    pub fn kept(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for PartialFile {
+    fn drop(&mut self) {
+        if let Some(path) = self.0.take() {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -116,6 +116,10 @@ const CHATTY: [&str; 4] = ["ort", "naga", "wgpu_core", "wgpu_hal"];
 fn log_filter(value: Option<&str>) -> Result<tracing_subscriber::EnvFilter, String> {
     const LEVELS: [&str; 6] = ["error", "warn", "info", "debug", "trace", "off"];
     let value = value.unwrap_or(DEFAULT_LOG);
+    if value.trim().is_empty() {
+        // EnvFilter would take it as no directive at all, and log nothing, errors included.
+        return Err("it is empty".into());
+    }
     // A bare word is a target to EnvFilter: "warnn" would silence every other line.
     let stray = value.split(',').map(str::trim).find(|d| {
         !d.is_empty() && !d.contains('=') && !LEVELS.contains(&d.to_ascii_lowercase().as_str())
@@ -123,8 +127,21 @@ fn log_filter(value: Option<&str>) -> Result<tracing_subscriber::EnvFilter, Stri
     if let Some(word) = stray {
         return Err(format!("{word:?} is not a level"));
     }
+    // The targets the value names (`target[span]=level`), to tell `ort` from `linescan::report`.
+    let targets: Vec<&str> = value
+        .split(',')
+        .filter_map(|d| d.split_once('='))
+        .map(|(target, _)| target.split('[').next().unwrap_or_default().trim())
+        .collect();
+    let named = |library: &str| {
+        targets.iter().any(|target| {
+            target
+                .strip_prefix(library)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with("::"))
+        })
+    };
     let mut directives = value.to_string();
-    for library in CHATTY.iter().filter(|library| !value.contains(*library)) {
+    for library in CHATTY.iter().filter(|library| !named(library)) {
         directives.push_str(&format!(",{library}=warn"));
     }
     tracing_subscriber::EnvFilter::try_new(directives).map_err(|e| e.to_string())
@@ -224,6 +241,16 @@ mod tests {
                 .contains("\"warnn\" is not a level")
         );
         assert!(log_filter(Some("x=[")).is_err());
+        assert!(log_filter(Some("")).unwrap_err().contains("empty"));
+        // A target that merely contains a library's name does not name it.
+        let filter = log_filter(Some("info,linescan::bench::report=debug"))
+            .unwrap()
+            .to_string();
+        assert!(filter.contains("ort=warn"), "{filter}");
+        let filter = log_filter(Some("info,ort::logging=info"))
+            .unwrap()
+            .to_string();
+        assert!(!filter.contains("ort=warn"), "{filter}");
         // The chatty libraries stay at warn unless asked for.
         let filter = log_filter(Some("debug")).unwrap().to_string();
         for library in CHATTY {

@@ -1310,6 +1310,45 @@ fn offline_commands_refuse_to_overwrite_their_input() {
         before,
         "the archive changed"
     );
+    // Nor the file the result is written to before it is moved over --out.
+    let partial = setup.file("out.h5.partial");
+    std::fs::copy(&archive, &partial).unwrap();
+    let output = job_run_output(
+        setup.repository.path(),
+        &partial,
+        &setup.file("out.h5"),
+        &[],
+    );
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("is where this run writes"), "{stderr}");
+    assert_eq!(std::fs::read(&partial).unwrap(), before);
+    // A CSV run scores into a file of its own beside --out, which it removes: an input named
+    // like the older fixed name is left alone.
+    let named_like = setup.file("r.scoring.h5");
+    std::fs::copy(&archive, &named_like).unwrap();
+    let output = job_run_output(
+        setup.repository.path(),
+        &named_like,
+        &setup.file("r.csv"),
+        &[],
+    );
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(std::fs::read(&named_like).unwrap(), before);
+    let mut files: Vec<String> = std::fs::read_dir(setup.files.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    files.sort();
+    assert_eq!(
+        files,
+        ["fleet.h5", "out.h5.partial", "r.csv", "r.scoring.h5"],
+        "left behind or removed"
+    );
     let csv = setup.file("fleet.csv");
     let output = run_cli(&[
         "job",
@@ -1693,20 +1732,50 @@ fn sigterm_stops_job_run_without_leaving_a_partial_result() {
         .spawn()
         .unwrap();
     // The partial file appears once scoring has begun.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while !partial.exists() {
-        assert!(std::time::Instant::now() < deadline, "no partial result");
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
-    common::signal(child.id(), "TERM");
-    let output = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(130), "{stderr}");
+    let stderr = stopped_once_written(child, &partial);
     assert!(
         stderr.contains("interrupted (SIGTERM) before the end") && stderr.contains("not written"),
         "{stderr}"
     );
     assert!(!partial.exists() && !out.exists(), "{stderr}");
+}
+
+/// Sends SIGTERM to `child` once `partial` exists; checks that it exits 130 and returns what it
+/// printed on stderr.
+fn stopped_once_written(child: std::process::Child, partial: &Path) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !partial.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no {}",
+            partial.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    common::signal(child.id(), "TERM");
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert_eq!(output.status.code(), Some(130), "{stderr}");
+    stderr
+}
+
+#[test]
+fn a_stopped_job_synth_leaves_the_file_it_would_replace_as_it_was() {
+    let setup = setup();
+    let archive = write_generic(setup.files.path(), "fleet.h5", &small_fleet());
+    let before = std::fs::read(&archive).unwrap();
+    let partial = setup.file("fleet.h5.partial");
+    // Far more rows than it can write before the signal.
+    let child = common::command(common::BIN)
+        .args(["job", "synth", "--rows", "500000000", "--out"])
+        .arg(&archive)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = stopped_once_written(child, &partial);
+    assert!(stderr.contains("interrupted (SIGTERM)"), "{stderr}");
+    assert!(!partial.exists(), "{stderr}");
+    assert_eq!(std::fs::read(&archive).unwrap(), before);
 }
 
 /// A copy of `table` with each `(row, column)` cell set to `value`.

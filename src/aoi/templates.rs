@@ -302,8 +302,11 @@ impl TemplateStore {
             })?;
             // The image first: a stop between the two renames leaves the new image with the
             // old record, which loading recognises (`load_board`).
-            durable::move_into_place(&staged_image, &image)?;
-            durable::move_into_place(&staged_record, &record)
+            durable::move_into_place(&staged_image, &image)
+                .and_then(|()| durable::move_into_place(&staged_record, &record))
+                .inspect_err(|_| {
+                    let _ = std::fs::remove_file(&staged_record);
+                })
         };
         let _change = self.changes.lock().expect("template changes lock");
         // Checked under the change lock, against the boards it would stay beside.

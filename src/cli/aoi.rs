@@ -218,7 +218,7 @@ fn detect(args: &DetectArgs) -> anyhow::Result<()> {
                     (position, id, result)
                 }
             })
-            .buffer_unordered(args.concurrency.max(1));
+            .buffer_unordered(args.concurrency);
         loop {
             let (position, id, result) = tokio::select! {
                 next = results.next() => match next {

@@ -11,6 +11,7 @@ use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::config::{ModelArgs, at_least_one};
+use crate::durable::PartialFile;
 use crate::engine::{ModelRegistry, Priority};
 use crate::jobs::archive::{Partition, has_signature};
 use crate::jobs::check::ChildCheck;
@@ -170,9 +171,32 @@ pub fn run_job(command: JobCommand) -> anyhow::Result<()> {
                 "{}: job synth writes HDF5; give the file an .h5 extension",
                 args.out.display()
             );
+            let stop = StopWatch::start()?;
             let started = Instant::now();
-            let (rows, units) =
-                crate::jobs::synthetic::write_large_generic(&args.out, args.rows, args.seed)?;
+            // Written beside --out and moved over it when whole: a file already there is
+            // replaced only by a finished archive.
+            let partial = PartialFile::new(args.out.with_extension("h5.partial"));
+            let stopped = || stop.requested().is_some();
+            let written = crate::jobs::synthetic::write_large_generic(
+                partial.path(),
+                args.rows,
+                args.seed,
+                &stopped,
+            );
+            let (rows, units) = match (written, stop.requested()) {
+                (Ok(counts), _) => counts,
+                (Err(_), Some(name)) => {
+                    return Err(Interrupted(format!(
+                        "interrupted ({name}): {} was not written",
+                        args.out.display()
+                    ))
+                    .into());
+                }
+                (Err(error), None) => return Err(error),
+            };
+            crate::durable::replace(partial.path(), &args.out)
+                .with_context(|| format!("cannot move the archive to {}", args.out.display()))?;
+            partial.kept();
             println!(
                 "{rows} rows of {units} unit{} x 24 channels written to {} in {:.2} s",
                 if units == 1 { "" } else { "s" },
@@ -269,21 +293,66 @@ fn cancel_on_stop(stop: &StopWatch) -> Control {
 }
 
 /// Refuses an output path that is one of the inputs: the result would replace its own source.
-fn refuse_overwriting(inputs: &[&Path], out: &Path) -> anyhow::Result<()> {
-    let Ok(out_file) = out.canonicalize() else {
-        return Ok(()); // not there yet
-    };
-    match inputs
-        .iter()
-        .find(|input| input.canonicalize().is_ok_and(|i| i == out_file))
-    {
-        Some(input) => anyhow::bail!(
-            "--out {} is the input {}; write the result to another file",
+/// Refuses a run that would write over one of its inputs: `out`, or another file it writes on
+/// the way (`written`).
+fn refuse_overwriting(inputs: &[&Path], out: &Path, written: &[&Path]) -> anyhow::Result<()> {
+    for output in std::iter::once(out).chain(written.iter().copied()) {
+        let Ok(output_file) = output.canonicalize() else {
+            continue; // not there yet
+        };
+        let Some(input) = inputs
+            .iter()
+            .find(|input| input.canonicalize().is_ok_and(|i| i == output_file))
+        else {
+            continue;
+        };
+        if output == out {
+            anyhow::bail!(
+                "--out {} is the input {}; write the result to another file",
+                out.display(),
+                input.display()
+            );
+        }
+        anyhow::bail!(
+            "the input {} is where this run writes its result before --out {} ({}); rename the \
+             input or choose another --out",
+            input.display(),
             out.display(),
-            input.display()
-        ),
-        None => Ok(()),
+            output.display()
+        );
     }
+    Ok(())
+}
+
+/// The HDF5 file a run writes its result to: `out` itself, or for a CSV or JSON `out` a file
+/// beside it that does not exist yet (`<out>.<step>-XXXXXXXX.h5`), so that removing it after
+/// the export removes nothing else. Refuses a run that would write over an input, or an `out`
+/// that is a folder, before any work is done.
+fn result_file(
+    inputs: &[&Path],
+    out: &Path,
+    format: Format,
+    step: &str,
+) -> anyhow::Result<PathBuf> {
+    anyhow::ensure!(
+        !out.is_dir(),
+        "--out {} is a folder; name the result file",
+        out.display()
+    );
+    let h5 = match format {
+        Format::H5 => out.to_path_buf(),
+        _ => loop {
+            let candidate = out.with_extension(format!("{step}-{:08x}.h5", fastrand::u32(..)));
+            let taken = |path: &Path| path.symlink_metadata().is_ok();
+            if !taken(&candidate) && !taken(&results::partial_path(&candidate)) {
+                break candidate;
+            }
+        },
+    };
+    refuse_overwriting(inputs, out, &[&h5, &results::partial_path(&h5)])?;
+    crate::durable::check_writable(out)
+        .with_context(|| format!("cannot write {}", out.display()))?;
+    Ok(h5)
 }
 
 fn output_format(out: &Path) -> anyhow::Result<Format> {
@@ -314,6 +383,11 @@ fn deliver(h5: &Path, out: &Path, format: Format) -> anyhow::Result<()> {
 /// The archive read whole in a child process that shows what it found; a crash of the HDF5
 /// library in it is reported instead of ending this process.
 fn job_check(args: &JobCheckArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.archive.is_file(),
+        "{} is not a file",
+        args.archive.display()
+    );
     let stop = StopWatch::start()?;
     let control = || cancel_on_stop(&stop);
     let ended = crate::jobs::check::in_child(&args.archive, args.partition, &control, true)
@@ -364,14 +438,14 @@ fn check_in_child(args: &JobRunArgs, stop: &StopWatch) -> anyhow::Result<()> {
 
 fn job_run(args: &JobRunArgs) -> anyhow::Result<()> {
     let format = output_format(&args.out)?;
-    refuse_overwriting(&[&args.archive], &args.out)?;
+    let h5 = result_file(&[&args.archive], &args.out, format, "scoring")?;
     args.assess.validate().map_err(anyhow::Error::msg)?;
     anyhow::ensure!(
         args.archive.is_file(),
         "{} is not a file",
         args.archive.display()
     );
-    // Batch mode: one session per core for each model unless told otherwise (the RUL model is
+    // Batch mode: one session per core (at most 8) for each model unless told otherwise (the RUL model is
     // the expensive one, and one session runs on one core).
     let mut models = args.models.clone();
     let instances = *models
@@ -401,10 +475,6 @@ fn job_run(args: &JobRunArgs) -> anyhow::Result<()> {
     options.shard = args.shard;
     options.chunk_rows = args.chunk_rows;
     options.in_flight = args.in_flight.unwrap_or(2 * instances + 2);
-    let h5 = match format {
-        Format::H5 => args.out.clone(),
-        _ => args.out.with_extension("scoring.h5"),
-    };
     let bar = if args.quiet {
         ProgressBar::hidden()
     } else {
@@ -473,11 +543,7 @@ fn job_run(args: &JobRunArgs) -> anyhow::Result<()> {
 fn job_merge(args: &JobMergeArgs) -> anyhow::Result<()> {
     let format = output_format(&args.out)?;
     let parts: Vec<&Path> = args.parts.iter().map(PathBuf::as_path).collect();
-    refuse_overwriting(&parts, &args.out)?;
-    let h5 = match format {
-        Format::H5 => args.out.clone(),
-        _ => args.out.with_extension("merging.h5"),
-    };
+    let h5 = result_file(&parts, &args.out, format, "merging")?;
     let meta = results::merge(&args.parts, &h5)?;
     deliver(&h5, &args.out, format)?;
     println!(
@@ -593,14 +659,11 @@ pub fn read_cmapss(path: &Path) -> anyhow::Result<BTreeMap<i64, UnitRows>> {
 
 fn cmapss(args: &CmapssArgs) -> anyhow::Result<()> {
     anyhow::ensure!(
-        !matches!(
-            Format::from_path(&args.out),
-            Some(Format::H5 | Format::Json)
-        ),
+        Format::from_path(&args.out) == Some(Format::Csv),
         "{}: rul cmapss writes CSV (unit,rul); give the file a .csv extension",
         args.out.display()
     );
-    refuse_overwriting(&[&args.input], &args.out)?;
+    refuse_overwriting(&[&args.input], &args.out, &[])?;
     crate::durable::check_writable(&args.out)
         .with_context(|| format!("cannot write {}", args.out.display()))?;
     let started = Instant::now();

@@ -180,7 +180,8 @@ mod tests {
     fn a_whole_read_counts_rows_units_and_channels() {
         let folder = tempfile::tempdir().unwrap();
         let path = folder.path().join("fleet.h5");
-        let (rows, units) = crate::jobs::synthetic::write_large_generic(&path, 3000, 5).unwrap();
+        let (rows, units) =
+            crate::jobs::synthetic::write_large_generic(&path, 3000, 5, &|| false).unwrap();
         let checked = read_whole(&path, Partition::All).unwrap();
         assert_eq!(
             (checked.rows, checked.units, checked.channels),

@@ -17,7 +17,7 @@ use hdf5::H5Type;
 use hdf5::types::VarLenUnicode;
 use serde::{Deserialize, Serialize};
 
-use crate::durable;
+use crate::durable::{self, PartialFile};
 use crate::jobs::gaps::MissingPolicy;
 use crate::sensors::{AssessSettings, Risk};
 
@@ -293,31 +293,14 @@ pub struct ResultWriter {
     path: std::path::PathBuf,
 }
 
-/// A file being written, removed when dropped unless it was kept.
-struct PartialFile(Option<std::path::PathBuf>);
-
-impl PartialFile {
-    fn path(&self) -> &Path {
-        self.0.as_deref().expect("a partial file not yet kept")
-    }
-
-    /// The file has been moved into place: nothing to remove.
-    fn kept(mut self) {
-        self.0 = None;
-    }
-}
-
-impl Drop for PartialFile {
-    fn drop(&mut self) {
-        if let Some(path) = self.0.take() {
-            let _ = std::fs::remove_file(path);
-        }
-    }
+/// Where `ResultWriter` writes the result for `path` until it is finished.
+pub fn partial_path(path: &Path) -> std::path::PathBuf {
+    path.with_extension("h5.partial")
 }
 
 impl ResultWriter {
     pub fn create(path: &Path, meta: &ResultMeta) -> anyhow::Result<ResultWriter> {
-        let partial = PartialFile(Some(path.with_extension("h5.partial")));
+        let partial = PartialFile::new(partial_path(path));
         let file = hdf5::File::create(partial.path())
             .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", partial.path().display()))?;
         write_meta(&file, meta)?;

@@ -285,8 +285,14 @@ pub fn write_ncmapss(path: &Path, dev: &Table, test: Option<&Table>) -> anyhow::
 
 /// Writes a generic archive of about `rows` rows (C-MAPSS columns, f32 features) unit by unit,
 /// appending in chunks so memory stays small whatever the size. Lives are drawn from 128..=362
-/// cycles (FD001's range); returns (rows, units).
-pub fn write_large_generic(path: &Path, rows: usize, seed: u64) -> anyhow::Result<(usize, usize)> {
+/// cycles (FD001's range); returns (rows, units). Fails, the file unfinished, once `stopped`
+/// says so (asked between chunks).
+pub fn write_large_generic(
+    path: &Path,
+    rows: usize,
+    seed: u64,
+    stopped: &dyn Fn() -> bool,
+) -> anyhow::Result<(usize, usize)> {
     const FLUSH: usize = 65_536;
     let file = hdf5::File::create(path).map_err(h5("create"))?;
     let width = 24;
@@ -361,6 +367,7 @@ pub fn write_large_generic(path: &Path, rows: usize, seed: u64) -> anyhow::Resul
         );
         if table.rows() >= FLUSH {
             flush(&mut table, &mut written)?;
+            anyhow::ensure!(!stopped(), "stopped after {written} rows");
         }
     }
     flush(&mut table, &mut written)?;
@@ -471,7 +478,7 @@ mod tests {
     fn large_archives_are_written_in_chunks() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("big.h5");
-        let (rows, units) = write_large_generic(&path, 70_001, 5).unwrap();
+        let (rows, units) = write_large_generic(&path, 70_001, 5, &|| false).unwrap();
         assert_eq!(rows, 70_001);
         let archive = Archive::open(&path, Partition::All).unwrap();
         assert_eq!(archive.rows(), 70_001);
