@@ -78,6 +78,9 @@ pub struct JobManager {
     store: JobStore,
     reserve: DiskReserve,
     jobs: Mutex<HashMap<String, Arc<JobEntry>>>,
+    /// Held by a submission from its `--job-max-pending` check to its entry: concurrent
+    /// submissions cannot pass the limit together.
+    admission: Mutex<()>,
     sender: Sender<String>,
     stop: Arc<AtomicBool>,
     workers: Mutex<Vec<JoinHandle<()>>>,
@@ -123,6 +126,7 @@ impl JobManager {
             store,
             reserve: DiskReserve::new(root.to_path_buf(), args.min_free_bytes),
             jobs: Mutex::new(HashMap::new()),
+            admission: Mutex::new(()),
             sender,
             stop: Arc::new(AtomicBool::new(false)),
             workers: Mutex::new(Vec::new()),
@@ -275,6 +279,17 @@ impl JobManager {
         })
     }
 
+    /// Every job's entry, taken from the map at once: their records are read after the map's
+    /// lock is released, as a record may be held while its change is written.
+    fn entries(&self) -> Vec<Arc<JobEntry>> {
+        self.jobs
+            .lock()
+            .expect("jobs lock")
+            .values()
+            .cloned()
+            .collect()
+    }
+
     fn entry(&self, id: &str) -> Option<Arc<JobEntry>> {
         self.jobs.lock().expect("jobs lock").get(id).cloned()
     }
@@ -282,7 +297,7 @@ impl JobManager {
     /// Whether a submission bringing `incoming` bytes is taken now; asked before an upload is
     /// read, so a refused one is not stored first.
     pub fn admit(&self, incoming: u64) -> Result<(), Refused> {
-        self.check_pending(&self.jobs.lock().expect("jobs lock"))?;
+        self.check_pending()?;
         self.reserve.check(incoming).map_err(Refused::LowDisk)
     }
 
@@ -291,10 +306,11 @@ impl JobManager {
         &self.reserve
     }
 
-    fn check_pending(&self, jobs: &HashMap<String, Arc<JobEntry>>) -> Result<(), Refused> {
+    fn check_pending(&self) -> Result<(), Refused> {
         let limit = self.args.max_pending;
-        let pending = jobs
-            .values()
+        let pending = self
+            .entries()
+            .iter()
             .filter(|e| !e.record().state.is_final())
             .count();
         if pending < limit {
@@ -307,15 +323,18 @@ impl JobManager {
     }
 
     /// Records and queues a job whose folder and input are ready, unless `--job-max-pending`
-    /// jobs are already waiting (checked with the new one's entry, so concurrent submissions
-    /// cannot pass it together).
+    /// jobs are already waiting (checked and entered one submission at a time, so concurrent
+    /// submissions cannot pass it together).
     pub fn submit(&self, record: JobRecord) -> Result<JobRecord, Refused> {
         let id = record.id.clone();
         let entry = Self::new_entry(record.clone());
         {
-            let mut jobs = self.jobs.lock().expect("jobs lock");
-            self.check_pending(&jobs)?;
-            jobs.insert(id.clone(), entry.clone());
+            let _one_at_a_time = self.admission.lock().expect("admission lock");
+            self.check_pending()?;
+            self.jobs
+                .lock()
+                .expect("jobs lock")
+                .insert(id.clone(), entry.clone());
         }
         // Under the record's lock, like every state change: a cancel that comes at once is
         // written after this.
@@ -336,15 +355,8 @@ impl JobManager {
 
     /// Every job, oldest first.
     pub fn list(&self) -> Vec<JobRecord> {
-        let entries: Vec<Arc<JobEntry>> = self
-            .jobs
-            .lock()
-            .expect("jobs lock")
-            .values()
-            .cloned()
-            .collect();
-        // Outside the map's lock: a record may be held while its change is written.
-        let mut records: Vec<JobRecord> = entries.iter().map(|e| e.record().clone()).collect();
+        let mut records: Vec<JobRecord> =
+            self.entries().iter().map(|e| e.record().clone()).collect();
         records.sort_by(|a, b| a.created_unix.total_cmp(&b.created_unix));
         records
     }
