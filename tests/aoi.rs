@@ -316,6 +316,29 @@ async fn batch_and_multipart_forms() {
         metrics.contains("linescan_aoi_images_failed_total{status=\"415\"} 1"),
         "{metrics}"
     );
+    // More images than a batch takes: refused, the answer read after the whole form was sent.
+    let image = png(&clean.test);
+    let form = (0..65).fold(Form::new(), |form, i| {
+        form.part(
+            format!("i{i}"),
+            Part::bytes(image.clone()).file_name(format!("{i}.png")),
+        )
+    });
+    let response = send_form(
+        reqwest::Method::POST,
+        &format!("{}/v1/inspect/m/batch", server.url),
+        form,
+    )
+    .await;
+    assert_eq!(response.status(), 413);
+    let error: Value = response.json().await.unwrap();
+    assert!(
+        error["error"]
+            .as_str()
+            .unwrap()
+            .contains("at most 64 images per request"),
+        "{error}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

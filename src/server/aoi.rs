@@ -204,12 +204,18 @@ async fn read_images(
             let chunk = chunk.map_err(|e| unreadable("malformed multipart body", &e))?;
             total += chunk.len();
             if total > limit {
+                drop(field);
+                drain_form(&mut form).await;
                 return Err(too_large(None, limit, MAX_BODY_FLAG));
             }
             bytes.extend_from_slice(&chunk);
         }
         images.push((name, bytes.freeze()));
         if images.len() > MAX_BATCH_IMAGES {
+            // Read off, so the client still sending its parts gets this answer (the form gives
+            // its next field only once this one is dropped).
+            drop(field);
+            drain_form(&mut form).await;
             return Err(ApiError::PayloadTooLarge(format!(
                 "at most {MAX_BATCH_IMAGES} images per request; this one holds more (send \
                  the rest in another request)"

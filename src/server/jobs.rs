@@ -722,12 +722,14 @@ async fn job_result(
         let (source, target, view) = (h5.clone(), file.clone(), query.view);
         web::block(move || results::export(&source, format, view, &target))
             .await?
-            .map_err(|e| ApiError::Internal(format!("cannot export the result: {e:#}")))?;
+            .map_err(|e| server_side(&record.id, "cannot export the result", &e))?;
     }
-    let mut response = stream_file(
-        &file,
+    let opened = std::fs::File::open(&file)
+        .map_err(|e| server_side(&record.id, "cannot open the result", &e.into()))?;
+    let mut response = streamed(
+        opened,
         format.content_type(),
-        &format!("{}.{suffix}", record.id),
+        Some(&format!("{}.{suffix}", record.id)),
     )?;
     // The models that scored it, which a CSV file has no place for (HDF5 and JSON carry them).
     let headers = response.headers_mut();
@@ -752,9 +754,11 @@ fn model_headers(meta: &ResultMeta) -> Vec<(&'static str, String)> {
     headers
 }
 
-/// A file as a streamed download.
-fn stream_file(path: &Path, content_type: &str, filename: &str) -> Result<HttpResponse, ApiError> {
-    let file = std::fs::File::open(path)
-        .map_err(|e| ApiError::Internal(format!("cannot open {}: {e}", path.display())))?;
-    streamed(file, content_type, Some(filename))
+/// The 500 of a result that cannot be served: the details, with the server's paths, go to the
+/// log, not to the client.
+fn server_side(job: &str, what: &str, error: &anyhow::Error) -> ApiError {
+    tracing::error!(job, error = %format!("{error:#}"), "{what}");
+    ApiError::Internal(format!(
+        "{what} of job {job}; the server log has the reason"
+    ))
 }
