@@ -292,7 +292,6 @@ fn cancel_on_stop(stop: &StopWatch) -> Control {
     }
 }
 
-/// Refuses an output path that is one of the inputs: the result would replace its own source.
 /// Refuses a run that would write over one of its inputs: `out`, or another file it writes on
 /// the way (`written`).
 fn refuse_overwriting(inputs: &[&Path], out: &Path, written: &[&Path]) -> anyhow::Result<()> {
