@@ -1349,17 +1349,19 @@ fn offline_commands_refuse_to_overwrite_their_input() {
         ["fleet.h5", "out.h5.partial", "r.csv", "r.scoring.h5"],
         "left behind or removed"
     );
-    let csv = setup.file("fleet.csv");
-    let output = run_cli(&[
-        "job",
-        "synth",
-        "--out",
-        csv.to_str().unwrap(),
-        "--rows",
-        "10",
-    ]);
-    assert!(!output.status.success());
-    assert!(String::from_utf8_lossy(&output.stderr).contains("job synth writes HDF5"));
+    // job synth refuses another format, and a folder named like an archive, before anything
+    // is written.
+    let folder = setup.file("folder.h5");
+    std::fs::create_dir(&folder).unwrap();
+    for (out, error) in [
+        (setup.file("fleet.csv"), "job synth writes HDF5"),
+        (folder, "is a folder"),
+    ] {
+        let out = out.to_str().unwrap();
+        let output = run_cli(&["job", "synth", "--out", out, "--rows", "10"]);
+        assert!(!output.status.success());
+        assert!(String::from_utf8_lossy(&output.stderr).contains(error));
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

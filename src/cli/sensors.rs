@@ -171,6 +171,13 @@ pub fn run_job(command: JobCommand) -> anyhow::Result<()> {
                 "{}: job synth writes HDF5; give the file an .h5 extension",
                 args.out.display()
             );
+            anyhow::ensure!(
+                !args.out.is_dir(),
+                "--out {} is a folder; name the archive file",
+                args.out.display()
+            );
+            crate::durable::check_writable(&args.out)
+                .with_context(|| format!("cannot write {}", args.out.display()))?;
             let stop = StopWatch::start()?;
             let started = Instant::now();
             // Written beside --out and moved over it when whole: a file already there is
