@@ -18,28 +18,24 @@ fn temporary_path(path: &Path) -> PathBuf {
 /// Writes `bytes` to `path` durably: readers see the old file or the new one, never a part.
 pub fn write(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let staged = stage(path, bytes)?;
-    move_into_place(&staged, path)
+    move_into_place(staged, path)
 }
 
 /// Writes `bytes` beside `path`, flushed to the disk, without touching `path`; returns the
-/// file that `move_into_place` then moves over it. A failure leaves nothing behind, so
-/// several files can be staged first and none replaced when one cannot be written.
-pub fn stage(path: &Path, bytes: &[u8]) -> io::Result<PathBuf> {
-    let temporary = temporary_path(path);
-    let written =
-        std::fs::write(&temporary, bytes).and_then(|()| File::open(&temporary)?.sync_all());
-    match written {
-        Ok(()) => Ok(temporary),
-        Err(error) => {
-            let _ = std::fs::remove_file(&temporary);
-            Err(error)
-        }
-    }
+/// file that `move_into_place` then moves over it. A failure, or the staged file dropped
+/// unmoved, leaves nothing behind, so several files can be staged first and none replaced
+/// when one cannot be written.
+pub fn stage(path: &Path, bytes: &[u8]) -> io::Result<PartialFile> {
+    let staged = PartialFile::new(temporary_path(path));
+    std::fs::write(staged.path(), bytes)?;
+    File::open(staged.path())?.sync_all()?;
+    Ok(staged)
 }
 
 /// Renames the flushed file `staged` over `path`, and flushes the rename.
-pub fn move_into_place(staged: &Path, path: &Path) -> io::Result<()> {
-    std::fs::rename(staged, path)?;
+pub fn move_into_place(staged: PartialFile, path: &Path) -> io::Result<()> {
+    std::fs::rename(staged.path(), path)?;
+    staged.kept();
     sync_folder_of(path)
 }
 
@@ -58,9 +54,10 @@ pub fn check_writable(path: &Path) -> io::Result<()> {
     }
 }
 
-/// Moves the finished file `written` over `path` durably (its data first, then the rename).
-pub fn replace(written: &Path, path: &Path) -> io::Result<()> {
-    File::open(written)?.sync_all()?;
+/// Moves the finished file `written` over `path` durably (its data first, then the rename);
+/// when that fails, `written` is removed.
+pub fn replace(written: PartialFile, path: &Path) -> io::Result<()> {
+    File::open(written.path())?.sync_all()?;
     move_into_place(written, path)
 }
 
@@ -86,7 +83,7 @@ impl PartialFile {
     }
 
     /// The file has been moved into place: nothing to remove.
-    pub fn kept(mut self) {
+    fn kept(mut self) {
         self.0 = None;
     }
 }
@@ -141,7 +138,7 @@ mod tests {
         write(&path, b"old").unwrap();
         let staged = stage(&path, b"new").unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), b"old");
-        move_into_place(&staged, &path).unwrap();
+        move_into_place(staged, &path).unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), b"new");
         assert_eq!(std::fs::read_dir(folder.path()).unwrap().count(), 1);
         // A file that cannot be written (here: its folder is gone) leaves nothing behind.

@@ -295,18 +295,14 @@ impl TemplateStore {
             let record = self.dir.join(format!("{board}.json"));
             // Both files are written before either replaces the board's, so a failure (a full
             // disk) leaves the stored template as it was, as the refusal says.
+            // A staged file not moved into place is removed when it is dropped.
             let staged_image = durable::stage(&image, bytes)?;
             let record_bytes = serde_json::to_vec_pretty(&info).expect("template info serialises");
-            let staged_record = durable::stage(&record, &record_bytes).inspect_err(|_| {
-                let _ = std::fs::remove_file(&staged_image);
-            })?;
+            let staged_record = durable::stage(&record, &record_bytes)?;
             // The image first: a stop between the two renames leaves the new image with the
             // old record, which loading recognises (`load_board`).
-            durable::move_into_place(&staged_image, &image)
-                .and_then(|()| durable::move_into_place(&staged_record, &record))
-                .inspect_err(|_| {
-                    let _ = std::fs::remove_file(&staged_record);
-                })
+            durable::move_into_place(staged_image, &image)?;
+            durable::move_into_place(staged_record, &record)
         };
         let _change = self.changes.lock().expect("template changes lock");
         // Checked under the change lock, against the boards it would stay beside.

@@ -201,9 +201,8 @@ pub fn run_job(command: JobCommand) -> anyhow::Result<()> {
                 }
                 (Err(error), None) => return Err(error),
             };
-            crate::durable::replace(partial.path(), &args.out)
+            crate::durable::replace(partial, &args.out)
                 .with_context(|| format!("cannot move the archive to {}", args.out.display()))?;
-            partial.kept();
             println!(
                 "{rows} rows of {units} unit{} x 24 channels written to {} in {:.2} s",
                 if units == 1 { "" } else { "s" },

@@ -421,11 +421,14 @@ impl JobManager {
 
     /// Writes a state change of the entry's record, whose lock the caller holds.
     fn save(&self, entry: &JobEntry, record: &JobRecord) {
-        let _ = entry.write_through(record, |record| {
-            self.store.save(record).inspect_err(|error| {
-                tracing::error!(job = %record.id, %error, "cannot save job state");
-            })
-        });
+        let _ = entry.write_through(record, |record| self.store_logged(record));
+    }
+
+    /// Writes `record` to the store, logging a failure (the job goes on in memory).
+    fn store_logged(&self, record: &JobRecord) -> std::io::Result<()> {
+        self.store.save(record).inspect_err(|error| {
+            tracing::error!(job = %record.id, %error, "cannot save job state");
+        })
     }
 
     fn run_job(&self, id: &str) {
@@ -668,9 +671,7 @@ impl Monitor for JobMonitor<'_> {
             *last = Instant::now();
             drop(last);
             self.entry.write_behind(record, |record| {
-                if let Err(error) = self.manager.store.save(record) {
-                    tracing::error!(job = %record.id, %error, "cannot save job progress");
-                }
+                let _ = self.manager.store_logged(record);
             });
         }
     }

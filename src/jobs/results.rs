@@ -340,10 +340,8 @@ impl ResultWriter {
         drop(rows);
         drop(units);
         file.close().map_err(h5("closing the result"))?;
-        durable::replace(partial.path(), &path)
-            .map_err(|e| anyhow::anyhow!("cannot move the result to {}: {e}", path.display()))?;
-        partial.kept();
-        Ok(())
+        durable::replace(partial, &path)
+            .map_err(|e| anyhow::anyhow!("cannot move the result to {}: {e}", path.display()))
     }
 }
 
@@ -624,27 +622,22 @@ pub fn export(result: &Path, format: Format, view: View, out: &Path) -> anyhow::
         return Ok(());
     }
     let reader = ResultReader::open(result)?;
-    // A name of its own, so two requests exporting at once do not write the same file.
-    let partial = out.with_extension(format!("partial-{:08x}", fastrand::u32(..)));
-    let write = || -> anyhow::Result<()> {
-        let file = std::fs::File::create(&partial)
-            .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", partial.display()))?;
-        let mut writer = std::io::BufWriter::with_capacity(1 << 20, file);
-        match format {
-            Format::Csv => write_csv(&reader, view, &mut writer)?,
-            Format::Json => write_json(&reader, &mut writer)?,
-            Format::H5 => unreachable!(),
-        }
-        writer.flush()?;
-        durable::replace(&partial, out)?;
-        Ok(())
-    };
-    let written = write();
-    if written.is_err() {
-        // A failed export leaves nothing behind (the result itself is untouched).
-        let _ = std::fs::remove_file(&partial);
+    // A name of its own, so two requests exporting at once do not write the same file; a
+    // failed export leaves nothing behind (the result itself is untouched).
+    let partial =
+        PartialFile::new(out.with_extension(format!("partial-{:08x}", fastrand::u32(..))));
+    let file = std::fs::File::create(partial.path())
+        .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", partial.path().display()))?;
+    let mut writer = std::io::BufWriter::with_capacity(1 << 20, file);
+    match format {
+        Format::Csv => write_csv(&reader, view, &mut writer)?,
+        Format::Json => write_json(&reader, &mut writer)?,
+        Format::H5 => unreachable!(),
     }
-    written
+    writer.flush()?;
+    drop(writer);
+    durable::replace(partial, out)?;
+    Ok(())
 }
 
 /// Merges shard results (any order) into the result one run over the whole archive gives.

@@ -76,20 +76,14 @@ pub(super) fn body_routes() -> Vec<BodyRoute> {
 fn template_head(state: &AppState, head: &Head) -> Result<(), ApiError> {
     let query = head.query::<PutQuery>()?;
     images_refused(state, head)?;
-    match head.params::<String>() {
-        Some(board) => template_target(state, &board, &query).map(drop),
-        None => Ok(()),
-    }
+    head.check_params(|board: String| template_target(state, &board, &query))
 }
 
 /// `inspect`'s and `inspect_batch`'s refusals before their body, in their order.
 fn inspect_head(state: &AppState, head: &Head) -> Result<(), ApiError> {
     head.query::<NoParameters>()?;
     images_refused(state, head)?;
-    match head.params::<String>() {
-        Some(board) => inspected_board(state, &board).map(drop),
-        None => Ok(()),
-    }
+    head.check_params(|board: String| inspected_board(state, &board))
 }
 
 impl From<AoiError> for ApiError {

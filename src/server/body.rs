@@ -59,20 +59,29 @@ pub async fn refuse_declared(
     limit: usize,
     source: &str,
 ) -> Result<Option<usize>, ApiError> {
-    let declared = declared_length(request.headers()).map(|size| size as usize);
-    if let Some(size) = declared.filter(|size| *size > limit) {
+    let declared = declared_within(request.headers(), limit, source);
+    if declared.is_err() {
         drain_unread(request, payload).await;
-        return Err(too_large(Some(size), limit, source));
     }
-    Ok(declared)
+    declared
+}
+
+/// The declared size of the body, or the 413 when it is above `limit`.
+fn declared_within(
+    headers: &HeaderMap,
+    limit: usize,
+    source: &str,
+) -> Result<Option<usize>, ApiError> {
+    match declared_length(headers).map(|size| usize::try_from(size).unwrap_or(usize::MAX)) {
+        Some(size) if size > limit => Err(too_large(Some(size), limit, source)),
+        declared => Ok(declared),
+    }
 }
 
 /// What reading a body under `limit` refuses from the head alone, in the order reading does:
 /// a declared size above the limit (413), then an encoding that is not decoded (415).
 pub fn refused_head(headers: &HeaderMap, limit: usize, source: &str) -> Result<(), ApiError> {
-    if let Some(size) = declared_length(headers).filter(|size| *size > limit as u64) {
-        return Err(too_large(Some(size as usize), limit, source));
-    }
+    declared_within(headers, limit, source)?;
     accepted_encoding(headers)
 }
 

@@ -60,10 +60,16 @@ pub struct Head<'a> {
 }
 
 impl Head<'_> {
-    /// The path's parameters, decoded as the route's `web::Path` extractor decodes them; None
-    /// when they do not decode (the route gives its own answer).
-    pub fn params<T: DeserializeOwned>(&self) -> Option<T> {
-        self.params.load().ok()
+    /// `check` of the path's parameters, decoded as the route's `web::Path` extractor decodes
+    /// them; parameters that do not decode are left to the route, which gives its own answer.
+    pub fn check_params<T: DeserializeOwned, R>(
+        &self,
+        check: impl FnOnce(T) -> Result<R, ApiError>,
+    ) -> Result<(), ApiError> {
+        match self.params.load() {
+            Ok(params) => check(params).map(drop),
+            Err(_) => Ok(()),
+        }
     }
 
     /// The query, parsed as the route's `web::Query` extractor parses it (400 naming the fault).

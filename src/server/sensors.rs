@@ -168,10 +168,7 @@ fn live_head(state: &AppState, head: &Head) -> Result<(), ApiError> {
     let query = head.query::<LiveQuery>()?;
     accepted_media_type(head.headers)?;
     head.within_max_body(state)?;
-    match head.params::<String>() {
-        Some(model) => live_target(state, &model, &query).map(drop),
-        None => Ok(()),
-    }
+    head.check_params(|model: String| live_target(state, &model, &query))
 }
 
 /// The 415 of live windows sent as anything but JSON.

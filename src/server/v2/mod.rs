@@ -132,10 +132,7 @@ fn infer_head(state: &AppState, head: &Head) -> Result<(), ApiError> {
     head.query::<NoParameters>()?;
     accepted_media_type(head.headers)?;
     head.within_max_body(state)?;
-    match head.params::<ModelPath>() {
-        Some(path) => path.resolve(state).map(drop),
-        None => Ok(()),
-    }
+    head.check_params(|path: ModelPath| path.resolve(state))
 }
 
 /// The 415 of an infer body of another media type than `INFER_MEDIA_TYPES`.
