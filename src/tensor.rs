@@ -196,6 +196,17 @@ impl AlignedBytes {
         &bytemuck::cast_slice::<u64, u8>(&self.words)[..self.len]
     }
 
+    /// Appends zero bytes up to `len` (nothing when already that long).
+    pub fn zero_extend(&mut self, len: usize) {
+        if len <= self.len {
+            return;
+        }
+        self.words.resize(len.div_ceil(8), 0);
+        // The last word written before may hold bytes past the old length.
+        bytemuck::cast_slice_mut::<u64, u8>(&mut self.words)[self.len..len].fill(0);
+        self.len = len;
+    }
+
     pub fn len(&self) -> usize {
         self.len
     }
@@ -207,6 +218,25 @@ impl AlignedBytes {
 
 #[cfg(test)]
 mod tests {
+    use super::AlignedBytes;
+
+    #[test]
+    fn zero_extend_pads_with_zeros_after_the_bytes() {
+        let mut bytes = AlignedBytes::default();
+        bytes.extend_from_slice(&[1, 2, 3]);
+        bytes.zero_extend(11);
+        assert_eq!(bytes.as_bytes(), &[1, 2, 3, 0, 0, 0, 0, 0, 0, 0, 0]);
+        bytes.zero_extend(4);
+        assert_eq!(bytes.len(), 11);
+        // Bytes once written past the length are zero again when padded over.
+        bytes.clear();
+        bytes.extend_from_slice(&[9; 8]);
+        bytes.clear();
+        bytes.extend_from_slice(&[5]);
+        bytes.zero_extend(8);
+        assert_eq!(bytes.as_bytes(), &[5, 0, 0, 0, 0, 0, 0, 0]);
+    }
+
     #[test]
     fn f32_bytes_share_the_values() {
         let bytes = f32_bytes(vec![1.0, -2.5]);

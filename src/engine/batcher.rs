@@ -24,7 +24,6 @@ use super::withdraw;
 use crate::metrics::{FailureReason, Metrics};
 use crate::runtime::device::{DeviceBytes, DeviceGather, DeviceTensor, PlacedBytes};
 use crate::runtime::model_config::ModelConfig;
-use crate::runtime::providers::ProviderKind;
 use crate::runtime::session::{BatchInput, DeviceBatchInput, ModelSession};
 use crate::tensor::{AlignedBytes, DataType, Tensor};
 
@@ -246,13 +245,7 @@ impl Batcher {
             counter.with_label_values(&labels);
         }
         record_queue_depth(&metrics, labels, |_| 0);
-        let on_cuda = |session: &ModelSession| {
-            matches!(
-                session.providers().first(),
-                Some(ProviderKind::Cuda | ProviderKind::TensorRt)
-            )
-        };
-        let device = (!sessions.is_empty() && sessions.iter().all(on_cuda))
+        let device = (!sessions.is_empty() && sessions.iter().all(ModelSession::on_gpu))
             .then_some(config.runtime.cuda_device);
         let workers: Vec<JoinHandle<()>> = sessions
             .into_iter()
@@ -714,7 +707,9 @@ impl Worker {
                 .observe((started - request.enqueued).as_secs_f64());
         }
         let rows: usize = batch.iter().map(|r| r.rows).sum();
-        let result = self.run_batch(&batch, rows);
+        // The rows the graph runs: the batch's, or more where the session pads batches.
+        let run_rows = self.session.padded_batch().unwrap_or(rows).max(rows);
+        let result = self.run_batch(&batch, run_rows);
         let compute_time = started.elapsed();
         let labels = self.label_refs();
         self.metrics
@@ -742,7 +737,7 @@ impl Worker {
                 let mut offset = 0;
                 let mut answers = Vec::with_capacity(batch.len());
                 for request in batch {
-                    let own = split_rows(&outputs, offset, request.rows, rows, &self.config);
+                    let own = split_rows(&outputs, offset, request.rows, run_rows, &self.config);
                     offset += request.rows;
                     if own.is_ok() {
                         succeeded.push(request.enqueued.elapsed());
@@ -779,7 +774,8 @@ impl Worker {
         }
     }
 
-    /// The batch's outputs, and when its inputs were ready for ONNX Runtime.
+    /// The batch's outputs, and when its inputs were ready for ONNX Runtime. `rows` is what the
+    /// graph runs: the requests' rows, then zero rows up to it.
     fn run_batch(
         &mut self,
         batch: &[QueuedRequest],
@@ -816,9 +812,13 @@ impl Worker {
         // A batch of one request whose buffer is aligned for its type (crops made in process,
         // say) is handed over as it is; anything else is gathered into the scratch buffers.
         let mut direct: Vec<Option<&[u8]>> = Vec::with_capacity(shapes.len());
-        for (index, spec) in self.config.inputs.iter().enumerate() {
+        for (index, (spec, shape)) in self.config.inputs.iter().zip(shapes).enumerate() {
             let first = batch[0].inputs.host_data(index)?;
-            if batch.len() == 1 && (first.as_ptr() as usize).is_multiple_of(spec.datatype.size()) {
+            let run_bytes = Tensor::byte_len(spec.datatype, shape);
+            if batch.len() == 1
+                && first.len() == run_bytes
+                && (first.as_ptr() as usize).is_multiple_of(spec.datatype.size())
+            {
                 direct.push(Some(first));
                 continue;
             }
@@ -828,6 +828,7 @@ impl Worker {
             for request in batch {
                 buffer.extend_from_slice(request.inputs.host_data(index)?);
             }
+            buffer.zero_extend(run_bytes);
         }
         let inputs: Vec<BatchInput<'_>> = self
             .config
@@ -863,22 +864,34 @@ impl Worker {
                 parts[index].push(&tensor.data);
             }
         }
-        let in_place = |parts: &[&DeviceBytes]| match parts {
-            [only] => only.address().is_multiple_of(DEVICE_ALIGNMENT),
+        let run_bytes: Vec<usize> = self
+            .config
+            .inputs
+            .iter()
+            .zip(shapes)
+            .map(|(spec, shape)| Tensor::byte_len(spec.datatype, shape))
+            .collect();
+        let in_place = |parts: &[&DeviceBytes], run_bytes: usize| match parts {
+            [only] => only.address().is_multiple_of(DEVICE_ALIGNMENT) && only.len() == run_bytes,
             _ => false,
         };
-        if self.gatherers.is_empty() && !parts.iter().all(|p| in_place(p)) {
+        if self.gatherers.is_empty()
+            && !parts
+                .iter()
+                .zip(&run_bytes)
+                .all(|(p, len)| in_place(p, *len))
+        {
             self.gatherers = parts
                 .iter()
                 .map(|p| p[0].gatherer())
                 .collect::<Result<_, _>>()?;
         }
         let mut addresses = Vec::with_capacity(parts.len());
-        for (index, parts) in parts.iter().enumerate() {
-            addresses.push(if in_place(parts) {
+        for (index, (parts, len)) in parts.iter().zip(&run_bytes).enumerate() {
+            addresses.push(if in_place(parts, *len) {
                 parts[0].address()
             } else {
-                self.gatherers[index].gather(parts)?
+                self.gatherers[index].gather(parts, *len)?
             });
         }
         let inputs: Vec<DeviceBatchInput<'_>> = self
@@ -1046,6 +1059,18 @@ mod tests {
         assert_eq!(first[0].to_f32_vec().unwrap(), vec![1.0, 2.0]);
         assert_eq!(rest[0].shape, vec![2, 2]);
         assert_eq!(rest[0].to_f32_vec().unwrap(), vec![3.0, 4.0, 5.0, 6.0]);
+    }
+
+    #[test]
+    fn split_rows_leaves_the_padding_rows_out() {
+        // Two requests of 1 and 2 rows run as a batch padded to 4 rows.
+        let output = Tensor::from_f32(vec![4, 2], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 0.5, 0.5]);
+        let config = config(4);
+        let first = split_rows(std::slice::from_ref(&output), 0, 1, 4, &config).unwrap();
+        let second = split_rows(std::slice::from_ref(&output), 1, 2, 4, &config).unwrap();
+        assert_eq!(first[0].to_f32_vec().unwrap(), vec![1.0, 2.0]);
+        assert_eq!(second[0].shape, vec![2, 2]);
+        assert_eq!(second[0].to_f32_vec().unwrap(), vec![3.0, 4.0, 5.0, 6.0]);
     }
 
     fn on_device(device: i32, address: u64, shape: Vec<usize>, len: usize) -> DeviceTensor {

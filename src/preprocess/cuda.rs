@@ -160,12 +160,13 @@ struct CudaGather {
 }
 
 impl DeviceGather for CudaGather {
-    fn gather(&mut self, parts: &[&DeviceBytes]) -> Result<u64, String> {
+    fn gather(&mut self, parts: &[&DeviceBytes], len: usize) -> Result<u64, String> {
         let error = |e: DriverError| format!("joining a batch on the device: {e}");
         self.stream.context().bind_to_thread().map_err(error)?;
-        let total: usize = parts.iter().map(|p| p.len()).sum();
+        let joined: usize = parts.iter().map(|p| p.len()).sum();
+        let total = len.max(joined);
         if self.buffer.as_ref().is_none_or(|b| b.len() < total) {
-            // SAFETY: every byte read from it below is first written by the copies.
+            // SAFETY: every byte read from it below is first written by the copies or zeroed.
             self.buffer = Some(unsafe { self.stream.alloc(size_class(total)) }.map_err(error)?);
         }
         let buffer = self.buffer.as_ref().expect("allocated above");
@@ -184,6 +185,18 @@ impl DeviceGather for CudaGather {
             }
             .map_err(error)?;
             offset += part.len();
+        }
+        if total > joined {
+            // SAFETY: the padding rows lie inside the buffer, after the copied parts.
+            unsafe {
+                cudarc::driver::result::memset_d8_async(
+                    base + joined as u64,
+                    0,
+                    total - joined,
+                    self.stream.cu_stream(),
+                )
+            }
+            .map_err(error)?;
         }
         // ONNX Runtime reads on its own stream: the batch must be complete first.
         self.stream.synchronize().map_err(error)?;
@@ -720,23 +733,31 @@ mod tests {
         }
     }
 
-    /// NVRTC's log of compiling `source` to machine code (SASS) for `sm_{arch}`, with ptxas'
-    /// resource report, or the log of the failure.
-    fn assemble(source: &str, arch: i32) -> Result<String, String> {
-        use cudarc::nvrtc::result;
+    /// Compiles `source` to machine code (SASS) for `sm_{arch}`: the CUBIN and NVRTC's log with
+    /// ptxas' resource report, or the log of the failure.
+    fn assemble(source: &str, arch: i32) -> Result<(Vec<u8>, String), String> {
+        use cudarc::nvrtc::{result, sys};
         let source = std::ffi::CString::new(source).expect("no NUL in the kernels");
         let program = result::create_program(&source, None).map_err(|e| e.to_string())?;
         // The options start() compiles with, for a real architecture, plus ptxas' report.
         let mut options = compile_options(&format!("sm_{arch}"));
         options.push("--ptxas-options=-v".to_string());
-        // SAFETY: `program` was just created and is destroyed once, below.
+        // SAFETY: `program` was just created and is destroyed once, below; the CUBIN buffer
+        // has the size NVRTC gives for it.
         let compiled = unsafe { result::compile_program(program, &options) };
         let log = unsafe { result::get_program_log(program) }.map_err(|e| e.to_string())?;
+        let cubin = compiled.and_then(|()| unsafe {
+            let mut size = 0;
+            sys::nvrtcGetCUBINSize(program, &mut size).result()?;
+            let mut cubin = vec![0u8; size];
+            sys::nvrtcGetCUBIN(program, cubin.as_mut_ptr().cast()).result()?;
+            Ok(cubin)
+        });
         unsafe { result::destroy_program(program) }.map_err(|e| e.to_string())?;
         let log: Vec<u8> = log.iter().map(|c| *c as u8).filter(|b| *b != 0).collect();
         let log = String::from_utf8_lossy(&log).into_owned();
-        compiled
-            .map(|()| log.clone())
+        cubin
+            .map(|cubin| (cubin, log.clone()))
             .map_err(|e| format!("{e}: {log}"))
     }
 
@@ -749,13 +770,28 @@ mod tests {
         }
         for arch in [87, 90] {
             for (file, source, entries) in KERNELS {
-                let log = assemble(&with_common(source), arch)
+                let (cubin, log) = assemble(&with_common(source), arch)
                     .unwrap_or_else(|e| panic!("kernels/{file}.cu for sm_{arch}: {e}"));
                 for entry in entries {
+                    let section = format!(".text.{entry}\0");
                     assert!(
-                        log.contains(&format!("Function properties for {entry}")),
-                        "sm_{arch}: no machine code for {entry} in kernels/{file}.cu:\n{log}"
+                        cubin
+                            .windows(section.len())
+                            .any(|w| w == section.as_bytes()),
+                        "sm_{arch}: no machine code for {entry} in kernels/{file}.cu"
                     );
+                }
+                // NVRTC 13.0 gave an empty log once another test had started the CUDA backend
+                // in the same process (seen on an H100 machine). Without a driver, as in CI,
+                // the report must be there, so spills are always checked in CI.
+                if !log.contains("Function properties for") {
+                    // SAFETY: only tries to open the driver library.
+                    let driver = unsafe { cudarc::driver::sys::is_culib_present() };
+                    assert!(
+                        driver,
+                        "sm_{arch}: no ptxas report for kernels/{file}.cu:\n{log}"
+                    );
+                    eprintln!("sm_{arch} {file}: NVRTC gave no ptxas report, spills not checked");
                 }
                 for line in log.lines().filter(|l| l.contains("spill")) {
                     assert!(

@@ -26,10 +26,10 @@ pub trait DeviceMemory: Send + Sync {
 
 /// Joins device byte ranges into one buffer on the device that it owns and reuses.
 pub trait DeviceGather: Send {
-    /// Copies `parts` back to back, waits for the copies, and returns the buffer's address
-    /// (aligned to 256 bytes, as CUDA allocations are); the buffer stays valid and unchanged
-    /// until the next call.
-    fn gather(&mut self, parts: &[&DeviceBytes]) -> Result<u64, String>;
+    /// Copies `parts` back to back, zeroes the rest up to `len` bytes (at least the parts'
+    /// total), waits for the copies, and returns the buffer's address (aligned to 256 bytes,
+    /// as CUDA allocations are); the buffer stays valid and unchanged until the next call.
+    fn gather(&mut self, parts: &[&DeviceBytes], len: usize) -> Result<u64, String>;
 }
 
 /// A byte range of device memory, shared: slicing shares the buffer (like [`bytes::Bytes`]).

@@ -157,6 +157,27 @@ pub struct RuntimeOptions {
     /// Where TensorRT keeps built engines (relative to the model directory when not absolute).
     pub tensorrt_engine_cache: Option<PathBuf>,
     pub cuda_device: i32,
+    /// How the CUDA provider picks each convolution's cuDNN algorithm.
+    pub cudnn_conv_algo_search: ConvAlgoSearch,
+    /// On the CUDA or TensorRT provider, pad every batch with zero rows to `max_batch_size`,
+    /// so the graph only ever sees one shape: ONNX Runtime's CUDA convolutions plan again
+    /// whenever the input shape changes, which costs far more than the padded rows.
+    pub gpu_pad_to_max_batch: bool,
+}
+
+/// ONNX Runtime's `cudnn_conv_algo_search`, by its own names.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConvAlgoSearch {
+    /// cuDNN's heuristics: no timing runs. The default, because the batcher forms batches of
+    /// every size and an exhaustive search times every algorithm again for each new shape.
+    #[default]
+    Heuristic,
+    /// Time every algorithm for each input shape (ONNX Runtime's own default): best for a
+    /// model that always runs one batch size.
+    Exhaustive,
+    /// cuDNN's fallback choice, with no search at all.
+    Default,
 }
 
 impl Default for RuntimeOptions {
@@ -166,6 +187,8 @@ impl Default for RuntimeOptions {
             tensorrt_fp16: true,
             tensorrt_engine_cache: None,
             cuda_device: 0,
+            cudnn_conv_algo_search: ConvAlgoSearch::default(),
+            gpu_pad_to_max_batch: false,
         }
     }
 }
@@ -377,6 +400,33 @@ mod tests {
         );
         assert_eq!(config.runtime.execution_providers, vec!["auto"]);
         assert_eq!(config.inputs[0].full_shape(true), vec![-1, 3, -1]);
+    }
+
+    #[test]
+    fn gpu_options_default_to_heuristic_search_without_padding() {
+        let config = parse(MINIMAL).unwrap();
+        assert_eq!(
+            config.runtime.cudnn_conv_algo_search,
+            ConvAlgoSearch::Heuristic
+        );
+        assert!(!config.runtime.gpu_pad_to_max_batch);
+        let set = parse(&format!(
+            "{MINIMAL}\n[runtime]\ncudnn_conv_algo_search = \"exhaustive\"\ngpu_pad_to_max_batch = true"
+        ))
+        .unwrap();
+        assert_eq!(
+            set.runtime.cudnn_conv_algo_search,
+            ConvAlgoSearch::Exhaustive
+        );
+        assert!(set.runtime.gpu_pad_to_max_batch);
+        let error = parse(&format!(
+            "{MINIMAL}\n[runtime]\ncudnn_conv_algo_search = \"fastest\""
+        ))
+        .unwrap_err();
+        assert!(
+            error.contains("`heuristic`, `exhaustive`, `default`"),
+            "{error}"
+        );
     }
 
     #[test]

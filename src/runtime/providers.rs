@@ -6,7 +6,7 @@ use std::fmt;
 use ort::ep::{self, ExecutionProvider, ExecutionProviderDispatch};
 
 use crate::runtime::RuntimeError;
-use crate::runtime::model_config::ModelConfig;
+use crate::runtime::model_config::{ConvAlgoSearch, ModelConfig};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProviderKind {
@@ -192,6 +192,11 @@ pub fn dispatch(
         ProviderKind::Cuda => Some(
             ep::CUDA::default()
                 .with_device_id(runtime.cuda_device)
+                .with_conv_algorithm_search(match runtime.cudnn_conv_algo_search {
+                    ConvAlgoSearch::Heuristic => ep::cuda::ConvAlgorithmSearch::Heuristic,
+                    ConvAlgoSearch::Exhaustive => ep::cuda::ConvAlgorithmSearch::Exhaustive,
+                    ConvAlgoSearch::Default => ep::cuda::ConvAlgorithmSearch::Default,
+                })
                 .build()
                 .error_on_failure(),
         ),

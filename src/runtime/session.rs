@@ -106,6 +106,20 @@ impl ModelSession {
         &self.providers
     }
 
+    /// The rows every batch is padded to, when this session pads (`gpu_pad_to_max_batch` on a
+    /// CUDA or TensorRT session of a batching model).
+    pub fn padded_batch(&self) -> Option<usize> {
+        padded_rows(&self.spec.config, self.on_gpu())
+    }
+
+    /// Whether the session runs on a CUDA device (the CUDA or TensorRT provider loaded).
+    pub fn on_gpu(&self) -> bool {
+        matches!(
+            self.providers.first(),
+            Some(ProviderKind::Cuda | ProviderKind::TensorRt)
+        )
+    }
+
     /// Every configured tensor must exist in the graph with the same type and a compatible shape,
     /// and the graph must not need inputs the config does not declare.
     fn check_signature(&self) -> Result<(), RuntimeError> {
@@ -181,11 +195,15 @@ impl ModelSession {
     }
 
     /// Runs the batch sizes of `warmup_batch_sizes` once with zeros (every size up to 64, powers
-    /// of two and the maximum above), so allocations, kernels and TensorRT engines are ready
-    /// before the first request.
+    /// of two and the maximum above; only the maximum when batches are padded to it), so
+    /// allocations, kernels and TensorRT engines are ready before the first request.
     pub fn warm_up(&mut self) -> Result<(), RuntimeError> {
         let config = self.spec.config.clone();
-        for batch in warmup_batch_sizes(config.max_batch_size) {
+        let sizes = match self.padded_batch() {
+            Some(rows) => vec![rows],
+            None => warmup_batch_sizes(config.max_batch_size),
+        };
+        for batch in sizes {
             let shapes: Vec<Vec<usize>> = config
                 .inputs
                 .iter()
@@ -408,6 +426,12 @@ pub fn element_type(dtype: DataType) -> TensorElementType {
     }
 }
 
+/// The rows a session of `config` pads every batch to, if it pads.
+fn padded_rows(config: &ModelConfig, on_gpu: bool) -> Option<usize> {
+    (config.runtime.gpu_pad_to_max_batch && config.batching() && on_gpu)
+        .then_some(config.max_batch_size)
+}
+
 /// Every batch size up to 64; beyond that powers of two and the maximum (what the batcher tends
 /// to form under load), so warm-up stays short for very large limits.
 pub fn warmup_batch_sizes(max_batch_size: usize) -> Vec<usize> {
@@ -428,6 +452,22 @@ pub fn warmup_batch_sizes(max_batch_size: usize) -> Vec<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_gpu_sessions_of_batching_models_that_ask_pad_their_batches() {
+        let config = |pad: bool, max_batch_size: usize| -> ModelConfig {
+            toml::from_str(&format!(
+                "name = \"m\"\nmax_batch_size = {max_batch_size}\n[[input]]\nname = \"x\"\n\
+                 datatype = \"FP32\"\nshape = [2]\n[[output]]\nname = \"y\"\n\
+                 datatype = \"FP32\"\nshape = [2]\n[runtime]\ngpu_pad_to_max_batch = {pad}\n"
+            ))
+            .unwrap()
+        };
+        assert_eq!(padded_rows(&config(true, 64), true), Some(64));
+        assert_eq!(padded_rows(&config(true, 64), false), None, "CPU sessions");
+        assert_eq!(padded_rows(&config(false, 64), true), None, "not asked");
+        assert_eq!(padded_rows(&config(true, 0), true), None, "no batching");
+    }
 
     #[test]
     fn warmup_covers_small_limits_fully_and_large_ones_by_powers() {
