@@ -440,8 +440,13 @@ impl Inspector {
         };
         let row_bytes = crops.len() / count;
         // One chunk per session: a lone board's crops run on every session at once, and under
-        // load the batcher merges the chunks of several boards into full batches anyway.
-        let sessions = self.model.batcher.sessions().max(1);
+        // load the batcher merges the chunks of several boards into full batches anyway. Where
+        // the sessions pad every batch to the same rows, smaller chunks would only multiply
+        // the padded batches.
+        let sessions = match self.model.batcher.padded_batch() {
+            Some(_) => 1,
+            None => self.model.batcher.sessions().max(1),
+        };
         let chunk_rows = count
             .div_ceil(sessions)
             .clamp(1, config.max_batch_size.max(1));

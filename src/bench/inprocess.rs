@@ -57,10 +57,15 @@ pub fn run(plan: &InProcessPlan<'_>) -> anyhow::Result<Report> {
     for _ in 0..plan.sessions.max(1) {
         workers.push(ModelSession::load(&spec, &plan_providers, plan.threads)?);
     }
+    // Sessions that pad their batches run --batch rows as the server's would: padded.
+    let run_rows = workers
+        .first()
+        .and_then(ModelSession::padded_batch)
+        .map_or(plan.batch, |padded| padded.max(plan.batch));
     let shapes: Vec<Vec<usize>> = config
         .inputs
         .iter()
-        .map(|input| input.concrete_shape(config.batching(), plan.batch))
+        .map(|input| input.concrete_shape(config.batching(), run_rows))
         .collect();
     let mut rng = fastrand::Rng::with_seed(7);
     let buffers: Vec<Vec<u8>> = config
@@ -145,8 +150,14 @@ pub fn run(plan: &InProcessPlan<'_>) -> anyhow::Result<Report> {
     Ok(Report {
         mode: "in-process".into(),
         target: format!(
-            "onnxruntime sessions={} threads={}",
-            plan.sessions, plan.threads
+            "onnxruntime sessions={} threads={}{}",
+            plan.sessions,
+            plan.threads,
+            if run_rows > plan.batch {
+                format!(" (each batch padded to {run_rows} rows, as the server runs it)")
+            } else {
+                String::new()
+            }
         ),
         model: plan.model.into(),
         concurrency: plan.sessions,

@@ -212,6 +212,8 @@ pub struct Batcher {
     sender: LaneSenders<QueuedRequest>,
     /// The CUDA device whose memory every session reads in place (CUDA or TensorRT provider).
     device: Option<i32>,
+    /// The rows every session pads its batches to, when all of them pad.
+    padded_batch: Option<usize>,
     stop: Arc<AtomicBool>,
     /// Set when the server begins to stop: batches close without waiting for company.
     drain: Arc<AtomicBool>,
@@ -247,6 +249,11 @@ impl Batcher {
         record_queue_depth(&metrics, labels, |_| 0);
         let device = (!sessions.is_empty() && sessions.iter().all(ModelSession::on_gpu))
             .then_some(config.runtime.cuda_device);
+        let padded_batch = sessions
+            .iter()
+            .map(ModelSession::padded_batch)
+            .reduce(|a, b| if a == b { a } else { None })
+            .flatten();
         let workers: Vec<JoinHandle<()>> = sessions
             .into_iter()
             .enumerate()
@@ -278,6 +285,7 @@ impl Batcher {
             sessions: workers.len(),
             sender,
             device,
+            padded_batch,
             stop,
             drain,
             workers: std::sync::Mutex::new(workers),
@@ -300,6 +308,12 @@ impl Batcher {
     /// [`Batcher::infer_on_device`] takes inputs from it.
     pub fn device(&self) -> Option<i32> {
         self.device
+    }
+
+    /// The rows every batch runs at when the sessions pad their batches: a caller splitting
+    /// its rows gains nothing from chunks smaller than this.
+    pub fn padded_batch(&self) -> Option<usize> {
+        self.padded_batch
     }
 
     /// Queues a live request and waits for its outputs or its deadline. `inputs` are in config
@@ -809,39 +823,20 @@ impl Worker {
     ) -> Result<(Vec<Tensor>, Instant), String> {
         self.scratch
             .resize_with(self.config.inputs.len(), AlignedBytes::default);
-        // A batch of one request whose buffer is aligned for its type (crops made in process,
-        // say) is handed over as it is; anything else is gathered into the scratch buffers.
-        let mut direct: Vec<Option<&[u8]>> = Vec::with_capacity(shapes.len());
-        for (index, (spec, shape)) in self.config.inputs.iter().zip(shapes).enumerate() {
-            let first = batch[0].inputs.host_data(index)?;
+        let mut inputs: Vec<BatchInput<'_>> = Vec::with_capacity(shapes.len());
+        let specs = self.config.inputs.iter().zip(shapes);
+        for (index, ((spec, shape), scratch)) in specs.zip(self.scratch.iter_mut()).enumerate() {
+            let parts = batch
+                .iter()
+                .map(|request| request.inputs.host_data(index))
+                .collect::<Result<Vec<_>, _>>()?;
             let run_bytes = Tensor::byte_len(spec.datatype, shape);
-            if batch.len() == 1
-                && first.len() == run_bytes
-                && (first.as_ptr() as usize).is_multiple_of(spec.datatype.size())
-            {
-                direct.push(Some(first));
-                continue;
-            }
-            direct.push(None);
-            let buffer = &mut self.scratch[index];
-            buffer.clear();
-            for request in batch {
-                buffer.extend_from_slice(request.inputs.host_data(index)?);
-            }
-            buffer.zero_extend(run_bytes);
-        }
-        let inputs: Vec<BatchInput<'_>> = self
-            .config
-            .inputs
-            .iter()
-            .zip(shapes)
-            .zip(direct.iter().zip(&self.scratch))
-            .map(|((spec, shape), (direct, buffer))| BatchInput {
+            inputs.push(BatchInput {
                 dtype: spec.datatype,
                 shape,
-                data: direct.unwrap_or(buffer.as_bytes()),
-            })
-            .collect();
+                data: assemble_input(&parts, run_bytes, spec.datatype.size(), scratch),
+            });
+        }
         let ready = Instant::now();
         let outputs = self.session.run(&inputs).map_err(|e| e.to_string())?;
         Ok((outputs, ready))
@@ -914,6 +909,29 @@ impl Worker {
             unsafe { self.session.run_on_device(device, &inputs) }.map_err(|e| e.to_string())?;
         Ok((outputs, ready))
     }
+}
+
+/// One host input of a batch of `run_bytes`: a lone request's own buffer when it is that long
+/// and aligned for its type (crops made in process, say), else the requests' bytes gathered
+/// into `scratch`, then zero rows up to `run_bytes` (a session that pads its batches).
+fn assemble_input<'a>(
+    parts: &[&'a [u8]],
+    run_bytes: usize,
+    align: usize,
+    scratch: &'a mut AlignedBytes,
+) -> &'a [u8] {
+    if let [only] = parts
+        && only.len() == run_bytes
+        && (only.as_ptr() as usize).is_multiple_of(align)
+    {
+        return only;
+    }
+    scratch.clear();
+    for part in parts {
+        scratch.extend_from_slice(part);
+    }
+    scratch.zero_extend(run_bytes);
+    scratch.as_bytes()
 }
 
 /// Device addresses ONNX Runtime is given start on this boundary (what CUDA allocations give,
@@ -1059,6 +1077,22 @@ mod tests {
         assert_eq!(first[0].to_f32_vec().unwrap(), vec![1.0, 2.0]);
         assert_eq!(rest[0].shape, vec![2, 2]);
         assert_eq!(rest[0].to_f32_vec().unwrap(), vec![3.0, 4.0, 5.0, 6.0]);
+    }
+
+    #[test]
+    fn batch_inputs_are_handed_over_gathered_or_padded() {
+        let mut scratch = AlignedBytes::default();
+        let words = [1u32, 2, 3, 4];
+        let own: &[u8] = bytemuck::cast_slice(&words);
+        // A lone aligned request of the run's length: its own buffer, not a copy.
+        let handed = assemble_input(&[own], 16, 4, &mut scratch);
+        assert_eq!(handed.as_ptr(), own.as_ptr());
+        // Two requests: joined in order.
+        let joined = assemble_input(&[&own[..8], &own[8..]], 16, 4, &mut scratch).to_vec();
+        assert_eq!(joined, own);
+        // A session that pads: the lone request's rows, then zeros up to the run's length.
+        let padded = assemble_input(&[&own[..8]], 16, 4, &mut scratch);
+        assert_eq!(padded, [&own[..8], &[0u8; 8][..]].concat());
     }
 
     #[test]

@@ -241,6 +241,9 @@ impl ModelConfig {
                 self.max_batch_size
             ));
         }
+        if self.runtime.gpu_pad_to_max_batch && !self.batching() {
+            return Err("gpu_pad_to_max_batch needs max_batch_size > 0 (batches to pad)".into());
+        }
         if self.inputs.is_empty() || self.outputs.is_empty() {
             return Err("a model needs at least one [[input]] and one [[output]]".into());
         }
@@ -427,6 +430,12 @@ mod tests {
             error.contains("`heuristic`, `exhaustive`, `default`"),
             "{error}"
         );
+        let unbatched = MINIMAL.replace("max_batch_size = 8", "max_batch_size = 0");
+        let error = parse(&format!(
+            "{unbatched}\n[runtime]\ngpu_pad_to_max_batch = true"
+        ))
+        .unwrap_err();
+        assert!(error.contains("needs max_batch_size > 0"), "{error}");
     }
 
     #[test]
