@@ -202,9 +202,11 @@ def _worker(args):
 
 
 def build_dataset(root, items, variants, seed, p, n_jitter, workers, cache_dir):
+    # The last number is the crop code's version: raise it whenever pipeline.py changes what
+    # the crops hold for the same parameters (6: the alignment window rule of 2026-11-24).
     stage15 = {k: v for k, v in p.to_dict().items() if k not in ("score_threshold", "nms_iou", "nms_iomin", "merge_same_class")}
     key = hashlib.sha1(json.dumps([sorted(i[0] for i in items), list(variants), seed,
-                                   stage15, n_jitter, 5]).encode()).hexdigest()[:16]
+                                   stage15, n_jitter, 6]).encode()).hexdigest()[:16]
     path = os.path.join(cache_dir, f"aoi_ds_{key}.npz")
     if os.path.exists(path):
         d = np.load(path)
