@@ -138,6 +138,39 @@ fn detect_writes_deeppcb_files_and_eval_scores_them() {
             );
         }
     }
+    // Every injected defect is found with its class, its box holding the defect's centre (the
+    // classifier draws DeepPCB-sized boxes, wider than the synthetic ones, so IoU is not the
+    // test here), and the clean board gives nothing.
+    for id in ["1000", "1001", "1002"] {
+        let found: Vec<(Vec<i64>, f64, String)> =
+            std::fs::read_to_string(out.join(format!("{id}.txt")))
+                .unwrap()
+                .lines()
+                .map(|line| {
+                    let f: Vec<&str> = line.split(',').collect();
+                    let b = f[..4].iter().map(|v| v.parse().unwrap()).collect();
+                    (b, f[4].parse().unwrap(), f[5].to_string())
+                })
+                .filter(|(_, confidence, _)| *confidence >= 0.5)
+                .collect();
+        let truth =
+            std::fs::read_to_string(root.path().join(format!("group1/1_not/{id}.txt"))).unwrap();
+        let truth: Vec<Vec<i64>> = truth
+            .lines()
+            .map(|l| l.split(' ').map(|v| v.parse().unwrap()).collect())
+            .collect();
+        assert_eq!(found.len(), truth.len(), "{id}: {found:?} for {truth:?}");
+        for t in &truth {
+            let (cx, cy) = ((t[0] + t[2]) / 2, (t[1] + t[3]) / 2);
+            let class = DefectKind::ALL[t[4] as usize - 1].class_name();
+            assert!(
+                found.iter().any(|(b, _, c)| c == class
+                    && (b[0]..b[2]).contains(&cx)
+                    && (b[1]..b[3]).contains(&cy)),
+                "{id}: no {class} around ({cx}, {cy}) in {found:?}"
+            );
+        }
+    }
     let eval = eval(root.path(), &list, &out, &["--model-repository", models]);
     let report = String::from_utf8_lossy(&eval.stdout);
     assert!(
@@ -151,6 +184,38 @@ fn detect_writes_deeppcb_files_and_eval_scores_them() {
         "AP pin-hole",
         "mean AP",
         "F-score",
+    ] {
+        assert!(
+            report.contains(expected),
+            "{expected:?} missing in {report}"
+        );
+    }
+    // The annotations themselves as detections score perfectly.
+    let perfect = root.path().join("perfect");
+    std::fs::create_dir_all(&perfect).unwrap();
+    for id in ["1000", "1001", "1002"] {
+        let truth =
+            std::fs::read_to_string(root.path().join(format!("group1/1_not/{id}.txt"))).unwrap();
+        let lines: String = truth
+            .lines()
+            .map(|l| {
+                let v: Vec<&str> = l.split(' ').collect();
+                format!("{},{},{},{},1.0,{}\n", v[0], v[1], v[2], v[3], v[4])
+            })
+            .collect();
+        std::fs::write(perfect.join(format!("{id}.txt")), lines).unwrap();
+    }
+    let scored = self::eval(
+        root.path(),
+        &list,
+        &perfect,
+        &["--model-repository", models],
+    );
+    let report = String::from_utf8_lossy(&scored.stdout);
+    assert!(scored.status.success(), "{report}");
+    for expected in [
+        "mean AP (classes with ground truth): 1.0000",
+        "F-score 1.0000",
     ] {
         assert!(
             report.contains(expected),

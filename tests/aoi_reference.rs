@@ -20,10 +20,15 @@ use serde_json::Value;
 const SCORE_TOLERANCE: f64 = 5e-4 + 1e-5;
 
 /// `LINESCAN_DEEPPCB`, else ../shared/data/deeppcb beside the repository.
-fn deeppcb_root() -> Option<PathBuf> {
-    let root = std::env::var_os("LINESCAN_DEEPPCB")
+/// Where the DeepPCB data is looked for: `LINESCAN_DEEPPCB`, else `../shared/data/deeppcb`.
+fn deeppcb_path() -> PathBuf {
+    std::env::var_os("LINESCAN_DEEPPCB")
         .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join("../shared/data/deeppcb"));
+        .unwrap_or_else(|| repo_root().join("../shared/data/deeppcb"))
+}
+
+fn deeppcb_root() -> Option<PathBuf> {
+    let root = deeppcb_path();
     root.is_dir().then_some(root)
 }
 
@@ -221,7 +226,10 @@ fn detect(root: &Path, pairs: &[Value], min_score: &str) -> Vec<Vec<(Vec<i64>, f
 #[test]
 fn rust_pipeline_matches_pipeline_py_on_deeppcb() {
     let Some(root) = deeppcb_root() else {
-        println!("skipped: ../shared/data/deeppcb not present");
+        println!(
+            "skipped: no DeepPCB data at {} (set LINESCAN_DEEPPCB to its folder)",
+            deeppcb_path().display()
+        );
         return;
     };
     let reference = reference();

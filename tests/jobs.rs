@@ -554,6 +554,7 @@ async fn jobs_survive_restarts() {
     let result = setup.data.path().join("jobs").join(&id).join("result.h5");
     assert_eq!(read_result(&result).rul, read_result(&expected).rul);
     drop(server); // one server per data folder
+    let killed = id;
 
     // A clean stop (SIGTERM) leaves a running job queued for the next start.
     let mut server = setup.server(&throttled);
@@ -581,12 +582,21 @@ async fn jobs_survive_restarts() {
         .json()
         .await
         .unwrap();
-    assert!(
-        list["jobs"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|j| j["state"] == "done")
+    let mut listed: Vec<(String, String)> = list["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| (j["id"].as_str().unwrap().into(), j["state"].to_string()))
+        .collect();
+    listed.sort();
+    let mut expected_jobs = vec![
+        (killed.clone(), "\"done\"".to_string()),
+        (id.clone(), "\"done\"".to_string()),
+    ];
+    expected_jobs.sort();
+    assert_eq!(
+        listed, expected_jobs,
+        "both jobs, finished, after a restart"
     );
     drop(server);
 
