@@ -120,39 +120,36 @@ fn detect_writes_deeppcb_files_and_eval_scores_them() {
     for stage in ["template", "decode", "align", "classify"] {
         assert!(stdout.contains(stage), "{stage} timing missing: {stdout}");
     }
-    // One file per pair; each line `x1,y1,x2,y2,confidence,type` with integer box.
+    // One file per pair; each line `x1,y1,x2,y2,confidence,type` with integer box. Every
+    // injected defect is found with its class, its box holding the defect's centre (the
+    // classifier draws DeepPCB-sized boxes, wider than the synthetic ones, so IoU is not the
+    // test here), and the clean board gives nothing. The annotations, written as detections,
+    // are scored below.
+    let perfect = root.path().join("perfect");
+    std::fs::create_dir_all(&perfect).unwrap();
     for id in ["1000", "1001", "1002"] {
         let text = std::fs::read_to_string(out.join(format!("{id}.txt"))).unwrap();
+        let mut found = Vec::new();
         for line in text.lines() {
             let fields: Vec<&str> = line.split(',').collect();
             assert_eq!(fields.len(), 6, "{line}");
-            for f in &fields[..4] {
-                f.parse::<i64>()
-                    .unwrap_or_else(|_| panic!("box field {f} in {line}"));
-            }
+            let bbox: Vec<i64> = fields[..4]
+                .iter()
+                .map(|f| {
+                    f.parse()
+                        .unwrap_or_else(|_| panic!("box field {f} in {line}"))
+                })
+                .collect();
             let confidence: f64 = fields[4].parse().unwrap();
             assert!((0.0..=1.0).contains(&confidence));
             assert!(
                 DefectKind::ALL.iter().any(|k| k.class_name() == fields[5]),
                 "{line}"
             );
+            if confidence >= 0.5 {
+                found.push((bbox, fields[5]));
+            }
         }
-    }
-    // Every injected defect is found with its class, its box holding the defect's centre (the
-    // classifier draws DeepPCB-sized boxes, wider than the synthetic ones, so IoU is not the
-    // test here), and the clean board gives nothing.
-    for id in ["1000", "1001", "1002"] {
-        let found: Vec<(Vec<i64>, f64, String)> =
-            std::fs::read_to_string(out.join(format!("{id}.txt")))
-                .unwrap()
-                .lines()
-                .map(|line| {
-                    let f: Vec<&str> = line.split(',').collect();
-                    let b = f[..4].iter().map(|v| v.parse().unwrap()).collect();
-                    (b, f[4].parse().unwrap(), f[5].to_string())
-                })
-                .filter(|(_, confidence, _)| *confidence >= 0.5)
-                .collect();
         let truth =
             std::fs::read_to_string(root.path().join(format!("group1/1_not/{id}.txt"))).unwrap();
         let truth: Vec<Vec<i64>> = truth
@@ -164,12 +161,17 @@ fn detect_writes_deeppcb_files_and_eval_scores_them() {
             let (cx, cy) = ((t[0] + t[2]) / 2, (t[1] + t[3]) / 2);
             let class = DefectKind::ALL[t[4] as usize - 1].class_name();
             assert!(
-                found.iter().any(|(b, _, c)| c == class
+                found.iter().any(|(b, c)| *c == class
                     && (b[0]..b[2]).contains(&cx)
                     && (b[1]..b[3]).contains(&cy)),
                 "{id}: no {class} around ({cx}, {cy}) in {found:?}"
             );
         }
+        let lines: String = truth
+            .iter()
+            .map(|t| format!("{},{},{},{},1.0,{}\n", t[0], t[1], t[2], t[3], t[4]))
+            .collect();
+        std::fs::write(perfect.join(format!("{id}.txt")), lines).unwrap();
     }
     let eval = eval(root.path(), &list, &out, &["--model-repository", models]);
     let report = String::from_utf8_lossy(&eval.stdout);
@@ -191,20 +193,6 @@ fn detect_writes_deeppcb_files_and_eval_scores_them() {
         );
     }
     // The annotations themselves as detections score perfectly.
-    let perfect = root.path().join("perfect");
-    std::fs::create_dir_all(&perfect).unwrap();
-    for id in ["1000", "1001", "1002"] {
-        let truth =
-            std::fs::read_to_string(root.path().join(format!("group1/1_not/{id}.txt"))).unwrap();
-        let lines: String = truth
-            .lines()
-            .map(|l| {
-                let v: Vec<&str> = l.split(' ').collect();
-                format!("{},{},{},{},1.0,{}\n", v[0], v[1], v[2], v[3], v[4])
-            })
-            .collect();
-        std::fs::write(perfect.join(format!("{id}.txt")), lines).unwrap();
-    }
     let scored = self::eval(
         root.path(),
         &list,

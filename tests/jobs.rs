@@ -1311,28 +1311,24 @@ fn offline_commands_refuse_to_overwrite_their_input() {
     let setup = setup();
     let archive = write_generic(setup.files.path(), "fleet.h5", &small_fleet());
     let before = std::fs::read(&archive).unwrap();
-    let output = job_run_output(setup.repository.path(), &archive, &archive, &[]);
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("is the input"), "{stderr}");
-    assert_eq!(
-        std::fs::read(&archive).unwrap(),
-        before,
-        "the archive changed"
-    );
+    // `job run input --out out` fails saying `why`, and the input keeps its bytes.
+    let refused = |input: &Path, out: &Path, why: &str| {
+        let output = job_run_output(setup.repository.path(), input, out, &[]);
+        assert!(!output.status.success());
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(why), "{stderr}");
+        assert_eq!(
+            std::fs::read(input).unwrap(),
+            before,
+            "{} changed",
+            input.display()
+        );
+    };
+    refused(&archive, &archive, "is the input");
     // Nor the file the result is written to before it is moved over --out.
     let partial = setup.file("out.h5.partial");
     std::fs::copy(&archive, &partial).unwrap();
-    let output = job_run_output(
-        setup.repository.path(),
-        &partial,
-        &setup.file("out.h5"),
-        &[],
-    );
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("is where this run writes"), "{stderr}");
-    assert_eq!(std::fs::read(&partial).unwrap(), before);
+    refused(&partial, &setup.file("out.h5"), "is where this run writes");
     // A CSV run scores into a file of its own beside --out, which it removes: an input named
     // like the older fixed name is left alone.
     let named_like = setup.file("r.scoring.h5");

@@ -58,10 +58,7 @@ pub fn run(plan: &InProcessPlan<'_>) -> anyhow::Result<Report> {
         workers.push(ModelSession::load(&spec, &plan_providers, plan.threads)?);
     }
     // Sessions that pad their batches run --batch rows as the server's would: padded.
-    let run_rows = workers
-        .first()
-        .and_then(ModelSession::padded_batch)
-        .map_or(plan.batch, |padded| padded.max(plan.batch));
+    let run_rows = workers[0].run_rows(plan.batch);
     let shapes: Vec<Vec<usize>> = config
         .inputs
         .iter()

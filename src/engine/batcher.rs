@@ -721,8 +721,7 @@ impl Worker {
                 .observe((started - request.enqueued).as_secs_f64());
         }
         let rows: usize = batch.iter().map(|r| r.rows).sum();
-        // The rows the graph runs: the batch's, or more where the session pads batches.
-        let run_rows = self.session.padded_batch().unwrap_or(rows).max(rows);
+        let run_rows = self.session.run_rows(rows);
         let result = self.run_batch(&batch, run_rows);
         let compute_time = started.elapsed();
         let labels = self.label_refs();

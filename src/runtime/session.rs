@@ -112,6 +112,11 @@ impl ModelSession {
         padded_rows(&self.spec.config, self.on_gpu())
     }
 
+    /// The rows the graph runs for a batch of `rows`: more where the session pads batches.
+    pub fn run_rows(&self, rows: usize) -> usize {
+        self.padded_batch().map_or(rows, |padded| padded.max(rows))
+    }
+
     /// Whether the session runs on a CUDA device (the CUDA or TensorRT provider loaded).
     pub fn on_gpu(&self) -> bool {
         matches!(
