@@ -34,9 +34,55 @@ pub fn stage(path: &Path, bytes: &[u8]) -> io::Result<PartialFile> {
 
 /// Renames the flushed file `staged` over `path`, and flushes the rename.
 pub fn move_into_place(staged: PartialFile, path: &Path) -> io::Result<()> {
+    rename_into_place(staged, path)?;
+    sync_folder_of(path)
+}
+
+/// Renames the flushed file `staged` over `path` without flushing the rename, for a caller
+/// that must tell a rename that failed (nothing changed) from a flush that failed (the file
+/// is in place); `sync_folder_of` flushes it.
+pub fn rename_into_place(staged: PartialFile, path: &Path) -> io::Result<()> {
     std::fs::rename(staged.path(), path)?;
     staged.kept();
-    sync_folder_of(path)
+    Ok(())
+}
+
+/// The second name of a file while a replacement of it may still be undone. It ends in
+/// `.tmp`, so a crash leaves it to be removed like any unfinished write.
+fn previous_path(path: &Path) -> PathBuf {
+    let mut previous = path.as_os_str().to_owned();
+    previous.push(".previous.tmp");
+    PathBuf::from(previous)
+}
+
+/// Keeps the file at `path` under a second name (a hard link, or a copy where the file system
+/// has none) while it is replaced, so that `restore_previous` can undo the replacement. The
+/// second name goes when the returned file is dropped; `None` when `path` has no file.
+pub fn keep_previous(path: &Path) -> io::Result<Option<PartialFile>> {
+    let previous = PartialFile::new(previous_path(path));
+    match std::fs::remove_file(previous.path()) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let kept = std::fs::hard_link(path, previous.path())
+        .or_else(|_| std::fs::copy(path, previous.path()).map(drop));
+    match kept {
+        Ok(()) => Ok(Some(previous)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound && !path.exists() => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Undoes a replacement of `path`: moves its `previous` file back over it, or removes it
+/// when it had none before.
+pub fn restore_previous(previous: Option<PartialFile>, path: &Path) -> io::Result<()> {
+    match previous {
+        Some(previous) => move_into_place(previous, path),
+        None => {
+            std::fs::remove_file(path)?;
+            sync_folder_of(path)
+        }
+    }
 }
 
 /// Checks that `write` can write `path` (its folder takes files) without touching a file
@@ -62,7 +108,7 @@ pub fn replace(written: PartialFile, path: &Path) -> io::Result<()> {
 }
 
 /// Flushes a folder's entries (a rename or a removal in it) to the disk.
-fn sync_folder_of(path: &Path) -> io::Result<()> {
+pub fn sync_folder_of(path: &Path) -> io::Result<()> {
     match path.parent() {
         Some(folder) if !folder.as_os_str().is_empty() => File::open(folder)?.sync_all(),
         _ => File::open(".")?.sync_all(),
@@ -129,6 +175,40 @@ mod tests {
         std::fs::create_dir(temporary_path(&path)).unwrap();
         assert!(write(&path, b"new").is_err());
         assert_eq!(std::fs::read(&path).unwrap(), b"old");
+    }
+
+    #[test]
+    fn a_replacement_can_be_undone_until_its_previous_file_is_dropped() {
+        let folder = tempfile::tempdir().unwrap();
+        let path = folder.path().join("b.image");
+        let files = || std::fs::read_dir(folder.path()).unwrap().count();
+        write(&path, b"old").unwrap();
+        let previous = keep_previous(&path).unwrap();
+        write(&path, b"new").unwrap();
+        restore_previous(previous, &path).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"old");
+        assert_eq!(files(), 1);
+        // Kept, then dropped: the replacement stays and the second name goes.
+        let previous = keep_previous(&path).unwrap();
+        assert_eq!(files(), 2);
+        write(&path, b"new").unwrap();
+        drop(previous);
+        assert_eq!(std::fs::read(&path).unwrap(), b"new");
+        assert_eq!(files(), 1);
+        // A file that did not exist before is removed.
+        let fresh = folder.path().join("c.image");
+        let previous = keep_previous(&fresh).unwrap();
+        assert!(previous.is_none());
+        write(&fresh, b"new").unwrap();
+        restore_previous(previous, &fresh).unwrap();
+        assert!(!fresh.exists());
+        // A second name left by a crash is replaced, not an error.
+        std::fs::write(previous_path(&path), b"stale").unwrap();
+        let previous = keep_previous(&path).unwrap();
+        write(&path, b"newer").unwrap();
+        restore_previous(previous, &path).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"new");
+        assert_eq!(files(), 1);
     }
 
     #[test]

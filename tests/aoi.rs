@@ -786,6 +786,28 @@ async fn a_template_that_cannot_be_stored_leaves_the_stored_one_as_it_was() {
         assert!(error.contains("cannot store template kept"), "{error}");
         assert_eq!(width(&server).await, 96);
         std::fs::remove_dir(&blocker).unwrap();
+        // Both files are written, the new image is moved in, and then the record cannot be
+        // (a non-empty folder stands in its place): the old image is put back.
+        let record = folder.join("kept.json");
+        let record_bytes = std::fs::read(&record).unwrap();
+        std::fs::remove_file(&record).unwrap();
+        std::fs::create_dir_all(record.join("held")).unwrap();
+        let (status, body) = put_template(&server, "kept", image(128), "").await;
+        assert_eq!(status, 500, "{body}");
+        assert_eq!(width(&server).await, 96);
+        assert!(
+            std::fs::read(folder.join("kept.image")).unwrap() == image(96),
+            "the refused image stayed in the folder"
+        );
+        let served = reqwest::get(format!("{}/v1/templates/kept/image", server.url))
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        assert!(served == image(96), "the refused image is served");
+        std::fs::remove_dir_all(&record).unwrap();
+        std::fs::write(&record, record_bytes).unwrap();
     }
     // Neither file was replaced, nor anything left: a restart serves the template kept.
     let mut files: Vec<_> = std::fs::read_dir(&folder)

@@ -116,7 +116,8 @@ impl TemplateStore {
         for path in paths {
             match path.extension().and_then(|e| e.to_str()) {
                 Some("json") => {}
-                // A write cut short by a crash; the file it was replacing is still whole.
+                // A write cut short by a crash (the file it was replacing is still whole), or
+                // the previous image a replacement kept until its record was in place.
                 Some("tmp") => {
                     match std::fs::remove_file(&path) {
                         Ok(()) => {
@@ -300,9 +301,23 @@ impl TemplateStore {
             let record_bytes = serde_json::to_vec_pretty(&info).expect("template info serialises");
             let staged_record = durable::stage(&record, &record_bytes)?;
             // The image first: a stop between the two renames leaves the new image with the
-            // old record, which loading recognises (`load_board`).
+            // old record, which loading recognises (`load_board`). A record that cannot be
+            // moved into place takes the new image back out, so the refusal leaves the
+            // template as it was.
+            let previous_image = durable::keep_previous(&image)?;
             durable::move_into_place(staged_image, &image)?;
-            durable::move_into_place(staged_record, &record)
+            if let Err(error) = durable::rename_into_place(staged_record, &record) {
+                if let Err(undo) = durable::restore_previous(previous_image, &image) {
+                    tracing::error!(file = %image.display(), error = %undo,
+                        "cannot put the previous template image back");
+                }
+                return Err(error);
+            }
+            // Both files are in place and served from here on; only their flush is unconfirmed.
+            if let Err(error) = durable::sync_folder_of(&record) {
+                tracing::error!(file = %record.display(), %error, "template record not flushed");
+            }
+            Ok(())
         };
         let _change = self.changes.lock().expect("template changes lock");
         // Checked under the change lock, against the boards it would stay beside.
