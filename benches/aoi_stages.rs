@@ -31,7 +31,7 @@ fn stages(c: &mut Criterion) {
     let aligned = template.bits.shifted(shift.dx, shift.dy);
     let valid = BitImage::valid_after_shift(size.0, size.1, shift.dx, shift.dy);
     let difference = test_bits.xor(&aligned).and(&valid);
-    let found = candidates(&difference, &params);
+    let found = candidates(&difference, &params).kept;
     assert_eq!(found.len(), 6, "one candidate per drawn defect");
 
     let mut group = c.benchmark_group("aoi_cpu");

@@ -54,7 +54,7 @@ fn stages(c: &mut Criterion) {
             params.merge_size,
         )
         .unwrap();
-    let found = candidates_in_masks(&comparison.opened, &comparison.merged, &params);
+    let found = candidates_in_masks(&comparison.opened, &comparison.merged, &params).kept;
     let channels = [&test_bits, &comparison.aligned, &comparison.difference];
 
     // A C-MAPSS-like chunk: 16,384 rows of 24 columns, 14 used by the model.

@@ -422,6 +422,32 @@ async fn a_board_stricter_than_the_model_lists_and_rejects_what_it_would_miss() 
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_board_with_candidates_beyond_the_cap_is_rejected_and_says_so() {
+    // No confidence reaches the model's threshold (as above), so only the cap can reject.
+    let repository = Repository::with_models(&[MODEL]);
+    repository
+        .set(MODEL, "score_threshold", "0.999")
+        .set(MODEL, "max_candidates", "2");
+    let data = tempfile::tempdir().unwrap();
+    let server = Server::start(
+        repository.path(),
+        &["--data-dir", data.path().to_str().unwrap()],
+    );
+    let clean = synthetic::board(&[], (0, 0));
+    let defective = synthetic::board(&DefectKind::ALL, (0, 0));
+    put_template(&server, "capped", png(&clean.template), "").await;
+    let (status, result) = inspect(&server, "capped", png(&defective.test)).await;
+    assert_eq!(status, 200, "{result}");
+    assert_eq!(result["verdict"], "REJECT", "{result}");
+    assert_eq!(result["defects"], json!([]), "{result}");
+    // One candidate per drawn defect: six, of which two were classified.
+    assert_eq!(result["unclassified_candidates"], 4, "{result}");
+    let (_, clean_result) = inspect(&server, "capped", png(&clean.test)).await;
+    assert_eq!(clean_result["verdict"], "PASS", "{clean_result}");
+    assert_eq!(clean_result["unclassified_candidates"], 0, "{clean_result}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn every_error_path_answers_with_the_right_status() {
     let (_repository, _data, server) = start(&["--max-image-pixels", "500000"]);
     let clean = synthetic::board(&[], (0, 0));

@@ -242,6 +242,25 @@ fn detect_names_a_missing_image_and_still_writes_the_other_pairs() {
     );
 }
 
+#[test]
+fn detect_warns_when_a_pair_has_more_candidates_than_the_cap() {
+    let repository = Repository::with_models(&["aoi_defect"]);
+    repository.set("aoi_defect", "max_candidates", "2");
+    let root = tempfile::tempdir().unwrap();
+    let list = write_dataset(root.path());
+    let out = root.path().join("det");
+    let output = detect(root.path(), &list, &out, &repository, &[]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    // The board with all six defects has six candidates; the others two and none.
+    assert!(
+        stderr.contains("1 of 3 pairs had more candidates than the 2 classified per board")
+            && stderr.contains("4 candidates were not classified")
+            && stderr.contains("raise max_candidates"),
+        "{stderr}"
+    );
+}
+
 /// One detection line: box, confidence, class.
 type Detection = (Vec<i64>, f64, String);
 

@@ -6,8 +6,18 @@ use crate::aoi::bitimage::BitImage;
 use crate::aoi::components::{Component, components};
 use crate::aoi::params::PipelineParams;
 
-/// Candidate boxes (exclusive right/bottom) sorted by (y1, x1, y2, x2, area descending).
-pub fn candidates(difference: &BitImage, params: &PipelineParams) -> Vec<Component> {
+/// A board's candidate boxes (exclusive right/bottom), sorted by (y1, x1, y2, x2, area
+/// descending), and how many more the `max_candidates` cap left out.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Candidates {
+    pub kept: Vec<Component>,
+    /// Candidates beyond the cap, never classified: a defect among them goes unreported, so
+    /// the board cannot pass.
+    pub left_out: usize,
+}
+
+/// Candidates of a test/template difference.
+pub fn candidates(difference: &BitImage, params: &PipelineParams) -> Candidates {
     let (opened, merged) = open_and_merge(difference, params.open_size, params.merge_size);
     candidates_in_masks(&opened, &merged, params)
 }
@@ -33,20 +43,24 @@ pub fn candidates_in_masks(
     opened: &BitImage,
     merged: &BitImage,
     params: &PipelineParams,
-) -> Vec<Component> {
+) -> Candidates {
     let mut found: Vec<Component> = components(merged, opened, params.split_size)
         .into_iter()
         .filter(|c| c.area >= params.min_area)
         .collect();
     found.sort_by_key(|c| (c.y1, c.x1, c.y2, c.x2, std::cmp::Reverse(c.area)));
-    if found.len() > params.max_candidates {
+    let left_out = found.len().saturating_sub(params.max_candidates);
+    if left_out > 0 {
         let mut by_area: Vec<usize> = (0..found.len()).collect();
         by_area.sort_by_key(|i| (std::cmp::Reverse(found[*i].area), *i));
         let mut keep: Vec<usize> = by_area[..params.max_candidates].to_vec();
         keep.sort_unstable();
         found = keep.into_iter().map(|i| found[i]).collect();
     }
-    found
+    Candidates {
+        kept: found,
+        left_out,
+    }
 }
 
 #[cfg(test)]
@@ -73,8 +87,9 @@ mod tests {
         }
         let params = PipelineParams::default();
         let found = candidates(&difference, &params);
-        assert_eq!(found.len(), 1, "{found:?}");
-        let c = found[0];
+        assert_eq!(found.kept.len(), 1, "{found:?}");
+        assert_eq!(found.left_out, 0);
+        let c = found.kept[0];
         assert_eq!((c.area, c.x1, c.y1, c.x2, c.y2), (45, 8, 8, 22, 22));
     }
 
@@ -94,8 +109,9 @@ mod tests {
             ..PipelineParams::default()
         };
         let found = candidates(&difference, &params);
-        let areas: Vec<u64> = found.iter().map(|c| c.area).collect();
+        let areas: Vec<u64> = found.kept.iter().map(|c| c.area).collect();
         assert_eq!(areas, vec![25, 16]);
+        assert_eq!(found.left_out, 2);
     }
 
     #[test]
@@ -113,6 +129,7 @@ mod tests {
             ..PipelineParams::default()
         };
         let found: Vec<_> = candidates(&difference, &split)
+            .kept
             .iter()
             .map(|c| (c.x1, c.y1, c.x2, c.y2, c.area))
             .collect();
@@ -124,6 +141,11 @@ mod tests {
                 (146, 18, 172, 26, 96)
             ]
         );
-        assert_eq!(candidates(&difference, &PipelineParams::default()).len(), 1);
+        assert_eq!(
+            candidates(&difference, &PipelineParams::default())
+                .kept
+                .len(),
+            1
+        );
     }
 }

@@ -58,11 +58,12 @@ impl AoiService {
             .min(self.inspector.params.score_threshold)
     }
 
-    /// PASS unless the image does not match its template or a defect reaches the board's
-    /// reject threshold.
+    /// PASS unless the image does not match its template, some of its candidates were not
+    /// classified (beyond `max_candidates`), or a defect reaches the board's reject threshold.
     pub fn verdict(&self, inspection: &Inspection, reject_threshold: Option<f32>) -> &'static str {
         let threshold = self.reject_threshold(reject_threshold);
         if !inspection.alignment.matches_template
+            || inspection.unclassified_candidates > 0
             || inspection.defects.iter().any(|d| d.confidence >= threshold)
         {
             "REJECT"

@@ -10,7 +10,7 @@ use serde::Serialize;
 use crate::aoi::align::{Shift, estimate_shift};
 use crate::aoi::binarize::{otsu_from_histogram, otsu_threshold};
 use crate::aoi::bitimage::BitImage;
-use crate::aoi::candidates::candidates_in_masks;
+use crate::aoi::candidates::{Candidates, candidates_in_masks};
 use crate::aoi::components::Component;
 use crate::aoi::detections::{Detection, decode_detections};
 use crate::aoi::image_io::{GrayImage, ImageError, decode_gray};
@@ -139,6 +139,8 @@ pub struct PreparedBoard {
     pub test_threshold: u8,
     pub shift: Shift,
     pub candidates: Vec<Component>,
+    /// Candidates beyond `max_candidates`, not classified.
+    pub unclassified: usize,
     pub crops: Crops,
     pub timings: StageTimings,
 }
@@ -203,7 +205,10 @@ pub fn prepare_board(
         params.open_size,
         params.merge_size,
     )?;
-    let found = candidates_in_masks(&comparison.opened, &comparison.merged, params);
+    let Candidates {
+        kept: found,
+        left_out: unclassified,
+    } = candidates_in_masks(&comparison.opened, &comparison.merged, params);
     timings.candidates = ms(t.elapsed());
 
     let t = Instant::now();
@@ -235,6 +240,7 @@ pub fn prepare_board(
         test_threshold,
         shift,
         candidates: found,
+        unclassified,
         crops,
         timings,
     })
@@ -313,6 +319,9 @@ pub struct Inspection {
     pub alignment: Alignment,
     #[serde(skip)]
     pub candidates: usize,
+    /// Candidates beyond `max_candidates` (`[preprocessing]`), never classified: the board is
+    /// rejected, since a defect among them would go unreported.
+    pub unclassified_candidates: usize,
     pub timings_ms: StageTimings,
 }
 
@@ -423,6 +432,7 @@ impl Inspector {
             defects,
             alignment: Alignment::of(&board.shift, &self.params),
             candidates: board.candidates.len(),
+            unclassified_candidates: board.unclassified,
             timings_ms: timings,
         })
     }

@@ -202,6 +202,9 @@ fn detect(args: &DetectArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let listed = pairs.len();
     let mut candidates = 0usize;
+    // Pairs with candidates beyond `max_candidates`, and those candidates: their files may
+    // miss defects, which is said at the end.
+    let (mut capped_pairs, mut unclassified) = (0usize, 0usize);
     // A pair that cannot be read, inspected or written is reported at the end; the others are
     // still written, so one bad image does not cost a whole evaluation run.
     // (position in the list, what went wrong), printed in list order.
@@ -250,6 +253,10 @@ fn detect(args: &DetectArgs) -> anyhow::Result<()> {
             }
             written += 1;
             candidates += inspection.candidates;
+            if inspection.unclassified_candidates > 0 {
+                capped_pairs += 1;
+                unclassified += inspection.unclassified_candidates;
+            }
             let timings = &inspection.timings_ms;
             for (histogram, value) in stages.iter_mut().zip(
                 [template_ms]
@@ -301,6 +308,15 @@ fn detect(args: &DetectArgs) -> anyhow::Result<()> {
         );
     }
     registry.shutdown();
+    if capped_pairs > 0 {
+        eprintln!(
+            "warning: {capped_pairs} of {count} pairs had more candidates than the {} classified \
+             per board: {unclassified} candidates were not classified, so those pairs' files may \
+             miss defects; raise max_candidates under [preprocessing] in {}/config.toml",
+            inspector.params.max_candidates,
+            args.models.model_repository.join(DEFECT_MODEL).display()
+        );
+    }
     failures.sort_unstable();
     for (position, failure) in &failures {
         eprintln!("failed: pair {} of the list: {failure}", position + 1);

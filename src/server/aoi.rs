@@ -278,6 +278,9 @@ struct InspectResult {
     board: String,
     verdict: &'static str,
     defects: Vec<Detection>,
+    /// Candidates beyond the model's `max_candidates`, never classified (the board is then
+    /// rejected).
+    unclassified_candidates: usize,
     alignment: Alignment,
     timings_ms: StageTimings,
 }
@@ -480,6 +483,7 @@ async fn inspect_image(
         board: board.to_string(),
         verdict,
         defects: inspection.defects,
+        unclassified_candidates: inspection.unclassified_candidates,
         alignment: inspection.alignment,
         timings_ms: inspection.timings_ms,
     })
