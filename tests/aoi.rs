@@ -488,6 +488,45 @@ async fn every_error_path_answers_with_the_right_status() {
             "{error} lacks {message:?}"
         );
     }
+    // A valid TIFF whose float samples the decoder does not read: unsupported, not corrupt.
+    let mut float_tiff = Vec::new();
+    tiff::encoder::TiffEncoder::new(std::io::Cursor::new(&mut float_tiff))
+        .unwrap()
+        .write_image::<tiff::encoder::colortype::Gray32Float>(64, 64, &[0.5; 64 * 64])
+        .unwrap();
+    let (status, error) = inspect(&server, "e", float_tiff).await;
+    assert_eq!(status, 415, "{error}");
+    assert!(
+        error["error"]
+            .as_str()
+            .unwrap()
+            .contains("TIFF image in a layout that cannot be read here"),
+        "{error}"
+    );
+    // An empty form is an empty body, as a raw one is.
+    for path in ["/v1/inspect/e", "/v1/templates/e5"] {
+        let request = reqwest::Client::new();
+        let request = if path.starts_with("/v1/inspect") {
+            request.post(format!("{}{path}", server.url))
+        } else {
+            request.put(format!("{}{path}", server.url))
+        };
+        let response = request
+            .header("Content-Type", "multipart/form-data; boundary=x")
+            .body(Vec::new())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 422, "{path}");
+        let error: Value = response.json().await.unwrap();
+        assert!(
+            error["error"]
+                .as_str()
+                .unwrap()
+                .contains("the body is empty"),
+            "{error}"
+        );
+    }
     let (status, error) = put_template(&server, "e2", b"GIF89a".to_vec(), "").await;
     assert_eq!(status, 415, "{error}");
     // A template the alignment could slide off itself is refused.

@@ -23,6 +23,11 @@ pub enum ImageError {
         pixels: u64,
         limit: u64,
     },
+    #[error(
+        "{format} image in a layout that cannot be read here: {reason} (readable: 8- or 16-bit \
+         grey, RGB or RGBA samples)"
+    )]
+    UnsupportedLayout { format: String, reason: String },
     #[error("corrupt or truncated {format} image: {reason}")]
     Corrupt { format: String, reason: String },
     #[error("the image is empty (0 bytes)")]
@@ -61,10 +66,19 @@ pub fn decode_gray(bytes: &[u8], max_pixels: u64) -> Result<GrayImage, ImageErro
         format: format_name.clone(),
         reason,
     };
+    // A valid file of a kind the decoder does not read (a float or palette TIFF) is not
+    // corrupt: saying so would send its sender looking for damage.
+    let unreadable = |error: image::ImageError| match error {
+        image::ImageError::Unsupported(reason) => ImageError::UnsupportedLayout {
+            format: format_name.clone(),
+            reason: reason.to_string(),
+        },
+        other => corrupt(other.to_string()),
+    };
     // Dimensions come from the header alone; nothing is decoded before the limit check.
     let (width, height) = ImageReader::with_format(Cursor::new(bytes), format)
         .into_dimensions()
-        .map_err(|e| corrupt(e.to_string()))?;
+        .map_err(unreadable)?;
     let pixels = width as u64 * height as u64;
     if pixels > max_pixels {
         return Err(ImageError::TooLarge {
@@ -88,7 +102,7 @@ pub fn decode_gray(bytes: &[u8], max_pixels: u64) -> Result<GrayImage, ImageErro
     limits.max_alloc = Some(most);
     reader.limits(limits);
     let _claim = DECODES.claim(most);
-    let image = reader.decode().map_err(|e| corrupt(e.to_string()))?;
+    let image = reader.decode().map_err(unreadable)?;
     Ok(to_gray(image))
 }
 
@@ -212,6 +226,25 @@ mod tests {
             decode_gray(&bytes[..bytes.len() / 2], 1 << 20),
             Err(ImageError::Corrupt { .. })
         ));
+    }
+
+    #[test]
+    fn a_valid_tiff_of_a_layout_not_read_is_unsupported_not_corrupt() {
+        let mut bytes = Vec::new();
+        let samples: Vec<f32> = (0..64 * 64).map(|i| i as f32 / 4096.0).collect();
+        tiff::encoder::TiffEncoder::new(Cursor::new(&mut bytes))
+            .unwrap()
+            .write_image::<tiff::encoder::colortype::Gray32Float>(64, 64, &samples)
+            .unwrap();
+        let error = decode_gray(&bytes, 1 << 20).unwrap_err();
+        assert!(
+            matches!(error, ImageError::UnsupportedLayout { .. }),
+            "{error:?}"
+        );
+        assert!(
+            error.to_string().starts_with("TIFF image in a layout"),
+            "{error}"
+        );
     }
 
     #[test]

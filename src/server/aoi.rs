@@ -89,7 +89,7 @@ fn inspect_head(state: &AppState, head: &Head) -> Result<(), ApiError> {
 impl From<AoiError> for ApiError {
     fn from(error: AoiError) -> Self {
         match error {
-            AoiError::Image(ImageError::Unsupported(_)) => {
+            AoiError::Image(ImageError::Unsupported(_) | ImageError::UnsupportedLayout { .. }) => {
                 ApiError::UnsupportedMediaType(error.to_string())
             }
             AoiError::Image(ImageError::TooLarge { .. }) => {
@@ -152,10 +152,10 @@ fn empty_body() -> ApiError {
 }
 
 /// What `read_images` refuses from the head: a body above `--max-body-bytes`, an encoding it
-/// does not decode, a raw body declared empty.
+/// does not decode, a body declared empty.
 fn images_refused(state: &AppState, head: &Head) -> Result<(), ApiError> {
     head.within_max_body(state)?;
-    if !is_form(head.headers) && declared_length(head.headers) == Some(0) {
+    if declared_length(head.headers) == Some(0) {
         return Err(empty_body());
     }
     Ok(())
@@ -176,7 +176,17 @@ async fn read_images(
     }
     // The form as sent is refused above the limit too, as a raw body is.
     refuse_declared(request, &mut payload, limit, MAX_BODY_FLAG).await?;
-    let mut form = Multipart::new(request.headers(), decoded(request, payload)?);
+    // An empty form is an empty body, as a raw one is, not a malformed form.
+    let mut body = decoded(request, payload)?;
+    let first = loop {
+        match body.next().await {
+            None => return Err(empty_body()),
+            Some(Ok(chunk)) if chunk.is_empty() => continue,
+            Some(chunk) => break chunk,
+        }
+    };
+    let body = futures_util::stream::once(async { first }).chain(body);
+    let mut form = Multipart::new(request.headers(), body);
     let mut images = Vec::new();
     let mut total = 0usize;
     while let Some(field) = form.next().await {
