@@ -790,7 +790,7 @@ impl Archive {
             .flat_map(|i| self.parts[0].blocks[*i].names.iter().cloned())
             .collect();
         let map = ChannelMap::new(model_channels, &names, true).map_err(|problems| {
-            let mut message = format!("the model's {problems}");
+            let mut message = format!("the archive's channels cannot feed the model: {problems}");
             if !problems.missing.is_empty() {
                 message.push_str(&format!(" (the archive has: {})", self.channels.join(", ")));
             }

@@ -28,7 +28,18 @@ pub struct Checked {
 pub fn read_whole(path: &Path, partition: Partition) -> Result<Checked, ArchiveError> {
     let archive = Archive::open(path, partition)?;
     let units = archive.scan_units(&|| true)?.len();
-    let channels = archive.channels().to_vec();
+    // The names given once: a repeated name cannot be a model's channel (which column?), so
+    // no job reads it alone; its dataset is read with the others it holds.
+    let mut uses = std::collections::HashMap::new();
+    for name in archive.channels() {
+        *uses.entry(name.as_str()).or_insert(0) += 1;
+    }
+    let channels: Vec<String> = archive
+        .channels()
+        .iter()
+        .filter(|name| uses[name.as_str()] == 1)
+        .cloned()
+        .collect();
     let reader = archive.features(&channels)?;
     let mut values = Vec::new();
     let mut start = 0;
@@ -41,7 +52,7 @@ pub fn read_whole(path: &Path, partition: Partition) -> Result<Checked, ArchiveE
         layout: archive.layout(),
         rows: archive.rows(),
         units,
-        channels: channels.len(),
+        channels: archive.channels().len(),
     })
 }
 

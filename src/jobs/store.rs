@@ -135,14 +135,24 @@ impl JobRecord {
 
     /// Back in the queue to run again from the beginning (after a restart, or a shutdown
     /// that interrupted it): nothing of the earlier run is reported as this one's.
+    /// What it keeps is the job's (what to run, when it came, its runs so far, a cancel
+    /// asked for); every figure of a run starts as a new job's.
     pub fn requeue(&mut self) {
-        self.state = JobState::Queued;
-        self.progress = 0.0;
-        self.rows_done = 0;
-        self.rows_total = 0;
-        self.rows_per_second = 0.0;
-        self.started_unix = None;
-        self.finished_unix = None;
+        let fresh = JobRecord::queued(
+            self.id.clone(),
+            self.model.clone(),
+            self.partition,
+            self.settings,
+            self.input.clone(),
+        );
+        *self = JobRecord {
+            missing: self.missing,
+            created_unix: self.created_unix,
+            attempts: self.attempts,
+            runs_lost: self.runs_lost,
+            cancel_requested: self.cancel_requested,
+            ..fresh
+        };
     }
 }
 
@@ -152,6 +162,9 @@ pub fn now_unix() -> f64 {
         .map(|d| d.as_secs_f64())
         .unwrap_or(0.0)
 }
+
+/// The end of a removed job's folder name until it is deleted (job ids are hex, so none ends so).
+const REMOVED: &str = ".removed";
 
 pub struct JobStore {
     root: PathBuf,
@@ -211,6 +224,11 @@ impl JobStore {
         for entry in entries.flatten() {
             let dir = entry.path();
             if !dir.is_dir() {
+                continue;
+            }
+            if entry.file_name().to_string_lossy().ends_with(REMOVED) {
+                tracing::info!(dir = %dir.display(), "deleting the folder of a job removed earlier");
+                let _ = std::fs::remove_dir_all(&dir);
                 continue;
             }
             let state = dir.join("state.json");
@@ -319,8 +337,18 @@ impl JobStore {
         }
     }
 
+    /// Removes a job's folder. It is renamed out of the way first: the rename either fails,
+    /// leaving the job whole, or takes the folder from anyone reading or exporting its result
+    /// by path, who can then add no file to it to stop its deletion (a purge during a result
+    /// download failed with "Directory not empty" and left the job half removed). A folder
+    /// whose deletion still fails is deleted at the next start.
     pub fn remove(&self, id: &str) -> std::io::Result<()> {
-        std::fs::remove_dir_all(self.dir(id))
+        let removed = self.root.join(format!("{id}{REMOVED}"));
+        std::fs::rename(self.dir(id), &removed)?;
+        if let Err(error) = std::fs::remove_dir_all(&removed) {
+            tracing::warn!(dir = %removed.display(), %error, "removed job's folder left behind; deleted at the next start");
+        }
+        Ok(())
     }
 }
 
@@ -369,5 +397,62 @@ mod tests {
         assert_eq!(loaded.iter().map(|r| r.id.clone()).collect::<Vec<_>>(), ids);
         assert!(!store.dir(&cut_short).exists());
         assert!(!store.dir(&ids[0]).join("state.json.tmp").exists());
+        // A removed job goes at once; a removed folder left behind goes at the next start.
+        store.remove(&ids[0]).unwrap();
+        assert!(!store.dir(&ids[0]).exists());
+        assert_eq!(store.load_all().len(), 2);
+        let left_behind = dir.path().join(format!("{}{REMOVED}", ids[1]));
+        std::fs::rename(store.dir(&ids[1]), &left_behind).unwrap();
+        let loaded = store.load_all();
+        assert_eq!(
+            loaded.iter().map(|r| r.id.clone()).collect::<Vec<_>>(),
+            [ids[2].clone()]
+        );
+        assert!(!left_behind.exists());
+    }
+
+    #[test]
+    fn a_requeued_job_reports_nothing_of_its_earlier_run() {
+        let input = JobInput {
+            kind: InputKind::Upload,
+            path: PathBuf::from("input.h5"),
+            name: "a.h5".into(),
+            bytes: 1,
+        };
+        let queued = JobRecord {
+            missing: MissingPolicy::Hold,
+            created_unix: 100.0,
+            ..JobRecord::queued(
+                "j".into(),
+                "rul_x".into(),
+                Partition::All,
+                AssessSettings::default(),
+                input,
+            )
+        };
+        let mut record = JobRecord {
+            state: JobState::Running,
+            started_unix: Some(101.0),
+            finished_unix: Some(102.0),
+            progress: 0.5,
+            rows_done: 10,
+            rows_total: 20,
+            rows_per_second: 5.0,
+            units: Some(100),
+            values_held: 198,
+            error: Some("earlier".into()),
+            attempts: 2,
+            runs_lost: 1,
+            cancel_requested: true,
+            ..queued.clone()
+        };
+        record.requeue();
+        let expected = JobRecord {
+            attempts: 2,
+            runs_lost: 1,
+            cancel_requested: true,
+            ..queued
+        };
+        assert_eq!(record, expected);
     }
 }

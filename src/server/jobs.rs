@@ -711,21 +711,30 @@ async fn job_result(
     let meta = web::block(move || results::check(&source, rows))
         .await?
         .map_err(|e| {
-            tracing::error!(job = %record.id, error = %format!("{e:#}"), "damaged result");
-            ApiError::Internal(format!(
-                "the result of job {} is damaged: it no longer opens or does not hold the rows \
-                 the job wrote; restarting the server runs the job again",
-                record.id
-            ))
+            unless_removed(&fleet, &record.id, || {
+                tracing::error!(job = %record.id, error = %format!("{e:#}"), "damaged result");
+                ApiError::Internal(format!(
+                    "the result of job {} is damaged: it no longer opens or does not hold the \
+                     rows the job wrote; restarting the server runs the job again",
+                    record.id
+                ))
+            })
         })?;
     if !file.exists() {
         let (source, target, view) = (h5.clone(), file.clone(), query.view);
         web::block(move || results::export(&source, format, view, &target))
             .await?
-            .map_err(|e| server_side(&record.id, "cannot export the result", &e))?;
+            .map_err(|e| {
+                unless_removed(&fleet, &record.id, || {
+                    server_side(&record.id, "cannot export the result", &e)
+                })
+            })?;
     }
-    let opened = std::fs::File::open(&file)
-        .map_err(|e| server_side(&record.id, "cannot open the result", &e.into()))?;
+    let opened = std::fs::File::open(&file).map_err(|e| {
+        unless_removed(&fleet, &record.id, || {
+            server_side(&record.id, "cannot open the result", &e.into())
+        })
+    })?;
     let mut response = streamed(
         opened,
         format.content_type(),
@@ -756,6 +765,18 @@ fn model_headers(meta: &ResultMeta) -> Vec<(&'static str, String)> {
 
 /// The 500 of a result that cannot be served: the details, with the server's paths, go to the
 /// log, not to the client.
+/// The answer to a result that could not be read: 404 when its job is gone or going (purged,
+/// or past its retention, while the result was read: its folder goes first, then the job),
+/// else `otherwise`'s.
+fn unless_removed(fleet: &Fleet, id: &str, otherwise: impl FnOnce() -> ApiError) -> ApiError {
+    if fleet.jobs.get(id).is_none() || !fleet.jobs.store().dir(id).exists() {
+        return ApiError::NotFound(format!(
+            "no job {id}: it was removed while its result was read"
+        ));
+    }
+    otherwise()
+}
+
 fn server_side(job: &str, what: &str, error: &anyhow::Error) -> ApiError {
     tracing::error!(job, error = %format!("{error:#}"), "{what}");
     ApiError::Internal(format!(
