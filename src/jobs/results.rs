@@ -57,6 +57,13 @@ pub struct ResultMeta {
     /// What the run did with gaps; results from before the option held none.
     #[serde(default)]
     pub missing: MissingPolicy,
+    /// The preprocessing backend (`cpu`, `wgpu`, `cuda`) and the models' execution providers:
+    /// they round differently, so shards merge only when computed alike. Results written
+    /// before these fields have neither.
+    #[serde(default)]
+    pub preprocess: Option<String>,
+    #[serde(default)]
+    pub providers: Option<String>,
     pub shard: Option<ShardInfo>,
 }
 
@@ -747,8 +754,44 @@ mod tests {
             layout: "generic".into(),
             partition: "all".into(),
             missing: MissingPolicy::default(),
+            preprocess: Some("cpu".into()),
+            providers: Some("cpu / cpu".into()),
             shard: None,
         }
+    }
+
+    #[test]
+    fn shards_preprocessed_on_different_backends_do_not_merge() {
+        let folder = tempfile::tempdir().unwrap();
+        let shard = |index: usize, preprocess: &str| {
+            let path = folder.path().join(format!("part-{index}.h5"));
+            let meta = ResultMeta {
+                preprocess: Some(preprocess.into()),
+                shard: Some(ShardInfo {
+                    index,
+                    count: 2,
+                    rows_start: 0,
+                    rows_end: 0,
+                }),
+                ..meta()
+            };
+            ResultWriter::create(&path, &meta)
+                .unwrap()
+                .finish()
+                .unwrap();
+            path
+        };
+        let parts = [shard(0, "cpu"), shard(1, "wgpu")];
+        let error = merge(&parts, &folder.path().join("merged.h5"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("computed differently")
+                && error.contains("preprocess \"cpu\" vs \"wgpu\""),
+            "{error}"
+        );
+        let alike = [shard(0, "wgpu"), shard(1, "wgpu")];
+        assert!(merge(&alike, &folder.path().join("merged.h5")).is_ok());
     }
 
     #[test]

@@ -431,6 +431,15 @@ pub fn run(
         source: options.source_name.clone(),
         source_rows: n,
         missing: options.missing,
+        preprocess: Some(options.preprocess.backend().as_str().to_string()),
+        providers: Some(match &model.anomaly {
+            Some(anomaly) => format!(
+                "{} / {}",
+                model.rul.provider_names(),
+                anomaly.provider_names()
+            ),
+            None => model.rul.provider_names(),
+        }),
         layout: archive.layout().name().to_string(),
         partition: options.partition.name().to_string(),
         shard: options.shard.map(|s| ShardInfo {
