@@ -10,6 +10,7 @@ const DECODE_BUDGET_BYTES: u64 = 2 << 30;
 /// The process's budget, shared by every decode.
 pub static DECODES: DecodeBudget = DecodeBudget::new(DECODE_BUDGET_BYTES);
 
+#[derive(Debug)]
 pub struct DecodeBudget {
     total: u64,
     free: Mutex<u64>,
@@ -17,6 +18,7 @@ pub struct DecodeBudget {
 }
 
 /// Bytes claimed from a budget, given back when dropped.
+#[derive(Debug)]
 pub struct Claim<'a> {
     budget: &'a DecodeBudget,
     bytes: u64,
@@ -55,6 +57,19 @@ impl DecodeBudget {
     }
 }
 
+impl Claim<'_> {
+    /// Gives back what the claim holds above `bytes` (a worst case claimed up front, once the
+    /// real need is known); never waits.
+    pub fn shrink_to(&mut self, bytes: u64) {
+        let excess = self.bytes.saturating_sub(bytes);
+        if excess > 0 {
+            self.bytes -= excess;
+            *self.budget.lock() += excess;
+            self.budget.released.notify_all();
+        }
+    }
+}
+
 impl Drop for Claim<'_> {
     fn drop(&mut self) {
         *self.budget.lock() += self.bytes;
@@ -85,6 +100,14 @@ mod tests {
         drop(first);
         waiting.recv_timeout(Duration::from_secs(10)).unwrap();
         second.join().unwrap();
+        // A claim shrunk to its real need gives the rest back at once.
+        let mut worst = budget.claim(90);
+        worst.shrink_to(30);
+        assert_eq!(*budget.lock(), 70);
+        worst.shrink_to(50);
+        assert_eq!(*budget.lock(), 70, "a shrink never grows a claim");
+        drop(worst);
+        assert_eq!(*budget.lock(), 100);
         // More than the whole budget claims all of it rather than waiting forever.
         let all = budget.claim(1_000);
         assert_eq!(*budget.lock(), 0);

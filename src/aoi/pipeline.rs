@@ -12,6 +12,7 @@ use crate::aoi::binarize::{otsu_from_histogram, otsu_threshold};
 use crate::aoi::bitimage::BitImage;
 use crate::aoi::candidates::{Candidates, candidates_in_masks};
 use crate::aoi::components::Component;
+use crate::aoi::decode_budget::{Claim, DECODES};
 use crate::aoi::detections::{Detection, decode_detections};
 use crate::aoi::image_io::{GrayImage, ImageError, decode_gray};
 use crate::aoi::params::PipelineParams;
@@ -142,6 +143,9 @@ pub struct PreparedBoard {
     /// Candidates beyond `max_candidates`, not classified.
     pub unclassified: usize,
     pub crops: Crops,
+    /// The crops' share of the decodes' memory budget, given back with the board (set by
+    /// `Inspector::prepare`).
+    pub memory: Option<Claim<'static>>,
     pub timings: StageTimings,
 }
 
@@ -242,6 +246,7 @@ pub fn prepare_board(
         candidates: found,
         unclassified,
         crops,
+        memory: None,
         timings,
     })
 }
@@ -386,6 +391,14 @@ impl Inspector {
         let t = Instant::now();
         let test = self.decode(test_bytes)?;
         let decode = ms(t.elapsed());
+        // What a board holds after its decode comes from the decodes' budget too, so many large
+        // boards in flight wait for each other instead of adding up: during the stages the grey
+        // image and about eight bit planes (two bytes a pixel) and at most `max_candidates`
+        // crops, claimed up front; from the crops on, only the crops in host memory, until the
+        // board is classified.
+        let crop_bytes = (self.params.input_channels() * self.params.crop_size.pow(2) * 4) as u64;
+        let mut claim = DECODES
+            .claim(2 * test.pixels.len() as u64 + self.params.max_candidates as u64 * crop_bytes);
         let mut board = prepare_board(
             &test,
             template,
@@ -394,6 +407,8 @@ impl Inspector {
             self.crops_device,
         )?;
         board.timings.decode = decode;
+        claim.shrink_to(board.crops.host().map_or(0, |c| 4 * c.len() as u64));
+        board.memory = Some(claim);
         Ok(board)
     }
 
