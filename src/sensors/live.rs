@@ -21,6 +21,13 @@ const MAX_REPORTED: usize = 10;
 /// belongs in a job.
 pub const MAX_WINDOWS: usize = 10_000;
 
+/// Rows of one window, and values of one row, kept while parsing; the rest is only counted.
+/// A model's window and channels must fit (checked when it loads), so a window the model can
+/// take is always kept whole, and a body of millions of rows takes memory in step with what a
+/// model could use (a 64 MB body of one-value rows took 1.3 GB before).
+pub const MAX_ROWS_KEPT: usize = 512;
+pub const MAX_VALUES_KEPT: usize = 256;
+
 /// A number that may arrive as NaN/Infinity (bare, as Python's json writes them, or quoted) or
 /// null, so such values can be refused by position instead of failing the whole parse.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -73,7 +80,92 @@ pub struct LiveWindow {
     #[serde(default)]
     pub unit: serde_json::Value,
     pub channels: Vec<String>,
-    pub values: Vec<Vec<Reading>>,
+    pub values: Rows,
+}
+
+/// A window's rows: the values of the first `MAX_ROWS_KEPT` rows, at most `MAX_VALUES_KEPT`
+/// of each, kept one after the other in one allocation, and how many of each were sent.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Rows {
+    kept: Vec<Reading>,
+    /// Per kept row: values sent, values kept.
+    widths: Vec<(usize, usize)>,
+    sent: usize,
+}
+
+impl Rows {
+    /// Rows sent.
+    pub fn sent(&self) -> usize {
+        self.sent
+    }
+
+    /// The kept rows: values sent in the row, and the values kept of it.
+    pub fn iter(&self) -> impl Iterator<Item = (usize, &[Reading])> {
+        self.widths.iter().scan(0, |start, &(sent, kept)| {
+            let row = &self.kept[*start..*start + kept];
+            *start += kept;
+            Some((sent, row))
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for Rows {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct RowsVisitor;
+        impl<'de> Visitor<'de> for RowsVisitor {
+            type Value = Rows;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a list of rows, each a list of numbers")
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Rows, A::Error> {
+                let mut rows = Rows::default();
+                while rows.widths.len() < MAX_ROWS_KEPT {
+                    let before = rows.kept.len();
+                    match seq.next_element_seed(RowSeed(&mut rows.kept))? {
+                        Some(sent) => rows.widths.push((sent, rows.kept.len() - before)),
+                        None => break,
+                    }
+                }
+                rows.sent = rows.widths.len();
+                while seq.next_element::<de::IgnoredAny>()?.is_some() {
+                    rows.sent += 1;
+                }
+                Ok(rows)
+            }
+        }
+        deserializer.deserialize_seq(RowsVisitor)
+    }
+}
+
+/// One row appended to the kept values (up to `MAX_VALUES_KEPT`); yields the values sent.
+struct RowSeed<'a>(&'a mut Vec<Reading>);
+
+impl<'de> de::DeserializeSeed<'de> for RowSeed<'_> {
+    type Value = usize;
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<usize, D::Error> {
+        struct RowVisitor<'a>(&'a mut Vec<Reading>);
+        impl<'de> Visitor<'de> for RowVisitor<'_> {
+            type Value = usize;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a row: a list of numbers")
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<usize, A::Error> {
+                let mut sent = 0;
+                while sent < MAX_VALUES_KEPT {
+                    match seq.next_element::<Reading>()? {
+                        Some(value) => self.0.push(value),
+                        None => return Ok(sent),
+                    }
+                    sent += 1;
+                }
+                while seq.next_element::<de::IgnoredAny>()?.is_some() {
+                    sent += 1;
+                }
+                Ok(sent)
+            }
+        }
+        deserializer.deserialize_seq(RowVisitor(self.0))
+    }
 }
 
 /// The body: one window, `{"windows": [...]}`, or an array.
@@ -83,7 +175,7 @@ struct ObjectBody {
     #[serde(default)]
     unit: serde_json::Value,
     channels: Option<Vec<String>>,
-    values: Option<Vec<Vec<Reading>>>,
+    values: Option<Rows>,
     windows: Option<BoundedWindows>,
 }
 
@@ -247,14 +339,14 @@ pub fn prepare(
         match check(window, params) {
             Err(problem) => problems.push(describe(index, window, &problem)),
             Ok(map) => {
-                let flat: Vec<f64> = window.values.iter().flatten().map(|r| r.0).collect();
+                let flat: Vec<f64> = window.values.kept.iter().map(|r| r.0).collect();
                 scaled.clear();
                 // Values were checked finite above.
                 let _ = scaler.scale_rows(&flat, &map, &mut scaled);
                 let padded = single_window(&scaled, params.window, width, &mut input);
                 infos.push(WindowInfo {
                     unit: window.unit.clone(),
-                    rows: window.values.len(),
+                    rows: window.values.sent(),
                     padded,
                 });
             }
@@ -280,7 +372,7 @@ fn check(window: &LiveWindow, params: &SensorParams) -> Result<ChannelMap, Strin
             params.channels.join(", ")
         )
     })?;
-    let rows = window.values.len();
+    let rows = window.values.sent();
     if rows == 0 || rows > params.window {
         return Err(format!(
             "has {rows} rows; the model takes windows of {} rows, one per cycle, oldest first \
@@ -290,12 +382,9 @@ fn check(window: &LiveWindow, params: &SensorParams) -> Result<ChannelMap, Strin
     }
     let width = window.channels.len();
     let mut problems = Vec::new();
-    for (row, values) in window.values.iter().enumerate() {
-        if values.len() != width {
-            problems.push(format!(
-                "row {row} has {} values for {width} channels",
-                values.len()
-            ));
+    for (row, (sent, _)) in window.values.iter().enumerate() {
+        if sent != width {
+            problems.push(format!("row {row} has {sent} values for {width} channels"));
         }
     }
     if !problems.is_empty() {
@@ -308,8 +397,8 @@ fn check(window: &LiveWindow, params: &SensorParams) -> Result<ChannelMap, Strin
             .values
             .iter()
             .enumerate()
-            .filter(|(_, values)| !fits_f32(values[column].0))
-            .map(|(row, values)| format!("{} at row {row}", show(values[column].0)))
+            .filter(|(_, (_, values))| !fits_f32(values[column].0))
+            .map(|(row, (_, values))| format!("{} at row {row}", show(values[column].0)))
             .collect();
         if !bad.is_empty() {
             problems.push(format!("channel {name}: {}", bad.join(", ")));
@@ -402,6 +491,32 @@ mod tests {
         );
         let error = run(r#"[{"channels": ["a", "b"], "values": []}]"#).unwrap_err();
         assert!(error.contains("window 0: has 0 rows"), "{error}");
+    }
+
+    #[test]
+    fn rows_and_values_beyond_what_a_model_takes_are_counted_not_kept() {
+        let rows = vec!["[1, 2]"; 100_000].join(", ");
+        let body = format!(r#"{{"channels": ["a", "b"], "values": [{rows}]}}"#);
+        let windows = parse_windows(body.as_bytes()).unwrap();
+        let values = &windows[0].values;
+        assert_eq!(
+            (values.sent(), values.iter().count()),
+            (100_000, MAX_ROWS_KEPT)
+        );
+        assert_eq!(values.kept.len(), 2 * MAX_ROWS_KEPT);
+        let error = prepare(&windows, &params(), &Scaler::new(&params())).unwrap_err();
+        assert!(error.to_string().contains("has 100000 rows"), "{error}");
+        let wide = vec!["1"; 1_000].join(", ");
+        let body = format!(r#"{{"channels": ["a", "b"], "values": [[1, 2], [{wide}]]}}"#);
+        let windows = parse_windows(body.as_bytes()).unwrap();
+        assert_eq!(windows[0].values.kept.len(), 2 + MAX_VALUES_KEPT);
+        let error = prepare(&windows, &params(), &Scaler::new(&params())).unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("row 1 has 1000 values for 2 channels"),
+            "{error}"
+        );
     }
 
     #[test]
