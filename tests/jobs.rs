@@ -1005,6 +1005,24 @@ fn bad_archives(setup: &Setup) -> Vec<(&'static str, Vec<u8>, Vec<&'static str>)
         }),
         vec!["string attribute \"channels\""],
     ));
+    cases.push((
+        "N-CMAPSS auxiliary not 2-D",
+        write("a1d.h5", &|f| {
+            f.new_dataset::<f32>()
+                .shape([n])
+                .create("A_dev")
+                .unwrap()
+                .write_raw(&vec![1.0f32; n])
+                .unwrap();
+            f.new_dataset::<f32>()
+                .shape([n, 24])
+                .create("X_s_dev")
+                .unwrap()
+                .write_raw(&features)
+                .unwrap();
+        }),
+        vec!["A_dev has shape [", "it must be 2-D"],
+    ));
     cases
 }
 

@@ -581,6 +581,12 @@ impl Archive {
             let a = Self::dataset(file, &auxiliary)?;
             check_numeric(&auxiliary, &a)?;
             let a_shape = a.shape();
+            if a_shape.len() != 2 {
+                return Err(invalid(format!(
+                    "N-CMAPSS layout: {auxiliary} has shape {a_shape:?}; it must be 2-D, one row \
+                     per sample and one column per name of A_var (unit, cycle, ...)"
+                )));
+            }
             let a_names = if members.contains("A_var") {
                 read_names(&*Self::dataset(file, "A_var")?)
                     .map_err(|e| invalid(format!("A_var: {e}")))?
@@ -591,7 +597,7 @@ impl Archive {
                 a_names
                     .iter()
                     .position(|n| n == column)
-                    .filter(|i| a_shape.len() == 2 && *i < a_shape[1])
+                    .filter(|i| *i < a_shape[1])
                     .ok_or_else(|| {
                         invalid(format!(
                             "{auxiliary} has no column \"{column}\" (A_var: {})",
