@@ -74,10 +74,22 @@ pub fn keep_previous(path: &Path) -> io::Result<Option<PartialFile>> {
 }
 
 /// Undoes a replacement of `path`: moves its `previous` file back over it, or removes it
-/// when it had none before.
+/// when it had none before. A previous file that cannot be moved back stays where it is (until
+/// the next start's sweep of `.tmp` files), named in the error, as the one copy left.
 pub fn restore_previous(previous: Option<PartialFile>, path: &Path) -> io::Result<()> {
     match previous {
-        Some(previous) => move_into_place(previous, path),
+        Some(previous) => {
+            if let Err(error) = std::fs::rename(previous.path(), path) {
+                let kept = previous.path().to_path_buf();
+                previous.kept();
+                return Err(io::Error::new(
+                    error.kind(),
+                    format!("{error}; the previous file is kept as {}", kept.display()),
+                ));
+            }
+            previous.kept();
+            sync_folder_of(path)
+        }
         None => {
             std::fs::remove_file(path)?;
             sync_folder_of(path)
@@ -209,6 +221,14 @@ mod tests {
         restore_previous(previous, &path).unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), b"new");
         assert_eq!(files(), 1);
+        // A previous file that cannot be moved back (a folder now stands in its place) is kept,
+        // as the one copy left, and named.
+        let previous = keep_previous(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        std::fs::create_dir_all(path.join("held")).unwrap();
+        let error = restore_previous(previous, &path).unwrap_err().to_string();
+        assert!(error.contains("the previous file is kept as"), "{error}");
+        assert_eq!(std::fs::read(previous_path(&path)).unwrap(), b"new");
     }
 
     #[test]

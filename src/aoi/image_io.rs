@@ -7,7 +7,7 @@ use std::io::Cursor;
 
 use image::{DynamicImage, ImageFormat, ImageReader, Limits};
 
-use crate::aoi::decode_budget::DECODES;
+use crate::aoi::decode_budget::{Claim, DECODES};
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ImageError {
@@ -50,6 +50,18 @@ const ACCEPTED: [ImageFormat; 4] = [
 ];
 
 pub fn decode_gray(bytes: &[u8], max_pixels: u64) -> Result<GrayImage, ImageError> {
+    decode_gray_keeping(bytes, max_pixels, |_| 0).map(|(image, _)| image)
+}
+
+/// `decode_gray`, and a claim on the decodes' budget of `kept(pixels)` bytes, for what the
+/// caller builds from the image next. The decode claims the larger of its own worst case and
+/// that, and hands the claim over shrunk: the image is never held outside the budget, waiting
+/// behind other claims for one of its own.
+pub fn decode_gray_keeping(
+    bytes: &[u8],
+    max_pixels: u64,
+    kept: impl FnOnce(u64) -> u64,
+) -> Result<(GrayImage, Claim<'static>), ImageError> {
     if bytes.is_empty() {
         return Err(ImageError::Empty);
     }
@@ -101,9 +113,12 @@ pub fn decode_gray(bytes: &[u8], max_pixels: u64) -> Result<GrayImage, ImageErro
     let most = pixels.saturating_mul(16).saturating_add(16 << 20);
     limits.max_alloc = Some(most);
     reader.limits(limits);
-    let _claim = DECODES.claim(most);
+    let after = kept(pixels);
+    let mut claim = DECODES.claim(most.max(after));
     let image = reader.decode().map_err(unreadable)?;
-    Ok(to_gray(image))
+    let gray = to_gray(image);
+    claim.shrink_to(after);
+    Ok((gray, claim))
 }
 
 /// Whether a JPEG's first scan is followed by an end-of-image marker. The decoder fills a stream

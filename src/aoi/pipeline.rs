@@ -12,9 +12,9 @@ use crate::aoi::binarize::{otsu_from_histogram, otsu_threshold};
 use crate::aoi::bitimage::BitImage;
 use crate::aoi::candidates::{Candidates, candidates_in_masks};
 use crate::aoi::components::Component;
-use crate::aoi::decode_budget::{Claim, DECODES};
+use crate::aoi::decode_budget::Claim;
 use crate::aoi::detections::{Detection, decode_detections};
-use crate::aoi::image_io::{GrayImage, ImageError, decode_gray};
+use crate::aoi::image_io::{GrayImage, ImageError, decode_gray, decode_gray_keeping};
 use crate::aoi::params::PipelineParams;
 use crate::engine::{InferError, ModelRegistry, Priority, ServedModel};
 use crate::metrics::Metrics;
@@ -389,16 +389,17 @@ impl Inspector {
         template: &PreparedTemplate,
     ) -> Result<PreparedBoard, AoiError> {
         let t = Instant::now();
-        let test = self.decode(test_bytes)?;
-        let decode = ms(t.elapsed());
         // What a board holds after its decode comes from the decodes' budget too, so many large
         // boards in flight wait for each other instead of adding up: during the stages the grey
         // image and about eight bit planes (two bytes a pixel) and at most `max_candidates`
-        // crops, claimed up front; from the crops on, only the crops in host memory, until the
-        // board is classified.
+        // crops, claimed with the decode; from the crops on, only the crops in host memory,
+        // until the board is classified.
         let crop_bytes = (self.params.input_channels() * self.params.crop_size.pow(2) * 4) as u64;
-        let mut claim = DECODES
-            .claim(2 * test.pixels.len() as u64 + self.params.max_candidates as u64 * crop_bytes);
+        let crops_room = self.params.max_candidates as u64 * crop_bytes;
+        let (test, mut claim) = decode_gray_keeping(test_bytes, self.max_image_pixels, |pixels| {
+            2 * pixels + crops_room
+        })?;
+        let decode = ms(t.elapsed());
         let mut board = prepare_board(
             &test,
             template,

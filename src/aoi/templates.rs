@@ -300,13 +300,15 @@ impl TemplateStore {
             let staged_image = durable::stage(&image, bytes)?;
             let record_bytes = serde_json::to_vec_pretty(&info).expect("template info serialises");
             let staged_record = durable::stage(&record, &record_bytes)?;
-            // The image first: a stop between the two renames leaves the new image with the
-            // old record, which loading recognises (`load_board`). A record that cannot be
-            // moved into place takes the new image back out, so the refusal leaves the
+            // The image first, flushed: a stop between the two renames leaves the new image
+            // with the old record, which loading recognises (`load_board`). Any failure until
+            // the record is in place takes the new image back out, so the refusal leaves the
             // template as it was.
             let previous_image = durable::keep_previous(&image)?;
-            durable::move_into_place(staged_image, &image)?;
-            if let Err(error) = durable::rename_into_place(staged_record, &record) {
+            durable::rename_into_place(staged_image, &image)?;
+            let placed = durable::sync_folder_of(&image)
+                .and_then(|()| durable::rename_into_place(staged_record, &record));
+            if let Err(error) = placed {
                 if let Err(undo) = durable::restore_previous(previous_image, &image) {
                     tracing::error!(file = %image.display(), error = %undo,
                         "cannot put the previous template image back");

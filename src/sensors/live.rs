@@ -22,9 +22,10 @@ const MAX_REPORTED: usize = 10;
 pub const MAX_WINDOWS: usize = 10_000;
 
 /// Rows of one window, and values of one row, kept while parsing; the rest is only counted.
-/// A model's window and channels must fit (checked when it loads), so a window the model can
-/// take is always kept whole, and a body of millions of rows takes memory in step with what a
-/// model could use (a 64 MB body of one-value rows took 1.3 GB before).
+/// A model whose window or channels exceed them scores archives only (`prepare` says so), so
+/// a window a model takes live is always kept whole, and a body of millions of rows takes
+/// memory in step with what a model could use (a 64 MB body of one-value rows took 1.3 GB
+/// before).
 pub const MAX_ROWS_KEPT: usize = 512;
 pub const MAX_VALUES_KEPT: usize = 256;
 
@@ -330,6 +331,15 @@ pub fn prepare(
     if windows.is_empty() {
         return Err(SensorError::Invalid("no windows to score".into()));
     }
+    if params.window > MAX_ROWS_KEPT || params.channels.len() > MAX_VALUES_KEPT {
+        return Err(SensorError::Invalid(format!(
+            "this model's windows ({} rows of {} channels) are larger than a live request \
+             carries (at most {MAX_ROWS_KEPT} rows of {MAX_VALUES_KEPT}): score them as a job \
+             (POST /v1/jobs with an archive)",
+            params.window,
+            params.channels.len()
+        )));
+    }
     let width = params.channels.len();
     let mut input = Vec::with_capacity(windows.len() * params.window_len());
     let mut infos = Vec::with_capacity(windows.len());
@@ -517,6 +527,13 @@ mod tests {
                 .contains("row 1 has 1000 values for 2 channels"),
             "{error}"
         );
+        // A model with longer windows than a request keeps scores archives only.
+        let long = SensorParams {
+            window: MAX_ROWS_KEPT + 1,
+            ..params()
+        };
+        let error = prepare(&windows, &long, &Scaler::new(&long)).unwrap_err();
+        assert!(error.to_string().contains("score them as a job"), "{error}");
     }
 
     #[test]

@@ -3,7 +3,6 @@
 //! anomaly model's `[calibration]`. Read once at start so the server always feeds a model the
 //! windows it was trained on.
 
-use crate::sensors::live::{MAX_ROWS_KEPT, MAX_VALUES_KEPT};
 use serde::{Deserialize, Serialize};
 
 use crate::runtime::model_config::read_table;
@@ -77,13 +76,6 @@ impl SensorParams {
         let c = self.channels.len();
         if self.window == 0 || c == 0 {
             return Err("window and channels must not be empty".into());
-        }
-        if self.window > MAX_ROWS_KEPT || c > MAX_VALUES_KEPT {
-            return Err(format!(
-                "window ({}) and channels ({c}) may be at most {MAX_ROWS_KEPT} and \
-                 {MAX_VALUES_KEPT}: live requests keep no more rows and values than that",
-                self.window
-            ));
         }
         if self.offset.len() != c || self.scale.len() != c {
             return Err(format!(
@@ -333,17 +325,6 @@ mod tests {
             .to_string();
         assert!(error.contains("zeros"), "{error}");
         assert!(SensorParams::from_table("m", None).is_err());
-        // Longer than a live request keeps.
-        let long = table(
-            "window = 513\nchannels = [\"a\"]\noffset = [1.0]\nscale = [0.5]\nrul_cap = 125\n",
-        );
-        let error = SensorParams::from_table("m", Some(&long))
-            .unwrap_err()
-            .to_string();
-        assert!(
-            error.contains("window (513) and channels (1) may be at most 512"),
-            "{error}"
-        );
     }
 
     #[test]
