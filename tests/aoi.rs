@@ -16,7 +16,18 @@ fn png(image: &linescan::aoi::image_io::GrayImage) -> Vec<u8> {
 }
 
 fn start(extra: &[&str]) -> (Repository, tempfile::TempDir, Server) {
+    start_configured(&[], extra)
+}
+
+/// `start`, with `settings` (key, value) rewritten in the defect model's config.toml.
+fn start_configured(
+    settings: &[(&str, &str)],
+    extra: &[&str],
+) -> (Repository, tempfile::TempDir, Server) {
     let repository = Repository::with_models(&[MODEL]);
+    for (key, value) in settings {
+        repository.set(MODEL, key, value);
+    }
     let data = tempfile::tempdir().unwrap();
     let mut args = vec!["--data-dir", data.path().to_str().unwrap()];
     args.extend_from_slice(extra);
@@ -394,13 +405,7 @@ async fn reject_threshold_is_per_board() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_board_stricter_than_the_model_lists_and_rejects_what_it_would_miss() {
     // A model threshold above every confidence the synthetic defects get (0.97-0.99).
-    let repository = Repository::with_models(&[MODEL]);
-    repository.set(MODEL, "score_threshold", "0.999");
-    let data = tempfile::tempdir().unwrap();
-    let server = Server::start(
-        repository.path(),
-        &["--data-dir", data.path().to_str().unwrap()],
-    );
+    let (_repository, _data, server) = start_configured(&[("score_threshold", "0.999")], &[]);
     let clean = synthetic::board(&[], (0, 0));
     let defective = synthetic::board(&DefectKind::ALL, (0, 0));
     put_template(&server, "model", png(&clean.template), "").await;
@@ -424,14 +429,9 @@ async fn a_board_stricter_than_the_model_lists_and_rejects_what_it_would_miss() 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_board_with_candidates_beyond_the_cap_is_rejected_and_says_so() {
     // No confidence reaches the model's threshold (as above), so only the cap can reject.
-    let repository = Repository::with_models(&[MODEL]);
-    repository
-        .set(MODEL, "score_threshold", "0.999")
-        .set(MODEL, "max_candidates", "2");
-    let data = tempfile::tempdir().unwrap();
-    let server = Server::start(
-        repository.path(),
-        &["--data-dir", data.path().to_str().unwrap()],
+    let (_repository, _data, server) = start_configured(
+        &[("score_threshold", "0.999"), ("max_candidates", "2")],
+        &[],
     );
     let clean = synthetic::board(&[], (0, 0));
     let defective = synthetic::board(&DefectKind::ALL, (0, 0));

@@ -28,8 +28,7 @@ pub fn make_crops(
     out: &mut Vec<f32>,
 ) {
     let size = params.crop_size;
-    let windows = params.input_channels() / channels.len();
-    out.reserve(candidates.len() * channels.len() * windows * size * size);
+    out.reserve(candidates.len() * params.crop_values());
     let mut scratch = WindowScratch::new(params.crop_window.max(params.fine_window), size);
     for candidate in candidates {
         let coarse = window_origin(candidate, params.crop_window);

@@ -79,6 +79,11 @@ impl PipelineParams {
         self.channels.len() * if self.fine_window > 0 { 2 } else { 1 }
     }
 
+    /// Values of one candidate's crop: `[C', S, S]`.
+    pub fn crop_values(&self) -> usize {
+        self.input_channels() * self.crop_size * self.crop_size
+    }
+
     /// The defect model's `[preprocessing]`: every key this server reads, the keys that state
     /// what it implements (each must hold exactly that), and notes. Keys left out take their
     /// defaults; an unknown key is an error.

@@ -394,8 +394,7 @@ impl Inspector {
         // image and about eight bit planes (two bytes a pixel) and at most `max_candidates`
         // crops, claimed with the decode; from the crops on, only the crops in host memory,
         // until the board is classified.
-        let crop_bytes = (self.params.input_channels() * self.params.crop_size.pow(2) * 4) as u64;
-        let crops_room = self.params.max_candidates as u64 * crop_bytes;
+        let crops_room = (self.params.max_candidates * self.params.crop_values() * 4) as u64;
         let (test, mut claim) = decode_gray_keeping(test_bytes, self.max_image_pixels, |pixels| {
             2 * pixels + crops_room
         })?;

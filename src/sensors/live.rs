@@ -127,15 +127,21 @@ impl<'de> Deserialize<'de> for Rows {
                         None => break,
                     }
                 }
-                rows.sent = rows.widths.len();
-                while seq.next_element::<de::IgnoredAny>()?.is_some() {
-                    rows.sent += 1;
-                }
+                rows.sent = rows.widths.len() + count_rest(&mut seq)?;
                 Ok(rows)
             }
         }
         deserializer.deserialize_seq(RowsVisitor)
     }
+}
+
+/// The elements left in `seq`, skipped unparsed (past what a list keeps) and only counted.
+fn count_rest<'de, A: de::SeqAccess<'de>>(seq: &mut A) -> Result<usize, A::Error> {
+    let mut rest = 0;
+    while seq.next_element::<de::IgnoredAny>()?.is_some() {
+        rest += 1;
+    }
+    Ok(rest)
 }
 
 /// One row appended to the kept values (up to `MAX_VALUES_KEPT`); yields the values sent.
@@ -159,10 +165,7 @@ impl<'de> de::DeserializeSeed<'de> for RowSeed<'_> {
                     }
                     sent += 1;
                 }
-                while seq.next_element::<de::IgnoredAny>()?.is_some() {
-                    sent += 1;
-                }
-                Ok(sent)
+                Ok(sent + count_rest(&mut seq)?)
             }
         }
         deserializer.deserialize_seq(RowVisitor(self.0))
@@ -211,10 +214,7 @@ impl<'de> Deserialize<'de> for BoundedWindows {
                         }
                     }
                 }
-                let mut sent = windows.len();
-                while seq.next_element::<de::IgnoredAny>()?.is_some() {
-                    sent += 1;
-                }
+                let sent = windows.len() + count_rest(&mut seq)?;
                 Ok(BoundedWindows { windows, sent })
             }
         }
