@@ -693,7 +693,16 @@ async fn templates_survive_a_restart() {
         )
         .unwrap();
     std::fs::write(data.path().join("templates").join("cut.image"), &smaller).unwrap();
+    // Writes cut short by a crash: a staged image and a previous image kept for a rollback.
+    let leftovers = ["kept.image.tmp", "kept.image.previous.tmp"]
+        .map(|name| data.path().join("templates").join(name));
+    for leftover in &leftovers {
+        std::fs::write(leftover, &smaller).unwrap();
+    }
     let server = Server::start(repository.path(), &args);
+    for leftover in &leftovers {
+        assert!(!leftover.exists(), "{} was kept", leftover.display());
+    }
     let (status, info) = common::get_json(&format!("{}/v1/templates/cut", server.url)).await;
     assert_eq!(status, 200, "{info}");
     assert_eq!(
@@ -941,21 +950,16 @@ fn a_second_server_on_the_same_data_folder_is_refused() {
     let data = tempfile::tempdir().unwrap();
     let args = ["--data-dir", data.path().to_str().unwrap()];
     let _first = Server::start(repository.path(), &args);
-    let mut second = common::command(env!("CARGO_BIN_EXE_linescan"))
-        .args(["serve", "--port", "0", "--model-repository"])
-        .arg(repository.path())
-        .args(args)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    // It must stop by itself; one that serves would be killed here and fail the test.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while second.try_wait().unwrap().is_none() && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    let _ = second.kill();
-    let output = second.wait_with_output().unwrap();
+    // It must stop by itself; one that serves would be killed by run_cli and fail the test.
+    let output = common::run_cli(&[
+        "serve",
+        "--port",
+        "0",
+        "--model-repository",
+        repository.path().to_str().unwrap(),
+        args[0],
+        args[1],
+    ]);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success(), "{stderr}");
     assert!(

@@ -497,14 +497,16 @@ async fn multipart_and_server_side_path_submissions() {
 #[tokio::test(flavor = "multi_thread")]
 async fn progress_and_cancellation() {
     let setup = setup();
-    // One worker, small chunks with a pause after each: the first job runs for seconds.
+    // One worker, small chunks with a pause after each: the first job runs for about 15 s,
+    // so it is still running when purged below, however slow the machine; a cancel lands at
+    // its next chunk.
     let server = setup.server(&[
         "--job-workers",
         "1",
         "--job-chunk-rows",
         "1000",
         "--job-throttle-ms",
-        "150",
+        "1000",
         "--job-max-pending",
         "2",
     ]);
@@ -790,13 +792,21 @@ async fn a_path_job_reads_only_the_file_it_was_given() {
 async fn finished_jobs_are_removed_after_the_retention_period() {
     let setup = setup();
     let archive = write_generic(setup.files.path(), "fleet.h5", &small_fleet());
-    let done = {
-        let server = setup.server(&[]);
-        let id = submit_file(&server.url, &archive).await;
-        assert_eq!(wait_job(&server.url, &id, is_final).await["state"], "done");
-        id
+    let long = write_generic(setup.files.path(), "long.h5", &fleet_of(40, 5));
+    let (done, unfinished) = {
+        let server = setup.server(&["--job-chunk-rows", "500", "--job-throttle-ms", "1000"]);
+        let done = submit_file(&server.url, &archive).await;
+        assert_eq!(
+            wait_job(&server.url, &done, is_final).await["state"],
+            "done"
+        );
+        // Killed while running: older than the retention at the next start, but unfinished.
+        let unfinished = submit_file(&server.url, &long).await;
+        wait_job(&server.url, &unfinished, |s| s["state"] == "running").await;
+        (done, unfinished)
     };
-    // 0.0002 hours = 0.72 s: the job ended longer ago than that once the server is back.
+    // 0.0002 hours = 0.72 s: both jobs were submitted longer ago than that once the server is
+    // back, and the first one ended longer ago.
     std::thread::sleep(std::time::Duration::from_millis(800));
     let server = setup.server(&["--job-retention-hours", "0.0002"]);
     assert_eq!(
@@ -804,6 +814,9 @@ async fn finished_jobs_are_removed_after_the_retention_period() {
         404
     );
     assert!(!setup.data.path().join("jobs").join(&done).exists());
+    // The retention counts from a job's end: the unfinished one runs again to its end.
+    let status = wait_job(&server.url, &unfinished, is_final).await;
+    assert_eq!(status["state"], "done", "{status}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -815,7 +828,8 @@ async fn damaged_job_files_are_recovered_at_start() {
     let server = setup.server(&[]);
     let truncated = submit_file(&server.url, &archive).await;
     let unreadable = submit_file(&server.url, &archive).await;
-    for id in [&truncated, &unreadable] {
+    let whole = submit_file(&server.url, &archive).await;
+    for id in [&truncated, &unreadable, &whole] {
         assert_eq!(wait_job(&server.url, id, is_final).await["state"], "done");
     }
     // A result cut short while the server runs is refused, not served as whole.
@@ -843,10 +857,25 @@ async fn damaged_job_files_are_recovered_at_start() {
         );
     }
     drop(server);
-    // That result, and a state file garbled while the server was down.
+    // That result, a state file garbled while the server was down, and a CSV export that the
+    // killed server left unfinished beside a whole result.
     std::fs::write(jobs.join(&unreadable).join("state.json"), b"{\"id\": ").unwrap();
+    let export = jobs.join(&whole).join("result.csv.partial");
+    std::fs::write(&export, b"unit,cycle,rul\n1,1,").unwrap();
 
     let server = setup.server(&[]);
+    // The unfinished export is removed; the whole result is kept and served, not run again.
+    assert!(!export.exists());
+    let status = wait_job(&server.url, &whole, is_final).await;
+    assert_eq!(
+        (&status["state"], &status["attempts"]),
+        (&json!("done"), &json!(1))
+    );
+    let csv = reqwest::get(format!("{}/v1/jobs/{whole}/result?format=csv", server.url))
+        .await
+        .unwrap();
+    assert_eq!(csv.status(), 200);
+    assert!(csv.text().await.unwrap().starts_with("unit,cycle,rul,"));
     // The job whose result was damaged runs again and gives the same result.
     let status = wait_job(&server.url, &truncated, is_final).await;
     assert_eq!(status["state"], "done", "{status}");
@@ -1755,20 +1784,25 @@ async fn submissions_stop_short_of_the_free_space_kept_on_the_disk() {
 
     // Room at the start but not for the whole upload: it stops when it would pass the
     // reserve, and the part written is removed. The upload is streamed without a length, so
-    // only the writes can tell.
+    // only the writes can tell. The margins are wide because the tests beside this one write
+    // and delete archives of up to ~20 MB on the same disk; only the 128 MiB of room is written.
     let free = rustix::fs::statvfs(setup.data.path()).unwrap();
     let free = free.f_bavail * free.f_frsize;
-    let server = setup.server(&["--job-min-free-bytes", &(free - (16 << 20)).to_string()]);
+    let server = setup.server(&["--job-min-free-bytes", &(free - (128 << 20)).to_string()]);
     let address = server.url.strip_prefix("http://").unwrap().to_owned();
-    let answer = tokio::task::spawn_blocking(move || chunked_upload(&address, 64 << 20))
+    let answer = tokio::task::spawn_blocking(move || chunked_upload(&address, 1 << 30))
         .await
         .unwrap();
     // The server may close the connection before the client has sent all it streams, and
-    // then its answer can be lost with the connection.
+    // then its answer can be lost with the connection; the server counts it either way.
     if !answer.is_empty() {
         assert!(answer.starts_with("HTTP/1.1 507"), "{answer}");
         assert!(answer.contains(" MB more would go "), "{answer}");
     }
+    let metrics = server.metrics_text().await;
+    let refused = ["route=\"/v1/jobs\"", "status=\"507\""];
+    let counted = common::metric(&metrics, "linescan_http_responses_total", &refused);
+    assert_eq!(counted, 1.0, "{metrics}");
     assert_eq!(job_folders(setup.data.path()), 0);
     let (status, body) = common::get_json(&format!("{}/v1/jobs", server.url)).await;
     assert_eq!(

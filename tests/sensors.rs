@@ -184,6 +184,31 @@ async fn channels_match_by_name_and_short_units_are_padded_by_policy() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn without_its_anomaly_model_health_comes_from_rul_alone() {
+    let table = small_fleet();
+    let body = json!([
+        window(&table, 11, 60, 30, &model_channels()),
+        window(&table, 11, 215, 30, &model_channels()),
+    ]);
+    let (_repository, _data, with_anomaly) = start();
+    let paired = score(&with_anomaly, &body).await;
+    let repository = Repository::with_models(&[RUL_MODEL]);
+    let server = Server::start(repository.path(), &[]);
+    let (status, answer) = post(&server, "/v1/rul/rul_fd001", body.to_string()).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["anomaly_model"], Value::Null, "{answer}");
+    let alone = answer["results"].as_array().unwrap();
+    assert_eq!(alone.len(), 2);
+    for (result, with_anomaly) in alone.iter().zip(&paired) {
+        assert_eq!(result["rul"], with_anomaly["rul"]);
+        assert_eq!(result["anomaly"], Value::Null, "{result}");
+        // health = 100 * clamp(rul / rul_cap, 0, 1), rul_cap 125
+        let expected = 100.0 * (f(&result["rul"]) / 125.0).clamp(0.0, 1.0);
+        assert!((f(&result["health"]) - expected).abs() < 1e-3, "{result}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn bad_windows_are_refused_with_what_is_wrong() {
     let (_repository, _data, server) = start();
     let table = small_fleet();
@@ -292,6 +317,42 @@ async fn bad_windows_are_refused_with_what_is_wrong() {
     narrow["values"][2].as_array_mut().unwrap().pop();
     let (status, body) = post(&server, url, narrow.to_string()).await;
     expect(status, &body, 422, &["row 2 has 13 values for 14 channels"]);
+
+    // Numbers written as strings (CSV-to-JSON converters) score as the numbers; other strings
+    // are named with their place.
+    let (status, plain) = post(&server, url, good.to_string()).await;
+    assert_eq!(status, 200, "{plain}");
+    let mut quoted = good.clone();
+    for row in quoted["values"].as_array_mut().unwrap() {
+        row[1] = json!(row[1].to_string());
+    }
+    let (status, body) = post(&server, url, quoted.to_string()).await;
+    assert_eq!((status, &body), (200, &plain));
+    let mut word = good.clone();
+    word["values"][6][2] = json!("high");
+    let (status, body) = post(&server, url, word.to_string()).await;
+    expect(
+        status,
+        &body,
+        422,
+        &["\"high\" is not a number at line 1 column"],
+    );
+    // Beyond the f64 range: not a number the JSON parser can hold.
+    let text = good
+        .to_string()
+        .replacen(&values[4][0].to_string(), "1e999", 1);
+    let (status, body) = post(&server, url, text).await;
+    expect(status, &body, 400, &["not valid JSON"]);
+    // More windows than one request may hold: their count, and where to send them instead.
+    let small = json!({"channels": ["s_2"], "values": [[1.0]]});
+    let many = json!(vec![small; 10_001]);
+    let (status, body) = post(&server, url, many.to_string()).await;
+    expect(
+        status,
+        &body,
+        413,
+        &["10001 windows in one request; at most 10000"],
+    );
 
     let (status, body) = post(&server, url, "{\"channels\": [".to_string()).await;
     expect(status, &body, 400, &["not valid JSON"]);

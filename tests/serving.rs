@@ -26,6 +26,13 @@ async fn metadata(server: &Server) -> Value {
     metadata
 }
 
+fn gzip(bytes: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    encoder.write_all(bytes).unwrap();
+    encoder.finish().unwrap()
+}
+
 /// A binary tensor request: the JSON `header`, then the tensors' bytes.
 async fn post_binary(url: &str, header: &[u8], tensors: &[u8]) -> reqwest::Response {
     reqwest::Client::new()
@@ -292,6 +299,45 @@ async fn binary_tensors_give_the_same_answer_as_json() {
         assert_eq!(values, expected, "output {}", binary_output["name"]);
     }
     assert_eq!(offset, bytes.len());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_latest_version_answers_unless_a_request_names_one() {
+    let repository = Repository::with_models(&[MODEL]);
+    let model = repository.path().join(MODEL);
+    std::fs::create_dir(model.join("2")).unwrap();
+    std::fs::copy(model.join("1/model.onnx"), model.join("2/model.onnx")).unwrap();
+    async fn infer(server: &Server, version: &str) -> (u16, Value) {
+        let url = format!("{}/v2/models/{MODEL}{version}/infer", server.url);
+        let body = json_request(&metadata(server).await, 1, 5);
+        let response = post_json(&url, &body).await;
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap())
+    }
+
+    // Default policy: only the latest version is loaded.
+    let server = Server::start(repository.path(), &[]);
+    assert_eq!(metadata(&server).await["versions"], json!(["2"]));
+    let (status, answer) = infer(&server, "").await;
+    assert_eq!((status, &answer["model_version"]), (200, &json!("2")));
+    let (status, answer) = infer(&server, "/versions/1").await;
+    assert_eq!(status, 404, "{answer}");
+    drop(server);
+
+    // Every version loaded: a request without one gets the latest, one naming 1 gets 1.
+    let config = model.join("config.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, format!("version_policy = \"all\"\n{text}")).unwrap();
+    let server = Server::start(repository.path(), &[]);
+    assert_eq!(metadata(&server).await["versions"], json!(["1", "2"]));
+    for (version, answered) in [("", "2"), ("/versions/1", "1"), ("/versions/2", "2")] {
+        let (status, answer) = infer(&server, version).await;
+        assert_eq!(
+            (status, &answer["model_version"]),
+            (200, &json!(answered)),
+            "{version}: {answer}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -567,7 +613,81 @@ async fn bad_requests_get_the_right_4xx_and_the_server_stays_healthy() {
         .unwrap()
         .push(json!(1.0));
 
+    // Binary tensor bodies whose sizes do not add up.
+    let (binary, header_length) = common::binary_request(&metadata, 1, 9);
+    let (header, tensors) = binary.split_at(header_length);
+    let binary_post = |body: Vec<u8>, header_length: String| {
+        client
+            .post(&url)
+            .header("Inference-Header-Content-Length", header_length)
+            .header("Content-Type", "application/octet-stream")
+            .body(body)
+    };
+    let with_input = |change: &dyn Fn(&mut Value)| {
+        let mut header: Value = serde_json::from_slice(header).unwrap();
+        change(&mut header["inputs"][0]);
+        let header = serde_json::to_vec(&header).unwrap();
+        (header.len().to_string(), header)
+    };
+    let size = tensors.len();
+    let (short_length, short_header) =
+        with_input(&|input| input["parameters"]["binary_data_size"] = json!(size - 4));
+    let (both_length, both_header) = with_input(&|input| input["data"] = json!([0.0]));
+
+    // A gzip bomb: 3 KB sent, 3 MB once inflated, past the 2 MB limit.
+    let bomb = gzip(&vec![b' '; 3_000_000]);
+    assert!(bomb.len() < 10_000);
+
     let cases: Vec<(reqwest::RequestBuilder, u16, String)> = vec![
+        (
+            client
+                .post(&url)
+                .header("Content-Type", "application/json")
+                .header("Content-Encoding", "gzip")
+                .body(bomb),
+            413,
+            "exceeds the limit".into(),
+        ),
+        (
+            binary_post(binary.clone(), (binary.len() + 1).to_string()),
+            400,
+            format!(
+                "is {} but the body has only {} bytes",
+                binary.len() + 1,
+                binary.len()
+            ),
+        ),
+        (
+            binary_post(binary.clone(), "twelve".into()),
+            400,
+            "must be a byte count".into(),
+        ),
+        (
+            binary_post([&binary[..], &[0; 4]].concat(), header_length.to_string()),
+            400,
+            "4 bytes of binary data follow the JSON header but no input claims them".into(),
+        ),
+        (
+            binary_post(
+                binary[..binary.len() - 4].to_vec(),
+                header_length.to_string(),
+            ),
+            400,
+            format!(
+                "binary_data_size is {size} bytes but only {} remain",
+                size - 4
+            ),
+        ),
+        (
+            binary_post([&short_header[..], &tensors[4..]].concat(), short_length),
+            422,
+            format!("binary_data_size is {} bytes, shape", size - 4),
+        ),
+        (
+            binary_post([&both_header[..], tensors].concat(), both_length),
+            400,
+            "has both \"data\" and binary_data_size".into(),
+        ),
         // A parameter on a route that takes none is refused, not ignored.
         (
             client.post(format!("{url}?timout=5")).json(&good),
@@ -716,13 +836,29 @@ async fn bad_requests_get_the_right_4xx_and_the_server_stays_healthy() {
         .unwrap();
     assert_eq!(probe.status(), 200);
     assert_eq!(post_json(&url, &good).await.status(), 200);
+    // A compressed request is answered as the plain one.
+    let plain: Value = post_json(&url, &good).await.json().await.unwrap();
+    let compressed = client
+        .post(&url)
+        .header("Content-Type", "application/json")
+        .header("Content-Encoding", "gzip")
+        .body(gzip(&serde_json::to_vec(&good).unwrap()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(compressed.status(), 200);
+    assert_eq!(compressed.json::<Value>().await.unwrap(), plain);
+    // The model counts the 16 requests its infer handler refused (the binary, JSON and tensor
+    // cases); those refused before it (query string, size, media type, routes) are not its.
     let text = server.metrics_text().await;
-    assert!(
+    assert_eq!(
         metric(
             &text,
             "linescan_inference_request_failure_total",
             &["reason=\"invalid_input\""]
-        ) >= 6.0
+        ),
+        16.0,
+        "{text}"
     );
 }
 
@@ -1070,7 +1206,7 @@ fn the_load_generator_reports_latency_and_stops_on_total_failure() {
         "{figures}"
     );
     assert!(
-        figures["cpu"]["bench_cores"].as_f64().unwrap() >= 0.0,
+        figures["cpu"]["bench_cores"].as_f64().unwrap() > 0.0,
         "{figures}"
     );
     // Closed loop: at most the 2 clients' last requests are unanswered when the run ends.

@@ -35,9 +35,10 @@ pub enum JobCommand {
     Merge(JobMergeArgs),
     /// Write a synthetic generic archive (C-MAPSS-like degradation series, 24 f32 channels).
     Synth(JobSynthArgs),
-    /// Read an archive whole without scoring it (layout, units, every value): exit 0 when a
-    /// job could read it, 1 with the reason when not (a crash of the HDF5 library included:
-    /// the read runs in a child process, as before each server job).
+    /// Read an archive whole without scoring it (layout, units, every value): exit 0 when it
+    /// can be read, 1 with the reason when not (a crash of the HDF5 library included: the read
+    /// runs in a child process, as before each server job). It does not check the archive
+    /// against a model: a missing channel or a NaN fails the job (and `job run`), not this.
     Check(JobCheckArgs),
     /// `job check`'s read itself, in this process: the child process that `job check`, `job
     /// run` and the server's jobs start.
@@ -65,10 +66,10 @@ pub struct JobSynthArgs {
     #[arg(long, env = "LINESCAN_JOB_SYNTH_OUT")]
     pub out: PathBuf,
     /// Rows (units of 128..362 cycles until the count is reached; the last may be cut short).
-    #[arg(long, env = "LINESCAN_JOB_SYNTH_ROWS", default_value_t = 1_000_000, value_parser = at_least_one::<usize>)]
+    #[arg(long, env = "LINESCAN_JOB_ROWS", default_value_t = 1_000_000, value_parser = at_least_one::<usize>)]
     pub rows: usize,
     /// Random seed: the same seed and row count write the same archive.
-    #[arg(long, env = "LINESCAN_JOB_SYNTH_SEED", default_value_t = 1)]
+    #[arg(long, env = "LINESCAN_JOB_SEED", default_value_t = 1)]
     pub seed: u64,
 }
 

@@ -195,24 +195,26 @@ fn check_window_stacking(gpu: &dyn Preprocess) {
     }
 }
 
-/// Runs the parity checks, or says why this machine cannot.
-pub(crate) fn check_or_skip(backend: Result<impl Preprocess, PreprocessError>) {
+/// Runs the parity checks, or says why this machine cannot; with the environment variable
+/// `require` set, a backend that cannot start fails the test instead.
+pub(crate) fn check_or_skip(backend: Result<impl Preprocess, PreprocessError>, require: &str) {
     match backend {
         Ok(gpu) => check_backend(&gpu),
+        Err(reason) if std::env::var_os(require).is_some() => {
+            panic!("{require} is set but {reason}")
+        }
         Err(reason) => eprintln!("skipped: {reason}"),
     }
 }
 
 #[test]
 fn wgpu_kernels_match_the_cpu() {
-    // CI installs Mesa's lavapipe (deploy/setup.sh), so this runs everywhere the set-up ran;
-    // LINESCAN_REQUIRE_WGPU=1 turns a missing adapter into a failure instead of a skip.
-    let backend = crate::preprocess::wgpu_backend::WgpuPreprocessor::new().map(GpuKernels);
-    if std::env::var_os("LINESCAN_REQUIRE_WGPU").is_some() {
-        check_backend(&backend.expect("wgpu adapter (LINESCAN_REQUIRE_WGPU is set)"));
-    } else {
-        check_or_skip(backend);
-    }
+    // CI installs Mesa's lavapipe (deploy/setup.sh) and deploy/test.sh sets
+    // LINESCAN_REQUIRE_WGPU, so this runs everywhere the set-up ran.
+    check_or_skip(
+        crate::preprocess::wgpu_backend::WgpuPreprocessor::new().map(GpuKernels),
+        "LINESCAN_REQUIRE_WGPU",
+    );
 }
 
 #[test]

@@ -250,12 +250,17 @@ fn own_data_dir(serve_args: &[&str]) -> Option<tempfile::TempDir> {
     (!serve_args.contains(&"--data-dir")).then(|| tempfile::tempdir().expect("data dir"))
 }
 
-/// Runs `linescan` with arguments to completion (a `serve` gets its own data folder).
+/// How long a command run by `run_cli` may take: a `serve` expected to refuse its settings
+/// that starts serving instead fails the test here rather than hanging it.
+const CLI_LIMIT: Duration = Duration::from_secs(300);
+
+/// Runs `linescan` with arguments to completion (a `serve` gets its own data folder), killing
+/// it after `CLI_LIMIT`.
 pub fn run_cli(args: &[&str]) -> std::process::Output {
     let data = (args.first() == Some(&"serve"))
         .then(|| own_data_dir(args))
         .flatten();
-    command(BIN)
+    let mut child = command(BIN)
         .args(args)
         .args(
             data.iter()
@@ -263,8 +268,37 @@ pub fn run_cli(args: &[&str]) -> std::process::Output {
         )
         .current_dir(repo_root())
         .env("LINESCAN_LOG", "warn")
-        .output()
-        .expect("run linescan")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run linescan");
+    // Read while it runs, so a full pipe cannot stop it.
+    let read_all = |mut pipe: Box<dyn std::io::Read + Send>| {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            pipe.read_to_end(&mut bytes).map(|_| bytes)
+        })
+    };
+    let stdout = read_all(Box::new(child.stdout.take().unwrap()));
+    let stderr = read_all(Box::new(child.stderr.take().unwrap()));
+    let deadline = Instant::now() + CLI_LIMIT;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for linescan") {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("linescan {args:?} still ran after {CLI_LIMIT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    std::process::Output {
+        status,
+        stdout: stdout.join().unwrap().expect("linescan's stdout"),
+        stderr: stderr.join().unwrap().expect("linescan's stderr"),
+    }
 }
 
 /// Random inputs for every model input at a batch size, as a v2 JSON request.
