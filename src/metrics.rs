@@ -53,6 +53,7 @@ pub struct Metrics {
     pub inference_count: IntCounterVec,
     pub execution_count: IntCounterVec,
     pub queue_depth: IntGaugeVec,
+    pub pending_requests: IntGaugeVec,
     pub stage_duration: HistogramVec,
     pub model_info: IntGaugeVec,
     pub preprocess_info: IntGaugeVec,
@@ -155,6 +156,11 @@ impl Metrics {
                 "linescan_queue_depth",
                 "Requests waiting in the batcher queue, by lane (live requests, bulk job work)",
                 &["model", "version", "lane"],
+            ),
+            pending_requests: gauge(
+                "linescan_inference_pending_requests",
+                "Requests the batcher holds that have not started running: queued, or in a batch still forming (Triton's nv_inference_pending_request_count)",
+                model,
             ),
             stage_duration: histogram(
                 "linescan_stage_duration_seconds",

@@ -179,6 +179,7 @@ async fn health_metadata_and_json_inference() {
         "linescan_inference_count_total",
         "linescan_inference_exec_count_total",
         "linescan_inference_request_success_total",
+        "linescan_inference_pending_requests",
     ] {
         let model_label = format!("model=\"{MODEL}\"");
         assert!(
@@ -378,6 +379,8 @@ async fn concurrent_requests_form_batches_larger_than_one() {
         let series = format!("linescan_queue_depth{{lane=\"{lane}\",{model}");
         assert!(text.contains(&series), "no {series} in {text}");
     }
+    // Every request ran and was answered: none is held any more.
+    assert_eq!(pending(&text), 0.0, "{text}");
     assert!(
         metric(&text, "process_cpu_seconds_total", &[]) > 0.0,
         "{text}"
@@ -514,7 +517,7 @@ async fn requests_whose_client_left_are_dropped_before_inference() {
         })
         .collect();
     // The requests reach the forming batch (which waits 3 s) before their clients go.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    wait_pending(&server, 8.0).await;
     drop(clients);
     let cancelled = |text: &str| {
         metric(
@@ -533,6 +536,9 @@ async fn requests_whose_client_left_are_dropped_before_inference() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert_eq!(cancelled(&text), 8.0, "{text}");
+    // The forming batch lets them go when it closes, unrun.
+    wait_pending(&server, 0.0).await;
+    let text = server.metrics_text().await;
     let model = format!("model=\"{MODEL}\"");
     assert_eq!(
         metric(&text, "linescan_inference_exec_count_total", &[&model]),
@@ -862,8 +868,30 @@ async fn bad_requests_get_the_right_4xx_and_the_server_stays_healthy() {
     );
 }
 
-/// Starts a server whose requests wait up to `delay_us` for company, sends four, and gives them
-/// 1 s to be queued. Each request's task returns its status, or 0 without an answer.
+/// Requests of the model the batcher holds that have not started running.
+fn pending(metrics: &str) -> f64 {
+    metric(
+        metrics,
+        "linescan_inference_pending_requests",
+        &[&format!("model=\"{MODEL}\"")],
+    )
+}
+
+/// Waits until the batcher holds `count` requests of the model not yet running.
+async fn wait_pending(server: &Server, count: f64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = server.metrics_text().await;
+        if pending(&text) == count {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "{text}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Starts a server whose requests wait up to `delay_us` for company, sends four, and waits
+/// until the batcher holds them. Each request's task returns its status, or 0 without an answer.
 async fn server_with_requests_in_flight(
     delay_us: u64,
 ) -> (Repository, Server, Vec<tokio::task::JoinHandle<u16>>) {
@@ -881,7 +909,7 @@ async fn server_with_requests_in_flight(
             })
         })
         .collect();
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    wait_pending(&server, 4.0).await;
     (repository, server, requests)
 }
 

@@ -157,6 +157,26 @@ struct QueuedRequest {
     reply: oneshot::Sender<Result<InferResponse, InferError>>,
     /// Who has the request: its caller and a session race for it once the deadline is near.
     claim: Arc<AtomicU8>,
+    /// Counts the request as pending until its batch starts running (taken then) or it is
+    /// dropped unrun.
+    pending: Option<PendingMark>,
+}
+
+/// One request in the model's `linescan_inference_pending_requests` gauge, for as long as the
+/// mark lives.
+struct PendingMark(prometheus::IntGauge);
+
+impl PendingMark {
+    fn new(gauge: &prometheus::IntGauge) -> PendingMark {
+        gauge.inc();
+        PendingMark(gauge.clone())
+    }
+}
+
+impl Drop for PendingMark {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 /// `QueuedRequest::claim`: waiting in the queue, taken by a session (it runs, and its caller
@@ -220,6 +240,7 @@ pub struct Batcher {
     workers: std::sync::Mutex<Vec<JoinHandle<()>>>,
     metrics: Arc<Metrics>,
     stats: Arc<ModelStats>,
+    pending: prometheus::IntGauge,
 }
 
 impl Batcher {
@@ -247,6 +268,7 @@ impl Batcher {
             counter.with_label_values(&labels);
         }
         record_queue_depth(&metrics, labels, |_| 0);
+        let pending = metrics.pending_requests.with_label_values(&labels);
         let device = (!sessions.is_empty() && sessions.iter().all(ModelSession::on_gpu))
             .then_some(config.runtime.cuda_device);
         let padded_batch = sessions
@@ -291,6 +313,7 @@ impl Batcher {
             workers: std::sync::Mutex::new(workers),
             metrics,
             stats,
+            pending,
         }
     }
 
@@ -443,6 +466,7 @@ impl Batcher {
             priority,
             reply,
             claim: claim.clone(),
+            pending: Some(PendingMark::new(&self.pending)),
         };
         match self.sender.try_send(request, priority) {
             Ok(()) => {}
@@ -708,6 +732,9 @@ impl Worker {
         });
         if batch.is_empty() {
             return;
+        }
+        for request in &mut batch {
+            request.pending = None;
         }
         // Counted for batches that run only, so the reasons add up to the executions.
         self.metrics
@@ -1150,6 +1177,7 @@ mod tests {
             priority,
             reply: oneshot::channel().0,
             claim: Arc::new(AtomicU8::new(WAITING)),
+            pending: None,
         }
     }
 
