@@ -801,18 +801,14 @@ async fn the_aoi_load_generator_inspects_and_removes_its_templates() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let registered = async || {
+    common::poll_until(std::time::Duration::from_secs(60), async || {
         let (_, list) = common::get_json(&format!("{}/v1/templates", server.url)).await;
-        list["templates"].as_array().is_some_and(|t| t.len() == 3)
-    };
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while !registered().await {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no templates registered"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+        match list["templates"].as_array() {
+            Some(templates) if templates.len() == 3 => Ok(()),
+            _ => Err(format!("not the 3 templates registered: {list}")),
+        }
+    })
+    .await;
     common::signal(bench.id(), "TERM");
     let output = tokio::task::spawn_blocking(move || bench.wait_with_output())
         .await

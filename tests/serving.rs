@@ -342,6 +342,30 @@ async fn the_latest_version_answers_unless_a_request_names_one() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn alive_but_not_ready_while_models_load() {
+    let repository = Repository::with_models(&[MODEL]);
+    // Sixteen sessions to load and warm up keep the loader busy for seconds after the server
+    // listens (about 3 s on the 2-core machine).
+    let server = Server::spawn(repository.path(), &["--instances", "16"]);
+    let (status, ready) = get_json(&format!("{}/v2/health/ready", server.url)).await;
+    assert_eq!((status, &ready["ready"]), (503, &json!(false)), "{ready}");
+    assert_eq!(common::status_of(&server.url, "/v2/health/live"), Some(200));
+    let response = post_json(&infer_url(&server), &json!({"inputs": []})).await;
+    assert_eq!(response.status(), 503);
+    assert_eq!(response.headers()["retry-after"], "1");
+    let error: Value = response.json().await.unwrap();
+    assert!(
+        error["error"]
+            .as_str()
+            .unwrap()
+            .contains("models are still loading"),
+        "{error}"
+    );
+    server.wait_ready();
+    assert_eq!(metadata(&server).await["name"], MODEL);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn concurrent_requests_form_batches_larger_than_one() {
     // One session: with a second one idle, the idle-session rule would rightly run requests
     // that arrive slower than they execute in batches of one, and this test would measure
@@ -526,15 +550,7 @@ async fn requests_whose_client_left_are_dropped_before_inference() {
             &["reason=\"cancelled\""],
         )
     };
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let text = loop {
-        let text = server.metrics_text().await;
-        if cancelled(&text) >= 8.0 {
-            break text;
-        }
-        assert!(std::time::Instant::now() < deadline, "{text}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let text = server.wait_metrics(|text| cancelled(text) >= 8.0).await;
     assert_eq!(cancelled(&text), 8.0, "{text}");
     // The forming batch lets them go when it closes, unrun.
     wait_pending(&server, 0.0).await;
@@ -879,15 +895,7 @@ fn pending(metrics: &str) -> f64 {
 
 /// Waits until the batcher holds `count` requests of the model not yet running.
 async fn wait_pending(server: &Server, count: f64) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let text = server.metrics_text().await;
-        if pending(&text) == count {
-            return;
-        }
-        assert!(std::time::Instant::now() < deadline, "{text}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    server.wait_metrics(|text| pending(text) == count).await;
 }
 
 /// Starts a server whose requests wait up to `delay_us` for company, sends four, and waits
@@ -1287,6 +1295,72 @@ fn echo_repository(model: &str, inputs: &[(&str, i64, &str)], width: i64) -> Rep
     }
     std::fs::write(folder.join("config.toml"), config).unwrap();
     repository
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_onnx_runtime_fails_answers_500_and_the_model_goes_on() {
+    let repository = Repository::with_models(&[]);
+    let folder = repository.path().join("add");
+    std::fs::create_dir_all(folder.join("1")).unwrap();
+    std::fs::write(folder.join("1/model.onnx"), onnx::add_model()).unwrap();
+    let tensor = |name: &str| format!("name = \"{name}\"\ndatatype = \"FP32\"\nshape = [-1]\n");
+    std::fs::write(
+        folder.join("config.toml"),
+        format!(
+            "name = \"add\"\nmax_batch_size = 8\n[[input]]\n{}[[input]]\n{}[[output]]\n{}",
+            tensor("x"),
+            tensor("y"),
+            tensor("sum")
+        ),
+    )
+    .unwrap();
+    let server = Server::start(repository.path(), &[]);
+    let url = format!("{}/v2/models/add/infer", server.url);
+    let request = |x: Vec<f32>, y: Vec<f32>| {
+        json!({"inputs": [
+            {"name": "x", "datatype": "FP32", "shape": [1, x.len()], "data": x},
+            {"name": "y", "datatype": "FP32", "shape": [1, y.len()], "data": y},
+        ]})
+    };
+    // Widths 2 and 3 pass every check of the config (-1) but do not broadcast.
+    let failed = post_json(&url, &request(vec![1.0, 2.0], vec![1.0, 2.0, 3.0])).await;
+    assert_eq!(failed.status(), 500);
+    let error: Value = failed.json().await.unwrap();
+    assert!(
+        error["error"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("inference failed: ") && e.contains("Add")),
+        "{error}"
+    );
+    // The model goes on serving.
+    let answer = post_json(&url, &request(vec![1.0, 2.0], vec![10.0, 20.0])).await;
+    assert_eq!(answer.status(), 200);
+    let answer: Value = answer.json().await.unwrap();
+    assert_eq!(
+        answer["outputs"][0]["data"],
+        json!([11.0, 22.0]),
+        "{answer}"
+    );
+    // Triton's statistics: the failed request in `fail`, with no execution; /metrics counts it
+    // by reason.
+    let (_, stats) = get_json(&format!("{}/v2/models/add/stats", server.url)).await;
+    let stats = &stats["model_stats"][0];
+    assert_eq!(
+        (
+            &stats["inference_stats"]["fail"]["count"],
+            &stats["inference_stats"]["success"]["count"],
+            &stats["execution_count"]
+        ),
+        (&json!(1), &json!(1), &json!(1)),
+        "{stats}"
+    );
+    let text = server.metrics_text().await;
+    let failures = metric(
+        &text,
+        "linescan_inference_request_failure_total",
+        &["model=\"add\"", "reason=\"inference\""],
+    );
+    assert_eq!(failures, 1.0, "{text}");
 }
 
 /// `half`: FP16 input `x` and BF16 input `b` (`[batch, 3]`).

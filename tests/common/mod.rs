@@ -164,6 +164,15 @@ impl Server {
             .expect("metrics text")
     }
 
+    /// Polls `/metrics` until `until` holds for its text, which it returns (at most 60 s).
+    pub async fn wait_metrics(&self, until: impl Fn(&str) -> bool) -> String {
+        poll_until(Duration::from_secs(60), async || {
+            let text = self.metrics_text().await;
+            if until(&text) { Ok(text) } else { Err(text) }
+        })
+        .await
+    }
+
     pub fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(120);
         while Instant::now() < deadline {
@@ -242,6 +251,22 @@ pub async fn get_json(url: &str) -> (u16, Value) {
     let response = reqwest::get(url).await.expect("GET");
     let status = response.status().as_u16();
     (status, response.json().await.unwrap_or(Value::Null))
+}
+
+/// Calls `probe` every 20 ms until it gives `Ok`, whose value it returns; after `limit`, fails
+/// the test with the last `Err`, which describes what was seen instead.
+pub async fn poll_until<T>(
+    limit: Duration,
+    mut probe: impl AsyncFnMut() -> Result<T, String>,
+) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        match probe().await {
+            Ok(value) => return value,
+            Err(seen) => assert!(Instant::now() < deadline, "after {limit:?}: {seen}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// A data folder of its own for a server whose arguments name none: tests run in parallel, and

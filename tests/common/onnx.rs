@@ -53,16 +53,12 @@ fn value_info(name: &str, elem_type: i64, width: i64) -> Vec<u8> {
 
 /// A graph node: `Identity(input)`, or `Cast(input, to)` when `cast_to` is given.
 fn node(input: &str, output: &str, cast_to: Option<i64>) -> Vec<u8> {
-    let mut node = Vec::new();
-    bytes_field(1, input.as_bytes(), &mut node); // NodeProto.input
-    bytes_field(2, output.as_bytes(), &mut node); // .output
-    bytes_field(3, output.as_bytes(), &mut node); // .name
     let op = if cast_to.is_some() {
         "Cast"
     } else {
         "Identity"
     };
-    bytes_field(4, op.as_bytes(), &mut node); // .op_type
+    let mut node = op_node(op, &[input], output);
     if let Some(to) = cast_to {
         let mut attribute = Vec::new();
         bytes_field(1, b"to", &mut attribute); // AttributeProto.name
@@ -71,6 +67,31 @@ fn node(input: &str, output: &str, cast_to: Option<i64>) -> Vec<u8> {
         bytes_field(5, &attribute, &mut node); // NodeProto.attribute
     }
     node
+}
+
+/// A graph node `op(inputs...)` without attributes.
+fn op_node(op: &str, inputs: &[&str], output: &str) -> Vec<u8> {
+    let mut node = Vec::new();
+    for input in inputs {
+        bytes_field(1, input.as_bytes(), &mut node); // NodeProto.input
+    }
+    bytes_field(2, output.as_bytes(), &mut node); // .output
+    bytes_field(3, output.as_bytes(), &mut node); // .name
+    bytes_field(4, op.as_bytes(), &mut node); // .op_type
+    node
+}
+
+/// A model `sum = Add(x, y)` of FP32 inputs `[batch, -1]`: it loads and warms up, and fails at
+/// run time on widths that do not broadcast (2 and 3, say).
+pub fn add_model() -> Vec<u8> {
+    let mut graph = Vec::new();
+    bytes_field(1, &op_node("Add", &["x", "y"], "sum"), &mut graph); // GraphProto.node
+    bytes_field(2, b"add", &mut graph); // .name
+    for name in ["x", "y"] {
+        bytes_field(11, &value_info(name, FLOAT, -1), &mut graph); // .input
+    }
+    bytes_field(12, &value_info("sum", FLOAT, -1), &mut graph); // .output
+    model(&graph)
 }
 
 /// A model whose every input `(name, type)` of shape `[batch, width]` (width -1: variable) comes
@@ -92,12 +113,17 @@ pub fn echo_and_cast_model(inputs: &[(&str, i64)], width: i64) -> Vec<u8> {
         let fp32 = value_info(&format!("{name}_fp32"), FLOAT, width);
         bytes_field(12, &fp32, &mut graph);
     }
+    model(&graph)
+}
+
+/// `ModelProto` around a graph, at opset 17.
+fn model(graph: &[u8]) -> Vec<u8> {
     let mut opset = Vec::new();
     bytes_field(1, b"", &mut opset); // OperatorSetIdProto.domain (the default one)
     int_field(2, 17, &mut opset); // .version
     let mut model = Vec::new();
     int_field(1, 8, &mut model); // ModelProto.ir_version
-    bytes_field(7, &graph, &mut model); // .graph
+    bytes_field(7, graph, &mut model); // .graph
     bytes_field(8, &opset, &mut model); // .opset_import
     model
 }

@@ -5,7 +5,7 @@
 #![allow(dead_code)] // each test binary uses a different part
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use linescan::jobs::synthetic::{self, Table, UnitPlan};
 use serde_json::Value;
@@ -196,8 +196,7 @@ pub fn result_fingerprint(path: &Path, skip: &[&str]) -> Vec<(String, Vec<u8>)> 
 
 /// Waits until the job reaches a final state (or `until` holds); returns its last status.
 pub async fn wait_job(base: &str, id: &str, until: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
+    crate::common::poll_until(Duration::from_secs(120), async || {
         let status: Value = reqwest::get(format!("{base}/v1/jobs/{id}"))
             .await
             .expect("GET job")
@@ -205,11 +204,12 @@ pub async fn wait_job(base: &str, id: &str, until: impl Fn(&Value) -> bool) -> V
             .await
             .expect("job JSON");
         if until(&status) {
-            return status;
+            Ok(status)
+        } else {
+            Err(format!("job {id} stuck: {status}"))
         }
-        assert!(Instant::now() < deadline, "job {id} stuck: {status}");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    })
+    .await
 }
 
 pub fn is_final(status: &Value) -> bool {
