@@ -15,50 +15,28 @@ fn png(image: &linescan::aoi::image_io::GrayImage) -> Vec<u8> {
     synthetic::encode(image, image::ImageFormat::Png)
 }
 
-fn start(extra: &[&str]) -> (Repository, tempfile::TempDir, Server) {
+fn start(extra: &[&str]) -> (Repository, Server) {
     start_configured(&[], extra)
 }
 
 /// `start`, with `settings` (key, value) rewritten in the defect model's config.toml.
-fn start_configured(
-    settings: &[(&str, &str)],
-    extra: &[&str],
-) -> (Repository, tempfile::TempDir, Server) {
+fn start_configured(settings: &[(&str, &str)], extra: &[&str]) -> (Repository, Server) {
     let repository = Repository::with_models(&[MODEL]);
     for (key, value) in settings {
         repository.set(MODEL, key, value);
     }
-    let data = tempfile::tempdir().unwrap();
-    let mut args = vec!["--data-dir", data.path().to_str().unwrap()];
-    args.extend_from_slice(extra);
-    let server = Server::start(repository.path(), &args);
-    (repository, data, server)
+    let server = Server::start(repository.path(), extra);
+    (repository, server)
 }
 
 async fn put_template(server: &Server, board: &str, body: Vec<u8>, query: &str) -> (u16, Value) {
-    let response = reqwest::Client::new()
-        .put(format!("{}/v1/templates/{board}{query}", server.url))
-        .body(body)
-        .send()
-        .await
-        .unwrap();
-    (
-        response.status().as_u16(),
-        response.json().await.unwrap_or(Value::Null),
-    )
+    let url = format!("{}/v1/templates/{board}{query}", server.url);
+    common::status_and_json(reqwest::Client::new().put(url).body(body)).await
 }
 
 async fn inspect(server: &Server, board: &str, body: Vec<u8>) -> (u16, Value) {
-    let response = reqwest::Client::new()
-        .post(format!("{}/v1/inspect/{board}", server.url))
-        .body(body)
-        .send()
-        .await
-        .unwrap();
-    (
-        response.status().as_u16(),
-        response.json().await.unwrap_or(Value::Null),
-    )
+    let url = format!("{}/v1/inspect/{board}", server.url);
+    common::status_and_json(reqwest::Client::new().post(url).body(body)).await
 }
 
 fn overlaps(a: &[i64; 4], b: &Value) -> bool {
@@ -84,7 +62,7 @@ fn assert_finds_every_defect(board: &SyntheticBoard, result: &Value) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn template_lifecycle_and_inspection_verdicts() {
-    let (_repository, _data, server) = start(&[]);
+    let (_repository, server) = start(&[]);
     let clean = synthetic::board(&[], (0, 0));
     let (status, info) = put_template(&server, "board-a", png(&clean.template), "").await;
     assert_eq!(status, 201, "{info}");
@@ -194,7 +172,7 @@ async fn template_lifecycle_and_inspection_verdicts() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn misregistered_and_grey_boards_are_still_inspected() {
-    let (_repository, _data, server) = start(&[]);
+    let (_repository, server) = start(&[]);
     let clean = synthetic::board(&[], (0, 0));
     put_template(&server, "b", png(&clean.template), "").await;
 
@@ -253,7 +231,7 @@ async fn send_form(method: reqwest::Method, url: &str, form: Form) -> reqwest::R
 
 #[tokio::test(flavor = "multi_thread")]
 async fn batch_and_multipart_forms() {
-    let (_repository, _data, server) = start(&[]);
+    let (_repository, server) = start(&[]);
     let clean = synthetic::board(&[], (0, 0));
     let defective = synthetic::board(&[DefectKind::Short, DefectKind::Open], (0, 0));
     // Template registered through a multipart form.
@@ -354,7 +332,7 @@ async fn batch_and_multipart_forms() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn reject_threshold_is_per_board() {
-    let (_repository, _data, server) = start(&[]);
+    let (_repository, server) = start(&[]);
     let clean = synthetic::board(&[], (0, 0));
     let defective = synthetic::board(&DefectKind::ALL, (0, 0));
     let (_, strict_info) = put_template(&server, "strict", png(&clean.template), "").await;
@@ -405,7 +383,7 @@ async fn reject_threshold_is_per_board() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_board_stricter_than_the_model_lists_and_rejects_what_it_would_miss() {
     // A model threshold above every confidence the synthetic defects get (0.97-0.99).
-    let (_repository, _data, server) = start_configured(&[("score_threshold", "0.999")], &[]);
+    let (_repository, server) = start_configured(&[("score_threshold", "0.999")], &[]);
     let clean = synthetic::board(&[], (0, 0));
     let defective = synthetic::board(&DefectKind::ALL, (0, 0));
     put_template(&server, "model", png(&clean.template), "").await;
@@ -429,7 +407,7 @@ async fn a_board_stricter_than_the_model_lists_and_rejects_what_it_would_miss() 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_board_with_candidates_beyond_the_cap_is_rejected_and_says_so() {
     // No confidence reaches the model's threshold (as above), so only the cap can reject.
-    let (_repository, _data, server) = start_configured(
+    let (_repository, server) = start_configured(
         &[("score_threshold", "0.999"), ("max_candidates", "2")],
         &[],
     );
@@ -449,7 +427,7 @@ async fn a_board_with_candidates_beyond_the_cap_is_rejected_and_says_so() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn every_error_path_answers_with_the_right_status() {
-    let (_repository, _data, server) = start(&["--max-image-pixels", "500000"]);
+    let (_repository, server) = start(&["--max-image-pixels", "500000"]);
     let clean = synthetic::board(&[], (0, 0));
     put_template(&server, "e", png(&clean.template), "").await;
     let big = linescan::aoi::image_io::GrayImage {
@@ -762,7 +740,7 @@ async fn templates_survive_a_restart() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_aoi_load_generator_inspects_and_removes_its_templates() {
-    let (_repository, _data, server) = start(&[]);
+    let (_repository, server) = start(&[]);
     let url = server.url.clone();
     let output = tokio::task::spawn_blocking(move || {
         common::run_cli(&[

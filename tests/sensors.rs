@@ -10,14 +10,10 @@ use fleet::{ANOMALY_MODEL, RUL_MODEL, model_channels, small_fleet};
 use linescan::jobs::synthetic::Table;
 use serde_json::{Value, json};
 
-fn start() -> (Repository, tempfile::TempDir, Server) {
+fn start() -> (Repository, Server) {
     let repository = Repository::with_models(&[RUL_MODEL, ANOMALY_MODEL]);
-    let data = tempfile::tempdir().unwrap();
-    let server = Server::start(
-        repository.path(),
-        &["--data-dir", data.path().to_str().unwrap()],
-    );
-    (repository, data, server)
+    let server = Server::start(repository.path(), &[]);
+    (repository, server)
 }
 
 /// The window of `unit` ending at row `end` (exclusive) of the table: `rows` rows, the given
@@ -36,15 +32,11 @@ fn window(table: &Table, unit: i64, end_cycle: i64, rows: usize, channels: &[Str
 }
 
 async fn post(server: &Server, path: &str, body: impl Into<reqwest::Body>) -> (u16, Value) {
-    let response = reqwest::Client::new()
+    let request = reqwest::Client::new()
         .post(format!("{}{path}", server.url))
         .header("Content-Type", "application/json")
-        .body(body)
-        .send()
-        .await
-        .expect("POST");
-    let status = response.status().as_u16();
-    (status, response.json().await.unwrap_or(Value::Null))
+        .body(body);
+    common::status_and_json(request).await
 }
 
 async fn score(server: &Server, body: &Value) -> Vec<Value> {
@@ -63,7 +55,7 @@ fn f(value: &Value) -> f64 {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn degrading_units_score_lower_rul_and_health_with_more_anomaly() {
-    let (_repository, _data, server) = start();
+    let (_repository, server) = start();
     let table = small_fleet();
     let channels = model_channels();
     // Unit 14 runs 300 cycles to failure: early (healthy) and late (failing) windows.
@@ -139,7 +131,7 @@ async fn degrading_units_score_lower_rul_and_health_with_more_anomaly() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn channels_match_by_name_and_short_units_are_padded_by_policy() {
-    let (_repository, _data, server) = start();
+    let (_repository, server) = start();
     let table = small_fleet();
     let channels = model_channels();
     let mut reversed = channels.clone();
@@ -190,7 +182,7 @@ async fn without_its_anomaly_model_health_comes_from_rul_alone() {
         window(&table, 11, 60, 30, &model_channels()),
         window(&table, 11, 215, 30, &model_channels()),
     ]);
-    let (_repository, _data, with_anomaly) = start();
+    let (_repository, with_anomaly) = start();
     let paired = score(&with_anomaly, &body).await;
     let repository = Repository::with_models(&[RUL_MODEL]);
     let server = Server::start(repository.path(), &[]);
@@ -210,7 +202,7 @@ async fn without_its_anomaly_model_health_comes_from_rul_alone() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_windows_are_refused_with_what_is_wrong() {
-    let (_repository, _data, server) = start();
+    let (_repository, server) = start();
     let table = small_fleet();
     let channels = model_channels();
     let good = window(&table, 11, 100, 30, &channels);
@@ -388,7 +380,7 @@ async fn bad_windows_are_refused_with_what_is_wrong() {
 async fn job_windows_equal_the_live_windows_of_the_same_rows() {
     // A job stacks its windows from rows held across chunks and batches; the live endpoint
     // builds each one from the values posted. The same rows must score the same.
-    let (_repository, _data, server) = start();
+    let (_repository, server) = start();
     // Batches of 16 windows, so that rows are dropped between chunks while windows still
     // need them.
     let small_batches = Repository::with_models(&[RUL_MODEL, ANOMALY_MODEL]);

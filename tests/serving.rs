@@ -248,31 +248,13 @@ async fn binary_tensors_give_the_same_answer_as_json() {
         .unwrap();
 
     // Same inputs as binary blobs after the JSON header, outputs requested as binary.
-    let mut inputs = Vec::new();
-    let mut blobs = Vec::new();
-    for input in request["inputs"].as_array().unwrap() {
-        let values: Vec<f32> = input["data"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_f64().unwrap() as f32)
-            .collect();
-        inputs.push(
-            json!({"name": input["name"], "datatype": "FP32", "shape": input["shape"],
-            "parameters": {"binary_data_size": values.len() * 4}}),
-        );
-        blobs.extend_from_slice(bytemuck::cast_slice(&values));
-    }
-    let header =
-        serde_json::to_vec(&json!({"inputs": inputs, "parameters": {"binary_data_output": true}}))
-            .unwrap();
-    let response = post_binary(&infer_url(&server), &header, &blobs).await;
+    let (body, header_length) = common::binary_request(&metadata, 2, 7);
+    let mut header: Value = serde_json::from_slice(&body[..header_length]).unwrap();
+    header["parameters"] = json!({"binary_data_output": true});
+    let header = serde_json::to_vec(&header).unwrap();
+    let response = post_binary(&infer_url(&server), &header, &body[header_length..]).await;
     assert_eq!(response.status(), 200);
-    let header_length: usize = response.headers()["Inference-Header-Content-Length"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let header_length = header_number(&response, "Inference-Header-Content-Length") as usize;
     let bytes = response.bytes().await.unwrap();
     let binary_header: Value = serde_json::from_slice(&bytes[..header_length]).unwrap();
     let mut offset = header_length;

@@ -248,7 +248,12 @@ pub fn status_of(base_url: &str, path: &str) -> Option<u16> {
 
 /// GET a URL; its status and JSON body (Null when not JSON).
 pub async fn get_json(url: &str) -> (u16, Value) {
-    let response = reqwest::get(url).await.expect("GET");
+    status_and_json(reqwest::Client::new().get(url)).await
+}
+
+/// Sends the request; the answer's status and JSON body (Null when not JSON).
+pub async fn status_and_json(request: reqwest::RequestBuilder) -> (u16, Value) {
+    let response = request.send().await.expect("send the request");
     let status = response.status().as_u16();
     (status, response.json().await.unwrap_or(Value::Null))
 }

@@ -220,15 +220,11 @@ pub fn is_final(status: &Value) -> bool {
 }
 
 pub async fn submit_bytes(base: &str, body: Vec<u8>, query: &str) -> (u16, Value) {
-    let response = reqwest::Client::new()
+    let request = reqwest::Client::new()
         .post(format!("{base}/v1/jobs{query}"))
         .header("Content-Type", "application/x-hdf5")
-        .body(body)
-        .send()
-        .await
-        .expect("POST job");
-    let status = response.status().as_u16();
-    (status, response.json().await.unwrap_or(Value::Null))
+        .body(body);
+    crate::common::status_and_json(request).await
 }
 
 /// Submits a server-side path job (`{"path": ...}` and any other fields); its id.
