@@ -571,6 +571,13 @@ async fn progress_and_cancellation() {
     let not_ready = get(format!("{}/v1/jobs/{running}/result", server.url)).await;
     assert_eq!(not_ready.status(), 503);
     assert!(not_ready.headers().contains_key("retry-after"));
+    // A query that can never be served is refused at once, not "retry later".
+    let never = get(format!(
+        "{}/v1/jobs/{running}/result?format=json&view=units",
+        server.url
+    ))
+    .await;
+    assert_eq!(never.status(), 422);
     // A purge of a job still running cancels it and says it purged nothing yet.
     let response = delete_job(&server.url, &format!("{running}?purge=true")).await;
     assert_eq!(response["purged"], false, "{response}");

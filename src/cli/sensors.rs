@@ -381,7 +381,12 @@ fn deliver(h5: &Path, out: &Path, format: Format) -> anyhow::Result<()> {
                 h5.display()
             )
         })?;
-        std::fs::remove_file(h5)?;
+        std::fs::remove_file(h5).with_context(|| {
+            format!(
+                "{} is written, but the scored HDF5 beside it cannot be removed",
+                out.display()
+            )
+        })?;
     }
     Ok(())
 }

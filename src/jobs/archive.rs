@@ -414,24 +414,22 @@ impl Archive {
                 }
             )));
         };
-        let channels: Vec<String> = parts[0]
-            .blocks
-            .iter()
-            .flat_map(|b| b.names.iter().cloned())
-            .collect();
+        // Block by block, not only the flattened names: readers pick blocks by their index in
+        // the first partition (a block without columns adds no names but shifts the others).
+        let block_names = |part: &Part| -> Vec<Vec<String>> {
+            part.blocks.iter().map(|b| b.names.clone()).collect()
+        };
+        let first = block_names(&parts[0]);
         for part in &parts[1..] {
-            let other: Vec<String> = part
-                .blocks
-                .iter()
-                .flat_map(|b| b.names.iter().cloned())
-                .collect();
-            if other != channels {
+            if block_names(part) != first {
                 return Err(invalid(format!(
-                    "partitions {} and {} name different channels",
+                    "partitions {} and {} name different channels (or hold them in other \
+                     datasets)",
                     parts[0].label, part.label
                 )));
             }
         }
+        let channels: Vec<String> = first.into_iter().flatten().collect();
         let rows = parts.iter().map(|p| p.rows).sum();
         Ok(Archive {
             layout,
@@ -979,6 +977,46 @@ mod tests {
             .write_raw(&[1i64, 2, 3, 4])
             .unwrap();
         add_features(&file);
+    }
+
+    #[test]
+    fn partitions_must_hold_their_channels_in_the_same_datasets() {
+        use crate::jobs::synthetic::{UnitPlan, fleet, write_ncmapss};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("n.h5");
+        let plan = |unit| UnitPlan {
+            unit,
+            observed: 40,
+            life: 40,
+        };
+        write_ncmapss(&path, &fleet(&[plan(1)], 1), Some(&fleet(&[plan(2)], 2))).unwrap();
+        // The dev partition's W block has no columns (and W_var no names), the test partition
+        // none: the flattened channel names agree, the blocks do not.
+        let file = hdf5::File::append(&path).unwrap();
+        for name in ["W_dev", "W_test", "W_var"] {
+            file.unlink(name).unwrap();
+        }
+        file.new_dataset::<f64>()
+            .shape([40, 0])
+            .create("W_dev")
+            .unwrap();
+        file.new_dataset::<FixedAscii<8>>()
+            .shape(0)
+            .create("W_var")
+            .unwrap();
+        drop(file);
+        let error = Archive::open(&path, Partition::All)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            error.contains("partitions dev and test name different channels"),
+            "{error}"
+        );
+        // Each partition alone reads.
+        for partition in [Partition::Dev, Partition::Test] {
+            assert!(Archive::open(&path, partition).is_ok());
+        }
     }
 
     #[test]

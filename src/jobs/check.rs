@@ -23,13 +23,15 @@ pub struct Checked {
     pub channels: usize,
 }
 
-/// Opens the archive and reads what a job reads: its layout and names, every unit and cycle,
-/// and every value of every channel.
+/// Opens the archive and reads what a job can read: its layout and names, every unit and
+/// cycle, and every dataset holding a channel named once. A dataset whose names all appear
+/// elsewhere too feeds no model (which column would a name mean?), so no job reads it and
+/// neither does this check.
 pub fn read_whole(path: &Path, partition: Partition) -> Result<Checked, ArchiveError> {
     let archive = Archive::open(path, partition)?;
     let units = archive.scan_units(&|| true)?.len();
-    // The names given once: a repeated name cannot be a model's channel (which column?), so
-    // no job reads it alone; its dataset is read with the others it holds.
+    // The names given once: a repeated name cannot be a model's channel, so no job reads it
+    // alone; its dataset is read when it holds another name given once.
     let mut uses = std::collections::HashMap::new();
     for name in archive.channels() {
         *uses.entry(name.as_str()).or_insert(0) += 1;

@@ -81,6 +81,9 @@ pub struct JobManager {
     /// Held by a submission from its `--job-max-pending` check to its entry: concurrent
     /// submissions cannot pass the limit together.
     admission: Mutex<()>,
+    /// Held by a purge from its lookup of the job to its removal: a second purge of the same
+    /// job then finds it gone instead of failing to move its folder.
+    purging: Mutex<()>,
     sender: Sender<String>,
     stop: Arc<AtomicBool>,
     workers: Mutex<Vec<JoinHandle<()>>>,
@@ -127,6 +130,7 @@ impl JobManager {
             reserve: DiskReserve::new(root.to_path_buf(), args.min_free_bytes),
             jobs: Mutex::new(HashMap::new()),
             admission: Mutex::new(()),
+            purging: Mutex::new(()),
             sender,
             stop: Arc::new(AtomicBool::new(false)),
             workers: Mutex::new(Vec::new()),
@@ -387,6 +391,7 @@ impl JobManager {
 
     /// Removes a finished job and its files (an unknown id has nothing to remove).
     pub fn purge(&self, id: &str) -> anyhow::Result<()> {
+        let _purging = self.purging.lock().expect("purging lock");
         let Some(entry) = self.entry(id) else {
             return Ok(());
         };

@@ -302,7 +302,10 @@ pub struct ResultWriter {
 
 /// Where `ResultWriter` writes the result for `path` until it is finished.
 pub fn partial_path(path: &Path) -> std::path::PathBuf {
-    path.with_extension("h5.partial")
+    // The whole name plus `.partial`, so `r.h5` and `r.hdf5` are written apart.
+    let mut name = path.as_os_str().to_owned();
+    name.push(".partial");
+    name.into()
 }
 
 impl ResultWriter {
@@ -444,7 +447,11 @@ impl ResultReader {
 
     pub fn len(&self, view: View) -> anyhow::Result<usize> {
         let group = self.group(view)?;
-        Ok(group.dataset("unit").map_err(h5("unit"))?.shape()[0])
+        let shape = group.dataset("unit").map_err(h5("unit"))?.shape();
+        match shape.as_slice() {
+            [rows] => Ok(*rows),
+            _ => anyhow::bail!("unit must be 1-D (one value a row), it has shape {shape:?}"),
+        }
     }
 
     /// Rows `[start, end)` of a table.
@@ -620,14 +627,14 @@ pub fn write_json(reader: &ResultReader, out: &mut dyn Write) -> anyhow::Result<
     Ok(())
 }
 
-/// Converts a finished HDF5 result to `format` at `out` (written aside, then renamed).
+/// Converts a finished HDF5 result to CSV or JSON at `out` (written aside, then renamed); an
+/// HDF5 result is served and kept as it is, so `Format::H5` is refused.
 pub fn export(result: &Path, format: Format, view: View, out: &Path) -> anyhow::Result<()> {
-    if format == Format::H5 {
-        if result != out {
-            std::fs::copy(result, out)?;
-        }
-        return Ok(());
-    }
+    anyhow::ensure!(
+        format != Format::H5,
+        "{} is HDF5 already: nothing to export",
+        result.display()
+    );
     let reader = ResultReader::open(result)?;
     // A name of its own, so two requests exporting at once do not write the same file; a
     // failed export leaves nothing behind (the result itself is untouched).
@@ -810,5 +817,27 @@ mod tests {
             .unwrap();
         assert!(!partial.exists() && out.exists());
         assert_eq!(ResultReader::open(&out).unwrap().meta, meta());
+        // Another extension is written apart from it.
+        assert_eq!(
+            partial_path(&folder.path().join("result.hdf5")),
+            folder.path().join("result.hdf5.partial")
+        );
+    }
+
+    #[test]
+    fn a_result_whose_unit_is_not_a_column_is_refused_not_a_panic() {
+        let folder = tempfile::tempdir().unwrap();
+        let out = folder.path().join("result.h5");
+        ResultWriter::create(&out, &meta())
+            .unwrap()
+            .finish()
+            .unwrap();
+        let file = hdf5::File::append(&out).unwrap();
+        file.unlink("unit").unwrap();
+        file.new_dataset::<i64>().create("unit").unwrap();
+        drop(file);
+        let reader = ResultReader::open(&out).unwrap();
+        let error = reader.len(View::Rows).unwrap_err().to_string();
+        assert!(error.contains("unit must be 1-D"), "{error}");
     }
 }

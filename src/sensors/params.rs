@@ -77,6 +77,14 @@ impl SensorParams {
         if self.window == 0 || c == 0 {
             return Err("window and channels must not be empty".into());
         }
+        // Results store a window's padded rows as u16.
+        if self.window > usize::from(u16::MAX) {
+            return Err(format!(
+                "window is {} cycles; at most {} are supported",
+                self.window,
+                u16::MAX
+            ));
+        }
         if self.offset.len() != c || self.scale.len() != c {
             return Err(format!(
                 "offset ({}) and scale ({}) need one value per channel ({c})",
@@ -324,6 +332,15 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("zeros"), "{error}");
+        let mut long = good.clone();
+        long.insert("window".into(), toml::Value::Integer(70_000));
+        let error = SensorParams::from_table("m", Some(&long))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("window is 70000 cycles; at most 65535"),
+            "{error}"
+        );
         assert!(SensorParams::from_table("m", None).is_err());
     }
 

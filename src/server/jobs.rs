@@ -639,7 +639,8 @@ async fn job_result(
     path: web::Path<String>,
     query: web::Query<ResultQuery>,
 ) -> Result<HttpResponse, ApiError> {
-    // The query is checked before the job, so a bad one is a 400 whatever the job's state.
+    // The query is checked before the job, so a bad one is refused whatever the job's state
+    // (a 503 would have the client retry a request that can never succeed).
     let format = match query
         .format
         .as_deref()
@@ -655,6 +656,13 @@ async fn job_result(
             )));
         }
     };
+    if query.view == View::Units && format != Format::Csv {
+        return Err(ApiError::Unprocessable(
+            "view=units selects the per-unit table of format=csv; HDF5 and JSON results hold \
+             both tables"
+                .into(),
+        ));
+    }
     let fleet = fleet(&state)?.clone();
     let record = job_record(&fleet, &path)?;
     match record.state {
@@ -683,13 +691,6 @@ async fn job_result(
                 record.id
             )));
         }
-    }
-    if query.view == View::Units && format != Format::Csv {
-        return Err(ApiError::Unprocessable(
-            "view=units selects the per-unit table of format=csv; HDF5 and JSON results hold \
-             both tables"
-                .into(),
-        ));
     }
     let store = fleet.jobs.store();
     let h5 = store.result_path(&record.id);
@@ -763,8 +764,6 @@ fn model_headers(meta: &ResultMeta) -> Vec<(&'static str, String)> {
     headers
 }
 
-/// The 500 of a result that cannot be served: the details, with the server's paths, go to the
-/// log, not to the client.
 /// The answer to a result that could not be read: 404 when its job is gone or going (purged,
 /// or past its retention, while the result was read: its folder goes first, then the job),
 /// else `otherwise`'s.
@@ -777,6 +776,8 @@ fn unless_removed(fleet: &Fleet, id: &str, otherwise: impl FnOnce() -> ApiError)
     otherwise()
 }
 
+/// The 500 of a result that cannot be served: the details, with the server's paths, go to the
+/// log, not to the client.
 fn server_side(job: &str, what: &str, error: &anyhow::Error) -> ApiError {
     tracing::error!(job, error = %format!("{error:#}"), "{what}");
     ApiError::Internal(format!(
