@@ -13,9 +13,9 @@
 //! first row lies in `[i·n/N, (i+1)·n/N)`, so shards are contiguous runs of rows and merge by
 //! concatenation in shard order.
 //!
-//! **Gaps** (NaN, ±Inf, values beyond the float32 range) fail the run, or with [`MissingPolicy::Hold`] take the unit's last
-//! finite value of their channel ([`GapFiller`]); each result row counts the held values its
-//! window read (`held`).
+//! **Gaps** (NaN, ±Inf, values beyond the float32 range) fail the run, or with
+//! [`MissingPolicy::Hold`] take the unit's last finite value of their channel ([`GapFiller`]);
+//! each result row counts the held values its window read (`held`).
 
 use std::collections::VecDeque;
 use std::path::Path;
