@@ -7,12 +7,17 @@ use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
 
-/// The temporary name of `path` while it is written: the whole file name plus `.tmp`, so two
-/// files of one folder never share a temporary.
+/// `path` with `suffix` added to its whole file name (not in place of its extension), so the
+/// names made for two files of one folder never meet.
+pub fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
+/// The temporary name of `path` while it is written.
 fn temporary_path(path: &Path) -> PathBuf {
-    let mut temporary = path.as_os_str().to_owned();
-    temporary.push(".tmp");
-    PathBuf::from(temporary)
+    with_suffix(path, ".tmp")
 }
 
 /// Writes `bytes` to `path` durably: readers see the old file or the new one, never a part.
@@ -50,9 +55,7 @@ pub fn rename_into_place(staged: PartialFile, path: &Path) -> io::Result<()> {
 /// The second name of a file while a replacement of it may still be undone. It ends in
 /// `.tmp`, so a crash leaves it to be removed like any unfinished write.
 fn previous_path(path: &Path) -> PathBuf {
-    let mut previous = path.as_os_str().to_owned();
-    previous.push(".previous.tmp");
-    PathBuf::from(previous)
+    with_suffix(path, ".previous.tmp")
 }
 
 /// Keeps the file at `path` under a second name (a hard link, or a copy where the file system

@@ -183,7 +183,7 @@ pub fn run_job(command: JobCommand) -> anyhow::Result<()> {
             let started = Instant::now();
             // Written beside --out and moved over it when whole: a file already there is
             // replaced only by a finished archive.
-            let partial = PartialFile::new(args.out.with_extension("h5.partial"));
+            let partial = PartialFile::new(crate::durable::with_suffix(&args.out, ".partial"));
             let stopped = || stop.requested().is_some();
             let written = crate::jobs::synthetic::write_large_generic(
                 partial.path(),

@@ -303,9 +303,7 @@ pub struct ResultWriter {
 /// Where `ResultWriter` writes the result for `path` until it is finished.
 pub fn partial_path(path: &Path) -> std::path::PathBuf {
     // The whole name plus `.partial`, so `r.h5` and `r.hdf5` are written apart.
-    let mut name = path.as_os_str().to_owned();
-    name.push(".partial");
-    name.into()
+    durable::with_suffix(path, ".partial")
 }
 
 impl ResultWriter {
