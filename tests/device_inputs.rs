@@ -1,6 +1,6 @@
 //! Inputs in CUDA device memory: the classifier's batcher takes the GPU preprocessing's crops in
-//! place only when its sessions run on that device, and then gives the detections the host
-//! path gives (crops and sensor windows alike). The two GPU tests need an NVIDIA GPU, NVRTC and
+//! place only when its sessions run on that device, and then gives the detections the CPU
+//! path gives (CPU preprocessing and ONNX Runtime on the CPU; crops and sensor windows alike). The two GPU tests need an NVIDIA GPU, NVRTC and
 //! ONNX Runtime's CUDA provider (`onnxruntime-gpu`), and say why they skip where one is missing.
 
 mod common;
@@ -14,6 +14,7 @@ use linescan::aoi::synthetic::{self, DefectKind};
 use linescan::engine::registry::LoadOptions;
 use linescan::engine::{InferError, ModelRegistry};
 use linescan::metrics::Metrics;
+use linescan::preprocess::cpu::CpuPreprocessor;
 use linescan::preprocess::cuda::CudaPreprocessor;
 use linescan::preprocess::{GpuKernels, Preprocess};
 use linescan::runtime::ModelRepository;
@@ -103,7 +104,7 @@ async fn cpu_sessions_refuse_device_inputs_by_name() {
 }
 
 #[tokio::test]
-async fn cuda_crops_reach_the_classifier_in_place_with_the_host_paths_detections() {
+async fn cuda_crops_reach_the_classifier_in_place_with_the_cpu_paths_detections() {
     let Some(cuda) = cuda_or_skip() else {
         return;
     };
@@ -119,7 +120,9 @@ async fn cuda_crops_reach_the_classifier_in_place_with_the_host_paths_detections
     assert_eq!(model.batcher.device(), Some(0));
     let on_device = Inspector::new(&on_gpu, metrics.clone(), u64::MAX, cuda.clone()).unwrap();
     let (_, on_cpu) = defect_model(ProviderKind::Cpu).unwrap();
-    let on_host = Inspector::new(&on_cpu, Arc::new(Metrics::new()), u64::MAX, cuda).unwrap();
+    // The CPU stages, not CUDA's copied back: this compares CUDA with the CPU end to end.
+    let cpu: Arc<dyn Preprocess> = Arc::new(CpuPreprocessor);
+    let on_host = Inspector::new(&on_cpu, Arc::new(Metrics::new()), u64::MAX, cpu).unwrap();
     let same = |gpu: &Inspection, host: &Inspection| {
         // Every board has each kind of defect: an empty list would compare nothing.
         assert!(!host.defects.is_empty(), "{host:?}");
@@ -180,7 +183,7 @@ async fn cuda_crops_reach_the_classifier_in_place_with_the_host_paths_detections
 }
 
 #[test]
-fn cuda_windows_reach_the_sensor_models_in_place_with_the_host_paths_scores() {
+fn cuda_windows_reach_the_sensor_models_in_place_with_the_cpu_paths_scores() {
     if cuda_or_skip().is_none() {
         return;
     }

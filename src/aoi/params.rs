@@ -27,7 +27,7 @@ pub struct PipelineParams {
     pub max_candidates: usize,
     /// Crop window side in full-resolution pixels.
     pub crop_window: usize,
-    /// Block size averaged into one crop pixel.
+    /// Block size averaged into one crop pixel; a power of two, so averages are exact.
     pub crop_scale: usize,
     /// Crop side fed to the classifier (`crop_window / crop_scale`).
     pub crop_size: usize,
@@ -132,6 +132,14 @@ impl PipelineParams {
             return Err(format!(
                 "[preprocessing]: crop_window {} is above {MAX_CROP_WINDOW} pixels",
                 self.crop_window
+            ));
+        }
+        // A block average is then a count over a power of two, which every backend computes
+        // exactly (WGSL's division may be approximate for other divisors).
+        if !self.crop_scale.is_power_of_two() {
+            return Err(format!(
+                "[preprocessing]: crop_scale {} must be a power of two (1, 2, 4, ...)",
+                self.crop_scale
             ));
         }
         if Some(self.crop_window) != self.crop_scale.checked_mul(self.crop_size) {
@@ -253,6 +261,11 @@ mod tests {
             ("nms_iou", toml::Value::Float(-3.0), "outside [0, 1]"),
             ("max_candidates", toml::Value::Integer(0), "at least 1"),
             ("crop_scale", toml::Value::Integer(0), "at least 1"),
+            (
+                "crop_scale",
+                toml::Value::Integer(3),
+                "crop_scale 3 must be a power of two",
+            ),
             (
                 "crop_scale",
                 toml::Value::Integer(288230376151711744),

@@ -82,6 +82,57 @@ enum GatherInto<'a> {
 }
 
 impl<R: KernelRunner> GpuKernels<R> {
+    /// `n` as a kernel's 32-bit count. The kernels index with u32 (what GPUs compute fastest):
+    /// a larger launch would wrap and read the wrong data without an error, so it is refused.
+    fn count(&self, kernel: &'static str, what: &str, n: usize) -> Result<u32, PreprocessError> {
+        u32::try_from(n).map_err(|_| self.too_large(kernel, &format!("{n} {what}")))
+    }
+
+    /// The launch over a `width` x `height` binary image, if its words can be indexed.
+    fn per_word(
+        &self,
+        kernel: &'static str,
+        width: usize,
+        height: usize,
+    ) -> Result<LaunchParams, PreprocessError> {
+        LaunchParams::per_word(width, height)
+            .ok_or_else(|| self.too_large(kernel, &format!("a {width} x {height} image")))
+    }
+
+    fn too_large(&self, kernel: &'static str, what: &str) -> PreprocessError {
+        PreprocessError::Kernel {
+            backend: self.0.backend().as_str(),
+            kernel,
+            message: format!(
+                "{what} is beyond what the GPU kernels' 32-bit indices address ({} at most); \
+                 the cpu backend has no such limit",
+                u32::MAX
+            ),
+        }
+    }
+
+    /// Every buffer's bytes within 32-bit indices (inputs are indexed by byte, word or value).
+    fn check_buffers(&self, kernel: &'static str, args: &[Arg<'_>]) -> Result<(), PreprocessError> {
+        match args.iter().map(Arg::byte_len).max() {
+            Some(bytes) if u32::try_from(bytes).is_err() => {
+                Err(self.too_large(kernel, &format!("a buffer of {bytes} bytes")))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// [`KernelRunner::run`] of buffers the kernels can index.
+    fn run<T>(
+        &self,
+        args: &[Arg<'_>],
+        steps: &[Step],
+        read: &[usize],
+        finish: impl FnOnce(&[&[u8]]) -> T,
+    ) -> Result<T, PreprocessError> {
+        self.check_buffers(steps[0].kernel, args)?;
+        self.0.run(args, steps, read, finish)
+    }
+
     /// One `kernel` that reads two inputs and writes `launch.count` f32 values (the crop batch,
     /// the window batch).
     fn gather(
@@ -102,11 +153,14 @@ impl<R: KernelRunner> GpuKernels<R> {
             bindings: &[0, 1, 2],
         }];
         match into {
-            GatherInto::Host(out) => self.0.run(&args, &steps, &[2], |result| {
+            GatherInto::Host(out) => self.run(&args, &steps, &[2], |result| {
                 out.extend_from_slice(bytemuck::cast_slice(result[0]));
                 None
             }),
-            GatherInto::Device(device) => self.0.run_on_device(&args, &steps, 2, device),
+            GatherInto::Device(device) => {
+                self.check_buffers(kernel, &args)?;
+                self.0.run_on_device(&args, &steps, 2, device)
+            }
         }
     }
 
@@ -122,10 +176,19 @@ impl<R: KernelRunner> GpuKernels<R> {
         if spans.is_empty() || width == 0 || window == 0 {
             return Ok(None);
         }
+        // The CPU backend panics on these caller errors; pooled device buffers would read
+        // another call's data instead.
+        let held = rows.len() / width;
+        assert!(
+            spans
+                .iter()
+                .all(|s| s.first <= s.last && (s.last as usize) < held),
+            "window spans outside the {held} rows"
+        );
         let launch = LaunchParams {
-            count: (spans.len() * window * width) as u32,
-            c: width as u32,
-            d: window as u32,
+            count: self.count("stack_windows", "values", spans.len() * window * width)?,
+            c: self.count("stack_windows", "channels", width)?,
+            d: self.count("stack_windows", "cycles a window", window)?,
             ..LaunchParams::default()
         };
         self.gather(
@@ -151,6 +214,12 @@ impl<R: KernelRunner> GpuKernels<R> {
         if candidates.is_empty() {
             return Ok(None);
         }
+        assert!(
+            channels
+                .iter()
+                .all(|c| c.width() == first.width() && c.height() == first.height()),
+            "crop channels of different sizes"
+        );
         let planes = crop_planes(candidates, params, channels.len());
         let size = params.crop_size;
         let images: Vec<u32> = channels
@@ -158,9 +227,9 @@ impl<R: KernelRunner> GpuKernels<R> {
             .flat_map(|c| c.as_u32_words().iter().copied())
             .collect();
         let launch = LaunchParams {
-            count: (planes.len() * size * size) as u32,
-            c: size as u32,
-            ..LaunchParams::per_word(first.width(), first.height())
+            count: self.count("crops", "crop values", planes.len() * size * size)?,
+            c: self.count("crops", "pixels a crop side", size)?,
+            ..self.per_word("crops", first.width(), first.height())?
         };
         self.gather(
             "crops",
@@ -187,12 +256,12 @@ impl<R: KernelRunner> Preprocess for GpuKernels<R> {
     fn histogram(&self, gray: &[u8]) -> Result<[u32; 256], PreprocessError> {
         let packed = pack_pixels(gray);
         let params = LaunchParams {
-            count: packed.len() as u32,
-            c: gray.len() as u32,
+            count: self.count("histogram", "words", packed.len())?,
+            c: self.count("histogram", "pixels", gray.len())?,
             ..LaunchParams::default()
         };
         let zeros = [0u32; 256];
-        self.0.run(
+        self.run(
             &[
                 Arg::Input(bytemuck::cast_slice(&packed)),
                 Arg::Input(bytemuck::cast_slice(&zeros)),
@@ -218,12 +287,13 @@ impl<R: KernelRunner> Preprocess for GpuKernels<R> {
         height: usize,
         threshold: u8,
     ) -> Result<BitImage, PreprocessError> {
+        assert_eq!(gray.len(), width * height, "gray buffer size");
         let params = LaunchParams {
             c: threshold as u32,
-            ..LaunchParams::per_word(width, height)
+            ..self.per_word("threshold", width, height)?
         };
         let packed = pack_pixels(gray);
-        self.0.run(
+        self.run(
             &[
                 Arg::Input(bytemuck::cast_slice(&packed)),
                 Arg::Output(params.count as usize * 4),
@@ -247,7 +317,12 @@ impl<R: KernelRunner> Preprocess for GpuKernels<R> {
         merge_size: usize,
     ) -> Result<Comparison, PreprocessError> {
         let (width, height) = (test.width(), test.height());
-        let image = LaunchParams::per_word(width, height);
+        assert_eq!(
+            (template.width(), template.height()),
+            (width, height),
+            "template size"
+        );
+        let image = self.per_word("compare", width, height)?;
         let bytes = image.count as usize * 4;
         let with_size = |k: usize| LaunchParams {
             c: k as u32,
@@ -288,7 +363,7 @@ impl<R: KernelRunner> Preprocess for GpuKernels<R> {
         } else {
             opened
         };
-        self.0.run(
+        self.run(
             &[
                 Arg::Input(bytemuck::cast_slice(test.as_u32_words())),
                 Arg::Input(bytemuck::cast_slice(template.as_u32_words())),
@@ -346,13 +421,13 @@ impl<R: KernelRunner> Preprocess for GpuKernels<R> {
         let inputs = ScaleInputs::new(scaler, source, map);
         let rows = source.len() / map.source_width;
         let launch = LaunchParams {
-            count: (rows * inputs.columns.len()) as u32,
-            c: inputs.columns.len() as u32,
-            d: map.source_width as u32,
+            count: self.count("scale_rows", "values", rows * inputs.columns.len())?,
+            c: self.count("scale_rows", "channels", inputs.columns.len())?,
+            d: self.count("scale_rows", "source columns", map.source_width)?,
             ..LaunchParams::default()
         };
         let none = [u32::MAX];
-        self.0.run(
+        self.run(
             &[
                 Arg::Input(bytemuck::cast_slice(&inputs.source)),
                 Arg::Input(bytemuck::cast_slice(&inputs.columns)),

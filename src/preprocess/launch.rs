@@ -29,16 +29,19 @@ pub struct LaunchParams {
 }
 
 impl LaunchParams {
-    /// Parameters of a kernel over a `width` x `height` binary image, one invocation per word.
-    pub fn per_word(width: usize, height: usize) -> LaunchParams {
-        let words = (width.div_ceil(64) * 2) as u32;
-        LaunchParams {
-            width: width as u32,
-            height: height as u32,
+    /// Parameters of a kernel over a `width` x `height` binary image, one invocation per word;
+    /// None where the kernels' 32-bit indices cannot address it (they compare coordinates as
+    /// signed integers, and index every word of the image).
+    pub fn per_word(width: usize, height: usize) -> Option<LaunchParams> {
+        let words = u32::try_from(width.div_ceil(64) * 2).ok()?;
+        let signed = |n: usize| i32::try_from(n).ok().map(|n| n as u32);
+        Some(LaunchParams {
+            width: signed(width)?,
+            height: signed(height)?,
             words,
-            count: words * height as u32,
+            count: words.checked_mul(signed(height)?)?,
             ..LaunchParams::default()
-        }
+        })
     }
 
     /// A 2-D grid of `GROUP_SIZE`-wide groups covering `count` invocations (kernels flatten it).
@@ -127,7 +130,10 @@ mod tests {
         let (x, y) = params.grid();
         assert!(x <= MAX_GROUPS_PER_DIMENSION);
         assert!((x * y) as u64 * GROUP_SIZE as u64 >= params.count as u64);
-        assert_eq!(LaunchParams::per_word(640, 2).words, 20);
-        assert_eq!(LaunchParams::per_word(65, 1).words, 4);
+        assert_eq!(LaunchParams::per_word(640, 2).unwrap().words, 20);
+        assert_eq!(LaunchParams::per_word(65, 1).unwrap().words, 4);
+        // 2^17 words a row x 2^15 rows: 2^32 words, one more than a u32 counts.
+        assert_eq!(LaunchParams::per_word(1 << 22, 1 << 15), None);
+        assert_eq!(LaunchParams::per_word(1 << 31, 1), None);
     }
 }

@@ -31,8 +31,17 @@ fn grey_board(width: usize, height: usize, seed: u64) -> Vec<u8> {
     pixels
 }
 
-/// Odd sizes (not multiples of 32 or 64) catch padding and last-word mistakes.
-const SIZES: [(usize, usize); 3] = [(640, 640), (203, 77), (64, 1)];
+/// Odd sizes (not multiples of 32 or 64) catch padding and last-word mistakes; images
+/// narrower than a word, one pixel and one row catch the edge cases of both.
+const SIZES: [(usize, usize); 7] = [
+    (640, 640),
+    (203, 77),
+    (64, 1),
+    (1, 1),
+    (5, 3),
+    (33, 2),
+    (65, 1),
+];
 
 pub(crate) fn check_backend(gpu: &dyn Preprocess) {
     let cpu = CpuPreprocessor;
@@ -54,7 +63,17 @@ pub(crate) fn check_backend(gpu: &dyn Preprocess) {
         let test = cpu.threshold(&gray, width, height, 120).unwrap();
         let template_gray = grey_board(width, height, 100 + i as u64);
         let template = cpu.threshold(&template_gray, width, height, 120).unwrap();
-        for shift in [(0, 0), (3, -2), (-5, 7), (70, 1), (-1, -66)] {
+        let (w, h) = (width as isize, height as isize);
+        // The last two leave nothing of the template on the image.
+        for shift in [
+            (0, 0),
+            (3, -2),
+            (-5, 7),
+            (70, 1),
+            (-1, -66),
+            (w, 0),
+            (0, -h),
+        ] {
             for (open, merge) in [(1, 1), (2, 5), (3, 2), (4, 1)] {
                 assert_eq!(
                     gpu.compare(&test, &template, shift, open, merge).unwrap(),
@@ -63,8 +82,10 @@ pub(crate) fn check_backend(gpu: &dyn Preprocess) {
                 );
             }
         }
-        check_crops(gpu, &[&test, &template], width, height);
+        check_crops(gpu, &[&test, &template], &PipelineParams::default());
     }
+    check_crop_settings(gpu);
+    check_concurrent_callers(gpu);
     check_boards(gpu);
     check_scaling(gpu);
     check_window_stacking(gpu);
@@ -91,10 +112,9 @@ fn check_boards(gpu: &dyn Preprocess) {
     }
 }
 
-fn check_crops(gpu: &dyn Preprocess, channels: &[&BitImage], width: usize, height: usize) {
-    let params = PipelineParams::default();
-    // Candidates in the middle, at every border and past the corners.
-    let candidates: Vec<Component> = [(0, 0), (width / 2, height / 2), (width - 1, height - 1)]
+/// Candidates in the middle, at every border and past the corners.
+fn edge_candidates(width: usize, height: usize) -> Vec<Component> {
+    [(0, 0), (width / 2, height / 2), (width - 1, height - 1)]
         .iter()
         .flat_map(|&(x, y)| {
             [(0usize, 0usize), (3, 9), (30, 2)].map(|(w, h)| Component {
@@ -105,13 +125,100 @@ fn check_crops(gpu: &dyn Preprocess, channels: &[&BitImage], width: usize, heigh
                 area: 1,
             })
         })
-        .collect();
+        .collect()
+}
+
+fn check_crops(gpu: &dyn Preprocess, channels: &[&BitImage], params: &PipelineParams) {
+    let (width, height) = (channels[0].width(), channels[0].height());
+    check_crops_of(gpu, channels, &edge_candidates(width, height), params);
+}
+
+fn check_crops_of(
+    gpu: &dyn Preprocess,
+    channels: &[&BitImage],
+    candidates: &[Component],
+    params: &PipelineParams,
+) {
     let (mut expected, mut got) = (Vec::new(), Vec::new());
     CpuPreprocessor
-        .crops(channels, &candidates, &params, &mut expected)
+        .crops(channels, candidates, params, &mut expected)
         .unwrap();
-    gpu.crops(channels, &candidates, &params, &mut got).unwrap();
-    assert_eq!(got, expected, "crops {width}x{height}");
+    gpu.crops(channels, candidates, params, &mut got).unwrap();
+    let (width, height) = (channels[0].width(), channels[0].height());
+    assert!(
+        got == expected,
+        "crops of {} candidates on {width}x{height}, window {} scale {}",
+        candidates.len(),
+        params.crop_window,
+        params.crop_scale
+    );
+}
+
+fn binary_board(width: usize, height: usize, seed: u64) -> BitImage {
+    CpuPreprocessor
+        .threshold(&grey_board(width, height, seed), width, height, 120)
+        .unwrap()
+}
+
+/// Crop settings other than the shipped ones: the generic block average (scale 4, no fine
+/// window), and a batch large enough that the launch needs a second row of groups (the grid's
+/// x dimension stops at 65,535 groups of 64).
+fn check_crop_settings(gpu: &dyn Preprocess) {
+    let (test, template) = (binary_board(300, 200, 1), binary_board(300, 200, 2));
+    let coarse = PipelineParams {
+        crop_window: 64,
+        crop_scale: 4,
+        crop_size: 16,
+        fine_window: 0,
+        ..PipelineParams::default()
+    };
+    check_crops(gpu, &[&test, &template], &coarse);
+    let params = PipelineParams::default();
+    let mut rng = fastrand::Rng::with_seed(11);
+    let candidates: Vec<Component> = (0..300)
+        .map(|_| {
+            let (x, y) = (rng.usize(0..290), rng.usize(0..190));
+            Component {
+                x1: x,
+                y1: y,
+                x2: x + rng.usize(1..10),
+                y2: y + rng.usize(1..10),
+                area: 1,
+            }
+        })
+        .collect();
+    let values = candidates.len() * 4 * params.crop_size * params.crop_size;
+    assert!(
+        values > 65_535 * 64,
+        "{values} values fit one row of groups"
+    );
+    check_crops_of(gpu, &[&test, &template], &candidates, &params);
+}
+
+/// Callers on several threads at once, each with its own image size, as the server's
+/// inspection workers are: every result must still be its own.
+fn check_concurrent_callers(gpu: &dyn Preprocess) {
+    std::thread::scope(|scope| {
+        for (k, (width, height)) in [(640, 640), (203, 77), (33, 2), (500, 300)]
+            .into_iter()
+            .enumerate()
+        {
+            scope.spawn(move || {
+                let test = binary_board(width, height, 20 + k as u64);
+                let template = binary_board(width, height, 30 + k as u64);
+                for _ in 0..5 {
+                    check_crops(gpu, &[&test, &template], &PipelineParams::default());
+                    assert_eq!(
+                        gpu.compare(&test, &template, (2, -1), 3, 2).unwrap(),
+                        CpuPreprocessor
+                            .compare(&test, &template, (2, -1), 3, 2)
+                            .unwrap(),
+                        "compare {width}x{height} beside other callers"
+                    );
+                }
+            });
+        }
+    });
 }
 
 fn check_scaling(gpu: &dyn Preprocess) {
