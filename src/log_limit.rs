@@ -1,7 +1,8 @@
-//! Keeps a library's error lines from flooding the log. actix-http logs every malformed
-//! request at ERROR ("stream error: ...") before any of our code sees it, so a client sending
-//! garbage in a loop would write thousands of lines a second. It logs through the `log` crate:
-//! its lines arrive as events of the `log` bridge, whose own target is only "log".
+//! Keeps error lines that clients can cause from flooding the log. actix-http logs every
+//! malformed request at ERROR ("stream error: ...") before any of our code sees it, so a client
+//! sending garbage in a loop would write thousands of lines a second; so would one fetching a
+//! damaged job result in a loop. actix-http logs through the `log` crate: its lines arrive as
+//! events of the `log` bridge, whose own target is only "log".
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,7 +15,7 @@ use tracing_subscriber::layer::{Context, Layer};
 /// Events dropped by every limit since the last `take_left_out`.
 static LEFT_OUT: AtomicU64 = AtomicU64::new(0);
 
-/// How many library lines were left out since the last call (the server logs the count now
+/// How many lines were left out since the last call (the server logs the count now
 /// and then, so a flood shows its size).
 pub fn take_left_out() -> u64 {
     LEFT_OUT.swap(0, Ordering::Relaxed)
@@ -22,15 +23,15 @@ pub fn take_left_out() -> u64 {
 
 /// Lets through at most one ERROR or WARN event a second from targets under `prefix`; the
 /// others are dropped for every layer, and counted. Other events pass untouched.
-pub struct LibraryErrorLimit {
+pub struct ErrorLineLimit {
     prefix: &'static str,
     every: Duration,
     last: Mutex<Option<Instant>>,
 }
 
-impl LibraryErrorLimit {
-    pub fn new(prefix: &'static str) -> LibraryErrorLimit {
-        LibraryErrorLimit {
+impl ErrorLineLimit {
+    pub fn new(prefix: &'static str) -> ErrorLineLimit {
+        ErrorLineLimit {
             prefix,
             every: Duration::from_secs(1),
             last: Mutex::new(None),
@@ -38,7 +39,7 @@ impl LibraryErrorLimit {
     }
 }
 
-impl<S: Subscriber> Layer<S> for LibraryErrorLimit {
+impl<S: Subscriber> Layer<S> for ErrorLineLimit {
     fn event_enabled(&self, event: &Event<'_>, _: Context<'_, S>) -> bool {
         let bridged = event.normalized_metadata();
         let metadata = bridged.as_ref().unwrap_or_else(|| event.metadata());
@@ -78,7 +79,7 @@ mod tests {
     fn a_burst_of_library_errors_logs_one_line_and_other_lines_all_pass() {
         let seen = Arc::new(AtomicUsize::new(0));
         let subscriber = tracing_subscriber::registry()
-            .with(LibraryErrorLimit::new("actix_http"))
+            .with(ErrorLineLimit::new("actix_http"))
             .with(Count(seen.clone()));
         tracing::subscriber::with_default(subscriber, || {
             // As actix-http logs: through the `log` crate and its bridge.

@@ -10,10 +10,18 @@ use linescan::config::{ModelArgs, ServeArgs};
 #[command(
     name = "linescan",
     version,
-    about = "Inspection server for factories: PCB AOI, fleet sensor scoring and ONNX model serving with dynamic batching"
+    about = "Inspection server for factories: PCB AOI, fleet sensor scoring and ONNX model serving with dynamic batching",
+    after_help = "Every flag can also be set by the environment variable its help names. Three \
+        variables have no flag:\n\
+        - LINESCAN_LOG: the log level (info by default; debug, warn, ...) or a filter such as \
+        linescan=debug\n\
+        - LINESCAN_ORT_LIB (or ORT_DYLIB_PATH): the ONNX Runtime library; otherwise taken \
+        from .venv, a lib/ folder beside the executable, or python3's onnxruntime package\n\
+        - LINESCAN_CUDA_DEVICE: the GPU of --preprocess cuda (0 by default)"
 )]
 struct Cli {
-    /// Log format.
+    /// Log format: text for people, json (one object per line) for log collectors. The level
+    /// is LINESCAN_LOG's (`linescan --help`).
     #[arg(
         long,
         env = "LINESCAN_LOG_FORMAT",
@@ -170,7 +178,11 @@ fn init_logging(format: LogFormat) {
     };
     tracing_subscriber::registry()
         .with(filter)
-        .with(linescan::log_limit::LibraryErrorLimit::new("actix_http"))
+        .with(linescan::log_limit::ErrorLineLimit::new("actix_http"))
+        // A damaged result logs its reason at each request for it.
+        .with(linescan::log_limit::ErrorLineLimit::new(
+            "linescan::server::jobs",
+        ))
         .with(lines)
         .init();
 }

@@ -29,6 +29,15 @@ pub enum FailureReason {
 }
 
 impl FailureReason {
+    pub const ALL: [FailureReason; 6] = [
+        FailureReason::QueueFull,
+        FailureReason::Timeout,
+        FailureReason::Cancelled,
+        FailureReason::InvalidInput,
+        FailureReason::Inference,
+        FailureReason::ShuttingDown,
+    ];
+
     pub fn label(self) -> &'static str {
         match self {
             FailureReason::QueueFull => "queue_full",

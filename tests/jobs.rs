@@ -86,6 +86,12 @@ async fn job_lifecycle_with_results_in_every_format() {
         1.0,
         "{metrics}"
     );
+    // No job failed, and the series says so (it exists at 0 from the start).
+    let failed = format!("linescan_jobs_ended_total{{{model},state=\"failed\"}} 0");
+    assert!(
+        metrics.lines().any(|l| l == failed),
+        "no {failed} in {metrics}"
+    );
     assert_eq!(
         common::metric(&metrics, "linescan_job_rows_total", &[&model]),
         table.rows() as f64

@@ -109,6 +109,23 @@ async fn health_metadata_and_json_inference() {
         get_json(&format!("{}/v2/health/ready", server.url)).await.0,
         200
     );
+    // The counters alerts watch exist at 0 before anything has happened: Prometheus takes a
+    // series' first sample as its base, so a first failure would otherwise not be counted.
+    let text = server.metrics_text().await;
+    for (name, reason) in [
+        ("linescan_inference_request_failure_total", "timeout"),
+        ("linescan_inference_request_failure_total", "queue_full"),
+        ("linescan_batch_close_total", "delay"),
+    ] {
+        let reason = format!("reason=\"{reason}\"");
+        assert!(
+            text.lines().any(|l| l.starts_with(name)
+                && l.contains(&format!("model=\"{MODEL}\""))
+                && l.contains(&reason)
+                && l.ends_with(" 0")),
+            "no {name} {reason} at 0 in {text}"
+        );
+    }
     let (status, server_meta) = get_json(&format!("{}/v2", server.url)).await;
     assert_eq!(status, 200);
     assert_eq!(server_meta["name"], "linescan");
@@ -611,6 +628,9 @@ async fn bad_requests_get_the_right_4xx_and_the_server_stays_healthy() {
         json!([{"name": first_output, "parameters": {"classification": 2}}]);
     let mut beyond_fp32 = good.clone();
     beyond_fp32["inputs"][0]["data"][0] = json!(1e39);
+    // A name that is half the body: the answer names it without echoing all of it.
+    let mut long_name = good.clone();
+    long_name["inputs"][0]["name"] = json!("n".repeat(500_000));
     let mut too_many = good.clone();
     too_many["inputs"][0]["data"]
         .as_array_mut()
@@ -748,6 +768,11 @@ async fn bad_requests_get_the_right_4xx_and_the_server_stays_healthy() {
             "is beyond the FP32 range".into(),
         ),
         (
+            client.post(&url).json(&long_name),
+            422,
+            "nnnn [... 498".into(),
+        ),
+        (
             client.post(&url).json(&json!({"inputs": []})),
             422,
             format!("missing input(s): {}", input["name"].as_str().unwrap()),
@@ -816,6 +841,7 @@ async fn bad_requests_get_the_right_4xx_and_the_server_stays_healthy() {
         let got = response.status().as_u16();
         let text = response.text().await.unwrap_or_default();
         assert_eq!(got, status, "expected {status} for {message}: {text:?}");
+        assert!(text.len() < 4096, "a {}-byte answer", text.len());
         let body: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
         let error = body["error"]
             .as_str()
@@ -852,7 +878,7 @@ async fn bad_requests_get_the_right_4xx_and_the_server_stays_healthy() {
         .unwrap();
     assert_eq!(compressed.status(), 200);
     assert_eq!(compressed.json::<Value>().await.unwrap(), plain);
-    // The model counts the 16 requests its infer handler refused (the binary, JSON and tensor
+    // The model counts the 17 requests its infer handler refused (the binary, JSON and tensor
     // cases); those refused before it (query string, size, media type, routes) are not its.
     let text = server.metrics_text().await;
     assert_eq!(
@@ -861,7 +887,7 @@ async fn bad_requests_get_the_right_4xx_and_the_server_stays_healthy() {
             "linescan_inference_request_failure_total",
             &["reason=\"invalid_input\""]
         ),
-        16.0,
+        17.0,
         "{text}"
     );
 }

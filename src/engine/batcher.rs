@@ -55,6 +55,18 @@ enum BatchClose {
 }
 
 impl BatchClose {
+    const ALL: [BatchClose; 9] = [
+        BatchClose::Full,
+        BatchClose::Shape,
+        BatchClose::Priority,
+        BatchClose::Placement,
+        BatchClose::Delay,
+        BatchClose::Gap,
+        BatchClose::Idle,
+        BatchClose::Shutdown,
+        BatchClose::Unbatched,
+    ];
+
     fn label(self) -> &'static str {
         match self {
             BatchClose::Full => "full",
@@ -257,8 +269,8 @@ impl Batcher {
         let idle = Arc::new(AtomicUsize::new(0));
         let stats = Arc::new(ModelStats::default());
         let version = version.to_string();
-        // Every series of the model exists from the start, at 0, so rates and alerts see it
-        // before its first request.
+        // Every series of the model exists from the start, at 0: Prometheus takes a series'
+        // first sample as its base, so increase() would never count a first failure.
         let labels = [config.name.as_str(), version.as_str()];
         for counter in [
             &metrics.request_success,
@@ -266,6 +278,16 @@ impl Batcher {
             &metrics.execution_count,
         ] {
             counter.with_label_values(&labels);
+        }
+        let failures = FailureReason::ALL.map(FailureReason::label);
+        let closes = BatchClose::ALL.map(BatchClose::label);
+        for (counter, reasons) in [
+            (&metrics.request_failure, &failures[..]),
+            (&metrics.batch_close, &closes[..]),
+        ] {
+            for reason in reasons {
+                counter.with_label_values(&[labels[0], labels[1], reason]);
+            }
         }
         record_queue_depth(&metrics, labels, |_| 0);
         let pending = metrics.pending_requests.with_label_values(&labels);

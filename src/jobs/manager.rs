@@ -139,6 +139,15 @@ impl JobManager {
             args,
             metrics,
         });
+        // Zero series for alerts on the first failed job (see Batcher::new).
+        for model in manager.sensors.names() {
+            for state in [JobState::Done, JobState::Failed, JobState::Cancelled] {
+                manager
+                    .metrics
+                    .jobs_ended
+                    .with_label_values(&[&model, state.name()]);
+            }
+        }
         let mut requeued = 0;
         let forced_stop = manager.store.take_forced_stop_mark();
         for mut record in manager.store.load_all() {

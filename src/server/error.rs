@@ -101,6 +101,24 @@ impl From<actix_web::error::BlockingError> for ApiError {
     }
 }
 
+/// Longest error text answered and logged. Messages name what was wrong, and that may be a
+/// client's megabyte-long name or value: its start and end (the allowed values) are kept.
+const MAX_ERROR_BYTES: usize = 2048;
+
+fn bounded(text: String) -> String {
+    if text.len() <= MAX_ERROR_BYTES {
+        return text;
+    }
+    let head = text.floor_char_boundary(MAX_ERROR_BYTES / 2);
+    let tail = text.ceil_char_boundary(text.len() - MAX_ERROR_BYTES / 4);
+    format!(
+        "{} [... {} bytes left out ...] {}",
+        &text[..head],
+        tail - head,
+        &text[tail..]
+    )
+}
+
 impl ResponseError for ApiError {
     fn status_code(&self) -> StatusCode {
         match self {
@@ -144,7 +162,7 @@ impl ResponseError for ApiError {
             }
             _ => {}
         }
-        let text = self.to_string();
+        let text = bounded(self.to_string());
         let mut response = response.json(serde_json::json!({ "error": text }));
         crate::server::access_log::attach_error_text(&mut response, text);
         response
@@ -165,5 +183,20 @@ mod tests {
             ApiError::from(InferError::Timeout).status_code(),
             StatusCode::GATEWAY_TIMEOUT
         );
+    }
+
+    #[test]
+    fn long_messages_keep_their_start_and_end() {
+        let short = "input \"x\" is not an input (inputs: a, b)".to_string();
+        assert_eq!(bounded(short.clone()), short);
+        let name = "é".repeat(500_000);
+        let text = bounded(format!("input \"{name}\" is not an input (inputs: a, b)"));
+        assert!(text.len() <= MAX_ERROR_BYTES + 64, "{}", text.len());
+        assert!(text.starts_with("input \"éé"), "{text}");
+        assert!(
+            text.ends_with("éé\" is not an input (inputs: a, b)"),
+            "{text}"
+        );
+        assert!(text.contains("bytes left out"), "{text}");
     }
 }

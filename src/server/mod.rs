@@ -152,7 +152,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     let loader_stop = stop_watch.clone();
     let handle = server.handle();
-    actix_web::rt::spawn(access_log::report_library_lines_left_out());
+    actix_web::rt::spawn(access_log::report_lines_left_out());
     actix_web::rt::spawn(shutdown::stop_on_signal(
         stop_watch,
         handle.clone(),
@@ -276,6 +276,10 @@ fn load_services(
             &services.data_dir.join("templates"),
             services.max_template_bytes,
         )?;
+        // At 0 from the start, like a model's counters (see Batcher::new).
+        for verdict in ["PASS", "REJECT"] {
+            metrics.aoi_inspections.with_label_values(&[verdict]);
+        }
         state.set_aoi(Arc::new(service));
     }
     if let Some(sensors) =
