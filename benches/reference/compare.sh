@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # linescan vs the FastAPI + onnxruntime reference, same model, same load generator, same
-# concurrency and batch. Prints both reports and the throughput ratio; JSON reports go to
-# bench-results/. Usage: benches/reference/compare.sh [MODEL] [CONCURRENCY] [BATCH] [SECONDS]
+# concurrency and batch, run in the order linescan, FastAPI, FastAPI, linescan (the machine's
+# speed drifts). Prints the four reports and the throughput ratio of the pairs' means; JSON
+# reports go to bench-results/. Usage: benches/reference/compare.sh [MODEL] [CONCURRENCY] [BATCH] [SECONDS]
 # (linescan on port $BENCH_PORT, default 8090, FastAPI on the next port)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -32,14 +33,20 @@ run() {
         --concurrency "$CONCURRENCY" --batch "$BATCH" --duration "$SECONDS_" --warmup 3 \
         --report "bench-results/$2.json"
 }
-echo "== linescan (JSON tensors)"; run "$PORT" linescan
-echo "== FastAPI + onnxruntime (JSON tensors)"; run "$FASTAPI_PORT" fastapi
+echo "== linescan (JSON tensors), 1 of 2"; run "$PORT" linescan_1
+echo "== FastAPI + onnxruntime (JSON tensors), 1 of 2"; run "$FASTAPI_PORT" fastapi_1
+echo "== FastAPI + onnxruntime (JSON tensors), 2 of 2"; run "$FASTAPI_PORT" fastapi_2
+echo "== linescan (JSON tensors), 2 of 2"; run "$PORT" linescan_2
 .venv/bin/python - "$MODEL" <<'PY'
 import json
-a = json.load(open("bench-results/linescan.json"))
-b = json.load(open("bench-results/fastapi.json"))
-print(f"throughput ratio linescan/fastapi: {a['inferences_per_s'] / b['inferences_per_s']:.1f}x "
-      f"({a['inferences_per_s']:.0f} vs {b['inferences_per_s']:.0f} inferences/s); "
-      f"p50 {a['latency']['p50_ms']:.2f} vs {b['latency']['p50_ms']:.2f} ms, "
-      f"p99 {a['latency']['p99_ms']:.2f} vs {b['latency']['p99_ms']:.2f} ms")
+r = lambda n: [json.load(open(f"bench-results/{n}_{i}.json")) for i in (1, 2)]
+a, b = r("linescan"), r("fastapi")
+mean = lambda runs, f: sum(f(x) for x in runs) / len(runs)
+rate = lambda x: x["inferences_per_s"]
+p = lambda q: lambda x: x["latency"][q]
+print(f"throughput ratio linescan/fastapi: {mean(a, rate) / mean(b, rate):.1f}x "
+      f"({' and '.join(f'{rate(x):.0f}' for x in a)} vs "
+      f"{' and '.join(f'{rate(x):.0f}' for x in b)} inferences/s); "
+      f"p50 {mean(a, p('p50_ms')):.2f} vs {mean(b, p('p50_ms')):.2f} ms, "
+      f"p99 {mean(a, p('p99_ms')):.2f} vs {mean(b, p('p99_ms')):.2f} ms (means of the runs)")
 PY

@@ -5,9 +5,10 @@
 //! What counts: every answer that arrives inside the measured window, whenever its request was
 //! sent (so an overloaded server's backlog from the warm-up is not thrown away). At the end of the
 //! window the run stops waiting: a request still unanswered then (in flight, or in open loop due
-//! and not yet sent) is counted as unanswered and enters the latency percentiles with the time it
-//! had waited by then, a lower bound, so a server that stalls cannot leave its slowest requests
-//! out of the figures.
+//! and not yet sent) is counted as unanswered. Its wait by then is a lower bound of its latency:
+//! one longer than every answer enters the latency percentiles, so a server that stalls cannot
+//! leave its slowest requests out of the figures, while the requests a healthy run merely cuts
+//! short (up to --concurrency of them) do not pull the percentiles down.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -134,6 +135,13 @@ struct Tally {
     failures: BTreeMap<String, u64>,
     first_errors: BTreeMap<String, String>,
     latency: Option<Histogram<u64>>,
+    /// Failed answers' latencies (a 504 after its deadline, a 503 after a wait).
+    failed_latency: Option<Histogram<u64>>,
+    /// Waits of the requests unanswered at the end (see the module's comment).
+    cut_short: Option<Histogram<u64>>,
+    /// Open loop: how late each request started after its intended time (this generator's
+    /// own lateness, which its latency includes).
+    send_lag: Option<Histogram<u64>>,
     stages: BTreeMap<&'static str, Histogram<u64>>,
     /// Answers that said the size of the batch they rode in, and the sum of 1 / that size:
     /// requests of equal rows, so their count over this sum is the mean rows per executed batch
@@ -152,13 +160,11 @@ impl Tally {
                     self.first_errors.entry(reason.clone()).or_insert(detail);
                 }
                 *self.failures.entry(reason).or_default() += 1;
+                record_into(&mut self.failed_latency, latency, 1);
             }
             None => {
                 self.ok += 1;
-                report::record(
-                    self.latency.get_or_insert_with(report::new_histogram),
-                    latency,
-                );
+                record_into(&mut self.latency, latency, 1);
                 for (stage, time) in outcome.stages {
                     report::record(
                         self.stages
@@ -183,16 +189,53 @@ impl Tally {
     /// `count` requests given up, each after about `waited`.
     fn give_up_many(&mut self, waited: Duration, count: u64) {
         self.unanswered += count;
-        report::record_many(
-            self.latency.get_or_insert_with(report::new_histogram),
-            waited,
-            count,
-        );
+        record_into(&mut self.cut_short, waited, count);
+    }
+
+    /// The latency histogram of the run: the successful answers, and the unanswered requests
+    /// that had waited longer than any answer (successful or failed); with how many of the
+    /// latter it holds.
+    fn settled_latency(&self) -> (Option<Histogram<u64>>, u64) {
+        let mut latency = self.latency.clone();
+        let Some(cut_short) = &self.cut_short else {
+            return (latency, 0);
+        };
+        let longest_answer = [&self.latency, &self.failed_latency]
+            .into_iter()
+            .flatten()
+            .map(|h| h.max())
+            .max()
+            .unwrap_or(0);
+        let mut included = 0;
+        for value in cut_short.iter_recorded() {
+            let waited = value.value_iterated_to();
+            if waited > longest_answer {
+                let count = value.count_at_value();
+                latency
+                    .get_or_insert_with(report::new_histogram)
+                    .record_n(waited, count)
+                    .expect("a value within the histogram's bounds");
+                included += count;
+            }
+        }
+        (latency, included)
     }
 
     fn mean_batch_rows(&self) -> Option<f64> {
         (self.batch_answers > 0).then(|| self.batch_answers as f64 / self.batch_shares)
     }
+}
+
+fn record_into(histogram: &mut Option<Histogram<u64>>, value: Duration, count: u64) {
+    report::record_many(
+        histogram.get_or_insert_with(report::new_histogram),
+        value,
+        count,
+    );
+}
+
+fn percentiles(histogram: &Option<Histogram<u64>>) -> Option<Percentiles> {
+    histogram.as_ref().map(Percentiles::of)
 }
 
 /// The measured part of a run: answers arriving in `[from, end]` count.
@@ -242,6 +285,7 @@ pub async fn run(
     let elapsed = plan.duration.as_secs_f64();
     let inferences_per_s = (tally.ok * workload.rows() as u64) as f64 / elapsed;
     let failed: u64 = tally.failures.values().sum();
+    let (latency, unanswered_in_latency) = tally.settled_latency();
     let (target, model) = workload.describe();
     Ok(Report {
         mode: if plan.rate.is_some() {
@@ -259,6 +303,8 @@ pub async fn run(
         requests_ok: tally.ok,
         requests_failed: failed,
         requests_unanswered: tally.unanswered,
+        unanswered_in_latency,
+        unanswered_wait: percentiles(&tally.cut_short),
         requests_per_s: tally.ok as f64 / elapsed,
         inferences_per_s,
         row_name: workload.row_name().into(),
@@ -267,7 +313,9 @@ pub async fn run(
             cpu.inference_cores(workload.server().is_some()),
         ),
         cpu,
-        latency: tally.latency.as_ref().map(Percentiles::of),
+        latency: latency.as_ref().map(Percentiles::of),
+        failed_latency: percentiles(&tally.failed_latency),
+        send_lag: percentiles(&tally.send_lag),
         stages: tally
             .stages
             .iter()
@@ -325,6 +373,8 @@ enum Fate {
     Answered(Outcome, Duration),
     /// Unanswered at the end of the window, after waiting this long.
     GivenUp(Duration),
+    /// Open loop: a request started this long after its intended time.
+    Late(Duration),
 }
 
 /// Sends request `sequence`, which started (open loop: was due) at `start`, waiting no later
@@ -368,6 +418,7 @@ fn collector() -> (
             match fate {
                 Fate::Answered(outcome, latency) => tally.add(outcome, latency),
                 Fate::GivenUp(waited) => tally.give_up(waited),
+                Fate::Late(lag) => record_into(&mut tally.send_lag, lag, 1),
             }
         }
         tally
@@ -397,6 +448,7 @@ async fn open_loop(
     let stop = Arc::new(AtomicBool::new(false));
     let _stop_when_dropped = StopWhenDropped(stop.clone());
     let first_unsent = tokio::task::spawn_blocking(move || {
+        set_fine_timer_slack();
         let stopped = || stop.load(Ordering::Relaxed);
         let mut sequence = 0u64;
         loop {
@@ -411,6 +463,9 @@ async fn open_loop(
             let client = client.clone();
             let sender = sender.clone();
             runtime.spawn(async move {
+                if due >= window.from {
+                    let _ = sender.send(Fate::Late(Instant::now().saturating_duration_since(due)));
+                }
                 let fate = send_within(&*workload, &client, sequence, due, window).await;
                 drop(permit);
                 if let Some(fate) = fate {
@@ -450,6 +505,16 @@ struct StopWhenDropped(Arc<AtomicBool>);
 impl Drop for StopWhenDropped {
     fn drop(&mut self) {
         self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Lets this thread's sleeps end within a microsecond or so of their time instead of Linux's
+/// default 50 µs slack, which the latencies (counted from the intended start) would include.
+fn set_fine_timer_slack() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: PR_SET_TIMERSLACK takes one integer and changes only this thread's timers.
+    unsafe {
+        libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong);
     }
 }
 
@@ -571,6 +636,29 @@ mod tests {
         }
         tally.add(answer(1), Duration::from_millis(1));
         assert_eq!(tally.mean_batch_rows(), Some(4.5));
+    }
+
+    #[test]
+    fn only_waits_longer_than_every_answer_enter_the_latency() {
+        let mut tally = Tally::default();
+        let failed = Outcome {
+            failure: Some("504".into()),
+            ..Outcome::default()
+        };
+        tally.add(Outcome::default(), Duration::from_millis(1));
+        tally.add(Outcome::default(), Duration::from_millis(5));
+        tally.add(failed, Duration::from_millis(9));
+        // Cut short by the end of a healthy run, then one request the server sat on.
+        tally.give_up_many(Duration::from_millis(2), 3);
+        tally.give_up(Duration::from_millis(50));
+        let (latency, included) = tally.settled_latency();
+        let latency = Percentiles::of(&latency.unwrap());
+        assert_eq!((latency.count, included, tally.unanswered), (3, 1, 4));
+        assert!((latency.max_ms - 50.0).abs() < 0.1, "{latency:?}");
+        assert!((latency.p50_ms - 5.0).abs() < 0.01, "{latency:?}");
+        let failed = Percentiles::of(tally.failed_latency.as_ref().unwrap());
+        assert_eq!(failed.count, 1);
+        assert!((failed.max_ms - 9.0).abs() < 0.01, "{failed:?}");
     }
 
     #[test]

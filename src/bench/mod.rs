@@ -29,6 +29,18 @@ fn warmup_seconds(text: &str) -> Result<f64, String> {
     at_most(non_negative(text)?, MAX_RUN_SECONDS, "seconds (a week)")
 }
 
+/// Most clients (closed loop) or requests in flight (open loop): each holds a connection, and
+/// a typo's hundred million would exhaust memory before the first request.
+const MAX_CONCURRENCY: usize = 65_536;
+
+fn concurrency(text: &str) -> Result<usize, String> {
+    let clients = at_least_one::<usize>(text)?;
+    if clients > MAX_CONCURRENCY {
+        return Err(format!("must be at most {MAX_CONCURRENCY}"));
+    }
+    Ok(clients)
+}
+
 /// Requests per second: from one every 1,000 s to one per microsecond.
 fn request_rate(text: &str) -> Result<f64, String> {
     let rate = at_most(positive(text)?, 1e6, "requests per second")?;
@@ -157,8 +169,9 @@ pub struct RulArgs {
 
 #[derive(Args)]
 pub struct LoadArgs {
-    /// Concurrent clients (closed loop), or the cap on requests in flight (open loop).
-    #[arg(long, env = "LINESCAN_BENCH_CONCURRENCY", default_value_t = 8, value_parser = at_least_one::<usize>)]
+    /// Concurrent clients (closed loop), or the cap on requests in flight (open loop); 1 to
+    /// 65,536.
+    #[arg(long, env = "LINESCAN_BENCH_CONCURRENCY", default_value_t = 8, value_parser = concurrency)]
     pub concurrency: usize,
     /// Open loop: start this many requests per second whatever the answers (0.001 to 1,000,000).
     #[arg(long, env = "LINESCAN_BENCH_RATE", value_parser = request_rate)]
@@ -355,5 +368,25 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
             }
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn load_flags_are_bounded() {
+        assert_eq!(concurrency("16"), Ok(16));
+        assert_eq!(concurrency("65536"), Ok(65_536));
+        assert!(concurrency("0").unwrap_err().contains("at least 1"));
+        assert!(
+            concurrency("100000000")
+                .unwrap_err()
+                .contains("at most 65536")
+        );
+        assert!(request_rate("0").is_err());
+        assert!(request_rate("2e6").unwrap_err().contains("at most"));
+        assert_eq!(request_rate("0.5"), Ok(0.5));
     }
 }

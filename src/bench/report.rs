@@ -63,9 +63,12 @@ pub struct Report {
     pub requests_ok: u64,
     pub requests_failed: u64,
     /// Requests with no answer when the measured window ended: in flight then, or in open loop
-    /// due and not yet started for want of a free --concurrency slot. Each is in `latency` with
-    /// the time it had waited by the end.
+    /// due and not yet started for want of a free --concurrency slot.
     pub requests_unanswered: u64,
+    /// How many of those are in `latency`: the ones that had waited longer than any answer.
+    pub unanswered_in_latency: u64,
+    /// The unanswered requests' waits at the end of the window (lower bounds of their latency).
+    pub unanswered_wait: Option<Percentiles>,
     /// Failed requests by HTTP status (or "connection").
     pub failures: BTreeMap<String, u64>,
     /// The first error message of each failure kind.
@@ -80,9 +83,15 @@ pub struct Report {
     /// Inferences per CPU second of whatever ran the model (the server, or this process
     /// in-process): what the throughput would be per core with no load generator beside it.
     pub inferences_per_cpu_s: Option<f64>,
-    /// Answered requests from their (open loop: intended) start to the end of the answer, and
-    /// unanswered ones with their wait at the end of the window; None when there were neither.
+    /// Successful requests from their (open loop: intended) start to the end of the answer, and
+    /// the unanswered ones that had waited longer than any answer, with that wait; None when
+    /// there were neither.
     pub latency: Option<Percentiles>,
+    /// Failed answers, the same way (a deadline's 504 shows here, not in `latency`).
+    pub failed_latency: Option<Percentiles>,
+    /// Open loop: each request's start after its intended time. The load generator's own
+    /// lateness, part of every latency above.
+    pub send_lag: Option<Percentiles>,
     /// Per-stage latencies reported by the server (queue, compute), when it reports them.
     pub stages: BTreeMap<String, Percentiles>,
     pub mean_batch_rows: Option<f64>,
@@ -103,12 +112,19 @@ impl Report {
                 .unwrap_or_default()
         );
         println!(
-            "  {:.1} s: {} ok, {} failed {:?}, {} unanswered at the end",
+            "  {:.1} s: {} ok, {} failed {:?}, {} unanswered at the end{}",
             self.duration_s,
             self.requests_ok,
             self.requests_failed,
             self.failures,
-            self.requests_unanswered
+            self.requests_unanswered,
+            match &self.unanswered_wait {
+                Some(wait) => format!(
+                    " (waited up to {:.3} ms; {} longer than every answer, in the latency)",
+                    wait.max_ms, self.unanswered_in_latency
+                ),
+                None => String::new(),
+            }
         );
         for (reason, error) in &self.first_errors {
             println!("  first {reason} failure: {error}");
@@ -143,7 +159,13 @@ impl Report {
         }
         match &self.latency {
             Some(latency) => print_percentiles("latency", latency),
-            None => println!("  latency: no request was answered or pending in the window"),
+            None => println!("  latency: no request succeeded or waited past every answer"),
+        }
+        if let Some(failed) = &self.failed_latency {
+            print_percentiles("failed", failed);
+        }
+        if let Some(lag) = &self.send_lag {
+            print_percentiles("send lag", lag);
         }
         // In the order requests pass through them, not alphabetically.
         let order = ["queue", "compute"]
