@@ -220,6 +220,32 @@ fn bad_settings_stop_serve_before_it_listens() {
         assert!(stderr.contains(fragment), "{args:?}: {stderr}");
         assert!(!stderr.contains("s3cret"), "{stderr}");
     }
+    // Flags are checked together before the repository is read: a missing one hides nothing.
+    let output = run_cli(&[
+        "serve",
+        "--model-repository",
+        "/nonexistent",
+        "--risk-critical",
+        "90",
+        "--risk-warning",
+        "10",
+    ]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("critical threshold (90)"), "{stderr}");
+    // A value outside its range is a usage error (exit 2) that names the flag.
+    for (flag, value, reason) in [
+        ("--health-anomaly-weight", "2", "must be between 0 and 1"),
+        ("--risk-critical", "nan", "must be a number of 0 or more"),
+        ("--risk-warning", "-5", "must be a number of 0 or more"),
+    ] {
+        let output = run_cli(&["serve", flag, value]);
+        assert_eq!(output.status.code(), Some(2), "{flag} {value}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            stderr.contains(flag) && stderr.contains(reason),
+            "{flag} {value}: {stderr}"
+        );
+    }
 }
 
 #[test]

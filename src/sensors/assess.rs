@@ -50,7 +50,8 @@ pub struct AssessSettings {
         long = "risk-critical",
         allow_negative_numbers = true,
         env = "LINESCAN_RISK_CRITICAL",
-        default_value_t = 30.0
+        default_value_t = 30.0,
+        value_parser = crate::config::non_negative
     )]
     pub critical: f64,
     /// RUL at or below this many cycles (and above critical) is a warning.
@@ -58,7 +59,8 @@ pub struct AssessSettings {
         long = "risk-warning",
         allow_negative_numbers = true,
         env = "LINESCAN_RISK_WARNING",
-        default_value_t = 80.0
+        default_value_t = 80.0,
+        value_parser = crate::config::non_negative
     )]
     pub warning: f64,
     /// How much an anomaly past the alarm threshold lowers health (0 ignores anomalies, 1 can
@@ -67,7 +69,8 @@ pub struct AssessSettings {
         long = "health-anomaly-weight",
         allow_negative_numbers = true,
         env = "LINESCAN_HEALTH_ANOMALY_WEIGHT",
-        default_value_t = 0.5
+        default_value_t = 0.5,
+        value_parser = crate::config::unit_interval::<f64>
     )]
     pub health_anomaly_weight: f64,
 }

@@ -57,12 +57,13 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         Ok(None) => {}
         Err(error) => tracing::warn!(%error, "cannot raise the open-file limit"),
     }
-    // Fail before binding on what can be checked at once: configs, files, the runtime library.
+    // Fail before binding on what can be checked at once: the flags' values together, then
+    // configs, files and the runtime library.
+    args.assess.validate().map_err(anyhow::Error::msg)?;
+    args.check_api_key()?;
     let repository = ModelRepository::scan(&args.models.model_repository)?;
     let options = args.models.load_options()?;
     library::environment()?;
-    args.assess.validate().map_err(anyhow::Error::msg)?;
-    args.check_api_key()?;
     std::fs::create_dir_all(&args.data_dir).with_context(|| {
         format!(
             "cannot create the data folder {} (--data-dir)",
