@@ -71,6 +71,9 @@ fn gauge_values(process: &Process, stat: Option<&Stat>) -> [Option<f64>; GAUGES.
 /// resident and virtual memory, file descriptors, start time and threads.
 pub struct ProcessCollector {
     cpu: Counter,
+    /// Held while the counter is brought up to the reading: two scrapes at once would both
+    /// add the same difference.
+    cpu_update: std::sync::Mutex<()>,
     resident: IntGauge,
     gauges: Vec<Gauge>,
     descs: Vec<Desc>,
@@ -101,6 +104,7 @@ impl ProcessCollector {
             .collect();
         ProcessCollector {
             cpu,
+            cpu_update: std::sync::Mutex::new(()),
             resident,
             gauges,
             descs,
@@ -123,7 +127,8 @@ impl Collector for ProcessCollector {
         let process = Process::myself().ok();
         let stat = process.as_ref().and_then(|process| process.stat().ok());
         if let Some(usage) = stat.as_ref().map(usage) {
-            // A counter only goes up; two scrapes at once may both add, hence the floor at 0.
+            // A counter only goes up: a reading older than the other scrape's adds nothing.
+            let _updating = self.cpu_update.lock().unwrap_or_else(|e| e.into_inner());
             self.cpu
                 .inc_by((usage.cpu_seconds - self.cpu.get()).max(0.0));
             self.resident.set(usage.resident_bytes as i64);

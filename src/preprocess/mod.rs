@@ -158,7 +158,9 @@ pub trait Preprocess: Send + Sync {
     }
 
     /// Sensor rows in the source's column layout to scaled model-order rows appended to `out`;
-    /// the inner error names the first non-finite value the model would use.
+    /// the inner error names the first non-finite value the model would use. On any error,
+    /// what was appended to `out` is unspecified (the CPU appends the rows before the bad one,
+    /// a GPU nothing).
     fn scale_rows(
         &self,
         scaler: &Scaler,
