@@ -59,5 +59,7 @@ if binary.get("inferences_per_cpu_s") and inproc.get("inferences_per_cpu_s"):
           f"{binary['cpu']['bench_cores']:.2f}, in-process {inproc['cpu']['bench_cores']:.2f})")
 for share in (50, 90):
     o = r(f"open_{share}")
-    print(f"open loop {share}%: {o['requests_per_s']:.0f} req/s  p50 {o['latency']['p50_ms']:.2f} ms  p99 {o['latency']['p99_ms']:.2f} ms")
+    latency = o["latency"] or {}  # null when no request succeeded
+    print(f"open loop {share}%: {o['requests_per_s']:.0f} req/s  "
+          f"p50 {latency.get('p50_ms', float('nan')):.2f} ms  p99 {latency.get('p99_ms', float('nan')):.2f} ms")
 PY

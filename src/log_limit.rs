@@ -1,8 +1,7 @@
-//! Keeps error lines that clients can cause from flooding the log. actix-http logs every
-//! malformed request at ERROR ("stream error: ...") before any of our code sees it, so a client
-//! sending garbage in a loop would write thousands of lines a second; so would one fetching a
-//! damaged job result in a loop. actix-http logs through the `log` crate: its lines arrive as
-//! events of the `log` bridge, whose own target is only "log".
+//! Keeps a library's error lines from flooding the log. actix-http logs every malformed
+//! request at ERROR ("stream error: ...") before any of our code sees it, so a client sending
+//! garbage in a loop would write thousands of lines a second. It logs through the `log` crate:
+//! its lines arrive as events of the `log` bridge, whose own target is only "log".
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -179,10 +179,6 @@ fn init_logging(format: LogFormat) {
     tracing_subscriber::registry()
         .with(filter)
         .with(linescan::log_limit::ErrorLineLimit::new("actix_http"))
-        // A damaged result logs its reason at each request for it.
-        .with(linescan::log_limit::ErrorLineLimit::new(
-            "linescan::server::jobs",
-        ))
         .with(lines)
         .init();
 }

@@ -43,7 +43,8 @@ r = lambda n: [json.load(open(f"bench-results/{n}_{i}.json")) for i in (1, 2)]
 a, b = r("linescan"), r("fastapi")
 mean = lambda runs, f: sum(f(x) for x in runs) / len(runs)
 rate = lambda x: x["inferences_per_s"]
-p = lambda q: lambda x: x["latency"][q]
+# latency is null when no request succeeded: nan then, not a crash.
+p = lambda q: lambda x: (x["latency"] or {}).get(q, float("nan"))
 print(f"throughput ratio linescan/fastapi: {mean(a, rate) / mean(b, rate):.1f}x "
       f"({' and '.join(f'{rate(x):.0f}' for x in a)} vs "
       f"{' and '.join(f'{rate(x):.0f}' for x in b)} inferences/s); "

@@ -5,10 +5,12 @@
 //! What counts: every answer that arrives inside the measured window, whenever its request was
 //! sent (so an overloaded server's backlog from the warm-up is not thrown away). At the end of the
 //! window the run stops waiting: a request still unanswered then (in flight, or in open loop due
-//! and not yet sent) is counted as unanswered. Its wait by then is a lower bound of its latency:
-//! one longer than every answer enters the latency percentiles, so a server that stalls cannot
-//! leave its slowest requests out of the figures, while the requests a healthy run merely cuts
-//! short (up to --concurrency of them) do not pull the percentiles down.
+//! and not yet sent) is counted as unanswered, and its wait by then, a lower bound of its
+//! latency, can enter the latency percentiles. In open loop every such wait does: a server that
+//! falls behind or stalls cannot leave its backlog out of the figures (a healthy run cuts short
+//! only the few requests sent in its last moments). In closed loop a healthy run always cuts
+//! short --concurrency requests, each partway through, which would pull the percentiles down:
+//! there a wait enters only when it is longer than every answer (a stall).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -139,8 +141,8 @@ struct Tally {
     failed_latency: Option<Histogram<u64>>,
     /// Waits of the requests unanswered at the end (see the module's comment).
     cut_short: Option<Histogram<u64>>,
-    /// Open loop: how late each request started after its intended time (this generator's
-    /// own lateness, which its latency includes).
+    /// Open loop: this generator's own lateness per request started (waking after the intended
+    /// time, and handing the request to the runtime; not the wait for a free slot).
     send_lag: Option<Histogram<u64>>,
     stages: BTreeMap<&'static str, Histogram<u64>>,
     /// Answers that said the size of the batch they rode in, and the sum of 1 / that size:
@@ -192,20 +194,23 @@ impl Tally {
         record_into(&mut self.cut_short, waited, count);
     }
 
-    /// The latency histogram of the run: the successful answers, and the unanswered requests
-    /// that had waited longer than any answer (successful or failed); with how many of the
-    /// latter it holds.
-    fn settled_latency(&self) -> (Option<Histogram<u64>>, u64) {
+    /// The latency histogram of the run: the successful answers and the unanswered requests'
+    /// waits (in closed loop only those longer than any answer, successful or failed; see the
+    /// module's comment); with how many of the latter it holds.
+    fn settled_latency(&self, closed_loop: bool) -> (Option<Histogram<u64>>, u64) {
         let mut latency = self.latency.clone();
         let Some(cut_short) = &self.cut_short else {
             return (latency, 0);
         };
-        let longest_answer = [&self.latency, &self.failed_latency]
-            .into_iter()
-            .flatten()
-            .map(|h| h.max())
-            .max()
-            .unwrap_or(0);
+        let longest_answer = match closed_loop {
+            true => [&self.latency, &self.failed_latency]
+                .into_iter()
+                .flatten()
+                .map(|h| h.max())
+                .max()
+                .unwrap_or(0),
+            false => 0,
+        };
         let mut included = 0;
         for value in cut_short.iter_recorded() {
             let waited = value.value_iterated_to();
@@ -285,7 +290,7 @@ pub async fn run(
     let elapsed = plan.duration.as_secs_f64();
     let inferences_per_s = (tally.ok * workload.rows() as u64) as f64 / elapsed;
     let failed: u64 = tally.failures.values().sum();
-    let (latency, unanswered_in_latency) = tally.settled_latency();
+    let (latency, unanswered_in_latency) = tally.settled_latency(plan.rate.is_none());
     let (target, model) = workload.describe();
     Ok(Report {
         mode: if plan.rate.is_some() {
@@ -373,7 +378,7 @@ enum Fate {
     Answered(Outcome, Duration),
     /// Unanswered at the end of the window, after waiting this long.
     GivenUp(Duration),
-    /// Open loop: a request started this long after its intended time.
+    /// Open loop: this generator's own lateness in starting a request.
     Late(Duration),
 }
 
@@ -451,20 +456,29 @@ async fn open_loop(
         set_fine_timer_slack();
         let stopped = || stop.load(Ordering::Relaxed);
         let mut sequence = 0u64;
+        // When the scheduler was last free to start a request (a slot wait makes the next ones
+        // due before it is).
+        let mut free_since = start;
         loop {
             let due = intended(sequence);
             if due >= window.end || !sleep_until(due, &stopped) {
                 break;
             }
+            let woke = Instant::now();
             let Some(permit) = free_slot(&permits, window.end, &stopped) else {
                 break;
             };
+            // This generator's own lateness: waking after `due` (or after it was free again),
+            // and the hand-over to the runtime; not the wait for a free slot, which the
+            // server's pace decides.
+            let slotted = Instant::now();
+            let woke_late = woke.saturating_duration_since(due.max(free_since));
             let workload = workload.clone();
             let client = client.clone();
             let sender = sender.clone();
             runtime.spawn(async move {
                 if due >= window.from {
-                    let _ = sender.send(Fate::Late(Instant::now().saturating_duration_since(due)));
+                    let _ = sender.send(Fate::Late(woke_late + slotted.elapsed()));
                 }
                 let fate = send_within(&*workload, &client, sequence, due, window).await;
                 drop(permit);
@@ -473,6 +487,7 @@ async fn open_loop(
                 }
             });
             sequence += 1;
+            free_since = Instant::now();
         }
         sequence
     })
@@ -639,7 +654,7 @@ mod tests {
     }
 
     #[test]
-    fn only_waits_longer_than_every_answer_enter_the_latency() {
+    fn closed_loop_latency_takes_only_waits_longer_than_every_answer() {
         let mut tally = Tally::default();
         let failed = Outcome {
             failure: Some("504".into()),
@@ -651,11 +666,14 @@ mod tests {
         // Cut short by the end of a healthy run, then one request the server sat on.
         tally.give_up_many(Duration::from_millis(2), 3);
         tally.give_up(Duration::from_millis(50));
-        let (latency, included) = tally.settled_latency();
+        let (latency, included) = tally.settled_latency(true);
         let latency = Percentiles::of(&latency.unwrap());
         assert_eq!((latency.count, included, tally.unanswered), (3, 1, 4));
         assert!((latency.max_ms - 50.0).abs() < 0.1, "{latency:?}");
         assert!((latency.p50_ms - 5.0).abs() < 0.01, "{latency:?}");
+        // In open loop every wait is backlog: a server falling behind keeps it all.
+        let (latency, included) = tally.settled_latency(false);
+        assert_eq!((latency.unwrap().len(), included), (6, 4));
         let failed = Percentiles::of(tally.failed_latency.as_ref().unwrap());
         assert_eq!(failed.count, 1);
         assert!((failed.max_ms - 9.0).abs() < 0.01, "{failed:?}");

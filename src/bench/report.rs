@@ -89,8 +89,9 @@ pub struct Report {
     pub latency: Option<Percentiles>,
     /// Failed answers, the same way (a deadline's 504 shows here, not in `latency`).
     pub failed_latency: Option<Percentiles>,
-    /// Open loop: each request's start after its intended time. The load generator's own
-    /// lateness, part of every latency above.
+    /// Open loop: the load generator's own lateness for each request it started in the window
+    /// (waking after the intended time, and handing the request to its runtime; not waiting
+    /// for a free --concurrency slot, nor requests never started), part of their latency.
     pub send_lag: Option<Percentiles>,
     /// Per-stage latencies reported by the server (queue, compute), when it reports them.
     pub stages: BTreeMap<String, Percentiles>,
@@ -118,12 +119,14 @@ impl Report {
             self.requests_failed,
             self.failures,
             self.requests_unanswered,
-            match &self.unanswered_wait {
-                Some(wait) => format!(
+            match (&self.unanswered_wait, self.target_rate) {
+                (Some(wait), Some(_)) =>
+                    format!(" (waited up to {:.3} ms; all in the latency)", wait.max_ms),
+                (Some(wait), None) => format!(
                     " (waited up to {:.3} ms; {} longer than every answer, in the latency)",
                     wait.max_ms, self.unanswered_in_latency
                 ),
-                None => String::new(),
+                (None, _) => String::new(),
             }
         );
         for (reason, error) in &self.first_errors {

@@ -519,7 +519,19 @@ impl Batcher {
                 }
             }
         };
-        answered.unwrap_or(Err(InferError::ShuttingDown))
+        // No answer: the workers stopped, or the batch's worker caught a panic (a bug of ours,
+        // logged; not the client's fault, and not a stop).
+        answered.unwrap_or_else(|_| {
+            Err(if self.stop.load(Ordering::Acquire) {
+                InferError::ShuttingDown
+            } else {
+                InferError::Inference(
+                    "the batch holding this request failed inside linescan (the server log has \
+                     the panic)"
+                        .into(),
+                )
+            })
+        })
     }
 
     /// From now on batches run as soon as a session is free, without waiting for company: the
@@ -568,7 +580,17 @@ impl Worker {
     fn run(mut self) {
         while let Some(first) = self.next_request() {
             let (batch, closed_by) = self.form_batch(first);
-            self.execute(batch, closed_by);
+            // A panic fails its batch (the replies are dropped unanswered: see submit_and_wait),
+            // not the model: the worker and its session go on with the next one.
+            let executed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.execute(batch, closed_by)
+            }));
+            if executed.is_err() {
+                tracing::error!(
+                    model = %self.config.name,
+                    "a batch failed with a panic (above); its requests were answered 500"
+                );
+            }
         }
     }
 
@@ -633,8 +655,9 @@ impl Worker {
                 break BatchClose::Full;
             }
             // Waiting for company only pays when every session is busy: with one idle, the
-            // next request runs there at once instead of queueing behind this batch.
-            if self.idle.load(Ordering::Acquire) > 0 {
+            // next request runs there at once instead of queueing behind this batch. Requests
+            // this worker set aside can run nowhere else, so they join first.
+            if self.idle.load(Ordering::Acquire) > 0 && self.pending.is_empty() {
                 break BatchClose::Idle;
             }
             let next = match self.next_pending() {
@@ -681,13 +704,13 @@ impl Worker {
         (batch, closed_by)
     }
 
-    /// The next request arriving before `until`; None at `until`, or once the server begins to
-    /// stop (seen within IDLE_POLL), so requests in flight then do not sit out a long
-    /// `max_queue_delay_us`.
+    /// The next request arriving before `until`; None at `until`. Once the server begins to
+    /// stop (seen within IDLE_POLL), only a request already queued: the backlog still forms
+    /// full batches, but nothing waits for company.
     fn recv_unless_draining(&self, until: Instant) -> Option<QueuedRequest> {
         loop {
             if self.drain.load(Ordering::Acquire) {
-                return None;
+                return self.receiver.try_recv().ok();
             }
             let slice_end = until.min(Instant::now() + IDLE_POLL);
             match self.receiver.recv_deadline(slice_end) {

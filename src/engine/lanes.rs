@@ -118,7 +118,8 @@ impl<T> LaneReceivers<T> {
         }
     }
 
-    fn try_recv(&self) -> Result<T, TryRecvError> {
+    /// The next request waiting now, live before bulk.
+    pub fn try_recv(&self) -> Result<T, TryRecvError> {
         match self.live.try_recv() {
             Ok(item) => Ok(item),
             Err(live) => match (self.bulk.try_recv(), live) {

@@ -177,4 +177,18 @@ pub struct Fleet {
     pub sensors: Arc<SensorService>,
     pub jobs: Arc<JobManager>,
     pub args: JobArgs,
+    /// The result problems already logged, as "job/what": each request for a damaged result
+    /// is refused, but its reason is logged once per job.
+    pub problems_logged: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+impl Fleet {
+    /// Whether `what` about `job` is new to the log (and now recorded as logged).
+    pub fn first_report(&self, job: &str, what: &str) -> bool {
+        let mut logged = self
+            .problems_logged
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        logged.insert(format!("{job}/{what}"))
+    }
 }

@@ -32,9 +32,8 @@ pub async fn report_lines_left_out() {
         if left_out > 0 {
             tracing::warn!(
                 left_out,
-                "error lines left out in the last {} s (at most one a second is logged from \
-                 actix-web, e.g. one per malformed request, and from job result reads, e.g. a \
-                 damaged result fetched in a loop)",
+                "actix-web error lines left out in the last {} s (at most one a second is \
+                 logged, e.g. one per malformed request)",
                 LEFT_OUT_REPORT_INTERVAL.as_secs()
             );
         }

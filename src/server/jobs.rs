@@ -713,7 +713,13 @@ async fn job_result(
         .await?
         .map_err(|e| {
             unless_removed(&fleet, &record.id, || {
-                tracing::error!(job = %record.id, error = %format!("{e:#}"), "damaged result");
+                if fleet.first_report(&record.id, "damaged result") {
+                    tracing::error!(
+                        job = %record.id,
+                        error = %format!("{e:#}"),
+                        "damaged result (logged once; every request for it is refused)"
+                    );
+                }
                 ApiError::Internal(format!(
                     "the result of job {} is damaged: it no longer opens or does not hold the \
                      rows the job wrote; restarting the server runs the job again",
@@ -727,13 +733,13 @@ async fn job_result(
             .await?
             .map_err(|e| {
                 unless_removed(&fleet, &record.id, || {
-                    server_side(&record.id, "cannot export the result", &e)
+                    server_side(&fleet, &record.id, "cannot export the result", &e)
                 })
             })?;
     }
     let opened = std::fs::File::open(&file).map_err(|e| {
         unless_removed(&fleet, &record.id, || {
-            server_side(&record.id, "cannot open the result", &e.into())
+            server_side(&fleet, &record.id, "cannot open the result", &e.into())
         })
     })?;
     let mut response = streamed(
@@ -777,9 +783,11 @@ fn unless_removed(fleet: &Fleet, id: &str, otherwise: impl FnOnce() -> ApiError)
 }
 
 /// The 500 of a result that cannot be served: the details, with the server's paths, go to the
-/// log, not to the client.
-fn server_side(job: &str, what: &str, error: &anyhow::Error) -> ApiError {
-    tracing::error!(job, error = %format!("{error:#}"), "{what}");
+/// log (once per job and problem: a client may ask again and again), not to the client.
+fn server_side(fleet: &Fleet, job: &str, what: &str, error: &anyhow::Error) -> ApiError {
+    if fleet.first_report(job, what) {
+        tracing::error!(job, error = %format!("{error:#}"), "{what}");
+    }
     ApiError::Internal(format!(
         "{what} of job {job}; the server log has the reason"
     ))

@@ -297,6 +297,7 @@ fn load_services(
             sensors,
             jobs,
             args: services.jobs.clone(),
+            problems_logged: Default::default(),
         }));
     }
     state.set_registry(registry);
