@@ -606,6 +606,11 @@ impl Worker {
                         if self.stop.load(Ordering::Acquire) && self.receiver.is_empty() {
                             return None;
                         }
+                        // A caller's depth reading can land after a worker's newer one; an idle
+                        // model would then show a stale queue until the next request.
+                        record_queue_depth(&self.metrics, self.label_refs(), |lane| {
+                            self.receiver.waiting(lane)
+                        });
                         continue;
                     }
                     Err(RecvTimeoutError::Disconnected) => return None,
