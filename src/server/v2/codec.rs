@@ -415,13 +415,20 @@ fn json_to_bytes(
         };
     }
     // Rounded to the nearest value of the type; a finite number that became infinite lay beyond
-    // the type's range.
+    // the type's range. An integer is rounded from its exact value: through f64, one above
+    // 2^53 would be rounded twice.
     macro_rules! narrow_floats {
-        ($convert:expr, $range:literal) => {
+        ($from_float:expr, $from_integer:expr, $range:literal) => {
             for v in elements {
-                let wide = v.as_float().ok_or_else(|| bad(v))?;
-                let x = ($convert)(wide);
-                if x.is_infinite() && wide.is_finite() {
+                let integer = v.as_i64().map(i128::from).or(v.as_u64().map(i128::from));
+                let (x, finite) = match integer {
+                    Some(i) => (($from_integer)(i), true),
+                    None => {
+                        let wide = v.as_float().ok_or_else(|| bad(v))?;
+                        (($from_float)(wide), wide.is_finite())
+                    }
+                };
+                if x.is_infinite() && finite {
                     return Err(ApiError::Unprocessable(format!(
                         "input \"{name}\": {v} is beyond the {dtype} range ({})",
                         $range
@@ -445,9 +452,17 @@ fn json_to_bytes(
         DataType::Int16 => integers!(i16),
         DataType::Int32 => integers!(i32),
         DataType::Int64 => integers!(i64),
-        DataType::Fp16 => narrow_floats!(|x| half::f16::from_f32(round_to_odd(x)), "±65504"),
-        DataType::Bf16 => narrow_floats!(|x| half::bf16::from_f32(round_to_odd(x)), "±3.39e38"),
-        DataType::Fp32 => narrow_floats!(|x| x as f32, "±3.4e38"),
+        DataType::Fp16 => narrow_floats!(
+            |x| half::f16::from_f32(round_to_odd(x)),
+            |i| half::f16::from_f32(integer_to_odd_f32(i)),
+            "±65504"
+        ),
+        DataType::Bf16 => narrow_floats!(
+            |x| half::bf16::from_f32(round_to_odd(x)),
+            |i| half::bf16::from_f32(integer_to_odd_f32(i)),
+            "±3.39e38"
+        ),
+        DataType::Fp32 => narrow_floats!(|x| x as f32, |i| i as f32, "±3.4e38"),
         DataType::Fp64 => {
             for v in elements {
                 out.extend_from_slice(&v.as_float().ok_or_else(|| bad(v))?.to_le_bytes());
@@ -467,6 +482,21 @@ fn round_to_odd(x: f64) -> f32 {
     }
     let mut bits = nearest.to_bits();
     if f64::from(nearest).abs() > x.abs() {
+        bits -= 1; // one step toward zero, in either sign
+    }
+    f32::from_bits(bits | 1)
+}
+
+/// The integer `i` (at most 64 bits) as an FP32 rounded to odd, like [`round_to_odd`].
+fn integer_to_odd_f32(i: i128) -> f32 {
+    let nearest = i as f32;
+    // Exact: every f32 of a 64-bit integer's size is an integer that fits in i128.
+    let back = nearest as i128;
+    if back == i {
+        return nearest;
+    }
+    let mut bits = nearest.to_bits();
+    if back.abs() > i.abs() {
         bits -= 1; // one step toward zero, in either sign
     }
     f32::from_bits(bits | 1)
@@ -661,6 +691,32 @@ mod tests {
         );
         assert_eq!(round_to_odd(0.5), 0.5);
         assert!(round_to_odd(1e39).is_infinite());
+    }
+
+    #[test]
+    fn large_integers_are_rounded_once_from_their_exact_value() {
+        // 2^62 + 2^38 + 1 is just above the tie between two FP32 neighbours; through f64 it
+        // became the tie itself and went down to the even one.
+        let decoded = json(
+            r#"{"inputs":[
+                {"name":"x","shape":[1,2],"datatype":"FP32","data":[4611686293305294849,-4611686293305294849]},
+                {"name":"k","shape":[1,1],"datatype":"INT8","data":[1]}]}"#,
+        )
+        .unwrap();
+        let up = (2f64.powi(62) + 2f64.powi(39)) as f32;
+        assert_eq!(decoded.inputs[0].to_f32_vec().unwrap(), vec![up, -up]);
+        // The same for BF16 (neighbours 2^55 apart there), both signs; exact values stay.
+        let bf16 = |i: i128| half::bf16::from_f32(integer_to_odd_f32(i)).to_f64();
+        let above_tie = (1i128 << 62) + (1 << 54) + 1;
+        assert_eq!(bf16(above_tie), 2f64.powi(62) + 2f64.powi(55));
+        assert_eq!(bf16(-above_tie), -(2f64.powi(62) + 2f64.powi(55)));
+        assert_eq!(bf16((1i128 << 62) + (1 << 54)), 2f64.powi(62));
+        // Inexact: toward zero, with the last bit set (2^64 - 2^40, whose last bit is 1).
+        assert_eq!(
+            integer_to_odd_f32(u64::MAX.into()),
+            f32::from_bits(2f32.powi(64).to_bits() - 1)
+        );
+        assert_eq!(integer_to_odd_f32(-3), -3.0);
     }
 
     #[test]
