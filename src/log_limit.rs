@@ -14,7 +14,7 @@ use tracing_subscriber::layer::{Context, Layer};
 /// Events dropped by every limit since the last `take_left_out`.
 static LEFT_OUT: AtomicU64 = AtomicU64::new(0);
 
-/// How many lines were left out since the last call (the server logs the count now
+/// How many library lines were left out since the last call (the server logs the count now
 /// and then, so a flood shows its size).
 pub fn take_left_out() -> u64 {
     LEFT_OUT.swap(0, Ordering::Relaxed)
@@ -22,15 +22,15 @@ pub fn take_left_out() -> u64 {
 
 /// Lets through at most one ERROR or WARN event a second from targets under `prefix`; the
 /// others are dropped for every layer, and counted. Other events pass untouched.
-pub struct ErrorLineLimit {
+pub struct LibraryErrorLimit {
     prefix: &'static str,
     every: Duration,
     last: Mutex<Option<Instant>>,
 }
 
-impl ErrorLineLimit {
-    pub fn new(prefix: &'static str) -> ErrorLineLimit {
-        ErrorLineLimit {
+impl LibraryErrorLimit {
+    pub fn new(prefix: &'static str) -> LibraryErrorLimit {
+        LibraryErrorLimit {
             prefix,
             every: Duration::from_secs(1),
             last: Mutex::new(None),
@@ -38,7 +38,7 @@ impl ErrorLineLimit {
     }
 }
 
-impl<S: Subscriber> Layer<S> for ErrorLineLimit {
+impl<S: Subscriber> Layer<S> for LibraryErrorLimit {
     fn event_enabled(&self, event: &Event<'_>, _: Context<'_, S>) -> bool {
         let bridged = event.normalized_metadata();
         let metadata = bridged.as_ref().unwrap_or_else(|| event.metadata());
@@ -78,7 +78,7 @@ mod tests {
     fn a_burst_of_library_errors_logs_one_line_and_other_lines_all_pass() {
         let seen = Arc::new(AtomicUsize::new(0));
         let subscriber = tracing_subscriber::registry()
-            .with(ErrorLineLimit::new("actix_http"))
+            .with(LibraryErrorLimit::new("actix_http"))
             .with(Count(seen.clone()));
         tracing::subscriber::with_default(subscriber, || {
             // As actix-http logs: through the `log` crate and its bridge.

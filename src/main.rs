@@ -178,7 +178,7 @@ fn init_logging(format: LogFormat) {
     };
     tracing_subscriber::registry()
         .with(filter)
-        .with(linescan::log_limit::ErrorLineLimit::new("actix_http"))
+        .with(linescan::log_limit::LibraryErrorLimit::new("actix_http"))
         .with(lines)
         .init();
 }

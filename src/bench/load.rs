@@ -202,24 +202,22 @@ impl Tally {
         let Some(cut_short) = &self.cut_short else {
             return (latency, 0);
         };
-        let longest_answer = match closed_loop {
-            true => [&self.latency, &self.failed_latency]
+        let longest_answer = if closed_loop {
+            [&self.latency, &self.failed_latency]
                 .into_iter()
                 .flatten()
                 .map(|h| h.max())
                 .max()
-                .unwrap_or(0),
-            false => 0,
+                .unwrap_or(0)
+        } else {
+            0
         };
         let mut included = 0;
         for value in cut_short.iter_recorded() {
             let waited = value.value_iterated_to();
             if waited > longest_answer {
                 let count = value.count_at_value();
-                latency
-                    .get_or_insert_with(report::new_histogram)
-                    .record_n(waited, count)
-                    .expect("a value within the histogram's bounds");
+                record_into(&mut latency, Duration::from_micros(waited), count);
                 included += count;
             }
         }
@@ -318,7 +316,7 @@ pub async fn run(
             cpu.inference_cores(workload.server().is_some()),
         ),
         cpu,
-        latency: latency.as_ref().map(Percentiles::of),
+        latency: percentiles(&latency),
         failed_latency: percentiles(&tally.failed_latency),
         send_lag: percentiles(&tally.send_lag),
         stages: tally

@@ -65,7 +65,8 @@ pub struct Report {
     /// Requests with no answer when the measured window ended: in flight then, or in open loop
     /// due and not yet started for want of a free --concurrency slot.
     pub requests_unanswered: u64,
-    /// How many of those are in `latency`: the ones that had waited longer than any answer.
+    /// How many of those are in `latency`: all in open loop, in closed loop those that had
+    /// waited longer than any answer.
     pub unanswered_in_latency: u64,
     /// The unanswered requests' waits at the end of the window (lower bounds of their latency).
     pub unanswered_wait: Option<Percentiles>,
@@ -84,8 +85,8 @@ pub struct Report {
     /// in-process): what the throughput would be per core with no load generator beside it.
     pub inferences_per_cpu_s: Option<f64>,
     /// Successful requests from their (open loop: intended) start to the end of the answer, and
-    /// the unanswered ones that had waited longer than any answer, with that wait; None when
-    /// there were neither.
+    /// the unanswered ones counted in `unanswered_in_latency`, with their wait; None when there
+    /// were neither.
     pub latency: Option<Percentiles>,
     /// Failed answers, the same way (a deadline's 504 shows here, not in `latency`).
     pub failed_latency: Option<Percentiles>,

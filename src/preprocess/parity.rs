@@ -61,8 +61,7 @@ pub(crate) fn check_backend(gpu: &dyn Preprocess) {
             );
         }
         let test = cpu.threshold(&gray, width, height, 120).unwrap();
-        let template_gray = grey_board(width, height, 100 + i as u64);
-        let template = cpu.threshold(&template_gray, width, height, 120).unwrap();
+        let template = binary_board(width, height, 100 + i as u64);
         let (w, h) = (width as isize, height as isize);
         // The last two leave nothing of the template on the image.
         for shift in [
@@ -187,7 +186,8 @@ fn check_crop_settings(gpu: &dyn Preprocess) {
             }
         })
         .collect();
-    let values = candidates.len() * 4 * params.crop_size * params.crop_size;
+    let planes = crate::preprocess::crop_planes(&candidates, &params, 2).len();
+    let values = planes * params.crop_size * params.crop_size;
     assert!(
         values > 65_535 * 64,
         "{values} values fit one row of groups"

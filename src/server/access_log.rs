@@ -18,14 +18,14 @@ use actix_web::http::StatusCode;
 
 use crate::metrics::Metrics;
 
-/// How often the count of left-out error lines is logged.
-const LEFT_OUT_REPORT_INTERVAL: Duration = Duration::from_secs(10);
+/// How often the count of actix-web's left-out lines is logged.
+const LIBRARY_REPORT_INTERVAL: Duration = Duration::from_secs(10);
 
-/// Logs, every `LEFT_OUT_REPORT_INTERVAL` in which there were some, how many error lines
-/// `log_limit` left out: a flood of malformed requests shows its size. Runs until the server's
-/// runtime ends.
-pub async fn report_lines_left_out() {
-    let mut every = tokio::time::interval(LEFT_OUT_REPORT_INTERVAL);
+/// Logs, every `LIBRARY_REPORT_INTERVAL` in which there were some, how many of actix-web's own
+/// error lines `log_limit` left out: a flood of malformed requests shows its size. Runs until
+/// the server's runtime ends.
+pub async fn report_library_lines_left_out() {
+    let mut every = tokio::time::interval(LIBRARY_REPORT_INTERVAL);
     loop {
         every.tick().await;
         let left_out = crate::log_limit::take_left_out();
@@ -34,7 +34,7 @@ pub async fn report_lines_left_out() {
                 left_out,
                 "actix-web error lines left out in the last {} s (at most one a second is \
                  logged, e.g. one per malformed request)",
-                LEFT_OUT_REPORT_INTERVAL.as_secs()
+                LIBRARY_REPORT_INTERVAL.as_secs()
             );
         }
     }

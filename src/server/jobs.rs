@@ -713,13 +713,7 @@ async fn job_result(
         .await?
         .map_err(|e| {
             unless_removed(&fleet, &record.id, || {
-                if fleet.first_report(&record.id, "damaged result") {
-                    tracing::error!(
-                        job = %record.id,
-                        error = %format!("{e:#}"),
-                        "damaged result (logged once; every request for it is refused)"
-                    );
-                }
+                log_once(&fleet, &record.id, "damaged result", &e);
                 ApiError::Internal(format!(
                     "the result of job {} is damaged: it no longer opens or does not hold the \
                      rows the job wrote; restarting the server runs the job again",
@@ -782,12 +776,18 @@ fn unless_removed(fleet: &Fleet, id: &str, otherwise: impl FnOnce() -> ApiError)
     otherwise()
 }
 
-/// The 500 of a result that cannot be served: the details, with the server's paths, go to the
-/// log (once per job and problem: a client may ask again and again), not to the client.
-fn server_side(fleet: &Fleet, job: &str, what: &str, error: &anyhow::Error) -> ApiError {
+/// Logs why a job's result cannot be served, once per job and problem: a client may ask for
+/// it again and again, and each request is refused the same way.
+fn log_once(fleet: &Fleet, job: &str, what: &str, error: &anyhow::Error) {
     if fleet.first_report(job, what) {
-        tracing::error!(job, error = %format!("{error:#}"), "{what}");
+        tracing::error!(job, error = %format!("{error:#}"), "{what} (logged once per job)");
     }
+}
+
+/// The 500 of a result that cannot be served: the details, with the server's paths, go to the
+/// log, not to the client.
+fn server_side(fleet: &Fleet, job: &str, what: &str, error: &anyhow::Error) -> ApiError {
+    log_once(fleet, job, what, error);
     ApiError::Internal(format!(
         "{what} of job {job}; the server log has the reason"
     ))

@@ -153,7 +153,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     let loader_stop = stop_watch.clone();
     let handle = server.handle();
-    actix_web::rt::spawn(access_log::report_lines_left_out());
+    actix_web::rt::spawn(access_log::report_library_lines_left_out());
     actix_web::rt::spawn(shutdown::stop_on_signal(
         stop_watch,
         handle.clone(),

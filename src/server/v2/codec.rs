@@ -477,14 +477,11 @@ fn json_to_bytes(
 /// twice to nearest (what `half`'s f64 conversions do) misses near ties.
 fn round_to_odd(x: f64) -> f32 {
     let nearest = x as f32;
-    if !nearest.is_finite() || f64::from(nearest) == x {
+    if !nearest.is_finite() {
         return nearest;
     }
-    let mut bits = nearest.to_bits();
-    if f64::from(nearest).abs() > x.abs() {
-        bits -= 1; // one step toward zero, in either sign
-    }
-    f32::from_bits(bits | 1)
+    let back = f64::from(nearest);
+    odd_from_nearest(nearest, back == x, back.abs() > x.abs())
 }
 
 /// The integer `i` (at most 64 bits) as an FP32 rounded to odd, like [`round_to_odd`].
@@ -492,11 +489,17 @@ fn integer_to_odd_f32(i: i128) -> f32 {
     let nearest = i as f32;
     // Exact: every f32 of a 64-bit integer's size is an integer that fits in i128.
     let back = nearest as i128;
-    if back == i {
+    odd_from_nearest(nearest, back == i, back.abs() > i.abs())
+}
+
+/// Rounding to odd from the nearest FP32 of a value: kept when exact, else one step toward
+/// zero when it rounded away from it, with the last bit set.
+fn odd_from_nearest(nearest: f32, exact: bool, rounded_away: bool) -> f32 {
+    if exact {
         return nearest;
     }
     let mut bits = nearest.to_bits();
-    if back.abs() > i.abs() {
+    if rounded_away {
         bits -= 1; // one step toward zero, in either sign
     }
     f32::from_bits(bits | 1)
