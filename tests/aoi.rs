@@ -133,7 +133,7 @@ async fn template_lifecycle_and_inspection_verdicts() {
     assert_eq!(response.status(), 204);
     let (status, error) = inspect(&server, "board-a", png(&clean.test)).await;
     assert_eq!(status, 404, "{error}");
-    assert!(error["error"].as_str().unwrap().contains("board-a"));
+    assert!(common::error_message(&error).contains("board-a"));
 
     let metrics = server.metrics_text().await;
     assert!(metrics.contains("linescan_stage_duration_seconds_bucket{backend=\"cpu\",pipeline=\"aoi\",stage=\"align\""), "{metrics}");
@@ -263,10 +263,7 @@ async fn batch_and_multipart_forms() {
     assert_eq!(response.status(), 422);
     let error: Value = response.json().await.unwrap();
     assert!(
-        error["error"]
-            .as_str()
-            .unwrap()
-            .contains("multipart field \"board\" is not a file"),
+        common::error_message(&error).contains("multipart field \"board\" is not a file"),
         "{error}"
     );
 
@@ -322,10 +319,7 @@ async fn batch_and_multipart_forms() {
     assert_eq!(response.status(), 413);
     let error: Value = response.json().await.unwrap();
     assert!(
-        error["error"]
-            .as_str()
-            .unwrap()
-            .contains("at most 64 images per request"),
+        common::error_message(&error).contains("at most 64 images per request"),
         "{error}"
     );
 }
@@ -372,10 +366,7 @@ async fn reject_threshold_is_per_board() {
         put_template(&server, "x", png(&clean.template), "?reject_treshold=0.5").await;
     assert_eq!(status, 400, "{error}");
     assert!(
-        error["error"]
-            .as_str()
-            .unwrap()
-            .contains("unknown field `reject_treshold`"),
+        common::error_message(&error).contains("unknown field `reject_treshold`"),
         "{error}"
     );
 }
@@ -462,7 +453,7 @@ async fn every_error_path_answers_with_the_right_status() {
         let (got, error) = inspect(&server, board, body).await;
         assert_eq!(got, status, "{board} {message}: {error}");
         assert!(
-            error["error"].as_str().unwrap().contains(message),
+            common::error_message(&error).contains(message),
             "{error} lacks {message:?}"
         );
     }
@@ -475,10 +466,7 @@ async fn every_error_path_answers_with_the_right_status() {
     let (status, error) = inspect(&server, "e", float_tiff).await;
     assert_eq!(status, 415, "{error}");
     assert!(
-        error["error"]
-            .as_str()
-            .unwrap()
-            .contains("TIFF image in a layout that cannot be read here"),
+        common::error_message(&error).contains("TIFF image in a layout that cannot be read here"),
         "{error}"
     );
     // An empty form is an empty body, as a raw one is.
@@ -498,10 +486,7 @@ async fn every_error_path_answers_with_the_right_status() {
         assert_eq!(response.status().as_u16(), 422, "{path}");
         let error: Value = response.json().await.unwrap();
         assert!(
-            error["error"]
-                .as_str()
-                .unwrap()
-                .contains("the body is empty"),
+            common::error_message(&error).contains("the body is empty"),
             "{error}"
         );
     }

@@ -269,10 +269,7 @@ async fn a_purge_during_a_result_download_removes_the_job_whole() {
             404 => {
                 let error: Value = response.json().await.unwrap();
                 assert!(
-                    error["error"]
-                        .as_str()
-                        .unwrap()
-                        .starts_with(&format!("no job {id}")),
+                    common::error_message(&error).starts_with(&format!("no job {id}")),
                     "{error}"
                 );
             }

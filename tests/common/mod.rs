@@ -251,6 +251,13 @@ pub async fn get_json(url: &str) -> (u16, Value) {
     status_and_json(reqwest::Client::new().get(url)).await
 }
 
+/// The `error` text of a JSON error answer (a test failure naming the body when it has none).
+pub fn error_message(body: &Value) -> &str {
+    body["error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no error field: {body}"))
+}
+
 /// Sends the request; the answer's status and JSON body (Null when not JSON).
 pub async fn status_and_json(request: reqwest::RequestBuilder) -> (u16, Value) {
     let response = request.send().await.expect("send the request");
