@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use linescan::config::{ModelArgs, ServeArgs};
 
@@ -79,7 +79,11 @@ fn main() -> ExitCode {
         // SAFETY: no other thread exists yet.
         unsafe { std::env::set_var("NODEVICE_SELECT", "1") };
     }
-    let cli = Cli::parse();
+    let matches = command_line().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|error| error.exit());
+    if !matches!(cli.command, Command::Serve(_)) {
+        die_quietly_on_closed_stdout();
+    }
     init_logging(cli.log_format);
     let outcome = match cli.command {
         Command::Serve(args) => {
@@ -110,6 +114,31 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The command line as parsed: the derived commands, with negative values let through.
+fn command_line() -> clap::Command {
+    negative_values_reach_the_checks(Cli::command())
+}
+
+/// Lets a negative value reach its flag's own check ("--port -1": "-1 is not in 0..=65535",
+/// "--risk-critical -5": "must be a number of 0 or more") rather than clap's "unexpected
+/// argument '-1' found", on every command.
+fn negative_values_reach_the_checks(command: clap::Command) -> clap::Command {
+    command
+        .mut_args(|arg| {
+            let takes_values = arg.get_action().takes_values();
+            arg.allow_negative_numbers(takes_values)
+        })
+        .mut_subcommands(negative_values_reach_the_checks)
+}
+
+/// Rust ignores SIGPIPE, so a summary printed into a closed pipe (`linescan models check |
+/// head -1`) panicked. The offline commands write their files before their summaries and take
+/// the usual Unix exit instead; the server keeps ignoring it, as its clients' sockets need.
+fn die_quietly_on_closed_stdout() {
+    // SAFETY: no other thread exists yet, and SIG_DFL is a valid disposition.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
 }
 
 /// Log levels when `LINESCAN_LOG` is unset.
@@ -208,8 +237,7 @@ mod tests {
 
     #[test]
     fn every_flag_is_also_an_environment_variable() {
-        use clap::CommandFactory;
-        let command = Cli::command();
+        let command = command_line();
         command.clone().debug_assert();
         let mut all = Vec::new();
         flags(&command, "linescan", &mut all);
@@ -231,6 +259,27 @@ mod tests {
             assert!(Cli::try_parse_from(args).is_ok(), "{quiet}");
         }
         assert!(Cli::try_parse_from(["linescan", "job", "run", "a.h5", "--quiet=maybe"]).is_err());
+    }
+
+    #[test]
+    fn negative_values_are_judged_by_the_flag_that_takes_them() {
+        let refusal = |args: &[&str]| {
+            let error = command_line()
+                .try_get_matches_from(args)
+                .expect_err("refused");
+            (error.kind(), error.to_string())
+        };
+        let (kind, text) = refusal(&["linescan", "serve", "--port", "-1"]);
+        assert_eq!(kind, clap::error::ErrorKind::ValueValidation, "{text}");
+        assert!(text.contains("--port"), "{text}");
+        let (kind, text) = refusal(&["linescan", "serve", "--risk-critical", "-5"]);
+        assert_eq!(kind, clap::error::ErrorKind::ValueValidation, "{text}");
+        assert!(text.contains("0 or more"), "{text}");
+        let (kind, text) = refusal(&["linescan", "bench", "infer", "--concurrency", "-4"]);
+        assert_eq!(kind, clap::error::ErrorKind::ValueValidation, "{text}");
+        // A flag-like word that is no number is still an unknown argument.
+        let (kind, text) = refusal(&["linescan", "serve", "--port", "--nope"]);
+        assert_ne!(kind, clap::error::ErrorKind::ValueValidation, "{text}");
     }
 
     #[test]

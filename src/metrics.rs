@@ -153,12 +153,12 @@ impl Metrics {
             ),
             inference_count: counter(
                 "linescan_inference_count_total",
-                "Inferences performed (batch rows)",
+                "Inferences performed: the batch rows of successful executions",
                 model,
             ),
             execution_count: counter(
                 "linescan_inference_exec_count_total",
-                "Model executions (formed batches)",
+                "Successful model executions (formed batches)",
                 model,
             ),
             queue_depth: gauge(

@@ -942,6 +942,66 @@ async fn sigterm_and_ctrl_c_finish_in_flight_requests_then_exit() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stopping_server_still_batches_the_requests_queued_behind_a_running_batch() {
+    // The first request's batch multiplies matrices for about a second (its value sets the
+    // work); six cheap requests queue behind it, then the server is told to stop.
+    const SLOW: f32 = 12_000.0;
+    let repository = Repository::with_models(&[]);
+    let folder = repository.path().join("slow");
+    std::fs::create_dir_all(folder.join("1")).unwrap();
+    std::fs::write(folder.join("1/model.onnx"), onnx::slow_model()).unwrap();
+    std::fs::write(
+        folder.join("config.toml"),
+        "name = \"slow\"\nmax_batch_size = 8\n\
+         [[input]]\nname = \"x\"\ndatatype = \"FP32\"\nshape = [1]\n\
+         [[output]]\nname = \"y\"\ndatatype = \"FP32\"\nshape = [1]\n",
+    )
+    .unwrap();
+    let mut server = Server::start(repository.path(), &["--instances", "1", "--threads", "1"]);
+    let url = format!("{}/v2/models/slow/infer", server.url);
+    let send = |value: f32| {
+        let body = json!({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 1], "data": [value]}]});
+        let url = url.clone();
+        tokio::spawn(async move {
+            let response = post_json(&url, &body).await;
+            let answered = std::time::Instant::now();
+            let status = response.status().as_u16();
+            (
+                status,
+                header_number(&response, "X-Linescan-Batch-Rows"),
+                answered,
+            )
+        })
+    };
+    let model = ["model=\"slow\""];
+    let running = send(SLOW);
+    server
+        .wait_metrics(|text| metric(text, "linescan_batch_close_total", &model) == 1.0)
+        .await;
+    let queued: Vec<_> = (0..6).map(|_| send(1.0)).collect();
+    server
+        .wait_metrics(|text| metric(text, "linescan_inference_pending_requests", &model) == 6.0)
+        .await;
+    server.terminate();
+    let stopped = std::time::Instant::now();
+    let (status, rows, answered) = running.await.unwrap();
+    assert_eq!((status, rows), (200, 1));
+    assert!(
+        answered > stopped,
+        "the slow batch ended before the stop: the test did not reach a drain"
+    );
+    for request in queued {
+        let (status, rows, _) = request.await.unwrap();
+        assert_eq!(
+            (status, rows),
+            (200, 6),
+            "queued requests drained one by one"
+        );
+    }
+    assert!(server.wait_exit(Duration::from_secs(30)).success());
+}
+
 #[test]
 fn a_stalled_request_body_is_refused_after_the_body_timeout() {
     use std::io::{Read, Write};
@@ -1359,6 +1419,20 @@ async fn a_batch_onnx_runtime_fails_answers_500_and_the_model_goes_on() {
         &["model=\"add\"", "reason=\"inference\""],
     );
     assert_eq!(failures, 1.0, "{text}");
+    // The counters agree with the statistics: one successful execution of one row; both
+    // batches that ran have a close reason.
+    for name in [
+        "linescan_inference_exec_count_total",
+        "linescan_inference_count_total",
+    ] {
+        assert_eq!(
+            metric(&text, name, &["model=\"add\""]),
+            1.0,
+            "{name}: {text}"
+        );
+    }
+    let closed = metric(&text, "linescan_batch_close_total", &["model=\"add\""]);
+    assert_eq!(closed, 2.0, "{text}");
 }
 
 /// `half`: FP16 input `x` and BF16 input `b` (`[batch, 3]`).

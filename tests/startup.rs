@@ -3,6 +3,8 @@
 
 mod common;
 
+use std::process::Stdio;
+
 use common::{Repository, run_cli};
 
 const MODEL: &str = "aoi_defect";
@@ -117,6 +119,25 @@ fn models_list_and_check_describe_the_bundled_repository() {
         String::from_utf8_lossy(&check.stderr)
     );
     assert!(String::from_utf8_lossy(&check.stdout).contains(&format!("ok  {MODEL}")));
+}
+
+#[test]
+fn a_summary_printed_into_a_closed_pipe_ends_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    // `linescan models list | head -0`: the reader is gone before the first line is written.
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    let output = common::command(common::BIN)
+        .args(["models", "list"])
+        .current_dir(common::repo_root())
+        .stdin(Stdio::null())
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .output()
+        .expect("run linescan");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(output.status.signal(), Some(libc::SIGPIPE), "{stderr}");
 }
 
 #[test]

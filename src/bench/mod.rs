@@ -273,10 +273,7 @@ impl LoadArgs {
                 .into()),
             }
         })?;
-        report.print();
-        if let Some(path) = &self.report {
-            report.write_json(path)?;
-        }
+        report.deliver(self.report.as_deref())?;
         if report.requests_ok == 0 && report.requests_failed > 0 {
             let errors: Vec<String> = report
                 .first_errors
@@ -362,10 +359,7 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
                 duration: Duration::from_secs_f64(args.duration),
                 warmup: Duration::from_secs_f64(args.warmup),
             })?;
-            report.print();
-            if let Some(path) = &args.report {
-                report.write_json(path)?;
-            }
+            report.deliver(args.report.as_deref())?;
             Ok(())
         }
     }

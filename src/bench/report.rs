@@ -101,7 +101,7 @@ pub struct Report {
 }
 
 impl Report {
-    pub fn print(&self) {
+    fn print(&self) {
         println!(
             "{} {} model={} batch={} concurrency={}{}",
             self.mode,
@@ -187,10 +187,17 @@ impl Report {
         println!("  machine: {}", self.machine);
     }
 
-    pub fn write_json(&self, path: &std::path::Path) -> anyhow::Result<()> {
-        crate::durable::write(path, &serde_json::to_vec_pretty(self)?)
-            .map_err(|e| anyhow::anyhow!("cannot write the report {}: {e}", path.display()))?;
-        println!("  report written to {}", path.display());
+    /// Writes the JSON report (when asked for) before printing the summary, so that a
+    /// reader that stops early (`| head`) cannot cost the file.
+    pub fn deliver(&self, json: Option<&std::path::Path>) -> anyhow::Result<()> {
+        if let Some(path) = json {
+            crate::durable::write(path, &serde_json::to_vec_pretty(self)?)
+                .map_err(|e| anyhow::anyhow!("cannot write the report {}: {e}", path.display()))?;
+        }
+        self.print();
+        if let Some(path) = json {
+            println!("  report written to {}", path.display());
+        }
         Ok(())
     }
 }

@@ -810,16 +810,17 @@ impl Worker {
             .batch_size
             .with_label_values(&labels)
             .observe(rows as f64);
-        self.metrics
-            .execution_count
-            .with_label_values(&labels)
-            .inc();
-        self.metrics
-            .inference_count
-            .with_label_values(&labels)
-            .inc_by(rows as u64);
         match result {
             Ok((outputs, inputs_ready)) => {
+                // Successful executions only, as in Triton and in /stats.
+                self.metrics
+                    .execution_count
+                    .with_label_values(&labels)
+                    .inc();
+                self.metrics
+                    .inference_count
+                    .with_label_values(&labels)
+                    .inc_by(rows as u64);
                 let ran = started + compute_time;
                 // Per request answered with outputs: arrival to answer; and their queue waits.
                 let mut succeeded = Vec::with_capacity(batch.len());

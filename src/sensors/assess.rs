@@ -48,7 +48,6 @@ pub struct AssessSettings {
     /// RUL at or below this many cycles is critical.
     #[arg(
         long = "risk-critical",
-        allow_negative_numbers = true,
         env = "LINESCAN_RISK_CRITICAL",
         default_value_t = 30.0,
         value_parser = crate::config::non_negative
@@ -57,7 +56,6 @@ pub struct AssessSettings {
     /// RUL at or below this many cycles (and above critical) is a warning.
     #[arg(
         long = "risk-warning",
-        allow_negative_numbers = true,
         env = "LINESCAN_RISK_WARNING",
         default_value_t = 80.0,
         value_parser = crate::config::non_negative
@@ -67,7 +65,6 @@ pub struct AssessSettings {
     /// take health to 0).
     #[arg(
         long = "health-anomaly-weight",
-        allow_negative_numbers = true,
         env = "LINESCAN_HEALTH_ANOMALY_WEIGHT",
         default_value_t = 0.5,
         value_parser = crate::config::unit_interval::<f64>

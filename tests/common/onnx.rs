@@ -60,11 +60,7 @@ fn node(input: &str, output: &str, cast_to: Option<i64>) -> Vec<u8> {
     };
     let mut node = op_node(op, &[input], output);
     if let Some(to) = cast_to {
-        let mut attribute = Vec::new();
-        bytes_field(1, b"to", &mut attribute); // AttributeProto.name
-        int_field(3, to, &mut attribute); // .i
-        int_field(20, 2, &mut attribute); // .type = INT
-        bytes_field(5, &attribute, &mut node); // NodeProto.attribute
+        bytes_field(5, &int_attribute("to", to), &mut node); // NodeProto.attribute
     }
     node
 }
@@ -113,6 +109,95 @@ pub fn echo_and_cast_model(inputs: &[(&str, i64)], width: i64) -> Vec<u8> {
         let fp32 = value_info(&format!("{name}_fp32"), FLOAT, width);
         bytes_field(12, &fp32, &mut graph);
     }
+    model(&graph)
+}
+
+/// `AttributeProto` of an integer.
+fn int_attribute(name: &str, value: i64) -> Vec<u8> {
+    let mut attribute = Vec::new();
+    bytes_field(1, name.as_bytes(), &mut attribute); // AttributeProto.name
+    int_field(3, value, &mut attribute); // .i
+    int_field(20, 2, &mut attribute); // .type = INT
+    attribute
+}
+
+/// `TensorProto` named `name` of the given dims and type, its values as little-endian bytes.
+fn tensor(name: &str, dims: &[i64], elem_type: i64, raw: &[u8]) -> Vec<u8> {
+    let mut tensor = Vec::new();
+    for dim in dims {
+        int_field(1, *dim, &mut tensor); // TensorProto.dims
+    }
+    int_field(2, elem_type, &mut tensor); // .data_type
+    bytes_field(8, name.as_bytes(), &mut tensor); // .name
+    bytes_field(9, raw, &mut tensor); // .raw_data
+    tensor
+}
+
+const INT64: i64 = 7;
+/// Width of the slow model's matrices.
+const SLOW_WIDTH: usize = 1024;
+/// Matrix products the slow model chains.
+const SLOW_PRODUCTS: usize = 4;
+
+/// A model `y = x + 0 * work(max(x))` of FP32 `x` `[batch, 1]`, where `work(k)` multiplies a
+/// `k` x 1024 matrix by a 1024 x 1024 one four times: a request's largest value sets how long
+/// its batch runs (about 4 M multiply-adds per unit), and the zeros of the warm-up cost nothing.
+pub fn slow_model() -> Vec<u8> {
+    let mut graph = Vec::new();
+    let mut add_node = |op: &str, inputs: &[&str], output: &str, attributes: &[Vec<u8>]| {
+        let mut node = op_node(op, inputs, output);
+        for attribute in attributes {
+            bytes_field(5, attribute, &mut node); // NodeProto.attribute
+        }
+        bytes_field(1, &node, &mut graph); // GraphProto.node
+    };
+    add_node("ReduceMax", &["x"], "peak", &[int_attribute("keepdims", 0)]);
+    add_node(
+        "Cast",
+        &["peak"],
+        "rows_scalar",
+        &[int_attribute("to", INT64)],
+    );
+    add_node("Unsqueeze", &["rows_scalar", "axis_0"], "rows", &[]);
+    add_node(
+        "Concat",
+        &["rows", "width"],
+        "shape",
+        &[int_attribute("axis", 0)],
+    );
+    let one = tensor("", &[1], FLOAT, &1.0f32.to_le_bytes());
+    let mut value = Vec::new();
+    bytes_field(1, b"value", &mut value); // AttributeProto.name
+    bytes_field(5, &one, &mut value); // .t
+    int_field(20, 4, &mut value); // .type = TENSOR
+    add_node("ConstantOfShape", &["shape"], "product_0", &[value]);
+    for i in 1..=SLOW_PRODUCTS {
+        let (from, to) = (format!("product_{}", i - 1), format!("product_{i}"));
+        add_node("MatMul", &[&from, "weights"], &to, &[]);
+    }
+    let last = format!("product_{SLOW_PRODUCTS}");
+    add_node(
+        "ReduceSum",
+        &[&last],
+        "total",
+        &[int_attribute("keepdims", 0)],
+    );
+    add_node("Mul", &["total", "zero"], "nothing", &[]);
+    add_node("Add", &["x", "nothing"], "y", &[]);
+    bytes_field(2, b"slow", &mut graph); // GraphProto.name
+    let weight = (1.0f32 / SLOW_WIDTH as f32).to_le_bytes();
+    let weights: Vec<u8> = weight.repeat(SLOW_WIDTH * SLOW_WIDTH);
+    let width = SLOW_WIDTH as i64;
+    for initializer in [
+        tensor("weights", &[width, width], FLOAT, &weights),
+        tensor("axis_0", &[1], INT64, &0i64.to_le_bytes()),
+        tensor("width", &[1], INT64, &width.to_le_bytes()),
+        tensor("zero", &[], FLOAT, &0.0f32.to_le_bytes()),
+    ] {
+        bytes_field(5, &initializer, &mut graph); // GraphProto.initializer
+    }
+    bytes_field(11, &value_info("x", FLOAT, 1), &mut graph); // .input
+    bytes_field(12, &value_info("y", FLOAT, 1), &mut graph); // .output
     model(&graph)
 }
 
