@@ -44,6 +44,12 @@ pub struct ServeArgs {
     #[arg(long, env = "LINESCAN_MAX_BODY_BYTES", default_value_t = 64 * 1024 * 1024, value_parser = at_least_one::<usize>)]
     pub max_body_bytes: usize,
 
+    /// Memory that all request bodies being read may hold together, in bytes (bodies are
+    /// buffered before they are handled; one that would pass it gets 503 with Retry-After; job
+    /// uploads go to disk and do not count). At least --max-body-bytes.
+    #[arg(long, env = "LINESCAN_MAX_BODY_MEMORY", default_value_t = 1024 * 1024 * 1024, value_parser = at_least_one::<usize>)]
+    pub max_body_memory: usize,
+
     /// Seconds a request body may go without a byte before the request is refused with 408 (a
     /// stalled client would hold its connection, its bytes and every graceful stop).
     #[arg(long, env = "LINESCAN_BODY_TIMEOUT", default_value_t = 30, value_parser = at_least_one::<u64>)]
@@ -94,7 +100,58 @@ pub struct ModelArgs {
     pub threads: Option<usize>,
 }
 
+/// Fewest characters of an API key that is not warned about (failed attempts are not
+/// rate-limited, so a short key can be guessed).
+const MIN_QUIET_KEY_CHARS: usize = 16;
+
 impl ServeArgs {
+    /// Settings that work but expose the server more than their user may mean, in words for
+    /// the log at start.
+    pub fn exposure_warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        let loopback = self.host == "localhost"
+            || self
+                .host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback());
+        match &self.api_key {
+            None if !loopback => warnings.push(format!(
+                "--host {} listens beyond this machine and no --api-key is set: whoever reaches \
+                 port {} can run the models, register templates and submit jobs",
+                self.host, self.port
+            )),
+            Some(key) if key.chars().count() < MIN_QUIET_KEY_CHARS => warnings.push(format!(
+                "the API key has {} characters: use at least {MIN_QUIET_KEY_CHARS} random ones \
+                 (failed attempts are not rate-limited)",
+                key.chars().count()
+            )),
+            _ => {}
+        }
+        if let Some(folder) = &self.jobs.allow_path
+            && folder.parent().is_none()
+        {
+            warnings.push(format!(
+                "--jobs-allow-path {} lets a job submission name any file on this machine (the \
+                 answer gives its size); allow a folder of archives only",
+                folder.display()
+            ));
+        }
+        warnings
+    }
+
+    /// A body of the largest size accepted must fit in what all bodies may hold together.
+    pub fn check_body_limits(&self) -> anyhow::Result<()> {
+        if self.max_body_memory < self.max_body_bytes {
+            anyhow::bail!(
+                "--max-body-memory ({}) is below --max-body-bytes ({}): a body of the largest \
+                 size accepted could never be read; raise the first or lower the second",
+                self.max_body_memory,
+                self.max_body_bytes
+            );
+        }
+        Ok(())
+    }
+
     /// An API key a client can send: printable ASCII without spaces (an empty key, or one with
     /// a space from an env file, would lock every client out). The message never shows the key.
     pub fn check_api_key(&self) -> anyhow::Result<()> {
@@ -235,6 +292,36 @@ mod tests {
             error.contains("--instances") && error.contains("at least 1"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn exposed_settings_are_warned_about() {
+        let warnings = |args: &[&str]| {
+            let mut all = vec!["linescan"];
+            all.extend(args);
+            Cli::try_parse_from(all).unwrap().serve.exposure_warnings()
+        };
+        for quiet in [
+            &[][..],
+            &["--host", "localhost"],
+            &["--host", "::1"],
+            &["--host", "0.0.0.0", "--api-key", "0123456789abcdef"],
+            &["--jobs-allow-path", "/srv/archives"],
+        ] {
+            assert_eq!(warnings(quiet), Vec::<String>::new(), "{quiet:?}");
+        }
+        let open = warnings(&["--host", "0.0.0.0", "--port", "9000"]);
+        assert!(
+            open.len() == 1 && open[0].contains("--host 0.0.0.0") && open[0].contains("port 9000"),
+            "{open:?}"
+        );
+        let short = warnings(&["--host", "10.0.0.5", "--api-key", "abc"]);
+        assert!(
+            short.len() == 1 && short[0].contains("has 3 characters") && !short[0].contains("abc"),
+            "{short:?}"
+        );
+        let root = warnings(&["--jobs-allow-path", "/"]);
+        assert!(root.len() == 1 && root[0].contains("any file"), "{root:?}");
     }
 
     #[test]

@@ -5,9 +5,11 @@
 
 pub mod aoi;
 pub mod bench;
+pub mod bounded_json;
 pub mod byte_size;
 pub mod cli;
 pub mod config;
+pub mod disk_reserve;
 pub mod durable;
 pub mod engine;
 pub mod jobs;

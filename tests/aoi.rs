@@ -582,6 +582,27 @@ async fn templates_stay_within_the_memory_allowed() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn templates_leave_the_disk_space_kept_free() {
+    // Templates are stored as sent, so an upload padded past its pixels takes its full size on
+    // disk: registrations stop short of the space kept free, as job uploads do.
+    let repository = Repository::with_models(&[MODEL]);
+    let server = Server::start(
+        repository.path(),
+        &["--job-min-free-bytes", &u64::MAX.to_string()],
+    );
+    let clean = synthetic::board(&[], (0, 0));
+    let (status, body) = put_template(&server, "a", png(&clean.template), "").await;
+    assert_eq!(status, 507, "{body}");
+    let error = common::error_message(&body);
+    assert!(
+        error.contains("--job-min-free-bytes") && error.contains("DELETE /v1/templates/{board}"),
+        "{error}"
+    );
+    let missing = common::get_json(&format!("{}/v1/templates/a", server.url)).await;
+    assert_eq!(missing.0, 404, "{missing:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_stored_template_too_small_to_align_is_not_loaded() {
     let repository = Repository::with_models(&[MODEL]);
     let data = tempfile::tempdir().unwrap();

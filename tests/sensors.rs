@@ -346,6 +346,34 @@ async fn bad_windows_are_refused_with_what_is_wrong() {
         &["10001 windows in one request; at most 10000"],
     );
 
+    // A unit is a short string or a number, and a window names at most 256 channels: an
+    // array there is refused while it is read, not held in memory (a 60 MB one took 2 GB).
+    let mut listed = good.clone();
+    listed["unit"] = json!(vec![0; 100_000]);
+    let (status, body) = post(&server, url, listed.to_string()).await;
+    expect(
+        status,
+        &body,
+        422,
+        &["expected a boolean, number or string"],
+    );
+    let mut long_name = good.clone();
+    long_name["unit"] = json!("e".repeat(300));
+    let (status, body) = post(&server, url, long_name.to_string()).await;
+    expect(status, &body, 422, &["a string of 300 bytes (at most 256)"]);
+    let mut numbered = good.clone();
+    numbered["unit"] = json!(11);
+    let (status, body) = post(&server, url, numbered.to_string()).await;
+    assert_eq!(
+        (status, &body["results"][0]["unit"]),
+        (200, &json!(11)),
+        "{body}"
+    );
+    let mut wide = good.clone();
+    wide["channels"] = json!(vec!["s_2"; 100_000]);
+    let (status, body) = post(&server, url, wide.to_string()).await;
+    expect(status, &body, 422, &["more than 256 items (at most 256)"]);
+
     let (status, body) = post(&server, url, "{\"channels\": [".to_string()).await;
     expect(status, &body, 400, &["not valid JSON"]);
     let (status, body) = post(&server, url, "{\"rows\": 3}".to_string()).await;

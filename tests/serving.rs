@@ -607,6 +607,10 @@ async fn bad_requests_get_the_right_4xx_and_the_server_stays_healthy() {
     // The metadata's -1 sent back as a size: named as such, not as a mismatch with itself.
     let mut minus_one = good.clone();
     minus_one["inputs"][0]["shape"] = input["shape"].clone();
+    let mut listed_parameter = good.clone();
+    listed_parameter["parameters"] = json!({"tags": vec![0; 100_000]});
+    let mut deep_shape = good.clone();
+    deep_shape["inputs"][0]["shape"] = json!(vec![1; 33]);
     let mut wrong_dtype = good.clone();
     wrong_dtype["inputs"][0]["datatype"] = json!("INT32");
     let mut unknown_output = good.clone();
@@ -721,6 +725,17 @@ async fn bad_requests_get_the_right_4xx_and_the_server_stays_healthy() {
                 .header("Content-Type", "application/json"),
             400,
             "malformed".into(),
+        ),
+        // Parameters are scalars and shapes short: refused while read, not held in memory.
+        (
+            client.post(&url).json(&listed_parameter),
+            400,
+            "invalid type: sequence, expected a boolean, number or string".into(),
+        ),
+        (
+            client.post(&url).json(&deep_shape),
+            400,
+            "a list of more than 32 items (at most 32)".into(),
         ),
         (client.post(&url).json(&wrong_shape), 422, "shape".into()),
         (
@@ -867,7 +882,7 @@ async fn bad_requests_get_the_right_4xx_and_the_server_stays_healthy() {
         .unwrap();
     assert_eq!(compressed.status(), 200);
     assert_eq!(compressed.json::<Value>().await.unwrap(), plain);
-    // The model counts the 17 requests its infer handler refused (the binary, JSON and tensor
+    // The model counts the 19 requests its infer handler refused (the binary, JSON and tensor
     // cases); those refused before it (query string, size, media type, routes) are not its.
     let text = server.metrics_text().await;
     assert_eq!(
@@ -876,7 +891,7 @@ async fn bad_requests_get_the_right_4xx_and_the_server_stays_healthy() {
             "linescan_inference_request_failure_total",
             &["reason=\"invalid_input\""]
         ),
-        17.0,
+        19.0,
         "{text}"
     );
 }
@@ -1049,6 +1064,64 @@ fn a_stalled_request_body_is_refused_after_the_body_timeout() {
     // Nothing holds a graceful stop any more.
     server.terminate();
     assert!(server.wait_exit(Duration::from_secs(10)).success());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bodies_being_read_share_one_memory_limit() {
+    use std::io::Write;
+    let repository = Repository::with_models(&[MODEL]);
+    let server = Server::start(
+        repository.path(),
+        &[
+            "--max-body-bytes",
+            "1000000",
+            "--max-body-memory",
+            "1500000",
+        ],
+    );
+    let url = infer_url(&server);
+    // A client that declares a 1 MB body and trickles it: its body holds 1 MB of the 1.5 MB.
+    let address = server.url.trim_start_matches("http://").to_string();
+    let mut trickling = std::net::TcpStream::connect(&address).unwrap();
+    write!(
+        trickling,
+        "POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+         Content-Length: 1000000\r\n\r\n{{"
+    )
+    .unwrap();
+    // A 900 kB body sent until it is answered with `status`.
+    let big_body_answered = async |status: u16| {
+        common::poll_until(Duration::from_secs(30), async || {
+            let response = reqwest::Client::new()
+                .post(&url)
+                .header("Content-Type", "application/json")
+                .body(vec![b' '; 900_000])
+                .send()
+                .await
+                .unwrap();
+            if response.status() == status {
+                Ok(response)
+            } else {
+                Err(response.status().to_string())
+            }
+        })
+        .await
+    };
+    let refused = big_body_answered(503).await;
+    assert_eq!(refused.headers()["Retry-After"], "1");
+    let error: Value = refused.json().await.unwrap();
+    assert!(
+        common::error_message(&error).contains("--max-body-memory"),
+        "{error}"
+    );
+    // Once that client is gone, its share is free again: the same body is read (and found
+    // not to be JSON).
+    drop(trickling);
+    let error: Value = big_body_answered(400).await.json().await.unwrap();
+    assert!(
+        common::error_message(&error).contains("malformed"),
+        "{error}"
+    );
 }
 
 #[test]

@@ -221,6 +221,10 @@ fn bad_settings_stop_serve_before_it_listens() {
             vec!["--jobs-allow-path", data_dir.to_str().unwrap()],
             "--jobs-allow-path",
         ),
+        (
+            vec!["--max-body-bytes", "2000", "--max-body-memory", "1000"],
+            "--max-body-memory (1000) is below --max-body-bytes (2000)",
+        ),
         // A key no client can send; the message must not repeat it.
         (vec!["--api-key", "s3cret "], "7 characters"),
     ];

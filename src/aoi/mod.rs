@@ -22,6 +22,8 @@ pub mod templates;
 use std::path::Path;
 use std::sync::Arc;
 
+use crate::disk_reserve::DiskReserve;
+
 pub use pipeline::{AoiError, Inspection, Inspector};
 pub use templates::TemplateStore;
 
@@ -36,8 +38,9 @@ impl AoiService {
         inspector: Inspector,
         template_dir: &Path,
         max_template_bytes: u64,
+        reserve: DiskReserve,
     ) -> anyhow::Result<AoiService> {
-        let templates = TemplateStore::open(template_dir, &inspector, max_template_bytes)?;
+        let templates = TemplateStore::open(template_dir, &inspector, max_template_bytes, reserve)?;
         Ok(AoiService {
             inspector: Arc::new(inspector),
             templates,

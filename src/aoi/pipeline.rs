@@ -38,7 +38,8 @@ pub enum AoiError {
         template_width: usize,
         template_height: usize,
     },
-    /// Registering it would pass the memory allowed for templates.
+    /// Registering it would pass the memory allowed for templates, or the free space kept on
+    /// the disk.
     #[error("{0}")]
     TemplatesFull(String),
     #[error(

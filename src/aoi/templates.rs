@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::aoi::pipeline::{AoiError, Inspector, MIN_TEMPLATE_SIDE, PreparedTemplate};
 use crate::byte_size::readable;
+use crate::disk_reserve::DiskReserve;
 use crate::durable;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -65,6 +66,9 @@ pub struct TemplateStore {
     changes: Mutex<()>,
     /// Memory the served templates may take together (`--max-template-bytes`).
     memory_limit: u64,
+    /// Free space a registration leaves on the disk (`--job-min-free-bytes`): an upload is
+    /// stored as sent, so its bytes, not its pixels, are what fill a disk.
+    reserve: DiskReserve,
 }
 
 /// Board names: 1–128 ASCII letters, digits, `.`, `_`, `-`, not starting with `.` (they name
@@ -100,6 +104,7 @@ impl TemplateStore {
         dir: &Path,
         inspector: &Inspector,
         memory_limit: u64,
+        reserve: DiskReserve,
     ) -> anyhow::Result<TemplateStore> {
         std::fs::create_dir_all(dir)
             .map_err(|e| anyhow::anyhow!("cannot create template folder {}: {e}", dir.display()))?;
@@ -164,6 +169,7 @@ impl TemplateStore {
             unloaded: RwLock::new(unloaded),
             changes: Mutex::new(()),
             memory_limit,
+            reserve,
         })
     }
 
@@ -329,6 +335,9 @@ impl TemplateStore {
             self.memory_limit,
         )
         .map_err(AoiError::TemplatesFull)?;
+        self.reserve
+            .check(bytes.len() as u64)
+            .map_err(AoiError::TemplatesFull)?;
         write().map_err(|e| AoiError::Setup(format!("cannot store template {board}: {e}")))?;
         let served = self
             .boards

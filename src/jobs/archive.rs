@@ -22,6 +22,7 @@ use hdf5::types::{FixedAscii, FixedUnicode, IntSize, TypeDescriptor, VarLenAscii
 use hdf5::{IndexType, IterationOrder, LinkType};
 use serde::{Deserialize, Serialize};
 
+use crate::byte_size::readable;
 use crate::sensors::channels::ChannelMap;
 
 /// What is wrong with an archive, in words a user can act on.
@@ -474,6 +475,22 @@ impl Archive {
         if !creation.external().is_empty() {
             return Err(elsewhere("keeps its values in external raw files"));
         }
+        if let Some(chunk) = creation.chunk() {
+            let element = dataset.dtype().map(|t| t.size()).unwrap_or(8);
+            let bytes = chunk
+                .iter()
+                .try_fold(element, |total, &dim| total.checked_mul(dim))
+                .unwrap_or(usize::MAX);
+            if bytes > MAX_CHUNK_BYTES {
+                return Err(invalid(format!(
+                    "dataset {name} is stored in chunks of {chunk:?} ({} each); at most {} are \
+                     accepted, since every read unpacks whole chunks: rewrite it with smaller \
+                     ones (h5py: chunks=True; h5repack: -l {name}:CHUNK=<smaller dims>)",
+                    readable(bytes as u64),
+                    readable(MAX_CHUNK_BYTES as u64),
+                )));
+            }
+        }
         Ok(dataset)
     }
 
@@ -808,6 +825,11 @@ impl Archive {
     }
 }
 
+/// Largest chunk a dataset may be stored in: HDF5 unpacks a whole chunk for any read that
+/// touches it (a 2 MB archive declaring one 1 GB chunk took 1 GB per read). Python's h5py
+/// chooses chunks of at most 1 MiB.
+const MAX_CHUNK_BYTES: usize = 16 << 20;
+
 /// Columns a feature dataset may have: its rows are read whole, so a chunk's memory grows
 /// with the width (1,024 columns of 16,384 rows are 134 MB as f64).
 const MAX_COLUMNS: usize = 1024;
@@ -1137,6 +1159,29 @@ mod tests {
         assert!(
             beyond.contains("unit id 9223372036854775808 at row 2"),
             "{beyond}"
+        );
+    }
+
+    #[test]
+    fn datasets_in_huge_chunks_are_refused_before_any_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("big_chunks.h5");
+        // Four values in one declared chunk of 3 M (24 MB unpacked, a few KB compressed).
+        archive_with_unit(&path, |file| {
+            file.new_dataset::<i64>()
+                .shape(4..)
+                .chunk(3_000_000)
+                .deflate(9)
+                .create("unit")
+                .unwrap()
+                .write_raw(&[3i64, 3, 4, 4])
+                .unwrap();
+        });
+        let error = Archive::open(&path, Partition::All).err().unwrap().0;
+        assert!(
+            error.contains("dataset unit is stored in chunks of [3000000] (24.00 MB each)")
+                && error.contains("at most 16.78 MB"),
+            "{error}"
         );
     }
 

@@ -18,10 +18,10 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 
+use crate::disk_reserve::DiskReserve;
 use crate::jobs::JobArgs;
 use crate::jobs::archive::Partition;
 use crate::jobs::check::{self, ChildCheck};
-use crate::jobs::disk_reserve::DiskReserve;
 use crate::jobs::results;
 use crate::jobs::runner::{self, Control, Monitor, RunError, RunOptions};
 use crate::jobs::store::{InputKind, JobInput, JobRecord, JobState, JobStore, now_unix};

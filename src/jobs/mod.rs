@@ -5,12 +5,10 @@
 //! to end, also used offline by `linescan job run`, sharding), `check` (an archive read whole,
 //! in a child process before a server job), `results` (HDF5 writer, CSV and
 //! JSON exports, shard merge), `store` (job folders and `state.json`), `manager` (queue, worker
-//! pool, progress, cancellation, restart, admission), `disk_reserve` (the free space uploads
-//! leave on the disk).
+//! pool, progress, cancellation, restart, admission).
 
 pub mod archive;
 pub mod check;
-pub mod disk_reserve;
 pub mod gaps;
 pub mod manager;
 pub mod results;
@@ -55,8 +53,9 @@ pub struct JobArgs {
         value_parser = at_least_one::<usize>
     )]
     pub max_pending: usize,
-    /// Bytes kept free on the data folder's disk: a submission or upload that would leave less
-    /// is refused (507) and its partial upload removed. 0 turns the check off.
+    /// Bytes kept free on the data folder's disk: a job submission, upload or template
+    /// registration that would leave less is refused (507), a partial upload removed. 0 turns
+    /// the check off.
     #[arg(
         long = "job-min-free-bytes",
         env = "LINESCAN_JOB_MIN_FREE_BYTES",

@@ -73,15 +73,34 @@ impl<'de> Deserialize<'de> for Reading {
     }
 }
 
+/// Longest unit name, in bytes.
+pub const MAX_UNIT_BYTES: usize = 256;
+
 /// One live window as sent.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LiveWindow {
-    /// Any JSON value naming the unit; echoed back.
-    #[serde(default)]
+    /// A string or number naming the unit; echoed back.
+    #[serde(default, deserialize_with = "unit_name")]
     pub unit: serde_json::Value,
+    #[serde(deserialize_with = "channel_names")]
     pub channels: Vec<String>,
     pub values: Rows,
+}
+
+fn unit_name<'de, D: Deserializer<'de>>(deserializer: D) -> Result<serde_json::Value, D::Error> {
+    crate::bounded_json::short_scalar::<_, MAX_UNIT_BYTES>(deserializer)
+}
+
+/// At most as many names as a row keeps values.
+fn channel_names<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
+    crate::bounded_json::at_most::<_, _, MAX_VALUES_KEPT>(deserializer)
+}
+
+fn some_channel_names<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<Vec<String>>, D::Error> {
+    channel_names(deserializer).map(Some)
 }
 
 /// A window's rows: the values of the first `MAX_ROWS_KEPT` rows, at most `MAX_VALUES_KEPT`
@@ -176,8 +195,9 @@ impl<'de> de::DeserializeSeed<'de> for RowSeed<'_> {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ObjectBody {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "unit_name")]
     unit: serde_json::Value,
+    #[serde(default, deserialize_with = "some_channel_names")]
     channels: Option<Vec<String>>,
     values: Option<Rows>,
     windows: Option<BoundedWindows>,

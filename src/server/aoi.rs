@@ -17,8 +17,8 @@ use crate::aoi::pipeline::{Alignment, StageTimings};
 use crate::aoi::templates::{Board, TemplateInfo, validate_board_name};
 use crate::aoi::{AoiError, AoiService};
 use crate::server::body::{
-    MAX_BODY_FLAG, declared_length, decoded, drain_form, media_type, read_limited, refuse_declared,
-    too_large, unreadable,
+    MAX_BODY_FLAG, body_memory, declared_length, decoded, drain_form, media_type, read_limited,
+    refuse_declared, too_large, unreadable,
 };
 use crate::server::client_gone::unless_client_leaves;
 use crate::server::early_refusal::{BodyRoute, Head};
@@ -189,6 +189,7 @@ async fn read_images(
     let mut form = Multipart::new(request.headers(), body);
     let mut images = Vec::new();
     let mut total = 0usize;
+    let mut claim = body_memory(request).claim();
     while let Some(field) = form.next().await {
         let mut field = field.map_err(|e| unreadable("malformed multipart body", &e))?;
         let disposition = field.content_disposition();
@@ -212,6 +213,7 @@ async fn read_images(
                 drain_form(&mut form).await;
                 return Err(too_large(None, limit, MAX_BODY_FLAG));
             }
+            claim.cover(total)?;
             bytes.extend_from_slice(&chunk);
         }
         images.push((name, bytes.freeze()));

@@ -3,6 +3,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -13,6 +14,7 @@ use actix_web::{HttpRequest, web};
 use bytes::{Bytes, BytesMut};
 use futures_util::{Stream, StreamExt};
 
+use crate::server::body_memory::BodyMemory;
 use crate::server::error::ApiError;
 use crate::server::state::AppState;
 
@@ -38,14 +40,17 @@ pub async fn read_limited(
     let declared = refuse_declared(request, &mut payload, limit, source).await?;
     // The limit holds for the decompressed body, so a small gzip bomb is refused too.
     let mut payload = decoded(request, payload)?;
-    let mut body =
-        BytesMut::with_capacity(declared.unwrap_or(8192).min(limit).min(INITIAL_RESERVE));
+    let mut claim = body_memory(request).claim();
+    let capacity = declared.unwrap_or(8192).min(limit).min(INITIAL_RESERVE);
+    claim.cover(capacity)?;
+    let mut body = BytesMut::with_capacity(capacity);
     while let Some(chunk) = payload.next().await {
         let chunk = chunk.map_err(|e| unreadable("reading the body", &e))?;
         if body.len() + chunk.len() > limit {
             drain(&mut payload, body.len() + chunk.len()).await;
             return Err(too_large(None, limit, source));
         }
+        claim.cover(body.len() + chunk.len())?;
         body.extend_from_slice(&chunk);
     }
     Ok(body.freeze())
@@ -129,6 +134,14 @@ pub fn accepted_encoding(headers: &HeaderMap) -> Result<(), ApiError> {
              deflate)"
         ))),
     }
+}
+
+/// What this server's bodies being read hold together (`--max-body-memory`).
+pub fn body_memory(request: &HttpRequest) -> Arc<BodyMemory> {
+    request
+        .app_data::<web::Data<AppState>>()
+        .map(|state| state.body_memory.clone())
+        .expect("the server registers its state for every route")
 }
 
 /// How long this server lets a body go without a byte (`--body-timeout`).

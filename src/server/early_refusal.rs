@@ -180,6 +180,7 @@ mod tests {
         let state = AppState::new(
             Arc::new(Metrics::new()),
             5000,
+            50_000,
             std::time::Duration::from_secs(10),
         );
         EarlyRefusal::new(web::Data::new(state), ApiKey::new(None), Arc::default())

@@ -19,8 +19,8 @@ use futures_util::{Stream, StreamExt};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use crate::disk_reserve::DiskReserve;
 use crate::jobs::archive::Partition;
-use crate::jobs::disk_reserve::DiskReserve;
 use crate::jobs::gaps::MissingPolicy;
 use crate::jobs::manager::Refused;
 use crate::jobs::results::{self, Format, ResultMeta, View};

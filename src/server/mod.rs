@@ -6,6 +6,7 @@ pub mod access_log;
 pub mod aoi;
 pub mod api_key;
 pub mod body;
+pub mod body_memory;
 pub mod client_gone;
 pub mod early_refusal;
 pub mod error;
@@ -48,6 +49,9 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         "starting linescan {}",
         env!("CARGO_PKG_VERSION")
     );
+    for warning in args.exposure_warnings() {
+        tracing::warn!("{warning}");
+    }
     match open_files::raise_to_hard_limit() {
         Ok(Some((before, after))) => tracing::info!(
             before,
@@ -61,6 +65,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // configs, files and the runtime library.
     args.assess.validate().map_err(anyhow::Error::msg)?;
     args.check_api_key()?;
+    args.check_body_limits()?;
     let repository = ModelRepository::scan(&args.models.model_repository)?;
     let options = args.models.load_options()?;
     library::environment()?;
@@ -90,6 +95,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let state = web::Data::new(AppState::new(
         metrics.clone(),
         args.max_body_bytes,
+        args.max_body_memory,
         std::time::Duration::from_secs(args.body_timeout),
     ));
     let api_key = ApiKey::new(args.api_key.as_deref());
@@ -276,6 +282,10 @@ fn load_services(
             inspector,
             &services.data_dir.join("templates"),
             services.max_template_bytes,
+            crate::disk_reserve::DiskReserve::new(
+                services.data_dir.clone(),
+                services.jobs.min_free_bytes,
+            ),
         )?;
         // At 0 from the start, like a model's counters (see Batcher::new).
         for verdict in ["PASS", "REJECT"] {

@@ -6,6 +6,7 @@ use crate::aoi::AoiService;
 use crate::engine::{ModelRegistry, ServedModel};
 use crate::jobs::Fleet;
 use crate::metrics::Metrics;
+use crate::server::body_memory::BodyMemory;
 use crate::server::error::ApiError;
 
 pub struct AppState {
@@ -14,6 +15,8 @@ pub struct AppState {
     fleet: OnceLock<Arc<Fleet>>,
     pub metrics: Arc<Metrics>,
     pub max_body_bytes: usize,
+    /// What the bodies being read hold together (`--max-body-memory`).
+    pub body_memory: Arc<BodyMemory>,
     /// How long a request body may go without a byte (`--body-timeout`).
     pub body_stall_limit: std::time::Duration,
 }
@@ -22,6 +25,7 @@ impl AppState {
     pub fn new(
         metrics: Arc<Metrics>,
         max_body_bytes: usize,
+        max_body_memory: usize,
         body_stall_limit: std::time::Duration,
     ) -> AppState {
         AppState {
@@ -30,6 +34,7 @@ impl AppState {
             fleet: OnceLock::new(),
             metrics,
             max_body_bytes,
+            body_memory: BodyMemory::new(max_body_memory),
             body_stall_limit,
         }
     }

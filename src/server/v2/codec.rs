@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::json_data::{FlatData, JsonScalar, with_budget};
+use crate::bounded_json::at_most;
 use crate::json_tokens::{JsonFloat, relax_non_standard_numbers, to_vec_with_tokens};
 use crate::runtime::model_config::{ModelConfig, TensorSpec};
 use crate::server::error::ApiError;
@@ -17,23 +18,31 @@ use crate::tensor::{DataType, Tensor};
 
 pub const HEADER_LENGTH: &str = "Inference-Header-Content-Length";
 
+/// Most inputs or outputs a request may name, parameters per object, and dimensions per shape:
+/// far beyond any model's, and bounded so that a body cannot make them take gigabytes.
+const MAX_TENSORS: usize = 256;
+const MAX_PARAMETERS: usize = 64;
+const MAX_DIMENSIONS: usize = 32;
+
 #[derive(Debug, Deserialize)]
 struct InferRequestJson {
     #[serde(default)]
     id: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "parameters")]
     parameters: Map<String, Value>,
+    #[serde(deserialize_with = "at_most::<_, _, MAX_TENSORS>")]
     inputs: Vec<InputJson>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "at_most::<_, _, MAX_TENSORS>")]
     outputs: Vec<OutputJson>,
 }
 
 #[derive(Debug, Deserialize)]
 struct InputJson {
     name: String,
+    #[serde(deserialize_with = "at_most::<_, _, MAX_DIMENSIONS>")]
     shape: Vec<i64>,
     datatype: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "parameters")]
     parameters: Map<String, Value>,
     #[serde(default)]
     data: Option<FlatData>,
@@ -42,8 +51,14 @@ struct InputJson {
 #[derive(Debug, Deserialize)]
 struct OutputJson {
     name: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "parameters")]
     parameters: Map<String, Value>,
+}
+
+fn parameters<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Map<String, Value>, D::Error> {
+    crate::bounded_json::scalar_map::<_, MAX_PARAMETERS>(deserializer)
 }
 
 /// A validated request: inputs in config order, ready for the batcher.

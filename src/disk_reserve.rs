@@ -1,6 +1,6 @@
-//! The free space a server keeps on its data folder's disk. Job submissions and uploads stop
-//! short of it, so that a full disk does not also fail the job records, results and templates
-//! written beside them.
+//! The free space a server keeps on its data folder's disk. Job submissions and uploads, and
+//! template registrations, stop short of it, so that a full disk does not also fail the job
+//! records and results written beside them.
 
 use std::path::PathBuf;
 
@@ -43,7 +43,8 @@ impl DiskReserve {
         Err(format!(
             "the data folder's disk has {} free; {what} would go {} into the {} kept free \
              (--job-min-free-bytes / LINESCAN_JOB_MIN_FREE_BYTES); make room, e.g. remove \
-             finished jobs with DELETE /v1/jobs/{{id}}?purge=true",
+             finished jobs with DELETE /v1/jobs/{{id}}?purge=true or unused templates with \
+             DELETE /v1/templates/{{board}}",
             readable(available),
             readable(self.keep_free - left),
             readable(self.keep_free)
