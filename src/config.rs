@@ -44,9 +44,9 @@ pub struct ServeArgs {
     #[arg(long, env = "LINESCAN_MAX_BODY_BYTES", default_value_t = 64 * 1024 * 1024, value_parser = at_least_one::<usize>)]
     pub max_body_bytes: usize,
 
-    /// Memory that all request bodies being read may hold together, in bytes (bodies are
-    /// buffered before they are handled; one that would pass it gets 503 with Retry-After; job
-    /// uploads go to disk and do not count). At least --max-body-bytes.
+    /// Memory that all request bodies may hold together until their requests are answered, in
+    /// bytes (bodies are buffered before they are handled; one that would pass it gets 503 with
+    /// Retry-After; job uploads go to disk and do not count). At least --max-body-bytes.
     #[arg(long, env = "LINESCAN_MAX_BODY_MEMORY", default_value_t = 1024 * 1024 * 1024, value_parser = at_least_one::<usize>)]
     pub max_body_memory: usize,
 
@@ -127,8 +127,13 @@ impl ServeArgs {
             )),
             _ => {}
         }
+        // As submissions resolve it: `/tmp/..` or a link to `/` is the root too.
         if let Some(folder) = &self.jobs.allow_path
-            && folder.parent().is_none()
+            && std::fs::canonicalize(folder)
+                .as_deref()
+                .unwrap_or(folder)
+                .parent()
+                .is_none()
         {
             warnings.push(format!(
                 "--jobs-allow-path {} lets a job submission name any file on this machine (the \
@@ -320,8 +325,13 @@ mod tests {
             short.len() == 1 && short[0].contains("has 3 characters") && !short[0].contains("abc"),
             "{short:?}"
         );
-        let root = warnings(&["--jobs-allow-path", "/"]);
-        assert!(root.len() == 1 && root[0].contains("any file"), "{root:?}");
+        for root in ["/", "/tmp/.."] {
+            let warned = warnings(&["--jobs-allow-path", root]);
+            assert!(
+                warned.len() == 1 && warned[0].contains("any file"),
+                "{warned:?}"
+            );
+        }
     }
 
     #[test]

@@ -251,6 +251,14 @@ pub fn has_signature(path: &Path) -> std::io::Result<bool> {
 /// A list of names from a string attribute or dataset: an array of strings (fixed or variable
 /// length, ASCII or UTF-8) or one comma-separated string. Padding (NUL, spaces) is trimmed.
 pub fn read_names(container: &hdf5::Container) -> Result<Vec<String>, hdf5::Error> {
+    // Read whole, at up to 256 bytes a name: a table of millions would take gigabytes.
+    if container.size() > MAX_COLUMNS {
+        return Err(format!(
+            "holds {} names; at most {MAX_COLUMNS} columns are accepted",
+            container.size()
+        )
+        .into());
+    }
     let descriptor = container.dtype()?.to_descriptor()?;
     let raw: Vec<String> = match descriptor {
         TypeDescriptor::VarLenUnicode => container
@@ -956,6 +964,17 @@ mod tests {
         assert_eq!(read_names(&array).unwrap(), ["T24", "Nf"]);
         let numbers = file.new_attr::<f32>().shape(2).create("numbers").unwrap();
         assert!(read_names(&numbers).is_err());
+        // More names than columns are accepted: refused before they are read.
+        let many = file
+            .new_dataset::<FixedAscii<1>>()
+            .shape(MAX_COLUMNS + 1)
+            .create("many")
+            .unwrap();
+        let error = read_names(&many).unwrap_err().to_string();
+        assert!(
+            error.contains("holds 1025 names; at most 1024 columns"),
+            "{error}"
+        );
     }
 
     /// Creates the `unit` dataset of a test archive.

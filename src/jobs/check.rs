@@ -8,6 +8,7 @@ use std::path::Path;
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::byte_size::readable;
 use crate::jobs::archive::{Archive, ArchiveError, Layout, Partition};
 use crate::jobs::runner::Control;
 
@@ -68,13 +69,15 @@ pub enum ChildCheck {
     Crashed(i32),
     /// The child was still reading after this long (for the archive's size) and was killed.
     TimedOut(Duration),
+    /// The child's resident memory passed this many bytes and it was killed.
+    OverMemory(u64),
     /// `control` said to stop; the child was killed.
     Stopped(Control),
 }
 
 impl ChildCheck {
     /// Why the archive (called `name`) must not be read: it crashed the library, or its check
-    /// ran out of time. None when the check finished or was stopped from outside.
+    /// ran out of time or memory. None when the check finished or was stopped from outside.
     pub fn refusal(&self, name: &str) -> Option<String> {
         match self {
             ChildCheck::Crashed(signal) => Some(format!(
@@ -88,10 +91,23 @@ impl ChildCheck {
                  not read",
                 limit.as_secs()
             )),
+            ChildCheck::OverMemory(limit) => Some(format!(
+                "reading {name} whole took more than {} of memory in the process that checks \
+                 archives before they are read (a dataset decompresses to far more than its \
+                 chunks declare): it was not read",
+                readable(*limit)
+            )),
             ChildCheck::Finished { .. } | ChildCheck::Stopped(_) => None,
         }
     }
 }
+
+/// Resident memory a check may reach. A whole read holds one chunk of rows of every column
+/// (at most 1,024 columns of 16,384 rows: 134 MB as f64) and HDF5 chunks of at most 16 MiB;
+/// the 1M-row synthetic archive peaks at 29 MB. What passes it decompresses to more than its
+/// chunks declare: libhdf5 1.10 grows a deflate chunk's buffer without bound (a 1.6 MB file
+/// took 1 GB), and the job's own read would take as much in the server.
+pub const MEMORY_LIMIT: u64 = 512 << 20;
 
 /// How long a check may take: two minutes, plus a second for every 5 MB (a disk reading
 /// 5 MB/s); a loop in the library on a damaged file would otherwise hold a job worker for ever.
@@ -147,6 +163,12 @@ pub fn in_child(
             let _ = child.wait();
             return Ok(ChildCheck::TimedOut(limit));
         }
+        // Read between polls: a read at 1 GB/s passes it by some 50 MB before it is seen.
+        if resident_bytes(child.id()).is_some_and(|bytes| bytes > MEMORY_LIMIT) {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Ok(ChildCheck::OverMemory(MEMORY_LIMIT));
+        }
         match control() {
             Control::Go => std::thread::sleep(Duration::from_millis(50)),
             stop => {
@@ -156,6 +178,15 @@ pub fn in_child(
             }
         }
     }
+}
+
+/// A process's resident memory, from `/proc/PID/statm`; None once it is gone.
+fn resident_bytes(pid: u32) -> Option<u64> {
+    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf only reads a system setting.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    Some(pages * u64::try_from(page).ok()?)
 }
 
 /// The signals a crash ends a process with, by name.
@@ -210,6 +241,20 @@ mod tests {
         std::fs::write(&path, b"not an archive").unwrap();
         let error = read_whole(&path, Partition::All).unwrap_err().to_string();
         assert!(error.contains("notes.h5 is not an HDF5 file"), "{error}");
+    }
+
+    #[test]
+    fn resident_memory_is_read_for_a_live_process_only() {
+        let own = resident_bytes(std::process::id()).unwrap();
+        assert!(own > 1 << 20, "{own}");
+        assert_eq!(resident_bytes(u32::MAX), None);
+        let refusal = ChildCheck::OverMemory(MEMORY_LIMIT)
+            .refusal("a.h5")
+            .unwrap();
+        assert!(
+            refusal.contains("a.h5 whole took more than 536.9 MB"),
+            "{refusal}"
+        );
     }
 
     #[test]

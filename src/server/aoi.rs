@@ -20,6 +20,7 @@ use crate::server::body::{
     MAX_BODY_FLAG, body_memory, declared_length, decoded, drain_form, media_type, read_limited,
     refuse_declared, too_large, unreadable,
 };
+use crate::server::body_memory::BodyClaim;
 use crate::server::client_gone::unless_client_leaves;
 use crate::server::early_refusal::{BodyRoute, Head};
 use crate::server::error::ApiError;
@@ -161,18 +162,19 @@ fn images_refused(state: &AppState, head: &Head) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// The images of a request: the raw body, or every part of a multipart form, each a file.
+/// The images of a request: the raw body, or every part of a multipart form, each a file;
+/// with their claim on `--max-body-memory`, to keep while they are inspected.
 async fn read_images(
     request: &HttpRequest,
     mut payload: web::Payload,
     limit: usize,
-) -> Result<Vec<(Option<String>, Bytes)>, ApiError> {
+) -> Result<(Vec<(Option<String>, Bytes)>, BodyClaim), ApiError> {
     if !is_form(request.headers()) {
-        let body = read_limited(request, payload, limit, MAX_BODY_FLAG).await?;
+        let (body, claim) = read_limited(request, payload, limit, MAX_BODY_FLAG).await?;
         if body.is_empty() {
             return Err(empty_body());
         }
-        return Ok(vec![(None, body)]);
+        return Ok((vec![(None, body)], claim));
     }
     // The form as sent is refused above the limit too, as a raw body is.
     refuse_declared(request, &mut payload, limit, MAX_BODY_FLAG).await?;
@@ -233,7 +235,7 @@ async fn read_images(
             "the multipart form holds no file".into(),
         ));
     }
-    Ok(images)
+    Ok((images, claim))
 }
 
 async fn list_templates(
@@ -352,7 +354,7 @@ async fn put_template(
     request: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let mut images = read_images(&request, payload, state.max_body_bytes).await?;
+    let (mut images, _held) = read_images(&request, payload, state.max_body_bytes).await?;
     let (service, board) = template_target(&state, &path, &query)?;
     if images.len() != 1 {
         return Err(ApiError::Unprocessable(format!(
@@ -501,17 +503,26 @@ async fn inspect_image(
     })
 }
 
+/// An inspect request read: the service, the board (which must have a template), the images
+/// and their claim on `--max-body-memory`.
+type InspectRequest = (
+    Arc<AoiService>,
+    String,
+    Vec<(Option<String>, Bytes)>,
+    BodyClaim,
+);
+
 /// The service, the board (which must have a template) and the images of an inspect request.
 async fn inspect_request(
     state: &AppState,
     path: &web::Path<String>,
     request: &HttpRequest,
     payload: web::Payload,
-) -> Result<(Arc<AoiService>, String, Vec<(Option<String>, Bytes)>), ApiError> {
+) -> Result<InspectRequest, ApiError> {
     // The body first: an answer sent with the body unread makes actix drop the connection.
-    let images = read_images(request, payload, state.max_body_bytes).await?;
+    let (images, claim) = read_images(request, payload, state.max_body_bytes).await?;
     let (service, board) = inspected_board(state, path)?;
-    Ok((service, board, images))
+    Ok((service, board, images, claim))
 }
 
 /// The service and the name of a board with a template, or why an inspection is refused.
@@ -529,7 +540,8 @@ async fn inspect(
     request: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let (service, board, mut images) = inspect_request(&state, &path, &request, payload).await?;
+    let (service, board, mut images, _held) =
+        inspect_request(&state, &path, &request, payload).await?;
     if images.len() != 1 {
         return Err(ApiError::Unprocessable(format!(
             "POST /v1/inspect/{board} takes one image (got {}); use /v1/inspect/{board}/batch",
@@ -549,7 +561,7 @@ async fn inspect_batch(
     request: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let (service, board, images) = inspect_request(&state, &path, &request, payload).await?;
+    let (service, board, images, _held) = inspect_request(&state, &path, &request, payload).await?;
     // A few images at a time, in order: enough to keep every core and the classifier's batches
     // busy, while a batch of large images never holds all its decoded pixels at once.
     let in_flight = std::thread::available_parallelism().map_or(2, |n| n.get()) * 2;

@@ -14,7 +14,7 @@ use actix_web::{HttpRequest, web};
 use bytes::{Bytes, BytesMut};
 use futures_util::{Stream, StreamExt};
 
-use crate::server::body_memory::BodyMemory;
+use crate::server::body_memory::{BodyClaim, BodyMemory};
 use crate::server::error::ApiError;
 use crate::server::state::AppState;
 
@@ -30,13 +30,15 @@ const DRAIN_LIMIT: usize = 256 * 1024 * 1024;
 pub const MAX_BODY_FLAG: &str = "--max-body-bytes / LINESCAN_MAX_BODY_BYTES";
 
 /// The whole body, refused with 413 above `limit` bytes; `source` says where the limit comes
-/// from (a flag, or a fixed limit of the route) so the message can name it.
+/// from (a flag, or a fixed limit of the route) so the message can name it. The body counts
+/// against `--max-body-memory` until the claim returned with it is dropped: keep it while the
+/// body is handled.
 pub async fn read_limited(
     request: &HttpRequest,
     mut payload: web::Payload,
     limit: usize,
     source: &str,
-) -> Result<Bytes, ApiError> {
+) -> Result<(Bytes, BodyClaim), ApiError> {
     let declared = refuse_declared(request, &mut payload, limit, source).await?;
     // The limit holds for the decompressed body, so a small gzip bomb is refused too.
     let mut payload = decoded(request, payload)?;
@@ -53,7 +55,7 @@ pub async fn read_limited(
         claim.cover(body.len() + chunk.len())?;
         body.extend_from_slice(&chunk);
     }
-    Ok(body.freeze())
+    Ok((body.freeze(), claim))
 }
 
 /// The declared size of the body when it is within `limit`; otherwise the 413, once what the
@@ -136,7 +138,7 @@ pub fn accepted_encoding(headers: &HeaderMap) -> Result<(), ApiError> {
     }
 }
 
-/// What this server's bodies being read hold together (`--max-body-memory`).
+/// What the bodies of this server's requests hold together (`--max-body-memory`).
 pub fn body_memory(request: &HttpRequest) -> Arc<BodyMemory> {
     request
         .app_data::<web::Data<AppState>>()

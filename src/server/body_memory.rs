@@ -1,8 +1,8 @@
-//! The memory that request bodies take while they are read, counted over every request at once.
-//! Bodies are buffered before they are handled, and `--body-timeout` only bounds the pause
-//! between two bytes, so a client can trickle a body for as long as it likes: without a
-//! bound shared by all requests, many such clients could each hold up to `--max-body-bytes`
-//! (30 connections held 1.8 GB in a review).
+//! The memory that request bodies take from their first byte until their request is answered,
+//! counted over every request at once. Bodies are buffered before they are handled, and
+//! `--body-timeout` only bounds the pause between two bytes, so a client can trickle a body for
+//! as long as it likes: without a bound shared by all requests, many such clients could each
+//! hold up to `--max-body-bytes` (30 connections held 1.8 GB in a review).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -35,7 +35,7 @@ impl BodyMemory {
         }
     }
 
-    /// Bytes that bodies being read hold now.
+    /// Bytes that bodies of requests not yet answered hold now.
     pub fn held(&self) -> usize {
         self.held.load(Ordering::Acquire)
     }
@@ -60,7 +60,7 @@ impl BodyClaim {
             self.memory.held.fetch_sub(more, Ordering::AcqRel);
             return Err(ApiError::Unavailable {
                 message: format!(
-                    "the request bodies being read hold {} already and this one would pass the \
+                    "the request bodies in hand hold {} already and this one would pass the \
                      {} they may take together ({MAX_BODY_MEMORY_FLAG}); retry shortly",
                     readable(before as u64),
                     readable(self.memory.limit as u64)

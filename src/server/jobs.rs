@@ -355,7 +355,7 @@ async fn submit_job(
         }
     };
     let Some((model, settings)) = upload else {
-        let body = read_limited(&request, payload, PATH_BODY_LIMIT, PATH_BODY_SOURCE).await?;
+        let (body, _) = read_limited(&request, payload, PATH_BODY_LIMIT, PATH_BODY_SOURCE).await?;
         let from_body: SubmitOptions = serde_json::from_slice(&body).map_err(|e| {
             if e.is_syntax() || e.is_eof() {
                 return ApiError::BadRequest(format!("the body is not valid JSON: {e}"));

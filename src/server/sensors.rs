@@ -203,7 +203,8 @@ async fn score_live(
     accepted_media_type(request.headers())?;
     // The body before the checks: an answer sent with the body unread makes actix drop the
     // connection.
-    let body = read_limited(&request, payload, state.max_body_bytes, MAX_BODY_FLAG).await?;
+    let (body, _held) =
+        read_limited(&request, payload, state.max_body_bytes, MAX_BODY_FLAG).await?;
     let (model, settings) = live_target(&state, &path, &query)?;
     let started = std::time::Instant::now();
     // Off the HTTP workers: a large body takes a while to parse, and probes must not wait.

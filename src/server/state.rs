@@ -15,7 +15,7 @@ pub struct AppState {
     fleet: OnceLock<Arc<Fleet>>,
     pub metrics: Arc<Metrics>,
     pub max_body_bytes: usize,
-    /// What the bodies being read hold together (`--max-body-memory`).
+    /// What the bodies of requests not yet answered hold together (`--max-body-memory`).
     pub body_memory: Arc<BodyMemory>,
     /// How long a request body may go without a byte (`--body-timeout`).
     pub body_stall_limit: std::time::Duration,

@@ -215,7 +215,7 @@ async fn repository_index(
     request: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let body = read_limited(&request, payload, INDEX.limit, INDEX.source).await?;
+    let (body, _) = read_limited(&request, payload, INDEX.limit, INDEX.source).await?;
     if !body.iter().all(u8::is_ascii_whitespace) {
         serde_json::from_slice::<IndexRequest>(&body).map_err(|e| {
             ApiError::BadRequest(format!(
@@ -328,7 +328,8 @@ async fn infer(
     // The body is read before anything that can fail, so an early error never leaves part of
     // it on a kept-alive connection (413 and 415 close the connection instead).
     accepted_media_type(request.headers())?;
-    let body = read_limited(&request, payload, state.max_body_bytes, MAX_BODY_FLAG).await?;
+    let (body, _held) =
+        read_limited(&request, payload, state.max_body_bytes, MAX_BODY_FLAG).await?;
     let model = path.resolve(&state)?;
     let config = &model.spec.config;
     let version = model.spec.version.to_string();
