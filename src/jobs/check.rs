@@ -107,7 +107,7 @@ impl ChildCheck {
 /// the 1M-row synthetic archive peaks at 29 MB. What passes it decompresses to more than its
 /// chunks declare: libhdf5 1.10 grows a deflate chunk's buffer without bound (a 1.6 MB file
 /// took 1 GB), and the job's own read would take as much in the server.
-pub const MEMORY_LIMIT: u64 = 512 << 20;
+const MEMORY_LIMIT: u64 = 512 << 20;
 
 /// How long a check may take: two minutes, plus a second for every 5 MB (a disk reading
 /// 5 MB/s); a loop in the library on a damaged file would otherwise hold a job worker for ever.
