@@ -74,7 +74,7 @@ impl<'de> Deserialize<'de> for Reading {
 }
 
 /// Longest unit name, in bytes.
-pub const MAX_UNIT_BYTES: usize = 256;
+const MAX_UNIT_BYTES: usize = 256;
 
 /// One live window as sent.
 #[derive(Debug, Clone, Deserialize)]

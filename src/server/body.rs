@@ -138,20 +138,21 @@ pub fn accepted_encoding(headers: &HeaderMap) -> Result<(), ApiError> {
     }
 }
 
-/// What the bodies of this server's requests hold together (`--max-body-memory`).
-pub fn body_memory(request: &HttpRequest) -> Arc<BodyMemory> {
+/// The server's shared state, which every route is given.
+fn server_state(request: &HttpRequest) -> &AppState {
     request
         .app_data::<web::Data<AppState>>()
-        .map(|state| state.body_memory.clone())
         .expect("the server registers its state for every route")
+}
+
+/// What the bodies of this server's requests hold together (`--max-body-memory`).
+pub fn body_memory(request: &HttpRequest) -> Arc<BodyMemory> {
+    server_state(request).body_memory.clone()
 }
 
 /// How long this server lets a body go without a byte (`--body-timeout`).
 fn stall_limit(request: &HttpRequest) -> Duration {
-    request
-        .app_data::<web::Data<AppState>>()
-        .map(|state| state.body_stall_limit)
-        .expect("the server registers its state for every route")
+    server_state(request).body_stall_limit
 }
 
 /// Reads and drops a refused body, none of which has been read (see `drain`); a client that

@@ -11,7 +11,7 @@ use crate::byte_size::readable;
 use crate::server::error::ApiError;
 
 /// Where the shared limit comes from, for the 503's message.
-pub const MAX_BODY_MEMORY_FLAG: &str = "--max-body-memory / LINESCAN_MAX_BODY_MEMORY";
+const MAX_BODY_MEMORY_FLAG: &str = "--max-body-memory / LINESCAN_MAX_BODY_MEMORY";
 
 #[derive(Debug)]
 pub struct BodyMemory {
@@ -34,14 +34,9 @@ impl BodyMemory {
             bytes: 0,
         }
     }
-
-    /// Bytes that bodies of requests not yet answered hold now.
-    pub fn held(&self) -> usize {
-        self.held.load(Ordering::Acquire)
-    }
 }
 
-/// The bytes one body being read holds in [`BodyMemory`].
+/// The bytes one request's body holds in [`BodyMemory`], until it is dropped.
 #[derive(Debug)]
 pub struct BodyClaim {
     memory: Arc<BodyMemory>,
@@ -97,11 +92,11 @@ mod tests {
             refused.contains("hold 100 B already") && refused.contains("the 100 B they may take"),
             "{refused}"
         );
-        assert_eq!(memory.held(), 100);
+        assert_eq!(memory.held.load(Ordering::Acquire), 100);
         drop(first);
-        assert_eq!(memory.held(), 40);
+        assert_eq!(memory.held.load(Ordering::Acquire), 40);
         second.cover(100).unwrap();
         drop(second);
-        assert_eq!(memory.held(), 0);
+        assert_eq!(memory.held.load(Ordering::Acquire), 0);
     }
 }
